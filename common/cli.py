@@ -1,0 +1,140 @@
+"""Argument helpers shared by every script: flag spellings, shared option groups, YAML config."""
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+from common.errors import UserError
+
+
+def spellings(name):
+    """Return the hyphenated flag and, when different, its underscore spelling.
+
+    The source documents use both (``--data-path``, ``--train_path``); accepting
+    both means every documented command works as written.
+    """
+    hyphenated = "--" + name.replace("_", "-")
+    underscored = "--" + name.replace("-", "_")
+    return [hyphenated] if hyphenated == underscored else [hyphenated, underscored]
+
+
+def add_flag(parser, name, **kwargs):
+    """``parser.add_argument`` with both spellings and a dest in snake_case."""
+    kwargs.setdefault("dest", name.replace("-", "_"))
+    return parser.add_argument(*spellings(name), **kwargs)
+
+
+def parse_bool(value):
+    """Parse 'true/false/1/0/yes/no' (for flags like ``--optimize false``)."""
+    lowered = str(value).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def parse_label_list(value):
+    """``--labels a,b,c`` -> ['a', 'b', 'c']."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if len(names) < 2:
+        raise argparse.ArgumentTypeError("--labels needs at least two comma-separated names")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"--labels has duplicate names: {value}")
+    return names
+
+
+def add_data_text_args(parser):
+    """Options about data, text and vocabulary that every training script shares.
+
+    Their values are stored in the model directory so inference and export reuse them.
+    """
+    group = parser.add_argument_group("data and text")
+    add_flag(group, "labels", type=parse_label_list, default=None,
+             help="comma-separated label names fixing their order and ids (e.g. low_value,normal,interrupt)")
+    add_flag(group, "skip-invalid", action="store_true",
+             help="drop invalid records (and say how many) instead of stopping with an error")
+    add_flag(group, "text-field", default=None, help="column holding the text when it is not 'text'")
+    add_flag(group, "label-field", default=None, help="column holding the label when it is not 'label'")
+    add_flag(group, "data-split", default=None,
+             help="split to read from a datasets save_to_disk directory (default: train)")
+    add_flag(group, "truncation-side", choices=["right", "left"], default="right",
+             help="which end of a too-long text is cut (left keeps the ending); stored with the model")
+    add_flag(group, "normalize", nargs="?", const="social", default=None,
+             help="social-media text normalization preset or options (see README); stored with the model")
+    add_flag(group, "extend-vocab", type=int, default=0, metavar="MIN_COUNT",
+             help="add tokens the tokenizer maps to [UNK] that occur at least MIN_COUNT times")
+    return group
+
+
+def add_runtime_args(parser):
+    """Device, precision, seed and resume options shared by every training script."""
+    group = parser.add_argument_group("runtime")
+    add_flag(group, "device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_flag(group, "precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+             help="autocast precision: auto picks bf16/fp16 on CUDA, bf16 on CPUs with native bf16, else fp32")
+    add_flag(group, "seed", type=int, default=42, help="random seed (data split, shuffling, init, dropout)")
+    add_flag(group, "resume", nargs="?", const="latest", default=None,
+             help="resume from the latest checkpoint in the output directory, or from the given checkpoint path")
+    add_flag(group, "trust-remote-code", action="store_true",
+             help="allow model code from the model repository to run (off by default)")
+    add_flag(group, "num-workers", type=int, default=0, help="DataLoader worker processes")
+    add_flag(group, "max-nonfinite-steps", type=int, default=5,
+             help="abort after this many optimizer steps in a row with a NaN/inf loss")
+    return group
+
+
+def load_yaml_config(path, section_aliases):
+    """Read a YAML config with sections and flatten it to ``{dest: value}``.
+
+    ``section_aliases`` maps ``(section, key)`` to a dest name when the file's key
+    differs from the flag (``("model", "name") -> "model_name"``); other keys map to
+    themselves. A key that no flag takes is an error naming the file and key.
+    """
+    config_path = Path(path)
+    if not config_path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"{path}: invalid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level")
+    flat = {}
+    for section, body in raw.items():
+        if isinstance(body, dict):
+            for key, value in body.items():
+                flat[section_aliases.get((section, key), key)] = (f"{section}.{key}", value)
+        else:
+            flat[section_aliases.get((None, section), section)] = (section, body)
+    return flat
+
+
+def parse_with_config(parser, argv, section_aliases, value_converters=None):
+    """Parse argv, with ``--config`` values as defaults that explicit flags override."""
+    args = parser.parse_args(argv)
+    if not getattr(args, "config", None):
+        return args
+    known = {action.dest for action in parser._actions}
+    converters = value_converters or {}
+    defaults = {}
+    for dest, (key, value) in load_yaml_config(args.config, section_aliases).items():
+        if dest in converters:
+            dest, value = converters[dest](value)
+            if dest is None:
+                continue
+        if dest not in known:
+            raise UserError(f"{args.config}: key '{key}' is not a known option")
+        if dest == "labels" and isinstance(value, list):
+            value = [str(name) for name in value]
+        defaults[dest] = value
+    parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+def write_effective_config(args, output_dir):
+    """Record every option's effective value in ``output_dir/training_args.json``."""
+    path = Path(output_dir) / "training_args.json"
+    path.write_text(json.dumps(vars(args), indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    return path
