@@ -152,8 +152,9 @@ def _invalid(record, field_name, problem, skip_invalid):
 SKIPPED = []  # messages of records dropped by --skip-invalid, reported by report_skipped()
 
 
-def report_skipped(stream=sys.stderr):
+def report_skipped(stream=None):
     """Print how many records --skip-invalid dropped (with the first few reasons) and reset."""
+    stream = stream or sys.stderr
     if SKIPPED:
         print(f"--skip-invalid: dropped {len(SKIPPED)} invalid record(s), e.g.:", file=stream)
         for message in SKIPPED[:MAX_ERRORS_SHOWN]:
@@ -296,10 +297,16 @@ def load_text_examples(path, text_field=None, label_field=None, group_field=None
     record_format = detect_format(records[0], text_field)
     parse = lambda record: parse_text_example(  # noqa: E731
         record, record_format, text_field or "text", label_field or "label", group_field, require_label)
-    examples = parse_each(records, parse, skip_invalid)
+    examples = ExampleList(parse_each(records, parse, skip_invalid))
     if not examples:
         raise UserError(f"{path}: no valid records")
+    examples.record_format = record_format
     return examples
+
+
+class ExampleList(list):
+    """A list of examples that remembers the record format of its file ('text', 'message', 'chat')."""
+    record_format = "text"
 
 
 class LabelSet:
@@ -432,14 +439,13 @@ def encode_texts(tokenizer, texts, contexts, max_length, truncation_side="right"
             stats.truncated += full_length > budget
             stats.unknown_tokens += text_enc.ids.count(unk_id) + (context_enc.ids.count(unk_id) if with_context else 0)
             stats.total_tokens += full_length
+        if with_context and len(text_enc.ids) >= budget:  # the message fills the window: drop the context
+            with_context = False
+            budget = max_length - tokenizer.num_special_tokens_to_add(pair=False)
         if len(text_enc.ids) > budget:
             text_enc.truncate(budget, direction=truncation_side)
-        if with_context:
-            context_budget = budget - len(text_enc.ids)
-            if context_budget <= 0:  # the message fills the window: drop the context
-                with_context = False
-            elif len(context_enc.ids) > context_budget:
-                context_enc.truncate(context_budget, direction="left")  # keep the most recent end
+        if with_context and len(context_enc.ids) > budget - len(text_enc.ids):
+            context_enc.truncate(budget - len(text_enc.ids), direction="left")  # keep the most recent end
         final = (backend.post_process(context_enc, text_enc, add_special_tokens=True) if with_context
                  else backend.post_process(text_enc, None, add_special_tokens=True))
         encoded.append({"input_ids": final.ids, "token_type_ids": final.type_ids})
@@ -509,8 +515,9 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, lengths, batch_size, shuffle=True, seed=0, group_by_length=True,
-                 mega_batch_factor=50, rank=0, world_size=1):
+                 mega_batch_factor=50, rank=0, world_size=1, sample_weights=None):
         self.lengths = np.asarray(lengths)
+        self.sample_weights = None if sample_weights is None else np.asarray(sample_weights, dtype=float)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -528,6 +535,9 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
     def all_batches(self):
         generator = np.random.default_rng(self.seed + self.epoch)
         order = generator.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
+        if self.sample_weights is not None:  # --sampler weighted: draw with replacement by weight
+            probabilities = self.sample_weights / self.sample_weights.sum()
+            order = generator.choice(len(self.lengths), size=len(self.lengths), replace=True, p=probabilities)
         if self.group_by_length:
             mega = self.batch_size * self.mega_batch_factor if self.shuffle else len(order)
             order = np.concatenate([chunk[np.argsort(-self.lengths[chunk], kind="stable")]
@@ -544,6 +554,12 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
     def __len__(self):
         batches = math.ceil(len(self.lengths) / self.batch_size)
         return batches // self.world_size if self.world_size > 1 else batches
+
+
+def private_generator(seed):
+    """A DataLoader's own generator: creating an iterator draws a seed from it, and drawing
+    from the global RNG instead would shift dropout masks after a resume."""
+    return torch.Generator().manual_seed(seed)
 
 
 def shard_indices(count, rank, world_size):

@@ -1,0 +1,688 @@
+"""Fine-tune a BERT-family encoder for text classification with an explicit PyTorch loop.
+
+Example:
+    python train_classifier.py --data-path examples/messages.json --output-dir output \
+        --model-name hfl/chinese-bert-wwm-ext --labels low_value,normal,interrupt --epochs 3
+
+Reads {"text", "label"}, {"message", "context", "label"} or chat {"messages": [...]} records from
+JSON, JSONL, CSV or TSV; writes output/checkpoint-best (a self-describing model directory),
+metrics.json, train_log.jsonl, errors.jsonl and plots. Runs unchanged under torchrun.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from common import data, modeldir, training
+from common.cli import (add_data_text_args, add_flag, add_runtime_args, parse_bool, parse_with_config,
+                        write_effective_config)
+from common.errors import UserError, report_user_errors
+from common.heads import POOLINGS, SequenceClassifier
+from common.metrics import classification_metrics, format_report, majority_baseline
+
+# config-file keys (sections of seed 000's default.yaml) whose flag has another name
+SECTION_ALIASES = {
+    ("model", "name"): "model_name", ("training", "fp16"): "fp16", ("scheduler", "type"): "scheduler",
+    ("scheduler", "num_warmup_steps"): "warmup_steps", ("logging", "steps"): "logging_steps",
+    ("early_stopping", "metric"): "metric_for_best_model", ("output", "dir"): "output_dir",
+}
+CONFIG_CONVERTERS = {"fp16": lambda enabled: ("precision", "fp16") if enabled else (None, None)}
+
+
+# ---------------------------------------------------------------- arguments
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = parser.add_argument_group("data")
+    parser.add_argument("--data-path", "--data_path", "--train-path", "--train_path", dest="data_path",
+                        help="training data: JSON array, JSONL, CSV/TSV, or a datasets save_to_disk directory")
+    add_flag(group, "val-path", help="validation data (default: a stratified split of --data-path)")
+    add_flag(group, "test-path", help="test data, evaluated with the best model at the end")
+    add_flag(group, "val-ratio", type=float, default=0.1, help="validation share when --val-path is absent")
+    add_flag(group, "group-field", help="record field (topic, month, source) to report metrics per group")
+    add_data_text_args(parser)
+
+    group = parser.add_argument_group("model")
+    add_flag(group, "model-name", default="hfl/chinese-bert-wwm-ext", help="hub name or local path of the encoder")
+    add_flag(group, "num-labels", type=int, help="expected number of labels (checked against the data)")
+    add_flag(group, "max-length", type=int, default=128, help="tokens per input, special tokens included")
+    add_flag(group, "pooling", choices=POOLINGS, default="cls", help="how token states become one vector")
+    add_flag(group, "dropout", type=float, default=0.1, help="dropout before the classification layer")
+    add_flag(group, "head-layernorm", action="store_true", help="LayerNorm before the classification layer")
+    add_flag(group, "freeze-backbone", action="store_true", help="train only the head (frozen feature extractor)")
+    add_flag(group, "compile", action="store_true", help="torch.compile the model")
+
+    group = parser.add_argument_group("training")
+    add_flag(group, "epochs", type=int, default=10, help="passes over the training data")
+    add_flag(group, "max-steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
+    add_flag(group, "batch-size", type=int, default=32, help="examples per forward pass (per process)")
+    add_flag(group, "eval-batch-size", type=int, default=64, help="examples per evaluation forward pass")
+    add_flag(group, "gradient-accumulation-steps", type=int, default=1, help="forward passes per optimizer step")
+    add_flag(group, "learning-rate", type=float, default=2e-5, help="peak AdamW learning rate")
+    add_flag(group, "weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/LayerNorm)")
+    add_flag(group, "adam-epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    add_flag(group, "warmup-ratio", type=float, default=0.1, help="share of steps with linear warmup")
+    add_flag(group, "warmup-steps", type=int, default=None, help="warmup steps (overrides --warmup-ratio)")
+    add_flag(group, "scheduler", choices=["linear", "cosine"], default="linear", help="decay after warmup")
+    add_flag(group, "max-grad-norm", type=float, default=1.0, help="gradient clipping threshold (0: off)")
+    add_flag(group, "group-by-length", type=parse_bool, default=True,
+             help="batch similar lengths together (less padding); batch order stays random")
+
+    group = parser.add_argument_group("techniques (see README)")
+    add_flag(group, "loss", choices=["ce", "focal"], default="ce", help="cross-entropy or focal loss")
+    add_flag(group, "focal-gamma", type=float, default=2.0, help="focal loss focusing parameter")
+    add_flag(group, "class-weights", choices=["none", "balanced", "effective"], default="none",
+             help="per-class loss weights from training frequencies")
+    add_flag(group, "class-weights-beta", type=float, default=0.999, help="beta of effective-number weights")
+    add_flag(group, "sampler", choices=["random", "weighted"], default="random",
+             help="weighted: draw examples inversely to class frequency")
+    add_flag(group, "label-smoothing", type=float, default=0.0, help="label smoothing epsilon")
+    add_flag(group, "rdrop-alpha", type=float, default=0.0, help="R-Drop weight of the symmetric KL (0: off)")
+    add_flag(group, "adversarial", choices=["none", "fgm", "pgd"], default="none",
+             help="adversarial training on the word embeddings")
+    add_flag(group, "adv-epsilon", type=float, default=1.0, help="adversarial perturbation size")
+    add_flag(group, "adv-steps", type=int, default=3, help="PGD steps")
+    add_flag(group, "ema-decay", type=float, default=0.0, help="EMA of weights for evaluation/saving (0: off)")
+    add_flag(group, "calibrate", type=parse_bool, default=True,
+             help="fit a temperature on the validation set and store it with the model")
+
+    group = parser.add_argument_group("evaluation, early stopping, checkpoints, logging")
+    add_flag(group, "eval-steps", type=int, default=0, help="evaluate every N steps (0: only at epoch ends)")
+    add_flag(group, "metric-for-best-model", default="macro_f1", help="validation metric that picks the best model")
+    add_flag(group, "patience", type=int, default=3, help="evaluations without improvement before stopping (0: off)")
+    add_flag(group, "min-delta", type=float, default=0.001, help="smallest change that counts as improvement")
+    add_flag(group, "output-dir", default="./output", help="where checkpoints, metrics and logs go")
+    add_flag(group, "save-steps", type=int, default=500, help="write checkpoint-step-N every N steps (0: off)")
+    add_flag(group, "save-total-limit", type=int, default=3, help="step checkpoints to keep")
+    add_flag(group, "save-strategy", choices=["steps", "no"], default="steps", help="'no' skips step checkpoints")
+    add_flag(group, "logging-steps", type=int, default=100, help="log loss, lr and throughput every N steps")
+    add_flag(group, "eval-only", action="store_true", help="evaluate --model-path on --test-path, no training")
+    add_flag(group, "model-path", help="model directory for --eval-only")
+    add_flag(group, "wandb", action="store_true", help="log to Weights & Biases (needs the wandb package)")
+    add_flag(group, "wandb-project", default="bert-classifier", help="W&B project name")
+    add_flag(group, "config", help="YAML config with model/training/optimizer/... sections; flags override it")
+    add_runtime_args(parser)
+    return parser
+
+
+def parse_args(argv=None):
+    args = parse_with_config(build_parser(), argv, SECTION_ALIASES, CONFIG_CONVERTERS)
+    if args.eval_only:
+        if not args.model_path or not args.test_path:
+            raise UserError("--eval-only needs --model-path and --test-path")
+    elif not args.data_path:
+        raise UserError("--data-path is required (training data file)")
+    for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.sampler == "weighted" and args.class_weights != "none":
+        print("warning: --sampler weighted together with --class-weights corrects the imbalance twice; "
+              "the guide says pick one", file=sys.stderr)
+    return args
+
+
+# ---------------------------------------------------------------- data
+
+def build_text_normalizer(spec):
+    """Identity without --normalize; else common.text's normalizer (stored with the model)."""
+    if spec is None:
+        return lambda text: text
+    from common.text import build_normalizer
+    return build_normalizer(spec)
+
+
+def load_splits(args, label_names=None):
+    """Read and validate every split before anything expensive; returns (splits, label_set, format)."""
+    read = lambda path: data.load_text_examples(  # noqa: E731
+        path, args.text_field, args.label_field, args.group_field, args.skip_invalid, split=args.data_split)
+    train_examples = read(args.data_path) if args.data_path else []
+    label_set = data.LabelSet(label_names) if label_names else data.LabelSet.from_examples(
+        train_examples, args.labels)
+    if args.num_labels and args.num_labels != len(label_set.names):
+        raise UserError(f"--num-labels {args.num_labels} but the labels are {label_set.names}")
+    label_field = args.label_field or "label"
+    splits = {"train": data.ExampleList(data.resolve_labels(label_set, train_examples, args.skip_invalid,
+                                                            label_field))}
+    splits["train"].record_format = getattr(train_examples, "record_format", "text")
+    if args.val_path:
+        splits["val"] = data.resolve_labels(label_set, read(args.val_path), args.skip_invalid, label_field)
+    elif splits["train"]:
+        record_format = splits["train"].record_format
+        splits["train"], splits["val"] = data.stratified_split(splits["train"], args.val_ratio, args.seed)
+        splits["train"] = data.ExampleList(splits["train"])
+        splits["train"].record_format = record_format
+    if args.test_path:
+        splits["test"] = data.resolve_labels(label_set, read(args.test_path), args.skip_invalid, label_field)
+    data.report_skipped()
+    if splits["train"]:
+        data.check_label_coverage(splits["train"], splits["val"], label_set)
+    return splits, label_set
+
+
+def encode_splits(splits, tokenizer, args, normalize, label_set):
+    """Tokenize every split once; print the dataset summary. Returns {split: EncodedDataset}."""
+    datasets, summaries = {}, []
+    for name, examples in splits.items():
+        for example in examples:
+            example.text = normalize(example.text)
+            example.context = normalize(example.context) if example.context else example.context
+        stats = data.EncodedBatchStats()
+        datasets[name] = data.build_classification_dataset(tokenizer, examples, args.max_length,
+                                                           args.truncation_side, stats)
+        summaries.append(data.summarize_split(name, examples, label_set, stats, args.max_length))
+    return datasets, summaries
+
+
+def build_train_loader(dataset, args, context, sample_weights=None):
+    sampler = data.LengthGroupedBatchSampler(
+        dataset.lengths, args.batch_size, shuffle=True, seed=args.seed, group_by_length=args.group_by_length,
+        rank=context.rank, world_size=context.world_size, sample_weights=sample_weights)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=data.PaddingCollator(
+        args.pad_token_id), num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+        generator=data.private_generator(args.seed))
+
+
+def build_eval_loader(dataset, args, context):
+    """This rank's shard, length-sorted (fast); predictions are put back in order by index."""
+    shard = torch.utils.data.Subset(dataset, data.shard_indices(len(dataset), context.rank, context.world_size))
+    lengths = [dataset.lengths[i] for i in shard.indices]
+    sampler = data.LengthGroupedBatchSampler(lengths, args.eval_batch_size, shuffle=False)
+    return torch.utils.data.DataLoader(shard, batch_sampler=sampler, generator=data.private_generator(args.seed),
+                                       collate_fn=data.PaddingCollator(args.pad_token_id))
+
+
+# ---------------------------------------------------------------- model
+
+def build_model(args, num_labels, tokenizer):
+    backbone = modeldir.load_pretrained_backbone(args.model_name, args.trust_remote_code,
+                                                 keep_pooler=args.pooling == "pooler")
+    if len(tokenizer) > backbone.get_input_embeddings().num_embeddings:  # after --extend-vocab
+        backbone.resize_token_embeddings(len(tokenizer))
+    return SequenceClassifier(backbone, num_labels, args.pooling, args.dropout, args.head_layernorm,
+                              args.freeze_backbone)
+
+
+def build_toolkit_block(args, model, normalize_spec, record_format, temperature=1.0):
+    """Everything inference needs to reproduce training-time preprocessing."""
+    return {"task": "classification", "head": model.head_settings, "temperature": temperature,
+            "preprocessing": {"max_length": args.max_length, "truncation_side": args.truncation_side,
+                              "context": "pair", "context_truncation": "keep_recent_end",
+                              "normalize": normalize_spec, "record_format": record_format}}
+
+
+def save_model(directory, model, tokenizer, toolkit, label_set, args):
+    def write(tmp_dir):
+        modeldir.write_model_directory(tmp_dir, training.unwrap(model), tokenizer, toolkit, label_set.id2label)
+        write_effective_config(args, tmp_dir)
+    training.write_directory_atomically(directory, write)
+
+
+def save_checkpoint(output_dir, model, tokenizer, toolkit, label_set, args, state):
+    """checkpoint-step-N: a loadable model directory plus the full resume state, written atomically."""
+    def write(tmp_dir):
+        modeldir.write_model_directory(tmp_dir, training.unwrap(model), tokenizer, toolkit, label_set.id2label)
+        write_effective_config(args, tmp_dir)
+        training.save_training_state(tmp_dir, state)
+    training.write_directory_atomically(Path(output_dir) / f"{training.CHECKPOINT_PREFIX}{state['global_step']}",
+                                        write)
+    training.rotate_checkpoints(output_dir, args.save_total_limit)
+
+
+# ---------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def predict_logits(model, loader, device, precision):
+    """(logits, labels, indices) for this rank's shard, in loader order."""
+    was_training = model.training
+    model.eval()
+    logits, labels, indices = [], [], []
+    for batch in loader:
+        with precision.autocast(device):
+            batch_logits = model(**modeldir.to_device(batch, device))
+        logits.append(batch_logits.float().cpu())
+        labels.append(batch["labels"])
+        indices.append(batch["index"])
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(labels), torch.cat(indices)
+
+
+def evaluate(model, loader, device, precision, context, label_names, loss_fn=None):
+    """Metrics over the whole split (gathered across ranks), plus the logits in input order."""
+    shards = training.gather_objects(context, predict_logits(model, loader, device, precision))
+    logits = torch.cat([shard[0] for shard in shards])
+    labels = torch.cat([shard[1] for shard in shards])
+    order = torch.argsort(torch.cat([shard[2] for shard in shards]))
+    logits, labels = logits[order], labels[order]
+    probs = torch.softmax(logits, dim=-1)
+    metrics = classification_metrics(labels.numpy(), probs.argmax(-1).numpy(), label_names, probs.numpy())
+    metrics["loss"] = float(torch.nn.functional.cross_entropy(logits, labels)) if loss_fn is None \
+        else float(loss_fn(logits, labels))
+    return metrics, logits, labels
+
+
+# ---------------------------------------------------------------- techniques
+
+def build_techniques(args, model, train_labels, num_labels):
+    """Loss function, adversary and EMA from the technique flags (common/techniques.py)."""
+    from common import techniques
+    counts = np.bincount(train_labels, minlength=num_labels)
+    class_weights = techniques.compute_class_weights(counts, args.class_weights, args.class_weights_beta)
+    if class_weights is not None:
+        class_weights = class_weights.to(args.device_obj)
+    loss_fn = techniques.build_loss(args.loss, class_weights, args.label_smoothing, args.focal_gamma)
+    adversary = None
+    if args.adversarial == "fgm":
+        adversary = techniques.FGM(model, epsilon=args.adv_epsilon)
+    elif args.adversarial == "pgd":
+        adversary = techniques.PGD(model, epsilon=args.adv_epsilon, alpha=args.adv_epsilon / 3, steps=args.adv_steps)
+    ema = techniques.ExponentialMovingAverage(model, args.ema_decay) if args.ema_decay > 0 else None
+    sample_weights = (1.0 / np.maximum(counts, 1))[train_labels] if args.sampler == "weighted" else None
+    return loss_fn, adversary, ema, sample_weights
+
+
+def compute_loss(model, inputs, labels, loss_fn, rdrop_alpha):
+    """Task loss; with R-Drop, two dropout passes (one batched forward) plus their symmetric KL."""
+    if rdrop_alpha <= 0:
+        return loss_fn(model(**inputs), labels)
+    from common.techniques import symmetric_kl
+    doubled = {key: torch.cat([value, value]) for key, value in inputs.items()}
+    logits_a, logits_b = model(**doubled).chunk(2)
+    task_loss = (loss_fn(logits_a, labels) + loss_fn(logits_b, labels)) / 2
+    return task_loss + rdrop_alpha * symmetric_kl(logits_a, logits_b)
+
+
+def adversarial_backward(adversary, model, inputs, labels, loss_fn, args, scaler, precision, device):
+    """Extra backward passes on perturbed word embeddings; embeddings are restored afterwards."""
+    scale = 1.0 / args.gradient_accumulation_steps
+    if args.adversarial == "fgm":
+        adversary.attack()
+        with precision.autocast(device):
+            adversarial_loss = loss_fn(model(**inputs), labels) * scale
+        scaler.scale(adversarial_loss).backward()
+        adversary.restore()
+        return
+    adversary.backup_grad()
+    for step in range(args.adv_steps):
+        adversary.attack(first=step == 0)
+        if step < args.adv_steps - 1:
+            model.zero_grad(set_to_none=True)
+        else:
+            adversary.restore_grad()
+        with precision.autocast(device):
+            adversarial_loss = loss_fn(model(**inputs), labels) * scale
+        scaler.scale(adversarial_loss).backward()
+    adversary.restore()
+
+
+# ---------------------------------------------------------------- the training loop
+
+def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_dir, logger):
+    device, precision = args.device_obj, args.precision_obj
+    train_labels = np.array([f["labels"] for f in datasets["train"].features])
+    loss_fn, adversary, ema, sample_weights = build_techniques(args, training.unwrap(model), train_labels,
+                                                              len(label_set.names))
+    train_loader = build_train_loader(datasets["train"], args, context, sample_weights)
+    val_loader = build_eval_loader(datasets["val"], args, context)
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * args.epochs
+    if args.max_steps > 0:
+        total_steps = min(total_steps, args.max_steps)
+    optimizer = training.build_optimizer(model, args.learning_rate, args.weight_decay, args.adam_epsilon, device)
+    scheduler = training.build_scheduler(optimizer, args.scheduler, training.resolve_warmup_steps(
+        total_steps, args.warmup_ratio, args.warmup_steps), total_steps)
+    scaler = training.build_grad_scaler(precision, device)
+    early_stopping = training.EarlyStopping(args.patience, args.min_delta, mode="min" if
+                                            args.metric_for_best_model == "loss" else "max")
+    nonfinite_guard = training.NonFiniteLossGuard(args.max_nonfinite_steps)
+    global_step, start_epoch, skip_batches = 0, 0, 0
+
+    # ---- resume: model weights, optimizer, scheduler, scaler, RNG, position, early stopping
+    checkpoint_dir = training.find_resume_checkpoint(args.resume, output_dir)
+    if checkpoint_dir is not None:
+        state = training.load_training_state(checkpoint_dir)
+        modeldir.load_weights(training.unwrap(model), checkpoint_dir)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        early_stopping.load_state_dict(state["early_stopping"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        training.restore_rng_state(state["rng"])
+        global_step, start_epoch, skip_batches = state["global_step"], state["epoch"], state["step_in_epoch"]
+        logger.info(f"resumed from {checkpoint_dir} at step {global_step} (epoch {start_epoch}, "
+                    f"batch {skip_batches})")
+
+    effective_batch = args.batch_size * args.gradient_accumulation_steps * context.world_size
+    logger.info(f"***** training *****\n  examples: {len(datasets['train'])}  validation: {len(datasets['val'])}\n"
+                f"  epochs: {args.epochs}  effective batch size: {effective_batch}  total steps: {total_steps}\n"
+                f"  precision: {precision.name}  device: {device}  processes: {context.world_size}")
+
+    def checkpoint_state(epoch, batches_done):
+        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": training.capture_rng_state(), "epoch": epoch,
+                "step_in_epoch": batches_done, "global_step": global_step,
+                "best_metric": early_stopping.best_metric, "early_stopping": early_stopping.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "args": json.loads(json.dumps(vars(args), default=str))}
+
+    def run_evaluation(epoch):
+        """Evaluate (with EMA weights when enabled); save checkpoint-best on improvement."""
+        with ema.average_parameters(training.unwrap(model)) if ema is not None else _no_context():
+            metrics, _, _ = evaluate(training.unwrap(model), val_loader, device, precision, context, label_set.names)
+            improved = early_stopping.step(metrics[args.metric_for_best_model])
+            if improved and context.is_main:
+                save_model(output_dir / "checkpoint-best", model, tokenizer, toolkit, label_set, args)
+        logger.log({"step": global_step, "epoch": epoch, "eval_loss": metrics["loss"],
+                    "eval_accuracy": metrics["accuracy"], "eval_macro_f1": metrics["macro_f1"],
+                    f"eval_{args.metric_for_best_model}": metrics[args.metric_for_best_model],
+                    "best": early_stopping.best_metric, "improved": improved})
+
+    model.train()
+    running_loss = torch.zeros((), device=device)
+    window_loss = torch.zeros((), device=device)
+    samples_since_log, log_started = 0, time.perf_counter()
+    progress = tqdm(total=total_steps, initial=global_step, disable=not context.is_main, desc="train")
+    stop = global_step >= total_steps or early_stopping.should_stop
+    for epoch in range(start_epoch, args.epochs):
+        if stop:
+            break
+        train_loader.batch_sampler.set_epoch(epoch, skip_batches if epoch == start_epoch else 0)
+        batches_done = skip_batches if epoch == start_epoch else 0
+        batches_in_epoch = len(train_loader.batch_sampler.all_batches())
+        for batch in train_loader:
+            batches_done += 1
+            inputs, labels = modeldir.to_device(batch, device), batch["labels"].to(device)
+            window_ends = batches_done % args.gradient_accumulation_steps == 0 or batches_done == batches_in_epoch
+            # ---- forward under autocast, scaled backward (gradient sync only on the window's last pass)
+            sync = window_ends or not context.enabled
+            with (_no_context() if sync else model.no_sync()):
+                with precision.autocast(device):
+                    loss = compute_loss(model, inputs, labels, loss_fn, args.rdrop_alpha)
+                scaler.scale(loss / args.gradient_accumulation_steps).backward()
+                if adversary is not None:
+                    adversarial_backward(adversary, model, inputs, labels, loss_fn, args, scaler, precision, device)
+            running_loss += loss.detach()
+            window_loss += loss.detach()
+            samples_since_log += labels.numel() * context.world_size
+            if not window_ends:
+                continue
+            # ---- optimizer step: skip non-finite losses (fp16 overflow is the scaler's job)
+            skip = not scaler.is_enabled() and nonfinite_guard.should_skip(window_loss, global_step)
+            window_loss.zero_()
+            if skip:
+                optimizer.zero_grad(set_to_none=True)
+                running_loss.zero_()
+                continue
+            grad_norm, _ = training.optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
+            if ema is not None:
+                ema.update(training.unwrap(model))
+            global_step += 1
+            progress.update(1)
+            # ---- logging, evaluation, checkpoint
+            if global_step % args.logging_steps == 0:
+                elapsed = time.perf_counter() - log_started
+                mean_loss = (running_loss / (args.logging_steps * args.gradient_accumulation_steps)).item()
+                logger.log({"step": global_step, "epoch": epoch, "loss": mean_loss,
+                            "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                            "samples_per_second": samples_since_log / max(elapsed, 1e-9)})
+                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                                     sps=f"{samples_since_log / max(elapsed, 1e-9):.1f}")
+                running_loss.zero_()
+                samples_since_log, log_started = 0, time.perf_counter()
+            if args.eval_steps > 0 and global_step % args.eval_steps == 0:
+                run_evaluation(epoch)
+            if args.save_strategy == "steps" and args.save_steps > 0 and global_step % args.save_steps == 0 \
+                    and context.is_main:
+                save_checkpoint(output_dir, model, tokenizer, toolkit, label_set, args,
+                                checkpoint_state(epoch, batches_done))
+            training.barrier(context)
+            if global_step >= total_steps or early_stopping.should_stop:
+                stop = True
+                break
+        skip_batches = 0
+        if not stop or global_step >= total_steps:
+            run_evaluation(epoch)  # epoch end (also the last evaluation of a --max-steps run)
+        if early_stopping.should_stop:
+            logger.info(f"early stopping: no improvement in {args.patience} evaluations")
+            break
+    progress.close()
+    if nonfinite_guard.skipped_total:
+        logger.info(f"skipped {nonfinite_guard.skipped_total} optimizer steps with a non-finite loss")
+    return global_step
+
+
+class _no_context:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------- after training: test, calibration, reports
+
+def finish(args, model_dir, datasets, splits, label_set, context, output_dir, logger, train_labels):
+    """Reload the best model, calibrate on validation, evaluate val and test, write reports."""
+    model, tokenizer, toolkit, _ = SequenceClassifier.from_directory(model_dir, args.device_obj)
+    results = {}
+    val_metrics, val_logits, val_labels = evaluate(model, build_eval_loader(datasets["val"], args, context),
+                                                   args.device_obj, args.precision_obj, context, label_set.names)
+    results["validation"] = val_metrics
+    if args.calibrate and context.is_main:
+        from common.calibration import calibration_report, write_reliability_diagram
+        report = calibration_report(val_logits, val_labels)
+        results["calibration"] = report
+        toolkit["temperature"] = report["temperature"]
+        rewrite_toolkit(model_dir, toolkit)
+        write_reliability_diagram(output_dir / "reliability_diagram.png",
+                                  torch.softmax(val_logits / report["temperature"], -1).numpy(),
+                                  val_labels.numpy(), title="validation, after temperature scaling")
+        logger.info(f"calibration: temperature {report['temperature']:.3f}, ECE {report['ece_before']:.4f} -> "
+                    f"{report['ece_after']:.4f}, NLL {report['nll_before']:.4f} -> {report['nll_after']:.4f}")
+    report_split = "test" if "test" in datasets else "validation"
+    if "test" in datasets:
+        results["test"], test_logits, test_labels = evaluate(
+            model, build_eval_loader(datasets["test"], args, context), args.device_obj, args.precision_obj,
+            context, label_set.names)
+    else:
+        test_logits, test_labels = val_logits, val_labels
+    if context.is_main:
+        if train_labels is not None:
+            results["majority_baseline"] = majority_baseline(train_labels, test_labels.numpy(), len(label_set.names))
+        examples = splits["test" if "test" in datasets else "val"]
+        write_reports(output_dir, results, report_split, examples, test_logits, test_labels, label_set, args, logger)
+    return results
+
+
+def rewrite_toolkit(model_dir, toolkit):
+    """Store a changed toolkit block (e.g. the fitted temperature) in config.json."""
+    config_path = Path(model_dir) / modeldir.CONFIG_FILE
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["toolkit"] = toolkit
+    tmp_path = config_path.with_suffix(".json.tmp")
+    tmp_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    tmp_path.replace(config_path)
+
+
+def write_reports(output_dir, results, split_name, examples, logits, labels, label_set, args, logger):
+    """metrics.json, errors.jsonl, per-group metrics, report and plots for the final evaluation split."""
+    probs = torch.softmax(logits, -1).numpy()
+    predictions = probs.argmax(-1)
+    metrics = results["test" if split_name == "test" else "validation"]
+    logger.info(f"\n{split_name} classification report:\n" +
+                format_report(labels.numpy(), predictions, label_set.names, metrics["confusion_matrix"]))
+    if args.group_field:
+        results[f"{split_name}_by_group"] = metrics_by_group(examples, labels.numpy(), predictions, probs, label_set)
+    with open(output_dir / "errors.jsonl", "w", encoding="utf-8") as handle:
+        for example, true_id, predicted, row in zip(examples, labels.tolist(), predictions, probs):
+            if true_id != predicted:
+                handle.write(json.dumps({
+                    "where": example.locator, "text": example.text, "context": example.context,
+                    "true_label": label_set.names[true_id], "predicted_label": label_set.names[predicted],
+                    "probabilities": {name: round(float(p), 4) for name, p in zip(label_set.names, row)}},
+                    ensure_ascii=False) + "\n")
+    (output_dir / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+    from common.plots import most_confused_pairs, write_confusion_matrix_png, write_training_curves_png
+    write_confusion_matrix_png(output_dir / "confusion_matrix.png", metrics["confusion_matrix"], label_set.names)
+    pairs = most_confused_pairs(metrics["confusion_matrix"], label_set.names)
+    if pairs:
+        logger.info("most confused (true -> predicted: count): " +
+                    "; ".join(f"{t} -> {p}: {c}" for t, p, c in pairs))
+    log_path = output_dir / "train_log.jsonl"
+    if log_path.is_file():
+        rows = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        write_training_curves_png(output_dir / "training_curves.png", rows)
+
+
+def metrics_by_group(examples, labels, predictions, probs, label_set):
+    groups = {}
+    for index, example in enumerate(examples):
+        groups.setdefault(example.group, []).append(index)
+    return {group: {key: value for key, value in classification_metrics(
+                labels[indices], predictions[indices], label_set.names).items()
+                if key in ("accuracy", "macro_f1", "weighted_f1", "num_examples")}
+            for group, indices in sorted(groups.items(), key=lambda item: str(item[0]))}
+
+
+# ---------------------------------------------------------------- logging
+
+class RunLogger:
+    """Prints on the main process, appends train_log.jsonl, mirrors rows to W&B when enabled."""
+
+    def __init__(self, output_dir, is_main, wandb_run=None):
+        self.path = Path(output_dir) / "train_log.jsonl"
+        self.is_main = is_main
+        self.wandb_run = wandb_run
+
+    def info(self, message):
+        if self.is_main:
+            tqdm.write(message)
+
+    def log(self, row):
+        if not self.is_main:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(row, step=row.get("step"))
+        if "eval_loss" in row:
+            tqdm.write(f"step {row['step']}: eval loss {row['eval_loss']:.4f}, accuracy {row['eval_accuracy']:.4f}, "
+                       f"macro-F1 {row['eval_macro_f1']:.4f}" + (" (best)" if row.get("improved") else ""))
+
+
+def start_wandb(args, is_main):
+    if not args.wandb or not is_main:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print("--wandb: the wandb package is not installed (pip install wandb); continuing without it",
+              file=sys.stderr)
+        return None
+    return wandb.init(project=args.wandb_project, config=vars(args))
+
+
+# ---------------------------------------------------------------- main
+
+def run_eval_only(args, context):
+    """--eval-only: evaluate a saved model on --test-path with its stored preprocessing."""
+    output_dir = training.prepare_output_dir(args.output_dir)
+    model, tokenizer, toolkit, config = SequenceClassifier.from_directory(args.model_path)
+    label_names = [config.id2label[index] for index in range(len(config.id2label))]
+    args.data_path, args.val_path = None, None
+    splits, label_set = load_splits(args, label_names)
+    preprocessing = toolkit["preprocessing"]
+    args.max_length, args.truncation_side = preprocessing["max_length"], preprocessing["truncation_side"]
+    args.pad_token_id = tokenizer.pad_token_id
+    datasets, summaries = encode_splits({"test": splits["test"]}, tokenizer, args,
+                                        build_text_normalizer(preprocessing.get("normalize")), label_set)
+    print(data.format_summary(summaries))
+    datasets["val"], splits["val"] = datasets["test"], splits["test"]
+    args.calibrate = False
+    results = finish(args, args.model_path, datasets, splits, label_set, context, output_dir,
+                     RunLogger(output_dir, context.is_main), None)
+    print(json.dumps({key: results["test"][key] for key in ("accuracy", "macro_f1", "weighted_f1")}))
+    return 0
+
+
+@report_user_errors
+def main(argv=None):
+    args = parse_args(argv)
+    context = training.init_distributed(args.device)
+    try:
+        args.device_obj = training.resolve_device(args.device, context.local_rank)
+        args.precision_obj = training.resolve_precision(args.precision, args.device_obj)
+        training.set_seed(args.seed)
+        if args.eval_only:
+            return run_eval_only(args, context)
+        return run_training(args, context)
+    finally:
+        training.cleanup_distributed(context)
+
+
+def run_training(args, context):
+    # ---- validate everything cheap before loading the model or tokenizing
+    output_dir = training.prepare_output_dir(args.output_dir)
+    splits, label_set = load_splits(args)
+    normalize_spec = None
+    if args.normalize:
+        from common.text import normalizer_spec
+        normalize_spec = normalizer_spec(args.normalize)
+    tokenizer = modeldir.load_tokenizer(args.model_name, args.trust_remote_code)
+    unk_rate_before = None
+    if args.extend_vocab > 0:
+        from common.vocab import extend_vocabulary, unk_rate
+        normalize = build_text_normalizer(normalize_spec)
+        train_texts = [normalize(e.text) for e in splits["train"]]
+        unk_rate_before = unk_rate(tokenizer, train_texts)
+        added = extend_vocabulary(tokenizer, train_texts, args.extend_vocab)
+        print(f"--extend-vocab {args.extend_vocab}: added {len(added)} tokens, e.g. {added[:20]}")
+    args.pad_token_id = tokenizer.pad_token_id
+    datasets, summaries = encode_splits(splits, tokenizer, args, build_text_normalizer(normalize_spec), label_set)
+    if context.is_main:
+        print(data.format_summary(summaries))
+        if unk_rate_before is not None:
+            print(f"[UNK] rate of the training set: {unk_rate_before:.2%} before --extend-vocab, "
+                  f"{summaries[0]['unk_rate']:.2%} after")
+        write_effective_config(args, output_dir)
+        (output_dir / "dataset_summary.json").write_text(json.dumps(summaries, indent=2, ensure_ascii=False),
+                                                          encoding="utf-8")
+
+    # ---- model
+    record_format = getattr(splits["train"], "record_format", "text")
+    model = build_model(args, len(label_set.names), tokenizer).to(args.device_obj)
+    toolkit = build_toolkit_block(args, model, normalize_spec, record_format)
+    if args.compile:
+        model = torch.compile(model)
+    if context.enabled:
+        model = DistributedDataParallel(model, device_ids=[args.device_obj.index]
+                                        if args.device_obj.type == "cuda" else None)
+    logger = RunLogger(output_dir, context.is_main, start_wandb(args, context.is_main))
+    total, trainable = modeldir.count_parameters(model)
+    logger.info(f"model: {args.model_name}, {total / 1e6:.1f}M parameters ({trainable / 1e6:.2f}M trainable)")
+
+    train(args, model, tokenizer, datasets, label_set, toolkit, context, output_dir, logger)
+    training.barrier(context)
+    best_dir = output_dir / "checkpoint-best"
+    if not best_dir.is_dir():
+        raise UserError("training ended before any evaluation: no checkpoint-best was written")
+    train_labels = np.array([f["labels"] for f in datasets["train"].features])
+    results = finish(args, best_dir, datasets, splits, label_set, context, output_dir, logger, train_labels)
+    if context.is_main:
+        headline = results.get("test", results["validation"])
+        logger.info(f"best model: {best_dir} ({args.metric_for_best_model} on validation "
+                    f"{results['validation'][args.metric_for_best_model]:.4f}); final accuracy "
+                    f"{headline['accuracy']:.4f}, macro-F1 {headline['macro_f1']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
