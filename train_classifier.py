@@ -33,6 +33,7 @@ SECTION_ALIASES = {
     ("scheduler", "num_warmup_steps"): "warmup_steps", ("logging", "steps"): "logging_steps",
     ("early_stopping", "metric"): "metric_for_best_model", ("output", "dir"): "output_dir",
 }
+VALIDATION_SPLITS = ("validation", "val", "dev")  # default split names of a save_to_disk --val-path
 CONFIG_CONVERTERS = {"fp16": lambda enabled: ("precision", "fp16") if enabled else (None, None)}
 
 
@@ -141,9 +142,10 @@ def build_text_normalizer(spec):
 
 def load_splits(args, label_names=None):
     """Read and validate every split before anything expensive; returns (splits, label_set, format)."""
-    read = lambda path: data.load_text_examples(  # noqa: E731
-        path, args.text_field, args.label_field, args.group_field, args.skip_invalid, split=args.data_split)
-    train_examples = read(args.data_path) if args.data_path else []
+    def read(path, split=None, default_splits=("train",)):
+        return data.load_text_examples(path, args.text_field, args.label_field, args.group_field,
+                                       args.skip_invalid, split=split, default_splits=default_splits)
+    train_examples = read(args.data_path, args.data_split) if args.data_path else []
     label_set = data.LabelSet(label_names) if label_names else data.LabelSet.from_examples(
         train_examples, args.labels)
     if args.num_labels and args.num_labels != len(label_set.names):
@@ -153,14 +155,16 @@ def load_splits(args, label_names=None):
                                                             label_field))}
     splits["train"].record_format = getattr(train_examples, "record_format", "text")
     if args.val_path:
-        splits["val"] = data.resolve_labels(label_set, read(args.val_path), args.skip_invalid, label_field)
+        splits["val"] = data.resolve_labels(label_set, read(args.val_path, default_splits=VALIDATION_SPLITS),
+                                            args.skip_invalid, label_field)
     elif splits["train"]:
         record_format = splits["train"].record_format
         splits["train"], splits["val"] = data.stratified_split(splits["train"], args.val_ratio, args.seed)
         splits["train"] = data.ExampleList(splits["train"])
         splits["train"].record_format = record_format
     if args.test_path:
-        splits["test"] = data.resolve_labels(label_set, read(args.test_path), args.skip_invalid, label_field)
+        splits["test"] = data.resolve_labels(label_set, read(args.test_path, default_splits=("test",)),
+                                             args.skip_invalid, label_field)
     data.report_skipped()
     if splits["train"]:
         data.check_label_coverage(splits["train"], splits["val"], label_set)

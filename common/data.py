@@ -37,13 +37,17 @@ class RecordError(UserError):
 
 # ---------------------------------------------------------------- reading files
 
-def read_records(path, split=None, skip_invalid=False):
-    """Read every record of a data file (or save_to_disk directory) as a list of Records."""
+def read_records(path, split=None, skip_invalid=False, default_splits=("train",)):
+    """Read every record of a data file (or save_to_disk directory) as a list of Records.
+
+    For a save_to_disk DatasetDict, ``split`` picks the split; without it the first of
+    ``default_splits`` that exists is used (("validation", "val", "dev") for a validation path).
+    """
     data_path = Path(path)
     if not data_path.exists():
         raise UserError(f"{path}: file not found")
     if data_path.is_dir():
-        return _read_saved_dataset(data_path, split)
+        return _read_saved_dataset(data_path, split, default_splits)
     raw = data_path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
@@ -121,10 +125,12 @@ def _read_delimited(path, text, delimiter):
     return records
 
 
-def _read_saved_dataset(directory, split):
+def _read_saved_dataset(directory, split, default_splits):
     """Records from a ``datasets`` save_to_disk directory (a Dataset or a DatasetDict)."""
     try:
         import datasets
+        if datasets is None:
+            raise ImportError
     except ImportError:
         raise UserError(f"{directory}: is a directory; reading a save_to_disk dataset needs "
                         "the 'datasets' package (pip install datasets)") from None
@@ -133,7 +139,7 @@ def _read_saved_dataset(directory, split):
                         "pass a .json, .jsonl, .csv or .tsv file")
     loaded = datasets.load_from_disk(str(directory))
     if isinstance(loaded, datasets.DatasetDict):
-        split = split or ("train" if "train" in loaded else next(iter(loaded)))
+        split = split or next((name for name in default_splits if name in loaded), next(iter(loaded)))
         if split not in loaded:
             raise UserError(f"{directory}: no split '{split}' (has: {', '.join(loaded)})")
         loaded = loaded[split]
@@ -291,9 +297,9 @@ def _check_raw_label(record, label_field, raw_label):
 
 
 def load_text_examples(path, text_field=None, label_field=None, group_field=None,
-                       skip_invalid=False, require_label=True, split=None):
+                       skip_invalid=False, require_label=True, split=None, default_splits=("train",)):
     """Read a classification file into TextExamples (format detected per file)."""
-    records = read_records(path, split=split, skip_invalid=skip_invalid)
+    records = read_records(path, split=split, skip_invalid=skip_invalid, default_splits=default_splits)
     record_format = detect_format(records[0], text_field)
     parse = lambda record: parse_text_example(  # noqa: E731
         record, record_format, text_field or "text", label_field or "label", group_field, require_label)

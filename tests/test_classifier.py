@@ -191,3 +191,16 @@ def test_fine_tunes_the_real_model_for_a_few_steps(tmp_path, real_model_dir, tex
         "--batch-size", "8", "--learning-rate", "5e-5", "--max-length", "32", "--precision", "fp32",
         "--save-steps", "0"]) == 0
     assert (tmp_path / "out" / "checkpoint-best" / "model.safetensors").is_file()
+
+
+def test_trains_from_a_save_to_disk_directory(tmp_path, tiny_model_dir):
+    datasets = pytest.importorskip("datasets")
+    records = make_text_records(12)
+    table = {"review": [r["text"] for r in records], "sentiment": [int(r["label"] == "positive") for r in records]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(table), "validation": datasets.Dataset.from_dict(
+        table)}).save_to_disk(str(tmp_path / "chnsenticorp"))
+    directory = str(tmp_path / "chnsenticorp")
+    assert run(tiny_model_dir, tmp_path / "out", "--data-path", directory, "--val-path", directory,
+               "--text-field", "review", "--label-field", "sentiment") == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["validation"]["num_examples"] == 24  # the 'validation' split was used for --val-path

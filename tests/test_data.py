@@ -119,3 +119,30 @@ def test_padding_collator_pads_and_keeps_metadata():
     assert batch["input_ids"].tolist() == [[2, 5, 3], [2, 3, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["labels"].tolist() == [1, 0] and batch["index"].tolist() == [0, 1]
+
+
+def test_reads_a_datasets_save_to_disk_directory_with_splits_and_columns(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    table = {"review": ["good movie", "bad movie", "great film"], "sentiment": [1, 0, 1]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(table),
+                          "validation": datasets.Dataset.from_dict(table)}).save_to_disk(str(tmp_path / "chn"))
+    examples = data.load_text_examples(tmp_path / "chn", text_field="review", label_field="sentiment",
+                                       split="validation")
+    assert [(e.text, e.raw_label) for e in examples] == [("good movie", 1), ("bad movie", 0), ("great film", 1)]
+    assert examples[1].locator.endswith("[validation] row 2")
+    with pytest.raises(UserError, match="no split 'test'"):
+        data.load_text_examples(tmp_path / "chn", split="test")
+    with pytest.raises(UserError, match="field 'text': missing"):
+        data.load_text_examples(tmp_path / "chn")  # default column names do not exist here
+
+
+def test_a_plain_directory_is_not_a_dataset(tmp_path):
+    with pytest.raises(UserError, match="not a datasets save_to_disk folder"):
+        data.read_records(tmp_path)
+
+
+def test_missing_datasets_package_gives_an_install_hint(tmp_path, monkeypatch):
+    (tmp_path / "dataset_dict.json").write_text("{}")
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)
+    with pytest.raises(UserError, match="pip install datasets"):
+        data.read_records(tmp_path)
