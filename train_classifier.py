@@ -124,6 +124,7 @@ def parse_args(argv=None):
     for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    training.check_resume_argument(args.resume)
     if args.sampler == "weighted" and args.class_weights != "none":
         print("warning: --sampler weighted together with --class-weights corrects the imbalance twice; "
               "the guide says pick one", file=sys.stderr)

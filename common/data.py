@@ -5,6 +5,7 @@ written by ``datasets``' ``save_to_disk``. Every record keeps where it came from
 (file and line, or record number) so a bad value is reported precisely.
 """
 import csv
+import io
 import json
 import math
 import sys
@@ -91,7 +92,9 @@ def _read_json(path, text, skip_invalid):
 
 def _read_jsonl(path, text, skip_invalid):
     records = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines() also breaks at U+2028, form feeds etc., which
+    # json.dumps(ensure_ascii=False) leaves raw inside strings
+    for line_number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         record = Record(str(path), f"line {line_number}", None)
@@ -109,17 +112,22 @@ def _read_jsonl(path, text, skip_invalid):
 
 
 def _read_delimited(path, text, delimiter):
-    reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delimiter)
-    if not reader.fieldnames:
-        raise UserError(f"{path}: no header row")
+    # newline="" as the csv docs ask: only real line ends end a row (not U+2028 or form feeds)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # a long text is valid (truncated later)
     records = []
     line_number = 1
-    for row in reader:
-        start_line = line_number + 1
-        line_number = reader.line_num  # quoted newlines make one record span several lines
-        if None in row:
-            raise UserError(f"{path} line {start_line}: more columns than the header has")
-        records.append(Record(str(path), f"line {start_line}", dict(row)))
+    try:
+        if not reader.fieldnames:
+            raise UserError(f"{path}: no header row")
+        for row in reader:
+            start_line = line_number + 1
+            line_number = reader.line_num  # quoted newlines make one record span several lines
+            if None in row:
+                raise UserError(f"{path} line {start_line}: more columns than the header has")
+            records.append(Record(str(path), f"line {start_line}", dict(row)))
+    except csv.Error as error:
+        raise UserError(f"{path} line {reader.line_num}: malformed CSV ({error})") from None
     if not records:
         raise UserError(f"{path}: only a header row, no records")
     return records
@@ -261,11 +269,9 @@ def parse_text_example(record, record_format, text_field="text", label_field="la
         raw_label = _check_raw_label(record, label_field if record_format != "chat" else "messages[-1].content",
                                      raw_label)
     group = None
-    if group_field:
+    if group_field:  # only evaluation splits need it; records without it form a "(none)" group
         group = record.fields.get(group_field)
-        if group is None:
-            raise RecordError(f"{record.where(group_field)}: missing (needed by --group-field)")
-        group = str(group)
+        group = "(none)" if group in (None, "") else str(group)
     return TextExample(text, context, raw_label, record.where(), group)
 
 
@@ -334,7 +340,10 @@ class LabelSet:
                 raise UserError(f"{bad.locator}: field 'label': negative label {min(raw)}")
             return cls([str(index) for index in range(max(raw) + 1)])
         if any(isinstance(label, int) for label in raw):
-            raise UserError("labels mix integers and names; use one kind, or give --labels")
+            first_kind = isinstance(examples[0].raw_label, int)
+            bad = next(e for e in examples if isinstance(e.raw_label, int) != first_kind)
+            raise UserError(f"{bad.locator}: field 'label': {bad.raw_label!r} mixes integer labels and names "
+                            f"(record 1 has {examples[0].raw_label!r}); use one kind, or give --labels")
         return cls(sorted(raw))
 
     def resolve(self, examples, label_field="label"):

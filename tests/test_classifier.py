@@ -170,7 +170,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, tiny_model_dir, text_data):
                str(29500 + os.getpid() % 1000), str(REPO / "train_classifier.py"), "--data-path",
                str(text_data["train"]), "--val-path", str(text_data["val"]), "--model-name", str(tiny_model_dir),
                "--output-dir", str(tmp_path / "out"), "--epochs", "2", "--batch-size", "4", "--device", "cpu",
-               "--precision", "fp32", "--eval-steps", "3", "--save-steps", "3", "--logging-steps", "1"]
+               "--precision", "fp32", "--eval-steps", "3", "--save-steps", "3", "--logging-steps", "1", "--patience", "0"]
     environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,0 +1,93 @@
+"""common/vocab.py: --extend-vocab finds [UNK] pieces, adds them, and they survive a save."""
+import pytest
+import torch
+
+from common.data import backend_tokenizer
+from common.modeldir import load_tokenizer
+from common.vocab import extend_vocabulary, find_unknown_tokens, unk_rate
+
+# 😀 ❤ 嗯 躬 are missing from the tiny vocabulary (tests/conftest.py); 好 电 影 are in it
+TEXTS = ["好电影😀😀 嗯躬", "good movie😀 ❤️", "嗯 ❤ 😀", "Ünïcode is 躬"]
+
+
+def tokens_of(tokenizer, text):
+    # tokenizers stores a normalized added token under its normalized form, and BERT's
+    # normalizer puts spaces around CJK characters: the added "躬" reads back as " 躬 "
+    ids = backend_tokenizer(tokenizer).encode(text, add_special_tokens=False).ids
+    return [token.strip() for token in tokenizer.convert_ids_to_tokens(ids)]
+
+
+def test_find_unknown_tokens_splits_spans_into_characters_and_emoji(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    assert tokens_of(tokenizer, "movie😀") == ["[UNK]"]  # BERT's [UNK] covers the whole word
+    found = find_unknown_tokens(tokenizer, TEXTS, min_count=1)
+    # "❤️" and "❤" are one token after the normalizer drops the variation selector;
+    # "movie" and the letters of "Ünïcode" are known on their own and never added
+    assert found == [("😀", 4), ("❤", 2), ("嗯", 2), ("躬", 2)]  # most frequent first, ties by code point
+    assert find_unknown_tokens(tokenizer, TEXTS, min_count=3) == [("😀", 4)]
+
+
+def test_extend_vocabulary_adds_single_tokens_and_lowers_the_unk_rate(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    size, before = len(tokenizer), unk_rate(tokenizer, TEXTS)
+    added = extend_vocabulary(tokenizer, TEXTS, min_count=2)
+    assert set(added) == {"😀", "❤", "躬", "嗯"}
+    assert len(tokenizer) == size + 4
+    for token in added:
+        assert tokens_of(tokenizer, token) == [token]
+    assert tokens_of(tokenizer, "好电影😀😀 嗯躬") == ["好", "电", "影", "😀", "😀", "嗯", "躬"]
+    assert tokens_of(tokenizer, "movie😀") == ["movie", "😀"]
+    assert tokens_of(tokenizer, "❤️") == ["❤"]  # the variation-selector form matches too
+    after = unk_rate(tokenizer, TEXTS)
+    assert before > 0.4 and after < before / 3
+
+
+def test_added_tokens_survive_lowercasing(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    texts = ["ΩMEGA Ω", "ω ω"]  # Greek is not in the vocabulary; the tokenizer lowercases
+    added = extend_vocabulary(tokenizer, texts, min_count=2)
+    assert added == ["ω"]
+    assert tokens_of(tokenizer, "Ω") == ["ω"] and tokens_of(tokenizer, "ω") == ["ω"]
+
+
+def test_unk_rate_counts_tokens_without_special_tokens(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    assert unk_rate(tokenizer, ["good movie", "😀 good"]) == pytest.approx(1 / 4)
+    assert unk_rate(tokenizer, []) == 0.0
+
+
+def test_added_tokens_round_trip_through_save_pretrained(tiny_model_dir, tmp_path):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    added = extend_vocabulary(tokenizer, TEXTS, min_count=2)
+    tokenizer.save_pretrained(str(tmp_path))
+    reloaded = load_tokenizer(str(tmp_path))
+    assert len(reloaded) == len(tokenizer)
+    assert tokens_of(reloaded, "嗯躬😀❤️") == ["嗯", "躬", "😀", "❤"]
+    assert reloaded.convert_tokens_to_ids(added) == tokenizer.convert_tokens_to_ids(added)
+
+
+def test_resized_embeddings_cover_the_new_ids(tiny_model_dir):
+    from common.modeldir import load_pretrained_backbone
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    backbone = load_pretrained_backbone(str(tiny_model_dir))
+    extend_vocabulary(tokenizer, TEXTS, min_count=2)
+    backbone.resize_token_embeddings(len(tokenizer))
+    ids = backend_tokenizer(tokenizer).encode("嗯躬😀").ids
+    assert max(ids) < backbone.get_input_embeddings().num_embeddings
+    backbone(input_ids=torch.tensor([ids]))  # runs: no index out of range
+
+
+REVIEWS = ["这家酒店服务很好，房间干净，下次还会再来！", "质量太差了，用了两天就坏了，不推荐购买。",
+           "物流很快，包装完好，宝贝和描述的一样，好评。", "电影剧情拖沓，演员演技尴尬，浪费时间。",
+           "味道不错，分量很足，价格也实惠，推荐大家来吃。", "客服态度恶劣，退货流程麻烦，再也不买了。",
+           "屏幕清晰，运行流畅，电池续航也很满意。", "房间有异味，隔音很差，晚上根本睡不着。"]
+
+
+@pytest.mark.slow
+def test_minilm_unk_rate_on_chinese_reviews_drops_to_near_zero(real_model_dir):
+    tokenizer = load_tokenizer(str(real_model_dir))
+    before = unk_rate(tokenizer, REVIEWS)
+    added = extend_vocabulary(tokenizer, REVIEWS, min_count=1)
+    after = unk_rate(tokenizer, REVIEWS)
+    assert before > 0.5 and after < 0.01
+    assert all(len(token) == 1 for token in added)  # characters, not whole phrases
