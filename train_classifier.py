@@ -281,6 +281,7 @@ def build_techniques(args, model, train_labels, num_labels):
     counts = np.bincount(train_labels, minlength=num_labels)
     class_weights = techniques.compute_class_weights(counts, args.class_weights, args.class_weights_beta)
     if class_weights is not None:
+        print(f"class weights ({args.class_weights}): " + ", ".join(f"{w:.3f}" for w in class_weights.tolist()))
         class_weights = class_weights.to(args.device_obj)
     loss_fn = techniques.build_loss(args.loss, class_weights, args.label_smoothing, args.focal_gamma)
     adversary = None
@@ -639,8 +640,9 @@ def run_training(args, context):
     splits, label_set = load_splits(args)
     normalize_spec = None
     if args.normalize:
-        from common.text import normalizer_spec
+        from common.text import describe, normalizer_spec
         normalize_spec = normalizer_spec(args.normalize)
+        print(f"text normalization: {describe(normalize_spec)} (stored with the model, applied at inference)")
     tokenizer = modeldir.load_tokenizer(args.model_name, args.trust_remote_code)
     unk_rate_before = None
     if args.extend_vocab > 0:
