@@ -397,6 +397,8 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
     samples_since_log, log_started = 0, time.perf_counter()
     progress = tqdm(total=total_steps, initial=global_step, disable=not context.is_main, desc="train")
     stop = global_step >= total_steps or early_stopping.should_stop
+    if checkpoint_dir is not None and global_step >= total_steps and not early_stopping.should_stop:
+        run_evaluation(start_epoch)  # the last checkpoint is saved before the final evaluation: redo it
     for epoch in range(start_epoch, args.epochs):
         if stop:
             break

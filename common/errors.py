@@ -15,14 +15,33 @@ EXIT_USER_ERROR = 2
 
 
 def report_user_errors(main):
-    """Decorate a script's ``main(argv)`` so a UserError prints one line and returns 2."""
+    """Decorate a script's ``main(argv)`` so a UserError prints one line and returns 2.
+
+    An OSError about a path (a directory where a file belongs, a path under a regular
+    file, no permission, a full disk) is the user's to fix too, so it gets the same one
+    line naming the path instead of a traceback.
+    """
 
     @functools.wraps(main)
     def wrapper(argv=None):
         try:
             return main(argv)
         except UserError as error:
+            _close_progress_bars()
             print(f"error: {error}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except OSError as error:
+            if error.filename is None:  # not about a path the user gave: a real bug, keep the traceback
+                raise
+            _close_progress_bars()
+            print(f"error: {error.filename}: {error.strerror or error}", file=sys.stderr)
             return EXIT_USER_ERROR
 
     return wrapper
+
+
+def _close_progress_bars():
+    """Finish any tqdm bar an aborted loop left open, so the error starts a line of its own."""
+    tqdm_class = getattr(sys.modules.get("tqdm.std"), "tqdm", None)
+    for bar in list(getattr(tqdm_class, "_instances", [])):
+        bar.close()

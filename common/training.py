@@ -323,6 +323,14 @@ def report_partial_checkpoints(output_dir):
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+def check_resume_argument(resume):
+    """Fail fast, before any model is loaded, when ``--resume PATH`` is not a training checkpoint."""
+    if resume is None or resume == "latest":
+        return
+    if not (Path(resume) / TRAINER_STATE_FILE).is_file():
+        raise UserError(f"--resume {resume}: no {TRAINER_STATE_FILE} there (not a training checkpoint)")
+
+
 def find_resume_checkpoint(resume, output_dir):
     """``--resume`` -> checkpoint directory (latest in output_dir, or the given path), or None."""
     if resume is None:

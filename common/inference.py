@@ -1,0 +1,366 @@
+"""Loading any model this toolkit writes and running it with its training-time preprocessing.
+
+A model is either a model directory (``config.json`` with a ``toolkit`` block, weights,
+tokenizer) or an ONNX export from ``export_onnx.py``: ``model.onnx`` with
+``model.preprocessing.json`` (the toolkit block and id2label) and ``tokenizer/`` beside it.
+Both load into a ``LoadedModel`` whose ``run(batch)`` maps a padded batch of int64
+inputs to logits (classification, long-document chunks) or embeddings (vector), so
+everything after loading is the same for both backends.
+"""
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import data, modeldir
+from common.errors import UserError
+
+TASKS = ("classification", "vector", "longdoc")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+PREPROCESSING_SUFFIX = ".preprocessing.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+# ---------------------------------------------------------------- the loaded model
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: its task, preprocessing, tokenizer and a batch runner.
+
+    ``run(batch)`` takes ``{"input_ids", "attention_mask", "token_type_ids"}`` LongTensors
+    (batch, seq) and returns a float32 numpy array (batch, num_labels or dim).
+    """
+    task: str
+    toolkit: dict
+    tokenizer: object
+    run: object
+    backend: str
+    source: str
+    id2label: dict = field(default_factory=dict)
+    torch_model: object = None
+    config: object = None
+
+    @property
+    def preprocessing(self):
+        return self.toolkit.get("preprocessing", {})
+
+    @property
+    def label_names(self):
+        return [self.id2label[index] for index in range(len(self.id2label))]
+
+
+def onnx_companions(onnx_path):
+    """(preprocessing json, tokenizer dir) that export_onnx.py writes beside ``onnx_path``."""
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(onnx_path.stem + PREPROCESSING_SUFFIX), onnx_path.parent / TOKENIZER_DIR
+
+
+def load_model(model_path, backend="auto", device="cpu", tokenizer_path=None):
+    """Load a model directory (torch, or its export when ``backend="onnx"``) or an .onnx file.
+
+    ``backend="onnx"`` with a model directory is a UserError: export it first.
+    """
+    path = Path(model_path)
+    is_onnx = path.suffix == ".onnx"
+    if not path.exists():
+        raise UserError(f"--model-path {model_path}: not found")
+    if is_onnx and backend == "torch":
+        raise UserError(f"--model-path {model_path}: an ONNX file needs --backend onnx or auto")
+    if not is_onnx and backend == "onnx":
+        raise UserError(f"--model-path {model_path}: --backend onnx needs an .onnx file "
+                        "(export the directory with export_onnx.py)")
+    if is_onnx:
+        return load_onnx_model(path, device, tokenizer_path)
+    return load_torch_model(path, device)
+
+
+def load_torch_model(directory, device="cpu"):
+    """A model directory of any task as a LoadedModel with the torch backend."""
+    config, toolkit = modeldir.read_model_config(directory)
+    task = toolkit.get("task")
+    if task not in TASKS:
+        raise UserError(f"{Path(directory) / modeldir.CONFIG_FILE}: field 'toolkit.task': "
+                        f"unknown task {task!r} (expected one of {', '.join(TASKS)})")
+    device = torch.device(device)
+    if task == "vector":
+        model, tokenizer = _load_vector_model(directory, device)
+    else:
+        from common.heads import SequenceClassifier
+        model, tokenizer, toolkit, config = SequenceClassifier.from_directory(directory, device)
+    # a vector model's config carries transformers' placeholder labels (LABEL_0, LABEL_1): not ours
+    id2label = {} if task == "vector" else {int(index): name for index, name in config.id2label.items()}
+    runner = TorchRunner(model, device)
+    return LoadedModel(task, toolkit, tokenizer, runner, "torch", str(directory), id2label, model, config)
+
+
+def _load_vector_model(directory, device):
+    from common.vector import BertVectorModel
+    model = BertVectorModel.from_pretrained(str(directory), device)
+    return model, model.tokenizer
+
+
+def load_onnx_model(onnx_path, device="cpu", tokenizer_path=None):
+    """An export_onnx.py export (.onnx + preprocessing json + tokenizer) as a LoadedModel."""
+    preprocessing_file, default_tokenizer = onnx_companions(onnx_path)
+    if not preprocessing_file.is_file():
+        raise UserError(f"{onnx_path}: no {preprocessing_file.name} beside it "
+                        "(export with export_onnx.py, which writes the preprocessing config)")
+    meta = json.loads(preprocessing_file.read_text(encoding="utf-8"))
+    tokenizer = modeldir.load_tokenizer(str(tokenizer_path or default_tokenizer))
+    session = create_onnx_session(onnx_path, device)
+    id2label = {int(index): name for index, name in (meta.get("id2label") or {}).items()}
+    return LoadedModel(meta["task"], meta["toolkit"], tokenizer, OnnxRunner(session), "onnx",
+                       str(onnx_path), id2label)
+
+
+def create_onnx_session(onnx_path, device="cpu"):
+    """An onnxruntime session on CUDA when asked for and available, else on CPU."""
+    import onnxruntime as ort
+    providers = ["CPUExecutionProvider"]
+    if str(device).startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        return ort.InferenceSession(str(onnx_path), providers=providers)
+    except Exception as error:  # onnxruntime raises its own exception types for unreadable graphs
+        raise UserError(f"{onnx_path}: onnxruntime cannot load it ({str(error).splitlines()[0]})") from None
+
+
+class TorchRunner:
+    """Batch -> numpy outputs through a torch module, without gradients."""
+
+    def __init__(self, model, device):
+        self.model = model
+        self.device = device
+
+    def __call__(self, batch):
+        inputs = modeldir.to_device(batch, self.device)
+        with torch.no_grad():
+            outputs = self.model(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
+        return outputs.float().cpu().numpy()
+
+
+class OnnxRunner:
+    """Batch -> numpy outputs through an onnxruntime session (feeds only the graph's inputs)."""
+
+    def __init__(self, session):
+        self.session = session
+        self.input_names = [node.name for node in session.get_inputs()]
+
+    def __call__(self, batch):
+        feeds = {name: batch[name].cpu().numpy().astype(np.int64) for name in self.input_names}
+        return self.session.run(None, feeds)[0].astype(np.float32)
+
+
+# ---------------------------------------------------------------- preprocessing and batching
+
+def build_text_normalizer(preprocessing):
+    """The stored normalizer (``common.text``), or None when training used none."""
+    spec = preprocessing.get("normalize")
+    if spec is None:
+        return None
+    from common.text import build_normalizer
+    return build_normalizer(spec)
+
+
+def encode_inputs(loaded, texts, contexts=None, max_length=None):
+    """Encode exactly as in training: stored normalization, max length, truncation side, context pair."""
+    preprocessing = loaded.preprocessing
+    normalizer = build_text_normalizer(preprocessing)
+    if normalizer is not None:
+        texts = [normalizer(text) for text in texts]
+        contexts = None if contexts is None else [normalizer(c) if c else c for c in contexts]
+    return data.encode_texts(loaded.tokenizer, texts, contexts, max_length or preprocessing.get("max_length", 128),
+                             preprocessing.get("truncation_side", "right"))
+
+
+def length_sorted_batches(lengths, batch_size, sort_by_length=True):
+    """Index batches, longest first when sorting, so each batch pads to similar lengths."""
+    order = np.argsort(-np.asarray(lengths), kind="stable") if sort_by_length else np.arange(len(lengths))
+    return [order[start:start + batch_size].tolist() for start in range(0, len(order), batch_size)]
+
+
+def run_batched(loaded, features, batch_size=32, sort_by_length=True):
+    """Run ``loaded`` over encoded features in length-sorted batches; rows come back in input order."""
+    if not features:
+        return np.zeros((0, 0), dtype=np.float32)
+    collator = data.PaddingCollator(loaded.tokenizer.pad_token_id)
+    lengths = [len(feature["input_ids"]) for feature in features]
+    outputs = [None] * len(features)
+    for indices in length_sorted_batches(lengths, batch_size, sort_by_length):
+        batch_outputs = loaded.run(collator([features[index] for index in indices]))
+        for index, row in zip(indices, batch_outputs):
+            outputs[index] = row
+    return np.stack(outputs)
+
+
+# ---------------------------------------------------------------- classification
+
+def softmax(logits, temperature=1.0):
+    """Row-wise softmax of logits / temperature (numerically stable)."""
+    if temperature <= 0:
+        raise UserError(f"--temperature must be > 0, got {temperature}")
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    scaled -= scaled.max(axis=-1, keepdims=True)
+    exp = np.exp(scaled)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def resolve_temperature(loaded, temperature=None):
+    """The flag's temperature, else the calibrated one stored with the model, else 1.0."""
+    if temperature is not None:
+        return float(temperature)
+    return float(loaded.toolkit.get("temperature") or 1.0)
+
+
+def classification_result(text, context, probabilities, label_names, temperature, top_k=None):
+    """One prediction as a dict: input, temperature, predicted label and id, every label's probability."""
+    best = int(np.argmax(probabilities))
+    result = {"input": text}
+    if context:
+        result["context"] = context
+    result.update({"temperature": temperature, "label": label_names[best], "label_id": best,
+                   "probability": round(float(probabilities[best]), 6),
+                   "probabilities": {name: round(float(p), 6) for name, p in zip(label_names, probabilities)}})
+    if top_k:
+        ranked = np.argsort(-probabilities, kind="stable")[:top_k]
+        result["top_k"] = [{"label": label_names[i], "label_id": int(i),
+                            "probability": round(float(probabilities[i]), 6)} for i in ranked]
+    return result
+
+
+def classify(loaded, texts, contexts=None, temperature=None, batch_size=32, top_k=None, sort_by_length=True):
+    """Classify texts (with optional contexts) -> list of result dicts in input order."""
+    temperature = resolve_temperature(loaded, temperature)
+    features = encode_inputs(loaded, texts, contexts)
+    probabilities = softmax(run_batched(loaded, features, batch_size, sort_by_length), temperature)
+    contexts = contexts or [None] * len(texts)
+    return [classification_result(text, context, row, loaded.label_names, temperature, top_k)
+            for text, context, row in zip(texts, contexts, probabilities)]
+
+
+# ---------------------------------------------------------------- vectors
+
+def vector_max_length(loaded, side="query"):
+    """Max tokens for a query or document text (toolkit["vector"]), else the preprocessing max."""
+    vector = loaded.toolkit.get("vector", {})
+    return vector.get(f"{side}_max_length") or loaded.preprocessing.get("max_length", 128)
+
+
+def embed(loaded, texts, batch_size=32, side="query", sort_by_length=True):
+    """Embeddings (n, dim) of texts, in input order."""
+    features = encode_inputs(loaded, texts, None, vector_max_length(loaded, side))
+    return run_batched(loaded, features, batch_size, sort_by_length)
+
+
+def cosine_similarity(first, second):
+    """Cosine similarity of two 1-D vectors."""
+    denominator = float(np.linalg.norm(first) * np.linalg.norm(second))
+    return float(np.dot(first, second) / denominator) if denominator else 0.0
+
+
+# ---------------------------------------------------------------- long documents
+
+def predict_long_documents(loaded, texts, temperature=None, batch_size=32, explain=0):
+    """Chunk, run every chunk, aggregate (common.longdoc, with the model's stored settings).
+
+    Returns one dict per document in the classifier's shape (input, temperature, label,
+    label_id, probabilities) plus num_chunks, num_windows and, with ``explain``, top_chunks.
+    """
+    from common import longdoc
+    temperature = resolve_temperature(loaded, temperature)
+    results = longdoc.predict_documents(loaded.run, loaded.tokenizer, loaded.toolkit, texts, batch_size, explain,
+                                        loaded.id2label or None)
+    return [_document_result(loaded, text, result, temperature) for text, result in zip(texts, results)]
+
+
+def _document_result(loaded, text, result, temperature):
+    """Aggregated document logits -> the classifier's output shape (temperature applied)."""
+    result = dict(result)
+    logits = np.asarray(result.pop("logits"))
+    result.pop("probs", None)  # recomputed below with the temperature
+    probabilities = softmax(logits[None], temperature)[0]
+    names = loaded.label_names or [str(index) for index in range(len(logits))]
+    output = classification_result(text, None, probabilities, names, temperature)
+    output.update({key: value for key, value in result.items() if key not in ("label", "label_id")})
+    return output
+
+
+# ---------------------------------------------------------------- services for common.server
+
+class ClassificationService:
+    """What ``common.server.create_app`` serves for a classifier: info() and predict()."""
+    kind = "classification"
+
+    def __init__(self, loaded, temperature=None, batch_size=32):
+        self.loaded = loaded
+        self.temperature = temperature
+        self.batch_size = batch_size
+
+    def info(self):
+        return {"kind": self.kind, "task": self.loaded.task, "backend": self.loaded.backend,
+                "model": Path(self.loaded.source).name, "labels": self.loaded.label_names,
+                "temperature": resolve_temperature(self.loaded, self.temperature),
+                "max_length": self.loaded.preprocessing.get("max_length")}
+
+    def predict(self, texts, contexts=None):
+        check_texts(texts)
+        return classify(self.loaded, list(texts), list(contexts) if contexts else None, self.temperature,
+                        self.batch_size)
+
+
+class LongDocumentService(ClassificationService):
+    """The server's view of a long-document classifier (chunked and aggregated)."""
+    kind = "longdoc"
+
+    def predict(self, texts, contexts=None):
+        check_texts(texts)
+        return predict_long_documents(self.loaded, list(texts), self.temperature, self.batch_size)
+
+
+class VectorService:
+    """The server's view of a vector model: info() and encode()."""
+    kind = "vector"
+
+    def __init__(self, loaded, batch_size=32):
+        self.loaded = loaded
+        self.batch_size = batch_size
+
+    def info(self):
+        settings = self.loaded.toolkit.get("vector", {})
+        return {"kind": self.kind, "task": "vector", "backend": self.loaded.backend,
+                "model": Path(self.loaded.source).name, "pooling": settings.get("pooling"),
+                "normalize": settings.get("normalize"), "query_max_length": vector_max_length(self.loaded, "query"),
+                "doc_max_length": vector_max_length(self.loaded, "doc")}
+
+    def encode(self, texts):
+        """Query-side embeddings (query_max_length) as lists of floats."""
+        check_texts(texts)
+        return embed(self.loaded, list(texts), self.batch_size).tolist()
+
+    def encode_documents(self, texts):
+        """Document-side embeddings (doc_max_length) as lists of floats."""
+        check_texts(texts)
+        return embed(self.loaded, list(texts), self.batch_size, side="doc").tolist()
+
+
+def build_service(loaded, temperature=None, batch_size=32):
+    """The service matching the model's task."""
+    if loaded.task == "vector":
+        return VectorService(loaded, batch_size)
+    if loaded.task == "longdoc":
+        return LongDocumentService(loaded, temperature, batch_size)
+    return ClassificationService(loaded, temperature, batch_size)
+
+
+def check_texts(texts):
+    """Refuse empty or whitespace-only texts with the index of the first bad one."""
+    for index, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"texts[{index}]: empty or whitespace-only text")
+
+
+def is_finite(array):
+    """True when every value of a numpy array is finite."""
+    return bool(np.all(np.isfinite(array)))

@@ -1,0 +1,410 @@
+"""The HTTP server shared by ``train_vector.py --mode deploy`` and ``infer.py --serve``.
+
+``create_app(service)`` builds a FastAPI app around a service object:
+  service.kind         "vector" | "classification" | "longdoc"
+  service.info()       -> dict shown by GET /info
+  service.encode(texts) -> list of embeddings                       (vector)
+  service.encode_documents(texts) -> embeddings, optional            (vector; else encode)
+  service.predict(texts, contexts) -> list of result dicts          (classification, longdoc)
+Routes: GET /health (never needs a key), GET /info; vector: POST /encode, /similarity,
+/search (with a corpus); classification/longdoc: POST /predict. OpenAPI docs at /docs.
+
+Bad input never gets a 5xx: malformed JSON and wrong types answer 422, too many texts,
+too-long texts or an oversize body 413, a missing or wrong key 401, always as a JSON body.
+Concurrent requests are micro-batched: their texts are queued and run as one service call
+in a worker thread, so the event loop keeps answering while the model runs.
+"""
+import asyncio
+import os
+import secrets
+import sys
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+from common.errors import UserError
+
+API_KEY_ENV = "TOOLKIT_API_KEY"
+DEFAULT_HOST = "127.0.0.1"
+GRACEFUL_SHUTDOWN_SECONDS = 30
+BYTES_PER_CHAR = 6  # worst case of a JSON-escaped character (\uXXXX)
+MAX_TOP_K = 1000
+
+
+# ---------------------------------------------------------------- request and response models
+
+class StrictRequest(BaseModel):
+    """A request body that rejects unknown fields (a typo answers 422 instead of being ignored)."""
+    model_config = ConfigDict(extra="forbid")
+
+
+class EncodeRequest(StrictRequest):
+    texts: list[StrictStr] = Field(min_length=1, description="texts to embed")
+
+
+class SimilarityRequest(StrictRequest):
+    query: StrictStr = Field(description="the query text")
+    documents: list[StrictStr] = Field(min_length=1, description="documents to score against the query")
+
+
+class SearchRequest(StrictRequest):
+    query: StrictStr = Field(description="the query text")
+    top_k: int = Field(default=10, ge=1, le=MAX_TOP_K, strict=True, description="how many corpus entries to return")
+
+
+class PredictRequest(StrictRequest):
+    texts: list[StrictStr] = Field(min_length=1, description="texts to classify")
+    contexts: list[StrictStr | None] | None = Field(default=None, description="optional context per text")
+
+
+# ---------------------------------------------------------------- corpus for /search
+
+@dataclass
+class Corpus:
+    """Ids, texts and their embeddings (n, dim), L2-normalised, for POST /search."""
+    ids: list
+    texts: list
+    matrix: np.ndarray
+
+
+def load_corpus_records(path, skip_invalid=False):
+    """Read a corpus file of {"id", "text"} records (JSONL, JSON, CSV/TSV); ids must be unique."""
+    from common import data
+    records = data.read_records(path, skip_invalid=skip_invalid)
+
+    def parse(record):
+        if record.fields.get("id") is None:
+            raise data.RecordError(f"{record.where('id')}: missing")
+        return str(record.fields["id"]), data.require_text(record, "text")
+    entries = data.parse_each(records, parse, skip_invalid)
+    seen = set()
+    for (entry_id, _), record in zip(entries, records):
+        if entry_id in seen:
+            raise UserError(f"{record.where('id')}: duplicate id {entry_id!r}")
+        seen.add(entry_id)
+    if not entries:
+        raise UserError(f"{path}: no valid corpus records")
+    return [entry_id for entry_id, _ in entries], [text for _, text in entries]
+
+
+def build_corpus(service, ids, texts, batch_size=256, show_progress=True):
+    """Encode the corpus once (document side) into an in-memory matrix, with a progress bar."""
+    from tqdm.auto import tqdm
+    encode = getattr(service, "encode_documents", service.encode)
+    rows = []
+    for start in tqdm(range(0, len(texts), batch_size), desc="encoding corpus", disable=not show_progress,
+                      file=sys.stderr):
+        rows.extend(encode(texts[start:start + batch_size]))
+    return Corpus(list(ids), list(texts), normalize_rows(np.asarray(rows, dtype=np.float32)))
+
+
+def normalize_rows(matrix):
+    """L2-normalise each row (zero rows stay zero)."""
+    norms = np.linalg.norm(matrix, axis=-1, keepdims=True)
+    return matrix / np.maximum(norms, 1e-12)
+
+
+# ---------------------------------------------------------------- micro-batching
+
+class MicroBatcher:
+    """Queue requests' texts and run them as few service calls as possible.
+
+    A request is a job (method name, items). The worker takes the oldest job and every
+    queued job of the same method that fits in ``max_batch_size`` items, runs them as one
+    call in a thread, and hands each job its slice. Requests arriving while the model runs
+    wait in the queue and form the next batch, so a lone request is never delayed; when
+    others are already waiting, the worker lingers ``wait_seconds`` for the batch to fill.
+    If a merged call fails, each job is retried alone so one bad request cannot fail the
+    others. ``max_batch_size=1`` gives one service call per request.
+    """
+
+    def __init__(self, functions, max_batch_size=64, wait_seconds=0.005):
+        self.functions = functions  # {method: callable(list of items) -> list of results}
+        self.max_batch_size = max(1, max_batch_size)
+        self.wait_seconds = wait_seconds
+        self.loop = None
+        self.queue = None
+        self.worker = None
+        self.backlog = deque()  # jobs taken off the queue but not yet run (another method, or no room)
+
+    def _ensure_worker(self):
+        """Start the worker in the running loop (again if a test client opened a new loop)."""
+        loop = asyncio.get_running_loop()
+        if self.loop is not loop or self.worker is None or self.worker.done():
+            self.loop = loop
+            self.queue = asyncio.Queue()
+            self.backlog = deque()
+            self.worker = loop.create_task(self._run())
+
+    async def submit(self, method, items):
+        """Queue ``items`` for ``method`` and wait for their results (or the service's exception)."""
+        self._ensure_worker()
+        future = self.loop.create_future()
+        await self.queue.put((method, list(items), future))
+        return await future
+
+    async def stop(self):
+        """Cancel the worker (at shutdown, after uvicorn has drained the requests in flight)."""
+        if self.worker is not None and not self.worker.done():
+            self.worker.cancel()
+            try:
+                await self.worker
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self):
+        while True:
+            if not self.backlog:
+                self.backlog.append(await self.queue.get())
+            self._drain_queue()
+            first = self.backlog.popleft()
+            jobs = [first]
+            size = self._take_compatible(jobs, len(first[1]))
+            if self.wait_seconds > 0 and len(jobs) > 1 and size < self.max_batch_size:
+                await asyncio.sleep(self.wait_seconds)  # under concurrent load: let the batch fill
+                self._drain_queue()
+                size = self._take_compatible(jobs, size)
+            await self._execute(jobs)
+
+    def _drain_queue(self):
+        while not self.queue.empty():
+            self.backlog.append(self.queue.get_nowait())
+
+    def _take_compatible(self, jobs, size):
+        """Move backlog jobs of the batch's method into ``jobs`` while they fit; return the item count."""
+        method, kept = jobs[0][0], deque()
+        while self.backlog:
+            candidate = self.backlog.popleft()
+            if candidate[0] == method and size + len(candidate[1]) <= self.max_batch_size:
+                jobs.append(candidate)
+                size += len(candidate[1])
+            else:
+                kept.append(candidate)
+        self.backlog = kept
+        return size
+
+    async def _execute(self, jobs):
+        """One service call for all jobs' items in a worker thread; each future gets its slice."""
+        function = self.functions[jobs[0][0]]
+        items = [item for _, job_items, _ in jobs for item in job_items]
+        try:
+            results = await asyncio.to_thread(function, items)
+        except Exception as error:  # noqa: BLE001 - handed to the request that caused it
+            if len(jobs) > 1:
+                for job in jobs:
+                    await self._execute([job])
+                return
+            self._settle(jobs[0][2], exception=error)
+            return
+        start = 0
+        for _, job_items, future in jobs:
+            self._settle(future, result=results[start:start + len(job_items)])
+            start += len(job_items)
+
+    @staticmethod
+    def _settle(future, result=None, exception=None):
+        if future.done():  # the client went away
+            return
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(result)
+
+
+# ---------------------------------------------------------------- middleware: body size and auth
+
+class PayloadTooLarge(HTTPException):
+    """413, raised while a streamed body is read."""
+
+    def __init__(self, detail):
+        super().__init__(status_code=413, detail=detail)
+
+
+class BodySizeLimit:
+    """Answer 413 before reading a body whose Content-Length is too big, or once a streamed body grows too big."""
+
+    def __init__(self, app, max_bytes):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            response = JSONResponse({"detail": f"request body too large (limit {self.max_bytes} bytes)"}, 413)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise PayloadTooLarge(f"request body too large (limit {self.max_bytes} bytes)")
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+
+def resolve_api_key(api_key):
+    """The key from --api-key, else from the TOOLKIT_API_KEY environment variable, else None (no auth)."""
+    return api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def request_key(request):
+    """The key a client sent: ``Authorization: Bearer KEY`` (or ``X-API-Key: KEY``)."""
+    authorization = request.headers.get("authorization", "")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("x-api-key")
+
+
+# ---------------------------------------------------------------- the app
+
+def create_app(service, *, api_key=None, max_texts=64, max_chars=10000, max_batch_size=64, batch_wait_ms=5,
+               corpus=None):
+    """A FastAPI app serving ``service`` (see the module docstring for the contract)."""
+    api_key = resolve_api_key(api_key)
+    if service.kind == "vector":
+        functions = {"encode": service.encode,
+                     "encode_documents": getattr(service, "encode_documents", service.encode)}
+    else:
+        functions = {"predict": lambda items: service.predict([text for text, _ in items],
+                                                              [context for _, context in items])}
+    batcher = MicroBatcher(functions, max_batch_size, batch_wait_ms / 1000)
+
+    async def lifespan(app):
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title=f"BERT toolkit {service.kind} server", lifespan=lifespan,
+                  description="Embeddings and similarity (vector models) or predictions (classifiers).")
+    app.state.batcher = batcher
+    app.state.corpus = corpus
+    app.state.has_key = bool(api_key)
+    app.add_middleware(BodySizeLimit, max_bytes=max_texts * max_chars * BYTES_PER_CHAR + 65536)
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def require_key(request: Request, call_next):
+        if api_key and request.url.path != "/health":
+            sent = request_key(request)
+            if sent is None or not secrets.compare_digest(sent.encode(), api_key.encode()):
+                return JSONResponse({"detail": "missing or invalid API key (send 'Authorization: Bearer <key>')"},
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    def check_limits(texts, field="texts"):
+        if len(texts) > max_texts:
+            raise HTTPException(413, f"{field}: {len(texts)} texts, at most {max_texts} per request")
+        for index, text in enumerate(texts):
+            if len(text) > max_chars:
+                raise HTTPException(413, f"{field}[{index}]: {len(text)} characters, at most {max_chars}")
+            if not text.strip():
+                raise HTTPException(422, f"{field}[{index}]: empty or whitespace-only text")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/info")
+    async def info():
+        details = dict(service.info())
+        details.update({"max_texts": max_texts, "max_chars": max_chars, "max_batch_size": max_batch_size})
+        if service.kind == "vector":
+            details["corpus_size"] = len(corpus.ids) if corpus is not None else 0
+        return details
+
+    if service.kind == "vector":
+        add_vector_routes(app, batcher, check_limits, corpus)
+    else:
+        add_predict_route(app, batcher, check_limits, max_chars)
+    return app
+
+
+def add_vector_routes(app, batcher, check_limits, corpus):
+    """POST /encode, /similarity and /search (the last needs a corpus)."""
+    @app.post("/encode")
+    async def encode(request: EncodeRequest):
+        check_limits(request.texts)
+        embeddings = await batcher.submit("encode", request.texts)
+        return {"embeddings": embeddings, "dim": len(embeddings[0]) if embeddings else 0}
+
+    @app.post("/similarity")
+    async def similarity(request: SimilarityRequest):
+        check_limits([request.query], "query")
+        check_limits(request.documents, "documents")
+        query_vector, doc_vectors = await asyncio.gather(batcher.submit("encode", [request.query]),
+                                                         batcher.submit("encode_documents", request.documents))
+        scores = normalize_rows(np.asarray(doc_vectors, dtype=np.float32)) @ normalize_rows(
+            np.asarray(query_vector, dtype=np.float32))[0]
+        ranking = np.argsort(-scores, kind="stable")
+        return {"scores": [float(score) for score in scores], "ranking": [int(index) for index in ranking]}
+
+    @app.post("/search")
+    async def search(request: SearchRequest):
+        if corpus is None:
+            raise HTTPException(404, "no corpus loaded: start the server with --corpus FILE")
+        check_limits([request.query], "query")
+        query_vector = normalize_rows(np.asarray(await batcher.submit("encode", [request.query]), dtype=np.float32))
+        scores = corpus.matrix @ query_vector[0]
+        top = np.argsort(-scores, kind="stable")[:request.top_k]
+        return {"results": [{"id": corpus.ids[row], "text": corpus.texts[row], "score": float(scores[row])}
+                            for row in top]}
+
+
+def add_predict_route(app, batcher, check_limits, max_chars):
+    """POST /predict for classification and long-document services."""
+    @app.post("/predict")
+    async def predict(request: PredictRequest):
+        check_limits(request.texts)
+        contexts = request.contexts if request.contexts is not None else [None] * len(request.texts)
+        if len(contexts) != len(request.texts):
+            raise HTTPException(422, f"contexts: {len(contexts)} given for {len(request.texts)} texts")
+        for index, context in enumerate(contexts):
+            if context is not None and len(context) > max_chars:
+                raise HTTPException(413, f"contexts[{index}]: {len(context)} characters, at most {max_chars}")
+        results = await batcher.submit("predict", list(zip(request.texts, contexts)))
+        return {"predictions": results}
+
+
+def install_error_handlers(app):
+    """Every error as a JSON body; a UserError from the service (bad text) is the client's 422."""
+
+    @app.exception_handler(UserError)
+    async def user_error(request, error):
+        return JSONResponse({"detail": str(error)}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, error):
+        errors = [{"loc": list(item.get("loc", ())), "msg": item.get("msg"), "type": item.get("type")}
+                  for item in error.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request, error):
+        print(f"error while serving {request.url.path}: {type(error).__name__}: {error}", file=sys.stderr)
+        return JSONResponse({"detail": "internal error"}, status_code=500)
+
+
+# ---------------------------------------------------------------- running
+
+def serve(app, host=DEFAULT_HOST, port=8000, graceful_seconds=GRACEFUL_SHUTDOWN_SECONDS, log_level="info"):
+    """Run uvicorn; on SIGTERM/SIGINT it stops accepting, finishes in-flight requests, then exits."""
+    import uvicorn
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {host}: reachable from other machines"
+              + ("" if getattr(app.state, "has_key", False) else " without an API key (consider --api-key)"),
+              file=sys.stderr)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=graceful_seconds)
+    uvicorn.Server(config).run()
+    return 0

@@ -1,0 +1,380 @@
+"""Bi-encoder (vector) models: ``BertVectorModel``, query/document pair data, losses, the server service.
+
+A vector model maps a text to one embedding: backbone -> pooling (CLS or mean) ->
+optional linear projection -> L2 normalisation. Queries and documents share the encoder
+but are tokenized at their own maximum lengths (queries are short).
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common import data, modeldir
+from common.errors import UserError
+from common.heads import pool_hidden_states
+
+VECTOR_POOLINGS = ("cls", "mean")
+LOSSES = ("mse", "cosent", "infonce")
+
+
+# ---------------------------------------------------------------- the model
+
+class BertVectorModel(nn.Module):
+    """An AutoModel backbone, pooling, optional projection and L2 normalisation.
+
+    ``forward`` returns (batch, dim) embeddings; ``encode(texts)`` tokenizes with the
+    stored preprocessing and returns a CPU tensor. ``tokenizer`` is set by
+    ``from_pretrained`` / ``from_backbone`` and saved by ``save_pretrained``.
+    """
+
+    def __init__(self, backbone, pooling="cls", projection_dim=None, normalize=True,
+                 query_max_length=None, doc_max_length=None, max_length=512,
+                 truncation_side="right", text_normalize=None):
+        super().__init__()
+        if pooling not in VECTOR_POOLINGS:
+            raise ValueError(f"pooling must be one of {VECTOR_POOLINGS}")
+        self.backbone = backbone
+        self.pooling = pooling
+        self.normalize = normalize
+        hidden_size = backbone.config.hidden_size
+        self.projection = nn.Linear(hidden_size, projection_dim) if projection_dim else None
+        self.vector_settings = {"pooling": pooling, "projection_dim": projection_dim or None, "normalize": normalize,
+                                "query_max_length": query_max_length or max_length,
+                                "doc_max_length": doc_max_length or max_length, "max_length": max_length}
+        self.preprocessing = {"max_length": max_length, "truncation_side": truncation_side,
+                              "normalize": text_normalize}
+        self.tokenizer = None
+
+    @property
+    def dim(self):
+        """Size of the output embeddings."""
+        return self.projection.out_features if self.projection is not None else self.backbone.config.hidden_size
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        """Embeddings (batch, dim), L2-normalised when the model's ``normalize`` setting is on."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None and getattr(self.backbone.config, "type_vocab_size", 0) > 1:
+            inputs["token_type_ids"] = token_type_ids
+        hidden_states = self.backbone(**inputs).last_hidden_state  # (batch, seq, hidden)
+        pooled = pool_hidden_states(hidden_states, attention_mask, self.pooling)  # (batch, hidden)
+        if self.projection is not None:
+            pooled = self.projection(pooled)  # (batch, dim)
+        # normalise in fp32: under bf16 autocast the norm of a 768-d vector loses digits
+        return F.normalize(pooled.float(), dim=-1) if self.normalize else pooled
+
+    def toolkit_block(self):
+        """The ``toolkit`` block of config.json: everything serving and export need."""
+        return {"task": "vector", "vector": dict(self.vector_settings), "preprocessing": dict(self.preprocessing)}
+
+    # ---- model directories
+
+    def save_pretrained(self, directory, tokenizer=None):
+        """Write a model directory (config.json with the toolkit block, model.safetensors, tokenizer)."""
+        tokenizer = tokenizer or self.tokenizer
+        if tokenizer is None:
+            raise ValueError("save_pretrained needs a tokenizer (pass one or load with from_pretrained)")
+        modeldir.write_model_directory(directory, self, tokenizer, self.toolkit_block())
+        return Path(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, device="cpu"):
+        """Load a vector model directory written by ``save_pretrained`` (tokenizer included), in eval mode."""
+        config, toolkit = modeldir.read_model_config(directory)
+        if toolkit.get("task") != "vector":
+            raise UserError(f"{Path(directory) / modeldir.CONFIG_FILE}: field 'toolkit.task': "
+                            f"expected 'vector', got {toolkit.get('task')!r}")
+        settings, preprocessing = toolkit.get("vector", {}), toolkit.get("preprocessing", {})
+        model = cls(modeldir.build_backbone_from_config(config), settings.get("pooling", "cls"),
+                    settings.get("projection_dim"), settings.get("normalize", True),
+                    settings.get("query_max_length"), settings.get("doc_max_length"),
+                    settings.get("max_length") or preprocessing.get("max_length", 512),
+                    preprocessing.get("truncation_side", "right"), preprocessing.get("normalize"))
+        modeldir.load_weights(model, directory)
+        model.tokenizer = modeldir.load_tokenizer(str(directory))
+        return model.to(device).eval()
+
+    @classmethod
+    def from_backbone(cls, name_or_path, trust_remote_code=False, **settings):
+        """A new vector model on a pretrained encoder (hub name or local path); ``settings`` go to __init__."""
+        backbone = modeldir.load_pretrained_backbone(name_or_path, trust_remote_code)
+        model = cls(backbone, **settings)
+        model.tokenizer = modeldir.load_tokenizer(name_or_path, trust_remote_code)
+        if len(model.tokenizer) > backbone.get_input_embeddings().num_embeddings:  # after --extend-vocab
+            backbone.resize_token_embeddings(len(model.tokenizer))
+        return model
+
+    # ---- inference
+
+    def max_length_for(self, side):
+        """Token budget for a 'query' or 'document' text."""
+        key = "doc_max_length" if side in ("doc", "document") else "query_max_length"
+        return self.vector_settings.get(key) or self.preprocessing["max_length"]
+
+    @torch.no_grad()
+    def encode(self, texts, batch_size=32, normalize=True, max_length=None, side="query"):
+        """Embed a text or a list of texts with the stored preprocessing -> CPU float tensor (n, dim).
+
+        ``normalize=True`` L2-normalises even when the model's own setting is off.
+        Texts are run longest first (less padding) and returned in input order.
+        """
+        if self.tokenizer is None:
+            raise ValueError("encode needs a tokenizer: load the model with from_pretrained")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        features = encode_text_features(self.tokenizer, texts, max_length or self.max_length_for(side),
+                                        self.preprocessing)
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        collate = data.PaddingCollator(self.tokenizer.pad_token_id)
+        order = np.argsort([-len(feature["input_ids"]) for feature in features], kind="stable")
+        outputs = torch.empty((len(texts), self.dim))
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = modeldir.to_device(collate([features[row] for row in rows]), device)
+            outputs[torch.as_tensor(rows)] = self(**batch).float().cpu()
+        self.train(was_training)
+        return F.normalize(outputs, dim=-1) if normalize else outputs
+
+
+def build_text_normalizer(spec):
+    """The stored text normalizer (common.text) or the identity."""
+    if spec is None:
+        return lambda text: text
+    from common.text import build_normalizer
+    return build_normalizer(spec)
+
+
+def encode_text_features(tokenizer, texts, max_length, preprocessing):
+    """Token ids of texts, normalized and truncated exactly as in training."""
+    normalize = build_text_normalizer(preprocessing.get("normalize"))
+    return data.encode_texts(tokenizer, [normalize(text) for text in texts], None, max_length,
+                             preprocessing.get("truncation_side", "right"))
+
+
+class PairEncoder(nn.Module):
+    """Runs the shared encoder on queries and documents in one ``forward``.
+
+    DDP synchronises gradients per ``forward``/``backward`` pair, so both encoder passes
+    must happen inside one module call.
+    """
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, query, document):
+        """(query embeddings, document embeddings), each (batch, dim)."""
+        return self.encoder(**query), self.encoder(**document)  # (batch, dim) each
+
+
+# ---------------------------------------------------------------- pair data
+
+@dataclass
+class PairExample:
+    """One labelled (query, document) pair and where it came from."""
+    query: str
+    document: str
+    rel: float
+    weight: float
+    locator: str
+
+
+def parse_pair(record, rel_default=None):
+    """Validate a {"query", "document", "rel", "weight"} record: rel in [0, 1], weight >= 0 (default 1)."""
+    query = data.require_text(record, "query")
+    document = data.require_text(record, "document")
+    rel = data.require_number(record, "rel", default=rel_default, low=0.0, high=1.0)
+    weight = data.require_number(record, "weight", default=1.0, low=0.0)
+    return PairExample(query, document, float(rel), float(weight), record.where())
+
+
+def load_pairs(path, skip_invalid=False, rel_default=None, split=None, default_splits=("train",)):
+    """Read and validate a pair file (JSON, JSONL, CSV/TSV or a save_to_disk directory)."""
+    records = data.read_records(path, split=split, skip_invalid=skip_invalid, default_splits=default_splits)
+    pairs = data.parse_each(records, lambda record: parse_pair(record, rel_default), skip_invalid)
+    if not pairs:
+        raise UserError(f"{path}: no valid records")
+    return pairs
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Pre-tokenized pairs: {"query": ids, "document": ids, "rel", "weight", "doc_id", "index"}."""
+
+    def __init__(self, features):
+        self.features = features
+        self.lengths = [len(f["query"]["input_ids"]) + len(f["document"]["input_ids"]) for f in features]
+
+    def __len__(self):
+        return len(self.features)
+
+    def __getitem__(self, index):
+        return self.features[index]
+
+
+def build_pair_dataset(tokenizer, pairs, query_max_length, doc_max_length, preprocessing, stats=None):
+    """Tokenize every query and document once (queries and documents at their own lengths)."""
+    queries = encode_text_features(tokenizer, [pair.query for pair in pairs], query_max_length, preprocessing)
+    documents = encode_text_features(tokenizer, [pair.document for pair in pairs], doc_max_length, preprocessing)
+    doc_ids = {}
+    features = []
+    for index, (pair, query, document) in enumerate(zip(pairs, queries, documents)):
+        features.append({"query": query, "document": document, "rel": pair.rel, "weight": pair.weight,
+                         "doc_id": doc_ids.setdefault(pair.document, len(doc_ids)), "index": index})
+    if stats is not None:
+        stats["query_tokens"] = data.length_percentiles([len(q["input_ids"]) for q in queries])
+        stats["document_tokens"] = data.length_percentiles([len(d["input_ids"]) for d in documents])
+        stats["queries_truncated"] = sum(len(q["input_ids"]) >= query_max_length for q in queries)
+        stats["documents_truncated"] = sum(len(d["input_ids"]) >= doc_max_length for d in documents)
+    return PairDataset(features)
+
+
+class PairCollator:
+    """Pad queries and documents separately; stack rel, weight, doc_id and index."""
+
+    def __init__(self, pad_token_id):
+        self.pad = data.PaddingCollator(pad_token_id)
+
+    def __call__(self, features):
+        batch = {"query": self.pad([f["query"] for f in features]),
+                 "document": self.pad([f["document"] for f in features])}
+        batch["rel"] = torch.tensor([f["rel"] for f in features], dtype=torch.float32)
+        batch["weight"] = torch.tensor([f["weight"] for f in features], dtype=torch.float32)
+        batch["doc_id"] = torch.tensor([f["doc_id"] for f in features])
+        batch["index"] = torch.tensor([f["index"] for f in features])
+        return batch
+
+
+# ---------------------------------------------------------------- losses
+
+def weighted_mse_loss(query_embeddings, doc_embeddings, rel, weight):
+    """mean_i weight_i * (cos(q_i, d_i) - rel_i)^2: the cosine is pulled towards the labelled relevance."""
+    cosine = F.cosine_similarity(query_embeddings.float(), doc_embeddings.float(), dim=-1)  # (batch,)
+    return torch.mean(weight * (cosine - rel) ** 2)
+
+
+def cosent_loss(query_embeddings, doc_embeddings, rel, weight, scale=20.0):
+    """CoSENT: log(1 + sum over pairs with rel_i > rel_j of exp(scale * (cos_j - cos_i))).
+
+    Only the order of the cosines matters, not their values; a pair's term is weighted
+    by the product of the two records' weights.
+    """
+    cosine = F.cosine_similarity(query_embeddings.float(), doc_embeddings.float(), dim=-1) * scale  # (batch,)
+    differences = cosine[None, :] - cosine[:, None]  # [i, j] = cos_j - cos_i
+    ordered = rel[:, None] > rel[None, :]  # i should rank above j
+    pair_weights = weight[:, None] * weight[None, :]
+    masked = differences.masked_fill(~ordered | (pair_weights == 0), float("-inf")) + torch.log(
+        pair_weights.clamp(min=1e-12))
+    zero = torch.zeros(1, device=cosine.device)
+    return torch.logsumexp(torch.cat([zero, masked.flatten()]), dim=0)
+
+
+def infonce_loss(query_embeddings, doc_embeddings, weight, doc_ids, temperature=0.05):
+    """In-batch-negative InfoNCE: each query's own document against the batch's other documents.
+
+    A document that appears twice in the batch is not a negative for its other query.
+    """
+    queries = F.normalize(query_embeddings.float(), dim=-1)
+    documents = F.normalize(doc_embeddings.float(), dim=-1)
+    logits = queries @ documents.T / temperature  # (batch, batch)
+    duplicate = (doc_ids[:, None] == doc_ids[None, :]) & ~torch.eye(len(doc_ids), dtype=torch.bool,
+                                                                   device=logits.device)
+    logits = logits.masked_fill(duplicate, float("-inf"))
+    targets = torch.arange(len(doc_ids), device=logits.device)
+    losses = F.cross_entropy(logits, targets, reduction="none")  # (batch,)
+    return torch.sum(weight * losses) / weight.sum().clamp(min=1e-12)
+
+
+def compute_pair_loss(loss_name, query_embeddings, doc_embeddings, batch, temperature):
+    """The training objective chosen by ``--loss`` on one batch of embeddings."""
+    rel, weight = batch["rel"].to(query_embeddings.device), batch["weight"].to(query_embeddings.device)
+    if loss_name == "mse":
+        return weighted_mse_loss(query_embeddings, doc_embeddings, rel, weight)
+    if loss_name == "cosent":
+        return cosent_loss(query_embeddings, doc_embeddings, rel, weight)
+    if loss_name == "infonce":
+        return infonce_loss(query_embeddings, doc_embeddings, weight, batch["doc_id"].to(query_embeddings.device),
+                            temperature)
+    raise ValueError(f"unknown loss {loss_name!r}")
+
+
+# ---------------------------------------------------------------- ranking evaluation
+
+def embed_unique(model, texts, side, batch_size=32):
+    """Embeddings (len(texts), dim) computing each distinct text once."""
+    unique = list(dict.fromkeys(texts))
+    vectors = model.encode(unique, batch_size=batch_size, side=side)
+    row = {text: index for index, text in enumerate(unique)}
+    return vectors[torch.tensor([row[text] for text in texts], dtype=torch.long)]
+
+
+def evaluate_pairs(model, pairs, loss_name="mse", temperature=0.05, batch_size=32):
+    """Score every pair once; return (per-query (relevances, scores) for ranking metrics, mean loss).
+
+    The loss is computed over consecutive batches of ``batch_size`` pairs, as the
+    validation loop does, so CoSENT and InfoNCE see the same in-batch groups.
+    """
+    query_vectors = embed_unique(model, [pair.query for pair in pairs], "query", batch_size)  # (pairs, dim)
+    doc_vectors = embed_unique(model, [pair.document for pair in pairs], "document", batch_size)  # (pairs, dim)
+    cosines = F.cosine_similarity(query_vectors, doc_vectors, dim=-1).numpy()
+    groups = {}
+    for pair, cosine in zip(pairs, cosines):
+        relevances, scores = groups.setdefault(pair.query, ([], []))
+        relevances.append(pair.rel)
+        scores.append(float(cosine))
+    doc_ids = {document: index for index, document in enumerate(dict.fromkeys(p.document for p in pairs))}
+    loss_sum = 0.0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        batch = {"rel": torch.tensor([p.rel for p in chunk]), "weight": torch.tensor([p.weight for p in chunk]),
+                 "doc_id": torch.tensor([doc_ids[p.document] for p in chunk])}
+        loss = compute_pair_loss(loss_name, query_vectors[start:start + batch_size],
+                                 doc_vectors[start:start + batch_size], batch, temperature)
+        loss_sum += float(loss) * len(chunk)
+    return list(groups.values()), loss_sum / len(pairs)
+
+
+# ---------------------------------------------------------------- serving
+
+class VectorService:
+    """What ``common.server.create_app`` serves for a vector model: info(), encode(), encode_documents()."""
+    kind = "vector"
+
+    def __init__(self, model, batch_size=32, source=None):
+        self.model = model
+        self.batch_size = batch_size
+        self.source = source
+
+    @classmethod
+    def from_directory(cls, directory, device="cpu", batch_size=32):
+        """A service for the vector model directory ``directory``."""
+        return cls(BertVectorModel.from_pretrained(directory, device), batch_size, str(directory))
+
+    def info(self):
+        settings = self.model.vector_settings
+        return {"kind": self.kind, "task": "vector", "model": Path(self.source).name if self.source else None,
+                "dim": self.model.dim, "pooling": settings["pooling"], "normalize": settings["normalize"],
+                "query_max_length": settings["query_max_length"], "doc_max_length": settings["doc_max_length"]}
+
+    def encode(self, texts):
+        """Query-side embeddings as lists of floats."""
+        return self.model.encode(list(texts), self.batch_size, side="query").tolist()
+
+    def encode_documents(self, texts):
+        """Document-side embeddings (doc_max_length) as lists of floats."""
+        return self.model.encode(list(texts), self.batch_size, side="document").tolist()
+
+
+def read_json_if_exists(path):
+    """Parsed JSON of a file, or None when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+

@@ -1,0 +1,461 @@
+"""Export a model directory to ONNX, then prove the export matches PyTorch before keeping it.
+
+    python export_onnx.py --model-path output/checkpoint-best --output-path models/model.onnx
+    python export_onnx.py --model-path output/checkpoint-best --output-path models/model-int8.onnx \
+        --quantize int8 --validation-file data/val.jsonl --max-metric-drop 0.01
+    python export_onnx.py --validate --model-path models/model.onnx --tokenizer-path models/tokenizer
+
+Works for every task this toolkit trains (read from config.json): classifiers export their
+logits, vector models the pooled, projected and normalised embedding, long-document models
+the chunk logits. Inputs are int64 ``input_ids``, ``attention_mask``, ``token_type_ids`` with
+dynamic batch and sequence axes. Beside the .onnx go ``tokenizer/`` and
+``<name>.preprocessing.json`` (toolkit block + id2label), so the pair is self-contained.
+
+Every export passes a parity gate: onnx.checker, then torch vs onnxruntime on several batch
+sizes and sequence lengths including padded batches (max |difference| within --tolerance for
+fp32), a padding-invariance check, and for int8 the metric on --validation-file. A failing
+export is renamed ``<name>.onnx.rejected`` and the script exits 1.
+"""
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from common import data, inference
+from common.cli import add_flag, parse_bool
+from common.errors import UserError, report_user_errors
+
+EXIT_REJECTED = 1
+INPUT_NAMES = list(inference.MODEL_INPUTS)
+# (batch size, sequence length); None means the export's max length
+PARITY_CASES = ((1, 8), (2, 24), (4, None), (8, 40))
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flag(parser, "model-path", required=True,
+             help="model directory to export, or with --validate the .onnx file to check")
+    add_flag(parser, "output-path", default="model.onnx", help="where to write the .onnx file")
+    add_flag(parser, "max-length", type=int, default=None,
+             help="max sequence length stored with the export and used by the parity checks "
+                  "(default: the model directory's max_length)")
+    add_flag(parser, "optimize", type=parse_bool, default=True, metavar="true|false",
+             help="run onnxruntime's transformer optimizer (fused attention, LayerNorm, GELU)")
+    add_flag(parser, "quantize", choices=["none", "int8"], default="none",
+             help="int8: dynamic quantization of the weights (onnxruntime.quantization)")
+    add_flag(parser, "opset", type=int, default=17, help="ONNX opset version")
+    add_flag(parser, "device", choices=["cpu", "cuda"], default="cpu",
+             help="device for tracing and for the onnxruntime parity run")
+    add_flag(parser, "exporter", choices=["torchscript", "dynamo"], default="torchscript",
+             help="torch.onnx exporter (see README: torchscript graphs get fused attention)")
+    add_flag(parser, "tolerance", type=float, default=1e-4,
+             help="fp32 gate: largest allowed max |torch - onnx| on outputs")
+    add_flag(parser, "validation-file", default=None,
+             help="labelled (or unlabelled) records; int8 exports are gated on their accuracy "
+                  "(or label agreement with torch when unlabelled)")
+    add_flag(parser, "max-metric-drop", type=float, default=0.01,
+             help="int8 gate: largest allowed drop of the validation metric versus torch")
+    add_flag(parser, "validate", action="store_true",
+             help="re-run the parity/validation report on an existing .onnx (--model-path)")
+    add_flag(parser, "tokenizer-path", default=None,
+             help="with --validate: the export's tokenizer directory (default: tokenizer/ beside it)")
+    add_flag(parser, "reference-model", default=None,
+             help="with --validate: the torch model directory to compare against "
+                  "(default: the source recorded at export time, when it still exists)")
+    add_flag(parser, "report-path", default=None,
+             help="where to write the JSON report (default: <name>.report.json beside the .onnx)")
+    add_flag(parser, "batch-size", type=int, default=32, help="batch size for the validation file")
+    return parser
+
+
+# ---------------------------------------------------------------- the exported module
+
+class ExportModule(nn.Module):
+    """Fixes the traced signature to the three int64 inputs and one float output."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.model(input_ids, attention_mask, token_type_ids)
+
+
+def use_eager_attention(model):
+    """Switch every transformers submodule to eager attention before tracing.
+
+    The SDPA path traces to a graph onnxruntime's optimizer cannot fuse into its
+    Attention op; eager attention gives the classic pattern it recognises.
+    """
+    for module in model.modules():
+        if hasattr(module, "set_attn_implementation") and hasattr(module, "config"):
+            module.set_attn_implementation("eager")
+    return model
+
+
+def example_inputs(tokenizer, device):
+    """A padded two-row batch with both token types, so the trace sees masking and segments."""
+    features = data.encode_texts(tokenizer, ["a b c d e f", "a b"], ["x y", None], 16)
+    batch = data.PaddingCollator(tokenizer.pad_token_id)(features)
+    return tuple(batch[name].to(device) for name in INPUT_NAMES)
+
+
+def export_graph(module, inputs, path, opset, exporter, output_name):
+    """torch.onnx.export with dynamic batch and sequence axes on every input."""
+    with warnings.catch_warnings():
+        # the TorchScript exporter's deprecation and trace notices are expected; the parity gate checks the graph
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+            torch.onnx.export(module, inputs, str(path), input_names=INPUT_NAMES, output_names=[output_name],
+                              dynamo=True, opset_version=opset, external_data=False,
+                              dynamic_shapes={name: {0: batch, 1: sequence} for name in INPUT_NAMES})
+        else:
+            axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
+            torch.onnx.export(module, inputs, str(path), input_names=INPUT_NAMES, output_names=[output_name],
+                              dynamo=False, opset_version=opset, dynamic_axes=dict(axes, **{output_name: {0: "batch"}}))
+    return path
+
+
+def optimize_graph(source, target, config, use_gpu=False):
+    """onnxruntime's transformer optimizer, with heads and hidden size from the model config."""
+    from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.optimizer import MODEL_TYPES
+    model_type = config.model_type if config.model_type in MODEL_TYPES else "bert"
+    logging.disable(logging.WARNING)  # the fusion passes log notes on every run; the report says what fused
+    try:
+        optimized = optimizer.optimize_model(str(source), model_type=model_type, num_heads=config.num_attention_heads,
+                                             hidden_size=config.hidden_size, use_gpu=use_gpu)
+    finally:
+        logging.disable(logging.NOTSET)
+    optimized.save_model_to_file(str(target))
+    return target, optimized.get_fused_operator_statistics()
+
+
+def quantize_graph(source, target):
+    """Dynamic int8 quantization of the weights (activations stay float, scaled at run time)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    # fused contrib ops (Attention, SkipLayerNormalization) have no ONNX shape inference: say tensors are float
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    return target
+
+
+# ---------------------------------------------------------------- parity checks
+
+def parity_batches(tokenizer, config, max_length, seed=0):
+    """Random-token batches for each PARITY_CASE; rows after the first are shorter (padded)."""
+    generator = np.random.default_rng(seed)
+    special = set(tokenizer.all_special_ids)
+    vocabulary = np.array([i for i in range(min(len(tokenizer), config.vocab_size)) if i not in special])
+    two_segments = getattr(config, "type_vocab_size", 1) > 1
+    collator = data.PaddingCollator(tokenizer.pad_token_id)
+    batches = []
+    for batch_size, length in PARITY_CASES:
+        length = min(length or max_length, max_length)
+        features = []
+        for row in range(batch_size):
+            row_length = max(4, length - row * (length // (batch_size + 1)))
+            ids = generator.choice(vocabulary, size=row_length - 2).tolist()
+            types = [0] * row_length
+            if two_segments and row % 2 == 1:  # a sentence pair: second segment has type 1
+                types = [0] * (row_length // 2) + [1] * (row_length - row_length // 2)
+            features.append({"input_ids": [tokenizer.cls_token_id] + ids + [tokenizer.sep_token_id],
+                             "token_type_ids": types})
+        batches.append((batch_size, length, collator(features)))
+    return batches
+
+
+def compare_outputs(onnx_run, torch_run, batches, task):
+    """Per case: max |torch - onnx| and, for classifiers, label agreement."""
+    cases = []
+    for batch_size, length, batch in batches:
+        onnx_out = onnx_run(batch)
+        case = {"batch": batch_size, "seq": length, "padded": bool((batch["attention_mask"] == 0).any()),
+                "finite": inference.is_finite(onnx_out)}
+        if torch_run is not None:
+            torch_out = torch_run(batch)
+            case["max_abs_diff"] = float(np.abs(torch_out - onnx_out).max())
+            if task == "vector":
+                case["min_cosine"] = float(min(inference.cosine_similarity(a, b) for a, b in zip(torch_out, onnx_out)))
+            else:
+                case["label_agreement"] = float((torch_out.argmax(-1) == onnx_out.argmax(-1)).mean())
+        cases.append(case)
+    return cases
+
+
+def padding_invariance(onnx_run, batches):
+    """Max |difference| between each padded row and the same row run alone, unpadded."""
+    worst = 0.0
+    for _, _, batch in batches:
+        together = onnx_run(batch)
+        for row, length in enumerate(batch["attention_mask"].sum(1).tolist()):
+            alone = onnx_run({name: batch[name][row:row + 1, :length] for name in INPUT_NAMES})
+            worst = max(worst, float(np.abs(alone[0] - together[row]).max()))
+    return worst
+
+
+# ---------------------------------------------------------------- validation file
+
+def load_validation_examples(path, label2id):
+    """Texts, contexts and gold label ids (None when the file has no usable labels)."""
+    examples = data.load_text_examples(path, require_label=False)
+    gold = []
+    for example in examples:
+        raw = example.raw_label
+        if isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
+            raw = int(raw)
+        gold.append(raw if isinstance(raw, int) else label2id.get(raw))
+    if any(label is None for label in gold):
+        gold = None
+    return [e.text for e in examples], [e.context for e in examples], gold
+
+
+def predict_labels(loaded, texts, contexts, batch_size):
+    if loaded.task == "longdoc":
+        results = inference.predict_long_documents(loaded, texts, batch_size=batch_size)
+    else:
+        results = inference.classify(loaded, texts, contexts, batch_size=batch_size)
+    return np.array([result["label_id"] for result in results])
+
+
+def validation_metrics(onnx_loaded, torch_loaded, path, batch_size):
+    """Accuracy (or agreement with torch when unlabelled) of both backends on a validation file."""
+    if onnx_loaded.task == "vector":
+        texts = [example.text for example in data.load_text_examples(path, require_label=False)]
+        onnx_vectors = inference.embed(onnx_loaded, texts, batch_size)
+        report = {"file": path, "records": len(texts), "metric": "mean_cosine_to_torch"}
+        if torch_loaded is not None:
+            torch_vectors = inference.embed(torch_loaded, texts, batch_size)
+            cosine = float(np.mean([inference.cosine_similarity(a, b) for a, b in zip(torch_vectors, onnx_vectors)]))
+            report.update(torch_metric=1.0, onnx_metric=cosine, drop=1.0 - cosine)
+        return report
+    label2id = {name: index for index, name in onnx_loaded.id2label.items()}
+    texts, contexts, gold = load_validation_examples(path, label2id)
+    onnx_labels = predict_labels(onnx_loaded, texts, contexts, batch_size)
+    report = {"file": path, "records": len(texts), "metric": "accuracy" if gold is not None else "agreement"}
+    torch_labels = None if torch_loaded is None else predict_labels(torch_loaded, texts, contexts, batch_size)
+    if torch_labels is not None:
+        report["label_agreement"] = float((torch_labels == onnx_labels).mean())
+    if gold is not None:
+        report["onnx_metric"] = float((onnx_labels == np.array(gold)).mean())
+        if torch_labels is not None:
+            report["torch_metric"] = float((torch_labels == np.array(gold)).mean())
+    elif torch_labels is not None:
+        report.update(torch_metric=1.0, onnx_metric=report["label_agreement"])
+    if "torch_metric" in report:
+        report["drop"] = report["torch_metric"] - report["onnx_metric"]
+    return report
+
+
+# ---------------------------------------------------------------- the report
+
+def build_report(onnx_path, onnx_loaded, torch_loaded, meta, args):
+    """Run every check on an export and decide: passed, or the reasons it is rejected."""
+    import onnx
+    report = {"onnx": str(onnx_path), "task": onnx_loaded.task, "quantization": meta.get("quantization", "none"),
+              "optimized": meta.get("optimized"), "tolerance": args.tolerance,
+              "max_metric_drop": args.max_metric_drop, "reasons": []}
+    try:
+        onnx.checker.check_model(str(onnx_path), full_check=True)
+        report["checker"] = "ok"
+    except Exception as error:  # onnx raises several checker/shape-inference error types
+        report["checker"] = str(error).splitlines()[0]
+        report["reasons"].append(f"onnx.checker failed: {report['checker']}")
+        report["passed"] = False
+        return report
+    max_length = onnx_loaded.preprocessing.get("max_length", 128)
+    config = torch_loaded.config if torch_loaded is not None else _config_for_parity(onnx_loaded)
+    batches = parity_batches(onnx_loaded.tokenizer, config, max_length)
+    torch_run = torch_loaded.run if torch_loaded is not None else None
+    report["cases"] = compare_outputs(onnx_loaded.run, torch_run, batches, onnx_loaded.task)
+    report["padding_invariance_max_diff"] = padding_invariance(onnx_loaded.run, batches)
+    if args.validation_file:
+        report["validation"] = validation_metrics(onnx_loaded, torch_loaded, args.validation_file, args.batch_size)
+    report["reasons"] = gate_reasons(report, torch_loaded is not None)
+    report["passed"] = not report["reasons"]
+    return report
+
+
+def _config_for_parity(loaded):
+    """Without the torch model: vocabulary size and segment count from the tokenizer alone."""
+    return argparse.Namespace(vocab_size=len(loaded.tokenizer), type_vocab_size=2)
+
+
+def gate_reasons(report, compared_to_torch):
+    """Why an export fails: non-finite outputs, fp32 drift, padding dependence, int8 metric drop."""
+    reasons = []
+    quantized = report["quantization"] != "none"
+    if not all(case["finite"] for case in report["cases"]):
+        reasons.append("onnxruntime produced NaN or inf")
+    worst = max((case.get("max_abs_diff", 0.0) for case in report["cases"]), default=0.0)
+    report["max_abs_diff"] = worst if compared_to_torch else None
+    if compared_to_torch and not quantized and worst > report["tolerance"]:
+        reasons.append(f"max |torch - onnx| = {worst:.3g} exceeds the tolerance {report['tolerance']:g}")
+    if not quantized and report["padding_invariance_max_diff"] > report["tolerance"]:
+        reasons.append(f"outputs change with padding (max |diff| {report['padding_invariance_max_diff']:.3g})")
+    validation = report.get("validation", {})
+    if quantized and "drop" in validation and validation["drop"] > report["max_metric_drop"]:
+        reasons.append(f"int8 {validation['metric']} drops by {validation['drop']:.4f} "
+                       f"(more than --max-metric-drop {report['max_metric_drop']:g})")
+    return reasons
+
+
+def format_report(report):
+    """The report as a readable table."""
+    lines = [f"ONNX export report: {report['onnx']} (task {report['task']}, "
+             f"quantization {report['quantization']}, optimized {report['optimized']})",
+             f"  onnx.checker: {report['checker']}"]
+    if "cases" in report:
+        lines.append(f"  {'batch':>5} {'seq':>5} {'padded':>6} {'max|diff|':>10} {'agreement':>9}")
+        for case in report["cases"]:
+            diff = f"{case['max_abs_diff']:.2e}" if "max_abs_diff" in case else "n/a"
+            agreement = case.get("label_agreement", case.get("min_cosine"))
+            agreement = f"{agreement:.3f}" if agreement is not None else "n/a"
+            lines.append(f"  {case['batch']:>5} {case['seq']:>5} {str(case['padded']):>6} {diff:>10} {agreement:>9}")
+        lines.append(f"  fp32 tolerance {report['tolerance']:g}; padding invariance max|diff| "
+                     f"{report['padding_invariance_max_diff']:.2e}")
+    validation = report.get("validation")
+    if validation:
+        parts = [f"{key} {validation[key]:.4f}" for key in ("torch_metric", "onnx_metric", "drop", "label_agreement")
+                 if key in validation]
+        lines.append(f"  validation {validation['file']} ({validation['records']} records, {validation['metric']}): "
+                     + ", ".join(parts))
+    if report["quantization"] != "none" and not validation:
+        lines.append("  warning: no --validation-file, so int8 accuracy was not checked")
+    lines.append("  result: PASSED" if report["passed"] else "  result: REJECTED: " + "; ".join(report["reasons"]))
+    return "\n".join(lines)
+
+
+def write_report(report, path):
+    Path(path).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def default_report_path(onnx_path):
+    return Path(onnx_path).with_name(Path(onnx_path).stem + ".report.json")
+
+
+def reject(onnx_path):
+    """Keep a failing export for inspection under a name nothing will load by mistake."""
+    rejected = Path(str(onnx_path) + ".rejected")
+    Path(onnx_path).replace(rejected)
+    return rejected
+
+
+# ---------------------------------------------------------------- export and validate
+
+def write_companions(output_path, torch_loaded, max_length, args, fused):
+    """tokenizer/ and <name>.preprocessing.json beside the .onnx."""
+    preprocessing_file, tokenizer_dir = inference.onnx_companions(output_path)
+    torch_loaded.tokenizer.save_pretrained(str(tokenizer_dir))
+    toolkit = json.loads(json.dumps(torch_loaded.toolkit))
+    toolkit.setdefault("preprocessing", {})["max_length"] = max_length
+    meta = {"task": torch_loaded.task, "toolkit": toolkit,
+            "id2label": {str(index): name for index, name in torch_loaded.id2label.items()},
+            "source_model": str(Path(torch_loaded.source).resolve()), "exporter": args.exporter,
+            "opset": args.opset, "optimized": args.optimize, "fused_operators": fused,
+            "quantization": args.quantize, "inputs": INPUT_NAMES, "output": output_name(torch_loaded.task)}
+    preprocessing_file.write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+    return meta
+
+
+def output_name(task):
+    return "embedding" if task == "vector" else "logits"
+
+
+def resolve_max_length(requested, torch_loaded):
+    stored = torch_loaded.preprocessing.get("max_length", 128)
+    if torch_loaded.task == "vector":
+        stored = max(inference.vector_max_length(torch_loaded, side) for side in ("query", "doc"))
+    max_length = requested or stored
+    limit = getattr(torch_loaded.config, "max_position_embeddings", None)
+    if limit and max_length > limit:
+        raise UserError(f"--max-length {max_length}: the model has only {limit} positions")
+    return max_length
+
+
+def build_graph(torch_loaded, args, work_dir):
+    """Export, then optimize and quantize as asked; returns (final graph path, fused-op counts)."""
+    module = ExportModule(use_eager_attention(torch_loaded.torch_model)).eval()
+    inputs = example_inputs(torch_loaded.tokenizer, args.device)
+    graph = export_graph(module, inputs, work_dir / "exported.onnx", args.opset, args.exporter,
+                         output_name(torch_loaded.task))
+    fused = None
+    if args.optimize:
+        graph, statistics = optimize_graph(graph, work_dir / "optimized.onnx", torch_loaded.config,
+                                           use_gpu=args.device == "cuda")
+        fused = {name: count for name, count in statistics.items() if count}
+    if args.quantize == "int8":
+        graph = quantize_graph(graph, work_dir / "quantized.onnx")
+    return graph, fused
+
+
+def run_export(args):
+    model_dir = Path(args.model_path)
+    if model_dir.suffix == ".onnx":
+        raise UserError(f"--model-path {model_dir}: is already an .onnx file; add --validate to check it")
+    output_path = Path(args.output_path)
+    if output_path.suffix != ".onnx":
+        raise UserError(f"--output-path {output_path}: must end in .onnx")
+    torch_loaded = inference.load_torch_model(model_dir, args.device)
+    max_length = resolve_max_length(args.max_length, torch_loaded)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as work_dir:
+        graph, fused = build_graph(torch_loaded, args, Path(work_dir))
+        shutil.copyfile(graph, output_path)
+    meta = write_companions(output_path, torch_loaded, max_length, args, fused)
+    print(f"exported {torch_loaded.task} model {model_dir} -> {output_path} "
+          f"(exporter {args.exporter}, opset {args.opset}, fused {fused or 'none'})")
+    onnx_loaded = inference.load_onnx_model(output_path, args.device)
+    return finish_report(output_path, onnx_loaded, torch_loaded, meta, args)
+
+
+def run_validate(args):
+    onnx_path = Path(args.model_path)
+    if onnx_path.suffix != ".onnx" or not onnx_path.is_file():
+        raise UserError(f"--model-path {onnx_path}: --validate needs an existing .onnx file")
+    onnx_loaded = inference.load_onnx_model(onnx_path, args.device, args.tokenizer_path)
+    meta = json.loads(inference.onnx_companions(onnx_path)[0].read_text(encoding="utf-8"))
+    reference = args.reference_model or meta.get("source_model")
+    torch_loaded = None
+    if reference and Path(reference).is_dir():
+        torch_loaded = inference.load_torch_model(reference, args.device)
+    else:
+        print("note: no torch reference model found (--reference-model); checking the export on its own",
+              file=sys.stderr)
+    return finish_report(onnx_path, onnx_loaded, torch_loaded, meta, args)
+
+
+def finish_report(onnx_path, onnx_loaded, torch_loaded, meta, args):
+    report = build_report(onnx_path, onnx_loaded, torch_loaded, meta, args)
+    print(format_report(report))
+    report_path = Path(args.report_path) if args.report_path else default_report_path(onnx_path)
+    if not report["passed"] and not args.validate:
+        report["rejected_path"] = str(reject(onnx_path))
+        print(f"rejected: kept as {report['rejected_path']}", file=sys.stderr)
+    write_report(report, report_path)
+    return 0 if report["passed"] else EXIT_REJECTED
+
+
+@report_user_errors
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: CUDA is not available on this machine")
+    if args.validate:
+        return run_validate(args)
+    return run_export(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

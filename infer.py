@@ -1,0 +1,304 @@
+"""Run a trained model: classify, embed, classify long documents, generate text, or serve.
+
+    python infer.py --model-path output/checkpoint-best --text "今天天气真好啊"
+    python infer.py --model-path models/model.onnx --file data/test.jsonl --output predictions.jsonl
+    python infer.py --model-path gpt2-chinese --prompt "今天" --max-new-tokens 40 --top-p 0.9 --seed 1
+    python infer.py --model-path output/checkpoint-best --serve --port 8000
+
+--model-path is a model directory written by this toolkit's trainers, an .onnx export from
+export_onnx.py, or a causal language model directory (GPT-2 style) for generation. The
+task and every preprocessing setting (normalization, max length, truncation side, context
+pair) come from the model, never from flags. Exit codes: 0 every input processed, 1 some
+inputs could not be processed (each reported with its line), 2 a usage error.
+"""
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common import data, generation, inference
+from common.cli import add_flag, parse_bool
+from common.errors import UserError, report_user_errors
+
+EXIT_SOME_FAILED = 1
+PLAIN_TEXT_SUFFIXES = (".txt", ".text", "")
+EMBEDDING_VALUES_SHOWN = 8
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flag(parser, "model-path", required=True,
+             help="model directory, .onnx export, or causal LM directory (generation)")
+    add_flag(parser, "backend", choices=["auto", "torch", "onnx"], default="auto",
+             help="auto: onnx for .onnx files, torch for directories")
+    add_flag(parser, "device", default="cpu", help="cpu, cuda or cuda:N")
+    add_flag(parser, "tokenizer-path", default=None,
+             help="tokenizer of an .onnx export (default: tokenizer/ beside it)")
+    inputs = parser.add_argument_group("inputs")
+    add_flag(inputs, "text", action="append", default=[], help="text to run (repeatable)")
+    add_flag(inputs, "context", default=None, help="context for every --text (encoded as the first segment)")
+    add_flag(inputs, "text-pair", action="append", default=[],
+             help="vector models: second text(s) for the cosine similarity (one, or one per --text)")
+    add_flag(inputs, "file", default=None,
+             help="inputs: .txt (one per line) or JSON/JSONL/CSV/TSV records (text, message/context, messages)")
+    add_flag(inputs, "text-field", default=None, help="record field holding the text when it is not 'text'")
+    add_flag(inputs, "output", default=None, help="write results as JSONL here (input order)")
+    add_flag(inputs, "batch-size", type=int, default=32, help="texts per forward pass")
+    add_flag(inputs, "sort-by-length", type=parse_bool, default=True, metavar="true|false",
+             help="form batches of similar token length (results still come back in input order)")
+    outputs = parser.add_argument_group("classification")
+    add_flag(outputs, "temperature", type=float, default=None,
+             help="softmax temperature (default: the calibrated one stored with the model, else 1.0); "
+                  "generation: sampling temperature, 0 = greedy (default 1.0)")
+    add_flag(outputs, "top-k", type=int, default=None,
+             help="show the k most probable labels; generation: top-k sampling (default 50, 0 = off)")
+    add_flag(outputs, "json", action="store_true", help="print one JSON object per input instead of text")
+    add_flag(outputs, "explain", type=int, default=0, metavar="N",
+             help="long-document models: show the N chunks that weigh most in the decision")
+    generate = parser.add_argument_group("generation (causal language models)")
+    add_flag(generate, "prompt", action="append", default=[], help="prompt to continue (repeatable)")
+    add_flag(generate, "max-new-tokens", type=int, default=50, help="tokens to generate per prompt")
+    add_flag(generate, "top-p", type=float, default=1.0, help="nucleus sampling probability mass")
+    add_flag(generate, "repetition-penalty", type=float, default=1.0, help=">1 discourages repeating tokens")
+    add_flag(generate, "num-return-sequences", type=int, default=1, help="continuations per prompt")
+    add_flag(generate, "seed", type=int, default=None, help="seed for reproducible sampling")
+    serve = parser.add_argument_group("serving")
+    add_flag(serve, "serve", action="store_true", help="serve the model over HTTP (common.server)")
+    add_flag(serve, "host", default="127.0.0.1", help="address to listen on")
+    add_flag(serve, "port", type=int, default=8000, help="port to listen on")
+    add_flag(serve, "api-key", default=None, help="require this key ('Authorization: Bearer KEY' or 'X-API-Key: KEY'); "
+                  "default: the TOOLKIT_API_KEY environment variable, else no key")
+    return parser
+
+
+# ---------------------------------------------------------------- inputs
+
+@dataclass
+class InputItem:
+    """One input and where it came from; ``error`` is set when it cannot be processed."""
+    locator: str
+    text: str | None = None
+    context: str | None = None
+    error: str | None = None
+
+
+def collect_inputs(args):
+    """Every --text, --prompt and --file input, in order, with bad ones marked."""
+    items = [InputItem(f"--text {index}", text, args.context) for index, text in enumerate(args.text, start=1)]
+    items += [InputItem(f"--prompt {index}", text) for index, text in enumerate(args.prompt, start=1)]
+    if args.file:
+        items += read_file_inputs(args.file, args.text_field)
+    if not items:
+        raise UserError("no input: give --text, --prompt or --file (or --serve)")
+    for item in items:
+        if item.error is None and (not isinstance(item.text, str) or not item.text.strip()):
+            item.error = "empty or whitespace-only text"
+    return items
+
+
+def read_file_inputs(path, text_field=None):
+    """Inputs of a .txt file (one per line) or of JSON/JSONL/CSV/TSV records."""
+    file_path = Path(path)
+    if file_path.is_file() and file_path.suffix.lower() in PLAIN_TEXT_SUFFIXES:
+        return read_text_lines(file_path)
+    records = data.read_records(path, skip_invalid=True)
+    unreadable = [InputItem(_locator_of(message, path), error=message) for message in data.SKIPPED]
+    data.SKIPPED.clear()
+    record_format = data.detect_format(records[0], text_field)
+    items = []
+    for record in records:
+        try:
+            example = data.parse_text_example(record, record_format, text_field or "text", require_label=False)
+            items.append(InputItem(record.where(), example.text, example.context))
+        except data.RecordError as error:
+            items.append(InputItem(record.where(), error=str(error)))
+    return sorted(unreadable + items, key=_position)
+
+
+def read_text_lines(path):
+    """One input per line; a trailing newline does not make an empty last input."""
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not valid UTF-8 ({error.reason}); re-encode the file as UTF-8") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise UserError(f"{path}: the file is empty")
+    return [InputItem(f"{path} line {number}", line) for number, line in enumerate(lines, start=1)]
+
+
+def _locator_of(message, path):
+    match = re.search(r"(line|record|row) (\d+)", message)
+    return f"{path} {match.group(0)}" if match else str(path)
+
+
+def _position(item):
+    match = re.search(r"(line|record|row) (\d+)$", item.locator)
+    return int(match.group(2)) if match else 0
+
+
+# ---------------------------------------------------------------- running each task
+
+def run_classification(loaded, items, args):
+    texts = [item.text for item in items]
+    contexts = [item.context for item in items] if any(item.context for item in items) else None
+    if loaded.task == "longdoc":
+        return inference.predict_long_documents(loaded, texts, args.temperature, args.batch_size, args.explain)
+    return inference.classify(loaded, texts, contexts, args.temperature, args.batch_size, args.top_k,
+                              args.sort_by_length)
+
+
+def run_vectors(loaded, items, args):
+    embeddings = inference.embed(loaded, [item.text for item in items], args.batch_size,
+                                 sort_by_length=args.sort_by_length)
+    results = [{"input": item.text, "dim": int(vector.shape[0]), "norm": round(float(np.linalg.norm(vector)), 6),
+                "embedding": [round(float(value), 6) for value in vector]} for item, vector in zip(items, embeddings)]
+    if args.text_pair:
+        if len(args.text_pair) not in (1, len(items)):
+            raise UserError(f"--text-pair: give one, or one per input ({len(items)}), not {len(args.text_pair)}")
+        pairs = args.text_pair if len(args.text_pair) == len(items) else args.text_pair * len(items)
+        pair_embeddings = inference.embed(loaded, pairs, args.batch_size, side="doc")
+        for result, pair, vector, pair_vector in zip(results, pairs, embeddings, pair_embeddings):
+            result.update(text_pair=pair, cosine_similarity=round(inference.cosine_similarity(vector, pair_vector), 6))
+    return results
+
+
+def run_generation(args, items):
+    model, tokenizer = generation.load_causal_lm(args.model_path, args.device)
+    options = generation.GenerationOptions(
+        max_new_tokens=args.max_new_tokens, temperature=1.0 if args.temperature is None else args.temperature,
+        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        num_return_sequences=args.num_return_sequences, seed=args.seed)
+    return generation.generate_texts(model, tokenizer, [item.text for item in items], options)
+
+
+# ---------------------------------------------------------------- printing
+
+def format_classification(result):
+    """Seed 002's output: input, temperature, predicted label and id, every label's probability."""
+    lines = [f"input: {result['input']}"]
+    if result.get("context"):
+        lines.append(f"context: {result['context']}")
+    lines += [f"temperature: {result['temperature']}",
+              f"predicted: {result['label']} (id {result['label_id']}, probability {result['probability']:.4f})"]
+    ranked = result.get("top_k") or [{"label": name, "probability": p} for name, p in result["probabilities"].items()]
+    lines.append("probabilities:" if "top_k" not in result else f"top {len(ranked)}:")
+    width = max(len(str(entry["label"])) for entry in ranked)
+    lines += [f"  {str(entry['label']):<{width}}  {entry['probability']:.4f}" for entry in ranked]
+    if "num_chunks" in result:
+        lines.append(f"chunks: {result['num_chunks']} of {result['num_windows']} windows")
+    for chunk in result.get("top_chunks", []):
+        lines.append(f"  chunk {chunk['chunk_idx']} (score {chunk['score']:.4f}, "
+                     f"characters {chunk['char_start']}-{chunk['char_end']}): {chunk['text']}")
+    return "\n".join(lines)
+
+
+def format_vector(result):
+    shown = ", ".join(f"{value:.4f}" for value in result["embedding"][:EMBEDDING_VALUES_SHOWN])
+    lines = [f"input: {result['input']}", f"embedding (dim {result['dim']}): [{shown}, ...]",
+             f"norm: {result['norm']:.4f}"]
+    if "text_pair" in result:
+        lines += [f"text pair: {result['text_pair']}", f"cosine similarity: {result['cosine_similarity']:.4f}"]
+    return "\n".join(lines)
+
+
+def format_generation(result):
+    lines = [f"prompt: {result['prompt']}"]
+    for index, text in enumerate(result["generations"], start=1):
+        lines.append(f"[{index}] {result['prompt']}{text}")
+    return "\n".join(lines)
+
+
+def format_result(result, kind):
+    if kind == "vector":
+        return format_vector(result)
+    if kind == "generation":
+        return format_generation(result)
+    return format_classification(result)
+
+
+def emit(items, results, kind, args):
+    """Print (text or --json) and write --output JSONL, with failed inputs in their place."""
+    by_index = iter(results)
+    rows = []
+    for item in items:
+        if item.error:
+            rows.append({"source": item.locator, "error": item.error})
+        else:
+            rows.append(dict(next(by_index), source=item.locator))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as stream:
+            for row in rows:
+                stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+        print(f"wrote {len(rows)} results to {args.output}", file=sys.stderr)
+        return
+    for row in rows:
+        if args.json:
+            print(json.dumps(row, ensure_ascii=False))
+        elif "error" not in row:
+            print(format_result(row, kind) + "\n")
+
+
+def report_failures(items):
+    failed = [item for item in items if item.error]
+    for item in failed:
+        print(f"skipped {item.locator}: {item.error}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} of {len(items)} input(s) could not be processed", file=sys.stderr)
+    return EXIT_SOME_FAILED if failed else 0
+
+
+# ---------------------------------------------------------------- main
+
+def serve(loaded, args):
+    from common import server
+    service = inference.build_service(loaded, args.temperature, args.batch_size)
+    app = server.create_app(service, api_key=args.api_key)
+    server.serve(app, args.host, args.port)
+    return 0
+
+
+def check_args(args):
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.top_k is not None and args.top_k < 0:
+        raise UserError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.explain < 0:
+        raise UserError(f"--explain must be >= 0, got {args.explain}")
+
+
+@report_user_errors
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    if generation.is_causal_lm_directory(args.model_path):
+        if args.serve:
+            raise UserError("--serve is for classifiers and vector models, not causal language models")
+        items = collect_inputs(args)
+        results = run_generation(args, [item for item in items if not item.error])
+        emit(items, results, "generation", args)
+        return report_failures(items)
+    loaded = inference.load_model(args.model_path, args.backend, args.device, args.tokenizer_path)
+    if args.serve:
+        return serve(loaded, args)
+    if args.prompt:
+        raise UserError(f"--prompt is for causal language models; {args.model_path} is a {loaded.task} model "
+                        "(use --text)")
+    items = collect_inputs(args)
+    valid = [item for item in items if not item.error]
+    if loaded.task == "vector":
+        results = run_vectors(loaded, valid, args) if valid else []
+    else:
+        results = run_classification(loaded, valid, args) if valid else []
+    emit(items, results, loaded.task, args)
+    return report_failures(items)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,671 @@
+"""Fine-tune a BERT-family encoder to classify long documents: sliding windows, document-level loss.
+
+Example:
+    python train_longdoc.py --data-path data/news/train.jsonl --val-path data/news/val.jsonl \
+        --output-dir output/longdoc --model-name bert-base-chinese --max-length 512 --stride 128 \
+        --aggregation mean --batch-size 4 --chunk-batch-size 16 --epochs 3
+
+Reads {"text", "label"} records (plus an optional "id") from JSON, JSONL, CSV or TSV. Each document
+is cut into overlapping token windows (common/longdoc.py); a batch's chunks run through the model in
+micro-batches of --chunk-batch-size, their logits are aggregated per document (mean, max or
+logsumexp) and the cross-entropy on the document logits is backpropagated. Memory stays bounded by
+--chunk-batch-size however long a document is: when a batch has more chunks than one micro-batch,
+a no-grad pass collects every chunk's logits (n_chunks x K), the document loss gives the gradient
+with respect to them, and a second pass re-runs each micro-batch with gradients (same dropout
+masks: the RNG state is replayed) and backpropagates that gradient slice. Writes
+output/checkpoint-best (a model directory that infer.py reads), metrics.json (document level,
+all three aggregations side by side), errors.jsonl and train_log.jsonl. Runs unchanged under torchrun.
+"""
+import argparse
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from common import data, longdoc, modeldir, training
+from common.cli import add_data_text_args, add_flag, add_runtime_args, parse_bool, parse_with_config, \
+    write_effective_config
+from common.errors import UserError, report_user_errors
+from common.heads import POOLINGS, SequenceClassifier
+from common.metrics import classification_metrics, format_report, majority_baseline
+
+SECTION_ALIASES = {
+    ("model", "name"): "model_name", ("training", "fp16"): "fp16", ("scheduler", "type"): "scheduler",
+    ("scheduler", "num_warmup_steps"): "warmup_steps", ("logging", "steps"): "logging_steps",
+    ("early_stopping", "metric"): "metric_for_best_model", ("output", "dir"): "output_dir",
+}
+CONFIG_CONVERTERS = {"fp16": lambda enabled: ("precision", "fp16") if enabled else (None, None)}
+VALIDATION_SPLITS = ("validation", "val", "dev")
+
+
+# ---------------------------------------------------------------- arguments
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = parser.add_argument_group("data")
+    parser.add_argument("--data-path", "--data_path", "--train-path", "--train_path", dest="data_path",
+                        help="training documents: JSON array, JSONL, CSV/TSV, or a datasets save_to_disk directory")
+    add_flag(group, "val-path", help="validation documents (default: a stratified split of --data-path)")
+    add_flag(group, "test-path", help="test documents, evaluated with the best model at the end")
+    add_flag(group, "val-ratio", type=float, default=0.1, help="validation share when --val-path is absent")
+    add_data_text_args(parser)
+
+    group = parser.add_argument_group("model")
+    add_flag(group, "model-name", default="bert-base-chinese", help="hub name or local path of the encoder")
+    add_flag(group, "num-labels", type=int, help="expected number of labels (checked against the data)")
+    add_flag(group, "max-length", type=int, default=512, help="tokens per chunk, [CLS]/[SEP] included")
+    add_flag(group, "pooling", choices=POOLINGS, default="cls", help="how token states become one vector")
+    add_flag(group, "dropout", type=float, default=0.1, help="dropout before the classification layer")
+    add_flag(group, "head-layernorm", action="store_true", help="LayerNorm before the classification layer")
+    add_flag(group, "freeze-backbone", action="store_true", help="train only the head (frozen feature extractor)")
+
+    group = parser.add_argument_group("long documents")
+    add_flag(group, "stride", type=int, default=128, help="tokens shared by consecutive windows (guide: 128-192)")
+    add_flag(group, "max-chunks", type=int, default=0,
+             help="keep at most this many windows per document (0: all); 1 is plain head truncation")
+    add_flag(group, "chunk-selection", choices=longdoc.CHUNK_SELECTIONS, default="spread",
+             help="which windows --max-chunks keeps: evenly spread over the document, head and tail, or head")
+    add_flag(group, "aggregation", choices=longdoc.AGGREGATIONS, default="mean",
+             help="how chunk logits become document logits (training loss and prediction)")
+    add_flag(group, "chunk-batch-size", type=int, default=16,
+             help="chunks per forward pass: bounds memory however long a document is")
+    add_flag(group, "strip-patterns", default=None, metavar="FILE",
+             help="file of regular expressions (one per line) deleted from every text before chunking; "
+                  "stored with the model and applied again at inference")
+
+    group = parser.add_argument_group("training")
+    add_flag(group, "epochs", type=int, default=3, help="passes over the training documents")
+    add_flag(group, "max-steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
+    add_flag(group, "batch-size", type=int, default=4, help="documents per optimizer micro-step (per process)")
+    add_flag(group, "eval-batch-size", type=int, default=32, help="chunks per evaluation forward pass")
+    add_flag(group, "gradient-accumulation-steps", type=int, default=1, help="document batches per optimizer step")
+    add_flag(group, "learning-rate", type=float, default=2e-5, help="peak AdamW learning rate")
+    add_flag(group, "weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/LayerNorm)")
+    add_flag(group, "adam-epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    add_flag(group, "warmup-ratio", type=float, default=0.1, help="share of steps with linear warmup")
+    add_flag(group, "warmup-steps", type=int, default=None, help="warmup steps (overrides --warmup-ratio)")
+    add_flag(group, "scheduler", choices=["linear", "cosine"], default="linear", help="decay after warmup")
+    add_flag(group, "max-grad-norm", type=float, default=1.0, help="gradient clipping threshold (0: off)")
+    add_flag(group, "group-by-length", type=parse_bool, default=True,
+             help="batch documents with similar chunk counts together; batch order stays random")
+
+    group = parser.add_argument_group("evaluation, early stopping, checkpoints, logging")
+    add_flag(group, "eval-steps", type=int, default=0, help="evaluate every N steps (0: only at epoch ends)")
+    add_flag(group, "metric-for-best-model", default="macro_f1",
+             help="document-level validation metric that picks the best model")
+    add_flag(group, "patience", type=int, default=3, help="evaluations without improvement before stopping (0: off)")
+    add_flag(group, "min-delta", type=float, default=0.001, help="smallest change that counts as improvement")
+    add_flag(group, "output-dir", default="./output/longdoc", help="where checkpoints, metrics and logs go")
+    add_flag(group, "save-steps", type=int, default=500, help="write checkpoint-step-N every N steps (0: off)")
+    add_flag(group, "save-total-limit", type=int, default=3, help="step checkpoints to keep")
+    add_flag(group, "save-strategy", choices=["steps", "no"], default="steps", help="'no' skips step checkpoints")
+    add_flag(group, "logging-steps", type=int, default=50, help="log loss, lr and throughput every N steps")
+    add_flag(group, "eval-only", action="store_true", help="evaluate --model-path on --test-path, no training")
+    add_flag(group, "model-path", help="model directory for --eval-only")
+    add_flag(group, "config", help="YAML config with model/longdoc/training/... sections; flags override it")
+    add_runtime_args(parser)
+    return parser
+
+
+def parse_args(argv=None):
+    args = parse_with_config(build_parser(), argv, SECTION_ALIASES, CONFIG_CONVERTERS)
+    if args.eval_only:
+        if not args.model_path or not args.test_path:
+            raise UserError("--eval-only needs --model-path and --test-path")
+    elif not args.data_path:
+        raise UserError("--data-path is required (training documents file)")
+    for name in ("batch_size", "eval_batch_size", "chunk_batch_size", "gradient_accumulation_steps", "max_length"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    args.strip_pattern_list = longdoc.load_strip_patterns(args.strip_patterns) if args.strip_patterns else []
+    longdoc.check_settings(build_settings(args), args.max_length)
+    return args
+
+
+def build_settings(args):
+    return longdoc.LongdocSettings(args.stride, args.max_chunks, args.chunk_selection, args.aggregation,
+                                   list(args.strip_pattern_list))
+
+
+# ---------------------------------------------------------------- data
+
+def load_documents(path, args, split=None, default_splits=("train",)):
+    """Documents of one file with the classifier's parsing and errors, keeping an optional "id"."""
+    records = data.read_records(path, split=split, skip_invalid=args.skip_invalid, default_splits=default_splits)
+    record_format = data.detect_format(records[0], args.text_field)
+
+    def parse(record):
+        example = data.parse_text_example(record, record_format, args.text_field or "text",
+                                          args.label_field or "label")
+        example.doc_id = record.fields.get("id")
+        return example
+    documents = data.parse_each(records, parse, args.skip_invalid)
+    if not documents:
+        raise UserError(f"{path}: no valid records")
+    return documents
+
+
+def load_splits(args, label_names=None):
+    """Read and validate every split before anything expensive; returns (splits, label_set)."""
+    train_documents = load_documents(args.data_path, args, args.data_split) if args.data_path else []
+    label_set = data.LabelSet(label_names) if label_names else data.LabelSet.from_examples(
+        train_documents, args.labels)
+    if args.num_labels and args.num_labels != len(label_set.names):
+        raise UserError(f"--num-labels {args.num_labels} but the labels are {label_set.names}")
+    label_field = args.label_field or "label"
+    splits = {"train": data.resolve_labels(label_set, train_documents, args.skip_invalid, label_field)}
+    if args.val_path:
+        splits["val"] = data.resolve_labels(label_set, load_documents(args.val_path, args,
+                                                                      default_splits=VALIDATION_SPLITS),
+                                            args.skip_invalid, label_field)
+    elif splits["train"]:
+        splits["train"], splits["val"] = data.stratified_split(splits["train"], args.val_ratio, args.seed)
+    if args.test_path:
+        splits["test"] = data.resolve_labels(label_set, load_documents(args.test_path, args, default_splits=("test",)),
+                                             args.skip_invalid, label_field)
+    data.report_skipped()
+    if splits["train"]:
+        data.check_label_coverage(splits["train"], splits["val"], label_set)
+    return splits, label_set
+
+
+def chunk_splits(splits, tokenizer, args, settings, clean, label_set):
+    """Clean and chunk every split once; returns ({split: DocumentDataset}, summaries)."""
+    datasets, summaries = {}, []
+    for name, documents in splits.items():
+        stats = longdoc.ChunkingStats()
+        texts = [clean(document.text) for document in documents]
+        chunked = longdoc.chunk_documents(tokenizer, texts, [d.label for d in documents], args.max_length,
+                                          settings, stats)
+        datasets[name] = longdoc.DocumentDataset(chunked)
+        summaries.append(summarize_split(name, documents, label_set, stats, args, settings))
+    return datasets, summaries
+
+
+def summarize_split(name, documents, label_set, stats, args, settings):
+    counts = np.bincount([d.label for d in documents], minlength=len(label_set.names))
+    total_tokens = sum(stats.content_tokens) or 1
+    return {"split": name, "documents": len(documents),
+            "classes": {label_set.names[i]: int(c) for i, c in enumerate(counts)},
+            "content_tokens": data.length_percentiles(stats.content_tokens),
+            "chunks_per_document": data.length_percentiles(stats.chunks_per_document),
+            "chunks": int(sum(stats.chunks_per_document)), "capped_documents": stats.capped,
+            "max_length": args.max_length, "stride": settings.stride, "max_chunks": settings.max_chunks,
+            "unk_rate": round(stats.unknown_tokens / total_tokens, 4)}
+
+
+def format_summary(summaries):
+    lines = ["dataset summary (tokens exclude [CLS]/[SEP]):"]
+    for s in summaries:
+        tokens, chunks = s["content_tokens"], s["chunks_per_document"]
+        cap = (f"; {s['capped_documents']} document(s) capped at --max-chunks {s['max_chunks']}"
+               if s["max_chunks"] else "")
+        lines.append(f"  {s['split']}: {s['documents']} documents, {s['chunks']} chunks "
+                     f"(max_length {s['max_length']}, stride {s['stride']}); tokens p50={tokens['p50']} "
+                     f"p90={tokens['p90']} max={tokens['max']}; chunks/document p50={chunks['p50']} "
+                     f"p90={chunks['p90']} max={chunks['max']}{cap}; [UNK] rate {s['unk_rate']:.2%}")
+        lines.append("      " + ", ".join(f"{label}: {count}" for label, count in s["classes"].items()))
+    return "\n".join(lines)
+
+
+def build_train_loader(dataset, args, context):
+    sampler = data.LengthGroupedBatchSampler(dataset.lengths, args.batch_size, shuffle=True, seed=args.seed,
+                                             group_by_length=args.group_by_length, rank=context.rank,
+                                             world_size=context.world_size)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=longdoc.DocumentCollator(),
+                                       num_workers=args.num_workers, generator=data.private_generator(args.seed))
+
+
+# ---------------------------------------------------------------- model and saving
+
+def build_model(args, num_labels, tokenizer):
+    backbone = modeldir.load_pretrained_backbone(args.model_name, args.trust_remote_code,
+                                                 keep_pooler=args.pooling == "pooler")
+    if len(tokenizer) > backbone.get_input_embeddings().num_embeddings:  # after --extend-vocab
+        backbone.resize_token_embeddings(len(tokenizer))
+    return SequenceClassifier(backbone, num_labels, args.pooling, args.dropout, args.head_layernorm,
+                              args.freeze_backbone)
+
+
+def build_toolkit_block(args, model, normalize_spec, settings):
+    """Everything inference needs: chunking, stripping, normalization and aggregation."""
+    return {"task": "longdoc", "head": model.head_settings, "temperature": 1.0,
+            "preprocessing": {"max_length": args.max_length, "truncation_side": args.truncation_side,
+                              "normalize": normalize_spec, "record_format": "text"},
+            "longdoc": settings.to_dict()}
+
+
+def save_model(directory, model, tokenizer, toolkit, label_set, args):
+    def write(tmp_dir):
+        modeldir.write_model_directory(tmp_dir, training.unwrap(model), tokenizer, toolkit, label_set.id2label)
+        write_effective_config(args, tmp_dir)
+    training.write_directory_atomically(directory, write)
+
+
+def save_checkpoint(output_dir, model, tokenizer, toolkit, label_set, args, state):
+    """checkpoint-step-N: a loadable model directory plus the full resume state, written atomically."""
+    def write(tmp_dir):
+        modeldir.write_model_directory(tmp_dir, training.unwrap(model), tokenizer, toolkit, label_set.id2label)
+        write_effective_config(args, tmp_dir)
+        training.save_training_state(tmp_dir, state)
+    training.write_directory_atomically(Path(output_dir) / f"{training.CHECKPOINT_PREFIX}{state['global_step']}",
+                                        write)
+    training.rotate_checkpoints(output_dir, args.save_total_limit)
+
+
+# ---------------------------------------------------------------- document loss, bounded memory
+
+def rng_state(device):
+    """The generators dropout draws from on ``device`` (CPU, plus the CUDA one on GPU)."""
+    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def document_loss_backward(model, chunks, doc_index, labels, args, scaler, precision, device, sync=True):
+    """Cross-entropy of the aggregated document logits, backpropagated; returns the loss (detached).
+
+    One micro-batch: an ordinary forward and backward. More: (1) a no-grad pass collects every
+    chunk's logits, saving the RNG state before each micro-batch; (2) the document loss on
+    those logits gives d(loss)/d(chunk logits), a small (n_chunks, K) tensor; (3) each
+    micro-batch is re-run with gradients under its saved RNG state (identical dropout masks)
+    and ``logits.backward(gradient slice)`` accumulates its share. This is exact for every
+    aggregation, and activations never exceed one micro-batch. With DDP, gradients are
+    synchronised only on the last backward, and only when ``sync``.
+    """
+    scale = 1.0 / args.gradient_accumulation_steps
+    batches = list(longdoc.chunk_micro_batches(chunks, args.chunk_batch_size, args.pad_token_id))
+    doc_index, labels = doc_index.to(device), labels.to(device)
+    if len(batches) == 1:
+        with nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync():
+            with precision.autocast(device):
+                chunk_logits = model(**modeldir.to_device(batches[0][1], device))
+            loss = document_loss(chunk_logits.float(), doc_index, labels, args.aggregation)
+            scaler.scale(loss * scale).backward()
+        return loss.detach()
+    # ---- pass 1: chunk logits without activations kept
+    states, collected = [], []
+    with torch.no_grad():
+        for _, batch in batches:
+            states.append(rng_state(device))
+            with precision.autocast(device):
+                collected.append(model(**modeldir.to_device(batch, device)).float())
+    end_state = rng_state(device)
+    chunk_logits = torch.cat(collected).requires_grad_()  # (n_chunks, K)
+    loss = document_loss(chunk_logits, doc_index, labels, args.aggregation)
+    (gradient,) = torch.autograd.grad(scaler.scale(loss * scale), chunk_logits)
+    # ---- pass 2: each micro-batch again with gradients, under the same dropout masks
+    for position, ((start, batch), state) in enumerate(zip(batches, states)):
+        last = position == len(batches) - 1
+        set_rng_state(state, device)
+        with nullcontext() if (sync and last) or not hasattr(model, "no_sync") else model.no_sync():
+            with precision.autocast(device):
+                logits = model(**modeldir.to_device(batch, device))
+            logits.backward(gradient[start:start + len(logits)].to(logits.dtype))
+    set_rng_state(end_state, device)  # the RNG continues as after one pass over the chunks
+    return loss.detach()
+
+
+def document_loss(chunk_logits, doc_index, labels, aggregation):
+    doc_logits = longdoc.aggregate_logits(chunk_logits, doc_index, len(labels), aggregation)
+    return torch.nn.functional.cross_entropy(doc_logits, labels)
+
+
+# ---------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def predict_chunk_logits(model, documents, batch_size, device, precision, pad_token_id):
+    """(chunk logits (n_chunks, K), doc index of each chunk) for a list of chunked documents.
+
+    Chunks run longest first (less padding) and come back in document order.
+    """
+    was_training = model.training
+    model.eval()
+    chunks = [chunk for chunks in documents for chunk in chunks]
+    doc_index = torch.tensor([row for row, chunks in enumerate(documents) for _ in chunks], dtype=torch.long)
+    order = sorted(range(len(chunks)), key=lambda i: -len(chunks[i]["input_ids"]))
+    logits = [torch.zeros((0, training.unwrap(model).head_settings["num_labels"]))]  # a rank may get no documents
+    for _, batch in longdoc.chunk_micro_batches([chunks[i] for i in order], batch_size, pad_token_id):
+        with precision.autocast(device):
+            logits.append(model(**modeldir.to_device(batch, device)).float().cpu())
+    model.train(was_training)
+    restored = torch.empty((len(chunks), logits[0].shape[-1]))
+    restored[torch.tensor(order)] = torch.cat(logits)
+    return restored, doc_index
+
+
+def evaluate(model, dataset, args, context, label_names):
+    """Document-level metrics (headline: --aggregation) with all aggregations side by side.
+
+    Returns (metrics, {aggregation: doc logits}, labels) with documents in dataset order.
+    """
+    shard = data.shard_indices(len(dataset), context.rank, context.world_size)
+    chunk_logits, doc_index = predict_chunk_logits(model, [dataset[i] for i in shard], args.eval_batch_size,
+                                                   args.device_obj, args.precision_obj, args.pad_token_id)
+    local = {"doc_ids": torch.tensor(shard, dtype=torch.long), "chunk_logits": chunk_logits,
+             "doc_index": doc_index, "labels": torch.tensor([dataset[i][0]["labels"] for i in shard])}
+    shards = training.gather_objects(context, local)
+    doc_ids = torch.cat([s["doc_ids"] for s in shards])
+    labels = torch.cat([s["labels"] for s in shards])
+    offsets = np.cumsum([0] + [len(s["doc_ids"]) for s in shards[:-1]])
+    chunk_logits = torch.cat([s["chunk_logits"] for s in shards])
+    doc_index = torch.cat([s["doc_index"] + int(offset) for s, offset in zip(shards, offsets)])
+    order = torch.argsort(doc_ids)
+    labels = labels[order]
+    by_aggregation, doc_logits = {}, {}
+    for method in longdoc.AGGREGATIONS:
+        doc_logits[method] = longdoc.aggregate_logits(chunk_logits, doc_index, len(doc_ids), method)[order]
+        probs = torch.softmax(doc_logits[method], -1)
+        by_aggregation[method] = classification_metrics(labels.numpy(), probs.argmax(-1).numpy(), label_names,
+                                                        probs.numpy())
+    metrics = dict(by_aggregation[args.aggregation])
+    metrics["aggregation"] = args.aggregation
+    metrics["loss"] = float(torch.nn.functional.cross_entropy(doc_logits[args.aggregation], labels))
+    metrics["by_aggregation"] = {method: {key: m[key] for key in ("accuracy", "macro_f1", "weighted_f1")}
+                                 for method, m in by_aggregation.items()}
+    chunk_labels = torch.cat([s["labels"][s["doc_index"]] for s in shards])
+    chunk_metrics = classification_metrics(chunk_labels.numpy(), chunk_logits.argmax(-1).numpy(), label_names)
+    metrics["chunk_level_diagnostic"] = {
+        "note": "every chunk scored against its document's label; a diagnostic, not the headline",
+        "num_chunks": len(chunk_labels), "accuracy": chunk_metrics["accuracy"], "macro_f1": chunk_metrics["macro_f1"]}
+    return metrics, doc_logits, labels
+
+
+# ---------------------------------------------------------------- the training loop
+
+def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_dir, logger):
+    device, precision = args.device_obj, args.precision_obj
+    train_loader = build_train_loader(datasets["train"], args, context)
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * args.epochs
+    if args.max_steps > 0:
+        total_steps = min(total_steps, args.max_steps)
+    optimizer = training.build_optimizer(model, args.learning_rate, args.weight_decay, args.adam_epsilon, device)
+    scheduler = training.build_scheduler(optimizer, args.scheduler, training.resolve_warmup_steps(
+        total_steps, args.warmup_ratio, args.warmup_steps), total_steps)
+    scaler = training.build_grad_scaler(precision, device)
+    early_stopping = training.EarlyStopping(args.patience, args.min_delta, mode="min" if
+                                            args.metric_for_best_model == "loss" else "max")
+    nonfinite_guard = training.NonFiniteLossGuard(args.max_nonfinite_steps)
+    global_step, start_epoch, skip_batches = 0, 0, 0
+
+    # ---- resume: model weights, optimizer, scheduler, scaler, RNG, position, early stopping
+    checkpoint_dir = training.find_resume_checkpoint(args.resume, output_dir)
+    if checkpoint_dir is not None:
+        state = training.load_training_state(checkpoint_dir)
+        modeldir.load_weights(training.unwrap(model), checkpoint_dir)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        early_stopping.load_state_dict(state["early_stopping"])
+        training.restore_rng_state(state["rng"])
+        global_step, start_epoch, skip_batches = state["global_step"], state["epoch"], state["step_in_epoch"]
+        logger.info(f"resumed from {checkpoint_dir} at step {global_step} (epoch {start_epoch}, "
+                    f"batch {skip_batches})")
+
+    effective_batch = args.batch_size * args.gradient_accumulation_steps * context.world_size
+    logger.info(f"***** training *****\n  documents: {len(datasets['train'])}  validation: {len(datasets['val'])}"
+                f"\n  chunks: {sum(datasets['train'].lengths)} (max_length {args.max_length}, stride {args.stride})"
+                f"  chunk batch size: {args.chunk_batch_size}\n  epochs: {args.epochs}  effective batch size: "
+                f"{effective_batch} documents  total steps: {total_steps}\n  aggregation: {args.aggregation}  "
+                f"precision: {precision.name}  device: {device}  processes: {context.world_size}")
+
+    def checkpoint_state(epoch, batches_done):
+        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": training.capture_rng_state(), "epoch": epoch,
+                "step_in_epoch": batches_done, "global_step": global_step,
+                "best_metric": early_stopping.best_metric, "early_stopping": early_stopping.state_dict(),
+                "args": json.loads(json.dumps(vars(args), default=str))}
+
+    def run_evaluation(epoch):
+        """Evaluate on validation documents; save checkpoint-best on improvement."""
+        metrics, _, _ = evaluate(training.unwrap(model), datasets["val"], args, context, label_set.names)
+        improved = early_stopping.step(metrics[args.metric_for_best_model])
+        if improved and context.is_main:
+            save_model(output_dir / "checkpoint-best", model, tokenizer, toolkit, label_set, args)
+        logger.log({"step": global_step, "epoch": epoch, "eval_loss": metrics["loss"],
+                    "eval_accuracy": metrics["accuracy"], "eval_macro_f1": metrics["macro_f1"],
+                    f"eval_{args.metric_for_best_model}": metrics[args.metric_for_best_model],
+                    "eval_by_aggregation": metrics["by_aggregation"],
+                    "best": early_stopping.best_metric, "improved": improved})
+
+    model.train()
+    running_loss = torch.zeros((), device=device)
+    window_loss = torch.zeros((), device=device)
+    documents_since_log, chunks_since_log, log_started = 0, 0, time.perf_counter()
+    progress = tqdm(total=total_steps, initial=global_step, disable=not context.is_main, desc="train")
+    stop = global_step >= total_steps or early_stopping.should_stop
+    for epoch in range(start_epoch, args.epochs):
+        if stop:
+            break
+        train_loader.batch_sampler.set_epoch(epoch, skip_batches if epoch == start_epoch else 0)
+        batches_done = skip_batches if epoch == start_epoch else 0
+        batches_in_epoch = len(train_loader.batch_sampler.all_batches())
+        for batch in train_loader:
+            batches_done += 1
+            window_ends = batches_done % args.gradient_accumulation_steps == 0 or batches_done == batches_in_epoch
+            # ---- chunk forward passes under autocast, document loss, scaled backward
+            loss = document_loss_backward(model, batch["chunks"], batch["doc_index"], batch["labels"], args, scaler,
+                                          precision, device, sync=window_ends or not context.enabled)
+            running_loss += loss
+            window_loss += loss
+            documents_since_log += len(batch["labels"]) * context.world_size
+            chunks_since_log += len(batch["chunks"]) * context.world_size
+            if not window_ends:
+                continue
+            # ---- optimizer step: skip non-finite losses (fp16 overflow is the scaler's job)
+            skip = not scaler.is_enabled() and nonfinite_guard.should_skip(window_loss, global_step)
+            window_loss.zero_()
+            if skip:
+                optimizer.zero_grad(set_to_none=True)
+                running_loss.zero_()
+                continue
+            grad_norm, _ = training.optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
+            global_step += 1
+            progress.update(1)
+            # ---- logging, evaluation, checkpoint
+            if global_step % args.logging_steps == 0:
+                elapsed = max(time.perf_counter() - log_started, 1e-9)
+                mean_loss = (running_loss / (args.logging_steps * args.gradient_accumulation_steps)).item()
+                logger.log({"step": global_step, "epoch": epoch, "loss": mean_loss,
+                            "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                            "documents_per_second": documents_since_log / elapsed,
+                            "chunks_per_second": chunks_since_log / elapsed})
+                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                running_loss.zero_()
+                documents_since_log, chunks_since_log, log_started = 0, 0, time.perf_counter()
+            if args.eval_steps > 0 and global_step % args.eval_steps == 0:
+                run_evaluation(epoch)
+            if args.save_strategy == "steps" and args.save_steps > 0 and global_step % args.save_steps == 0 \
+                    and context.is_main:
+                save_checkpoint(output_dir, model, tokenizer, toolkit, label_set, args,
+                                checkpoint_state(epoch, batches_done))
+            training.barrier(context)
+            if global_step >= total_steps or early_stopping.should_stop:
+                stop = True
+                break
+        skip_batches = 0
+        if not stop or global_step >= total_steps:
+            run_evaluation(epoch)  # epoch end (also the last evaluation of a --max-steps run)
+        if early_stopping.should_stop:
+            logger.info(f"early stopping: no improvement in {args.patience} evaluations")
+            break
+    progress.close()
+    if nonfinite_guard.skipped_total:
+        logger.info(f"skipped {nonfinite_guard.skipped_total} optimizer steps with a non-finite loss")
+    return global_step
+
+
+# ---------------------------------------------------------------- after training: test and reports
+
+def finish(args, model_dir, datasets, splits, label_set, context, output_dir, logger, train_labels):
+    """Reload the best model, evaluate validation and test at document level, write reports."""
+    model, _, _, _ = SequenceClassifier.from_directory(model_dir, args.device_obj)
+    results = {}
+    results["validation"], val_logits, val_labels = evaluate(model, datasets["val"], args, context, label_set.names)
+    split_name, logits, labels = "validation", val_logits, val_labels
+    if "test" in datasets:
+        results["test"], logits, labels = evaluate(model, datasets["test"], args, context, label_set.names)
+        split_name = "test"
+    if context.is_main:
+        if train_labels is not None:
+            results["majority_baseline"] = majority_baseline(train_labels, labels.numpy(), len(label_set.names))
+        write_reports(output_dir, results, split_name, splits["test" if "test" in datasets else "val"],
+                      logits[args.aggregation], labels, label_set, args, logger)
+    return results
+
+
+def write_reports(output_dir, results, split_name, documents, doc_logits, labels, label_set, args, logger):
+    """metrics.json, errors.jsonl and the printed report for the final evaluation split."""
+    metrics = results[split_name]
+    probs = torch.softmax(doc_logits, -1).numpy()
+    predictions = probs.argmax(-1)
+    logger.info(f"\n{split_name} document-level report ({args.aggregation} aggregation):\n" +
+                format_report(labels.numpy(), predictions, label_set.names, metrics["confusion_matrix"]))
+    logger.info("aggregations side by side (document level): " + "; ".join(
+        f"{method}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}"
+        for method, m in metrics["by_aggregation"].items()))
+    chunk = metrics["chunk_level_diagnostic"]
+    logger.info(f"chunk-level diagnostic (not the headline): {chunk['num_chunks']} chunks, accuracy "
+                f"{chunk['accuracy']:.4f}, macro-F1 {chunk['macro_f1']:.4f}")
+    with open(output_dir / "errors.jsonl", "w", encoding="utf-8") as handle:
+        for document, true_id, predicted, row in zip(documents, labels.tolist(), predictions, probs):
+            if true_id != predicted:
+                handle.write(json.dumps({
+                    "where": document.locator, "id": getattr(document, "doc_id", None),
+                    "text_start": document.text[:200], "true_label": label_set.names[true_id],
+                    "predicted_label": label_set.names[predicted],
+                    "probabilities": {name: round(float(p), 4) for name, p in zip(label_set.names, row)}},
+                    ensure_ascii=False) + "\n")
+    (output_dir / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+# ---------------------------------------------------------------- logging
+
+class RunLogger:
+    """Prints on the main process and appends train_log.jsonl."""
+
+    def __init__(self, output_dir, is_main):
+        self.path = Path(output_dir) / "train_log.jsonl"
+        self.is_main = is_main
+
+    def info(self, message):
+        if self.is_main:
+            tqdm.write(message)
+
+    def log(self, row):
+        if not self.is_main:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if "eval_loss" in row:
+            tqdm.write(f"step {row['step']}: eval loss {row['eval_loss']:.4f}, document accuracy "
+                       f"{row['eval_accuracy']:.4f}, macro-F1 {row['eval_macro_f1']:.4f}"
+                       + (" (best)" if row.get("improved") else ""))
+
+
+# ---------------------------------------------------------------- main
+
+def normalizer_spec_of(args):
+    if not args.normalize:
+        return None
+    from common.text import normalizer_spec
+    return normalizer_spec(args.normalize)
+
+
+def run_eval_only(args, context):
+    """--eval-only: evaluate a saved model on --test-path with its stored chunking and aggregation."""
+    output_dir = training.prepare_output_dir(args.output_dir)
+    model, tokenizer, toolkit, config = SequenceClassifier.from_directory(args.model_path, args.device_obj)
+    label_names = [config.id2label[index] for index in range(len(config.id2label))]
+    args.data_path, args.val_path = None, None
+    splits, label_set = load_splits(args, label_names)
+    settings = longdoc.LongdocSettings.from_toolkit(toolkit)
+    args.max_length = toolkit["preprocessing"]["max_length"]
+    args.aggregation, args.stride = settings.aggregation, settings.stride
+    args.pad_token_id = tokenizer.pad_token_id
+    clean = longdoc.build_text_cleaner(settings.strip_patterns, toolkit["preprocessing"].get("normalize"))
+    datasets, summaries = chunk_splits({"test": splits["test"]}, tokenizer, args, settings, clean, label_set)
+    print(format_summary(summaries))
+    datasets["val"], splits["val"] = datasets["test"], splits["test"]
+    results = finish(args, args.model_path, datasets, splits, label_set, context, output_dir,
+                     RunLogger(output_dir, context.is_main), None)
+    print(json.dumps({key: results["test"][key] for key in ("accuracy", "macro_f1", "by_aggregation")}))
+    return 0
+
+
+@report_user_errors
+def main(argv=None):
+    args = parse_args(argv)
+    context = training.init_distributed(args.device)
+    try:
+        args.device_obj = training.resolve_device(args.device, context.local_rank)
+        args.precision_obj = training.resolve_precision(args.precision, args.device_obj)
+        training.set_seed(args.seed)
+        if args.eval_only:
+            return run_eval_only(args, context)
+        return run_training(args, context)
+    finally:
+        training.cleanup_distributed(context)
+
+
+def run_training(args, context):
+    # ---- validate everything cheap before loading the model or tokenizing
+    output_dir = training.prepare_output_dir(args.output_dir)
+    splits, label_set = load_splits(args)
+    normalize_spec = normalizer_spec_of(args)
+    settings = build_settings(args)
+    clean = longdoc.build_text_cleaner(settings.strip_patterns, normalize_spec)
+    tokenizer = modeldir.load_tokenizer(args.model_name, args.trust_remote_code)
+    longdoc.check_settings(settings, args.max_length, tokenizer.num_special_tokens_to_add(pair=False))
+    if args.extend_vocab > 0:
+        from common.vocab import extend_vocabulary
+        added = extend_vocabulary(tokenizer, [clean(d.text) for d in splits["train"]], args.extend_vocab)
+        print(f"--extend-vocab {args.extend_vocab}: added {len(added)} tokens, e.g. {added[:20]}")
+    args.pad_token_id = tokenizer.pad_token_id
+    datasets, summaries = chunk_splits(splits, tokenizer, args, settings, clean, label_set)
+    if context.is_main:
+        print(format_summary(summaries))
+        write_effective_config(args, output_dir)
+        (output_dir / "dataset_summary.json").write_text(json.dumps(summaries, indent=2, ensure_ascii=False),
+                                                          encoding="utf-8")
+
+    # ---- model
+    model = build_model(args, len(label_set.names), tokenizer).to(args.device_obj)
+    toolkit = build_toolkit_block(args, model, normalize_spec, settings)
+    if context.enabled:
+        # ranks run different numbers of chunk micro-batches: no per-forward buffer broadcast
+        model = DistributedDataParallel(model, device_ids=[args.device_obj.index] if args.device_obj.type == "cuda"
+                                        else None, broadcast_buffers=False)
+    logger = RunLogger(output_dir, context.is_main)
+    total, trainable = modeldir.count_parameters(model)
+    logger.info(f"model: {args.model_name}, {total / 1e6:.1f}M parameters ({trainable / 1e6:.2f}M trainable)")
+
+    train(args, model, tokenizer, datasets, label_set, toolkit, context, output_dir, logger)
+    training.barrier(context)
+    best_dir = output_dir / "checkpoint-best"
+    if not best_dir.is_dir():
+        raise UserError("training ended before any evaluation: no checkpoint-best was written")
+    train_labels = np.array([d.label for d in splits["train"]])
+    results = finish(args, best_dir, datasets, splits, label_set, context, output_dir, logger, train_labels)
+    if context.is_main:
+        headline = results.get("test", results["validation"])
+        logger.info(f"best model: {best_dir} ({args.metric_for_best_model} on validation "
+                    f"{results['validation'][args.metric_for_best_model]:.4f}); final document accuracy "
+                    f"{headline['accuracy']:.4f}, macro-F1 {headline['macro_f1']:.4f} ({args.aggregation})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,648 @@
+"""Fine-tune a BERT bi-encoder on (query, document, rel, weight) pairs; evaluate ranking; serve it.
+
+Examples:
+    python train_vector.py --mode train --train_path data/vec_train.json --val_path data/vec_valid.json \
+        --model_name bert-base-uncased --max_length 512 --batch_size 16 --learning_rate 2e-5 \
+        --num_epochs 3 --save_steps 200 --save_path ./output/vector_model
+    python train_vector.py --mode evaluate --test_path data/vec_test.json --save_path ./output/vector_model \
+        --select_best
+    python train_vector.py --mode deploy --save_path ./output/vector_model --host 0.0.0.0 --port 8000
+
+Training pulls cos(query, document) towards rel with a weighted MSE (or CoSENT, or in-batch
+InfoNCE), writes checkpoint-step-N/ every --save_steps (each a model directory with its
+validation loss), checkpoint-best/, best_checkpoint.json and train_log.jsonl. Runs under torchrun.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from common import data, modeldir, ranking, training
+from common.cli import add_data_text_args, add_flag, add_runtime_args, parse_bool, parse_with_config, \
+    write_effective_config
+from common.errors import UserError, report_user_errors
+from common.vector import (LOSSES, VECTOR_POOLINGS, BertVectorModel, PairCollator, PairEncoder, VectorService,
+                           build_pair_dataset, compute_pair_loss, evaluate_pairs, load_pairs, read_json_if_exists)
+
+__all__ = ["BertVectorModel", "main"]
+
+# config-file keys whose flag has another name (see configs/vector.yaml)
+SECTION_ALIASES = {
+    ("model", "name"): "model_name", ("training", "epochs"): "num_epochs", ("output", "dir"): "save_path",
+    ("scheduler", "type"): "scheduler", ("scheduler", "num_warmup_steps"): "warmup_steps",
+    ("logging", "steps"): "logging_steps",
+}
+BEST_FILE = "best_checkpoint.json"
+VALIDATION_SPLITS = ("validation", "val", "dev")
+NOT_APPLICABLE = ("labels", "text_field", "label_field")  # shared data flags that mean nothing for pairs
+
+
+# ---------------------------------------------------------------- arguments
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_flag(parser, "mode", choices=["train", "evaluate", "deploy"], default="train", help="what to do")
+    add_flag(parser, "config", help="YAML config with model/training/... sections; flags override it")
+
+    group = parser.add_argument_group("data")
+    add_flag(group, "train-path", default="data/vec_train.json",
+             help="training pairs {query, document, rel, weight}: JSON, JSONL, CSV/TSV or save_to_disk dir")
+    add_flag(group, "val-path", default="data/vec_valid.json", help="validation pairs (early stopping, checkpoints)")
+    add_flag(group, "test-path", default="data/vec_test.json", help="test pairs for --mode evaluate")
+    add_data_text_args(parser)
+
+    group = parser.add_argument_group("model")
+    add_flag(group, "model-name", default="bert-base-uncased", help="hub name or local path of the encoder")
+    add_flag(group, "max-length", type=int, default=512, help="default token budget per text (special tokens included)")
+    add_flag(group, "query-max-length", type=int, default=None, help="token budget of queries (default --max-length)")
+    add_flag(group, "doc-max-length", type=int, default=None, help="token budget of documents (default --max-length)")
+    add_flag(group, "pooling", choices=VECTOR_POOLINGS, default="cls", help="CLS vector or mean of token vectors")
+    add_flag(group, "projection-dim", type=int, default=0, help="linear projection to this size (0: none)")
+
+    group = parser.add_argument_group("training")
+    group.add_argument("--num-epochs", "--num_epochs", "--epochs", dest="num_epochs", type=int, default=3,
+                        help="passes over the training data")
+    add_flag(group, "max-steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
+    add_flag(group, "batch-size", type=int, default=16, help="pairs per forward pass (per process)")
+    add_flag(group, "eval-batch-size", type=int, default=64, help="pairs or texts per evaluation forward pass")
+    add_flag(group, "gradient-accumulation-steps", type=int, default=1, help="forward passes per optimizer step")
+    add_flag(group, "learning-rate", type=float, default=2e-5, help="peak AdamW learning rate")
+    add_flag(group, "weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/LayerNorm)")
+    add_flag(group, "adam-epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    add_flag(group, "warmup-steps", type=int, default=100, help="linear warmup steps (-1: use --warmup-ratio)")
+    add_flag(group, "warmup-ratio", type=float, default=0.0, help="warmup share of all steps when --warmup-steps is -1")
+    add_flag(group, "scheduler", choices=["linear", "cosine"], default="linear", help="decay after warmup")
+    add_flag(group, "max-grad-norm", type=float, default=1.0, help="gradient clipping threshold (0: off)")
+    add_flag(group, "loss", choices=LOSSES, default=None,
+             help="mse: weighted MSE of cosine vs rel (default); cosent: rank pairs by rel; "
+                  "infonce: in-batch negatives, for positive pairs only")
+    add_flag(group, "temperature", type=float, default=0.05, help="InfoNCE softmax temperature")
+    add_flag(group, "group-by-length", type=parse_bool, default=True,
+             help="batch similar lengths together (less padding); batch order stays random")
+
+    group = parser.add_argument_group("evaluation, early stopping, checkpoints, logging")
+    add_flag(group, "eval-steps", type=int, default=0,
+             help="validation loss every N steps (0: every --save-steps, and at epoch ends)")
+    add_flag(group, "patience", type=int, default=3, help="evaluations without improvement before stopping (0: off)")
+    add_flag(group, "min-delta", type=float, default=0.0, help="smallest validation-loss drop that counts")
+    group.add_argument("--save-path", "--save_path", "--output-dir", "--output_dir", dest="save_path",
+                        default="./output/vector_model", help="where checkpoints, logs and metrics go")
+    add_flag(group, "save-steps", type=int, default=200, help="write checkpoint-step-N every N steps (0: only at the end)")
+    add_flag(group, "save-total-limit", type=int, default=0, help="step checkpoints to keep (0: all)")
+    add_flag(group, "logging-steps", type=int, default=50, help="log loss and learning rate every N steps")
+    add_flag(group, "k", type=ranking.parse_ks, default=ranking.DEFAULT_KS, help="cut-offs for ranking metrics")
+    add_flag(group, "relevance-threshold", type=float, default=0.0,
+             help="rel above this counts as relevant for binary NDCG, MRR, MAP and Recall")
+    add_flag(group, "select-best", action="store_true",
+             help="evaluate every checkpoint under --save-path and record the lowest validation loss one")
+    add_flag(group, "checkpoint-dir", help="evaluate this checkpoint (or any model directory)")
+    add_flag(group, "metrics-path", help="where --mode evaluate writes its JSON (default: in --save-path)")
+
+    group = parser.add_argument_group("deploy (HTTP server)")
+    add_flag(group, "model-dir", help="model directory to serve (default: the best checkpoint under --save-path)")
+    add_flag(group, "host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    add_flag(group, "port", type=int, default=8000, help="port to listen on")
+    add_flag(group, "corpus", help="JSONL of {id, text} encoded at start-up for POST /search")
+    add_flag(group, "api-key", default=None, help="require 'Authorization: Bearer KEY' (or env TOOLKIT_API_KEY)")
+    add_flag(group, "max-texts", type=int, default=64, help="texts per request")
+    add_flag(group, "max-chars", type=int, default=10000, help="characters per text")
+    add_flag(group, "max-batch-size", type=int, default=64, help="texts merged into one forward pass (1: no merging)")
+    add_flag(group, "batch-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    add_runtime_args(parser)
+    return parser
+
+
+def parse_args(argv=None):
+    args = parse_with_config(build_parser(), argv, SECTION_ALIASES)
+    for name in NOT_APPLICABLE:
+        if getattr(args, name, None):
+            raise UserError(f"--{name.replace('_', '-')} does not apply to train_vector.py "
+                            "(records are {query, document, rel, weight})")
+    for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("query_max_length", "doc_max_length"):
+        if getattr(args, name) is not None and getattr(args, name) < 2:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 2")
+    if args.temperature <= 0:
+        raise UserError("--temperature must be positive")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        args.warmup_steps = None  # resolve_warmup_steps then uses --warmup-ratio
+    return args
+
+
+# ---------------------------------------------------------------- data
+
+def load_splits(args, names):
+    """Read and validate the named splits ('train', 'val', 'test') before anything expensive."""
+    paths = {"train": (args.train_path, args.data_split, ("train",)),
+             "val": (args.val_path, None, VALIDATION_SPLITS), "test": (args.test_path, None, ("test",))}
+    rel_default = 1.0 if args.loss == "infonce" else None  # InfoNCE users may have positives only
+    splits = {}
+    for name in names:
+        path, split, default_splits = paths[name]
+        splits[name] = load_pairs(path, args.skip_invalid, rel_default, split, default_splits)
+    data.report_skipped()
+    if args.loss == "infonce":
+        for name in set(splits) & {"train", "val"}:
+            splits[name] = keep_positive_pairs(splits[name], name, args.relevance_threshold)
+    return splits
+
+
+def keep_positive_pairs(pairs, name, threshold):
+    """InfoNCE learns from positive pairs only (the batch supplies the negatives)."""
+    positives = [pair for pair in pairs if pair.rel > threshold]
+    if not positives:
+        raise UserError(f"the {name} data has no positive pairs (rel > {threshold}) for --loss infonce")
+    if len(positives) < len(pairs):
+        print(f"--loss infonce: {name}: using the {len(positives)} positive pairs "
+              f"(left out {len(pairs) - len(positives)} with rel <= {threshold})")
+    return positives
+
+
+def encode_splits(splits, tokenizer, model):
+    """Tokenize every split once (queries and documents at their own lengths); print a summary."""
+    datasets = {}
+    for name, pairs in splits.items():
+        stats = {}
+        datasets[name] = build_pair_dataset(tokenizer, pairs, model.max_length_for("query"),
+                                            model.max_length_for("document"), model.preprocessing, stats)
+        print(f"  {name}: {len(pairs)} pairs, {len({p.query for p in pairs})} queries; query tokens "
+              f"p50={stats['query_tokens']['p50']} max={stats['query_tokens']['max']} "
+              f"({stats['queries_truncated']} at the limit); document tokens p50={stats['document_tokens']['p50']} "
+              f"max={stats['document_tokens']['max']} ({stats['documents_truncated']} at the limit)")
+    return datasets
+
+
+def build_train_loader(dataset, args, context):
+    sampler = data.LengthGroupedBatchSampler(dataset.lengths, args.batch_size, shuffle=True, seed=args.seed,
+                                             group_by_length=args.group_by_length, rank=context.rank,
+                                             world_size=context.world_size)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=PairCollator(args.pad_token_id),
+                                       num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+                                       generator=data.private_generator(args.seed))
+
+
+def build_eval_loader(dataset, args, context):
+    """This rank's shard in fixed batches (in-batch negatives of InfoNCE stay the same run to run)."""
+    shard = torch.utils.data.Subset(dataset, data.shard_indices(len(dataset), context.rank, context.world_size))
+    sampler = data.LengthGroupedBatchSampler([dataset.lengths[i] for i in shard.indices], args.eval_batch_size,
+                                             shuffle=False, group_by_length=False)
+    return torch.utils.data.DataLoader(shard, batch_sampler=sampler, collate_fn=PairCollator(args.pad_token_id))
+
+
+# ---------------------------------------------------------------- model
+
+def build_model(args, tokenizer, normalize_spec):
+    backbone = modeldir.load_pretrained_backbone(args.model_name, args.trust_remote_code)
+    if len(tokenizer) > backbone.get_input_embeddings().num_embeddings:  # after --extend-vocab
+        backbone.resize_token_embeddings(len(tokenizer))
+    model = BertVectorModel(backbone, args.pooling, args.projection_dim or None, True, args.query_max_length,
+                            args.doc_max_length, args.max_length, args.truncation_side, normalize_spec)
+    model.tokenizer = tokenizer
+    return model
+
+
+def load_vector_model(directory, args):
+    """A toolkit vector model directory, or (for a baseline) a plain pretrained encoder with --pooling."""
+    config = read_json_if_exists(Path(directory) / modeldir.CONFIG_FILE)
+    if config is not None and "toolkit" not in config and (Path(directory) / modeldir.WEIGHTS_FILE).is_file():
+        print(f"{directory}: a pretrained encoder, not a trained vector model: evaluating it with "
+              f"--pooling {args.pooling} (untuned baseline)")
+        return BertVectorModel.from_backbone(
+            str(directory), args.trust_remote_code, pooling=args.pooling, projection_dim=None,
+            query_max_length=args.query_max_length, doc_max_length=args.doc_max_length,
+            max_length=args.max_length, truncation_side=args.truncation_side).to(args.device_obj).eval()
+    return BertVectorModel.from_pretrained(directory, args.device_obj)
+
+
+def save_model(directory, model, args):
+    """A model directory (weights, config with the toolkit block, tokenizer, training_args.json), atomically."""
+    def write(tmp_dir):
+        vector_model(model).save_pretrained(tmp_dir)
+        write_effective_config(args, tmp_dir)
+    training.write_directory_atomically(directory, write)
+
+
+def save_checkpoint(output_dir, model, args, state):
+    """checkpoint-step-N: a loadable model directory plus the full resume state, written atomically."""
+    def write(tmp_dir):
+        vector_model(model).save_pretrained(tmp_dir)
+        write_effective_config(args, tmp_dir)
+        training.save_training_state(tmp_dir, state)
+    training.write_directory_atomically(Path(output_dir) / f"{training.CHECKPOINT_PREFIX}{state['global_step']}",
+                                        write)
+    training.rotate_checkpoints(output_dir, args.save_total_limit)
+
+
+def vector_model(model):
+    """The BertVectorModel inside DDP and the PairEncoder."""
+    return training.unwrap(model).encoder
+
+
+# ---------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate_loss(pair_encoder, loader, args, context):
+    """Mean loss over the whole split (gathered across ranks), weighted by batch size."""
+    was_training = pair_encoder.training
+    pair_encoder.eval()
+    loss_sum, count = 0.0, 0
+    for batch in loader:
+        with args.precision_obj.autocast(args.device_obj):
+            query_embeddings, doc_embeddings = pair_encoder(modeldir.to_device(batch["query"], args.device_obj),
+                                                            modeldir.to_device(batch["document"], args.device_obj))
+        loss = compute_pair_loss(args.loss, query_embeddings, doc_embeddings, batch, args.temperature)
+        loss_sum += float(loss) * len(batch["rel"])
+        count += len(batch["rel"])
+    pair_encoder.train(was_training)
+    totals = training.gather_objects(context, (loss_sum, count))
+    return sum(total for total, _ in totals) / max(1, sum(n for _, n in totals))
+
+
+# ---------------------------------------------------------------- the training loop
+
+def train(args, model, datasets, context, output_dir, logger):
+    device, precision = args.device_obj, args.precision_obj
+    train_loader = build_train_loader(datasets["train"], args, context)
+    val_loader = build_eval_loader(datasets["val"], args, context)
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * args.num_epochs
+    if args.max_steps > 0:
+        total_steps = min(total_steps, args.max_steps)
+    eval_steps = args.eval_steps or args.save_steps
+    optimizer = training.build_optimizer(model, args.learning_rate, args.weight_decay, args.adam_epsilon, device)
+    scheduler = training.build_scheduler(optimizer, args.scheduler, training.resolve_warmup_steps(
+        total_steps, args.warmup_ratio, args.warmup_steps), total_steps)
+    scaler = training.build_grad_scaler(precision, device)
+    early_stopping = training.EarlyStopping(args.patience, args.min_delta, mode="min")
+    nonfinite_guard = training.NonFiniteLossGuard(args.max_nonfinite_steps)
+    global_step, start_epoch, skip_batches = 0, 0, 0
+
+    # ---- resume: model weights, optimizer, scheduler, scaler, RNG, position, early stopping
+    checkpoint_dir = training.find_resume_checkpoint(args.resume, output_dir)
+    if checkpoint_dir is not None:
+        state = training.load_training_state(checkpoint_dir)
+        modeldir.load_weights(vector_model(model), checkpoint_dir)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        early_stopping.load_state_dict(state["early_stopping"])
+        training.restore_rng_state(state["rng"])
+        global_step, start_epoch, skip_batches = state["global_step"], state["epoch"], state["step_in_epoch"]
+        logger.info(f"resumed from {checkpoint_dir} at step {global_step} (epoch {start_epoch}, "
+                    f"batch {skip_batches})")
+
+    effective_batch = args.batch_size * args.gradient_accumulation_steps * context.world_size
+    logger.info(f"***** training *****\n  pairs: {len(datasets['train'])}  validation: {len(datasets['val'])}\n"
+                f"  epochs: {args.num_epochs}  effective batch size: {effective_batch}  total steps: {total_steps}\n"
+                f"  loss: {args.loss}  precision: {precision.name}  device: {device}  processes: {context.world_size}")
+
+    def checkpoint_state(epoch, batches_done, val_loss):
+        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": training.capture_rng_state(), "epoch": epoch,
+                "step_in_epoch": batches_done, "global_step": global_step,
+                "best_metric": early_stopping.best_metric, "early_stopping": early_stopping.state_dict(),
+                "args": json.loads(json.dumps(vars(args), default=str)), "summary": {"val_loss": val_loss}}
+
+    last_evaluation = {"step": None, "val_loss": None}
+
+    def run_evaluation(epoch):
+        """Validation loss -> early stopping; save checkpoint-best on improvement."""
+        val_loss = evaluate_loss(training.unwrap(model), val_loader, args, context)
+        improved = early_stopping.step(val_loss)
+        if improved and context.is_main:
+            save_model(output_dir / "checkpoint-best", model, args)
+        last_evaluation.update(step=global_step, val_loss=val_loss)
+        logger.log({"step": global_step, "epoch": epoch, "eval_loss": val_loss,
+                    "best": early_stopping.best_metric, "improved": improved})
+
+    def run_save(epoch, batches_done):
+        """checkpoint-step-N with the validation loss at step N (measured now if not yet)."""
+        val_loss = last_evaluation["val_loss"] if last_evaluation["step"] == global_step else \
+            evaluate_loss(training.unwrap(model), val_loader, args, context)
+        if context.is_main:
+            save_checkpoint(output_dir, model, args, checkpoint_state(epoch, batches_done, val_loss))
+
+    model.train()
+    running_loss = torch.zeros((), device=device)
+    window_loss = torch.zeros((), device=device)
+    log_started = time.perf_counter()
+    progress = tqdm(total=total_steps, initial=global_step, disable=not context.is_main, desc="train")
+    stop = global_step >= total_steps or early_stopping.should_stop
+    epoch, batches_done, saved_step = start_epoch, skip_batches, None
+    for epoch in range(start_epoch, args.num_epochs):
+        if stop:
+            break
+        train_loader.batch_sampler.set_epoch(epoch, skip_batches if epoch == start_epoch else 0)
+        batches_done = skip_batches if epoch == start_epoch else 0
+        batches_in_epoch = len(train_loader.batch_sampler.all_batches())
+        for batch in train_loader:
+            batches_done += 1
+            query, document = (modeldir.to_device(batch["query"], device),
+                               modeldir.to_device(batch["document"], device))
+            window_ends = batches_done % args.gradient_accumulation_steps == 0 or batches_done == batches_in_epoch
+            # ---- forward under autocast, scaled backward (gradient sync only on the window's last pass)
+            sync = window_ends or not context.enabled
+            with (training_context() if sync else model.no_sync()):
+                with precision.autocast(device):
+                    query_embeddings, doc_embeddings = model(query, document)
+                loss = compute_pair_loss(args.loss, query_embeddings, doc_embeddings, batch, args.temperature)
+                scaler.scale(loss / args.gradient_accumulation_steps).backward()
+            running_loss += loss.detach()
+            window_loss += loss.detach()
+            if not window_ends:
+                continue
+            # ---- optimizer step: skip non-finite losses (fp16 overflow is the scaler's job)
+            skip = not scaler.is_enabled() and nonfinite_guard.should_skip(window_loss, global_step)
+            window_loss.zero_()
+            if skip:
+                optimizer.zero_grad(set_to_none=True)
+                running_loss.zero_()
+                continue
+            grad_norm, _ = training.optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
+            global_step += 1
+            progress.update(1)
+            # ---- logging, evaluation, checkpoint
+            if global_step % args.logging_steps == 0:
+                mean_loss = (running_loss / (args.logging_steps * args.gradient_accumulation_steps)).item()
+                elapsed = time.perf_counter() - log_started
+                logger.log({"step": global_step, "epoch": epoch, "loss": mean_loss,
+                            "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                            "steps_per_second": args.logging_steps / max(elapsed, 1e-9)})
+                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                running_loss.zero_()
+                log_started = time.perf_counter()
+            if eval_steps > 0 and global_step % eval_steps == 0:
+                run_evaluation(epoch)
+            if args.save_steps > 0 and global_step % args.save_steps == 0:
+                run_save(epoch, batches_done)
+                saved_step = global_step
+            training.barrier(context)
+            if global_step >= total_steps or early_stopping.should_stop:
+                stop = True
+                break
+        skip_batches = 0
+        if last_evaluation["step"] != global_step:
+            run_evaluation(epoch)  # epoch end (also the last evaluation of a --max-steps run)
+        if early_stopping.should_stop:
+            logger.info(f"early stopping: validation loss did not improve in {args.patience} evaluations")
+            break
+    if saved_step != global_step and global_step > 0 and not (output_dir / checkpoint_name(global_step)).is_dir():
+        run_save(epoch, batches_done)  # the final weights are always a checkpoint
+    progress.close()
+    if nonfinite_guard.skipped_total:
+        logger.info(f"skipped {nonfinite_guard.skipped_total} optimizer steps with a non-finite loss")
+    return global_step
+
+
+class training_context:
+    """A do-nothing context manager (the DDP ``no_sync`` alternative)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def checkpoint_name(step):
+    return f"{training.CHECKPOINT_PREFIX}{step}"
+
+
+# ---------------------------------------------------------------- checkpoints: which is best
+
+def checkpoint_val_loss(directory):
+    """The validation loss recorded in a checkpoint's trainer_state.json (None if absent)."""
+    summary = read_json_if_exists(Path(directory) / training.TRAINER_SUMMARY_FILE) or {}
+    value = summary.get("val_loss")
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def lowest_val_loss_checkpoint(save_path):
+    """(directory, val_loss) of the step checkpoint with the lowest recorded validation loss, or (None, None)."""
+    candidates = [(checkpoint_val_loss(d), index, d) for index, d in enumerate(training.list_checkpoints(save_path))]
+    candidates = [item for item in candidates if item[0] is not None]
+    if not candidates:
+        return None, None
+    val_loss, _, directory = min(candidates)
+    return directory, val_loss
+
+
+def write_best_record(save_path, directory, val_loss, selected_by, extra=None):
+    record = {"checkpoint": Path(directory).name, "val_loss": val_loss, "selected_by": selected_by}
+    record.update(extra or {})
+    path = Path(save_path) / BEST_FILE
+    path.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def resolve_best_model_dir(save_path):
+    """best_checkpoint.json, else the lowest validation loss checkpoint, else checkpoint-best, else save_path."""
+    save_path = Path(save_path)
+    record = read_json_if_exists(save_path / BEST_FILE)
+    if record and (save_path / str(record.get("checkpoint"))).is_dir():
+        return save_path / record["checkpoint"]
+    directory, _ = lowest_val_loss_checkpoint(save_path)
+    if directory is not None:
+        return directory
+    if (save_path / "checkpoint-best").is_dir():
+        return save_path / "checkpoint-best"
+    if (save_path / modeldir.CONFIG_FILE).is_file():
+        return save_path
+    raise UserError(f"--save-path {save_path}: no checkpoint found (train first, or pass --model-dir)")
+
+
+# ---------------------------------------------------------------- logging
+
+class RunLogger:
+    """Prints on the main process and appends rows to train_log.jsonl."""
+
+    def __init__(self, output_dir, is_main):
+        self.path = Path(output_dir) / "train_log.jsonl"
+        self.is_main = is_main
+
+    def info(self, message):
+        if self.is_main:
+            tqdm.write(message)
+
+    def log(self, row):
+        if not self.is_main:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if "eval_loss" in row:
+            tqdm.write(f"step {row['step']}: validation loss {row['eval_loss']:.5f}"
+                       + (" (best)" if row.get("improved") else ""))
+
+
+# ---------------------------------------------------------------- modes
+
+def run_training(args, context):
+    # ---- validate everything cheap before loading the model or tokenizing
+    output_dir = training.prepare_output_dir(args.save_path)
+    training.check_resume_argument(args.resume)
+    args.loss = args.loss or "mse"
+    splits = load_splits(args, ("train", "val"))
+    normalize_spec = None
+    if args.normalize:
+        from common.text import normalizer_spec
+        normalize_spec = normalizer_spec(args.normalize)
+    tokenizer = modeldir.load_tokenizer(args.model_name, args.trust_remote_code)
+    if args.extend_vocab > 0:
+        from common.vocab import extend_vocabulary
+        from common.vector import build_text_normalizer
+        normalize = build_text_normalizer(normalize_spec)
+        texts = [normalize(text) for pair in splits["train"] for text in (pair.query, pair.document)]
+        added = extend_vocabulary(tokenizer, texts, args.extend_vocab)
+        print(f"--extend-vocab {args.extend_vocab}: added {len(added)} tokens, e.g. {added[:20]}")
+    args.pad_token_id = tokenizer.pad_token_id
+
+    # ---- model, then tokenize every split once at the model's query/document lengths
+    model = build_model(args, tokenizer, normalize_spec)
+    if context.is_main:
+        print("dataset summary:")
+    datasets = encode_splits(splits, tokenizer, model)
+    if context.is_main:
+        write_effective_config(args, output_dir)
+    model = PairEncoder(model).to(args.device_obj)
+    if context.enabled:
+        model = DistributedDataParallel(model, device_ids=[args.device_obj.index]
+                                        if args.device_obj.type == "cuda" else None)
+    logger = RunLogger(output_dir, context.is_main)
+    total, trainable = modeldir.count_parameters(model)
+    logger.info(f"model: {args.model_name}, {total / 1e6:.1f}M parameters ({trainable / 1e6:.2f}M trainable), "
+                f"pooling {args.pooling}, embedding size {vector_model(model).dim}")
+
+    train(args, model, datasets, context, output_dir, logger)
+    training.barrier(context)
+    if context.is_main:
+        directory, val_loss = lowest_val_loss_checkpoint(output_dir)
+        if directory is not None:
+            write_best_record(output_dir, directory, val_loss, "lowest validation loss (training)")
+            logger.info(f"best checkpoint: {directory} (validation loss {val_loss:.5f}); "
+                        f"evaluate with --mode evaluate --select_best")
+    return 0
+
+
+def resolve_loss_for(directory, args):
+    """--loss when given, else the loss the checkpoint was trained with, else mse."""
+    if args.loss:
+        return args.loss
+    trained = read_json_if_exists(Path(directory) / "training_args.json") or {}
+    return trained.get("loss") if trained.get("loss") in LOSSES else "mse"
+
+
+def evaluate_checkpoint(directory, test_pairs, args):
+    """Ranking metrics and test loss of one model directory."""
+    model = load_vector_model(directory, args)
+    loss_name = resolve_loss_for(directory, args)
+    scored, test_loss = evaluate_pairs(model, test_pairs, loss_name, args.temperature, args.eval_batch_size)
+    metrics = ranking.ranking_metrics(scored, args.k, args.relevance_threshold)
+    metrics.update(test_loss=test_loss, loss=loss_name)
+    return metrics
+
+
+def format_table(rows, ks):
+    """Checkpoint table: validation loss, test loss, graded NDCG@k, MRR and Recall at the largest k."""
+    k_max = max(ks)
+    columns = ["val_loss", "test_loss"] + [f"ndcg@{k}" for k in ks] + [f"mrr@{k_max}", f"recall@{k_max}"]
+    name_width = max(len("checkpoint"), *(len(name) for name, _, _ in rows))
+    lines = [f"{'checkpoint':<{name_width}}" + "".join(f"{column:>11}" for column in columns)]
+    for name, val_loss, metrics in rows:
+        values = ["-" if val_loss is None else f"{val_loss:.5f}", f"{metrics['test_loss']:.5f}"]
+        values += [f"{metrics[f'ndcg@{k}']:.4f}" for k in ks]
+        values += [f"{metrics[f'mrr@{k_max}']:.4f}", f"{metrics[f'recall@{k_max}']:.4f}"]
+        lines.append(f"{name:<{name_width}}" + "".join(f"{value:>11}" for value in values))
+    return "\n".join(lines)
+
+
+def run_evaluation_mode(args):
+    test_pairs = load_splits(args, ("test",))["test"]
+    if args.select_best:
+        return select_best(args, test_pairs)
+    directory = args.checkpoint_dir or args.model_dir or resolve_best_model_dir(args.save_path)
+    if not Path(directory).is_dir():
+        raise UserError(f"--checkpoint-dir {directory}: not a directory")
+    metrics = evaluate_checkpoint(directory, test_pairs, args)
+    metrics["checkpoint"] = str(directory)
+    print(format_table([(Path(directory).name, checkpoint_val_loss(directory), metrics)], args.k))
+    print(json.dumps({key: round(value, 4) if isinstance(value, float) else value for key, value in metrics.items()}))
+    write_metrics(args, metrics, "eval_metrics.json")
+    return 0
+
+
+def select_best(args, test_pairs):
+    """Evaluate every step checkpoint; record the lowest validation loss one in best_checkpoint.json."""
+    save_path = Path(args.save_path)
+    if not save_path.is_dir():
+        raise UserError(f"--save-path {save_path}: not a directory")
+    training.report_partial_checkpoints(save_path)
+    checkpoints = training.list_checkpoints(save_path)
+    if not checkpoints:
+        raise UserError(f"--save-path {save_path}: no checkpoint-step-N directories to select from")
+    rows = []
+    for directory in checkpoints:
+        rows.append((directory.name, checkpoint_val_loss(directory), evaluate_checkpoint(directory, test_pairs, args)))
+    print(format_table(rows, args.k))
+    best_dir, best_val_loss = lowest_val_loss_checkpoint(save_path)
+    if best_dir is None:
+        raise UserError(f"--save-path {save_path}: no checkpoint records a validation loss")
+    best_metrics = next(metrics for name, _, metrics in rows if name == best_dir.name)
+    path = write_best_record(save_path, best_dir, best_val_loss, "lowest validation loss (--select_best)",
+                             {"test": best_metrics})
+    print(f"best: {best_dir.name} (validation loss {best_val_loss:.5f}, NDCG@{max(args.k)} "
+          f"{best_metrics[f'ndcg@{max(args.k)}']:.4f}); recorded in {path}")
+    write_metrics(args, {"checkpoints": {name: dict(metrics, val_loss=val_loss) for name, val_loss, metrics in rows},
+                         "best": best_dir.name}, "eval_results.json")
+    return 0
+
+
+def write_metrics(args, metrics, default_name):
+    path = Path(args.metrics_path) if args.metrics_path else training.prepare_output_dir(args.save_path) / default_name
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
+    except OSError as error:
+        raise UserError(f"--metrics-path {path}: cannot write there ({error.strerror})") from None
+    print(f"metrics written to {path}")
+
+
+def run_deploy(args):
+    from common import server
+    directory = args.model_dir or resolve_best_model_dir(args.save_path)
+    corpus_entries = server.load_corpus_records(args.corpus, args.skip_invalid) if args.corpus else None
+    service = VectorService.from_directory(directory, args.device_obj, args.eval_batch_size)
+    print(f"serving {directory} (embedding size {service.model.dim})", file=sys.stderr)
+    corpus = server.build_corpus(service, *corpus_entries) if corpus_entries else None
+    app = server.create_app(service, api_key=args.api_key, max_texts=args.max_texts, max_chars=args.max_chars,
+                            max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, corpus=corpus)
+    return server.serve(app, args.host, args.port)
+
+
+@report_user_errors
+def main(argv=None):
+    args = parse_args(argv)
+    context = training.init_distributed(args.device) if args.mode == "train" else training.DistributedContext()
+    try:
+        args.device_obj = training.resolve_device(args.device, context.local_rank)
+        args.precision_obj = training.resolve_precision(args.precision, args.device_obj)
+        training.set_seed(args.seed)
+        if args.mode == "evaluate":
+            return run_evaluation_mode(args)
+        if args.mode == "deploy":
+            return run_deploy(args)
+        return run_training(args, context)
+    finally:
+        training.cleanup_distributed(context)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
