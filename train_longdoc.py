@@ -306,15 +306,19 @@ def document_loss_backward(model, chunks, doc_index, labels, args, scaler, preci
     loss = document_loss(chunk_logits, doc_index, labels, args.aggregation)
     (gradient,) = torch.autograd.grad(scaler.scale(loss * scale), chunk_logits)
     # ---- pass 2: each micro-batch again with gradients, under the same dropout masks
+    recomputed_finite = torch.ones((), dtype=torch.bool, device=device)
     for position, ((start, batch), state) in enumerate(zip(batches, states)):
         last = position == len(batches) - 1
         set_rng_state(state, device)
         with nullcontext() if (sync and last) or not hasattr(model, "no_sync") else model.no_sync():
             with precision.autocast(device):
                 logits = model(**modeldir.to_device(batch, device))
+            recomputed_finite &= torch.isfinite(logits).all()
             logits.backward(gradient[start:start + len(logits)].to(logits.dtype))
     set_rng_state(end_state, device)  # the RNG continues as after one pass over the chunks
-    return loss.detach()
+    # The caller skips a step by its loss; a recompute that went non-finite (its gradients are then
+    # non-finite) must show in the loss too. No host sync: torch.where stays on the device.
+    return torch.where(recomputed_finite, loss.detach(), torch.full_like(loss, float("nan")))
 
 
 def document_loss(chunk_logits, doc_index, labels, aggregation):
@@ -446,6 +450,8 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
     documents_since_log, chunks_since_log, log_started = 0, 0, time.perf_counter()
     progress = tqdm(total=total_steps, initial=global_step, disable=not context.is_main, desc="train")
     stop = global_step >= total_steps or early_stopping.should_stop
+    if checkpoint_dir is not None and global_step >= total_steps and not early_stopping.should_stop:
+        run_evaluation(start_epoch)  # the last checkpoint is saved before the final evaluation: redo it
     for epoch in range(start_epoch, args.epochs):
         if stop:
             break

@@ -33,11 +33,11 @@ CONFIGS = {
     "trainer-group-by-length": ("trainer", "group_by_length", None, None, 0),
     "toolkit-no-grouping": ("toolkit", ["--group-by-length", "false"], None, None, 0),
     "toolkit-eager-attention": ("toolkit", [], "eager_attention", None, 0),
-    "toolkit-fused-adamw": ("toolkit", [], "fused_adamw", None, 0),
+    "toolkit-foreach-adamw": ("toolkit", [], "foreach_adamw", None, 0),
     "toolkit-compile": ("toolkit", ["--compile"], None, None, 7),
     "toolkit-bf16": ("toolkit", ["--precision", "bf16"], None, 2, 0),  # emulated bf16: minutes per step
 }
-LEVERS = ("toolkit-no-grouping", "toolkit-eager-attention", "toolkit-fused-adamw")
+LEVERS = ("toolkit-no-grouping", "toolkit-eager-attention", "toolkit-foreach-adamw")
 SLOW_LEVERS = ("toolkit-compile", "toolkit-bf16")  # run last: minutes of compiling / emulated bf16
 DEFAULT_CONFIGS = HEADLINE + LEVERS + ("toolkit-compile",)  # bf16 is measured per layer (see micro_levers)
 BERT_BASE_CONFIGS = ("toolkit", "trainer", "trainer-group-by-length")
@@ -84,14 +84,14 @@ def apply_patch(patch):
             backbone.set_attn_implementation("eager")
             return backbone
         modeldir.load_pretrained_backbone = load_eager
-    elif patch == "fused_adamw":
+    elif patch == "foreach_adamw":  # the toolkit's CPU optimizer before fused AdamW became the default
         build = training.build_optimizer
 
-        def build_fused(model, learning_rate, weight_decay, adam_epsilon=1e-8, device=None):
+        def build_foreach(model, learning_rate, weight_decay, adam_epsilon=1e-8, device=None):
             groups = build(model, learning_rate, weight_decay, adam_epsilon, device).param_groups
             return torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups],
-                                     lr=learning_rate, eps=adam_epsilon, fused=True)
-        training.build_optimizer = build_fused
+                                     lr=learning_rate, eps=adam_epsilon, foreach=True)
+        training.build_optimizer = build_foreach
 
 
 def run_toolkit(args, flags, patch, steps, recorder_box):

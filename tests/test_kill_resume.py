@@ -237,14 +237,8 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_weights(script, wo
     assert_same_results(reference_dir, killed_dir)
 
 
-FINAL_EVALUATION_BUG = pytest.mark.xfail(
-    strict=True, reason="train_longdoc.py: a resume from the last step checkpoint skips the epoch-end "
-                        "evaluation that follows it (train_classifier.py has the fix)")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("script", [pytest.param(script, marks=FINAL_EVALUATION_BUG) if script == "train_longdoc"
-                                    else script for script in TRAINERS])
+@pytest.mark.parametrize("script", list(TRAINERS))
 def test_kill_between_the_last_checkpoint_and_the_final_evaluation(script, worker, run_setup, tmp_path):
     """The last step checkpoint is written before the epoch-end evaluation (with --eval-steps 5 the last step
     is not an evaluation step): a resume from it must still run that evaluation, which can change
@@ -297,13 +291,7 @@ class Always:
         return number >= self.start
 
 
-LONGDOC_NAN_PERSISTS = pytest.mark.xfail(
-    strict=True, reason="train_longdoc.py: one NaN chunk forward leaves the weights NaN (the step is not "
-                        "skipped), so every later step is non-finite and the run aborts")
-
-
-@pytest.mark.parametrize("script", [pytest.param(script, marks=LONGDOC_NAN_PERSISTS) if script == "train_longdoc"
-                                    else script for script in TRAINERS])
+@pytest.mark.parametrize("script", list(TRAINERS))
 def test_a_nan_loss_skips_the_step_with_a_warning(script, tmp_path, tiny_model_dir, monkeypatch, capsys):
     module = __import__(script) if (REPO / f"{script}.py").is_file() else pytest.skip(f"{script}.py missing")
     poison_backbone(monkeypatch, {3})

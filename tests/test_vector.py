@@ -364,11 +364,12 @@ def test_torchrun_two_processes_on_cpu(tmp_path, tiny_model_dir, pair_data):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(29600 + os.getpid() % 1000), str(REPO / "train_vector.py"),
                *train_args(tiny_model_dir, tmp_path / "out", pair_data, "--batch_size", "4", "--max_steps", "3",
-                           "--device", "cpu", "--gradient_accumulation_steps", "2")]
+                           "--device", "cpu", "--gradient_accumulation_steps", "2", "--num_epochs", "2")]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "processes: 2" in result.stdout
+    # 27 pairs, 4 per batch, 2 ranks, 2 batches per step: 2 steps an epoch; --max_steps 3 ends in epoch 2
     steps = sorted(int(path.name.rsplit("-", 1)[1]) for path in (tmp_path / "out").glob("checkpoint-step-*"))
     assert steps == [2, 3]
     assert BertVectorModel.from_pretrained(tmp_path / "out" / "checkpoint-step-3").dim == 32
