@@ -13,12 +13,16 @@ dynamic batch and sequence axes. Beside the .onnx go ``tokenizer/`` and
 
 Every export passes a parity gate: onnx.checker, then torch vs onnxruntime on several batch
 sizes and sequence lengths including padded batches (max |difference| within --tolerance for
-fp32), a padding-invariance check, and for int8 the metric on --validation-file. A failing
-export is renamed ``<name>.onnx.rejected`` and the script exits 1.
+fp32), a padding-invariance check, and for int8 the metric on --validation-file (required
+unless --skip-int8-check). The export is built and checked in a staging folder beside the
+output and moved into place only when it passes; a failing one is kept as
+``<name>.onnx.rejected`` (report ``<name>.rejected.report.json``), any earlier export at the
+same path stays as it was, and the script exits 1.
 """
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -29,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import data, inference
+from common import data, inference, modeldir
 from common.cli import add_flag, parse_bool
 from common.errors import UserError, report_user_errors
 
@@ -47,7 +51,8 @@ def build_parser():
     add_flag(parser, "output-path", default="model.onnx", help="where to write the .onnx file")
     add_flag(parser, "max-length", type=int, default=None,
              help="max sequence length stored with the export and used by the parity checks "
-                  "(default: the model directory's max_length)")
+                  "(default: the model directory's max_length; a different value changes truncation "
+                  "at inference; refused for vector models)")
     add_flag(parser, "optimize", type=parse_bool, default=True, metavar="true|false",
              help="run onnxruntime's transformer optimizer (fused attention, LayerNorm, GELU)")
     add_flag(parser, "quantize", choices=["none", "int8"], default="none",
@@ -64,6 +69,9 @@ def build_parser():
                   "(or label agreement with torch when unlabelled)")
     add_flag(parser, "max-metric-drop", type=float, default=0.01,
              help="int8 gate: largest allowed drop of the validation metric versus torch")
+    add_flag(parser, "skip-int8-check", action="store_true",
+             help="allow --quantize int8 without --validation-file: the int8 accuracy is then unchecked "
+                  "(the report records it)")
     add_flag(parser, "validate", action="store_true",
              help="re-run the parity/validation report on an existing .onnx (--model-path)")
     add_flag(parser, "tokenizer-path", default=None,
@@ -260,12 +268,17 @@ def validation_metrics(onnx_loaded, torch_loaded, path, batch_size):
 
 # ---------------------------------------------------------------- the report
 
-def build_report(onnx_path, onnx_loaded, torch_loaded, meta, args):
-    """Run every check on an export and decide: passed, or the reasons it is rejected."""
+def build_report(onnx_path, onnx_loaded, torch_loaded, meta, args, shown_path=None):
+    """Run every check on an export and decide: passed, or the reasons it is rejected.
+
+    ``shown_path`` is the name the report gives the graph (the final path of a staged export).
+    """
     import onnx
-    report = {"onnx": str(onnx_path), "task": onnx_loaded.task, "quantization": meta.get("quantization", "none"),
+    quantization = meta.get("quantization", "none")
+    report = {"onnx": str(shown_path or onnx_path), "task": onnx_loaded.task, "quantization": quantization,
               "optimized": meta.get("optimized"), "tolerance": args.tolerance,
-              "max_metric_drop": args.max_metric_drop, "reasons": []}
+              "max_metric_drop": args.max_metric_drop,
+              "int8_check_skipped": quantization != "none" and args.skip_int8_check, "reasons": []}
     try:
         onnx.checker.check_model(str(onnx_path), full_check=True)
         report["checker"] = "ok"
@@ -332,38 +345,125 @@ def format_report(report):
         lines.append(f"  validation {validation['file']} ({validation['records']} records, {validation['metric']}): "
                      + ", ".join(parts))
     if report["quantization"] != "none" and not validation:
-        lines.append("  warning: no --validation-file, so int8 accuracy was not checked")
+        lines.append("  warning: --skip-int8-check: int8 accuracy was not checked")
     lines.append("  result: PASSED" if report["passed"] else "  result: REJECTED: " + "; ".join(report["reasons"]))
     return "\n".join(lines)
 
 
 def write_report(report, path):
-    Path(path).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    """Write whole or not at all: a temporary file beside it, then os.replace."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(partial, path)
 
 
-def default_report_path(onnx_path):
-    return Path(onnx_path).with_name(Path(onnx_path).stem + ".report.json")
+def default_report_path(onnx_path, rejected=False):
+    return Path(onnx_path).with_name(Path(onnx_path).stem + (".rejected" if rejected else "") + ".report.json")
 
 
-def reject(onnx_path):
+def reject(staged_path, output_path):
     """Keep a failing export for inspection under a name nothing will load by mistake."""
-    rejected = Path(str(onnx_path) + ".rejected")
-    Path(onnx_path).replace(rejected)
+    rejected = Path(str(output_path) + ".rejected")
+    os.replace(staged_path, rejected)
     return rejected
+
+
+# ---------------------------------------------------------------- export options
+
+def check_export_paths(args):
+    model_dir = Path(args.model_path)
+    if model_dir.suffix == ".onnx":
+        raise UserError(f"--model-path {model_dir}: is already an .onnx file; add --validate to check it")
+    output_path = Path(args.output_path)
+    if output_path.suffix != ".onnx":
+        raise UserError(f"--output-path {output_path}: must end in .onnx")
+    return model_dir, output_path
+
+
+def check_int8_options(quantization, args, subject="--quantize int8"):
+    """int8 legitimately moves outputs, so only the validation metric can vouch for it: ask for it up front."""
+    if args.skip_int8_check and args.validation_file:
+        raise UserError("--skip-int8-check: contradicts --validation-file (keep one)")
+    if quantization == "int8" and not (args.validation_file or args.skip_int8_check):
+        raise UserError(f"{subject}: needs --validation-file to check its accuracy "
+                        "(or --skip-int8-check to accept it unchecked)")
+    if args.validation_file and not Path(args.validation_file).exists():
+        raise UserError(f"--validation-file {args.validation_file}: not found")
+
+
+def resolve_max_length(requested, torch_loaded):
+    """{"export": N, "training": M}: the export's max length and the model directory's."""
+    stored = torch_loaded.preprocessing.get("max_length", 128)
+    if torch_loaded.task == "vector":
+        stored = max(inference.vector_max_length(torch_loaded, side) for side in ("query", "doc"))
+        refuse_vector_max_length(requested, stored, torch_loaded)
+    max_length = stored if requested is None else requested
+    limit = getattr(torch_loaded.config, "max_position_embeddings", None)
+    if limit and max_length > limit:
+        raise UserError(f"--max-length {max_length}: the model has only {limit} positions")
+    if max_length < 2:
+        raise UserError(f"--max-length {max_length}: must be at least 2 ([CLS] and [SEP])")
+    if max_length != stored:
+        print(f"note: --max-length {max_length}: the export will truncate inputs at {max_length} tokens "
+              f"instead of the training-time {stored}", file=sys.stderr)
+    return {"export": max_length, "training": stored}
+
+
+def refuse_vector_max_length(requested, stored, torch_loaded):
+    """A vector model encodes queries and documents at their own lengths; one flag cannot say which to change."""
+    if requested is not None and requested != stored:
+        lengths = "/".join(str(inference.vector_max_length(torch_loaded, side)) for side in ("query", "doc"))
+        raise UserError(f"--max-length {requested}: a vector model keeps its training-time query/doc lengths "
+                        f"({lengths}, toolkit.vector in {Path(torch_loaded.source) / 'config.json'}); drop the flag")
+
+
+def tokenizer_fingerprint(tokenizer):
+    """What decides the token ids (vocabulary, normalizer, pre-tokenizer, post-processor, added and
+    special tokens), not the files' formatting, which changes between transformers versions."""
+    return (tokenizer.backend_tokenizer.to_str(), json.dumps(tokenizer.special_tokens_map, sort_keys=True),
+            tokenizer.padding_side, tokenizer.truncation_side)
+
+
+def recorded_sources(folder):
+    """The source models that the exports already in ``folder`` record."""
+    sources = set()
+    for path in Path(folder).glob("*" + inference.PREPROCESSING_SUFFIX):
+        try:
+            sources.add(json.loads(path.read_text(encoding="utf-8")).get("source_model"))
+        except (OSError, ValueError, AttributeError):
+            continue
+    return sorted(source for source in sources if source)
+
+
+def check_shared_tokenizer(output_path, torch_loaded):
+    """Exports in one folder share tokenizer/: refuse to swap it for a different model's."""
+    tokenizer_dir = inference.onnx_companions(output_path)[1]
+    if not tokenizer_dir.exists():
+        return
+    try:
+        existing = modeldir.load_tokenizer(str(tokenizer_dir))
+    except UserError as error:
+        raise UserError(f"{error}; other exports may use it: export into another folder") from None
+    if tokenizer_fingerprint(existing) != tokenizer_fingerprint(torch_loaded.tokenizer):
+        sources = recorded_sources(output_path.parent)
+        origin = f" (exported from {', '.join(sources)})" if sources else ""
+        raise UserError(f"{tokenizer_dir}: holds a different model's tokenizer{origin}; "
+                        f"export {torch_loaded.source} into another folder")
 
 
 # ---------------------------------------------------------------- export and validate
 
-def write_companions(output_path, torch_loaded, max_length, args, fused):
+def write_companions(output_path, torch_loaded, lengths, args, fused):
     """tokenizer/ and <name>.preprocessing.json beside the .onnx."""
     preprocessing_file, tokenizer_dir = inference.onnx_companions(output_path)
     torch_loaded.tokenizer.save_pretrained(str(tokenizer_dir))
     toolkit = json.loads(json.dumps(torch_loaded.toolkit))
-    toolkit.setdefault("preprocessing", {})["max_length"] = max_length
+    toolkit.setdefault("preprocessing", {})["max_length"] = lengths["export"]
     meta = {"task": torch_loaded.task, "toolkit": toolkit,
             "id2label": {str(index): name for index, name in torch_loaded.id2label.items()},
-            "source_model": str(Path(torch_loaded.source).resolve()), "exporter": args.exporter,
-            "opset": args.opset, "optimized": args.optimize, "fused_operators": fused,
+            "source_model": str(Path(torch_loaded.source).resolve()), "max_length": lengths,
+            "exporter": args.exporter, "opset": args.opset, "optimized": args.optimize, "fused_operators": fused,
             "quantization": args.quantize, "inputs": INPUT_NAMES, "output": output_name(torch_loaded.task)}
     preprocessing_file.write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
     return meta
@@ -371,17 +471,6 @@ def write_companions(output_path, torch_loaded, max_length, args, fused):
 
 def output_name(task):
     return "embedding" if task == "vector" else "logits"
-
-
-def resolve_max_length(requested, torch_loaded):
-    stored = torch_loaded.preprocessing.get("max_length", 128)
-    if torch_loaded.task == "vector":
-        stored = max(inference.vector_max_length(torch_loaded, side) for side in ("query", "doc"))
-    max_length = requested or stored
-    limit = getattr(torch_loaded.config, "max_position_embeddings", None)
-    if limit and max_length > limit:
-        raise UserError(f"--max-length {max_length}: the model has only {limit} positions")
-    return max_length
 
 
 def build_graph(torch_loaded, args, work_dir):
@@ -400,24 +489,54 @@ def build_graph(torch_loaded, args, work_dir):
     return graph, fused
 
 
+def publish(staged_path, output_path):
+    """Move a passing export from staging into place, each file by one os.replace.
+
+    An existing tokenizer/ is left as it is: check_shared_tokenizer proved it has the same
+    content, and other exports in the folder load it (so it is never missing, even briefly).
+    """
+    staged_preprocessing, staged_tokenizer = inference.onnx_companions(staged_path)
+    preprocessing_file, tokenizer_dir = inference.onnx_companions(output_path)
+    if not tokenizer_dir.exists():
+        os.replace(staged_tokenizer, tokenizer_dir)
+    os.replace(staged_preprocessing, preprocessing_file)
+    os.replace(staged_path, output_path)
+
+
 def run_export(args):
-    model_dir = Path(args.model_path)
-    if model_dir.suffix == ".onnx":
-        raise UserError(f"--model-path {model_dir}: is already an .onnx file; add --validate to check it")
-    output_path = Path(args.output_path)
-    if output_path.suffix != ".onnx":
-        raise UserError(f"--output-path {output_path}: must end in .onnx")
+    model_dir, output_path = check_export_paths(args)
+    check_int8_options(args.quantize, args)
     torch_loaded = inference.load_torch_model(model_dir, args.device)
-    max_length = resolve_max_length(args.max_length, torch_loaded)
+    lengths = resolve_max_length(args.max_length, torch_loaded)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as work_dir:
-        graph, fused = build_graph(torch_loaded, args, Path(work_dir))
-        shutil.copyfile(graph, output_path)
-    meta = write_companions(output_path, torch_loaded, max_length, args, fused)
-    print(f"exported {torch_loaded.task} model {model_dir} -> {output_path} "
-          f"(exporter {args.exporter}, opset {args.opset}, fused {fused or 'none'})")
-    onnx_loaded = inference.load_onnx_model(output_path, args.device)
-    return finish_report(output_path, onnx_loaded, torch_loaded, meta, args)
+    check_shared_tokenizer(output_path, torch_loaded)
+    # same folder, so same filesystem: moving the checked files into place is a rename
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_path.stem}.staging-", dir=output_path.parent))
+    try:
+        return export_staged(staging / output_path.name, output_path, torch_loaded, lengths, args)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def export_staged(staged_path, output_path, torch_loaded, lengths, args):
+    """Build the export in staging, gate it, then publish it or keep the graph as <output>.rejected."""
+    work_dir = staged_path.parent / "work"
+    work_dir.mkdir()
+    graph, fused = build_graph(torch_loaded, args, work_dir)
+    os.replace(graph, staged_path)
+    meta = write_companions(staged_path, torch_loaded, lengths, args, fused)
+    print(f"exported {torch_loaded.task} model {torch_loaded.source} (exporter {args.exporter}, opset {args.opset}, "
+          f"fused {fused or 'none'}); checking it before it goes to {output_path}")
+    onnx_loaded = inference.load_onnx_model(staged_path, args.device)
+    report = build_report(staged_path, onnx_loaded, torch_loaded, meta, args, shown_path=output_path)
+    print(format_report(report))
+    if report["passed"]:
+        publish(staged_path, output_path)
+    else:
+        report["rejected_path"] = str(reject(staged_path, output_path))
+        print(f"rejected: kept as {report['rejected_path']}; nothing was written to {output_path}", file=sys.stderr)
+    write_report(report, args.report_path or default_report_path(output_path, rejected=not report["passed"]))
+    return 0 if report["passed"] else EXIT_REJECTED
 
 
 def run_validate(args):
@@ -426,6 +545,7 @@ def run_validate(args):
         raise UserError(f"--model-path {onnx_path}: --validate needs an existing .onnx file")
     onnx_loaded = inference.load_onnx_model(onnx_path, args.device, args.tokenizer_path)
     meta = json.loads(inference.onnx_companions(onnx_path)[0].read_text(encoding="utf-8"))
+    check_int8_options(meta.get("quantization", "none"), args, f"--model-path {onnx_path} (an int8 export)")
     reference = args.reference_model or meta.get("source_model")
     torch_loaded = None
     if reference and Path(reference).is_dir():
@@ -433,17 +553,9 @@ def run_validate(args):
     else:
         print("note: no torch reference model found (--reference-model); checking the export on its own",
               file=sys.stderr)
-    return finish_report(onnx_path, onnx_loaded, torch_loaded, meta, args)
-
-
-def finish_report(onnx_path, onnx_loaded, torch_loaded, meta, args):
     report = build_report(onnx_path, onnx_loaded, torch_loaded, meta, args)
     print(format_report(report))
-    report_path = Path(args.report_path) if args.report_path else default_report_path(onnx_path)
-    if not report["passed"] and not args.validate:
-        report["rejected_path"] = str(reject(onnx_path))
-        print(f"rejected: kept as {report['rejected_path']}", file=sys.stderr)
-    write_report(report, report_path)
+    write_report(report, args.report_path or default_report_path(onnx_path))  # --validate reports, never renames
     return 0 if report["passed"] else EXIT_REJECTED
 
 

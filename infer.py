@@ -4,15 +4,18 @@
     python infer.py --model-path models/model.onnx --file data/test.jsonl --output predictions.jsonl
     python infer.py --model-path gpt2-chinese --prompt "今天" --max-new-tokens 40 --top-p 0.9 --seed 1
     python infer.py --model-path output/checkpoint-best --serve --port 8000
+    python infer.py --model-path output/vector-best --serve --corpus data/corpus.jsonl
 
 --model-path is a model directory written by this toolkit's trainers, an .onnx export from
 export_onnx.py, or a causal language model directory (GPT-2 style) for generation. The
 task and every preprocessing setting (normalization, max length, truncation side, context
-pair) come from the model, never from flags. Exit codes: 0 every input processed, 1 some
-inputs could not be processed (each reported with its line), 2 a usage error.
+pair) come from the model; --max-length alone may override the stored max length. Exit
+codes: 0 every input processed, 1 some inputs could not be processed (each reported with
+its line), 2 a usage error.
 """
 import argparse
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -27,6 +30,12 @@ from common.errors import UserError, report_user_errors
 EXIT_SOME_FAILED = 1
 PLAIN_TEXT_SUFFIXES = (".txt", ".text", "")
 EMBEDDING_VALUES_SHOWN = 8
+# flags that mean something only for some kinds of model: given for another kind they are an error,
+# never silently ignored ("generation" is a causal language model)
+TASK_FLAGS = {"context": ("classification",), "text_pair": ("vector",), "corpus": ("vector",),
+              "explain": ("longdoc",), "max_length": ("classification", "vector", "longdoc"),
+              "top_k": ("classification", "longdoc", "generation"),
+              "temperature": ("classification", "longdoc", "generation")}
 
 
 def build_parser():
@@ -45,9 +54,13 @@ def build_parser():
     add_flag(inputs, "text-pair", action="append", default=[],
              help="vector models: second text(s) for the cosine similarity (one, or one per --text)")
     add_flag(inputs, "file", default=None,
-             help="inputs: .txt (one per line) or JSON/JSONL/CSV/TSV records (text, message/context, messages)")
+             help="inputs: .txt (one per line; long-document models: the whole file is one document) "
+                  "or JSON/JSONL/CSV/TSV records (text, message/context, messages), one input per record")
     add_flag(inputs, "text-field", default=None, help="record field holding the text when it is not 'text'")
-    add_flag(inputs, "output", default=None, help="write results as JSONL here (input order)")
+    add_flag(inputs, "output", default=None,
+             help="write results as JSONL here (input order); checked before the model loads, written atomically")
+    add_flag(inputs, "max-length", type=int, default=None,
+             help="override the model's stored max length in tokens (vector models: query and document)")
     add_flag(inputs, "batch-size", type=int, default=32, help="texts per forward pass")
     add_flag(inputs, "sort-by-length", type=parse_bool, default=True, metavar="true|false",
              help="form batches of similar token length (results still come back in input order)")
@@ -71,6 +84,8 @@ def build_parser():
     add_flag(serve, "serve", action="store_true", help="serve the model over HTTP (common.server)")
     add_flag(serve, "host", default="127.0.0.1", help="address to listen on")
     add_flag(serve, "port", type=int, default=8000, help="port to listen on")
+    add_flag(serve, "corpus", default=None,
+             help="vector models: JSONL of {id, text} encoded at start-up for POST /search")
     add_flag(serve, "api-key", default=None, help="require this key ('Authorization: Bearer KEY' or 'X-API-Key: KEY'); "
                   "default: the TOOLKIT_API_KEY environment variable, else no key")
     return parser
@@ -87,12 +102,12 @@ class InputItem:
     error: str | None = None
 
 
-def collect_inputs(args):
-    """Every --text, --prompt and --file input, in order, with bad ones marked."""
+def collect_inputs(args, task=None):
+    """Every --text, --prompt and --file input, in order, with bad ones marked (``task`` of the model)."""
     items = [InputItem(f"--text {index}", text, args.context) for index, text in enumerate(args.text, start=1)]
     items += [InputItem(f"--prompt {index}", text) for index, text in enumerate(args.prompt, start=1)]
     if args.file:
-        items += read_file_inputs(args.file, args.text_field)
+        items += read_file_inputs(args.file, args.text_field, task)
     if not items:
         raise UserError("no input: give --text, --prompt or --file (or --serve)")
     for item in items:
@@ -101,11 +116,12 @@ def collect_inputs(args):
     return items
 
 
-def read_file_inputs(path, text_field=None):
-    """Inputs of a .txt file (one per line) or of JSON/JSONL/CSV/TSV records."""
+def read_file_inputs(path, text_field=None, task=None):
+    """Inputs of a .txt file (one per line; one document for a long-document model) or of records."""
     file_path = Path(path)
     if file_path.is_file() and file_path.suffix.lower() in PLAIN_TEXT_SUFFIXES:
-        return read_text_lines(file_path)
+        # an article's paragraphs and blank lines belong to one document, not to many inputs
+        return read_text_document(file_path) if task == "longdoc" else read_text_lines(file_path)
     records = data.read_records(path, skip_invalid=True)
     unreadable = [InputItem(_locator_of(message, path), error=message) for message in data.SKIPPED]
     data.SKIPPED.clear()
@@ -114,18 +130,32 @@ def read_file_inputs(path, text_field=None):
     for record in records:
         try:
             example = data.parse_text_example(record, record_format, text_field or "text", require_label=False)
+            if example.context and task in ("vector", "longdoc"):
+                raise data.RecordError(f"{record.where('context')}: a {task} model takes no context")
             items.append(InputItem(record.where(), example.text, example.context))
         except data.RecordError as error:
             items.append(InputItem(record.where(), error=str(error)))
     return sorted(unreadable + items, key=_position)
 
 
-def read_text_lines(path):
-    """One input per line; a trailing newline does not make an empty last input."""
+def read_utf8(path):
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise UserError(f"{path}: not valid UTF-8 ({error.reason}); re-encode the file as UTF-8") from None
+
+
+def read_text_document(path):
+    """The whole file as one input (long-document models)."""
+    text = read_utf8(path)
+    if not text.strip():
+        raise UserError(f"{path}: the file is empty")
+    return [InputItem(str(path), text)]
+
+
+def read_text_lines(path):
+    """One input per line; a trailing newline does not make an empty last input."""
+    lines = read_utf8(path).splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
@@ -149,7 +179,8 @@ def run_classification(loaded, items, args):
     texts = [item.text for item in items]
     contexts = [item.context for item in items] if any(item.context for item in items) else None
     if loaded.task == "longdoc":
-        return inference.predict_long_documents(loaded, texts, args.temperature, args.batch_size, args.explain)
+        return inference.predict_long_documents(loaded, texts, args.temperature, args.batch_size, args.explain,
+                                                args.top_k)
     return inference.classify(loaded, texts, contexts, args.temperature, args.batch_size, args.top_k,
                               args.sort_by_length)
 
@@ -233,9 +264,7 @@ def emit(items, results, kind, args):
         else:
             rows.append(dict(next(by_index), source=item.locator))
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as stream:
-            for row in rows:
-                stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+        write_jsonl_atomically(Path(args.output), rows)
         print(f"wrote {len(rows)} results to {args.output}", file=sys.stderr)
         return
     for row in rows:
@@ -243,6 +272,41 @@ def emit(items, results, kind, args):
             print(json.dumps(row, ensure_ascii=False))
         elif "error" not in row:
             print(format_result(row, kind) + "\n")
+
+
+def check_output_path(path):
+    """Refuse an --output that cannot be written before any work is done; create missing folders."""
+    output = Path(path)
+    if output.is_dir():
+        raise UserError(f"--output {path}: is a directory; give a file name")
+    blocking = next((parent for parent in output.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"--output {path}: {blocking} is a file, not a folder")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        probe = temporary_path(output)  # where the results will be written, then renamed into place
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"--output {path}: cannot write there ({error.strerror or error})") from None
+    return output
+
+
+def temporary_path(path):
+    """A hidden name beside ``path`` (same folder, so os.replace is a rename)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_jsonl_atomically(path, rows):
+    """Write rows beside ``path`` and rename into place, so a crash never leaves half a results file."""
+    temporary = temporary_path(path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as stream:
+            stream.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def report_failures(items):
@@ -258,8 +322,10 @@ def report_failures(items):
 
 def serve(loaded, args):
     from common import server
+    corpus_entries = server.load_corpus_records(args.corpus) if args.corpus else None
     service = inference.build_service(loaded, args.temperature, args.batch_size)
-    app = server.create_app(service, api_key=args.api_key)
+    corpus = server.build_corpus(service, *corpus_entries) if corpus_entries else None
+    app = server.create_app(service, api_key=args.api_key, corpus=corpus)
     server.serve(app, args.host, args.port)
     return 0
 
@@ -267,30 +333,58 @@ def serve(loaded, args):
 def check_args(args):
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.corpus and not args.serve:
+        raise UserError("--corpus needs --serve (it enables POST /search)")
+    if args.output and args.serve:
+        raise UserError("--output is for batch runs; --serve answers over HTTP")
     if args.top_k is not None and args.top_k < 0:
         raise UserError(f"--top-k must be >= 0, got {args.top_k}")
     if args.explain < 0:
         raise UserError(f"--explain must be >= 0, got {args.explain}")
 
 
+def check_task_flags(args, task):
+    """A flag given for a kind of model it does nothing for is a mistake worth saying, not ignoring."""
+    for name, tasks in TASK_FLAGS.items():
+        if getattr(args, name) and task not in tasks:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} is for {' and '.join(tasks)} models; {args.model_path} is a {task} model")
+
+
+def load_model(args):
+    """The model, with --max-length applied (and said, when it differs from the stored value)."""
+    loaded = inference.load_model(args.model_path, args.backend, args.device, args.tokenizer_path)
+    check_task_flags(args, loaded.task)
+    if args.max_length is not None:
+        changed = inference.override_max_length(loaded, args.max_length)
+        if changed:
+            stored = ", ".join(f"{name} {value}" for name, value in changed.items())
+            print(f"--max-length {args.max_length} overrides the model's stored {stored} "
+                  "(the rest of the preprocessing still comes from the model)", file=sys.stderr)
+    return loaded
+
+
 @report_user_errors
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
+    if args.output:  # before any work: a bad path must not cost a whole run
+        check_output_path(args.output)
     if generation.is_causal_lm_directory(args.model_path):
         if args.serve:
             raise UserError("--serve is for classifiers and vector models, not causal language models")
+        check_task_flags(args, "generation")
         items = collect_inputs(args)
         results = run_generation(args, [item for item in items if not item.error])
         emit(items, results, "generation", args)
         return report_failures(items)
-    loaded = inference.load_model(args.model_path, args.backend, args.device, args.tokenizer_path)
+    loaded = load_model(args)
     if args.serve:
         return serve(loaded, args)
     if args.prompt:
         raise UserError(f"--prompt is for causal language models; {args.model_path} is a {loaded.task} model "
                         "(use --text)")
-    items = collect_inputs(args)
+    items = collect_inputs(args, loaded.task)
     valid = [item for item in items if not item.error]
     if loaded.task == "vector":
         results = run_vectors(loaded, valid, args) if valid else []

@@ -52,7 +52,7 @@ def build_parser():
     add_data_text_args(parser)
 
     group = parser.add_argument_group("model")
-    add_flag(group, "model-name", default="hfl/chinese-bert-wwm-ext", help="hub name or local path of the encoder")
+    add_flag(group, "model-name", aliases=("model-name-or-path",), default="hfl/chinese-bert-wwm-ext", help="hub name or local path of the encoder")
     add_flag(group, "num-labels", type=int, help="expected number of labels (checked against the data)")
     add_flag(group, "max-length", type=int, default=128, help="tokens per input, special tokens included")
     add_flag(group, "pooling", choices=POOLINGS, default="cls", help="how token states become one vector")
@@ -62,9 +62,9 @@ def build_parser():
     add_flag(group, "compile", action="store_true", help="torch.compile the model")
 
     group = parser.add_argument_group("training")
-    add_flag(group, "epochs", type=int, default=10, help="passes over the training data")
+    add_flag(group, "epochs", aliases=("num-train-epochs",), type=int, default=10, help="passes over the training data")
     add_flag(group, "max-steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
-    add_flag(group, "batch-size", type=int, default=32, help="examples per forward pass (per process)")
+    add_flag(group, "batch-size", aliases=("per-device-train-batch-size",), type=int, default=32, help="examples per forward pass (per process)")
     add_flag(group, "eval-batch-size", type=int, default=64, help="examples per evaluation forward pass")
     add_flag(group, "gradient-accumulation-steps", type=int, default=1, help="forward passes per optimizer step")
     add_flag(group, "learning-rate", type=float, default=2e-5, help="peak AdamW learning rate")
@@ -349,6 +349,7 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
                                             args.metric_for_best_model == "loss" else "max")
     nonfinite_guard = training.NonFiniteLossGuard(args.max_nonfinite_steps)
     global_step, start_epoch, skip_batches = 0, 0, 0
+    evaluated_step = -1  # step of the last evaluation: the same weights are never scored twice
 
     # ---- resume: model weights, optimizer, scheduler, scaler, RNG, position, early stopping
     checkpoint_dir = training.find_resume_checkpoint(args.resume, output_dir)
@@ -363,6 +364,7 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
             ema.load_state_dict(state["ema"])
         training.restore_rng_state(state["rng"])
         global_step, start_epoch, skip_batches = state["global_step"], state["epoch"], state["step_in_epoch"]
+        evaluated_step = state.get("evaluated_step", -1)
         logger.info(f"resumed from {checkpoint_dir} at step {global_step} (epoch {start_epoch}, "
                     f"batch {skip_batches})")
 
@@ -374,13 +376,15 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
     def checkpoint_state(epoch, batches_done):
         return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "rng": training.capture_rng_state(), "epoch": epoch,
-                "step_in_epoch": batches_done, "global_step": global_step,
+                "step_in_epoch": batches_done, "global_step": global_step, "evaluated_step": evaluated_step,
                 "best_metric": early_stopping.best_metric, "early_stopping": early_stopping.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None,
                 "args": json.loads(json.dumps(vars(args), default=str))}
 
     def run_evaluation(epoch):
         """Evaluate (with EMA weights when enabled); save checkpoint-best on improvement."""
+        nonlocal evaluated_step
+        evaluated_step = global_step
         with ema.average_parameters(training.unwrap(model)) if ema is not None else _no_context():
             metrics, _, _ = evaluate(training.unwrap(model), val_loader, device, precision, context, label_set.names)
             improved = early_stopping.step(metrics[args.metric_for_best_model])
@@ -397,8 +401,9 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
     samples_since_log, log_started = 0, time.perf_counter()
     progress = tqdm(total=total_steps, initial=global_step, disable=not context.is_main, desc="train")
     stop = global_step >= total_steps or early_stopping.should_stop
-    if checkpoint_dir is not None and global_step >= total_steps and not early_stopping.should_stop:
-        run_evaluation(start_epoch)  # the last checkpoint is saved before the final evaluation: redo it
+    if checkpoint_dir is not None and global_step >= total_steps and evaluated_step != global_step \
+            and not early_stopping.should_stop:
+        run_evaluation(start_epoch)  # the last checkpoint was saved before the final evaluation: run it now
     for epoch in range(start_epoch, args.epochs):
         if stop:
             break
@@ -456,7 +461,7 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
                 stop = True
                 break
         skip_batches = 0
-        if not stop or global_step >= total_steps:
+        if (not stop or global_step >= total_steps) and evaluated_step != global_step:
             run_evaluation(epoch)  # epoch end (also the last evaluation of a --max-steps run)
         if early_stopping.should_stop:
             logger.info(f"early stopping: no improvement in {args.patience} evaluations")

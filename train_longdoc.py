@@ -403,6 +403,7 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
                                             args.metric_for_best_model == "loss" else "max")
     nonfinite_guard = training.NonFiniteLossGuard(args.max_nonfinite_steps)
     global_step, start_epoch, skip_batches = 0, 0, 0
+    evaluated_step = -1  # step of the last evaluation: the same weights are never scored twice
 
     # ---- resume: model weights, optimizer, scheduler, scaler, RNG, position, early stopping
     checkpoint_dir = training.find_resume_checkpoint(args.resume, output_dir)
@@ -415,6 +416,7 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
         early_stopping.load_state_dict(state["early_stopping"])
         training.restore_rng_state(state["rng"])
         global_step, start_epoch, skip_batches = state["global_step"], state["epoch"], state["step_in_epoch"]
+        evaluated_step = state.get("evaluated_step", -1)
         logger.info(f"resumed from {checkpoint_dir} at step {global_step} (epoch {start_epoch}, "
                     f"batch {skip_batches})")
 
@@ -428,12 +430,14 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
     def checkpoint_state(epoch, batches_done):
         return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "rng": training.capture_rng_state(), "epoch": epoch,
-                "step_in_epoch": batches_done, "global_step": global_step,
+                "step_in_epoch": batches_done, "global_step": global_step, "evaluated_step": evaluated_step,
                 "best_metric": early_stopping.best_metric, "early_stopping": early_stopping.state_dict(),
                 "args": json.loads(json.dumps(vars(args), default=str))}
 
     def run_evaluation(epoch):
         """Evaluate on validation documents; save checkpoint-best on improvement."""
+        nonlocal evaluated_step
+        evaluated_step = global_step
         metrics, _, _ = evaluate(training.unwrap(model), datasets["val"], args, context, label_set.names)
         improved = early_stopping.step(metrics[args.metric_for_best_model])
         if improved and context.is_main:
@@ -450,8 +454,9 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
     documents_since_log, chunks_since_log, log_started = 0, 0, time.perf_counter()
     progress = tqdm(total=total_steps, initial=global_step, disable=not context.is_main, desc="train")
     stop = global_step >= total_steps or early_stopping.should_stop
-    if checkpoint_dir is not None and global_step >= total_steps and not early_stopping.should_stop:
-        run_evaluation(start_epoch)  # the last checkpoint is saved before the final evaluation: redo it
+    if checkpoint_dir is not None and global_step >= total_steps and evaluated_step != global_step \
+            and not early_stopping.should_stop:
+        run_evaluation(start_epoch)  # the last checkpoint was saved before the final evaluation: run it now
     for epoch in range(start_epoch, args.epochs):
         if stop:
             break
@@ -502,7 +507,7 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
                 stop = True
                 break
         skip_batches = 0
-        if not stop or global_step >= total_steps:
+        if (not stop or global_step >= total_steps) and evaluated_step != global_step:
             run_evaluation(epoch)  # epoch end (also the last evaluation of a --max-steps run)
         if early_stopping.should_stop:
             logger.info(f"early stopping: no improvement in {args.patience} evaluations")

@@ -15,6 +15,8 @@ validation loss), checkpoint-best/, best_checkpoint.json and train_log.jsonl. Ru
 import argparse
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -52,7 +54,7 @@ def build_parser():
     add_flag(parser, "config", help="YAML config with model/training/... sections; flags override it")
 
     group = parser.add_argument_group("data")
-    add_flag(group, "train-path", default="data/vec_train.json",
+    add_flag(group, "train-path", aliases=("data-path",), default="data/vec_train.json",
              help="training pairs {query, document, rel, weight}: JSON, JSONL, CSV/TSV or save_to_disk dir")
     add_flag(group, "val-path", default="data/vec_valid.json", help="validation pairs (early stopping, checkpoints)")
     add_flag(group, "test-path", default="data/vec_test.json", help="test pairs for --mode evaluate")
@@ -116,6 +118,9 @@ def build_parser():
     add_flag(group, "max-batch-size", type=int, default=64, help="texts merged into one forward pass (1: no merging)")
     add_flag(group, "batch-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
     add_runtime_args(parser)
+    for action in parser._actions:  # shared classification flags stay parseable (for a clear error), unlisted
+        if action.dest in NOT_APPLICABLE:
+            action.help = argparse.SUPPRESS
     return parser
 
 
@@ -223,12 +228,36 @@ def load_vector_model(directory, args):
     return BertVectorModel.from_pretrained(directory, args.device_obj)
 
 
-def save_model(directory, model, args):
-    """A model directory (weights, config with the toolkit block, tokenizer, training_args.json), atomically."""
+def save_model(directory, model, args, summary=None):
+    """A model directory (weights, config with the toolkit block, tokenizer, training_args.json), atomically.
+
+    ``summary`` (step and validation loss) goes to trainer_state.json, so checkpoint-best competes
+    with the step checkpoints when the best model is chosen.
+    """
     def write(tmp_dir):
         vector_model(model).save_pretrained(tmp_dir)
         write_effective_config(args, tmp_dir)
+        if summary is not None:
+            (Path(tmp_dir) / training.TRAINER_SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     training.write_directory_atomically(directory, write)
+
+
+def publish_model(source_dir, save_path):
+    """Put the best model's files at the top of --save_path, where the seed's usage snippet loads them.
+
+    Hard links where the file system allows (no second copy of the weights), each file replaced
+    atomically, so a reader never sees a half-written model.
+    """
+    for source in Path(source_dir).iterdir():
+        if not source.is_file() or source.name == training.TRAINER_SUMMARY_FILE:
+            continue
+        staged = Path(save_path) / f".{source.name}.publishing"
+        staged.unlink(missing_ok=True)
+        try:
+            os.link(source, staged)
+        except OSError:
+            shutil.copyfile(source, staged)
+        os.replace(staged, Path(save_path) / source.name)
 
 
 def save_checkpoint(output_dir, model, args, state):
@@ -319,7 +348,7 @@ def train(args, model, datasets, context, output_dir, logger):
         val_loss = evaluate_loss(training.unwrap(model), val_loader, args, context)
         improved = early_stopping.step(val_loss)
         if improved and context.is_main:
-            save_model(output_dir / "checkpoint-best", model, args)
+            save_model(output_dir / "checkpoint-best", model, args, {"global_step": global_step, "val_loss": val_loss})
         last_evaluation.update(step=global_step, val_loss=val_loss)
         logger.log({"step": global_step, "epoch": epoch, "eval_loss": val_loss,
                     "best": early_stopping.best_metric, "improved": improved})
@@ -427,8 +456,10 @@ def checkpoint_val_loss(directory):
 
 
 def lowest_val_loss_checkpoint(save_path):
-    """(directory, val_loss) of the step checkpoint with the lowest recorded validation loss, or (None, None)."""
-    candidates = [(checkpoint_val_loss(d), index, d) for index, d in enumerate(training.list_checkpoints(save_path))]
+    """(directory, val_loss) of the checkpoint with the lowest recorded validation loss, or (None, None)."""
+    # checkpoint-best survives --save_total_limit; listed last, so a tie goes to the step checkpoint
+    directories = [*training.list_checkpoints(save_path), Path(save_path) / "checkpoint-best"]
+    candidates = [(checkpoint_val_loss(d), index, d) for index, d in enumerate(directories)]
     candidates = [item for item in candidates if item[0] is not None]
     if not candidates:
         return None, None
@@ -527,6 +558,7 @@ def run_training(args, context):
         directory, val_loss = lowest_val_loss_checkpoint(output_dir)
         if directory is not None:
             write_best_record(output_dir, directory, val_loss, "lowest validation loss (training)")
+            publish_model(directory, output_dir)
             logger.info(f"best checkpoint: {directory} (validation loss {val_loss:.5f}); "
                         f"evaluate with --mode evaluate --select_best")
     return 0
@@ -580,7 +612,7 @@ def run_evaluation_mode(args):
 
 
 def select_best(args, test_pairs):
-    """Evaluate every step checkpoint; record the lowest validation loss one in best_checkpoint.json."""
+    """Evaluate every checkpoint; record the lowest validation loss one in best_checkpoint.json."""
     save_path = Path(args.save_path)
     if not save_path.is_dir():
         raise UserError(f"--save-path {save_path}: not a directory")
@@ -588,6 +620,8 @@ def select_best(args, test_pairs):
     checkpoints = training.list_checkpoints(save_path)
     if not checkpoints:
         raise UserError(f"--save-path {save_path}: no checkpoint-step-N directories to select from")
+    if checkpoint_val_loss(save_path / "checkpoint-best") is not None:
+        checkpoints.append(save_path / "checkpoint-best")  # it outlives --save_total_limit rotation
     rows = []
     for directory in checkpoints:
         rows.append((directory.name, checkpoint_val_loss(directory), evaluate_checkpoint(directory, test_pairs, args)))

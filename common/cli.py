@@ -19,10 +19,15 @@ def spellings(name):
     return [hyphenated] if hyphenated == underscored else [hyphenated, underscored]
 
 
-def add_flag(parser, name, **kwargs):
-    """``parser.add_argument`` with both spellings and a dest in snake_case."""
+def add_flag(parser, name, aliases=(), **kwargs):
+    """``parser.add_argument`` with both spellings and a dest in snake_case.
+
+    ``aliases`` are other documented names of the same option (the HF Trainer's
+    ``--num_train_epochs`` for ``--epochs``), each also accepted in both spellings.
+    """
     kwargs.setdefault("dest", name.replace("-", "_"))
-    return parser.add_argument(*spellings(name), **kwargs)
+    names = [flag for alias in (name, *aliases) for flag in spellings(alias)]
+    return parser.add_argument(*names, **kwargs)
 
 
 def parse_bool(value):
@@ -74,6 +79,8 @@ def add_runtime_args(parser):
     add_flag(group, "device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_flag(group, "precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
              help="autocast precision: auto picks bf16/fp16 on CUDA, bf16 on CPUs with native bf16, else fp32")
+    group.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
+                       help="same as --precision fp16 (the Hugging Face Trainer's flag)")
     add_flag(group, "seed", type=int, default=42, help="random seed (data split, shuffling, init, dropout)")
     add_flag(group, "resume", nargs="?", const="latest", default=None,
              help="resume from the latest checkpoint in the output directory, or from the given checkpoint path")

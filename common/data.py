@@ -147,12 +147,26 @@ def _read_saved_dataset(directory, split, default_splits):
                         "pass a .json, .jsonl, .csv or .tsv file")
     loaded = datasets.load_from_disk(str(directory))
     if isinstance(loaded, datasets.DatasetDict):
-        split = split or next((name for name in default_splits if name in loaded), next(iter(loaded)))
+        split = split or _default_split(directory, loaded, default_splits)
         if split not in loaded:
             raise UserError(f"{directory}: no split '{split}' (has: {', '.join(loaded)})")
         loaded = loaded[split]
     source = f"{directory}[{split}]" if split else str(directory)
     return [Record(source, f"row {index}", row) for index, row in enumerate(loaded, start=1)]
+
+
+def _default_split(directory, loaded, default_splits):
+    """The first of ``default_splits`` the DatasetDict has; a lone split only for training data.
+
+    Falling back to any other split would silently validate or test on the training data.
+    """
+    found = next((name for name in default_splits if name in loaded), None)
+    if found is not None:
+        return found
+    if tuple(default_splits) == ("train",) and len(loaded) == 1:
+        return next(iter(loaded))
+    raise UserError(f"{directory}: no split named {' or '.join(repr(n) for n in default_splits)} "
+                    f"(has: {', '.join(loaded)}); choose one with --data-split, or pass a file")
 
 
 def _invalid(record, field_name, problem, skip_invalid):
@@ -389,8 +403,14 @@ def stratified_split(examples, val_ratio, seed):
     if too_small:
         raise UserError(f"the validation split would leave class id(s) {too_small} empty "
                         "(only one record each): add data or pass --val-path")
+    # at least one record of every class, so a small data set still gets a usable validation split
+    num_classes = int(np.count_nonzero(counts))
+    val_size = max(int(math.ceil(val_ratio * len(examples))), num_classes)
+    if val_size != int(math.ceil(val_ratio * len(examples))):
+        print(f"note: --val-ratio {val_ratio} gives fewer validation records than classes; "
+              f"taking {val_size} (one per class)", file=sys.stderr)
     try:
-        train, val = train_test_split(examples, test_size=val_ratio, random_state=seed, stratify=labels)
+        train, val = train_test_split(examples, test_size=val_size, random_state=seed, stratify=labels)
     except ValueError as error:
         raise UserError(f"cannot split off a stratified validation set: {error}; "
                         "raise --val-ratio or pass --val-path") from None

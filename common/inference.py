@@ -7,6 +7,7 @@ Both load into a ``LoadedModel`` whose ``run(batch)`` maps a padded batch of int
 inputs to logits (classification, long-document chunks) or embeddings (vector), so
 everything after loading is the same for both backends.
 """
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +176,31 @@ def encode_inputs(loaded, texts, contexts=None, max_length=None):
                              preprocessing.get("truncation_side", "right"))
 
 
+def override_max_length(loaded, max_length):
+    """Use ``max_length`` instead of the stored max length(s); returns {setting: stored value} of those it changed.
+
+    A vector model's query and document max lengths are replaced too, so the flag means one
+    thing whatever the task. The limit is the backbone's position embeddings, or for an ONNX
+    export (which keeps no backbone config) the length it was exported and validated at.
+    """
+    stored = {"max_length": loaded.preprocessing.get("max_length", 128)}
+    if loaded.task == "vector":
+        stored.update(query_max_length=vector_max_length(loaded, "query"),
+                      doc_max_length=vector_max_length(loaded, "doc"))
+    limit = loaded.config.max_position_embeddings if loaded.config is not None else stored["max_length"]
+    if not 3 <= max_length <= limit:
+        raise UserError(f"--max-length {max_length}: must be between 3 and {limit} for {loaded.source}")
+    toolkit = copy.deepcopy(loaded.toolkit)
+    toolkit.setdefault("preprocessing", {})["max_length"] = max_length
+    if loaded.task == "vector":
+        toolkit.setdefault("vector", {}).update(query_max_length=max_length, doc_max_length=max_length)
+    if loaded.task == "longdoc":
+        from common import longdoc
+        longdoc.check_settings(longdoc.LongdocSettings.from_toolkit(toolkit), max_length)
+    loaded.toolkit = toolkit
+    return {name: value for name, value in stored.items() if value != max_length}
+
+
 def length_sorted_batches(lengths, batch_size, sort_by_length=True):
     """Index batches, longest first when sorting, so each batch pads to similar lengths."""
     order = np.argsort(-np.asarray(lengths), kind="stable") if sort_by_length else np.arange(len(lengths))
@@ -262,27 +288,28 @@ def cosine_similarity(first, second):
 
 # ---------------------------------------------------------------- long documents
 
-def predict_long_documents(loaded, texts, temperature=None, batch_size=32, explain=0):
+def predict_long_documents(loaded, texts, temperature=None, batch_size=32, explain=0, top_k=None):
     """Chunk, run every chunk, aggregate (common.longdoc, with the model's stored settings).
 
     Returns one dict per document in the classifier's shape (input, temperature, label,
-    label_id, probabilities) plus num_chunks, num_windows and, with ``explain``, top_chunks.
+    label_id, probabilities, top_k with ``top_k``) plus num_chunks, num_windows and, with
+    ``explain``, top_chunks.
     """
     from common import longdoc
     temperature = resolve_temperature(loaded, temperature)
     results = longdoc.predict_documents(loaded.run, loaded.tokenizer, loaded.toolkit, texts, batch_size, explain,
                                         loaded.id2label or None)
-    return [_document_result(loaded, text, result, temperature) for text, result in zip(texts, results)]
+    return [_document_result(loaded, text, result, temperature, top_k) for text, result in zip(texts, results)]
 
 
-def _document_result(loaded, text, result, temperature):
+def _document_result(loaded, text, result, temperature, top_k=None):
     """Aggregated document logits -> the classifier's output shape (temperature applied)."""
     result = dict(result)
     logits = np.asarray(result.pop("logits"))
     result.pop("probs", None)  # recomputed below with the temperature
     probabilities = softmax(logits[None], temperature)[0]
     names = loaded.label_names or [str(index) for index in range(len(logits))]
-    output = classification_result(text, None, probabilities, names, temperature)
+    output = classification_result(text, None, probabilities, names, temperature, top_k)
     output.update({key: value for key, value in result.items() if key not in ("label", "label_id")})
     return output
 
@@ -316,6 +343,10 @@ class LongDocumentService(ClassificationService):
 
     def predict(self, texts, contexts=None):
         check_texts(texts)
+        # chunks are encoded without a second segment: dropping a context would answer a different question
+        for index, context in enumerate(contexts or ()):
+            if context is not None:
+                raise UserError(f"contexts[{index}]: a long-document model takes no context; send only texts")
         return predict_long_documents(self.loaded, list(texts), self.temperature, self.batch_size)
 
 
@@ -326,12 +357,15 @@ class VectorService:
     def __init__(self, loaded, batch_size=32):
         self.loaded = loaded
         self.batch_size = batch_size
+        # measured once: an ONNX export keeps no backbone config to read the size from
+        self.dim = int(embed(loaded, ["dim"]).shape[-1])
 
     def info(self):
         settings = self.loaded.toolkit.get("vector", {})
         return {"kind": self.kind, "task": "vector", "backend": self.loaded.backend,
-                "model": Path(self.loaded.source).name, "pooling": settings.get("pooling"),
-                "normalize": settings.get("normalize"), "query_max_length": vector_max_length(self.loaded, "query"),
+                "model": Path(self.loaded.source).name, "dim": self.dim, "pooling": settings.get("pooling"),
+                "normalize": settings.get("normalize"), "max_length": self.loaded.preprocessing.get("max_length"),
+                "query_max_length": vector_max_length(self.loaded, "query"),
                 "doc_max_length": vector_max_length(self.loaded, "doc")}
 
     def encode(self, texts):

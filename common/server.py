@@ -20,6 +20,7 @@ import secrets
 import sys
 from collections import deque
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
@@ -45,6 +46,8 @@ class StrictRequest(BaseModel):
 
 class EncodeRequest(StrictRequest):
     texts: list[StrictStr] = Field(min_length=1, description="texts to embed")
+    side: Literal["query", "document"] = Field(
+        default="query", description="'document' encodes with the model's document max length (queries are short)")
 
 
 class SimilarityRequest(StrictRequest):
@@ -335,7 +338,8 @@ def add_vector_routes(app, batcher, check_limits, corpus):
     @app.post("/encode")
     async def encode(request: EncodeRequest):
         check_limits(request.texts)
-        embeddings = await batcher.submit("encode", request.texts)
+        method = "encode_documents" if request.side == "document" else "encode"
+        embeddings = await batcher.submit(method, request.texts)
         return {"embeddings": embeddings, "dim": len(embeddings[0]) if embeddings else 0}
 
     @app.post("/similarity")

@@ -113,6 +113,36 @@ def test_early_stopping_stops_after_patience(tmp_path, tiny_model_dir, text_data
     assert evaluations[-1]["step"] == 6
 
 
+@pytest.mark.parametrize("example, extra", [
+    ("messages.json", ["--labels", "low_value,normal,interrupt"]),  # the README's quick start
+    ("chat.json", []), ("reviews.csv", []), ("reviews.jsonl", []),
+])
+def test_the_shipped_examples_train_with_default_splitting(tmp_path, tiny_model_dir, example, extra):
+    # default --val-ratio 0.1 on a dozen records: the split takes at least one record per class
+    assert run(tiny_model_dir, tmp_path / "out", "--data-path", str(REPO / "examples" / example), *extra) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["validation"]["num_examples"] >= len(json.loads(
+        (tmp_path / "out" / "checkpoint-best" / "config.json").read_text())["id2label"])
+
+
+def test_an_epoch_end_that_is_also_an_eval_step_is_evaluated_once(tmp_path, tiny_model_dir, text_data):
+    # 24 records, batch 8: 3 steps an epoch, so every --eval-steps 3 evaluation falls on an epoch end
+    assert run(tiny_model_dir, tmp_path / "out", "--data-path", str(text_data["train"]), "--val-path",
+               str(text_data["val"]), "--epochs", "4", "--learning-rate", "0", "--eval-steps", "3",
+               "--patience", "3") == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    # scoring the same weights twice would spend patience: it would stop at step 6
+    assert [row["step"] for row in rows if "eval_loss" in row] == [3, 6, 9, 12]
+
+
+def test_the_hf_trainer_spellings_of_seed_002_parse():
+    args = train_classifier.parse_args([
+        "--model_name_or_path", "m", "--data_path", "d.json", "--output_dir", "o", "--num_train_epochs", "4",
+        "--per_device_train_batch_size", "16", "--learning_rate", "3e-5", "--max_length", "64", "--logging_steps", "5",
+        "--eval_steps", "7", "--save_steps", "9", "--fp16", "--gradient_accumulation_steps", "2"])
+    assert (args.model_name, args.epochs, args.batch_size, args.precision, args.eval_steps) == ("m", 4, 16, "fp16", 7)
+
+
 def test_config_file_sections_and_flag_override(tmp_path, tiny_model_dir, text_data):
     config = tmp_path / "c.yaml"
     config.write_text("model:\n  max_length: 16\n  dropout: 0.2\ntraining:\n  epochs: 1\n  batch_size: 4\n"

@@ -136,6 +136,18 @@ def test_reads_a_datasets_save_to_disk_directory_with_splits_and_columns(tmp_pat
         data.load_text_examples(tmp_path / "chn")  # default column names do not exist here
 
 
+def test_a_missing_validation_or_test_split_is_an_error_not_the_training_data(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    table = {"text": ["good movie", "bad movie"], "label": [1, 0]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(table),
+                          "test": datasets.Dataset.from_dict(table)}).save_to_disk(str(tmp_path / "hub"))
+    with pytest.raises(UserError, match="no split named 'validation' or 'val' or 'dev' \\(has: train, test\\)"):
+        data.read_records(tmp_path / "hub", default_splits=("validation", "val", "dev"))
+    assert data.read_records(tmp_path / "hub", default_splits=("test",))[0].source.endswith("[test]")
+    datasets.DatasetDict({"all": datasets.Dataset.from_dict(table)}).save_to_disk(str(tmp_path / "one"))
+    assert data.read_records(tmp_path / "one")[0].source.endswith("[all]")  # a lone split is the training data
+
+
 def test_a_plain_directory_is_not_a_dataset(tmp_path):
     with pytest.raises(UserError, match="not a datasets save_to_disk folder"):
         data.read_records(tmp_path)

@@ -1,5 +1,7 @@
-"""export_onnx.py: torch and onnxruntime agree for every model kind; broken or lossy exports are refused."""
+"""export_onnx.py: torch and onnxruntime agree for every model kind; broken or lossy exports are refused
+without touching an earlier export at the same path."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import torch
 import export_onnx
 from common import inference, modeldir
 from common.heads import SequenceClassifier
-from conftest import make_text_records, write_jsonl
+from conftest import SPECIAL_TOKENS, build_tiny_tokenizer, make_text_records, write_jsonl
 
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 
@@ -97,10 +99,11 @@ def test_unoptimized_export_and_validate_existing(classifier_dir, tmp_path, caps
     output = tmp_path / "models" / "model.onnx"
     assert export_onnx.main(["--model-path", str(classifier_dir), "--output-path", str(output),
                              "--optimize", "false", "--max-length", "48"]) == 0
+    assert "will truncate inputs at 48 tokens instead of the training-time 32" in capsys.readouterr().err
     meta = json.loads(output.with_name("model.preprocessing.json").read_text())
     assert meta["optimized"] is False and meta["toolkit"]["preprocessing"]["max_length"] == 48
+    assert meta["max_length"] == {"export": 48, "training": 32}
     assert_torch_and_onnx_agree(classifier_dir, output)
-    capsys.readouterr()
     assert export_onnx.main(["--validate", "--model-path", str(output),
                              "--tokenizer-path", str(tmp_path / "models" / "tokenizer")]) == 0
     assert "result: PASSED" in capsys.readouterr().out
@@ -128,6 +131,7 @@ def test_vector_export_puts_pooling_and_normalisation_in_the_graph(tiny_model_di
     meta = json.loads(output.with_name("vector.preprocessing.json").read_text())
     assert meta["task"] == "vector" and meta["output"] == "embedding"
     assert meta["toolkit"]["preprocessing"]["max_length"] == 32  # the longer of query/doc lengths
+    assert meta["max_length"] == {"export": 32, "training": 32}
     assert_torch_and_onnx_agree(model_dir, output)
     onnx_loaded = inference.load_onnx_model(output)
     vectors = onnx_loaded.run(random_batch(onnx_loaded.tokenizer.vocab_size, 3, 9, seed=1))
@@ -145,7 +149,8 @@ def corrupt_classifier_weights(path):
     onnx.save(graph, str(path))
 
 
-def test_broken_graph_is_rejected_and_kept(classifier_dir, tmp_path, monkeypatch, capsys):
+def break_optimized_graphs(monkeypatch):
+    """From now on every optimized graph computes wrong logits, so the parity gate refuses it."""
     original = export_onnx.optimize_graph
 
     def optimize_then_break(source, target, config, use_gpu=False):
@@ -154,12 +159,68 @@ def test_broken_graph_is_rejected_and_kept(classifier_dir, tmp_path, monkeypatch
         return result
 
     monkeypatch.setattr(export_onnx, "optimize_graph", optimize_then_break)
+
+
+def folder_contents(folder):
+    """{relative path: bytes} of every file under folder (hidden ones too)."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(Path(folder).rglob("*"))
+            if path.is_file()}
+
+
+def test_broken_graph_is_rejected_and_kept(classifier_dir, tmp_path, monkeypatch, capsys):
+    break_optimized_graphs(monkeypatch)
     output = tmp_path / "model.onnx"
     assert export_onnx.main(["--model-path", str(classifier_dir), "--output-path", str(output)]) == 1
     assert not output.exists() and (tmp_path / "model.onnx.rejected").is_file()
-    report = json.loads((tmp_path / "model.report.json").read_text())
+    report = json.loads((tmp_path / "model.rejected.report.json").read_text())
     assert not report["passed"] and "exceeds the tolerance" in report["reasons"][0]
     assert "REJECTED" in capsys.readouterr().out
+    # nothing but the rejected graph and its report: no companions, no staging folder left behind
+    assert sorted(folder_contents(tmp_path)) == ["model.onnx.rejected", "model.rejected.report.json"]
+
+
+def test_refused_reexport_leaves_the_previous_export_untouched(classifier_dir, tmp_path, monkeypatch, capsys):
+    output = tmp_path / "models" / "model.onnx"
+    assert export_onnx.main(["--model-path", str(classifier_dir), "--output-path", str(output)]) == 0
+    before = folder_contents(output.parent)
+    assert {"model.onnx", "model.preprocessing.json", "model.report.json", "tokenizer/tokenizer.json"} <= set(before)
+    break_optimized_graphs(monkeypatch)
+    # a different max length, so the refused export's preprocessing json would differ if it were written
+    assert export_onnx.main(["--model-path", str(classifier_dir), "--output-path", str(output),
+                             "--max-length", "48"]) == 1
+    after = folder_contents(output.parent)
+    assert {name: after.get(name) for name in before} == before  # byte-identical, report included
+    assert sorted(set(after) - set(before)) == ["model.onnx.rejected", "model.rejected.report.json"]
+    assert "nothing was written to" in capsys.readouterr().err
+    assert_torch_and_onnx_agree(classifier_dir, output)
+
+
+def make_other_tokenizer_model(classifier_dir, directory):
+    """The classifier with a different vocabulary: another model's tokenizer."""
+    shutil.copytree(classifier_dir, directory)
+    vocab = directory.parent / "other-vocab.txt"
+    vocab.write_text("\n".join(SPECIAL_TOKENS + list("abcdefghijklmnopqrstuvwxyz")) + "\n", encoding="utf-8")
+    build_tiny_tokenizer(vocab).save_pretrained(str(directory))
+    return directory
+
+
+def test_a_different_models_tokenizer_is_not_swapped_in(classifier_dir, tiny_model_dir, tmp_path, capsys):
+    output = tmp_path / "models" / "model.onnx"
+    assert export_onnx.main(["--model-path", str(classifier_dir), "--output-path", str(output)]) == 0
+    tokenizer_files = folder_contents(output.parent / "tokenizer")
+    other = make_other_tokenizer_model(classifier_dir, tmp_path / "other-model")
+    capsys.readouterr()
+    assert export_onnx.main(["--model-path", str(other), "--output-path", str(output.with_name("other.onnx"))]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "tokenizer: holds a different model's tokenizer" in error
+    assert str(classifier_dir.resolve()) in error and "another folder" in error
+    assert not output.with_name("other.onnx").exists()
+    assert folder_contents(output.parent / "tokenizer") == tokenizer_files
+    # another model with the same tokenizer may share the folder; tokenizer/ is left as it was
+    same_tokenizer = make_model_directory(tiny_model_dir, tmp_path / "same-tokenizer", seed=1)
+    assert export_onnx.main(["--model-path", str(same_tokenizer),
+                             "--output-path", str(output.with_name("b.onnx"))]) == 0
+    assert folder_contents(output.parent / "tokenizer") == tokenizer_files
 
 
 def test_validate_detects_an_export_tampered_with_later(classifier_dir, exported, tmp_path):
@@ -180,7 +241,7 @@ def test_int8_is_gated_on_the_validation_metric(classifier_dir, tmp_path):
                              "--validation-file", str(validation), "--max-metric-drop", "-1"])
     assert code == 1  # no export can improve accuracy by a whole point: always refused
     assert (tmp_path / "int8.onnx.rejected").is_file() and not output.exists()
-    report = json.loads((tmp_path / "int8.report.json").read_text())
+    report = json.loads((tmp_path / "int8.rejected.report.json").read_text())
     assert report["quantization"] == "int8" and report["validation"]["metric"] == "accuracy"
     assert report["validation"]["records"] == 12 and "drops by" in report["reasons"][0]
     quantized = onnx.load(str(tmp_path / "int8.onnx.rejected"))
@@ -195,6 +256,24 @@ def test_int8_within_the_allowed_drop_is_kept(classifier_dir, tmp_path):
                              "--validation-file", str(validation), "--max-metric-drop", "1.0"]) == 0
     report = json.loads((tmp_path / "int8.report.json").read_text())
     assert report["validation"]["metric"] == "agreement" and 0 <= report["validation"]["drop"] <= 1
+    assert report["int8_check_skipped"] is False
+
+
+def test_int8_needs_a_validation_file_or_an_explicit_skip(classifier_dir, tmp_path, capsys):
+    output = tmp_path / "int8.onnx"
+    export = ["--model-path", str(classifier_dir), "--output-path", str(output), "--quantize", "int8"]
+    assert export_onnx.main(export) == 2
+    assert "--quantize int8: needs --validation-file" in capsys.readouterr().err
+    assert export_onnx.main(export + ["--skip-int8-check", "--validation-file", str(tmp_path / "v.jsonl")]) == 2
+    assert export_onnx.main(export + ["--validation-file", str(tmp_path / "absent.jsonl")]) == 2
+    assert "absent.jsonl: not found" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before any work
+    assert export_onnx.main(export + ["--skip-int8-check"]) == 0
+    assert "int8 accuracy was not checked" in capsys.readouterr().out
+    report = json.loads((tmp_path / "int8.report.json").read_text())
+    assert report["passed"] and report["int8_check_skipped"] is True and "validation" not in report
+    assert export_onnx.main(["--validate", "--model-path", str(output)]) == 2  # the same rule when re-checking
+    assert export_onnx.main(["--validate", "--model-path", str(output), "--skip-int8-check"]) == 0
 
 
 def test_user_errors_exit_2(classifier_dir, tmp_path, capsys):
@@ -203,6 +282,15 @@ def test_user_errors_exit_2(classifier_dir, tmp_path, capsys):
     assert export_onnx.main(["--model-path", str(classifier_dir), "--output-path", str(tmp_path / "m.onnx"),
                              "--max-length", "100000"]) == 2
     assert "error: --max-length 100000" in capsys.readouterr().err
+
+
+def test_vector_max_length_other_than_the_trained_one_is_refused(tiny_model_dir, tmp_path, capsys):
+    model_dir = make_vector_directory(tiny_model_dir, tmp_path / "vector")
+    output = tmp_path / "vector.onnx"
+    assert export_onnx.main(["--model-path", str(model_dir), "--output-path", str(output), "--max-length", "64"]) == 2
+    error = capsys.readouterr().err
+    assert "--max-length 64: a vector model keeps its training-time query/doc lengths (16/32" in error
+    assert not output.exists()
 
 
 def test_parity_batches_cover_padding_and_segments(classifier_dir):

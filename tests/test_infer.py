@@ -1,5 +1,6 @@
 """infer.py: both backends agree, batching keeps input order, bad inputs are reported, output shapes."""
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -183,6 +184,7 @@ def test_vector_models_print_embedding_norm_and_similarity(tiny_model_dir, tmp_p
     assert "norm: 1.0000" in out and "cosine similarity: " in out and "embedding (dim 16)" in out
     service = inference.build_service(inference.load_model(output))
     assert service.kind == "vector" and len(service.encode_documents(["a b"])[0]) == 16
+    assert service.info()["dim"] == 16  # an ONNX export has no backbone config: measured
 
 
 def test_serve_exposes_predict_with_the_model_preprocessing(classifier_dir, onnx_path, monkeypatch):
@@ -203,3 +205,144 @@ def test_serve_exposes_predict_with_the_model_preprocessing(classifier_dir, onnx
         assert abs(prediction["probability"] - expected["probability"]) < 1e-4
         info = client.get("/info", headers={"X-API-Key": "secret"}).json()
         assert info["labels"] == list(LABELS.values()) and info["backend"] == "onnx"
+
+
+# ---------------------------------------------------------------- --output, long-document files, flags per kind
+
+@pytest.fixture(scope="module")
+def longdoc_dir(tiny_model_dir, tmp_path_factory):
+    return make_model_directory(tiny_model_dir, tmp_path_factory.mktemp("longdoc"), task="longdoc", max_length=16)
+
+
+@pytest.fixture(scope="module")
+def vector_dir(tiny_model_dir, tmp_path_factory):
+    from test_export_onnx import make_vector_directory
+    return make_vector_directory(tiny_model_dir, tmp_path_factory.mktemp("vector"))
+
+
+def test_bad_output_path_fails_before_the_model_loads(classifier_dir, tmp_path, monkeypatch, capsys):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --output was checked")
+    monkeypatch.setattr(inference, "load_model", must_not_load)
+    regular_file = tmp_path / "notes.txt"
+    regular_file.write_text("x", encoding="utf-8")
+    for bad, message in ((tmp_path, "is a directory"), (regular_file / "out.jsonl", "is a file, not a folder"),
+                         (regular_file / "a" / "b" / "out.jsonl", "is a file, not a folder")):
+        assert infer.main(["--model-path", str(classifier_dir), "--text", "good", "--output", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --output {bad}: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_output_folders_are_created_and_results_written_atomically(classifier_dir, tmp_path, monkeypatch):
+    nested = tmp_path / "new" / "folder" / "out.jsonl"
+    assert infer.main(["--model-path", str(classifier_dir), "--text", "good", "--output", str(nested)]) == 0
+    assert len(read_jsonl(nested)) == 1 and sorted(path.name for path in nested.parent.iterdir()) == ["out.jsonl"]
+    existing = tmp_path / "existing.jsonl"
+    existing.write_text("old results\n", encoding="utf-8")
+    written = []
+
+    def dumps_then_fail(row, **kwargs):  # the disk fills up after the first row
+        if written:
+            raise OSError("No space left on device")
+        written.append(row)
+        return json.dumps(row, **kwargs)
+    monkeypatch.setattr(infer, "json", SimpleNamespace(dumps=dumps_then_fail))
+    with pytest.raises(OSError, match="No space"):
+        infer.main(["--model-path", str(classifier_dir), "--text", "good", "--text", "sad", "--output", str(existing)])
+    assert existing.read_text(encoding="utf-8") == "old results\n"
+    assert [path.name for path in tmp_path.iterdir() if path.name.endswith(".tmp")] == []
+
+
+def test_a_text_file_is_one_document_for_long_document_models(longdoc_dir, tmp_path, capsys):
+    article = tmp_path / "article.txt"
+    text = "good movie and the music was great\n\nthe team game was bad\n   \nvery sad film\n"
+    article.write_text(text, encoding="utf-8")
+    output = tmp_path / "out.jsonl"
+    assert infer.main(["--model-path", str(longdoc_dir), "--file", str(article), "--output", str(output)]) == 0
+    rows = read_jsonl(output)
+    assert len(rows) == 1 and rows[0]["input"] == text and rows[0]["source"] == str(article)
+    assert rows[0]["num_chunks"] > 1
+    records = write_jsonl(tmp_path / "articles.jsonl", [{"text": text}, {"text": "sad"}])
+    assert infer.main(["--model-path", str(longdoc_dir), "--file", str(records), "--json"]) == 0
+    assert [json.loads(line)["input"] for line in capsys.readouterr().out.splitlines()] == [text, "sad"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    assert infer.main(["--model-path", str(longdoc_dir), "--file", str(empty)]) == 2
+    assert "empty.txt: the file is empty" in capsys.readouterr().err
+
+
+def test_top_k_works_for_long_document_models(longdoc_dir, capsys):
+    assert infer.main(["--model-path", str(longdoc_dir), "--text", "good movie", "--top-k", "2", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert [entry["label"] for entry in row["top_k"]][:1] == [row["label"]] and len(row["top_k"]) == 2
+    assert infer.main(["--model-path", str(longdoc_dir), "--text", "good movie", "--top-k", "1"]) == 0
+    assert "top 1:" in capsys.readouterr().out
+
+
+def test_context_for_models_that_take_none_is_an_error(longdoc_dir, vector_dir, tmp_path, capsys):
+    for model_dir, task in ((longdoc_dir, "longdoc"), (vector_dir, "vector")):
+        assert infer.main(["--model-path", str(model_dir), "--text", "good", "--context", "sad"]) == 2
+        assert f"--context is for classification models; {model_dir} is a {task} model" in capsys.readouterr().err
+    records = write_jsonl(tmp_path / "in.jsonl", [{"message": "good", "context": "sad"}, {"message": "bad"}])
+    output = tmp_path / "out.jsonl"
+    assert infer.main(["--model-path", str(longdoc_dir), "--file", str(records), "--output", str(output)]) == 1
+    rows = read_jsonl(output)
+    assert "line 1: field 'context': a longdoc model takes no context" in rows[0]["error"] and "label" in rows[1]
+    assert infer.main(["--model-path", str(vector_dir), "--text", "good", "--explain", "2"]) == 2
+    assert "--explain is for longdoc models" in capsys.readouterr().err
+
+
+def test_serve_long_document_model_refuses_contexts(longdoc_dir, monkeypatch):
+    from fastapi.testclient import TestClient
+    from common import server
+    started = {}
+    monkeypatch.setattr(server, "serve", lambda app, host, port: started.update(app=app))
+    assert infer.main(["--model-path", str(longdoc_dir), "--serve"]) == 0
+    with TestClient(started["app"]) as client:
+        response = client.post("/predict", json={"texts": ["good", "bad"], "contexts": [None, "sad"]})
+        assert response.status_code == 422 and response.headers["content-type"] == "application/json"
+        assert "contexts[1]: a long-document model takes no context" in response.json()["detail"]
+        assert client.post("/predict", json={"texts": ["good"], "contexts": [None]}).status_code == 200
+        assert len(client.post("/predict", json={"texts": ["good", "bad"]}).json()["predictions"]) == 2
+
+
+def test_serve_vector_model_with_a_corpus(vector_dir, classifier_dir, tmp_path, monkeypatch, capsys):
+    from fastapi.testclient import TestClient
+    from common import server
+    started = {}
+    monkeypatch.setattr(server, "serve", lambda app, host, port: started.update(app=app))
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": "a", "text": "good movie"}, {"id": 7, "text": "stock price"},
+                                                     {"id": "c", "text": "the team game"}])
+    assert infer.main(["--model-path", str(vector_dir), "--serve", "--corpus", str(corpus)]) == 0
+    with TestClient(started["app"]) as client:
+        info = client.get("/info").json()
+        assert info["dim"] == 16 and info["query_max_length"] == 16 and info["doc_max_length"] == 32
+        assert info["model"] == vector_dir.name and info["corpus_size"] == 3
+        results = client.post("/search", json={"query": "stock price", "top_k": 2}).json()["results"]
+        assert len(results) == 2 and results[0]["id"] == "7" and results[0]["score"] > results[1]["score"]
+    assert infer.main(["--model-path", str(classifier_dir), "--serve", "--corpus", str(corpus)]) == 2
+    assert "--corpus is for vector models" in capsys.readouterr().err
+    assert infer.main(["--model-path", str(vector_dir), "--text", "good", "--corpus", str(corpus)]) == 2
+    assert "--corpus needs --serve" in capsys.readouterr().err
+    bad_corpus = write_jsonl(tmp_path / "bad.jsonl", [{"id": "a", "text": "good"}, {"text": "no id"}])
+    assert infer.main(["--model-path", str(vector_dir), "--serve", "--corpus", str(bad_corpus)]) == 2
+    assert "bad.jsonl line 2: field 'id'" in capsys.readouterr().err
+
+
+def test_max_length_overrides_the_stored_value(classifier_dir, vector_dir, capsys):
+    base = ["--model-path", str(classifier_dir), "--json"]
+    # right truncation to 5 tokens keeps [CLS] good movie and [SEP]
+    assert infer.main(base + ["--text", "good movie and the music was great", "--max_length", "5"]) == 0
+    captured = capsys.readouterr()
+    truncated = json.loads(captured.out)
+    assert captured.err.strip() == ("--max-length 5 overrides the model's stored max_length 32 "
+                                    "(the rest of the preprocessing still comes from the model)")
+    assert infer.main(base + ["--text", "good movie and"]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    assert truncated["probabilities"] == expected["probabilities"]
+    assert infer.main(base + ["--text", "good", "--max-length", "32"]) == 0
+    assert capsys.readouterr().err == ""  # the stored value: nothing to say
+    assert infer.main(["--model-path", str(vector_dir), "--text", "good", "--max-length", "8"]) == 0
+    assert "stored max_length 32, query_max_length 16, doc_max_length 32" in capsys.readouterr().err
+    assert infer.main(base + ["--text", "good", "--max-length", "100000"]) == 2
+    assert "--max-length 100000: must be between 3 and 512" in capsys.readouterr().err

@@ -91,6 +91,21 @@ def test_vector_routes_answer_with_json():
     run(calls())
 
 
+def test_encode_side_document_uses_the_document_length():
+    class TwoSidedService(FakeVectorService):
+        def encode_documents(self, texts):
+            return [[0.0, 0.0, 0.0, 9.0] for _ in texts]
+    app = server.create_app(TwoSidedService())
+
+    async def calls():
+        async with client_for(app) as client:
+            query = (await client.post("/encode", json={"texts": ["a"]})).json()["embeddings"][0]
+            document = (await client.post("/encode", json={"texts": ["a"], "side": "document"})).json()["embeddings"][0]
+            assert query[3] != 9.0 and document == [0.0, 0.0, 0.0, 9.0]
+            assert (await client.post("/encode", json={"texts": ["a"], "side": "passage"})).status_code == 422
+    run(calls())
+
+
 def test_bad_requests_get_4xx_json_errors():
     app, _ = vector_app(max_texts=3, max_chars=20)
     cases = [

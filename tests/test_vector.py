@@ -212,11 +212,24 @@ def test_training_writes_step_checkpoints_with_validation_loss(trained):
         assert summary["global_step"] == step and math.isfinite(summary["val_loss"])
         assert BertVectorModel.from_pretrained(save_path / f"checkpoint-step-{step}").dim == 16
     best = json.loads((save_path / "best_checkpoint.json").read_text())
-    losses = {step: json.loads((save_path / f"checkpoint-step-{step}" / "trainer_state.json").read_text())["val_loss"]
-              for step in steps}
-    assert best["checkpoint"] == f"checkpoint-step-{min(losses, key=losses.get)}"
+    losses = {name: json.loads((save_path / name / "trainer_state.json").read_text())["val_loss"]
+              for name in [*(f"checkpoint-step-{step}" for step in steps), "checkpoint-best"]}
+    assert best["checkpoint"] == min(losses, key=losses.get)  # checkpoint-best last: a tie goes to the step one
     rows = [json.loads(line) for line in (save_path / "train_log.jsonl").read_text().splitlines()]
     assert any("loss" in row for row in rows) and any("eval_loss" in row for row in rows)
+
+
+def test_the_seed_snippet_loads_the_save_path_itself(trained):
+    from transformers import BertTokenizer
+    save_path, _ = trained
+    best = save_path / json.loads((save_path / "best_checkpoint.json").read_text())["checkpoint"]
+    tokenizer = BertTokenizer.from_pretrained(str(save_path))  # as written in the seed
+    model = BertVectorModel.from_pretrained(save_path)
+    assert tokenizer.tokenize("a good movie") == BertTokenizer.from_pretrained(str(best)).tokenize("a good movie")
+    expected = BertVectorModel.from_pretrained(best).state_dict()
+    assert all(torch.equal(tensor, expected[key]) for key, tensor in model.state_dict().items())
+    similarity = torch.cosine_similarity(model.encode("good movie"), model.encode("a good movie", side="document"))
+    assert similarity.shape == (1,)
 
 
 def test_evaluate_select_best_and_single_checkpoint(trained, capsys):
@@ -229,7 +242,8 @@ def test_evaluate_select_best_and_single_checkpoint(trained, capsys):
     assert best["selected_by"].endswith("(--select_best)")
     assert 0 <= best["test"]["ndcg@3"] <= 1 and best["test"]["queries"] == 3 and best["test"]["loss"] == "mse"
     results = json.loads((save_path / "eval_results.json").read_text())
-    assert set(results["checkpoints"]) == {"checkpoint-step-2", "checkpoint-step-4", "checkpoint-step-6"}
+    assert set(results["checkpoints"]) == {"checkpoint-step-2", "checkpoint-step-4", "checkpoint-step-6",
+                                           "checkpoint-best"}
 
     metrics_path = save_path / "single.json"
     assert train_vector.main(["--mode", "evaluate", "--test_path", str(data["test"]), "--checkpoint_dir",
