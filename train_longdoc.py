@@ -116,6 +116,9 @@ def build_parser():
 
 def parse_args(argv=None):
     args = parse_with_config(build_parser(), argv, SECTION_ALIASES, CONFIG_CONVERTERS)
+    if args.freeze_backbone and args.extend_vocab > 0:  # the added rows would stay at their random start
+        raise UserError("--freeze-backbone with --extend-vocab: the new tokens' embeddings would never be "
+                        "trained; drop one of the two")
     if args.eval_only:
         if not args.model_path or not args.test_path:
             raise UserError("--eval-only needs --model-path and --test-path")

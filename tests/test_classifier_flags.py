@@ -11,6 +11,7 @@ import infer
 import train_classifier
 from common import data, inference, modeldir, techniques, training
 from common.heads import SequenceClassifier, pool_hidden_states
+from common.text import build_normalizer
 from conftest import make_text_records, write_jsonl
 from test_classifier import run
 
@@ -57,7 +58,8 @@ def test_pooled_vector_is_the_same_alone_and_in_a_padded_batch(tiny_model_dir, p
     with torch.no_grad():
         vector_alone = model.encode(alone["input_ids"], alone["attention_mask"])[0]
         vector_padded = model.encode(padded["input_ids"], padded["attention_mask"])[0]
-        states = model.backbone(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).last_hidden_state
+        states = model.backbone(input_ids=padded["input_ids"],
+                                attention_mask=padded["attention_mask"]).last_hidden_state
     torch.testing.assert_close(vector_padded, vector_alone, atol=1e-5, rtol=1e-5)
     if pooling == "mean":  # padding positions carry states: an average over all positions would differ
         assert not torch.allclose(states[0].mean(0), vector_alone, atol=1e-4)
@@ -114,7 +116,8 @@ def test_head_layernorm_and_dropout_are_built_trained_saved_and_reloaded(tmp_pat
     config = json.loads((best / "config.json").read_text())
     assert config["toolkit"]["head"]["head_layernorm"] is True and config["toolkit"]["head"]["dropout"] == 0.37
     # --dropout is the head's: the encoder keeps its own dropout
-    assert config["hidden_dropout_prob"] == json.loads((tiny_model_dir / "config.json").read_text())["hidden_dropout_prob"]
+    pretrained_config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert config["hidden_dropout_prob"] == pretrained_config["hidden_dropout_prob"]
     state = weights(best)
     assert not torch.equal(state["head.layernorm.weight"], torch.ones(32))  # learnt, not left at its init
     model, _, _, _ = SequenceClassifier.from_directory(best)
@@ -188,7 +191,6 @@ def test_inference_applies_the_stored_normalization_and_left_truncation(tmp_path
     assert len(fed) == 1 and fed[0]["attention_mask"].all()
     inferred_ids = fed[0]["input_ids"][0].tolist()
 
-    from common.text import build_normalizer
     tokenizer = modeldir.load_tokenizer(str(best))
     normalized = build_normalizer(toolkit_of(best)["preprocessing"]["normalize"])(raw)
     assert normalized == "this film was very bad and sad but the movie is GOOD @user http"
@@ -304,8 +306,9 @@ def test_label_smoothing_reaches_the_training_loss(tmp_path, tiny_model_dir, tex
 # ---------------------------------------------------------------- dataset summary and --extend-vocab
 
 def test_dataset_summary_reports_lengths_and_truncation(tmp_path, tiny_model_dir, text_data, capsys):
-    # 101 records, so p50, p90 and p99 fall exactly on records 50, 90 and 99 (no interpolation)
-    word_counts = [5] * 51 + [9] * 40 + [14] * 9 + [30]
+    # 101 records, so p50, p90 and p99 fall exactly on records 50, 90 and 99 (no interpolation);
+    # 10 words plus [CLS] and [SEP] fill --max-length 12 exactly: not truncated
+    word_counts = [5] * 51 + [9] * 30 + [10] * 10 + [14] * 9 + [30]
     records = [{"text": " ".join(["good" if index % 2 else "bad"] * (count - 1) + ["zzz" if count == 30 else "movie"]),
                 "label": "positive" if index % 2 else "negative"} for index, count in enumerate(word_counts)]
     path = write_jsonl(tmp_path / "lengths.jsonl", records)
@@ -314,13 +317,13 @@ def test_dataset_summary_reports_lengths_and_truncation(tmp_path, tiny_model_dir
     summary = json.loads((tmp_path / "out" / "dataset_summary.json").read_text())[0]
     assert summary["split"] == "train" and summary["records"] == 101
     # lengths count [CLS] and [SEP], measured before truncation
-    assert summary["token_length"] == {"p50": 7, "p90": 11, "p99": 16, "max": 32}
-    assert summary["truncated"] == 10 and summary["max_length"] == 12  # more than 10 words do not fit in 12
+    assert summary["token_length"] == {"p50": 7, "p90": 12, "p99": 16, "max": 32}
+    assert summary["truncated"] == 10 and summary["max_length"] == 12  # the 14- and 30-word records
     assert summary["classes"] == {"negative": {"count": 51, "share": round(51 / 101, 4)},
                                   "positive": {"count": 50, "share": round(50 / 101, 4)}}
     assert summary["unk_rate"] == round(1 / sum(word_counts), 4)  # the one "zzz"
     printed = capsys.readouterr().out
-    assert "train: 101 records; tokens p50=7 p90=11 p99=16 max=32; 10 truncated at max_length=12" in printed
+    assert "train: 101 records; tokens p50=7 p90=12 p99=16 max=32; 10 truncated at max_length=12" in printed
 
 
 def test_extend_vocab_reports_the_unk_rate_before_and_after(tmp_path, tiny_model_dir, capsys):
@@ -346,3 +349,10 @@ def counted_unk_rate(tiny_model_dir, texts):
     tokenizer = modeldir.load_tokenizer(str(tiny_model_dir))
     ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     return sum(row.count(tokenizer.unk_token_id) for row in ids) / sum(len(row) for row in ids)
+
+
+def test_freeze_backbone_with_extend_vocab_is_refused(tmp_path, tiny_model_dir, text_data, capsys):
+    # the added tokens' embedding rows would stay random: refused before any work
+    assert run(tiny_model_dir, tmp_path / "out", "--data-path", str(text_data["train"]), "--freeze-backbone",
+               "--extend-vocab", "1") == 2
+    assert "--freeze-backbone with --extend-vocab" in capsys.readouterr().err
