@@ -249,8 +249,8 @@ def publish_model(source_dir, save_path):
     atomically, so a reader never sees a half-written model.
     """
     for source in Path(source_dir).iterdir():
-        if not source.is_file() or source.name == training.TRAINER_SUMMARY_FILE:
-            continue
+        if not source.is_file() or source.name in (training.TRAINER_STATE_FILE, training.TRAINER_SUMMARY_FILE):
+            continue  # resume state stays with its checkpoint: the top level is a model directory only
         staged = Path(save_path) / f".{source.name}.publishing"
         staged.unlink(missing_ok=True)
         try:

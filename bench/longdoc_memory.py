@@ -122,6 +122,7 @@ def main(argv=None):
                       f"{row['peak_rss_mib']:>9.1f} {row['peak_rss_mib'] - row['rss_after_load_mib']:>10.1f} "
                       f"{row['seconds']:>8.2f}", flush=True)
     if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(rows, indent=2))
     return 0
 

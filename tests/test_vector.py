@@ -228,6 +228,7 @@ def test_the_seed_snippet_loads_the_save_path_itself(trained):
     assert tokenizer.tokenize("a good movie") == BertTokenizer.from_pretrained(str(best)).tokenize("a good movie")
     expected = BertVectorModel.from_pretrained(best).state_dict()
     assert all(torch.equal(tensor, expected[key]) for key, tensor in model.state_dict().items())
+    assert not (save_path / "trainer_state.pt").exists()  # no resume state (optimizer moments) at the top
     similarity = torch.cosine_similarity(model.encode("good movie"), model.encode("a good movie", side="document"))
     assert similarity.shape == (1,)
 
