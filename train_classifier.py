@@ -570,28 +570,9 @@ def metrics_by_group(examples, labels, predictions, probs, label_set):
 
 # ---------------------------------------------------------------- logging
 
-class RunLogger:
-    """Prints on the main process, appends train_log.jsonl, mirrors rows to W&B when enabled."""
-
-    def __init__(self, output_dir, is_main, wandb_run=None):
-        self.path = Path(output_dir) / "train_log.jsonl"
-        self.is_main = is_main
-        self.wandb_run = wandb_run
-
-    def info(self, message):
-        if self.is_main:
-            tqdm.write(message)
-
-    def log(self, row):
-        if not self.is_main:
-            return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log(row, step=row.get("step"))
-        if "eval_loss" in row:
-            tqdm.write(f"step {row['step']}: eval loss {row['eval_loss']:.4f}, accuracy {row['eval_accuracy']:.4f}, "
-                       f"macro-F1 {row['eval_macro_f1']:.4f}" + (" (best)" if row.get("improved") else ""))
+def describe_evaluation(row):
+    return (f"step {row['step']}: eval loss {row['eval_loss']:.4f}, accuracy {row['eval_accuracy']:.4f}, "
+            f"macro-F1 {row['eval_macro_f1']:.4f}")
 
 
 def start_wandb(args, is_main):
@@ -624,7 +605,7 @@ def run_eval_only(args, context):
     datasets["val"], splits["val"] = datasets["test"], splits["test"]
     args.calibrate = False
     results = finish(args, args.model_path, datasets, splits, label_set, context, output_dir,
-                     RunLogger(output_dir, context.is_main), None)
+                     training.RunLogger(output_dir, context.is_main, describe_evaluation), None)
     print(json.dumps({key: results["test"][key] for key in ("accuracy", "macro_f1", "weighted_f1")}))
     return 0
 
@@ -682,7 +663,7 @@ def run_training(args, context):
     if context.enabled:
         model = DistributedDataParallel(model, device_ids=[args.device_obj.index]
                                         if args.device_obj.type == "cuda" else None)
-    logger = RunLogger(output_dir, context.is_main, start_wandb(args, context.is_main))
+    logger = training.RunLogger(output_dir, context.is_main, describe_evaluation, start_wandb(args, context.is_main))
     total, trainable = modeldir.count_parameters(model)
     logger.info(f"model: {args.model_name}, {total / 1e6:.1f}M parameters ({trainable / 1e6:.2f}M trainable)")
 

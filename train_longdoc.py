@@ -567,26 +567,9 @@ def write_reports(output_dir, results, split_name, documents, doc_logits, labels
 
 # ---------------------------------------------------------------- logging
 
-class RunLogger:
-    """Prints on the main process and appends train_log.jsonl."""
-
-    def __init__(self, output_dir, is_main):
-        self.path = Path(output_dir) / "train_log.jsonl"
-        self.is_main = is_main
-
-    def info(self, message):
-        if self.is_main:
-            tqdm.write(message)
-
-    def log(self, row):
-        if not self.is_main:
-            return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
-        if "eval_loss" in row:
-            tqdm.write(f"step {row['step']}: eval loss {row['eval_loss']:.4f}, document accuracy "
-                       f"{row['eval_accuracy']:.4f}, macro-F1 {row['eval_macro_f1']:.4f}"
-                       + (" (best)" if row.get("improved") else ""))
+def describe_evaluation(row):
+    return (f"step {row['step']}: eval loss {row['eval_loss']:.4f}, document accuracy "
+            f"{row['eval_accuracy']:.4f}, macro-F1 {row['eval_macro_f1']:.4f}")
 
 
 # ---------------------------------------------------------------- main
@@ -614,7 +597,7 @@ def run_eval_only(args, context):
     print(format_summary(summaries))
     datasets["val"], splits["val"] = datasets["test"], splits["test"]
     results = finish(args, args.model_path, datasets, splits, label_set, context, output_dir,
-                     RunLogger(output_dir, context.is_main), None)
+                     training.RunLogger(output_dir, context.is_main, describe_evaluation), None)
     print(json.dumps({key: results["test"][key] for key in ("accuracy", "macro_f1", "by_aggregation")}))
     return 0
 
@@ -662,7 +645,7 @@ def run_training(args, context):
         # ranks run different numbers of chunk micro-batches: no per-forward buffer broadcast
         model = DistributedDataParallel(model, device_ids=[args.device_obj.index] if args.device_obj.type == "cuda"
                                         else None, broadcast_buffers=False)
-    logger = RunLogger(output_dir, context.is_main)
+    logger = training.RunLogger(output_dir, context.is_main, describe_evaluation)
     total, trainable = modeldir.count_parameters(model)
     logger.info(f"model: {args.model_name}, {total / 1e6:.1f}M parameters ({trainable / 1e6:.2f}M trainable)")
 

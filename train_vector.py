@@ -493,25 +493,8 @@ def resolve_best_model_dir(save_path):
 
 # ---------------------------------------------------------------- logging
 
-class RunLogger:
-    """Prints on the main process and appends rows to train_log.jsonl."""
-
-    def __init__(self, output_dir, is_main):
-        self.path = Path(output_dir) / "train_log.jsonl"
-        self.is_main = is_main
-
-    def info(self, message):
-        if self.is_main:
-            tqdm.write(message)
-
-    def log(self, row):
-        if not self.is_main:
-            return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
-        if "eval_loss" in row:
-            tqdm.write(f"step {row['step']}: validation loss {row['eval_loss']:.5f}"
-                       + (" (best)" if row.get("improved") else ""))
+def describe_evaluation(row):
+    return f"step {row['step']}: validation loss {row['eval_loss']:.5f}"
 
 
 # ---------------------------------------------------------------- modes
@@ -547,7 +530,7 @@ def run_training(args, context):
     if context.enabled:
         model = DistributedDataParallel(model, device_ids=[args.device_obj.index]
                                         if args.device_obj.type == "cuda" else None)
-    logger = RunLogger(output_dir, context.is_main)
+    logger = training.RunLogger(output_dir, context.is_main, describe_evaluation)
     total, trainable = modeldir.count_parameters(model)
     logger.info(f"model: {args.model_name}, {total / 1e6:.1f}M parameters ({trainable / 1e6:.2f}M trainable), "
                 f"pooling {args.pooling}, embedding size {vector_model(model).dim}")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from common.errors import UserError
@@ -354,6 +355,35 @@ def rotate_checkpoints(output_dir, save_total_limit):
         return
     for stale in list_checkpoints(output_dir)[:-save_total_limit]:
         shutil.rmtree(stale, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- run log
+
+class RunLogger:
+    """Prints on the main process, appends rows to train_log.jsonl, mirrors them to W&B when given a run.
+
+    ``describe_evaluation(row)`` gives the line printed for an evaluation row (one with ``eval_loss``).
+    """
+
+    def __init__(self, output_dir, is_main, describe_evaluation, wandb_run=None):
+        self.path = Path(output_dir) / "train_log.jsonl"
+        self.is_main = is_main
+        self.describe_evaluation = describe_evaluation
+        self.wandb_run = wandb_run
+
+    def info(self, message):
+        if self.is_main:
+            tqdm.write(message)
+
+    def log(self, row):
+        if not self.is_main:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(row, step=row.get("step"))
+        if "eval_loss" in row:
+            tqdm.write(self.describe_evaluation(row) + (" (best)" if row.get("improved") else ""))
 
 
 # ---------------------------------------------------------------- distributed
