@@ -111,7 +111,7 @@ def main(argv=None):
         with open(output_dir / f"{name}.jsonl", "w", encoding="utf-8") as handle:
             for record in records:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        lengths = sorted(len(record["text"]) for record in records)
+        lengths = sorted(len(record["text"]) for record in records) or [0]  # a split of size 0 is allowed
         print(f"{name}: {len(records)} documents, characters p50={lengths[len(lengths) // 2]} max={lengths[-1]}")
     return 0
 
