@@ -52,7 +52,8 @@ def build_parser():
     add_data_text_args(parser)
 
     group = parser.add_argument_group("model")
-    add_flag(group, "model-name", aliases=("model-name-or-path",), default="hfl/chinese-bert-wwm-ext", help="hub name or local path of the encoder")
+    add_flag(group, "model-name", aliases=("model-name-or-path",), default="hfl/chinese-bert-wwm-ext",
+             help="hub name or local path of the encoder")
     add_flag(group, "num-labels", type=int, help="expected number of labels (checked against the data)")
     add_flag(group, "max-length", type=int, default=128, help="tokens per input, special tokens included")
     add_flag(group, "pooling", choices=POOLINGS, default="cls", help="how token states become one vector")
@@ -62,9 +63,11 @@ def build_parser():
     add_flag(group, "compile", action="store_true", help="torch.compile the model")
 
     group = parser.add_argument_group("training")
-    add_flag(group, "epochs", aliases=("num-train-epochs",), type=int, default=10, help="passes over the training data")
+    add_flag(group, "epochs", aliases=("num-train-epochs",), type=int, default=10,
+             help="passes over the training data")
     add_flag(group, "max-steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
-    add_flag(group, "batch-size", aliases=("per-device-train-batch-size",), type=int, default=32, help="examples per forward pass (per process)")
+    add_flag(group, "batch-size", aliases=("per-device-train-batch-size",), type=int, default=32,
+             help="examples per forward pass (per process)")
     add_flag(group, "eval-batch-size", type=int, default=64, help="examples per evaluation forward pass")
     add_flag(group, "gradient-accumulation-steps", type=int, default=1, help="forward passes per optimizer step")
     add_flag(group, "learning-rate", type=float, default=2e-5, help="peak AdamW learning rate")
@@ -663,7 +666,8 @@ def run_training(args, context):
     if context.enabled:
         model = DistributedDataParallel(model, device_ids=[args.device_obj.index]
                                         if args.device_obj.type == "cuda" else None)
-    logger = training.RunLogger(output_dir, context.is_main, describe_evaluation, start_wandb(args, context.is_main))
+    logger = training.RunLogger(output_dir, context.is_main, describe_evaluation,
+                                start_wandb(args, context.is_main))
     total, trainable = modeldir.count_parameters(model)
     logger.info(f"model: {args.model_name}, {total / 1e6:.1f}M parameters ({trainable / 1e6:.2f}M trainable)")
 

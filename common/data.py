@@ -404,9 +404,9 @@ def stratified_split(examples, val_ratio, seed):
         raise UserError(f"the validation split would leave class id(s) {too_small} empty "
                         "(only one record each): add data or pass --val-path")
     # at least one record of every class, so a small data set still gets a usable validation split
-    num_classes = int(np.count_nonzero(counts))
-    val_size = max(int(math.ceil(val_ratio * len(examples))), num_classes)
-    if val_size != int(math.ceil(val_ratio * len(examples))):
+    requested = math.ceil(val_ratio * len(examples))  # what scikit-learn takes for a float test_size
+    val_size = max(requested, int(np.count_nonzero(counts)))
+    if val_size != requested:
         print(f"note: --val-ratio {val_ratio} gives fewer validation records than classes; "
               f"taking {val_size} (one per class)", file=sys.stderr)
     try:

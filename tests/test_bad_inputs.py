@@ -553,3 +553,42 @@ def test_unicode_line_separators_inside_texts_are_not_line_breaks(tmp_path):
         read = data.read_records(path)
         assert [record.fields["text"] for record in read] == [r["text"] for r in records]
         assert [record.locator for record in read] == [f"line {first_line}", f"line {first_line + 1}"]
+
+
+# ---------------------------------------------------------------- an unwritable output directory
+
+def unwritable_directory(tmp_path):
+    """A folder this process cannot create anything in.
+
+    Permission bits stop an ordinary user; root ignores them (CI runs as root), so there a
+    read-only kernel file system stands in.
+    """
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        return locked
+    for candidate in (Path("/sys"), Path("/proc/sys")):
+        probe = candidate / "toolkit-write-probe"
+        try:
+            probe.mkdir()
+        except OSError:
+            return candidate
+        probe.rmdir()
+    pytest.skip("no folder here that root cannot write")
+
+
+@pytest.mark.parametrize("script", ["train_classifier", "train_vector", "train_longdoc"])
+def test_an_unwritable_output_directory_is_one_line_and_exit_2(script, tmp_path, tiny_model_dir, capsys):
+    out = unwritable_directory(tmp_path) / "run"
+    data_file = tmp_path / "d.jsonl"
+    if script == "train_vector":
+        data_file.write_text(json.dumps({"query": "q", "document": "d", "rel": 1.0}) + "\n", encoding="utf-8")
+        argv = ["--train_path", str(data_file), "--val_path", str(data_file), "--save_path", str(out)]
+    else:
+        data_file.write_text(GOOD_JSONL, encoding="utf-8")
+        argv = ["--data-path", str(data_file), "--output-dir", str(out)]
+    module = importlib.import_module(script)
+    assert module.main([*argv, "--model-name", str(tiny_model_dir)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(out) in errors[0] and "cannot write" in errors[0]
