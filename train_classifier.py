@@ -616,16 +616,7 @@ def run_eval_only(args, context):
 @report_user_errors
 def main(argv=None):
     args = parse_args(argv)
-    context = training.init_distributed(args.device)
-    try:
-        args.device_obj = training.resolve_device(args.device, context.local_rank)
-        args.precision_obj = training.resolve_precision(args.precision, args.device_obj)
-        training.set_seed(args.seed)
-        if args.eval_only:
-            return run_eval_only(args, context)
-        return run_training(args, context)
-    finally:
-        training.cleanup_distributed(context)
+    return training.run_in_context(args, run_eval_only if args.eval_only else run_training)
 
 
 def run_training(args, context):

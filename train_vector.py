@@ -647,18 +647,10 @@ def run_deploy(args):
 @report_user_errors
 def main(argv=None):
     args = parse_args(argv)
-    context = training.init_distributed(args.device) if args.mode == "train" else training.DistributedContext()
-    try:
-        args.device_obj = training.resolve_device(args.device, context.local_rank)
-        args.precision_obj = training.resolve_precision(args.precision, args.device_obj)
-        training.set_seed(args.seed)
-        if args.mode == "evaluate":
-            return run_evaluation_mode(args)
-        if args.mode == "deploy":
-            return run_deploy(args)
-        return run_training(args, context)
-    finally:
-        training.cleanup_distributed(context)
+    modes = {"train": run_training, "evaluate": lambda args, _: run_evaluation_mode(args),
+             "deploy": lambda args, _: run_deploy(args)}
+    # only training runs under torchrun; evaluate and deploy are single-process
+    return training.run_in_context(args, modes[args.mode], distributed=args.mode == "train")
 
 
 if __name__ == "__main__":

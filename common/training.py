@@ -357,6 +357,24 @@ def rotate_checkpoints(output_dir, save_total_limit):
         shutil.rmtree(stale, ignore_errors=True)
 
 
+# ---------------------------------------------------------------- running a script
+
+def run_in_context(args, run, distributed=True):
+    """Set up the process group (under torchrun), device, precision and seed; call ``run(args, context)``.
+
+    The process group is torn down however ``run`` ends, so a UserError on one rank never leaves the
+    others waiting.
+    """
+    context = init_distributed(args.device) if distributed else DistributedContext()
+    try:
+        args.device_obj = resolve_device(args.device, context.local_rank)
+        args.precision_obj = resolve_precision(args.precision, args.device_obj)
+        set_seed(args.seed)
+        return run(args, context)
+    finally:
+        cleanup_distributed(context)
+
+
 # ---------------------------------------------------------------- run log
 
 class RunLogger:
