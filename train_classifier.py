@@ -360,15 +360,10 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
     # ---- resume: model weights, optimizer, scheduler, scaler, RNG, position, early stopping
     checkpoint_dir = training.find_resume_checkpoint(args.resume, output_dir)
     if checkpoint_dir is not None:
-        state = training.load_training_state(checkpoint_dir)
-        modeldir.load_weights(training.unwrap(model), checkpoint_dir)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        early_stopping.load_state_dict(state["early_stopping"])
+        state = training.restore_training_state(checkpoint_dir, training.unwrap(model), optimizer, scheduler,
+                                                scaler, early_stopping)
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
-        training.restore_rng_state(state["rng"])
         global_step, start_epoch, skip_batches = state["global_step"], state["epoch"], state["step_in_epoch"]
         evaluated_step = state.get("evaluated_step", -1)
         logger.info(f"resumed from {checkpoint_dir} at step {global_step} (epoch {start_epoch}, "

@@ -318,13 +318,8 @@ def train(args, model, datasets, context, output_dir, logger):
     # ---- resume: model weights, optimizer, scheduler, scaler, RNG, position, early stopping
     checkpoint_dir = training.find_resume_checkpoint(args.resume, output_dir)
     if checkpoint_dir is not None:
-        state = training.load_training_state(checkpoint_dir)
-        modeldir.load_weights(vector_model(model), checkpoint_dir)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        early_stopping.load_state_dict(state["early_stopping"])
-        training.restore_rng_state(state["rng"])
+        state = training.restore_training_state(checkpoint_dir, vector_model(model), optimizer, scheduler,
+                                                scaler, early_stopping)
         global_step, start_epoch, skip_batches = state["global_step"], state["epoch"], state["step_in_epoch"]
         logger.info(f"resumed from {checkpoint_dir} at step {global_step} (epoch {start_epoch}, "
                     f"batch {skip_batches})")

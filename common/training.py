@@ -20,6 +20,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
+from common import modeldir
 from common.errors import UserError
 
 TRAINER_STATE_FILE = "trainer_state.pt"
@@ -303,6 +304,19 @@ def load_training_state(checkpoint_dir):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file: say which, do not crash
         raise UserError(f"--resume {checkpoint_dir}: {TRAINER_STATE_FILE} is unreadable ({error})") from None
+
+
+def restore_training_state(checkpoint_dir, model, optimizer, scheduler, scaler, early_stopping):
+    """Load a checkpoint's weights into ``model`` and its optimizer, scheduler, scaler, early-stopping
+    and RNG states; return the state dict for the loop's position (and any script-specific extras)."""
+    state = load_training_state(checkpoint_dir)
+    modeldir.load_weights(model, checkpoint_dir)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    early_stopping.load_state_dict(state["early_stopping"])
+    restore_rng_state(state["rng"])
+    return state
 
 
 def list_checkpoints(output_dir):
