@@ -1,11 +1,59 @@
 """Argument helpers shared by every script: flag spellings, shared option groups, YAML config."""
 import argparse
 import json
+import math
+import re
 from pathlib import Path
 
 import yaml
 
 from common.errors import UserError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``error: argument --x: ...``) and exit code 2.
+
+    The stock parser prints a usage block first; the README promises one line per mistake.
+    """
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def bounded(kind, minimum=None, maximum=None, above=None, below=None):
+    """An argparse ``type=`` for a finite int or float in a range, for flags and YAML alike.
+
+    ``minimum``/``maximum`` are inclusive bounds, ``above``/``below`` exclusive ones.
+    NaN, inf and (for ints) ``1.5`` are refused with the allowed range in the message.
+    """
+    limits = [text for text, bound in ((f">= {minimum}", minimum), (f"> {above}", above),
+                                       (f"<= {maximum}", maximum), (f"< {below}", below)) if bound is not None]
+    expected = f"{'an integer' if kind is int else 'a number'}{' ' + ' and '.join(limits) if limits else ''}"
+
+    def convert(text):
+        try:
+            value = kind(str(text).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not math.isfinite(value) or (minimum is not None and value < minimum) or \
+                (maximum is not None and value > maximum) or (above is not None and value <= above) or \
+                (below is not None and value >= below):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    convert.__name__ = expected  # argparse names the type in its own messages
+    return convert
+
+
+SEED_LIMIT = 2 ** 32  # numpy's seed range
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def parse_device(value):
+    """``--device``: auto, cpu, mps, cuda or cuda:N (availability is checked when the run starts)."""
+    if not DEVICE_PATTERN.fullmatch(str(value).strip()):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
+    return str(value).strip()
 
 
 def spellings(name):
@@ -68,7 +116,7 @@ def add_data_text_args(parser):
              help="which end of a too-long text is cut (left keeps the ending); stored with the model")
     add_flag(group, "normalize", nargs="?", const="social", default=None,
              help="social-media text normalization preset or options (see README); stored with the model")
-    add_flag(group, "extend-vocab", type=int, default=0, metavar="MIN_COUNT",
+    add_flag(group, "extend-vocab", type=bounded(int, minimum=0), default=0, metavar="MIN_COUNT",
              help="add tokens the tokenizer maps to [UNK] that occur at least MIN_COUNT times")
     return group
 
@@ -76,18 +124,18 @@ def add_data_text_args(parser):
 def add_runtime_args(parser):
     """Device, precision, seed and resume options shared by every training script."""
     group = parser.add_argument_group("runtime")
-    add_flag(group, "device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_flag(group, "device", type=parse_device, default="auto", help="auto, cpu, cuda or cuda:N")
     add_flag(group, "precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
              help="autocast precision: auto picks bf16/fp16 on CUDA, bf16 on CPUs with native bf16, else fp32")
     group.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
                        help="same as --precision fp16 (the Hugging Face Trainer's flag)")
-    add_flag(group, "seed", type=int, default=42, help="random seed (data split, shuffling, init, dropout)")
+    add_flag(group, "seed", type=bounded(int, minimum=0, below=SEED_LIMIT), default=42, help="random seed (data split, shuffling, init, dropout)")
     add_flag(group, "resume", nargs="?", const="latest", default=None,
              help="resume from the latest checkpoint in the output directory, or from the given checkpoint path")
     add_flag(group, "trust-remote-code", action="store_true",
              help="allow model code from the model repository to run (off by default)")
-    add_flag(group, "num-workers", type=int, default=0, help="DataLoader worker processes")
-    add_flag(group, "max-nonfinite-steps", type=int, default=5,
+    add_flag(group, "num-workers", type=bounded(int, minimum=0), default=0, help="DataLoader worker processes")
+    add_flag(group, "max-nonfinite-steps", type=bounded(int, minimum=1), default=5,
              help="abort after this many optimizer steps in a row with a NaN/inf loss")
     return group
 
@@ -123,7 +171,9 @@ def parse_with_config(parser, argv, section_aliases, value_converters=None):
     args = parser.parse_args(argv)
     if not getattr(args, "config", None):
         return args
-    known = {action.dest for action in parser._actions}
+    actions = {}
+    for action in parser._actions:  # the flag itself, not an alias like --fp16 that shares its dest
+        actions.setdefault(action.dest, action)
     converters = value_converters or {}
     defaults = {}
     for dest, (key, value) in load_yaml_config(args.config, section_aliases).items():
@@ -131,13 +181,31 @@ def parse_with_config(parser, argv, section_aliases, value_converters=None):
             dest, value = converters[dest](value)
             if dest is None:
                 continue
-        if dest not in known:
+        if dest not in actions:
             raise UserError(f"{args.config}: key '{key}' is not a known option")
-        if dest == "labels" and isinstance(value, list):
-            value = [str(name) for name in value]
-        defaults[dest] = value
+        if value is not None:
+            defaults[dest] = convert_config_value(actions[dest], value, f"{args.config}: key '{key}'")
     parser.set_defaults(**defaults)
     return parser.parse_args(argv)
+
+
+def convert_config_value(action, value, where):
+    """Check a YAML value with the same type and choices as its flag (set_defaults would skip them)."""
+    if action.dest == "labels" and isinstance(value, list):
+        value = ",".join(str(name) for name in value)
+    if action.nargs == 0:  # store_true / store_const flags take a YAML boolean
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return action.const if value else action.default
+    if isinstance(value, (dict, list)):
+        raise UserError(f"{where}: expected a single value, got a {type(value).__name__}")
+    try:
+        converted = (action.type or str)(str(value))
+    except (argparse.ArgumentTypeError, ValueError) as error:
+        raise UserError(f"{where}: {error}") from None
+    if action.choices is not None and converted not in action.choices:
+        raise UserError(f"{where}: expected one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return converted
 
 
 def write_effective_config(args, output_dir):

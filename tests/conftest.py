@@ -86,3 +86,29 @@ def text_data(tmp_path):
     """train.jsonl / val.jsonl / test.jsonl of separable two-class text records."""
     return {split: write_jsonl(tmp_path / f"{split}.jsonl", make_text_records(count))
             for split, count in (("train", 24), ("val", 8), ("test", 8))}
+
+
+def snapshot_files(*roots):
+    """{path: (mode, bytes)} of every file under the given files or directories.
+
+    Taken before and after a hostile run to prove that nothing the user had was touched.
+    """
+    snapshot = {}
+    for root in map(Path, roots):
+        paths = [root] if not root.is_dir() else sorted(p for p in root.rglob("*") if not p.is_dir())
+        for path in paths:
+            if path.is_file() and not path.is_symlink():
+                snapshot[str(path)] = (path.stat().st_mode, path.read_bytes())
+            elif path.exists() or path.is_symlink():
+                snapshot[str(path)] = (path.lstat().st_mode, os.readlink(path) if path.is_symlink() else None)
+    return snapshot
+
+
+def assert_one_error_line(stderr, *fragments):
+    """stderr ends in exactly one ``error: ...`` line (containing each fragment) and holds no traceback."""
+    assert "Traceback" not in stderr, stderr
+    error_lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0], (fragment, error_lines[0])
+    return error_lines[0]
