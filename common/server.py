@@ -9,24 +9,31 @@
 Routes: GET /health (never needs a key), GET /info; vector: POST /encode, /similarity,
 /search (with a corpus); classification/longdoc: POST /predict. OpenAPI docs at /docs.
 
-Bad input never gets a 5xx: malformed JSON and wrong types answer 422, too many texts,
-too-long texts or an oversize body 413, a missing or wrong key 401, always as a JSON body.
+Bad input never gets a 5xx: malformed JSON, wrong types and text that is not valid Unicode (a
+lone surrogate such as JSON's "\\ud800") answer 422, too many texts, too-long texts or an oversize
+body 413, a missing or wrong key 401, always as a JSON body. ``serve()`` bounds how long a client
+may take to send a request and how many connections may be open (see the constants below).
 Concurrent requests are micro-batched: their texts are queued and run as one service call
 in a worker thread, so the event loop keeps answering while the model runs.
 """
 import asyncio
+import http
+import json
 import os
 import secrets
 import sys
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
+import h11
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from common.errors import UserError
 
@@ -36,8 +43,37 @@ GRACEFUL_SHUTDOWN_SECONDS = 30
 BYTES_PER_CHAR = 6  # worst case of a JSON-escaped character (\uXXXX)
 MAX_TOP_K = 1000
 
+# Slow clients. uvicorn only times out a connection that sits idle after a response, so a client that
+# opens a socket and sends half its headers (slowloris) or trickles a body would hold it forever.
+# A request must arrive whole: headers within HEADER_TIMEOUT_SECONDS of the connection opening (or
+# of the previous response), the body within BODY_TIMEOUT_SECONDS of the headers (generous: a full
+# 64-text request is ~4 MB), else 408 and the connection is closed. The model's time is not bounded.
+HEADER_TIMEOUT_SECONDS = 10
+BODY_TIMEOUT_SECONDS = 60
+KEEP_ALIVE_SECONDS = 5  # an idle connection after a response (uvicorn's timeout_keep_alive)
+# Connections beyond this are answered 503 and closed at once, so sockets held by clients that never
+# finish a request cannot exhaust the process's file descriptors (often 1024); well above what
+# micro-batching needs (64 texts per forward pass). Behind a public address, put a reverse proxy in front.
+MAX_CONNECTIONS = 500
+MAX_HEADER_BYTES = 16 * 1024  # request line + headers; h11's default, stated so it is a decision
+
 
 # ---------------------------------------------------------------- request and response models
+
+def require_encodable(text):
+    """Refuse text the tokenizer cannot encode: JSON allows a lone surrogate ("\\ud800"), UTF-8 does not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        # the character itself is not echoed: it cannot be written into a UTF-8 response either
+        raise ValueError(f"character {error.start} is a lone surrogate (U+{ord(text[error.start]):04X}); "
+                         "text must be valid Unicode") from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(require_encodable)]
+
+
 
 class StrictRequest(BaseModel):
     """A request body that rejects unknown fields (a typo answers 422 instead of being ignored)."""
@@ -45,24 +81,24 @@ class StrictRequest(BaseModel):
 
 
 class EncodeRequest(StrictRequest):
-    texts: list[StrictStr] = Field(min_length=1, description="texts to embed")
+    texts: list[Text] = Field(min_length=1, description="texts to embed")
     side: Literal["query", "document"] = Field(
         default="query", description="'document' encodes with the model's document max length (queries are short)")
 
 
 class SimilarityRequest(StrictRequest):
-    query: StrictStr = Field(description="the query text")
-    documents: list[StrictStr] = Field(min_length=1, description="documents to score against the query")
+    query: Text = Field(description="the query text")
+    documents: list[Text] = Field(min_length=1, description="documents to score against the query")
 
 
 class SearchRequest(StrictRequest):
-    query: StrictStr = Field(description="the query text")
+    query: Text = Field(description="the query text")
     top_k: int = Field(default=10, ge=1, le=MAX_TOP_K, strict=True, description="how many corpus entries to return")
 
 
 class PredictRequest(StrictRequest):
-    texts: list[StrictStr] = Field(min_length=1, description="texts to classify")
-    contexts: list[StrictStr | None] | None = Field(default=None, description="optional context per text")
+    texts: list[Text] = Field(min_length=1, description="texts to classify")
+    contexts: list[Text | None] | None = Field(default=None, description="optional context per text")
 
 
 # ---------------------------------------------------------------- corpus for /search
@@ -221,6 +257,13 @@ class MicroBatcher:
 
 # ---------------------------------------------------------------- middleware: body size and auth
 
+class ErrorResponse(JSONResponse):
+    """A JSON error body written as ASCII: a message quoting the client's input can always be encoded."""
+
+    def render(self, content):
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 class PayloadTooLarge(HTTPException):
     """413, raised while a streamed body is read."""
 
@@ -240,7 +283,7 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            response = JSONResponse({"detail": f"request body too large (limit {self.max_bytes} bytes)"}, 413)
+            response = ErrorResponse({"detail": f"request body too large (limit {self.max_bytes} bytes)"}, 413)
             return await response(scope, receive, send)
         received = 0
 
@@ -257,8 +300,25 @@ class BodySizeLimit:
 
 
 def resolve_api_key(api_key):
-    """The key from --api-key, else from the TOOLKIT_API_KEY environment variable, else None (no auth)."""
-    return api_key or os.environ.get(API_KEY_ENV) or None
+    """The key from --api-key, else from the TOOLKIT_API_KEY environment variable, else None (no auth).
+
+    A key that is given but empty is refused, not read as "no key": ``--api-key "$KEY"`` with KEY
+    unset must not serve without authentication. A key a client could never send in a header
+    (surrounding spaces, non-ASCII or control characters) is refused too: it would lock everyone out.
+    """
+    if api_key is not None:
+        source, key = "--api-key", api_key
+    elif os.environ.get(API_KEY_ENV) is not None:
+        source, key = f"the {API_KEY_ENV} environment variable", os.environ[API_KEY_ENV]
+    else:
+        return None
+    if not key.strip():
+        raise UserError(f"{source} is empty: give a key (--api-key KEY), or leave out --api-key and "
+                        f"unset {API_KEY_ENV} to serve without one")
+    if key != key.strip() or not key.isascii() or not key.isprintable():
+        raise UserError(f"{source}: the key must be printable ASCII without surrounding spaces "
+                        "(clients send it in an HTTP header)")
+    return key
 
 
 def request_key(request):
@@ -301,7 +361,7 @@ def create_app(service, *, api_key=None, max_texts=64, max_chars=10000, max_batc
         if api_key and request.url.path != "/health":
             sent = request_key(request)
             if sent is None or not secrets.compare_digest(sent.encode(), api_key.encode()):
-                return JSONResponse({"detail": "missing or invalid API key (send 'Authorization: Bearer <key>')"},
+                return ErrorResponse({"detail": "missing or invalid API key (send 'Authorization: Bearer <key>')"},
                                     status_code=401, headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
 
@@ -385,30 +445,137 @@ def install_error_handlers(app):
 
     @app.exception_handler(UserError)
     async def user_error(request, error):
-        return JSONResponse({"detail": str(error)}, status_code=422)
+        return ErrorResponse({"detail": str(error)}, status_code=422)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, error):
+        # the offending input is left out: it may be megabytes, or not encodable at all
         errors = [{"loc": list(item.get("loc", ())), "msg": item.get("msg"), "type": item.get("type")}
                   for item in error.errors()]
-        return JSONResponse({"detail": errors}, status_code=422)
+        content_type = request.headers.get("content-type", "")
+        if "json" not in content_type.lower():  # FastAPI ignores a form or text body: say why it was empty
+            errors.insert(0, {"loc": ["header", "content-type"], "type": "content_type",
+                              "msg": f"expected application/json, got {content_type or 'no content type'!r}"})
+        return ErrorResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request, error):
+        # the client left (or was cut off by a read deadline) mid-body: nobody to answer, nothing to log
+        return ErrorResponse({"detail": "client disconnected"}, status_code=400)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request, error):
         print(f"error while serving {request.url.path}: {type(error).__name__}: {error}", file=sys.stderr)
-        return JSONResponse({"detail": "internal error"}, status_code=500)
+        return ErrorResponse({"detail": "internal error"}, status_code=500)
 
 
 # ---------------------------------------------------------------- running
 
-def serve(app, host=DEFAULT_HOST, port=8000, graceful_seconds=GRACEFUL_SHUTDOWN_SECONDS, log_level="info"):
-    """Run uvicorn; on SIGTERM/SIGINT it stops accepting, finishes in-flight requests, then exits."""
+class BoundedH11Protocol(H11Protocol):
+    """uvicorn's h11 connection with a deadline for reading each request and a cap on open connections.
+
+    The deadline runs while the client owes us bytes: from the connection opening (or the previous
+    response) until the headers are parsed, then until the body is complete. It is off while the app
+    runs. On expiry a client that sent part of a request gets 408; the connection is closed either way.
+    ``bounded_protocol()`` makes a subclass with other limits (tests use a 1 s deadline).
+    """
+    header_timeout = HEADER_TIMEOUT_SECONDS
+    body_timeout = BODY_TIMEOUT_SECONDS
+    max_connections = MAX_CONNECTIONS
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read_phase = None  # "headers" | "body" | None (nothing owed by the client)
+        self.read_timer = None
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        # uvicorn's limit_concurrency answers 503 only once headers arrive: it cannot bound silent sockets
+        if len(self.connections) > self.max_connections:
+            self.reply_and_close(503, f"too many open connections (limit {self.max_connections}); retry later")
+            return
+        self.update_read_deadline()
+
+    def data_received(self, data):
+        super().data_received(data)
+        self.update_read_deadline()
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        self.update_read_deadline()  # a kept-alive connection now owes the next request's headers
+
+    def connection_lost(self, exc):
+        self.set_read_phase(None)
+        super().connection_lost(exc)
+
+    def update_read_deadline(self):
+        """Arm, keep or cancel the timer from what h11 says the client still has to send."""
+        phase = {h11.IDLE: "headers", h11.SEND_BODY: "body"}.get(self.conn.their_state)
+        self.set_read_phase(None if self.transport.is_closing() else phase)
+
+    def set_read_phase(self, phase):
+        if phase == self.read_phase:
+            return  # the deadline covers the whole phase, not the gap between two packets
+        if self.read_timer is not None:
+            self.read_timer.cancel()
+            self.read_timer = None
+        self.read_phase = phase
+        if phase is not None:
+            timeout = self.header_timeout if phase == "headers" else self.body_timeout
+            self.read_timer = self.loop.call_later(timeout, self.on_read_timeout)
+
+    def on_read_timeout(self):
+        phase, self.read_timer, self.read_phase = self.read_phase, None, None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle if phase == "body" else None
+        if cycle is not None:
+            cycle.disconnected = True  # the app reading the body sees a disconnect; its answer is dropped
+        started = phase == "body" or bool(self.conn.trailing_data[0])
+        if started and not (cycle is not None and cycle.response_started):
+            timeout = self.header_timeout if phase == "headers" else self.body_timeout
+            self.reply_and_close(408, f"request {phase} not received within {timeout:g} s")
+        else:
+            self.transport.close()  # an idle connection that never started a request: just close it
+
+    def reply_and_close(self, status, detail):
+        """Write a whole JSON error response outside h11's state machine (the connection ends here)."""
+        body = json.dumps({"detail": detail}).encode()
+        head = (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
+        self.transport.write(head + body)
+        self.transport.close()
+
+
+def bounded_protocol(header_timeout=HEADER_TIMEOUT_SECONDS, body_timeout=BODY_TIMEOUT_SECONDS,
+                     max_connections=MAX_CONNECTIONS):
+    """A ``BoundedH11Protocol`` subclass with these limits (uvicorn builds one instance per connection)."""
+    limits = {"header_timeout": header_timeout, "body_timeout": body_timeout, "max_connections": max_connections}
+    return type("BoundedH11Protocol", (BoundedH11Protocol,), limits)
+
+
+def build_server(app, host=DEFAULT_HOST, port=8000, graceful_seconds=GRACEFUL_SHUTDOWN_SECONDS, log_level="info",
+                 header_timeout=HEADER_TIMEOUT_SECONDS, body_timeout=BODY_TIMEOUT_SECONDS,
+                 max_connections=MAX_CONNECTIONS):
+    """The ``uvicorn.Server`` that ``serve()`` runs, with the read deadlines and connection cap applied."""
     import uvicorn
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=graceful_seconds, timeout_keep_alive=KEEP_ALIVE_SECONDS,
+                            http=bounded_protocol(header_timeout, body_timeout, max_connections),
+                            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+                            ws="none")  # no websocket routes: an upgrade would hand the socket to an unbounded protocol
+    return uvicorn.Server(config)
+
+
+def serve(app, host=DEFAULT_HOST, port=8000, graceful_seconds=GRACEFUL_SHUTDOWN_SECONDS, log_level="info",
+          **limits):
+    """Run uvicorn; on SIGTERM/SIGINT it stops accepting, finishes in-flight requests, then exits.
+
+    ``limits`` (header_timeout, body_timeout, max_connections) default to the module's constants.
+    """
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}: reachable from other machines"
               + ("" if getattr(app.state, "has_key", False) else " without an API key (consider --api-key)"),
               file=sys.stderr)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=graceful_seconds)
-    uvicorn.Server(config).run()
+    build_server(app, host, port, graceful_seconds, log_level, **limits).run()
     return 0

@@ -230,7 +230,7 @@ def random_json(generator, depth=0):
     if kind == 4:
         return "".join(chr(generator.randrange(1, 0x2FFF)) for _ in range(generator.randrange(0, 12)))
     if kind == 5:
-        return generator.choice(["", " ", "\u0000", "a" * 20000, "\ud800" if False else "\U0001F600"])
+        return generator.choice(["", " ", "\u0000", "a" * 20000, "\ud800", "\U0001F600"])
     if kind == 6:
         return [random_json(generator, depth + 1) for _ in range(generator.randrange(0, 5))]
     if kind == 7:

@@ -1,0 +1,362 @@
+"""common/server.py against hostile clients: text that is not valid Unicode, every kind of malformed
+body, empty API keys, and slow or greedy connections against a real uvicorn server on 127.0.0.1."""
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+import types
+
+import httpx
+import pytest
+
+from common import server
+from common.errors import UserError
+from conftest import assert_one_error_line
+from test_server import FakeClassifier, FakeVectorService, client_for, free_port, vector_app
+
+SURROGATE = "\ud800"  # legal in JSON ("\ud800"), not encodable as UTF-8: the tokenizer raises TypeError
+
+
+def post_raw(app, path, body, content_type="application/json"):
+    """POST ``body`` (bytes, or an object serialised with \\u escapes so lone surrogates survive)."""
+    if not isinstance(body, bytes):
+        body = json.dumps(body).encode("ascii")
+    headers = {"content-type": content_type} if content_type else {}
+
+    async def call():
+        async with client_for(app) as client:
+            return await client.post(path, content=body, headers=headers)
+    return asyncio.run(call())
+
+
+# ---------------------------------------------------------------- text that is not valid Unicode (F4)
+
+SURROGATE_CASES = [
+    ("vector", "/encode", {"texts": ["fine", f"bad {SURROGATE} text"]}, ["body", "texts", 1], 4),
+    ("vector", "/encode", {"texts": [SURROGATE], "side": "document"}, ["body", "texts", 0], 0),
+    ("vector", "/similarity", {"query": f"q{SURROGATE}", "documents": ["a"]}, ["body", "query"], 1),
+    ("vector", "/similarity", {"query": "q", "documents": ["a", "b", "\udfff"]}, ["body", "documents", 2], 0),
+    ("vector", "/search", {"query": f"ab{SURROGATE}", "top_k": 2}, ["body", "query"], 2),
+    ("classifier", "/predict", {"texts": [f"x{SURROGATE}"]}, ["body", "texts", 0], 1),
+    ("classifier", "/predict", {"texts": ["a", "b"], "contexts": [None, SURROGATE]}, ["body", "contexts", 1], 0),
+]
+
+
+@pytest.mark.parametrize("kind, path, body, loc, position", SURROGATE_CASES,
+                         ids=[f"{case[1]}-{'.'.join(map(str, case[3][1:]))}" for case in SURROGATE_CASES])
+def test_lone_surrogate_is_a_422_naming_the_field_and_index(kind, path, body, loc, position):
+    app, service = vector_app() if kind == "vector" else (None, FakeClassifier())
+    app = app or server.create_app(service)
+    calls_before = len(service.calls)
+    response = post_raw(app, path, body)
+    assert response.status_code == 422, response.text
+    error = response.json()["detail"][0]
+    assert error["loc"] == loc
+    assert f"character {position} is a lone surrogate" in error["msg"] and "U+D" in error["msg"]
+    assert len(service.calls) == calls_before  # refused before the model saw it
+
+
+def test_lone_surrogate_in_a_field_name_or_choice_is_a_422():
+    app, _ = vector_app()
+    for body in (b'{"texts": ["a"], "\\ud800": 1}', b'{"texts": ["a"], "side": "\\ud800"}'):
+        response = post_raw(app, "/encode", body)
+        assert response.status_code == 422 and response.json()["detail"][0]["type"] == "string_unicode"
+
+
+def test_an_error_message_quoting_unencodable_text_is_still_answered():
+    """A service error that echoes the client's text gets its 422, written as ASCII JSON, not a 500."""
+    class EchoingClassifier(FakeClassifier):
+        def predict(self, texts, contexts):
+            raise UserError(f"texts[0]: cannot classify {texts[0][:3]!s}\udc80 ünïcode")
+    response = post_raw(server.create_app(EchoingClassifier()), "/predict", {"texts": ["abc"]})
+    assert response.status_code == 422
+    assert response.content.isascii() and "cannot classify abc" in response.json()["detail"]
+
+
+# ---------------------------------------------------------------- every other client mistake is a 4xx
+
+CLIENT_MISTAKES = [  # (path, body, content type, status, fragment of the JSON detail)
+    ("/encode", b'{"texts": [NaN]}', "application/json", 422, "valid string"),
+    ("/encode", b'{"texts": [Infinity, -Infinity]}', "application/json", 422, "valid string"),
+    ("/encode", b'{"texts": [1e999]}', "application/json", 422, "valid string"),
+    ("/encode", b'{"texts": [null]}', "application/json", 422, "valid string"),
+    ("/encode", b'{"texts": [["a"]]}', "application/json", 422, "valid string"),
+    ("/encode", b'{"texts": [{"text": "a"}]}', "application/json", 422, "valid string"),
+    ("/encode", b'{"texts": []}', "application/json", 422, "at least 1 item"),
+    ("/encode", b'{"texts": ""}', "application/json", 422, "valid list"),
+    ("/encode", b'{"texts": [""]}', "application/json", 422, "texts[0]: empty"),
+    ("/encode", b'{"texts": ["\\t\\n \\u3000"]}', "application/json", 422, "texts[0]: empty"),
+    ("/encode", b'{"texts": ["a"], "textz": ["b"]}', "application/json", 422, "extra_forbidden"),
+    ("/encode", b'{"texts": ["a"], "side": 1}', "application/json", 422, "'query' or 'document'"),
+    ("/encode", b'{}', "application/json", 422, "missing"),
+    ("/encode", b'[]', "application/json", 422, "valid dictionary"),
+    ("/encode", b'["a"]', "application/json", 422, "valid dictionary"),
+    ("/encode", b'null', "application/json", 422, "valid dictionary"),
+    ("/encode", b'"texts"', "application/json", 422, "valid dictionary"),
+    ("/encode", b'12', "application/json", 422, "valid dictionary"),
+    ("/encode", b'', "application/json", 422, "missing"),
+    ("/encode", b'{"texts": ["a"]', "application/json", 422, "JSON decode error"),
+    ("/encode", b'{"texts": [\'a\']}', "application/json", 422, "JSON decode error"),
+    ("/encode", b'\xff\xfe\x00{', "application/json", 422, "JSON decode error"),
+    ("/encode", b'[' * 20000 + b']' * 20000, "application/json", 400, "error parsing the body"),
+    ("/search", b'{"query": "a", "top_k": ' + b"9" * 5000 + b'}', "application/json", 400, "error parsing"),
+    ("/search", b'{"query": "a", "top_k": 100000000000000000000000000000}', "application/json", 422,
+     "less than or equal to 1000"),
+    ("/search", b'{"query": "a", "top_k": -1}', "application/json", 422, "greater than or equal to 1"),
+    ("/search", b'{"query": "a", "top_k": 2.0}', "application/json", 422, "valid integer"),
+    ("/search", b'{"query": "a", "top_k": NaN}', "application/json", 422, "valid integer"),
+    ("/search", b'{"query": "a", "top_k": true}', "application/json", 422, "valid integer"),
+    ("/search", b'{"query": "a", "top_k": "3"}', "application/json", 422, "valid integer"),
+    ("/search", b'{"query": ["a"]}', "application/json", 422, "valid string"),
+    ("/search", b'{"query": "a" , "query": 5}', "application/json", 422, "valid string"),
+    ("/similarity", b'{"query": "a", "documents": []}', "application/json", 422, "at least 1 item"),
+    ("/similarity", b'{"query": "  ", "documents": ["a"]}', "application/json", 422, "query[0]: empty"),
+    ("/similarity", b'{"query": "a", "documents": "a"}', "application/json", 422, "valid list"),
+    ("/encode", b'{"texts": ["a"]}', "text/plain", 422, "expected application/json, got 'text/plain'"),
+    ("/encode", b'texts=a', "application/x-www-form-urlencoded", 422, "expected application/json"),
+    ("/encode", b'{"texts": ["a"]}', None, 422, "no content type"),
+    ("/encode", b'--x\r\n\r\n', "multipart/form-data; boundary=x", 422, "expected application/json"),
+    ("/encode", b'\x00\x01\x02', "application/octet-stream", 422, "expected application/json"),
+    ("/predict", b'{"texts": ["a"]}', "application/json", 404, "Not Found"),
+]
+
+
+@pytest.mark.parametrize("path, body, content_type, status, fragment", CLIENT_MISTAKES,
+                         ids=[f"{index}-{case[0]}-{case[3]}" for index, case in enumerate(CLIENT_MISTAKES)])
+def test_client_mistakes_on_the_vector_app_get_a_4xx_with_a_detail(path, body, content_type, status, fragment):
+    app, service = vector_app(max_texts=4, max_chars=50)
+    response = post_raw(app, path, body, content_type)
+    assert response.status_code == status, response.text[:300]
+    assert fragment in json.dumps(response.json()["detail"]), response.text[:300]
+    assert service.calls == [3]  # only the corpus encoding at start-up: no request reached the model
+
+
+PREDICT_MISTAKES = [
+    (b'{"texts": ["a"], "contexts": []}', 422, "contexts: 0 given for 1 texts"),
+    (b'{"texts": ["a"], "contexts": ["x", "y"]}', 422, "contexts: 2 given for 1 texts"),
+    (b'{"texts": ["a"], "contexts": [5]}', 422, "valid string"),
+    (b'{"texts": ["a"], "contexts": "x"}', 422, "valid list"),
+    (b'{"texts": ["a"], "contexts": ["' + b"c" * 51 + b'"]}', 413, "contexts[0]: 51 characters"),
+    (b'{"texts": ["a", "b", "c", "d", "e"]}', 413, "texts: 5 texts, at most 4"),
+    (b'{"texts": ["' + b"t" * 51 + b'"]}', 413, "texts[0]: 51 characters, at most 50"),
+    (b'{"texts": ["a"], "labels": ["x"]}', 422, "extra_forbidden"),
+    (b'{"texts": [true]}', 422, "valid string"),
+]
+
+
+@pytest.mark.parametrize("body, status, fragment", PREDICT_MISTAKES)
+def test_client_mistakes_on_the_classifier_app_get_a_4xx_with_a_detail(body, status, fragment):
+    service = FakeClassifier()
+    response = post_raw(server.create_app(service, max_texts=4, max_chars=50), "/predict", body)
+    assert response.status_code == status, response.text[:300]
+    assert fragment in json.dumps(response.json()["detail"]), response.text[:300]
+    assert service.calls == []
+
+
+def test_oversize_declared_and_streamed_bodies_are_413_before_the_model():
+    app, service = vector_app(max_texts=2, max_chars=10)
+    limit = 2 * 10 * server.BYTES_PER_CHAR + 65536
+
+    async def calls():
+        async with client_for(app) as client:
+            declared = await client.post("/encode", content=b"{}", headers={"content-length": "99999999999999"})
+            assert declared.status_code == 413 and str(limit) in declared.json()["detail"]
+
+            async def chunks():
+                for _ in range(40):
+                    yield b" " * 4096
+            streamed = await client.post("/encode", content=chunks(), headers={"content-type": "application/json"})
+            assert streamed.status_code == 413 and "too large" in streamed.json()["detail"]
+    asyncio.run(calls())
+    assert service.calls == [3]
+
+
+# ---------------------------------------------------------------- API keys (F14)
+
+@pytest.mark.parametrize("key", ["", " ", "\t\n"])
+def test_an_empty_api_key_is_refused_not_read_as_no_auth(key, monkeypatch):
+    monkeypatch.delenv(server.API_KEY_ENV, raising=False)
+    with pytest.raises(UserError, match="--api-key is empty"):
+        server.resolve_api_key(key)
+    with pytest.raises(UserError, match="--api-key"):
+        server.create_app(FakeClassifier(), api_key=key)
+
+
+def test_an_empty_api_key_in_the_environment_is_refused(monkeypatch):
+    monkeypatch.setenv(server.API_KEY_ENV, "")
+    with pytest.raises(UserError, match=f"{server.API_KEY_ENV} environment variable is empty"):
+        server.resolve_api_key(None)
+    assert server.resolve_api_key("flag-wins") == "flag-wins"
+    monkeypatch.delenv(server.API_KEY_ENV)
+    assert server.resolve_api_key(None) is None  # no flag, no variable: no auth, as documented
+
+
+@pytest.mark.parametrize("key", [" padded", "padded ", "clé", "tab\tin"])
+def test_an_api_key_no_client_could_send_is_refused(key, monkeypatch):
+    monkeypatch.delenv(server.API_KEY_ENV, raising=False)
+    with pytest.raises(UserError, match="--api-key: the key must be printable ASCII"):
+        server.resolve_api_key(key)
+
+
+class StubVectorService(FakeVectorService):
+    """What train_vector's deploy mode needs from VectorService, without a model."""
+    model = types.SimpleNamespace(dim=4)
+
+    @classmethod
+    def from_directory(cls, directory, device="cpu", batch_size=32):
+        return cls()
+
+
+@pytest.mark.parametrize("entry_point", ["infer", "train_vector"])
+def test_both_entry_points_refuse_an_empty_api_key(entry_point, tmp_path, monkeypatch, capsys):
+    """infer.py --serve and train_vector.py --mode deploy both reach resolve_api_key through create_app."""
+    monkeypatch.delenv(server.API_KEY_ENV, raising=False)
+    served = []
+    monkeypatch.setattr(server, "serve", lambda *args, **kwargs: served.append(args))
+    if entry_point == "infer":
+        import infer
+        monkeypatch.setattr(infer, "load_model", lambda args: types.SimpleNamespace(task="classification"))
+        monkeypatch.setattr(infer.inference, "build_service", lambda *args: FakeClassifier())
+        status = infer.main(["--model-path", str(tmp_path), "--serve", "--api-key", ""])
+    else:
+        import train_vector
+        monkeypatch.setattr(train_vector, "VectorService", StubVectorService)
+        status = train_vector.main(["--mode", "deploy", "--model_dir", str(tmp_path), "--api_key", ""])
+    assert status == 2 and served == []
+    assert_one_error_line(capsys.readouterr().err, "--api-key is empty")
+
+
+# ---------------------------------------------------------------- slow and greedy connections (F6)
+
+@contextlib.contextmanager
+def running_server(app, **limits):
+    """A real uvicorn server from build_server() on a free 127.0.0.1 port, in a thread; stopped on exit."""
+    uvicorn_server = server.build_server(app, "127.0.0.1", free_port(), log_level="warning", **limits)
+    thread = threading.Thread(target=uvicorn_server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not uvicorn_server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield uvicorn_server, f"http://127.0.0.1:{uvicorn_server.config.port}"
+    finally:
+        uvicorn_server.should_exit = True
+        thread.join(20)
+
+
+def open_raw(base_url, data):
+    """A socket to the server that has sent ``data`` and waits at most 10 s for each answer."""
+    host, port = base_url.removeprefix("http://").split(":")
+    connection = socket.create_connection((host, int(port)), timeout=10)
+    connection.sendall(data)
+    return connection
+
+
+def read_until_closed(connection):
+    """Everything the server sends until it closes; socket.timeout (a failure) if it keeps it open 10 s."""
+    received = b""
+    while True:
+        try:
+            chunk = connection.recv(65536)
+        except ConnectionResetError:  # closed with our unread bytes pending: what it sent is already here
+            return received
+        if not chunk:
+            return received
+        received += chunk
+
+
+def wait_for_connections(uvicorn_server, count):
+    deadline = time.monotonic() + 10
+    while len(uvicorn_server.server_state.connections) != count:
+        assert time.monotonic() < deadline, (len(uvicorn_server.server_state.connections), count)
+        time.sleep(0.02)
+
+
+def test_stalled_headers_are_cut_off_while_health_keeps_answering():
+    app, _ = vector_app()
+    with running_server(app, header_timeout=1) as (uvicorn_server, base_url):
+        stalled = open_raw(base_url, b"GET /health HTTP/1.1\r\nHost: x\r\nUser-Agent: slo")
+        assert httpx.get(f"{base_url}/health", timeout=10).json() == {"status": "ok"}
+        started = time.monotonic()
+        answer = read_until_closed(stalled)  # raises socket.timeout if the server never closes it
+        waited = time.monotonic() - started
+        stalled.close()
+        assert answer.startswith(b"HTTP/1.1 408 ")
+        assert b"request headers not received within 1 s" in answer
+        assert waited < 10  # bounded by the 1 s deadline, not by the client's patience
+        wait_for_connections(uvicorn_server, 0)
+        assert httpx.get(f"{base_url}/health", timeout=10).status_code == 200
+
+
+def test_a_connection_that_never_sends_a_byte_is_closed_silently():
+    app, _ = vector_app()
+    with running_server(app, header_timeout=1) as (_, base_url):
+        silent = open_raw(base_url, b"")
+        assert read_until_closed(silent) == b""
+        silent.close()
+
+
+def test_a_trickled_body_is_cut_off_before_the_model_sees_it():
+    app, service = vector_app()
+    with running_server(app, body_timeout=1) as (uvicorn_server, base_url):
+        head = b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        trickle = open_raw(base_url, head + b'{"texts": ["a')
+        answer = read_until_closed(trickle)
+        trickle.close()
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"request body not received within 1 s" in answer
+        wait_for_connections(uvicorn_server, 0)
+        assert service.calls == [3]  # the corpus only
+        assert httpx.post(f"{base_url}/encode", json={"texts": ["a"]}, timeout=10).status_code == 200
+
+
+def test_connections_beyond_the_cap_get_503_and_the_server_recovers():
+    app, _ = vector_app()
+    with running_server(app, header_timeout=30, max_connections=3) as (uvicorn_server, base_url):
+        stalled = [open_raw(base_url, b"GET /health HTTP/1.1\r\n") for _ in range(3)]
+        wait_for_connections(uvicorn_server, 3)
+        extra = open_raw(base_url, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = read_until_closed(extra)
+        extra.close()
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"too many open connections (limit 3)" in answer
+        for connection in stalled:
+            connection.close()
+        wait_for_connections(uvicorn_server, 0)
+        assert httpx.get(f"{base_url}/health", timeout=10).status_code == 200
+
+
+def test_oversize_headers_are_refused():
+    app, _ = vector_app()
+    with running_server(app) as (_, base_url):
+        huge = open_raw(base_url, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * (server.MAX_HEADER_BYTES + 1))
+        answer = read_until_closed(huge)
+        huge.close()
+        assert answer.startswith(b"HTTP/1.1 400 ")
+
+
+def test_the_read_deadline_does_not_bound_the_model_or_kept_alive_requests():
+    class SlowService(FakeVectorService):
+        def encode(self, texts):
+            time.sleep(1.0)
+            return super().encode(texts)
+    app = server.create_app(SlowService())
+    with running_server(app, header_timeout=0.5, body_timeout=0.5) as (_, base_url):
+        with httpx.Client(base_url=base_url, timeout=10) as client:
+            for _ in range(2):  # the second request reuses the kept-alive connection
+                assert client.post("/encode", json={"texts": ["slow"]}).status_code == 200
+
+
+def test_serve_applies_the_documented_limits(monkeypatch):
+    import uvicorn
+    configs = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: configs.append(self.config))
+    assert server.serve(server.create_app(FakeClassifier()), "127.0.0.1", 8123) == 0
+    config = configs[0]
+    assert issubclass(config.http, server.BoundedH11Protocol)
+    assert (config.http.header_timeout, config.http.body_timeout, config.http.max_connections) == (
+        server.HEADER_TIMEOUT_SECONDS, server.BODY_TIMEOUT_SECONDS, server.MAX_CONNECTIONS)
+    assert config.timeout_keep_alive == server.KEEP_ALIVE_SECONDS
+    assert config.h11_max_incomplete_event_size == server.MAX_HEADER_BYTES
+    assert config.ws == "none" and config.port == 8123
