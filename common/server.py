@@ -12,7 +12,8 @@ Routes: GET /health (never needs a key), GET /info; vector: POST /encode, /simil
 Bad input never gets a 5xx: malformed JSON, wrong types and text that is not valid Unicode (a
 lone surrogate such as JSON's "\\ud800") answer 422, too many texts, too-long texts or an oversize
 body 413, a missing or wrong key 401, always as a JSON body. ``serve()`` bounds how long a client
-may take to send a request and how many connections may be open (see the constants below).
+may take to send a request (408 after HEADER_TIMEOUT_SECONDS / BODY_TIMEOUT_SECONDS) and how many
+connections may be open (503 past MAX_CONNECTIONS); an unparseable request gets a JSON 400.
 Concurrent requests are micro-batched: their texts are queued and run as one service call
 in a worker thread, so the event loop keeps answering while the model runs.
 """
@@ -28,6 +29,7 @@ from typing import Annotated, Literal
 
 import h11
 import numpy as np
+import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -489,6 +491,7 @@ class BoundedH11Protocol(H11Protocol):
         self.read_timer = None
 
     def connection_made(self, transport):
+        """Refuse a connection past the cap; otherwise start the clock on the first request's headers."""
         super().connection_made(transport)
         # uvicorn's limit_concurrency answers 503 only once headers arrive: it cannot bound silent sockets
         if len(self.connections) > self.max_connections:
@@ -497,16 +500,23 @@ class BoundedH11Protocol(H11Protocol):
         self.update_read_deadline()
 
     def data_received(self, data):
+        """Let h11 parse, then move the deadline to whatever the client still owes."""
         super().data_received(data)
         self.update_read_deadline()
 
     def on_response_complete(self):
+        """After a response a kept-alive connection owes the next request's headers."""
         super().on_response_complete()
-        self.update_read_deadline()  # a kept-alive connection now owes the next request's headers
+        self.update_read_deadline()
 
     def connection_lost(self, exc):
+        """Stop the clock (the timer must not fire on a closed connection)."""
         self.set_read_phase(None)
         super().connection_lost(exc)
+
+    def send_400_response(self, msg):
+        """A request h11 cannot parse: 400, as JSON like every other error (uvicorn writes plain text)."""
+        self.reply_and_close(400, msg)
 
     def update_read_deadline(self):
         """Arm, keep or cancel the timer from what h11 says the client still has to send."""
@@ -514,6 +524,7 @@ class BoundedH11Protocol(H11Protocol):
         self.set_read_phase(None if self.transport.is_closing() else phase)
 
     def set_read_phase(self, phase):
+        """Restart the timer when the phase changes; None stops it."""
         if phase == self.read_phase:
             return  # the deadline covers the whole phase, not the gap between two packets
         if self.read_timer is not None:
@@ -525,6 +536,7 @@ class BoundedH11Protocol(H11Protocol):
             self.read_timer = self.loop.call_later(timeout, self.on_read_timeout)
 
     def on_read_timeout(self):
+        """The client took too long: 408 if it had started a request, then close the connection."""
         phase, self.read_timer, self.read_phase = self.read_phase, None, None
         if self.transport.is_closing():
             return
@@ -558,12 +570,12 @@ def build_server(app, host=DEFAULT_HOST, port=8000, graceful_seconds=GRACEFUL_SH
                  header_timeout=HEADER_TIMEOUT_SECONDS, body_timeout=BODY_TIMEOUT_SECONDS,
                  max_connections=MAX_CONNECTIONS):
     """The ``uvicorn.Server`` that ``serve()`` runs, with the read deadlines and connection cap applied."""
-    import uvicorn
+    # ws="none": there are no websocket routes, and an upgrade would hand the socket to a protocol
+    # without these deadlines
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=graceful_seconds, timeout_keep_alive=KEEP_ALIVE_SECONDS,
                             http=bounded_protocol(header_timeout, body_timeout, max_connections),
-                            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
-                            ws="none")  # no websocket routes: an upgrade would hand the socket to an unbounded protocol
+                            h11_max_incomplete_event_size=MAX_HEADER_BYTES, ws="none")
     return uvicorn.Server(config)
 
 

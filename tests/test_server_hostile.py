@@ -327,13 +327,23 @@ def test_connections_beyond_the_cap_get_503_and_the_server_recovers():
         assert httpx.get(f"{base_url}/health", timeout=10).status_code == 200
 
 
-def test_oversize_headers_are_refused():
-    app, _ = vector_app()
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * (server.MAX_HEADER_BYTES + 1),  # oversize headers
+    b"GET /\xff HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 40,  # a TLS hello on the plain port
+    b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+    b"POST /encode HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+], ids=["oversize-headers", "non-ascii-target", "tls-hello", "two-content-lengths", "bad-chunk"])
+def test_unparseable_requests_get_a_400_json_body(request_bytes):
+    app, service = vector_app()
     with running_server(app) as (_, base_url):
-        huge = open_raw(base_url, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * (server.MAX_HEADER_BYTES + 1))
-        answer = read_until_closed(huge)
-        huge.close()
-        assert answer.startswith(b"HTTP/1.1 400 ")
+        connection = open_raw(base_url, request_bytes)
+        answer = read_until_closed(connection)
+        connection.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head
+    assert json.loads(body)["detail"] == "Invalid HTTP request received."
+    assert service.calls == [3]
 
 
 def test_the_read_deadline_does_not_bound_the_model_or_kept_alive_requests():
