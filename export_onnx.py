@@ -17,7 +17,8 @@ fp32), a padding-invariance check, and for int8 the metric on --validation-file 
 unless --skip-int8-check). The export is built and checked in a staging folder beside the
 output and moved into place only when it passes; a failing one is kept as
 ``<name>.onnx.rejected`` (report ``<name>.rejected.report.json``), any earlier export at the
-same path stays as it was, and the script exits 1.
+same path stays as it was, and the script exits 1. The output and the report never replace
+an input (the model's files, --validation-file); a symlinked output is followed.
 """
 import argparse
 import json
@@ -33,23 +34,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import data, inference, modeldir
-from common.cli import add_flag, parse_bool
+from common import data, files, inference, modeldir
+from common.cli import ArgumentParser, add_flag, bounded, parse_bool, parse_device
 from common.errors import UserError, report_user_errors
 
 EXIT_REJECTED = 1
+# opsets each exporter produces for these models: the TorchScript exporter stops at 20 and cannot
+# express BERT's dynamic slices below 11; the dynamo exporter builds opset 18+ (below, it converts
+# with a logged traceback and may keep 18)
+OPSETS = {"torchscript": (11, 20), "dynamo": (18, 23)}
+DEFAULT_OPSETS = {"torchscript": 17, "dynamo": 18}
+EXPORT_PRODUCT_SUFFIXES = (".onnx", ".rejected", inference.PREPROCESSING_SUFFIX, ".report.json")
 INPUT_NAMES = list(inference.MODEL_INPUTS)
 # (batch size, sequence length); None means the export's max length
 PARITY_CASES = ((1, 8), (2, 24), (4, None), (8, 40))
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flag(parser, "model-path", required=True,
              help="model directory to export, or with --validate the .onnx file to check")
     add_flag(parser, "output-path", default="model.onnx", help="where to write the .onnx file")
-    add_flag(parser, "max-length", type=int, default=None,
+    add_flag(parser, "max-length", type=bounded(int, minimum=2), default=None,
              help="max sequence length stored with the export and used by the parity checks "
                   "(default: the model directory's max_length; a different value changes truncation "
                   "at inference; refused for vector models)")
@@ -57,17 +63,20 @@ def build_parser():
              help="run onnxruntime's transformer optimizer (fused attention, LayerNorm, GELU)")
     add_flag(parser, "quantize", choices=["none", "int8"], default="none",
              help="int8: dynamic quantization of the weights (onnxruntime.quantization)")
-    add_flag(parser, "opset", type=int, default=17, help="ONNX opset version")
-    add_flag(parser, "device", choices=["cpu", "cuda"], default="cpu",
-             help="device for tracing and for the onnxruntime parity run")
+    add_flag(parser, "opset", type=bounded(int, minimum=min(low for low, _ in OPSETS.values()),
+                                           maximum=max(high for _, high in OPSETS.values())), default=None,
+             help="ONNX opset version (default 17, dynamo 18); supported: "
+                  + ", ".join(f"{name} {low}-{high}" for name, (low, high) in OPSETS.items()))
+    add_flag(parser, "device", type=parse_device, default="cpu",
+             help="device for tracing and for the onnxruntime parity run: cpu, cuda, cuda:N or auto")
     add_flag(parser, "exporter", choices=["torchscript", "dynamo"], default="torchscript",
              help="torch.onnx exporter (see README: torchscript graphs get fused attention)")
-    add_flag(parser, "tolerance", type=float, default=1e-4,
+    add_flag(parser, "tolerance", type=bounded(float, minimum=0), default=1e-4,
              help="fp32 gate: largest allowed max |torch - onnx| on outputs")
     add_flag(parser, "validation-file", default=None,
              help="labelled (or unlabelled) records; int8 exports are gated on their accuracy "
                   "(or label agreement with torch when unlabelled)")
-    add_flag(parser, "max-metric-drop", type=float, default=0.01,
+    add_flag(parser, "max-metric-drop", type=bounded(float, minimum=-1, maximum=1), default=0.01,
              help="int8 gate: largest allowed drop of the validation metric versus torch")
     add_flag(parser, "skip-int8-check", action="store_true",
              help="allow --quantize int8 without --validation-file: the int8 accuracy is then unchecked "
@@ -81,7 +90,7 @@ def build_parser():
                   "(default: the source recorded at export time, when it still exists)")
     add_flag(parser, "report-path", default=None,
              help="where to write the JSON report (default: <name>.report.json beside the .onnx)")
-    add_flag(parser, "batch-size", type=int, default=32, help="batch size for the validation file")
+    add_flag(parser, "batch-size", type=bounded(int, minimum=1), default=32, help="batch size for the validation file")
     return parser
 
 
@@ -351,11 +360,8 @@ def format_report(report):
 
 
 def write_report(report, path):
-    """Write whole or not at all: a temporary file beside it, then os.replace."""
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(partial, path)
+    """Write whole or not at all (files.write_output_file: a device or symlink is written through, not replaced)."""
+    files.write_output_file(path, json.dumps(report, indent=2, ensure_ascii=False), flag="--report-path")
 
 
 def default_report_path(onnx_path, rejected=False):
@@ -372,13 +378,47 @@ def reject(staged_path, output_path):
 # ---------------------------------------------------------------- export options
 
 def check_export_paths(args):
+    """(model directory, output path with symlinks followed); refuses outputs that would replace an input."""
     model_dir = Path(args.model_path)
     if model_dir.suffix == ".onnx":
         raise UserError(f"--model-path {model_dir}: is already an .onnx file; add --validate to check it")
     output_path = Path(args.output_path)
     if output_path.suffix != ".onnx":
         raise UserError(f"--output-path {output_path}: must end in .onnx")
-    return model_dir, output_path
+    resolved = files.resolve_output_path(output_path, "--output-path")
+    if resolved.exists() and not resolved.is_file():
+        raise UserError(f"--output-path {output_path}: exists and is not a regular file")
+    inputs = [("--model-path", path) for path in model_files(model_dir)]
+    inputs += [("--validation-file", args.validation_file)]
+    written = [("--output-path", resolved), ("--output-path", inference.onnx_companions(resolved)[0])]
+    for flag, path in written:
+        files.refuse_overwriting_inputs(path, inputs, flag)
+    check_report_path(args, default_report_path(resolved), inputs + [("--output-path", resolved)])
+    return model_dir, resolved
+
+
+def model_files(model_dir):
+    """The files of a model directory that loading reads (not exports written into it earlier)."""
+    if not model_dir.is_dir():
+        return []
+    return [path for path in model_dir.iterdir()
+            if path.is_file() and not path.name.endswith(EXPORT_PRODUCT_SUFFIXES)]
+
+
+def check_report_path(args, default, inputs):
+    """Before any work: --report-path must be writable and must not replace an input or the graph."""
+    report_path = args.report_path or default
+    files.refuse_overwriting_inputs(report_path, inputs, "--report-path")
+    files.check_output_path(report_path, "--report-path")
+
+
+def check_opset(args):
+    """The flag's range covers both exporters; each one supports only part of it."""
+    if args.opset is None:
+        args.opset = DEFAULT_OPSETS[args.exporter]
+    low, high = OPSETS[args.exporter]
+    if not low <= args.opset <= high:
+        raise UserError(f"--opset {args.opset}: the {args.exporter} exporter supports opsets {low} to {high}")
 
 
 def check_int8_options(quantization, args, subject="--quantize int8"):
@@ -482,7 +522,7 @@ def build_graph(torch_loaded, args, work_dir):
     fused = None
     if args.optimize:
         graph, statistics = optimize_graph(graph, work_dir / "optimized.onnx", torch_loaded.config,
-                                           use_gpu=args.device == "cuda")
+                                           use_gpu=args.device.startswith("cuda"))
         fused = {name: count for name, count in statistics.items() if count}
     if args.quantize == "int8":
         graph = quantize_graph(graph, work_dir / "quantized.onnx")
@@ -543,8 +583,12 @@ def run_validate(args):
     onnx_path = Path(args.model_path)
     if onnx_path.suffix != ".onnx" or not onnx_path.is_file():
         raise UserError(f"--model-path {onnx_path}: --validate needs an existing .onnx file")
+    inputs = [("--model-path", onnx_path), ("--model-path", inference.onnx_companions(onnx_path)[0]),
+              ("--tokenizer-path", args.tokenizer_path or inference.onnx_companions(onnx_path)[1]),
+              ("--reference-model", args.reference_model), ("--validation-file", args.validation_file)]
+    check_report_path(args, default_report_path(onnx_path), inputs)
     onnx_loaded = inference.load_onnx_model(onnx_path, args.device, args.tokenizer_path)
-    meta = json.loads(inference.onnx_companions(onnx_path)[0].read_text(encoding="utf-8"))
+    meta = inference.read_preprocessing_file(inference.onnx_companions(onnx_path)[0], onnx_path)
     check_int8_options(meta.get("quantization", "none"), args, f"--model-path {onnx_path} (an int8 export)")
     reference = args.reference_model or meta.get("source_model")
     torch_loaded = None
@@ -562,8 +606,8 @@ def run_validate(args):
 @report_user_errors
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: CUDA is not available on this machine")
+    args.device = inference.resolve_device(args.device)
+    check_opset(args)
     if args.validate:
         return run_validate(args)
     return run_export(args)

@@ -12,10 +12,14 @@ task and every preprocessing setting (normalization, max length, truncation side
 pair) come from the model; --max-length alone may override the stored max length. Exit
 codes: 0 every input processed, 1 some inputs could not be processed (each reported with
 its line), 2 a usage error.
+
+--output is written whole or not at all (a temporary file beside it, then a rename) when
+it is a regular file or a new path; a symlink is followed; /dev/null, a FIFO or
+/dev/stdout is written to directly, never replaced. An --output that is one of the inputs
+(--file, the model's files) is refused.
 """
 import argparse
 import json
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -23,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import data, generation, inference
-from common.cli import add_flag, parse_bool
+from common import data, files, generation, inference
+from common.cli import SEED_LIMIT, ArgumentParser, add_flag, bounded, parse_bool, parse_device
 from common.errors import UserError, report_user_errors
 
 EXIT_SOME_FAILED = 1
@@ -39,13 +43,13 @@ TASK_FLAGS = {"context": ("classification",), "text_pair": ("vector",), "corpus"
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flag(parser, "model-path", required=True,
              help="model directory, .onnx export, or causal LM directory (generation)")
     add_flag(parser, "backend", choices=["auto", "torch", "onnx"], default="auto",
              help="auto: onnx for .onnx files, torch for directories")
-    add_flag(parser, "device", default="cpu", help="cpu, cuda or cuda:N")
+    add_flag(parser, "device", type=parse_device, default="cpu",
+             help="auto (cuda when available, else cpu), cpu, mps, cuda or cuda:N")
     add_flag(parser, "tokenizer-path", default=None,
              help="tokenizer of an .onnx export (default: tokenizer/ beside it)")
     inputs = parser.add_argument_group("inputs")
@@ -58,32 +62,40 @@ def build_parser():
                   "or JSON/JSONL/CSV/TSV records (text, message/context, messages), one input per record")
     add_flag(inputs, "text-field", default=None, help="record field holding the text when it is not 'text'")
     add_flag(inputs, "output", default=None,
-             help="write results as JSONL here (input order); checked before the model loads, written atomically")
-    add_flag(inputs, "max-length", type=int, default=None,
-             help="override the model's stored max length in tokens (vector models: query and document)")
-    add_flag(inputs, "batch-size", type=int, default=32, help="texts per forward pass")
+             help="write results as JSONL here (input order); checked before the model loads, written atomically "
+                  "(a device, FIFO or /dev/stdout is written directly); must not be an input file")
+    add_flag(inputs, "max-length", type=bounded(int, minimum=3), default=None,
+             help="override the model's stored max length in tokens (vector models: query and document); "
+                  "3 up to the model's positions")
+    add_flag(inputs, "batch-size", type=bounded(int, minimum=1), default=32, help="texts per forward pass")
     add_flag(inputs, "sort-by-length", type=parse_bool, default=True, metavar="true|false",
              help="form batches of similar token length (results still come back in input order)")
     outputs = parser.add_argument_group("classification")
-    add_flag(outputs, "temperature", type=float, default=None,
-             help="softmax temperature (default: the calibrated one stored with the model, else 1.0); "
+    add_flag(outputs, "temperature", type=bounded(float, minimum=0), default=None,
+             help="softmax temperature, > 0 (default: the calibrated one stored with the model, else 1.0); "
                   "generation: sampling temperature, 0 = greedy (default 1.0)")
-    add_flag(outputs, "top-k", type=int, default=None,
+    add_flag(outputs, "top-k", type=bounded(int, minimum=0), default=None,
              help="show the k most probable labels; generation: top-k sampling (default 50, 0 = off)")
     add_flag(outputs, "json", action="store_true", help="print one JSON object per input instead of text")
-    add_flag(outputs, "explain", type=int, default=0, metavar="N",
+    add_flag(outputs, "explain", type=bounded(int, minimum=0), default=0, metavar="N",
              help="long-document models: show the N chunks that weigh most in the decision")
     generate = parser.add_argument_group("generation (causal language models)")
     add_flag(generate, "prompt", action="append", default=[], help="prompt to continue (repeatable)")
-    add_flag(generate, "max-new-tokens", type=int, default=50, help="tokens to generate per prompt")
-    add_flag(generate, "top-p", type=float, default=1.0, help="nucleus sampling probability mass")
-    add_flag(generate, "repetition-penalty", type=float, default=1.0, help=">1 discourages repeating tokens")
-    add_flag(generate, "num-return-sequences", type=int, default=1, help="continuations per prompt")
-    add_flag(generate, "seed", type=int, default=None, help="seed for reproducible sampling")
+    add_flag(generate, "max-new-tokens", type=bounded(int, minimum=1), default=50,
+             help="tokens to generate per prompt; beyond the model's positions (n_positions minus the prompt's "
+                  "tokens) it is lowered to fit, with a warning")
+    add_flag(generate, "top-p", type=bounded(float, above=0, maximum=1), default=1.0,
+             help="nucleus sampling probability mass, in (0, 1]")
+    add_flag(generate, "repetition-penalty", type=bounded(float, above=0), default=1.0,
+             help=">1 discourages repeating tokens (> 0)")
+    add_flag(generate, "num-return-sequences", type=bounded(int, minimum=1, maximum=generation.MAX_RETURN_SEQUENCES),
+             default=1, help=f"continuations per prompt (1 to {generation.MAX_RETURN_SEQUENCES})")
+    add_flag(generate, "seed", type=bounded(int, minimum=0, below=SEED_LIMIT), default=None,
+             help="seed for reproducible sampling")
     serve = parser.add_argument_group("serving")
     add_flag(serve, "serve", action="store_true", help="serve the model over HTTP (common.server)")
     add_flag(serve, "host", default="127.0.0.1", help="address to listen on")
-    add_flag(serve, "port", type=int, default=8000, help="port to listen on")
+    add_flag(serve, "port", type=bounded(int, minimum=1, maximum=65535), default=8000, help="port to listen on")
     add_flag(serve, "corpus", default=None,
              help="vector models: JSONL of {id, text} encoded at start-up for POST /search")
     add_flag(serve, "api-key", default=None, help="require this key ('Authorization: Bearer KEY' or 'X-API-Key: KEY'); "
@@ -122,7 +134,10 @@ def read_file_inputs(path, text_field=None, task=None):
     if file_path.is_file() and file_path.suffix.lower() in PLAIN_TEXT_SUFFIXES:
         # an article's paragraphs and blank lines belong to one document, not to many inputs
         return read_text_document(file_path) if task == "longdoc" else read_text_lines(file_path)
-    records = data.read_records(path, skip_invalid=True)
+    try:
+        records = data.read_records(path, skip_invalid=True)
+    except RecursionError:
+        raise UserError(f"{path}: invalid JSON (nested too deeply)") from None
     unreadable = [InputItem(_locator_of(message, path), error=message) for message in data.SKIPPED]
     data.SKIPPED.clear()
     record_format = data.detect_format(records[0], text_field)
@@ -132,10 +147,20 @@ def read_file_inputs(path, text_field=None, task=None):
             example = data.parse_text_example(record, record_format, text_field or "text", require_label=False)
             if example.context and task in ("vector", "longdoc"):
                 raise data.RecordError(f"{record.where('context')}: a {task} model takes no context")
+            check_record_encodable(record, example, record_format, text_field)
             items.append(InputItem(record.where(), example.text, example.context))
         except data.RecordError as error:
             items.append(InputItem(record.where(), error=str(error)))
     return sorted(unreadable + items, key=_position)
+
+
+def check_record_encodable(record, example, record_format, text_field=None):
+    """A lone surrogate ("\\ud800" is legal JSON) makes the tokenizer raise: refuse the record, not the run."""
+    text_name = {"chat": "messages", "message": "message"}.get(record_format, text_field or "text")
+    for name, value in ((text_name, example.text), ("context", example.context)):
+        position = inference.unencodable_position(value) if isinstance(value, str) else None
+        if position is not None:
+            raise data.RecordError(f"{record.where(name)}: {inference.describe_unencodable(position)}")
 
 
 def read_utf8(path):
@@ -201,12 +226,17 @@ def run_vectors(loaded, items, args):
 
 
 def run_generation(args, items):
+    """Continue each prompt; a prompt that cannot be continued is marked on its item, the others still run."""
     model, tokenizer = generation.load_causal_lm(args.model_path, args.device)
     options = generation.GenerationOptions(
         max_new_tokens=args.max_new_tokens, temperature=1.0 if args.temperature is None else args.temperature,
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
         num_return_sequences=args.num_return_sequences, seed=args.seed)
-    return generation.generate_texts(model, tokenizer, [item.text for item in items], options)
+    results = generation.generate_texts(model, tokenizer, [item.text for item in items], options, skip_errors=True)
+    for item, result in zip(items, results):
+        if "error" in result:
+            item.error = result["error"]
+    return [result for result in results if "error" not in result]
 
 
 # ---------------------------------------------------------------- printing
@@ -264,49 +294,35 @@ def emit(items, results, kind, args):
         else:
             rows.append(dict(next(by_index), source=item.locator))
     if args.output:
-        write_jsonl_atomically(Path(args.output), rows)
-        print(f"wrote {len(rows)} results to {args.output}", file=sys.stderr)
+        written = files.write_output_file(args.output, "".join(json_line(row) + "\n" for row in rows))
+        print(f"wrote {len(rows)} results to {written}", file=sys.stderr)
         return
     for row in rows:
         if args.json:
-            print(json.dumps(row, ensure_ascii=False))
+            print(json_line(row))
         elif "error" not in row:
             print(format_result(row, kind) + "\n")
 
 
-def check_output_path(path):
-    """Refuse an --output that cannot be written before any work is done; create missing folders."""
-    output = Path(path)
-    if output.is_dir():
-        raise UserError(f"--output {path}: is a directory; give a file name")
-    blocking = next((parent for parent in output.parents if parent.exists() and not parent.is_dir()), None)
-    if blocking is not None:
-        raise UserError(f"--output {path}: {blocking} is a file, not a folder")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        probe = temporary_path(output)  # where the results will be written, then renamed into place
-        probe.touch()
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"--output {path}: cannot write there ({error.strerror or error})") from None
-    return output
+def json_line(row):
+    """One row as JSON. Non-ASCII stays readable; a file name that is not valid UTF-8 is escaped instead
+    of failing the write. allow_nan=False: NaN and Infinity are not JSON."""
+    line = json.dumps(row, ensure_ascii=False, allow_nan=False)
+    return line if inference.unencodable_position(line) is None else json.dumps(row, allow_nan=False)
 
 
-def temporary_path(path):
-    """A hidden name beside ``path`` (same folder, so os.replace is a rename)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def check_output(args):
+    """Refuse an --output that would overwrite an input or cannot be written, before the model loads."""
+    files.refuse_overwriting_inputs(args.output, input_paths(args))
+    files.check_output_path(args.output)
 
 
-def write_jsonl_atomically(path, rows):
-    """Write rows beside ``path`` and rename into place, so a crash never leaves half a results file."""
-    temporary = temporary_path(path)
-    try:
-        with open(temporary, "w", encoding="utf-8") as stream:
-            stream.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+def input_paths(args):
+    """(flag, path) of everything this run reads: --output must not replace any of them."""
+    paths = [("--file", args.file), ("--model-path", args.model_path), ("--tokenizer-path", args.tokenizer_path)]
+    if Path(args.model_path).suffix == ".onnx":
+        paths += [("--model-path", companion) for companion in inference.onnx_companions(args.model_path)]
+    return paths
 
 
 def report_failures(items):
@@ -331,16 +347,24 @@ def serve(loaded, args):
 
 
 def check_args(args):
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    """Combinations of flags and texts given on the command line (ranges are the flag types' job)."""
     if args.corpus and not args.serve:
         raise UserError("--corpus needs --serve (it enables POST /search)")
     if args.output and args.serve:
         raise UserError("--output is for batch runs; --serve answers over HTTP")
-    if args.top_k is not None and args.top_k < 0:
-        raise UserError(f"--top-k must be >= 0, got {args.top_k}")
-    if args.explain < 0:
-        raise UserError(f"--explain must be >= 0, got {args.explain}")
+    for flag, texts in (("--text", args.text), ("--prompt", args.prompt), ("--text-pair", args.text_pair),
+                        ("--context", [args.context] if args.context else [])):
+        for index, text in enumerate(texts, start=1):
+            position = inference.unencodable_position(text)
+            if position is not None:  # e.g. bytes that are not UTF-8 in argv arrive as lone surrogates
+                raise UserError(f"{flag} {index}: {inference.describe_unencodable(position)}")
+
+
+def check_temperature(args, causal):
+    """0 means greedy decoding for a language model; a classifier's softmax cannot divide by it."""
+    if args.temperature == 0 and not causal:
+        raise UserError("--temperature 0: a classifier's softmax temperature must be > 0 "
+                        "(0 means greedy decoding, for causal language models)")
 
 
 def check_task_flags(args, task):
@@ -369,8 +393,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
     if args.output:  # before any work: a bad path must not cost a whole run
-        check_output_path(args.output)
-    if generation.is_causal_lm_directory(args.model_path):
+        check_output(args)
+    args.device = inference.resolve_device(args.device)
+    causal = generation.is_causal_lm_directory(args.model_path)
+    check_temperature(args, causal)
+    if causal:
         if args.serve:
             raise UserError("--serve is for classifiers and vector models, not causal language models")
         check_task_flags(args, "generation")

@@ -9,6 +9,7 @@ everything after loading is the same for both backends.
 """
 import copy
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from common import data, modeldir
 from common.errors import UserError
 
-TASKS = ("classification", "vector", "longdoc")
+TASKS = modeldir.TASKS
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 PREPROCESSING_SUFFIX = ".preprocessing.json"
 TOKENIZER_DIR = "tokenizer"
@@ -58,6 +59,26 @@ def onnx_companions(onnx_path):
     return onnx_path.with_name(onnx_path.stem + PREPROCESSING_SUFFIX), onnx_path.parent / TOKENIZER_DIR
 
 
+def resolve_device(name):
+    """``auto`` -> cuda when available, else cpu; a device this machine lacks is a UserError.
+
+    Checked before any loading, so ``--device cuda`` on a CPU box is one line, not a
+    traceback from deep inside ``.to(device)``.
+    """
+    name = str(name)
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available on this machine (use --device cpu or auto)")
+    return name
+
+
 def load_model(model_path, backend="auto", device="cpu", tokenizer_path=None):
     """Load a model directory (torch, or its export when ``backend="onnx"``) or an .onnx file.
 
@@ -80,10 +101,7 @@ def load_model(model_path, backend="auto", device="cpu", tokenizer_path=None):
 def load_torch_model(directory, device="cpu"):
     """A model directory of any task as a LoadedModel with the torch backend."""
     config, toolkit = modeldir.read_model_config(directory)
-    task = toolkit.get("task")
-    if task not in TASKS:
-        raise UserError(f"{Path(directory) / modeldir.CONFIG_FILE}: field 'toolkit.task': "
-                        f"unknown task {task!r} (expected one of {', '.join(TASKS)})")
+    task = toolkit["task"]  # one of TASKS: read_model_config checked the toolkit block
     device = torch.device(device)
     if task == "vector":
         model, tokenizer = _load_vector_model(directory, device)
@@ -91,9 +109,22 @@ def load_torch_model(directory, device="cpu"):
         from common.heads import SequenceClassifier
         model, tokenizer, toolkit, config = SequenceClassifier.from_directory(directory, device)
     # a vector model's config carries transformers' placeholder labels (LABEL_0, LABEL_1): not ours
-    id2label = {} if task == "vector" else {int(index): name for index, name in config.id2label.items()}
+    id2label = {} if task == "vector" else check_id2label(config.id2label, toolkit["head"]["num_labels"],
+                                                          Path(directory) / modeldir.CONFIG_FILE)
     runner = TorchRunner(model, device)
     return LoadedModel(task, toolkit, tokenizer, runner, "torch", str(directory), id2label, model, config)
+
+
+def check_id2label(raw, num_labels, where):
+    """{id: name} with ids exactly 0..num_labels-1 (the head's outputs), or a UserError naming the file."""
+    try:
+        id2label = {int(index): str(name) for index, name in (raw or {}).items()}
+    except (TypeError, ValueError, AttributeError):
+        id2label = None
+    if id2label is None or sorted(id2label) != list(range(num_labels)):
+        raise UserError(f"{where}: field 'id2label': expected names for the ids 0..{num_labels - 1} "
+                        f"(the head has {num_labels} outputs)")
+    return id2label
 
 
 def _load_vector_model(directory, device):
@@ -103,17 +134,40 @@ def _load_vector_model(directory, device):
 
 
 def load_onnx_model(onnx_path, device="cpu", tokenizer_path=None):
-    """An export_onnx.py export (.onnx + preprocessing json + tokenizer) as a LoadedModel."""
+    """An export_onnx.py export (.onnx + preprocessing json + tokenizer) as a LoadedModel.
+
+    The graph is loaded first: a broken .onnx is the problem to report, even when the
+    files that should sit beside it are missing too.
+    """
     preprocessing_file, default_tokenizer = onnx_companions(onnx_path)
+    session = create_onnx_session(onnx_path, device)
+    meta = read_preprocessing_file(preprocessing_file, onnx_path)
+    tokenizer = modeldir.load_tokenizer(str(tokenizer_path or default_tokenizer))
+    id2label = {}
+    if meta["task"] != "vector":
+        outputs = session.get_outputs()[0].shape[-1]  # the logits' width, when the graph fixes it
+        num_labels = outputs if isinstance(outputs, int) else len(meta.get("id2label") or {})
+        id2label = check_id2label(meta.get("id2label"), num_labels, preprocessing_file)
+    return LoadedModel(meta["task"], meta["toolkit"], tokenizer, OnnxRunner(session), "onnx",
+                       str(onnx_path), id2label)
+
+
+def read_preprocessing_file(preprocessing_file, onnx_path):
+    """The ``<name>.preprocessing.json`` of an export, its toolkit block checked like a model directory's."""
     if not preprocessing_file.is_file():
         raise UserError(f"{onnx_path}: no {preprocessing_file.name} beside it "
                         "(export with export_onnx.py, which writes the preprocessing config)")
-    meta = json.loads(preprocessing_file.read_text(encoding="utf-8"))
-    tokenizer = modeldir.load_tokenizer(str(tokenizer_path or default_tokenizer))
-    session = create_onnx_session(onnx_path, device)
-    id2label = {int(index): name for index, name in (meta.get("id2label") or {}).items()}
-    return LoadedModel(meta["task"], meta["toolkit"], tokenizer, OnnxRunner(session), "onnx",
-                       str(onnx_path), id2label)
+    try:
+        meta = json.loads(preprocessing_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise UserError(f"{preprocessing_file}: invalid JSON ({str(error).splitlines()[0]})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("toolkit"), dict):
+        raise UserError(f"{preprocessing_file}: field 'toolkit': missing (not written by export_onnx.py)")
+    meta["toolkit"].setdefault("task", meta.get("task"))
+    modeldir.check_toolkit_block(meta["toolkit"], preprocessing_file)
+    if meta.get("task") != meta["toolkit"]["task"]:
+        raise UserError(f"{preprocessing_file}: field 'task': {meta.get('task')!r} differs from toolkit.task")
+    return meta
 
 
 def create_onnx_session(onnx_path, device="cpu"):
@@ -225,12 +279,20 @@ def run_batched(loaded, features, batch_size=32, sort_by_length=True):
 
 def softmax(logits, temperature=1.0):
     """Row-wise softmax of logits / temperature (numerically stable)."""
-    if temperature <= 0:
-        raise UserError(f"--temperature must be > 0, got {temperature}")
-    scaled = np.asarray(logits, dtype=np.float64) / temperature
-    scaled -= scaled.max(axis=-1, keepdims=True)
+    if not math.isfinite(temperature) or temperature <= 0:  # NaN passes a plain "<= 0" test
+        raise UserError(f"--temperature must be a finite number > 0, got {temperature}")
+    logits = np.asarray(logits, dtype=np.float64)
+    # shift before dividing: with a tiny temperature, logits / T alone overflows to inf and inf - inf is NaN
+    scaled = (logits - logits.max(axis=-1, keepdims=True)) / temperature
     exp = np.exp(scaled)
     return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def check_finite_outputs(outputs, loaded):
+    """NaN or inf outputs (corrupted weights) would print as NaN, which is not JSON: refuse them."""
+    if not is_finite(outputs):
+        raise UserError(f"{loaded.source}: the model produced NaN or infinite outputs (corrupted weights?)")
+    return outputs
 
 
 def resolve_temperature(loaded, temperature=None):
@@ -260,7 +322,8 @@ def classify(loaded, texts, contexts=None, temperature=None, batch_size=32, top_
     """Classify texts (with optional contexts) -> list of result dicts in input order."""
     temperature = resolve_temperature(loaded, temperature)
     features = encode_inputs(loaded, texts, contexts)
-    probabilities = softmax(run_batched(loaded, features, batch_size, sort_by_length), temperature)
+    logits = check_finite_outputs(run_batched(loaded, features, batch_size, sort_by_length), loaded)
+    probabilities = softmax(logits, temperature)
     contexts = contexts or [None] * len(texts)
     return [classification_result(text, context, row, loaded.label_names, temperature, top_k)
             for text, context, row in zip(texts, contexts, probabilities)]
@@ -277,7 +340,7 @@ def vector_max_length(loaded, side="query"):
 def embed(loaded, texts, batch_size=32, side="query", sort_by_length=True):
     """Embeddings (n, dim) of texts, in input order."""
     features = encode_inputs(loaded, texts, None, vector_max_length(loaded, side))
-    return run_batched(loaded, features, batch_size, sort_by_length)
+    return check_finite_outputs(run_batched(loaded, features, batch_size, sort_by_length), loaded)
 
 
 def cosine_similarity(first, second):
@@ -305,7 +368,7 @@ def predict_long_documents(loaded, texts, temperature=None, batch_size=32, expla
 def _document_result(loaded, text, result, temperature, top_k=None):
     """Aggregated document logits -> the classifier's output shape (temperature applied)."""
     result = dict(result)
-    logits = np.asarray(result.pop("logits"))
+    logits = check_finite_outputs(np.asarray(result.pop("logits")), loaded)
     result.pop("probs", None)  # recomputed below with the temperature
     probabilities = softmax(logits[None], temperature)[0]
     names = loaded.label_names or [str(index) for index in range(len(logits))]
@@ -333,6 +396,7 @@ class ClassificationService:
 
     def predict(self, texts, contexts=None):
         check_texts(texts)
+        check_contexts(contexts)
         return classify(self.loaded, list(texts), list(contexts) if contexts else None, self.temperature,
                         self.batch_size)
 
@@ -388,11 +452,38 @@ def build_service(loaded, temperature=None, batch_size=32):
     return ClassificationService(loaded, temperature, batch_size)
 
 
-def check_texts(texts):
-    """Refuse empty or whitespace-only texts with the index of the first bad one."""
+def check_texts(texts, name="texts"):
+    """Refuse empty, whitespace-only or unencodable texts with the index of the first bad one."""
     for index, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
-            raise UserError(f"texts[{index}]: empty or whitespace-only text")
+            raise UserError(f"{name}[{index}]: empty or whitespace-only text")
+        position = unencodable_position(text)
+        if position is not None:
+            raise UserError(f"{name}[{index}]: {describe_unencodable(position)}")
+
+
+def check_contexts(contexts):
+    """Refuse a context the tokenizer cannot encode (None means no context)."""
+    for index, context in enumerate(contexts or ()):
+        position = unencodable_position(context) if isinstance(context, str) else None
+        if position is not None:
+            raise UserError(f"contexts[{index}]: {describe_unencodable(position)}")
+
+
+def unencodable_position(text):
+    """Index of the first character UTF-8 cannot encode (a lone surrogate such as "\\ud800"), else None.
+
+    JSON allows such escapes and Python decodes them, but the tokenizer refuses them.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return error.start
+    return None
+
+
+def describe_unencodable(position):
+    return f"not valid Unicode text (a lone surrogate at character {position + 1}); fix or drop it"
 
 
 def is_finite(array):

@@ -9,6 +9,9 @@ Layout (what infer.py, export_onnx.py and the server read):
   training_args.json the effective options of the run that produced it
 """
 import json
+import math
+import pickle
+import re
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -20,6 +23,11 @@ from common.errors import UserError
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
+TASKS = ("classification", "vector", "longdoc")
+# what from_pretrained raises for unreadable, truncated or refused weights and configs
+# (torch.load's weights_only refusal of a pickle that would run code is an UnpicklingError)
+LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError,
+               SafetensorError)
 
 
 def load_pretrained_backbone(name_or_path, trust_remote_code=False, keep_pooler=False):
@@ -30,8 +38,9 @@ def load_pretrained_backbone(name_or_path, trust_remote_code=False, keep_pooler=
     """
     try:
         backbone = AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise UserError(f"--model-name {name_or_path}: cannot load a model there ({_first_line(error)})") from None
+    except LOAD_ERRORS as error:
+        raise UserError(f"--model-name {name_or_path}: cannot load a model there ({describe_load_error(error)})") \
+            from None
     if not keep_pooler and getattr(backbone, "pooler", None) is not None:
         backbone.pooler = None
     return backbone
@@ -40,7 +49,7 @@ def load_pretrained_backbone(name_or_path, trust_remote_code=False, keep_pooler=
 def load_tokenizer(name_or_path, trust_remote_code=False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as error:
+    except LOAD_ERRORS as error:
         raise UserError(f"{name_or_path}: cannot load a tokenizer there ({_first_line(error)})") from None
     if not getattr(tokenizer, "is_fast", False) or not hasattr(tokenizer, "backend_tokenizer"):
         raise UserError(f"{name_or_path}: a fast (tokenizers-backed) tokenizer is required")
@@ -49,6 +58,14 @@ def load_tokenizer(name_or_path, trust_remote_code=False):
 
 def _first_line(error):
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def describe_load_error(error):
+    """A short reason for a failed from_pretrained; a refused pickle is said plainly (it did not run)."""
+    if isinstance(error, pickle.UnpicklingError):
+        return ("its .bin weights hold Python objects, not only tensors; refused without running them "
+                "(convert them to safetensors)")
+    return _first_line(error)
 
 
 def write_model_directory(directory, model, tokenizer, toolkit, id2label=None):
@@ -77,15 +94,134 @@ def read_model_config(directory):
         raise UserError(f"--model-path {directory}: no config.json (not a model directory)")
     try:
         raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{config_path}: invalid JSON ({error})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise UserError(f"{config_path}: invalid JSON ({_first_line(error)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{config_path}: expected a JSON object, got a JSON {type(raw).__name__}")
     toolkit = raw.pop("toolkit", None)
     if not isinstance(toolkit, dict) or "task" not in toolkit:
         raise UserError(f"{config_path}: field 'toolkit': missing (not written by this toolkit's trainers)")
+    check_toolkit_block(toolkit, config_path)
     if not (directory / WEIGHTS_FILE).is_file():
         raise UserError(f"--model-path {directory}: no {WEIGHTS_FILE}")
-    config = AutoConfig.for_model(**raw) if "model_type" in raw else AutoConfig.from_pretrained(str(directory))
+    try:
+        config = AutoConfig.for_model(**raw) if "model_type" in raw else AutoConfig.from_pretrained(str(directory))
+    except LOAD_ERRORS as error:
+        raise UserError(f"{config_path}: not a usable model config ({_first_line(error)})") from None
     return config, toolkit
+
+
+# ---------------------------------------------------------------- checking the toolkit block
+
+def _integer(minimum):
+    return lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= minimum, \
+        f"an integer >= {minimum}"
+
+
+def _number(above=None, minimum=None, below=None):
+    def check(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+            (above is None or value > above) and (minimum is None or value >= minimum) and \
+            (below is None or value < below)
+    limits = [text for text, bound in ((f"> {above}", above), (f">= {minimum}", minimum), (f"< {below}", below))
+              if bound is not None]
+    return check, "a finite number " + " and ".join(limits)
+
+
+def _choice(*choices):
+    return lambda value: isinstance(value, str) and value in choices, "one of " + ", ".join(choices)
+
+
+def _of_type(kind, name):
+    return lambda value: isinstance(value, kind), name
+
+
+def _regex_list():
+    def check(value):
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            return False
+        try:
+            for pattern in value:
+                re.compile(pattern)
+        except re.error:
+            return False
+        return True
+    return check, "a list of valid regular expressions"
+
+
+def toolkit_rules():
+    """(field, (check, expected), may be null, required) for every toolkit setting that loading reads.
+
+    Imported here, not at the top: heads, vector and longdoc import this module.
+    """
+    from common.heads import POOLINGS
+    from common.longdoc import AGGREGATIONS, CHUNK_SELECTIONS
+    from common.vector import VECTOR_POOLINGS
+    length = _integer(2)
+    return [
+        ("task", _choice(*TASKS), False, True),
+        ("temperature", _number(above=0), True, False),
+        ("preprocessing", _of_type(dict, "an object"), False, False),
+        ("preprocessing.max_length", length, True, False),
+        ("preprocessing.truncation_side", _choice("right", "left"), True, False),
+        ("preprocessing.context", _of_type(str, "a string"), True, False),
+        ("preprocessing.record_format", _of_type(str, "a string"), True, False),
+        ("head", _of_type(dict, "an object"), False, False),
+        ("head.num_labels", _integer(1), False, True),
+        ("head.pooling", _choice(*POOLINGS), False, True),
+        ("head.dropout", _number(minimum=0, below=1), True, False),
+        ("head.head_layernorm", _of_type(bool, "true or false"), True, False),
+        ("head.freeze_backbone", _of_type(bool, "true or false"), True, False),
+        ("vector", _of_type(dict, "an object"), False, False),
+        ("vector.pooling", _choice(*VECTOR_POOLINGS), True, False),
+        ("vector.projection_dim", _integer(1), True, False),
+        ("vector.normalize", _of_type(bool, "true or false"), True, False),
+        ("vector.max_length", length, True, False),
+        ("vector.query_max_length", length, True, False),
+        ("vector.doc_max_length", length, True, False),
+        ("longdoc", _of_type(dict, "an object"), False, False),
+        ("longdoc.stride", _integer(0), True, False),
+        ("longdoc.max_chunks", _integer(0), True, False),
+        ("longdoc.chunk_selection", _choice(*CHUNK_SELECTIONS), True, False),
+        ("longdoc.aggregation", _choice(*AGGREGATIONS), True, False),
+        ("longdoc.strip_patterns", _regex_list(), True, False),
+    ]
+
+
+def check_toolkit_block(toolkit, config_path):
+    """Refuse a toolkit block with a wrong type or range, naming the file and the field.
+
+    The block decides the preprocessing and the head's shape; a hand-edited value
+    ("preprocessing": "oops", "temperature": "hot") would otherwise fail deep inside
+    loading with an AttributeError. A required field is required only when its block is present.
+    """
+    if toolkit.get("task") != "vector" and "head" not in toolkit:
+        raise UserError(f"{config_path}: field 'toolkit.head': missing (the classifier head's settings)")
+    for name, (check, expected), nullable, required in toolkit_rules():
+        *parents, key = name.split(".")
+        block = toolkit
+        for parent in parents:
+            block = block.get(parent) if isinstance(block, dict) else None
+        if not isinstance(block, dict):
+            continue
+        if key not in block:
+            if required:
+                raise UserError(f"{config_path}: field 'toolkit.{name}': missing")
+            continue
+        value = block[key]
+        if not (value is None and nullable) and not check(value):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise UserError(f"{config_path}: field 'toolkit.{name}': expected {expected}, got {shown}")
+    _check_stored_normalizer(toolkit, config_path)
+
+
+def _check_stored_normalizer(toolkit, config_path):
+    from common.text import normalizer_spec
+    spec = toolkit.get("preprocessing", {}).get("normalize")
+    try:
+        normalizer_spec(spec)
+    except (UserError, TypeError, ValueError, AttributeError) as error:
+        raise UserError(f"{config_path}: field 'toolkit.preprocessing.normalize': {error}") from None
 
 
 def build_backbone_from_config(config, keep_pooler=False):
@@ -103,7 +239,10 @@ def load_weights(model, directory):
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise UserError(f"{path}: unreadable or truncated weights ({_first_line(error)})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # a tensor of another shape than config.json describes
+        raise UserError(f"{path}: weights do not match the model in config.json ({_first_line(error)})") from None
     if missing or unexpected:
         raise UserError(f"{path}: weights do not match the model in config.json "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 MODEL_PATH=${MODEL_PATH:-./output/classifier/checkpoint-best}   # or ./models/model.onnx
-DEVICE=${DEVICE:-cuda}
+DEVICE=${DEVICE:-auto}                                          # auto: cuda when torch sees a GPU, else cpu
 INPUT_FILE=${INPUT_FILE:-}                                      # .txt / .json / .jsonl / .csv; empty: one --text
 OUTPUT_FILE=${OUTPUT_FILE:-predictions.jsonl}
 LOG_FILE=${LOG_FILE:-infer.log}

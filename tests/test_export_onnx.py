@@ -109,6 +109,31 @@ def test_unoptimized_export_and_validate_existing(classifier_dir, tmp_path, caps
     assert "result: PASSED" in capsys.readouterr().out
 
 
+def test_symlinked_outputs_are_written_through_and_stay_links(classifier_dir, tmp_path):
+    real = tmp_path / "real" / "model.onnx"
+    real.parent.mkdir()
+    link = tmp_path / "link.onnx"
+    link.symlink_to(real)  # dangling until the export is published
+    report_target = tmp_path / "real" / "report.json"
+    report_target.write_text("{}", encoding="utf-8")
+    report_link = tmp_path / "report.json"
+    report_link.symlink_to(report_target)
+    assert export_onnx.main(["--model-path", str(classifier_dir), "--output-path", str(link),
+                             "--report-path", str(report_link), "--optimize", "false"]) == 0
+    assert link.is_symlink() and report_link.is_symlink() and real.is_file()
+    assert (real.parent / "model.preprocessing.json").is_file() and (real.parent / "tokenizer").is_dir()
+    assert json.loads(report_target.read_text(encoding="utf-8"))["passed"] is True
+
+
+def test_reexport_into_the_model_directory_is_allowed(classifier_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(classifier_dir, model_dir)
+    for _ in range(2):  # the second run replaces the first export, never a file of the model
+        assert export_onnx.main(["--model-path", str(model_dir), "--output-path", str(model_dir / "model.onnx"),
+                                 "--optimize", "false"]) == 0
+    assert_torch_and_onnx_agree(model_dir, model_dir / "model.onnx")
+
+
 def test_dynamo_exporter_also_matches(classifier_dir, tmp_path):
     output = tmp_path / "model.onnx"
     assert export_onnx.main(["--model-path", str(classifier_dir), "--output-path", str(output),

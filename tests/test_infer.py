@@ -1,14 +1,14 @@
 """infer.py: both backends agree, batching keeps input order, bad inputs are reported, output shapes."""
+import errno
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 import export_onnx
 import infer
-from common import inference
-from conftest import write_jsonl
+from common import files, inference
+from conftest import assert_one_error_line, write_jsonl
 from test_export_onnx import LABELS, make_model_directory
 
 TEXTS = ["good movie", "a terrible film that was not very good at all and the music was bad", "今天天气真好啊",
@@ -233,22 +233,20 @@ def test_bad_output_path_fails_before_the_model_loads(classifier_dir, tmp_path, 
         assert err.startswith(f"error: --output {bad}: ") and message in err and len(err.splitlines()) == 1
 
 
-def test_output_folders_are_created_and_results_written_atomically(classifier_dir, tmp_path, monkeypatch):
+def test_output_folders_are_created_and_results_written_atomically(classifier_dir, tmp_path, monkeypatch, capsys):
     nested = tmp_path / "new" / "folder" / "out.jsonl"
     assert infer.main(["--model-path", str(classifier_dir), "--text", "good", "--output", str(nested)]) == 0
     assert len(read_jsonl(nested)) == 1 and sorted(path.name for path in nested.parent.iterdir()) == ["out.jsonl"]
     existing = tmp_path / "existing.jsonl"
     existing.write_text("old results\n", encoding="utf-8")
-    written = []
+    capsys.readouterr()
 
-    def dumps_then_fail(row, **kwargs):  # the disk fills up after the first row
-        if written:
-            raise OSError("No space left on device")
-        written.append(row)
-        return json.dumps(row, **kwargs)
-    monkeypatch.setattr(infer, "json", SimpleNamespace(dumps=dumps_then_fail))
-    with pytest.raises(OSError, match="No space"):
-        infer.main(["--model-path", str(classifier_dir), "--text", "good", "--text", "sad", "--output", str(existing)])
+    def disk_full(descriptor):  # the data went to the page cache; flushing it finds the disk full
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(files.os, "fsync", disk_full)
+    assert infer.main(["--model-path", str(classifier_dir), "--text", "good", "--text", "sad",
+                       "--output", str(existing)]) == 2
+    assert_one_error_line(capsys.readouterr().err, f"--output {existing}", "No space left on device")
     assert existing.read_text(encoding="utf-8") == "old results\n"
     assert [path.name for path in tmp_path.iterdir() if path.name.endswith(".tmp")] == []
 
