@@ -5,9 +5,15 @@ written by ``datasets``' ``save_to_disk``. Every record keeps where it came from
 (file and line, or record number) so a bad value is reported precisely.
 """
 import csv
+import errno
 import io
+import itertools
 import json
 import math
+import os
+import re
+import reprlib
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +24,7 @@ import torch
 from common.errors import UserError
 
 MAX_ERRORS_SHOWN = 5
+MAX_NAMES_SHOWN = 20  # label names listed in an "unknown label" error
 
 
 @dataclass
@@ -45,9 +52,7 @@ def read_records(path, split=None, skip_invalid=False, default_splits=("train",)
     ``default_splits`` that exists is used (("validation", "val", "dev") for a validation path).
     """
     data_path = Path(path)
-    if not data_path.exists():
-        raise UserError(f"{path}: file not found")
-    if data_path.is_dir():
+    if _is_directory(path):
         return _read_saved_dataset(data_path, split, default_splits)
     raw = data_path.read_bytes()
     try:
@@ -70,24 +75,141 @@ def read_records(path, split=None, skip_invalid=False, default_splits=("train",)
     return records
 
 
-def _read_json(path, text, skip_invalid):
+def _is_directory(path):
+    """True for a directory, False for a regular file; anything else is refused before it is opened.
+
+    A FIFO with no writer blocks ``open`` forever and /dev/zero never ends, so only regular
+    files are read. ``os.stat`` rather than ``Path.exists``, which calls a symlink loop missing.
+    """
     try:
-        data = json.loads(text)
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise UserError(f"{path}: file not found (a symbolic link to "
+                            f"{_clip(os.readlink(path))!r}, which does not exist)") from None
+        raise UserError(f"{path}: file not found") from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise UserError(f"{path}: symbolic link loop (too many levels of symbolic links)") from None
+        raise UserError(f"{path}: {error.strerror or error}") from None
+    if stat.S_ISDIR(mode):
+        return True
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{path}: not a regular file (a {_special_file_kind(mode)}); "
+                        "pass a .json, .jsonl, .csv or .tsv file")
+    return False
+
+
+def _special_file_kind(mode):
+    for is_kind, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+                          (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if is_kind(mode):
+            return name
+    return "special file"
+
+
+class _JsonProblem(Exception):
+    """Why JSON text could not be decoded, with its line when the decoder knows it."""
+
+    def __init__(self, problem, line=None):
+        super().__init__(problem)
+        self.problem, self.line = problem, line
+
+
+_JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _decode_json(text, position=0):
+    """(value, end, repeated_key) of the JSON value starting at ``position``; raises _JsonProblem.
+
+    Plain json keeps the last of two equal keys silently, so the first repeated key is
+    noted for the caller to refuse. Nesting too deep for the decoder raises RecursionError
+    and a 5000-digit integer ValueError, not JSONDecodeError: both become one-line problems.
+    """
+    repeated = []
+
+    def build_object(pairs):
+        result = dict(pairs)
+        if len(result) < len(pairs) and not repeated:
+            seen = set()
+            repeated.append(next(key for key, _ in pairs if key in seen or seen.add(key)))
+        return result
+    try:
+        value, end = json.JSONDecoder(object_pairs_hook=build_object).raw_decode(text, position)
     except json.JSONDecodeError as error:
+        raise _JsonProblem(f"invalid JSON ({error.msg}, column {error.colno})", error.lineno) from None
+    except RecursionError:
+        raise _JsonProblem("invalid JSON (nested too deeply)") from None
+    except ValueError:  # an integer past Python's int_max_str_digits (4300 digits)
+        raise _JsonProblem("invalid JSON (a number with too many digits)") from None
+    return value, end, (repeated[0] if repeated else None)
+
+
+def _decode_document(text):
+    """(value, repeated_key) of a text holding one JSON value, whitespace around it allowed."""
+    value, end, repeated = _decode_json(text, _JSON_WHITESPACE.match(text).end())
+    end = _JSON_WHITESPACE.match(text, end).end()
+    if end != len(text):
+        error = json.JSONDecodeError("Extra data", text, end)
+        raise _JsonProblem(f"invalid JSON (Extra data, column {error.colno})", error.lineno)
+    return value, repeated
+
+
+def _add_record(records, record, repeated_key, skip_invalid):
+    """Keep a decoded record if it is an object without repeated keys."""
+    if not isinstance(record.fields, dict):
+        _invalid(record, None, f"expected a JSON object, got {type(record.fields).__name__}", skip_invalid)
+    elif repeated_key is not None:
+        _invalid(record, _clip(repeated_key), "appears twice in one JSON object (JSON would keep only the last "
+                 "value silently); remove one", skip_invalid)
+    else:
+        records.append(record)
+
+
+def _read_json(path, text, skip_invalid):
+    if text.startswith("[", _JSON_WHITESPACE.match(text).end()):
+        return _read_json_array(path, text, skip_invalid)
+    try:
+        data, _ = _decode_document(text)
+    except _JsonProblem as problem:
         if text.lstrip().startswith("{"):  # a .json file that is really JSON Lines
             return _read_jsonl(path, text, skip_invalid)
-        raise UserError(f"{path} line {error.lineno}: invalid JSON ({error.msg}, column {error.colno})") from None
-    if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON array of records (or JSON Lines), "
-                        f"got a JSON {type(data).__name__}")
+        raise UserError(f"{path} line {problem.line or 1}: {problem.problem}") from None
+    raise UserError(f"{path}: expected a JSON array of records (or JSON Lines), "
+                    f"got a JSON {type(data).__name__}")
+
+
+def _read_json_array(path, text, skip_invalid):
+    """The records of a JSON array, decoded one element at a time.
+
+    Element by element so that a record nested too deeply is reported by its line, and a
+    record with a repeated key is named (and can be skipped) like any other bad record.
+    """
     records = []
-    for index, item in enumerate(data, start=1):
-        record = Record(str(path), f"record {index}", item)
-        if not isinstance(item, dict):
-            _invalid(record, None, f"expected an object, got {type(item).__name__}", skip_invalid)
-            continue
-        records.append(record)
+    position = _JSON_WHITESPACE.match(text, _JSON_WHITESPACE.match(text).end() + 1).end()  # after "["
+    if not text.startswith("]", position):
+        for number in itertools.count(1):
+            try:
+                item, position, repeated = _decode_json(text, position)
+            except _JsonProblem as problem:
+                line = problem.line or text.count("\n", 0, position) + 1
+                raise UserError(f"{path} line {line}: {problem.problem}") from None
+            _add_record(records, Record(str(path), f"record {number}", item), repeated, skip_invalid)
+            position = _JSON_WHITESPACE.match(text, position).end()
+            if text.startswith("]", position):
+                break
+            if not text.startswith(",", position):
+                _raise_json_syntax(path, "Expecting ',' delimiter", text, position)
+            position = _JSON_WHITESPACE.match(text, position + 1).end()
+    end = _JSON_WHITESPACE.match(text, position + 1).end()
+    if end != len(text):
+        _raise_json_syntax(path, "Extra data", text, end)
     return records
+
+
+def _raise_json_syntax(path, message, text, position):
+    error = json.JSONDecodeError(message, text, position)
+    raise UserError(f"{path} line {error.lineno}: invalid JSON ({message}, column {error.colno})")
 
 
 def _read_jsonl(path, text, skip_invalid):
@@ -99,15 +221,11 @@ def _read_jsonl(path, text, skip_invalid):
             continue
         record = Record(str(path), f"line {line_number}", None)
         try:
-            item = json.loads(line)
-        except json.JSONDecodeError as error:
-            _invalid(record, None, f"invalid JSON ({error.msg}, column {error.colno})", skip_invalid)
+            record.fields, repeated = _decode_document(line)
+        except _JsonProblem as problem:
+            _invalid(record, None, problem.problem, skip_invalid)
             continue
-        if not isinstance(item, dict):
-            _invalid(record, None, f"expected a JSON object, got {type(item).__name__}", skip_invalid)
-            continue
-        record.fields = item
-        records.append(record)
+        _add_record(records, record, repeated, skip_invalid)
     return records
 
 
@@ -198,12 +316,41 @@ def require_text(record, name, allow_empty=False):
     """A string field; empty or whitespace-only text is an error unless allowed."""
     if name not in record.fields or record.fields[name] is None:
         raise RecordError(f"{record.where(name)}: missing")
-    value = record.fields[name]
-    if not isinstance(value, str):
-        raise RecordError(f"{record.where(name)}: expected a string, got {type(value).__name__}")
+    value = check_string(record, name, record.fields[name])
     if not allow_empty and not value.strip():
         raise RecordError(f"{record.where(name)}: empty text")
     return value
+
+
+def check_string(record, name, value):
+    """``value`` if it is a string the tokenizer can encode, else a RecordError naming the field.
+
+    JSON may spell a lone UTF-16 surrogate ("\\ud800"); Python keeps it in the str, and the
+    tokenizer (and any UTF-8 output) fails on it with a TypeError far from the record.
+    """
+    if not isinstance(value, str):
+        raise RecordError(f"{record.where(name)}: expected a string, got {type(value).__name__}")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise RecordError(f"{record.where(name)}: lone UTF-16 surrogate {value[error.start]!r} at character "
+                              f"{error.start} (not a character; the text cannot be encoded as UTF-8)") from None
+    return value
+
+
+def _clip(text, limit=60):
+    """``text`` cut to ``limit`` characters, so an error line never echoes a megabyte of input."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 60  # its depth limit also spares a deeply nested value
+
+
+def _short(value):
+    """A short repr of any value for an error line."""
+    return _SHORT_REPR.repr(value)
 
 
 def require_number(record, name, default=None, low=None, high=None):
@@ -218,9 +365,11 @@ def require_number(record, name, default=None, low=None, high=None):
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise RecordError(f"{record.where(name)}: expected a number, got {value!r}") from None
+        raise RecordError(f"{record.where(name)}: expected a number, got {_short(value)}") from None
+    except OverflowError:  # an integer too large for a float
+        number = math.inf
     if not math.isfinite(number):
-        raise RecordError(f"{record.where(name)}: must be a finite number, got {value!r}")
+        raise RecordError(f"{record.where(name)}: must be a finite number, got {_short(value)}")
     if (low is not None and number < low) or (high is not None and number > high):
         raise RecordError(f"{record.where(name)}: {number} is outside [{low}, {high}]")
     return number
@@ -272,8 +421,8 @@ def parse_text_example(record, record_format, text_field="text", label_field="la
     elif record_format == "message":
         text = require_text(record, "message")
         context = record.fields.get("context") or None
-        if context is not None and not isinstance(context, str):
-            raise RecordError(f"{record.where('context')}: expected a string, got {type(context).__name__}")
+        if context is not None:
+            check_string(record, "context", context)
         raw_label = record.fields.get(label_field)
     else:
         text = require_text(record, text_field)
@@ -282,11 +431,18 @@ def parse_text_example(record, record_format, text_field="text", label_field="la
     if require_label:
         raw_label = _check_raw_label(record, label_field if record_format != "chat" else "messages[-1].content",
                                      raw_label)
-    group = None
-    if group_field:  # only evaluation splits need it; records without it form a "(none)" group
-        group = record.fields.get(group_field)
-        group = "(none)" if group in (None, "") else str(group)
+    group = _parse_group(record, group_field) if group_field else None
     return TextExample(text, context, raw_label, record.where(), group)
+
+
+def _parse_group(record, group_field):
+    """The group name of an evaluation record; records without one form a "(none)" group."""
+    group = record.fields.get(group_field)
+    if group in (None, ""):
+        return "(none)"
+    if isinstance(group, (list, dict)):
+        raise RecordError(f"{record.where(group_field)}: expected a string or a number, got {type(group).__name__}")
+    return check_string(record, group_field, str(group))
 
 
 def _parse_chat(record):
@@ -297,22 +453,35 @@ def _parse_chat(record):
         message = messages[index]
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise RecordError(f"{record.where(f'messages[{index}].content')}: expected a string")
+        check_string(record, f"messages[{index}].content", message["content"])
     text = messages[1]["content"]
     if not text.strip():
         raise RecordError(f"{record.where('messages[1].content')}: empty text")
     return text, messages[-1]["content"].strip()
 
 
+# ASCII digits only: "²" and "٣" pass str.isdigit(), and int() refuses the first; both are names here
+INTEGER_LABEL = re.compile(r"-?[0-9]+")
+MAX_LABEL_DIGITS = 18  # a longer integer label is no class id (and int() refuses past 4300 digits)
+
+
 def _check_raw_label(record, label_field, raw_label):
+    """The label as an int (JSON 2 or 2.0, CSV "2") or a name; anything else is a RecordError."""
     if raw_label is None or raw_label == "":
         raise RecordError(f"{record.where(label_field)}: missing")
+    if isinstance(raw_label, float) and raw_label.is_integer():
+        return int(raw_label)
     if isinstance(raw_label, bool) or not isinstance(raw_label, (int, str)):
-        if isinstance(raw_label, float) and raw_label.is_integer():
-            return int(raw_label)
         raise RecordError(f"{record.where(label_field)}: expected an integer or a string, "
                           f"got {type(raw_label).__name__}")
-    if isinstance(raw_label, str) and raw_label.strip().lstrip("-").isdigit():
-        return int(raw_label)  # CSV cells are strings: "2" means label 2
+    if isinstance(raw_label, str):
+        check_string(record, label_field, raw_label)
+        digits = raw_label.strip()
+        if INTEGER_LABEL.fullmatch(digits):  # CSV cells are strings: "2" means label 2
+            if len(digits.lstrip("-")) > MAX_LABEL_DIGITS:
+                raise RecordError(f"{record.where(label_field)}: integer label {_short(digits)} is too large "
+                                  f"(a class id has at most {MAX_LABEL_DIGITS} digits)")
+            return int(digits)
     return raw_label
 
 
@@ -335,29 +504,39 @@ class ExampleList(list):
     record_format = "text"
 
 
+MIN_LABEL_ID_LIMIT = 100_000
+
+
+def label_id_limit(record_count):
+    """Integer labels read as class ids must stay below this: max(100,000, 10 x the records).
+
+    Ids 0..max become the class names, so one typo (1e9) would allocate a billion of them.
+    """
+    return max(MIN_LABEL_ID_LIMIT, 10 * record_count)
+
+
 class LabelSet:
     """Label names and ids. ``--labels`` fixes them; else integers keep their values
-    and string names are sorted."""
+    (below ``label_id_limit``) and string names are sorted."""
 
     def __init__(self, names):
         self.names = list(names)
         self.ids = {name: index for index, name in enumerate(self.names)}
 
     @classmethod
-    def from_examples(cls, examples, fixed_names=None):
+    def from_examples(cls, examples, fixed_names=None, label_field="label"):
+        """The labels of the training examples; a UserError names the first record that cannot be one."""
         if fixed_names:
             return cls(fixed_names)
         raw = {example.raw_label for example in examples}
         if all(isinstance(label, int) for label in raw):
-            if min(raw) < 0:
-                bad = next(e for e in examples if e.raw_label == min(raw))
-                raise UserError(f"{bad.locator}: field 'label': negative label {min(raw)}")
+            _check_label_ids(examples, min(raw), max(raw), label_field)
             return cls([str(index) for index in range(max(raw) + 1)])
         if any(isinstance(label, int) for label in raw):
             first_kind = isinstance(examples[0].raw_label, int)
             bad = next(e for e in examples if isinstance(e.raw_label, int) != first_kind)
-            raise UserError(f"{bad.locator}: field 'label': {bad.raw_label!r} mixes integer labels and names "
-                            f"(record 1 has {examples[0].raw_label!r}); use one kind, or give --labels")
+            raise UserError(f"{bad.locator}: field '{label_field}': {_short(bad.raw_label)} mixes integer labels "
+                            f"and names (record 1 has {_short(examples[0].raw_label)}); use one kind, or give --labels")
         return cls(sorted(raw))
 
     def resolve(self, examples, label_field="label"):
@@ -367,15 +546,18 @@ class LabelSet:
         return examples
 
     def id_of(self, raw_label, locator, label_field="label"):
+        """The id of a raw label (an int is its own id), or a RecordError naming the record."""
         if isinstance(raw_label, int):
             if 0 <= raw_label < len(self.names):
                 return raw_label
-            raise RecordError(f"{locator}: field '{label_field}': label {raw_label} is out of range "
+            raise RecordError(f"{locator}: field '{label_field}': label {_short(raw_label)} is out of range "
                               f"0..{len(self.names) - 1}")
         if raw_label in self.ids:
             return self.ids[raw_label]
-        raise RecordError(f"{locator}: field '{label_field}': unknown label {raw_label!r} "
-                          f"(known: {', '.join(self.names)})")
+        known = ", ".join(_clip(name) for name in self.names[:MAX_NAMES_SHOWN])
+        more = f", ... ({len(self.names)} in all)" if len(self.names) > MAX_NAMES_SHOWN else ""
+        raise RecordError(f"{locator}: field '{label_field}': unknown label {_short(raw_label)} "
+                          f"(known: {known}{more})")
 
     @property
     def id2label(self):
@@ -384,6 +566,19 @@ class LabelSet:
     @property
     def label2id(self):
         return dict(self.ids)
+
+
+def _check_label_ids(examples, lowest, highest, label_field):
+    """Refuse a negative integer label, or one past ``label_id_limit`` of these examples."""
+    limit = label_id_limit(len(examples))
+    if lowest >= 0 and highest < limit:
+        return
+    bad = next(e for e in examples if e.raw_label == (lowest if lowest < 0 else highest))
+    if lowest < 0:
+        raise UserError(f"{bad.locator}: field '{label_field}': negative label {lowest}")
+    raise UserError(f"{bad.locator}: field '{label_field}': integer label {_short(highest)} is too large: integer "
+                    f"labels are class ids, below max({MIN_LABEL_ID_LIMIT:,}, 10 x {len(examples)} records) = "
+                    f"{limit:,} here; use label names, or give --labels")
 
 
 def resolve_labels(label_set, examples, skip_invalid, label_field="label"):
@@ -435,7 +630,7 @@ def backend_tokenizer(tokenizer):
     """The fast ``tokenizers.Tokenizer`` with padding and truncation switched off.
 
     Some tokenizer.json files ship fixed padding/truncation; we encode untruncated
-    once (to measure lengths) and truncate ourselves.
+    once (to measure lengths, up to ``measured_encodings``' cap) and truncate ourselves.
     """
     backend = tokenizer.backend_tokenizer
     backend.no_padding()
@@ -443,8 +638,45 @@ def backend_tokenizer(tokenizer):
     return backend
 
 
+# Encoding a whole text only measures its length: a 30 MB line took 75 s. Past this many
+# characters per kept token, only a window at the kept end is encoded (see measured_encodings).
+MEASURED_CHARS_PER_TOKEN = 64
+MEASURE_MARGIN_TOKENS = 128  # more than one cut word can yield (WordPiece: 100 characters at most)
+
+
+def measured_encodings(backend, texts, max_length, keep_end=False):
+    """Encodings (no special tokens) of ``texts`` that are exact in the ``max_length`` tokens truncation keeps.
+
+    A text longer than ``max_length * MEASURED_CHARS_PER_TOKEN`` characters is encoded from a
+    window at the end truncation keeps (the start, or the end with ``keep_end``). The window
+    is used only if it yields ``MEASURE_MARGIN_TOKENS`` more tokens than ``max_length``, so
+    the cut, at most one word, lies beyond what is kept; else it grows 8-fold. The length
+    of such a text is then a lower bound (still above ``max_length``, so still counted truncated).
+    """
+    window = max_length * MEASURED_CHARS_PER_TOKEN
+    short = [index for index, text in enumerate(texts) if len(text) <= window]
+    encodings = [None] * len(texts)
+    for index, encoding in zip(short, backend.encode_batch([texts[i] for i in short], add_special_tokens=False)):
+        encodings[index] = encoding
+    for index, text in enumerate(texts):
+        if encodings[index] is None:
+            encodings[index] = _encode_window(backend, text, window, max_length + MEASURE_MARGIN_TOKENS, keep_end)
+    return encodings
+
+
+def _encode_window(backend, text, window, enough_tokens, keep_end):
+    while window < len(text):
+        encoding = backend.encode(text[-window:] if keep_end else text[:window], add_special_tokens=False)
+        if len(encoding.ids) > enough_tokens:
+            return encoding
+        window *= 8
+    return backend.encode(text, add_special_tokens=False)
+
+
 @dataclass
 class EncodedBatchStats:
+    """Token counts of one split for the dataset summary; ``full_lengths`` are measured before
+    truncation (a lower bound for texts past ``measured_encodings``' window)."""
     full_lengths: list = field(default_factory=list)
     truncated: int = 0
     unknown_tokens: int = 0
@@ -460,9 +692,9 @@ def encode_texts(tokenizer, texts, contexts, max_length, truncation_side="right"
     ``{"input_ids", "token_type_ids"}``.
     """
     backend = backend_tokenizer(tokenizer)
-    text_encodings = backend.encode_batch(list(texts), add_special_tokens=False)
+    text_encodings = measured_encodings(backend, list(texts), max_length, keep_end=truncation_side == "left")
     has_context = [bool(context) for context in contexts] if contexts is not None else [False] * len(texts)
-    context_encodings = (backend.encode_batch([c or "" for c in contexts], add_special_tokens=False)
+    context_encodings = (measured_encodings(backend, [c or "" for c in contexts], max_length, keep_end=True)
                          if any(has_context) else [None] * len(texts))
     unk_id = tokenizer.unk_token_id
     encoded = []

@@ -9,6 +9,7 @@ the real process. Inputs that must be ACCEPTED (UTF-8 BOM, CSV with quoted newli
 
 The trainers that exist are covered; cases for a script not yet in the repository skip.
 """
+import contextlib
 import csv
 import importlib
 import io
@@ -16,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +81,26 @@ def train(data_name, *extra):
     return ["--data-path", "{%s}" % data_name, *extra]
 
 
+@dataclass(frozen=True)
+class Special:
+    """A case file that is not plain content: a FIFO, or a symbolic link to ``target``."""
+    kind: str  # "fifo" or "link"
+    target: str = ""
+
+
+FIFO = Special("fifo")
+INT_GOOD = [{"text": record["text"], "label": int(record["label"] == "positive")} for record in GOOD]
+
+
+def with_int_label(index, label):
+    """The good records with integer labels, record ``index`` (line index+1) labelled ``label``."""
+    return jsonl(INT_GOOD[:index] + [dict(INT_GOOD[index], label=label)] + INT_GOOD[index + 1:])
+
+
+def nested(depth):
+    return "[" * depth + "]" * depth
+
+
 # ---------------------------------------------------------------- train_classifier.py
 
 CLASSIFIER_CASES = [
@@ -89,7 +111,7 @@ CLASSIFIER_CASES = [
     Case("json-string-not-a-list", "classifier", {"d.json": '"just a string"'},
          train("d.json"), ["{d.json}", "expected a JSON array"]),
     Case("json-array-of-numbers", "classifier", {"d.json": "[1, 2, 3]"},
-         train("d.json"), ["{d.json} record 1", "expected an object"]),
+         train("d.json"), ["{d.json} record 1", "expected a JSON object"]),
     Case("jsonl-invalid-line", "classifier", {"d.jsonl": with_line(1, '{"text": "good", label: 1}')},
          train("d.jsonl"), ["{d.jsonl} line 2", "invalid JSON"]),
     Case("jsonl-line-is-an-array", "classifier", {"d.jsonl": with_record(2, ["good", 1])},
@@ -201,6 +223,83 @@ CLASSIFIER_CASES = [
          data_error=False),
 ]
 
+# hostile data files (review hostile-inputs.md F4, F5, F8, F9, F15, repeated keys); the same
+# readers serve every script, so a few are repeated for the others below
+HOSTILE_DATA_CASES = [
+    Case("lone-surrogate-text", "classifier", {"d.jsonl": with_line(2, '{"text": "bad \\ud800 text", "label": "a"}')},
+         train("d.jsonl"), ["{d.jsonl} line 3", "field 'text'", "lone UTF-16 surrogate"]),
+    Case("lone-surrogate-context", "classifier",
+         {"d.jsonl": '{"message": "good", "context": "", "label": 1}\n'
+                     '{"message": "bad", "context": "hi \\udfff", "label": 0}\n'},
+         train("d.jsonl"), ["{d.jsonl} line 2", "field 'context'", "surrogate"]),
+    Case("lone-surrogate-chat-content", "classifier",
+         {"d.json": '[{"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "\\ud83d!"}, '
+                    '{"role": "assistant", "content": "a"}]}]'},
+         train("d.json"), ["{d.json} record 1", "field 'messages[1].content'", "surrogate"]),
+    Case("lone-surrogate-label", "classifier", {"d.jsonl": with_line(1, '{"text": "good", "label": "pos\\udc80"}')},
+         train("d.jsonl"), ["{d.jsonl} line 2", "field 'label'", "surrogate"]),
+    Case("encoded-surrogate-in-csv-is-not-utf8", "classifier",
+         {"d.csv": csv_text([("good", "positive")]).encode() + b"bad \xed\xa0\x80,negative\n"},
+         train("d.csv"), ["{d.csv} line 3", "not valid UTF-8"]),
+    Case("integer-label-a-billion", "classifier", {"d.jsonl": with_int_label(5, 1_000_000_000)},
+         train("d.jsonl"), ["{d.jsonl} line 6", "field 'label'", "1000000000 is too large", "100,000"]),
+    Case("integer-label-1e18-as-float", "classifier",
+         {"d.jsonl": jsonl(INT_GOOD[:3]) + '{"text": "x", "label": 1e18}\n'},
+         train("d.jsonl"), ["{d.jsonl} line 4", "field 'label'", "too large"]),
+    Case("integer-label-30-digits-in-csv", "classifier", {"d.csv": csv_text([("good", "1"), ("bad", "9" * 30)])},
+         train("d.csv"), ["{d.csv} line 3", "field 'label'", "too large"]),
+    Case("integer-label-5000-digits", "classifier", {"d.jsonl": with_line(1, '{"text": "x", "label": 1%s}' % ("0" * 5000))},
+         train("d.jsonl"), ["{d.jsonl} line 2", "invalid JSON", "too many digits"]),
+    Case("integer-label-a-billion-in-val-path", "classifier",
+         {"d.jsonl": jsonl(INT_GOOD), "v.jsonl": with_int_label(1, 10 ** 9)},
+         train("d.jsonl", "--val-path", "{v.jsonl}"), ["{v.jsonl} line 2", "field 'label'", "out of range"]),
+    Case("integer-label-a-billion-in-test-path", "classifier",
+         {"d.jsonl": jsonl(INT_GOOD), "t.jsonl": with_int_label(2, 10 ** 9)},
+         train("d.jsonl", "--test-path", "{t.jsonl}", "--val-ratio", "0.5"),
+         ["{t.jsonl} line 3", "field 'label'", "out of range"]),
+    Case("eval-only-integer-label-a-billion", "classifier", {"t.jsonl": with_int_label(0, 10 ** 9)},
+         ["--eval-only", "--model-path", "{model}", "--test-path", "{t.jsonl}"],
+         ["{t.jsonl} line 1", "field 'label'", "out of range"], data_error=False),
+    Case("deeply-nested-json-file", "classifier", {"d.json": nested(200_000)},
+         train("d.json"), ["{d.json} line 1", "invalid JSON (nested too deeply)"]),
+    Case("deeply-nested-jsonl-line", "classifier", {"d.jsonl": with_line(2, nested(100_000))},
+         train("d.jsonl"), ["{d.jsonl} line 3", "invalid JSON (nested too deeply)"]),
+    Case("deeply-nested-record-in-json-array", "classifier",
+         {"d.json": '[{"text": "good", "label": "a"},\n{"text": %s, "label": "b"}]' % nested(100_000)},
+         train("d.json"), ["{d.json} line 2", "nested too deeply"]),
+    Case("label-superscript-two-is-a-name", "classifier", {"d.jsonl": with_int_label(3, "²")},
+         train("d.jsonl"), ["{d.jsonl} line 4", "field 'label'", "mixes integer labels and names"]),
+    Case("label-double-minus-is-a-name", "classifier", {"d.jsonl": with_int_label(3, "--5")},
+         train("d.jsonl"), ["{d.jsonl} line 4", "field 'label'", "mixes"]),
+    Case("label-arabic-indic-digit-is-a-name", "classifier", {"d.jsonl": with_int_label(4, "٣")},
+         train("d.jsonl"), ["{d.jsonl} line 5", "field 'label'", "'٣' mixes"]),
+    Case("repeated-key-in-jsonl", "classifier",
+         {"d.jsonl": with_line(1, '{"text": "good", "label": "positive", "label": "negative"}')},
+         train("d.jsonl"), ["{d.jsonl} line 2", "field 'label'", "appears twice"]),
+    Case("repeated-key-in-json-array", "classifier",
+         {"d.json": '[{"text": "good", "label": "a"},\n {"text": "x", "text": "y", "label": "b"}]'},
+         train("d.json"), ["{d.json} record 2", "field 'text'", "appears twice"]),
+    Case("repeated-key-in-a-chat-message", "classifier",
+         {"d.json": '[{"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "a", '
+                    '"content": "b"}, {"role": "assistant", "content": "a"}]}]'},
+         train("d.json"), ["{d.json} record 1", "field 'content'", "appears twice"]),
+    Case("fifo-as-data-path", "classifier", {"d.jsonl": FIFO}, train("d.jsonl"),
+         ["{d.jsonl}", "not a regular file (a FIFO)"]),
+    Case("symlink-loop-as-data-path", "classifier", {"d.jsonl": Special("link", "d.jsonl")}, train("d.jsonl"),
+         ["{d.jsonl}", "symbolic link loop"]),
+    Case("dangling-symlink-as-data-path", "classifier", {"d.jsonl": Special("link", "gone.jsonl")},
+         train("d.jsonl"), ["{d.jsonl}", "not found", "gone.jsonl"]),
+    Case("unknown-label-among-300-names-is-one-short-line", "classifier",
+         {"d.jsonl": jsonl([{"text": "good", "label": f"class-{index}"} for index in range(300)]),
+          "v.jsonl": jsonl([{"text": "good", "label": "nope"}])},
+         train("d.jsonl", "--val-path", "{v.jsonl}"), ["{v.jsonl} line 1", "unknown label 'nope'", "300 in all"]),
+    Case("unknown-megabyte-label-is-clipped", "classifier",
+         {"d.jsonl": GOOD_JSONL, "v.jsonl": jsonl([{"text": "good", "label": "x" * ONE_MEGABYTE}])},
+         train("d.jsonl", "--val-path", "{v.jsonl}"), ["{v.jsonl} line 1", "unknown label 'xxx"]),
+    Case("group-field-is-a-list", "classifier", {"d.jsonl": jsonl([dict(r, topic=["a"]) for r in GOOD])},
+         train("d.jsonl", "--group-field", "topic"), ["{d.jsonl} line 1", "field 'topic'", "expected a string"]),
+]
+
 # ---------------------------------------------------------------- infer.py and export_onnx.py
 
 INFER_CASES = [
@@ -228,6 +327,17 @@ INFER_CASES = [
          ["{in.jsonl}", "directory"], data_error=False),
     Case("infer-temperature-zero", "infer", {}, ["--model-path", "{model}", "--text", "good", "--temperature", "0"],
          ["--temperature"], data_error=False),
+    Case("infer-file-fifo", "infer", {"in.jsonl": FIFO}, ["--model-path", "{model}", "--file", "{in.jsonl}"],
+         ["{in.jsonl}", "not a regular file"], data_error=False),
+    Case("infer-file-deeply-nested-json", "infer", {"in.json": nested(200_000)},
+         ["--model-path", "{model}", "--file", "{in.json}"], ["{in.json} line 1", "nested too deeply"],
+         data_error=False),
+    Case("infer-file-lone-surrogate", "infer", {"in.jsonl": '{"text": "good"}\n{"text": "\\ud800"}\n{"text": "bad"}\n'},
+         ["--model-path", "{model}", "--file", "{in.jsonl}"], ["{in.jsonl} line 2", "field 'text'", "surrogate"],
+         data_error=False, exit_code=1),
+    Case("infer-file-repeated-key", "infer", {"in.jsonl": '{"text": "good"}\n{"text": "a", "text": "b"}\n'},
+         ["--model-path", "{model}", "--file", "{in.jsonl}"], ["{in.jsonl} line 2", "field 'text'", "appears twice"],
+         data_error=False, exit_code=1),
     # one bad record among good ones is skipped and reported by line; the others are still answered (exit 1)
     Case("infer-file-one-bad-record", "infer", {"in.jsonl": jsonl([{"text": "good"}, {"text": 3}, {"text": "bad"}])},
          ["--model-path", "{model}", "--file", "{in.jsonl}"], ["{in.jsonl} line 2", "field 'text'"],
@@ -317,6 +427,26 @@ VECTOR_CASES = [
          ["--train-path", "{out}/../none.jsonl", "--val-path", "{v.jsonl}"], ["none.jsonl", "not found"]),
     Case("vector-output-dir-is-a-file", "vector", {"t.jsonl": PAIRS_JSONL, "v.jsonl": PAIRS_JSONL},
          pairs("t.jsonl", "--output-dir", "{sentinel}"), ["{sentinel}"]),
+    Case("vector-lone-surrogate-query", "vector",
+         {"t.jsonl": '{"query": "\\ud800", "document": "d", "rel": 1}\n', "v.jsonl": PAIRS_JSONL},
+         pairs("t.jsonl"), ["{t.jsonl} line 1", "field 'query'", "surrogate"]),
+    Case("vector-lone-surrogate-document", "vector",
+         {"t.jsonl": PAIRS_JSONL.replace('"a song"', '"a \\udfff song"'), "v.jsonl": PAIRS_JSONL},
+         pairs("t.jsonl"), ["{t.jsonl} line 3", "field 'document'", "surrogate"]),
+    Case("vector-rel-integer-too-large-for-a-float", "vector",
+         {"t.jsonl": '{"query": "q", "document": "d", "rel": 1%s}\n' % ("0" * 400), "v.jsonl": PAIRS_JSONL},
+         pairs("t.jsonl"), ["{t.jsonl} line 1", "field 'rel'", "finite"]),
+    Case("vector-rel-megabyte-string-is-clipped", "vector",
+         {"t.jsonl": with_pair(0, dict(PAIRS[0], rel="9" * ONE_MEGABYTE + "x")), "v.jsonl": PAIRS_JSONL},
+         pairs("t.jsonl"), ["{t.jsonl} line 1", "field 'rel'", "expected a number"]),
+    Case("vector-repeated-key", "vector",
+         {"t.jsonl": '{"query": "q", "document": "d", "rel": 1, "rel": 0}\n', "v.jsonl": PAIRS_JSONL},
+         pairs("t.jsonl"), ["{t.jsonl} line 1", "field 'rel'", "appears twice"]),
+    Case("vector-deeply-nested-line", "vector", {"t.jsonl": PAIRS_JSONL + nested(100_000) + "\n",
+                                                 "v.jsonl": PAIRS_JSONL},
+         pairs("t.jsonl"), ["{t.jsonl} line 4", "nested too deeply"]),
+    Case("vector-fifo-as-val-path", "vector", {"t.jsonl": PAIRS_JSONL, "v.jsonl": FIFO},
+         pairs("t.jsonl"), ["{v.jsonl}", "not a regular file"]),
     Case("vector-labels-flag-does-not-apply", "vector", {"t.jsonl": PAIRS_JSONL, "v.jsonl": PAIRS_JSONL},
          pairs("t.jsonl", "--labels", "a,b"), ["--labels", "does not apply"]),
 ]
@@ -335,12 +465,17 @@ LONGDOC_CASES = [
     Case("longdoc-not-utf8", "longdoc", {"d.jsonl": b'{"text": "\xff\xfe", "label": 1}\n'},
          train("d.jsonl"), ["{d.jsonl} line 1", "UTF-8"]),
     Case("longdoc-header-only-csv", "longdoc", {"d.csv": "text,label\n"}, train("d.csv"), ["{d.csv}", "header"]),
+    Case("longdoc-lone-surrogate-text", "longdoc", {"d.jsonl": with_line(4, '{"text": "\\ud800", "label": "a"}')},
+         train("d.jsonl"), ["{d.jsonl} line 5", "field 'text'", "surrogate"]),
+    Case("longdoc-integer-label-a-billion", "longdoc", {"d.jsonl": with_int_label(1, 10 ** 9)},
+         train("d.jsonl"), ["{d.jsonl} line 2", "field 'label'", "too large"]),
+    Case("longdoc-fifo-as-data-path", "longdoc", {"d.jsonl": FIFO}, train("d.jsonl"), ["not a regular file"]),
     Case("longdoc-eval-only-truncated-weights", "longdoc", {"t.jsonl": GOOD_JSONL},
          ["--eval-only", "--model-path", "{truncated}", "--test-path", "{t.jsonl}"],
          ["model.safetensors", "truncated"], data_error=False),
 ]
 
-ALL_CASES = CLASSIFIER_CASES + INFER_CASES + EXPORT_CASES + VECTOR_CASES + LONGDOC_CASES
+ALL_CASES = CLASSIFIER_CASES + HOSTILE_DATA_CASES + INFER_CASES + EXPORT_CASES + VECTOR_CASES + LONGDOC_CASES
 SCRIPTS = {"classifier": "train_classifier", "infer": "infer", "export": "export_onnx",
            "vector": "train_vector", "longdoc": "train_longdoc"}
 
@@ -377,6 +512,10 @@ def write_case_files(case, directory):
         path = directory / name.rstrip("/")
         if name.endswith("/"):
             path.mkdir()
+        elif content == FIFO:
+            os.mkfifo(path)
+        elif isinstance(content, Special):
+            path.symlink_to(content.target)
         elif isinstance(content, bytes):
             path.write_bytes(content)
         else:
@@ -416,6 +555,26 @@ def forbid_model_loading(monkeypatch):
     monkeypatch.setattr(modeldir, "build_backbone_from_config", refuse)
 
 
+@contextlib.contextmanager
+def unblock_fifos_later(fifos, seconds=30):
+    """Should a script block opening a FIFO (the bug these cases guard against), open its
+    write end after ``seconds`` so the reader sees end-of-file and the test fails, not hangs."""
+    def unblock():
+        for fifo in fifos:
+            try:  # O_NONBLOCK: with no reader waiting this fails at once instead of blocking
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+    timer = threading.Timer(seconds, unblock)
+    timer.daemon = True
+    if fifos:
+        timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def fill(template, paths):
     for name, path in paths.items():
         template = template.replace("{%s}" % name, str(path))
@@ -450,7 +609,8 @@ def run_case(case, tmp_path, model_dirs, monkeypatch, capsys):
     if case.data_error:
         forbid_model_loading(monkeypatch)
     capsys.readouterr()
-    exit_code = module.main(argv)
+    with unblock_fifos_later([paths[name] for name, content in case.files.items() if content == FIFO]):
+        exit_code = module.main(argv)
     stderr = capsys.readouterr().err
     return exit_code, stderr, paths, before, out, sentinel
 
@@ -499,11 +659,35 @@ def test_no_traceback_from_the_real_process(name, tmp_path, model_dirs):
     assert snapshot(out, sentinel) == before
 
 
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
+def test_special_files_are_refused_at_once_by_the_real_process(special, tmp_path, tiny_model_dir):
+    """A FIFO with no writer used to block forever and /dev/zero to read until memory ran out:
+    both are refused before they are opened (the timeout and memory cap only bound a regression)."""
+    import resource
+    path = tmp_path / "d.jsonl" if special == "fifo" else Path(special)
+    if special == "fifo":
+        os.mkfifo(path)
+    elif not path.exists():
+        pytest.skip(f"{special} does not exist here")
+
+    def cap_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (16 * 1024 ** 3, 16 * 1024 ** 3))
+    environment = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(REPO / "train_classifier.py"), "--data-path", str(path),
+                             "--model-name", str(tiny_model_dir), "--output-dir", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120, env=environment, cwd=tmp_path,
+                            preexec_fn=cap_memory)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"error: {path}: not a regular file"), lines[0]
+
+
 # ---------------------------------------------------------------- inputs that must be accepted
 
 def test_bom_quoted_newlines_and_a_megabyte_text_are_accepted(tmp_path, tiny_model_dir):
     """A UTF-8 BOM is not part of the first header; a quoted newline stays inside its record;
-    a 1 MB text is valid and truncated to --max-length."""
+    a 1 MB text is valid and truncated to --max-length (its length is measured only that far)."""
     import train_classifier
     from common import data
     rows = [(r["text"], r["label"]) for r in make_text_records(6)]
@@ -520,7 +704,7 @@ def test_bom_quoted_newlines_and_a_megabyte_text_are_accepted(tmp_path, tiny_mod
                                   "--epochs", "1", "--batch-size", "4", "--max-length", "16",
                                   "--save-steps", "0"]) == 0
     summary = json.loads((tmp_path / "out" / "dataset_summary.json").read_text())
-    assert summary[0]["truncated"] >= 1 and summary[0]["token_length"]["max"] > 100_000
+    assert summary[0]["truncated"] >= 1 and summary[0]["token_length"]["max"] > 16
 
 
 def test_bom_jsonl_is_accepted(tmp_path):
