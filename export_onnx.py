@@ -606,6 +606,9 @@ def run_validate(args):
 @report_user_errors
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    for flag in ("model_path", "output_path", "validation_file", "tokenizer_path", "reference_model", "report_path"):
+        if "\0" in (getattr(args, flag) or ""):  # os calls raise ValueError on it, not OSError
+            raise UserError(f"--{flag.replace('_', '-')}: a path cannot contain a NUL byte")
     args.device = inference.resolve_device(args.device)
     check_opset(args)
     if args.validate:

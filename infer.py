@@ -20,6 +20,7 @@ it is a regular file or a new path; a symlink is followed; /dev/null, a FIFO or
 """
 import argparse
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -225,13 +226,18 @@ def run_vectors(loaded, items, args):
     return results
 
 
-def run_generation(args, items):
-    """Continue each prompt; a prompt that cannot be continued is marked on its item, the others still run."""
-    model, tokenizer = generation.load_causal_lm(args.model_path, args.device)
-    options = generation.GenerationOptions(
+def generation_options(args):
+    """The decoding settings, checked together (greedy with several sequences) before the model loads."""
+    return generation.GenerationOptions(
         max_new_tokens=args.max_new_tokens, temperature=1.0 if args.temperature is None else args.temperature,
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-        num_return_sequences=args.num_return_sequences, seed=args.seed)
+        num_return_sequences=args.num_return_sequences, seed=args.seed).check()
+
+
+def run_generation(args, items):
+    """Continue each prompt; a prompt that cannot be continued is marked on its item, the others still run."""
+    options = generation_options(args)
+    model, tokenizer = generation.load_causal_lm(args.model_path, args.device)
     results = generation.generate_texts(model, tokenizer, [item.text for item in items], options, skip_errors=True)
     for item, result in zip(items, results):
         if "error" in result:
@@ -297,11 +303,17 @@ def emit(items, results, kind, args):
         written = files.write_output_file(args.output, "".join(json_line(row) + "\n" for row in rows))
         print(f"wrote {len(rows)} results to {written}", file=sys.stderr)
         return
-    for row in rows:
-        if args.json:
-            print(json_line(row))
-        elif "error" not in row:
-            print(format_result(row, kind) + "\n")
+    try:
+        for row in rows:
+            if args.json:
+                print(json_line(row))
+            elif "error" not in row:
+                print(format_result(row, kind) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away (`| head -1`): point stdout at /dev/null so the exit flush cannot raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise UserError("standard output was closed before every result was printed (broken pipe)") from None
 
 
 def json_line(row):
@@ -352,6 +364,14 @@ def check_args(args):
         raise UserError("--corpus needs --serve (it enables POST /search)")
     if args.output and args.serve:
         raise UserError("--output is for batch runs; --serve answers over HTTP")
+    if args.output is not None and not args.output.strip():
+        raise UserError("--output: empty path")
+    for flag in ("model_path", "file", "output", "tokenizer_path", "corpus"):
+        if "\0" in (getattr(args, flag) or ""):  # os calls raise ValueError on it, not OSError
+            raise UserError(f"--{flag.replace('_', '-')}: a path cannot contain a NUL byte")
+    file_path = Path(args.file) if args.file else None
+    if file_path is not None and file_path.exists() and not (file_path.is_file() or file_path.is_dir()):
+        raise UserError(f"--file {args.file}: not a regular file (a FIFO or device could be read forever)")
     for flag, texts in (("--text", args.text), ("--prompt", args.prompt), ("--text-pair", args.text_pair),
                         ("--context", [args.context] if args.context else [])):
         for index, text in enumerate(texts, start=1):
@@ -401,6 +421,7 @@ def main(argv=None):
         if args.serve:
             raise UserError("--serve is for classifiers and vector models, not causal language models")
         check_task_flags(args, "generation")
+        generation_options(args)
         items = collect_inputs(args)
         results = run_generation(args, [item for item in items if not item.error])
         emit(items, results, "generation", args)

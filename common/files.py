@@ -47,6 +47,8 @@ def write_output_file(path, content, flag="--output"):
         raise _write_error(flag, path, error) from None
     if mode is not None and not stat.S_ISREG(mode):
         _write_special_file(target, mode, payload, path, flag)
+    elif mode is not None and not os.access(target, os.W_OK):  # a rename would replace it regardless
+        raise UserError(f"{flag} {path}: the file is read-only; refusing to replace it")
     else:
         _replace_atomically(target, payload, mode, path, flag)
     return target
@@ -69,6 +71,8 @@ def check_output_path(path, flag="--output"):
         if not os.access(target, os.W_OK):
             raise UserError(f"{flag} {path}: cannot write there (permission denied)")
         return target
+    if target.is_file() and not os.access(target, os.W_OK):
+        raise UserError(f"{flag} {path}: the file is read-only; refusing to replace it")
     blocking = next((parent for parent in target.parents if parent.exists() and not parent.is_dir()), None)
     if blocking is not None:
         raise UserError(f"{flag} {path}: {blocking} is a file, not a folder")
@@ -93,11 +97,11 @@ def refuse_overwriting_inputs(output_path, inputs, output_flag="--output"):
     """
     if output_path is None or descriptor_of(output_path) is not None:
         return
-    output = Path(os.path.realpath(output_path))
+    output = resolve_output_path(output_path, output_flag)
     for flag, input_path in inputs:
         if input_path is None:
             continue
-        source = Path(os.path.realpath(input_path))
+        source = resolve_output_path(input_path, flag)
         if _same_file(output, source) or (source.is_dir() and output.exists() and source in output.parents):
             raise UserError(f"{output_flag} {output_path}: would overwrite {flag} {input_path}; "
                             "write the results somewhere else")

@@ -88,6 +88,8 @@ def load_model(model_path, backend="auto", device="cpu", tokenizer_path=None):
     is_onnx = path.suffix == ".onnx"
     if not path.exists():
         raise UserError(f"--model-path {model_path}: not found")
+    if is_onnx and not path.is_file():
+        raise UserError(f"--model-path {model_path}: not a regular file")
     if is_onnx and backend == "torch":
         raise UserError(f"--model-path {model_path}: an ONNX file needs --backend onnx or auto")
     if not is_onnx and backend == "onnx":
@@ -108,11 +110,24 @@ def load_torch_model(directory, device="cpu"):
     else:
         from common.heads import SequenceClassifier
         model, tokenizer, toolkit, config = SequenceClassifier.from_directory(directory, device)
+    check_stored_lengths(toolkit, config, Path(directory) / modeldir.CONFIG_FILE)
     # a vector model's config carries transformers' placeholder labels (LABEL_0, LABEL_1): not ours
     id2label = {} if task == "vector" else check_id2label(config.id2label, toolkit["head"]["num_labels"],
                                                           Path(directory) / modeldir.CONFIG_FILE)
     runner = TorchRunner(model, device)
     return LoadedModel(task, toolkit, tokenizer, runner, "torch", str(directory), id2label, model, config)
+
+
+def check_stored_lengths(toolkit, config, where):
+    """Stored max lengths must fit the position embeddings: past them the embedding lookup fails mid-batch."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    for block in ("preprocessing", "vector"):
+        for name, value in (toolkit.get(block) or {}).items():
+            if name.endswith("max_length") and isinstance(value, int) and value > limit:
+                raise UserError(f"{where}: field 'toolkit.{block}.{name}': {value} exceeds the model's "
+                                f"{limit} positions")
 
 
 def check_id2label(raw, num_labels, where):
@@ -148,7 +163,7 @@ def load_onnx_model(onnx_path, device="cpu", tokenizer_path=None):
         outputs = session.get_outputs()[0].shape[-1]  # the logits' width, when the graph fixes it
         num_labels = outputs if isinstance(outputs, int) else len(meta.get("id2label") or {})
         id2label = check_id2label(meta.get("id2label"), num_labels, preprocessing_file)
-    return LoadedModel(meta["task"], meta["toolkit"], tokenizer, OnnxRunner(session), "onnx",
+    return LoadedModel(meta["task"], meta["toolkit"], tokenizer, OnnxRunner(session, onnx_path), "onnx",
                        str(onnx_path), id2label)
 
 
@@ -199,13 +214,17 @@ class TorchRunner:
 class OnnxRunner:
     """Batch -> numpy outputs through an onnxruntime session (feeds only the graph's inputs)."""
 
-    def __init__(self, session):
+    def __init__(self, session, source=None):
         self.session = session
+        self.source = source
         self.input_names = [node.name for node in session.get_inputs()]
 
     def __call__(self, batch):
         feeds = {name: batch[name].cpu().numpy().astype(np.int64) for name in self.input_names}
-        return self.session.run(None, feeds)[0].astype(np.float32)
+        try:
+            return self.session.run(None, feeds)[0].astype(np.float32)
+        except Exception as error:  # onnxruntime's own exception types: a graph that does not fit its inputs
+            raise UserError(f"{self.source}: onnxruntime failed to run it ({str(error).splitlines()[0]})") from None
 
 
 # ---------------------------------------------------------------- preprocessing and batching

@@ -381,6 +381,7 @@ TOOLKIT_DAMAGE = [
     ("head", None, "toolkit.head"),
     ("task", "translation", "toolkit.task"),
     ("preprocessing.max_length", "long", "toolkit.preprocessing.max_length"),
+    ("preprocessing.max_length", 100000, "toolkit.preprocessing.max_length"),
     ("preprocessing.truncation_side", "middle", "toolkit.preprocessing.truncation_side"),
     ("preprocessing.normalize", {"preset": "nope"}, "toolkit.preprocessing.normalize"),
     ("head.pooling", "median", "toolkit.head.pooling"),
@@ -462,3 +463,36 @@ def test_garbage_onnx_reports_the_graph_not_the_missing_tokenizer(tmp_path, caps
     assert code == 2
     assert_one_error_line(err, str(garbage), "onnxruntime cannot load it")
     assert snapshot_files(tmp_path) == before
+
+
+# ---------------------------------------------------------------- odd paths and streams
+
+def test_odd_paths_are_refused_before_loading(classifier_dir, gpt2_dir, tmp_path, capsys, no_loading):
+    fifo = tmp_path / "inputs.fifo"
+    os.mkfifo(fifo)  # no writer: reading it would wait forever
+    for argv, fragment in ((["--file", fifo], f"--file {fifo}: not a regular file"),
+                           (["--text", "good", "--output", ""], "--output: empty path"),
+                           (["--text", "good", "--output", "a\0b"], "--output: a path cannot contain a NUL byte"),
+                           (["--file", "in\0.jsonl"], "--file: a path cannot contain a NUL byte")):
+        code, _, err = run(infer.main, ["--model-path", classifier_dir, *argv], capsys)
+        assert code == 2
+        assert_one_error_line(err, fragment)
+    code, _, err = run(infer.main, ["--model-path", gpt2_dir, "--prompt", "x", "--temperature", "0",
+                                    "--num-return-sequences", "3"], capsys)
+    assert code == 2
+    assert_one_error_line(err, "--num-return-sequences")
+
+
+def test_a_reader_that_closes_the_pipe_gets_one_line_not_a_traceback(classifier_dir, tmp_path):
+    import subprocess
+    import sys
+    inputs = tmp_path / "many.txt"
+    inputs.write_text("good movie\n" * 3000, encoding="utf-8")
+    process = subprocess.Popen([sys.executable, str(REPO / "infer.py"), "--model-path", str(classifier_dir),
+                                "--file", str(inputs), "--json", "--batch-size", "512"], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.readline()
+    process.stdout.close()  # `| head -1`
+    err = process.stderr.read().decode("utf-8")
+    assert process.wait(timeout=120) == 2
+    assert_one_error_line(err, "broken pipe")
