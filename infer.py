@@ -234,9 +234,8 @@ def generation_options(args):
         num_return_sequences=args.num_return_sequences, seed=args.seed).check()
 
 
-def run_generation(args, items):
+def run_generation(args, items, options):
     """Continue each prompt; a prompt that cannot be continued is marked on its item, the others still run."""
-    options = generation_options(args)
     model, tokenizer = generation.load_causal_lm(args.model_path, args.device)
     results = generation.generate_texts(model, tokenizer, [item.text for item in items], options, skip_errors=True)
     for item, result in zip(items, results):
@@ -359,11 +358,17 @@ def serve(loaded, args):
 
 
 def check_args(args):
-    """Combinations of flags and texts given on the command line (ranges are the flag types' job)."""
+    """Combinations of flags, paths and command-line texts (ranges are the flag types' job)."""
     if args.corpus and not args.serve:
         raise UserError("--corpus needs --serve (it enables POST /search)")
     if args.output and args.serve:
         raise UserError("--output is for batch runs; --serve answers over HTTP")
+    check_path_flags(args)
+    check_command_line_texts(args)
+
+
+def check_path_flags(args):
+    """Paths no loader should ever be handed: empty, with a NUL byte, or a --file that never ends."""
     if args.output is not None and not args.output.strip():
         raise UserError("--output: empty path")
     for flag in ("model_path", "file", "output", "tokenizer_path", "corpus"):
@@ -372,11 +377,15 @@ def check_args(args):
     file_path = Path(args.file) if args.file else None
     if file_path is not None and file_path.exists() and not (file_path.is_file() or file_path.is_dir()):
         raise UserError(f"--file {args.file}: not a regular file (a FIFO or device could be read forever)")
+
+
+def check_command_line_texts(args):
+    """Bytes that are not UTF-8 in argv arrive as lone surrogates, which the tokenizer refuses."""
     for flag, texts in (("--text", args.text), ("--prompt", args.prompt), ("--text-pair", args.text_pair),
                         ("--context", [args.context] if args.context else [])):
         for index, text in enumerate(texts, start=1):
             position = inference.unencodable_position(text)
-            if position is not None:  # e.g. bytes that are not UTF-8 in argv arrive as lone surrogates
+            if position is not None:
                 raise UserError(f"{flag} {index}: {inference.describe_unencodable(position)}")
 
 
@@ -421,9 +430,9 @@ def main(argv=None):
         if args.serve:
             raise UserError("--serve is for classifiers and vector models, not causal language models")
         check_task_flags(args, "generation")
-        generation_options(args)
+        options = generation_options(args)
         items = collect_inputs(args)
-        results = run_generation(args, [item for item in items if not item.error])
+        results = run_generation(args, [item for item in items if not item.error], options)
         emit(items, results, "generation", args)
         return report_failures(items)
     loaded = load_model(args)

@@ -45,10 +45,10 @@ def write_output_file(path, content, flag="--output"):
         mode = None
     except OSError as error:
         raise _write_error(flag, path, error) from None
+    if mode is not None:
+        _check_existing_output(target, path, flag)  # a rename would replace even a read-only file
     if mode is not None and not stat.S_ISREG(mode):
-        _write_special_file(target, mode, payload, path, flag)
-    elif mode is not None and not os.access(target, os.W_OK):  # a rename would replace it regardless
-        raise UserError(f"{flag} {path}: the file is read-only; refusing to replace it")
+        _write_special_file(target, payload, path, flag)
     else:
         _replace_atomically(target, payload, mode, path, flag)
     return target
@@ -64,15 +64,10 @@ def check_output_path(path, flag="--output"):
     if descriptor_of(path) is not None:
         return Path(path)
     target = resolve_output_path(path, flag)
-    if target.is_dir():
-        raise UserError(f"{flag} {path}: is a directory; give a file name")
-    if target.exists() and not target.is_file():
-        _refuse_unwritable_special(target, target.stat().st_mode, path, flag)
-        if not os.access(target, os.W_OK):
-            raise UserError(f"{flag} {path}: cannot write there (permission denied)")
-        return target
-    if target.is_file() and not os.access(target, os.W_OK):
-        raise UserError(f"{flag} {path}: the file is read-only; refusing to replace it")
+    if target.exists():
+        _check_existing_output(target, path, flag)
+        if not target.is_file():
+            return target  # a device or FIFO is written in place: nothing is created beside it
     blocking = next((parent for parent in target.parents if parent.exists() and not parent.is_dir()), None)
     if blocking is not None:
         raise UserError(f"{flag} {path}: {blocking} is a file, not a folder")
@@ -84,6 +79,15 @@ def check_output_path(path, flag="--output"):
     except OSError as error:
         raise UserError(f"{flag} {path}: cannot write there ({error.strerror or error})") from None
     return target
+
+
+def _check_existing_output(target, shown_path, flag):
+    """A directory, a block device or a file without write permission is never written to."""
+    mode = target.stat().st_mode
+    _refuse_unwritable_special(target, mode, shown_path, flag)
+    if not os.access(target, os.W_OK):
+        what = "the file is read-only; refusing to replace it" if stat.S_ISREG(mode) else "permission denied"
+        raise UserError(f"{flag} {shown_path}: cannot write there ({what})")
 
 
 def refuse_overwriting_inputs(output_path, inputs, output_flag="--output"):
@@ -171,9 +175,8 @@ def _create_temporary(target):
     raise FileExistsError(errno.EEXIST, "no free temporary name", str(target.parent))
 
 
-def _write_special_file(target, mode, payload, shown_path, flag):
+def _write_special_file(target, payload, shown_path, flag):
     """Write into a character device, FIFO or socket in place: renaming over it would replace the node."""
-    _refuse_unwritable_special(target, mode, shown_path, flag)
     try:
         # no O_CREAT: if the node vanished meanwhile, fail rather than create a regular file there
         descriptor = os.open(target, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))

@@ -496,3 +496,14 @@ def test_a_reader_that_closes_the_pipe_gets_one_line_not_a_traceback(classifier_
     err = process.stderr.read().decode("utf-8")
     assert process.wait(timeout=120) == 2
     assert_one_error_line(err, "broken pipe")
+
+
+def test_a_read_only_output_is_not_replaced(tmp_path, monkeypatch):
+    results = tmp_path / "results.jsonl"
+    results.write_text("kept\n", encoding="utf-8")
+    results.chmod(0o444)
+    monkeypatch.setattr(files.os, "access", lambda path, mode: False)  # as root, access() would say yes
+    for call in (files.check_output_path, lambda path: files.write_output_file(path, "new\n")):
+        with pytest.raises(UserError, match="read-only"):
+            call(results)
+    assert results.read_text(encoding="utf-8") == "kept\n"
