@@ -554,6 +554,12 @@ def run_export(args):
     staging = Path(tempfile.mkdtemp(prefix=f".{output_path.stem}.staging-", dir=output_path.parent))
     try:
         return export_staged(staging / output_path.name, output_path, torch_loaded, lengths, args)
+    except OSError as error:
+        if error.filename is not None:  # report_user_errors names that path itself
+            raise
+        # torch.onnx and onnx write without naming the file: a full disk would otherwise be a traceback
+        raise UserError(f"--output-path {output_path}: cannot write the export ({error.strerror or error}); "
+                        "nothing was replaced") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -20,12 +20,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from common import data, modeldir, training
-from common.cli import (add_data_text_args, add_flag, add_runtime_args, parse_bool, parse_with_config,
-                        write_effective_config)
+from common import checkpoints, data, modeldir, rundir, training
+from common.cli import (ArgumentParser, add_data_text_args, add_flag, add_runtime_args, apply_option_ranges,
+                        parse_bool, parse_with_config, write_effective_config)
 from common.errors import UserError, report_user_errors
 from common.heads import POOLINGS, SequenceClassifier
-from common.metrics import classification_metrics, format_report, majority_baseline
+from common.metrics import SELECTABLE_METRICS, classification_metrics, format_report, majority_baseline
 
 # config-file keys (sections of seed 000's default.yaml) whose flag has another name
 SECTION_ALIASES = {
@@ -40,7 +40,7 @@ CONFIG_CONVERTERS = {"fp16": lambda enabled: ("precision", "fp16") if enabled el
 # ---------------------------------------------------------------- arguments
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser.add_argument_group("data")
     parser.add_argument("--data-path", "--data_path", "--train-path", "--train_path", dest="data_path",
@@ -100,7 +100,8 @@ def build_parser():
 
     group = parser.add_argument_group("evaluation, early stopping, checkpoints, logging")
     add_flag(group, "eval-steps", type=int, default=0, help="evaluate every N steps (0: only at epoch ends)")
-    add_flag(group, "metric-for-best-model", default="macro_f1", help="validation metric that picks the best model")
+    add_flag(group, "metric-for-best-model", default="macro_f1", choices=SELECTABLE_METRICS,
+             help="validation metric that picks the best model")
     add_flag(group, "patience", type=int, default=3, help="evaluations without improvement before stopping (0: off)")
     add_flag(group, "min-delta", type=float, default=0.001, help="smallest change that counts as improvement")
     add_flag(group, "output-dir", default="./output", help="where checkpoints, metrics and logs go")
@@ -114,7 +115,7 @@ def build_parser():
     add_flag(group, "wandb-project", default="bert-classifier", help="W&B project name")
     add_flag(group, "config", help="YAML config with model/training/optimizer/... sections; flags override it")
     add_runtime_args(parser)
-    return parser
+    return apply_option_ranges(parser)
 
 
 def parse_args(argv=None):
@@ -127,10 +128,7 @@ def parse_args(argv=None):
             raise UserError("--eval-only needs --model-path and --test-path")
     elif not args.data_path:
         raise UserError("--data-path is required (training data file)")
-    for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    training.check_resume_argument(args.resume)
+    checkpoints.check_resume_argument(args.resume)
     if args.sampler == "weighted" and args.class_weights != "none":
         print("warning: --sampler weighted together with --class-weights corrects the imbalance twice; "
               "the guide says pick one", file=sys.stderr)
@@ -233,7 +231,7 @@ def save_model(directory, model, tokenizer, toolkit, label_set, args):
     def write(tmp_dir):
         modeldir.write_model_directory(tmp_dir, training.unwrap(model), tokenizer, toolkit, label_set.id2label)
         write_effective_config(args, tmp_dir)
-    training.write_directory_atomically(directory, write)
+    checkpoints.write_directory_atomically(directory, write)
 
 
 def save_checkpoint(output_dir, model, tokenizer, toolkit, label_set, args, state):
@@ -241,10 +239,10 @@ def save_checkpoint(output_dir, model, tokenizer, toolkit, label_set, args, stat
     def write(tmp_dir):
         modeldir.write_model_directory(tmp_dir, training.unwrap(model), tokenizer, toolkit, label_set.id2label)
         write_effective_config(args, tmp_dir)
-        training.save_training_state(tmp_dir, state)
-    training.write_directory_atomically(Path(output_dir) / f"{training.CHECKPOINT_PREFIX}{state['global_step']}",
+        checkpoints.save_training_state(tmp_dir, state)
+    checkpoints.write_directory_atomically(Path(output_dir) / f"{checkpoints.CHECKPOINT_PREFIX}{state['global_step']}",
                                         write)
-    training.rotate_checkpoints(output_dir, args.save_total_limit)
+    checkpoints.rotate_checkpoints(output_dir, args.save_total_limit, args.run_id)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -358,10 +356,10 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
     evaluated_step = -1  # step of the last evaluation: the same weights are never scored twice
 
     # ---- resume: model weights, optimizer, scheduler, scaler, RNG, position, early stopping
-    checkpoint_dir = training.find_resume_checkpoint(args.resume, output_dir)
+    checkpoint_dir = checkpoints.find_resume_checkpoint(args.resume, output_dir, args.run_id)
     if checkpoint_dir is not None:
-        state = training.restore_training_state(checkpoint_dir, training.unwrap(model), optimizer, scheduler,
-                                                scaler, early_stopping)
+        state = checkpoints.restore_training_state(checkpoint_dir, training.unwrap(model), optimizer, scheduler,
+                                                   scaler, early_stopping, args)
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         global_step, start_epoch, skip_batches = state["global_step"], state["epoch"], state["step_in_epoch"]
@@ -380,7 +378,7 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
                 "step_in_epoch": batches_done, "global_step": global_step, "evaluated_step": evaluated_step,
                 "best_metric": early_stopping.best_metric, "early_stopping": early_stopping.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None,
-                "args": json.loads(json.dumps(vars(args), default=str))}
+                **checkpoints.describe_run(args)}
 
     def run_evaluation(epoch):
         """Evaluate (with EMA weights when enabled); save checkpoint-best on improvement."""
@@ -589,7 +587,7 @@ def start_wandb(args, is_main):
 
 def run_eval_only(args, context):
     """--eval-only: evaluate a saved model on --test-path with its stored preprocessing."""
-    output_dir = training.prepare_output_dir(args.output_dir)
+    output_dir = rundir.prepare_results_dir(args.output_dir, "--output-dir", args.overwrite_output_dir)
     model, tokenizer, toolkit, config = SequenceClassifier.from_directory(args.model_path)
     label_names = [config.id2label[index] for index in range(len(config.id2label))]
     args.data_path, args.val_path = None, None
@@ -616,7 +614,9 @@ def main(argv=None):
 
 def run_training(args, context):
     # ---- validate everything cheap before loading the model or tokenizing
-    output_dir = training.prepare_output_dir(args.output_dir)
+    output_dir, args.run_id = training.run_on_main(context, lambda: rundir.prepare_run_dir(
+        args.output_dir, "--output-dir", "train_classifier.py", rundir.input_options(args), args.overwrite_output_dir, args.resume))
+    args.input_digests = checkpoints.describe_inputs(args)
     splits, label_set = load_splits(args)
     normalize_spec = None
     if args.normalize:

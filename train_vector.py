@@ -25,9 +25,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from common import data, modeldir, ranking, training
-from common.cli import add_data_text_args, add_flag, add_runtime_args, parse_bool, parse_with_config, \
-    write_effective_config
+from common import checkpoints, data, modeldir, ranking, rundir, training
+from common.cli import (ArgumentParser, add_data_text_args, add_flag, add_runtime_args, apply_option_ranges,
+                        parse_bool, parse_with_config, write_effective_config)
 from common.errors import UserError, report_user_errors
 from common.vector import (LOSSES, VECTOR_POOLINGS, BertVectorModel, PairCollator, PairEncoder, VectorService,
                            build_pair_dataset, compute_pair_loss, evaluate_pairs, load_pairs, read_json_if_exists)
@@ -48,7 +48,7 @@ NOT_APPLICABLE = ("labels", "text_field", "label_field")  # shared data flags th
 # ---------------------------------------------------------------- arguments
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_flag(parser, "mode", choices=["train", "evaluate", "deploy"], default="train", help="what to do")
     add_flag(parser, "config", help="YAML config with model/training/... sections; flags override it")
@@ -121,7 +121,7 @@ def build_parser():
     for action in parser._actions:  # shared classification flags stay parseable (for a clear error), unlisted
         if action.dest in NOT_APPLICABLE:
             action.help = argparse.SUPPRESS
-    return parser
+    return apply_option_ranges(parser)
 
 
 def parse_args(argv=None):
@@ -130,14 +130,6 @@ def parse_args(argv=None):
         if getattr(args, name, None):
             raise UserError(f"--{name.replace('_', '-')} does not apply to train_vector.py "
                             "(records are {query, document, rel, weight})")
-    for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("query_max_length", "doc_max_length"):
-        if getattr(args, name) is not None and getattr(args, name) < 2:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 2")
-    if args.temperature <= 0:
-        raise UserError("--temperature must be positive")
     if args.warmup_steps is not None and args.warmup_steps < 0:
         args.warmup_steps = None  # resolve_warmup_steps then uses --warmup-ratio
     return args
@@ -238,8 +230,8 @@ def save_model(directory, model, args, summary=None):
         vector_model(model).save_pretrained(tmp_dir)
         write_effective_config(args, tmp_dir)
         if summary is not None:
-            (Path(tmp_dir) / training.TRAINER_SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    training.write_directory_atomically(directory, write)
+            (Path(tmp_dir) / checkpoints.TRAINER_SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    checkpoints.write_directory_atomically(directory, write)
 
 
 def publish_model(source_dir, save_path):
@@ -249,7 +241,8 @@ def publish_model(source_dir, save_path):
     atomically, so a reader never sees a half-written model.
     """
     for source in Path(source_dir).iterdir():
-        if not source.is_file() or source.name in (training.TRAINER_STATE_FILE, training.TRAINER_SUMMARY_FILE):
+        if not source.is_file() or source.name in (checkpoints.TRAINER_STATE_FILE, checkpoints.TRAINER_SUMMARY_FILE,
+                                                   checkpoints.CHECKSUM_FILE):
             continue  # resume state stays with its checkpoint: the top level is a model directory only
         staged = Path(save_path) / f".{source.name}.publishing"
         staged.unlink(missing_ok=True)
@@ -265,10 +258,10 @@ def save_checkpoint(output_dir, model, args, state):
     def write(tmp_dir):
         vector_model(model).save_pretrained(tmp_dir)
         write_effective_config(args, tmp_dir)
-        training.save_training_state(tmp_dir, state)
-    training.write_directory_atomically(Path(output_dir) / f"{training.CHECKPOINT_PREFIX}{state['global_step']}",
+        checkpoints.save_training_state(tmp_dir, state)
+    checkpoints.write_directory_atomically(Path(output_dir) / f"{checkpoints.CHECKPOINT_PREFIX}{state['global_step']}",
                                         write)
-    training.rotate_checkpoints(output_dir, args.save_total_limit)
+    checkpoints.rotate_checkpoints(output_dir, args.save_total_limit, args.run_id)
 
 
 def vector_model(model):
@@ -316,10 +309,10 @@ def train(args, model, datasets, context, output_dir, logger):
     global_step, start_epoch, skip_batches = 0, 0, 0
 
     # ---- resume: model weights, optimizer, scheduler, scaler, RNG, position, early stopping
-    checkpoint_dir = training.find_resume_checkpoint(args.resume, output_dir)
+    checkpoint_dir = checkpoints.find_resume_checkpoint(args.resume, output_dir, args.run_id)
     if checkpoint_dir is not None:
-        state = training.restore_training_state(checkpoint_dir, vector_model(model), optimizer, scheduler,
-                                                scaler, early_stopping)
+        state = checkpoints.restore_training_state(checkpoint_dir, vector_model(model), optimizer, scheduler,
+                                                   scaler, early_stopping, args)
         global_step, start_epoch, skip_batches = state["global_step"], state["epoch"], state["step_in_epoch"]
         logger.info(f"resumed from {checkpoint_dir} at step {global_step} (epoch {start_epoch}, "
                     f"batch {skip_batches})")
@@ -334,7 +327,7 @@ def train(args, model, datasets, context, output_dir, logger):
                 "scaler": scaler.state_dict(), "rng": training.capture_rng_state(), "epoch": epoch,
                 "step_in_epoch": batches_done, "global_step": global_step,
                 "best_metric": early_stopping.best_metric, "early_stopping": early_stopping.state_dict(),
-                "args": json.loads(json.dumps(vars(args), default=str)), "summary": {"val_loss": val_loss}}
+                **checkpoints.describe_run(args), "summary": {"val_loss": val_loss}}
 
     last_evaluation = {"step": None, "val_loss": None}
 
@@ -438,14 +431,14 @@ class training_context:
 
 
 def checkpoint_name(step):
-    return f"{training.CHECKPOINT_PREFIX}{step}"
+    return f"{checkpoints.CHECKPOINT_PREFIX}{step}"
 
 
 # ---------------------------------------------------------------- checkpoints: which is best
 
 def checkpoint_val_loss(directory):
     """The validation loss recorded in a checkpoint's trainer_state.json (None if absent)."""
-    summary = read_json_if_exists(Path(directory) / training.TRAINER_SUMMARY_FILE) or {}
+    summary = read_json_if_exists(Path(directory) / checkpoints.TRAINER_SUMMARY_FILE) or {}
     value = summary.get("val_loss")
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
@@ -453,13 +446,18 @@ def checkpoint_val_loss(directory):
 def lowest_val_loss_checkpoint(save_path):
     """(directory, val_loss) of the checkpoint with the lowest recorded validation loss, or (None, None)."""
     # checkpoint-best survives --save_total_limit; listed last, so a tie goes to the step checkpoint
-    directories = [*training.list_checkpoints(save_path), Path(save_path) / "checkpoint-best"]
+    directories = [*checkpoints.list_checkpoints(save_path, run_id_of(save_path)), Path(save_path) / "checkpoint-best"]
     candidates = [(checkpoint_val_loss(d), index, d) for index, d in enumerate(directories)]
     candidates = [item for item in candidates if item[0] is not None]
     if not candidates:
         return None, None
     val_loss, _, directory = min(candidates)
     return directory, val_loss
+
+
+def run_id_of(save_path):
+    """The run whose checkpoints compete for best (another run's never do); None for older directories."""
+    return (rundir.read_run_record(save_path) or {}).get("run_id")
 
 
 def write_best_record(save_path, directory, val_loss, selected_by, extra=None):
@@ -496,8 +494,10 @@ def describe_evaluation(row):
 
 def run_training(args, context):
     # ---- validate everything cheap before loading the model or tokenizing
-    output_dir = training.prepare_output_dir(args.save_path)
-    training.check_resume_argument(args.resume)
+    output_dir, args.run_id = training.run_on_main(context, lambda: rundir.prepare_run_dir(
+        args.save_path, "--save-path", "train_vector.py", rundir.input_options(args), args.overwrite_output_dir, args.resume))
+    args.input_digests = checkpoints.describe_inputs(args)
+    checkpoints.check_resume_argument(args.resume)
     args.loss = args.loss or "mse"
     splits = load_splits(args, ("train", "val"))
     normalize_spec = None
@@ -578,6 +578,7 @@ def run_evaluation_mode(args):
     test_pairs = load_splits(args, ("test",))["test"]
     if args.select_best:
         return select_best(args, test_pairs)
+    destination = metrics_destination(args, "eval_metrics.json")
     directory = args.checkpoint_dir or args.model_dir or resolve_best_model_dir(args.save_path)
     if not Path(directory).is_dir():
         raise UserError(f"--checkpoint-dir {directory}: not a directory")
@@ -585,7 +586,7 @@ def run_evaluation_mode(args):
     metrics["checkpoint"] = str(directory)
     print(format_table([(Path(directory).name, checkpoint_val_loss(directory), metrics)], args.k))
     print(json.dumps({key: round(value, 4) if isinstance(value, float) else value for key, value in metrics.items()}))
-    write_metrics(args, metrics, "eval_metrics.json")
+    write_metrics(destination, metrics)
     return 0
 
 
@@ -594,14 +595,15 @@ def select_best(args, test_pairs):
     save_path = Path(args.save_path)
     if not save_path.is_dir():
         raise UserError(f"--save-path {save_path}: not a directory")
-    training.report_partial_checkpoints(save_path)
-    checkpoints = training.list_checkpoints(save_path)
-    if not checkpoints:
+    metrics_destination(args, "eval_results.json")  # refuse a foreign directory before evaluating
+    checkpoints.recover_interrupted_writes(save_path)
+    candidates = checkpoints.list_checkpoints(save_path, run_id_of(save_path))
+    if not candidates:
         raise UserError(f"--save-path {save_path}: no checkpoint-step-N directories to select from")
     if checkpoint_val_loss(save_path / "checkpoint-best") is not None:
-        checkpoints.append(save_path / "checkpoint-best")  # it outlives --save_total_limit rotation
+        candidates.append(save_path / "checkpoint-best")  # it outlives --save_total_limit rotation
     rows = []
-    for directory in checkpoints:
+    for directory in candidates:
         rows.append((directory.name, checkpoint_val_loss(directory), evaluate_checkpoint(directory, test_pairs, args)))
     print(format_table(rows, args.k))
     best_dir, best_val_loss = lowest_val_loss_checkpoint(save_path)
@@ -612,13 +614,24 @@ def select_best(args, test_pairs):
                              {"test": best_metrics})
     print(f"best: {best_dir.name} (validation loss {best_val_loss:.5f}, NDCG@{max(args.k)} "
           f"{best_metrics[f'ndcg@{max(args.k)}']:.4f}); recorded in {path}")
-    write_metrics(args, {"checkpoints": {name: dict(metrics, val_loss=val_loss) for name, val_loss, metrics in rows},
-                         "best": best_dir.name}, "eval_results.json")
+    write_metrics(metrics_destination(args, "eval_results.json"),
+                  {"checkpoints": {name: dict(metrics, val_loss=val_loss) for name, val_loss, metrics in rows},
+                   "best": best_dir.name})
     return 0
 
 
-def write_metrics(args, metrics, default_name):
-    path = Path(args.metrics_path) if args.metrics_path else training.prepare_output_dir(args.save_path) / default_name
+def metrics_destination(args, default_name):
+    """--metrics-path, else a file in --save-path, which must be this toolkit's training run
+    (never write results into a base model's or someone else's directory)."""
+    if args.metrics_path:
+        return Path(args.metrics_path)
+    if rundir.read_run_record(args.save_path) is None:
+        raise UserError(f"--save-path {args.save_path}: not a training run of this toolkit (no {rundir.RUN_FILE}); "
+                        "pass --metrics-path to choose where the metrics go")
+    return Path(args.save_path) / default_name
+
+
+def write_metrics(path, metrics):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")

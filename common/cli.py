@@ -11,13 +11,11 @@ from common.errors import UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (``error: argument --x: ...``) and exit code 2.
-
-    The stock parser prints a usage block first; the README promises one line per mistake.
-    """
+    """argparse whose mistakes are UserErrors: one ``error: argument --x: ...`` line and exit code 2
+    from the script's ``main`` (the stock parser prints a usage block and calls sys.exit)."""
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
+        raise UserError(f"{message} (see --help)")
 
 
 def bounded(kind, minimum=None, maximum=None, above=None, below=None):
@@ -54,6 +52,43 @@ def parse_device(value):
     if not DEVICE_PATTERN.fullmatch(str(value).strip()):
         raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
     return str(value).strip()
+
+
+def probability(strict_upper=True):
+    return bounded(float, minimum=0.0, below=1.0) if strict_upper else bounded(float, minimum=0.0, maximum=1.0)
+
+
+# One range per option, for every script that has it: a value outside is refused before any
+# model loads, on the command line and in a YAML config alike (apply_option_ranges).
+OPTION_RANGES = {
+    "max_length": bounded(int, minimum=4), "query_max_length": bounded(int, minimum=4),
+    "doc_max_length": bounded(int, minimum=4), "num_labels": bounded(int, minimum=2),
+    "epochs": bounded(int, minimum=1), "num_epochs": bounded(int, minimum=1), "max_steps": bounded(int, minimum=0),
+    "batch_size": bounded(int, minimum=1), "eval_batch_size": bounded(int, minimum=1),
+    "chunk_batch_size": bounded(int, minimum=1), "gradient_accumulation_steps": bounded(int, minimum=1),
+    "learning_rate": bounded(float, minimum=0.0, maximum=10.0), "weight_decay": bounded(float, minimum=0.0),
+    "adam_epsilon": bounded(float, above=0.0), "warmup_ratio": probability(strict_upper=False),
+    "warmup_steps": bounded(int, minimum=-1), "max_grad_norm": bounded(float, minimum=0.0),
+    "val_ratio": bounded(float, above=0.0, below=1.0), "dropout": probability(),
+    "focal_gamma": bounded(float, minimum=0.0), "class_weights_beta": bounded(float, above=0.0, below=1.0),
+    "label_smoothing": probability(), "rdrop_alpha": bounded(float, minimum=0.0),
+    "adv_epsilon": bounded(float, above=0.0), "adv_steps": bounded(int, minimum=1), "ema_decay": probability(),
+    "eval_steps": bounded(int, minimum=0), "patience": bounded(int, minimum=0), "min_delta": bounded(float, minimum=0.0),
+    "save_steps": bounded(int, minimum=0), "save_total_limit": bounded(int, minimum=0),
+    "logging_steps": bounded(int, minimum=1), "stride": bounded(int, minimum=0), "max_chunks": bounded(int, minimum=0),
+    "projection_dim": bounded(int, minimum=0), "temperature": bounded(float, above=0.0),
+    "relevance_threshold": bounded(float), "port": bounded(int, minimum=1, maximum=65535),
+    "max_texts": bounded(int, minimum=1), "max_chars": bounded(int, minimum=1),
+    "max_batch_size": bounded(int, minimum=1), "batch_wait_ms": bounded(float, minimum=0.0, maximum=10000.0),
+}
+
+
+def apply_option_ranges(parser):
+    """Give every numeric option of ``parser`` its range from OPTION_RANGES (one table for all scripts)."""
+    for action in parser._actions:
+        if action.dest in OPTION_RANGES and action.type in (int, float):
+            action.type = OPTION_RANGES[action.dest]
+    return parser
 
 
 def spellings(name):
@@ -132,6 +167,10 @@ def add_runtime_args(parser):
     add_flag(group, "seed", type=bounded(int, minimum=0, below=SEED_LIMIT), default=42, help="random seed (data split, shuffling, init, dropout)")
     add_flag(group, "resume", nargs="?", const="latest", default=None,
              help="resume from the latest checkpoint in the output directory, or from the given checkpoint path")
+    add_flag(group, "resume-force", action="store_true",
+             help="resume even when checksums fail or data-shaping options differ from the checkpoint's run")
+    add_flag(group, "overwrite-output-dir", action="store_true",
+             help="replace the results of an earlier run in the output directory (files it did not write stay)")
     add_flag(group, "trust-remote-code", action="store_true",
              help="allow model code from the model repository to run (off by default)")
     add_flag(group, "num-workers", type=bounded(int, minimum=0), default=0, help="DataLoader worker processes")

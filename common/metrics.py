@@ -3,6 +3,10 @@ import numpy as np
 from sklearn.metrics import (accuracy_score, average_precision_score, classification_report, confusion_matrix,
                              precision_recall_fscore_support, roc_auc_score)
 
+# validation metrics that can pick the best model (--metric-for-best-model); "loss" is minimised
+SELECTABLE_METRICS = ("macro_f1", "accuracy", "weighted_f1", "loss", "macro_precision", "macro_recall",
+                      "weighted_precision", "weighted_recall")
+
 
 def classification_metrics(y_true, y_pred, label_names, probs=None):
     """Accuracy, macro and weighted P/R/F1, per-class P/R/F1, confusion matrix; ROC-AUC and PR-AUC

@@ -1,14 +1,11 @@
 """Pieces every training loop shares: device and precision, optimizer and scheduler,
-early stopping, atomic checkpoints with full resume state, RNG state, DDP set-up.
+early stopping, RNG state, DDP set-up (checkpoints live in common/checkpoints.py).
 
 The loops themselves stay in the scripts; these functions only build and save objects.
 """
 import json
 import os
 import random
-import shutil
-import sys
-import tempfile
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,12 +17,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from common import modeldir
 from common.errors import UserError
 
-TRAINER_STATE_FILE = "trainer_state.pt"
-TRAINER_SUMMARY_FILE = "trainer_state.json"
-CHECKPOINT_PREFIX = "checkpoint-step-"
 
 
 # ---------------------------------------------------------------- device and precision
@@ -238,139 +231,6 @@ def _as_tuple(value):
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-# ---------------------------------------------------------------- output directory and checkpoints
-
-def prepare_output_dir(path):
-    """Create the output directory or explain why it cannot be used."""
-    output_dir = Path(path)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output-dir {path}: exists and is a file, not a directory")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-", delete=True)
-        probe.close()
-    except OSError as error:
-        raise UserError(f"--output-dir {path}: cannot write there ({error.strerror})") from None
-    return output_dir
-
-
-def write_directory_atomically(final_dir, write_contents):
-    """Write a directory via a temporary sibling and a rename.
-
-    A kill during ``write_contents(tmp_dir)`` leaves only a ``.tmp-*`` directory, which
-    is never loaded; an existing ``final_dir`` is replaced only once the new one is whole.
-    """
-    final_dir = Path(final_dir)
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{final_dir.name}-", dir=final_dir.parent))
-    try:
-        write_contents(tmp_dir)
-        _fsync_directory(tmp_dir)
-        if final_dir.exists():
-            old_dir = final_dir.with_name(f".old-{final_dir.name}-{os.getpid()}")
-            os.replace(final_dir, old_dir)
-            os.replace(tmp_dir, final_dir)
-            shutil.rmtree(old_dir, ignore_errors=True)
-        else:
-            os.replace(tmp_dir, final_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return final_dir
-
-
-def _fsync_directory(directory):
-    for file in Path(directory).rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def save_training_state(directory, state):
-    """Write the resume state (optimizer, scheduler, scaler, RNG, counters, args) into a checkpoint dir."""
-    torch.save(state, Path(directory) / TRAINER_STATE_FILE)
-    summary = {key: state[key] for key in ("global_step", "epoch", "step_in_epoch", "best_metric")
-               if key in state}
-    summary.update(state.get("summary", {}))
-    (Path(directory) / TRAINER_SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
-
-
-def load_training_state(checkpoint_dir):
-    """Load resume state with ``weights_only=True`` (no arbitrary pickles)."""
-    path = Path(checkpoint_dir) / TRAINER_STATE_FILE
-    if not path.is_file():
-        raise UserError(f"--resume {checkpoint_dir}: no {TRAINER_STATE_FILE} there (not a training checkpoint)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated or foreign file: say which, do not crash
-        raise UserError(f"--resume {checkpoint_dir}: {TRAINER_STATE_FILE} is unreadable ({error})") from None
-
-
-def restore_training_state(checkpoint_dir, model, optimizer, scheduler, scaler, early_stopping):
-    """Load a checkpoint's weights into ``model`` and its optimizer, scheduler, scaler, early-stopping
-    and RNG states; return the state dict for the loop's position (and any script-specific extras)."""
-    state = load_training_state(checkpoint_dir)
-    modeldir.load_weights(model, checkpoint_dir)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    early_stopping.load_state_dict(state["early_stopping"])
-    restore_rng_state(state["rng"])
-    return state
-
-
-def list_checkpoints(output_dir):
-    """Complete step checkpoints, oldest first, ordered by the step recorded inside them."""
-    found = []
-    for directory in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*"):
-        summary_path = directory / TRAINER_SUMMARY_FILE
-        if directory.is_dir() and summary_path.is_file() and (directory / TRAINER_STATE_FILE).is_file():
-            try:
-                found.append((json.loads(summary_path.read_text())["global_step"], directory))
-            except (ValueError, KeyError):
-                continue
-    return [directory for _, directory in sorted(found)]
-
-
-def report_partial_checkpoints(output_dir):
-    """Warn about (and remove) half-written checkpoint directories left by a kill."""
-    for leftover in Path(output_dir).glob(".tmp-*"):
-        print(f"warning: removing incomplete checkpoint {leftover} (interrupted save)", file=sys.stderr)
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def check_resume_argument(resume):
-    """Fail fast, before any model is loaded, when ``--resume PATH`` is not a training checkpoint."""
-    if resume is None or resume == "latest":
-        return
-    if not (Path(resume) / TRAINER_STATE_FILE).is_file():
-        raise UserError(f"--resume {resume}: no {TRAINER_STATE_FILE} there (not a training checkpoint)")
-
-
-def find_resume_checkpoint(resume, output_dir):
-    """``--resume`` -> checkpoint directory (latest in output_dir, or the given path), or None."""
-    if resume is None:
-        return None
-    report_partial_checkpoints(output_dir)
-    if resume != "latest":
-        if not Path(resume).is_dir():
-            raise UserError(f"--resume {resume}: not a directory")
-        return Path(resume)
-    checkpoints = list_checkpoints(output_dir)
-    if not checkpoints:
-        print(f"--resume: no checkpoint in {output_dir}, starting from scratch", file=sys.stderr)
-        return None
-    return checkpoints[-1]
-
-
-def rotate_checkpoints(output_dir, save_total_limit):
-    """Keep only the newest ``save_total_limit`` step checkpoints (0 or less keeps all)."""
-    if save_total_limit is None or save_total_limit <= 0:
-        return
-    for stale in list_checkpoints(output_dir)[:-save_total_limit]:
-        shutil.rmtree(stale, ignore_errors=True)
-
-
 # ---------------------------------------------------------------- running a script
 
 def run_in_context(args, run, distributed=True):
@@ -457,6 +317,27 @@ def gather_objects(context, local_object):
     gathered = [None] * context.world_size
     dist.all_gather_object(gathered, local_object)
     return gathered
+
+
+def run_on_main(context, function):
+    """Call ``function`` on the main process only and hand its result (or its UserError) to every rank.
+
+    For work that must happen once, like claiming the output directory: two ranks doing it
+    would race, and a rank that waits for a failed main process would wait forever.
+    """
+    outcome = None
+    if context.is_main:
+        try:
+            outcome = ("ok", function())
+        except UserError as error:
+            outcome = ("error", str(error))
+    if context.enabled:
+        shared = [outcome]
+        dist.broadcast_object_list(shared, src=0)
+        outcome = shared[0]
+    if outcome[0] == "error":
+        raise UserError(outcome[1])
+    return outcome[1]
 
 
 def barrier(context):

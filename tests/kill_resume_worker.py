@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from common import training  # noqa: E402
+from common import checkpoints, training  # noqa: E402
 
 SCRIPTS = ("train_classifier", "train_vector", "train_longdoc")
 
@@ -45,17 +45,17 @@ def install_hooks(hooks):
     training.optimizer_step = optimizer_step
 
     hang_step = hooks.get("hang_in_save")
-    original_fsync = training._fsync_directory
+    original_fsync = checkpoints.write_checksums
 
     def fsync_then_hang(directory):
         original_fsync(directory)
         if hang_step is not None and Path(directory).name.startswith(f".tmp-checkpoint-step-{hang_step}-"):
             Path(f"{progress}.in-save").write_text(str(directory))
             time.sleep(600)  # the rename never comes: the test kills us here
-    training._fsync_directory = fsync_then_hang
+    checkpoints.write_checksums = fsync_then_hang
 
     after_step = hooks.get("hang_after_save")
-    original_write = training.write_directory_atomically
+    original_write = checkpoints.write_directory_atomically
 
     def write_then_hang(final_dir, write_contents):
         result = original_write(final_dir, write_contents)
@@ -63,7 +63,7 @@ def install_hooks(hooks):
             Path(f"{progress}.saved").write_text(str(final_dir))
             time.sleep(600)  # killed after the checkpoint, before whatever follows it
         return result
-    training.write_directory_atomically = write_then_hang
+    checkpoints.write_directory_atomically = write_then_hang
 
 
 def run_child(command):

@@ -1,5 +1,9 @@
 """Data readers, record formats, labels, encoding and batching (common/data.py)."""
 import json
+import os
+import re
+import threading
+import time
 
 import pytest
 
@@ -158,3 +162,173 @@ def test_missing_datasets_package_gives_an_install_hint(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "datasets", None)
     with pytest.raises(UserError, match="pip install datasets"):
         data.read_records(tmp_path)
+
+
+# ---------------------------------------------------------------- hostile inputs (review hostile-inputs.md)
+
+def write_text(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("line, field", [
+    ('{"text": "bad \\ud800 text", "label": 1}', "text"),
+    ('{"message": "ok", "context": "\\udc00", "label": 1}', "context"),
+    ('{"text": "ok", "label": "\\udfff"}', "label"),
+    ('{"messages": [{"content": "x"}, {"content": "\\ud800"}, {"content": "a"}]}', "messages[1].content"),
+])
+def test_a_lone_surrogate_is_refused_with_its_field(tmp_path, line, field):
+    path = write_text(tmp_path / "d.jsonl", line + "\n")
+    with pytest.raises(UserError, match=rf"d.jsonl line 1: field '{re.escape(field)}': lone UTF-16 surrogate"):
+        data.load_text_examples(path)
+
+
+def test_a_lone_surrogate_is_skipped_with_skip_invalid_and_pairs_check_it_too(tmp_path):
+    from common import vector
+    path = write_text(tmp_path / "d.jsonl", '{"text": "a", "label": 1}\n{"text": "\\ud800", "label": 0}\n')
+    assert [e.text for e in data.load_text_examples(path, skip_invalid=True)] == ["a"]
+    assert data.report_skipped() == 1
+    pairs = write_text(tmp_path / "p.jsonl", '{"query": "q", "document": "\\udbff", "rel": 1}\n')
+    with pytest.raises(UserError, match="line 1: field 'document': lone UTF-16 surrogate"):
+        vector.load_pairs(pairs)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("2", 2), (" 7 ", 7), ("-3", -3), (2.0, 2), (1e3, 1000),
+    ("²", "²"), ("--5", "--5"), ("٣", "٣"), ("+5", "+5"), ("1.5", "1.5"),  # names: ASCII digits only
+])
+def test_only_ascii_integers_are_integer_labels(tmp_path, raw, expected):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": raw}])
+    [example] = data.load_text_examples(path)
+    assert example.raw_label == expected and type(example.raw_label) is type(expected)
+
+
+def test_integer_labels_are_capped_relative_to_the_data(tmp_path):
+    assert data.label_id_limit(24) == 100_000 and data.label_id_limit(50_000) == 500_000
+    examples = [data.TextExample("t", None, label, f"f line {n}") for n, label in enumerate((0, 1, 99_999), 1)]
+    assert len(data.LabelSet.from_examples(examples).names) == 100_000
+    examples[2].raw_label = 100_000
+    with pytest.raises(UserError, match=r"f line 3: field 'label': integer label 100000 is too large.* = 100,000"):
+        data.LabelSet.from_examples(examples)
+    path = write_text(tmp_path / "d.csv", "text,label\na,1\nb," + "9" * 19 + "\n")
+    with pytest.raises(UserError, match="d.csv line 3: field 'label': integer label .* is too large"):
+        data.load_text_examples(path)
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("deep.json", "[" * 200_000 + "]" * 200_000, r"deep.json line 1: invalid JSON \(nested too deeply\)"),
+    ("deep.jsonl", '{"text": "a", "label": 1}\n' + "[" * 100_000 + "]" * 100_000 + "\n",
+     r"deep.jsonl line 2: invalid JSON \(nested too deeply\)"),
+    ("rec.json", '[{"text": "a", "label": 1},\n\n{"text": %s}]' % ("[" * 50_000 + "]" * 50_000),
+     "rec.json line 3: invalid JSON \\(nested too deeply\\)"),
+    ("long.jsonl", '{"text": "a", "label": 1%s}\n' % ("0" * 5000), r"line 1: invalid JSON \(a number with too many"),
+])
+def test_json_the_decoder_cannot_take_is_one_line(tmp_path, name, content, expected):
+    with pytest.raises(UserError, match=expected):
+        data.read_records(write_text(tmp_path / name, content))
+
+
+def test_deep_nesting_in_one_jsonl_line_can_be_skipped(tmp_path):
+    path = write_text(tmp_path / "d.jsonl", "[" * 100_000 + "]" * 100_000 + '\n{"text": "a", "label": 1}\n')
+    assert [r.locator for r in data.read_records(path, skip_invalid=True)] == ["line 2"]
+    assert data.report_skipped() == 1
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('[{"a": 1},\n {"a": 1} {"a": 2}]', r"line 2: invalid JSON \(Expecting ',' delimiter, column 11\)"),
+    ('[{"a": 1},]', r"line 1: invalid JSON \(Expecting value"),
+    ('[{"a": 1}] x', r"line 1: invalid JSON \(Extra data, column 12\)"),
+    ('[{"a": 1}', r"line 1: invalid JSON \(Expecting ',' delimiter"),
+    ("[]", "no records found"),
+    (' \n[ \n ]\n', "no records found"),
+    ('"text"', "expected a JSON array"),
+])
+def test_json_arrays_read_element_by_element_keep_the_syntax_errors(tmp_path, content, expected):
+    with pytest.raises(UserError, match=expected):
+        data.read_records(write_text(tmp_path / "d.json", content))
+
+
+def test_json_arrays_read_element_by_element_match_json_loads(tmp_path):
+    records = [{"text": "a\u2028b", "label": [1, {"x": None}]}, {"text": "c", "n": 1.5e3, "t": True}]
+    path = write_text(tmp_path / "d.json", " \n" + json.dumps(records, indent=2, ensure_ascii=False) + "\n\n")
+    assert [r.fields for r in data.read_records(path)] == records
+
+
+def test_a_repeated_key_is_refused_and_can_be_skipped(tmp_path):
+    jsonl_path = write_text(tmp_path / "d.jsonl", '{"text": "a", "label": 1, "label": 2}\n{"text": "b", "label": 0}\n')
+    with pytest.raises(UserError, match="d.jsonl line 1: field 'label': appears twice in one JSON object"):
+        data.read_records(jsonl_path)
+    json_path = write_text(tmp_path / "d.json", '[{"text": "a", "label": 0},\n {"text": "b", "x": {"k": 1, "k": 2}},\n'
+                                                ' {"text": "c", "label": 1}]')
+    with pytest.raises(UserError, match="d.json record 2: field 'k': appears twice"):
+        data.read_records(json_path)
+    assert [r.locator for r in data.read_records(json_path, skip_invalid=True)] == ["record 1", "record 3"]
+    assert data.report_skipped() == 1
+
+
+def test_a_fifo_device_or_symlink_loop_is_refused_before_opening(tmp_path):
+    fifo = tmp_path / "d.jsonl"
+    os.mkfifo(fifo)
+    # should the reader block on the FIFO (the bug), a writer opened later ends the read instead of hanging
+    unblock = threading.Timer(20, lambda: os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)))
+    unblock.daemon = True
+    unblock.start()
+    try:
+        with pytest.raises(UserError, match=r"d.jsonl: not a regular file \(a FIFO\)"):
+            data.read_records(fifo)
+    finally:
+        unblock.cancel()
+    if os.path.exists("/dev/null"):
+        with pytest.raises(UserError, match=r"/dev/null: not a regular file \(a character device\)"):
+            data.read_records("/dev/null")
+    (tmp_path / "loop.jsonl").symlink_to("loop.jsonl")
+    with pytest.raises(UserError, match="loop.jsonl: symbolic link loop"):
+        data.read_records(tmp_path / "loop.jsonl")
+    (tmp_path / "dangling.jsonl").symlink_to("gone.jsonl")
+    with pytest.raises(UserError, match="dangling.jsonl: file not found \\(a symbolic link to 'gone.jsonl'"):
+        data.read_records(tmp_path / "dangling.jsonl")
+
+
+def test_error_lines_stay_short_whatever_the_input(tmp_path):
+    record = data.Record("f", "line 1", {"rel": "9" * 1_000_000 + "x", "big": 10 ** 400})
+    for name in ("rel", "big"):
+        with pytest.raises(UserError) as raised:
+            data.require_number(record, name)
+        assert len(str(raised.value)) < 200
+    labels = data.LabelSet([f"class-{index}" for index in range(1000)])
+    with pytest.raises(UserError, match=r"\.\.\. \(1000 in all\)") as raised:
+        labels.id_of("y" * 1_000_000, "f line 2")
+    assert len(str(raised.value)) < 600
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_long_text_is_measured_on_a_window_with_the_same_result(tiny_model_dir, side):
+    """Only the window truncation keeps is encoded; what is kept equals encoding the whole text."""
+    from common.modeldir import load_tokenizer
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    backend = data.backend_tokenizer(tokenizer)
+    words = "good movie 今天 great,film bad " * 2000 + "unknownwordhere" * 10  # a cut long word at the end
+    sparse = "good" + " " * 5000 + "movie " + "bad " * 100  # whitespace: the first window holds too few tokens
+    texts, contexts = [words, sparse, "short"], [words[::-1], None, "hi"]
+    stats = data.EncodedBatchStats()
+    encoded = data.encode_texts(tokenizer, texts, contexts, max_length=16, truncation_side=side, stats=stats)
+    for text, context, result in zip(texts, contexts, encoded):
+        full = backend.encode(text, add_special_tokens=False)
+        full_context = backend.encode(context, add_special_tokens=False) if context else None
+        budget = 16 - tokenizer.num_special_tokens_to_add(pair=context is not None)
+        full.truncate(budget, direction=side)
+        if full_context is not None:
+            full_context.truncate(budget - len(full.ids), direction="left")
+        expected = backend.post_process(full_context, full, add_special_tokens=True) if context else \
+            backend.post_process(full, None, add_special_tokens=True)
+        assert result["input_ids"] == expected.ids
+    assert stats.truncated == 2 and stats.full_lengths[0] > 16 * 2
+
+
+def test_a_30_megabyte_text_is_not_tokenized_whole(tiny_model_dir):
+    from common.modeldir import load_tokenizer
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    started = time.perf_counter()
+    [encoded] = data.encode_texts(tokenizer, ["good movie " * 2_800_000], None, max_length=16)
+    assert len(encoded["input_ids"]) == 16
+    assert time.perf_counter() - started < 10  # the whole text took over a minute

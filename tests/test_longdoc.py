@@ -351,7 +351,7 @@ def test_eval_only_uses_the_stored_settings(tmp_path, tiny_model_dir, documents,
     ([{"text": "good", "label": "a"}, {"text": "bad", "label": "b"}], ["--strip-patterns", "BAD_REGEX"],
      "line 2: invalid regular expression"),
     ([{"text": "good", "label": "a"}, {"text": "bad", "label": "b"}], ["--chunk-batch-size", "0"],
-     "--chunk-batch-size must be at least 1"),
+     "--chunk-batch-size/--chunk_batch_size: expected an integer >= 1"),
 ])
 def test_bad_input_exits_2_before_loading_the_model(tmp_path, capsys, records, extra, expected):
     path = write_jsonl(tmp_path / "d.jsonl", records)

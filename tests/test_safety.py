@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+from common import checkpoints
 from conftest import make_text_records, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,6 +88,7 @@ def test_a_pickled_object_in_trainer_state_is_refused(classifier_run, tiny_model
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
     state["optimizer"] = WritesAFileWhenUnpickled(marker)
     torch.save(state, checkpoint / "trainer_state.pt")
+    checkpoints.write_checksums(checkpoint)  # as an attacker would: the unpickling itself must refuse it
     argv = tiny_run_argv("train_classifier", tmp_path, tiny_model_dir, tmp_path / "resumed") + ["--resume",
                                                                                                str(checkpoint)]
     capsys.readouterr()

@@ -1,0 +1,147 @@
+"""The run directory: where a training run writes, and the rules that keep it from destroying
+anything it did not create.
+
+A directory a trainer writes into holds ``run.json`` (run id, script, start time). A run may
+  - claim a new or empty directory, or one holding only an earlier run's start-up files
+    (no checkpoint, no results: that run died before it produced anything);
+  - continue its own run with ``--resume``;
+  - replace an earlier run's results with ``--overwrite-output-dir`` (only what a run writes is
+    removed; other files stay).
+Anything else is refused with one line: a directory with files this toolkit did not write (a
+base model, a data folder), or one holding a finished run. An input file that the run would
+overwrite is refused too. ``--resume`` where no checkpoint exists yet starts from the beginning
+only when nothing would be lost (a retry loop that always passes --resume keeps working).
+"""
+import fnmatch
+import json
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from common.checkpoints import CHECKPOINT_PREFIX, recover_interrupted_writes
+from common.errors import UserError
+
+RUN_FILE = "run.json"
+# Everything a run writes at the top of its directory; --overwrite-output-dir removes only these.
+RUN_OUTPUT_PATTERNS = (
+    RUN_FILE, "checkpoint-*", ".tmp-*", ".old-*", ".*.publishing", "train_log.jsonl", "training_args.json",
+    "dataset_summary.json", "metrics.json", "errors.jsonl", "*.png", "best_checkpoint.json",
+    "eval_metrics.json", "eval_results.json", "config.json", "model.safetensors", "checksums.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "added_tokens.json",
+)
+# What shows an earlier run produced something worth keeping.
+RESULT_PATTERNS = ("checkpoint-*", "metrics.json", "best_checkpoint.json", "model.safetensors")
+
+
+def matches(name, patterns):
+    return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+
+
+def read_run_record(directory):
+    """run.json of a directory this toolkit wrote, or None."""
+    try:
+        record = json.loads((Path(directory) / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "run_id" in record else None
+
+
+def prepare_run_dir(path, flag, script, inputs=(), overwrite=False, resume=None):
+    """Create or claim ``path`` for a run of ``script``; return (directory, run_id).
+
+    ``inputs`` are the paths the run reads; one that lies where the run writes is refused.
+    """
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{flag} {path}: exists and is a file, not a directory")
+    refuse_inputs_in_outputs(directory, flag, inputs)
+    record = read_run_record(directory) if directory.is_dir() else None
+    entries = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+    if entries and record is None:
+        foreign = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise UserError(f"{flag} {path}: not empty and not written by this toolkit ({foreign}); "
+                        "it may hold a model or data: choose a new directory")
+    if record is not None:
+        recover_interrupted_writes(directory)
+        has_results = any(matches(name, RESULT_PATTERNS) for name in entries)
+        has_checkpoints = any(name.startswith(CHECKPOINT_PREFIX) for name in entries)
+        if resume is not None and (has_checkpoints or resume != "latest"):
+            return _writable(directory, flag), record["run_id"]
+        if has_results and not overwrite:
+            raise UserError(f"{flag} {path}: holds the results of an earlier run ({record.get('script')}, "
+                            f"started {record.get('started')}) and no checkpoint to resume from; pass "
+                            "--overwrite-output-dir to replace them, or choose a new directory")
+        remove_run_outputs(directory)  # an earlier run's start-up files, or results the user lets go
+    return start_run(_writable(directory, flag), script)
+
+
+INPUT_OPTIONS = ("data_path", "train_path", "val_path", "test_path", "config", "model_name", "model_path", "corpus")
+
+
+def input_options(args):
+    """[(flag, path)] of every input a script's args name, for ``prepare_run_dir``."""
+    return [(f"--{name.replace('_', '-')}", getattr(args, name)) for name in INPUT_OPTIONS
+            if isinstance(getattr(args, name, None), str)]
+
+
+def refuse_inputs_in_outputs(directory, flag, inputs):
+    """An input file that sits where the run writes (e.g. --data-path OUT/metrics.json) would be destroyed."""
+    resolved_dir = directory.resolve()
+    for name, value in inputs:
+        if not value:
+            continue
+        resolved = Path(value).resolve()
+        if resolved == resolved_dir:
+            raise UserError(f"{flag} {directory} is the same directory as {name} {value}: "
+                            "a run never writes into its inputs; choose another directory")
+        try:
+            first_part = resolved.relative_to(resolved_dir).parts[0]
+        except ValueError:
+            continue
+        if matches(first_part, RUN_OUTPUT_PATTERNS):
+            raise UserError(f"{name} {value}: lies where the run writes its outputs ({flag} {directory}); "
+                            "move it or choose another directory")
+
+
+def remove_run_outputs(directory):
+    """Remove what an earlier run wrote (only names a run writes; other files stay)."""
+    for entry in list(Path(directory).iterdir()):
+        if matches(entry.name, RUN_OUTPUT_PATTERNS):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def _writable(directory, flag):
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-", delete=True).close()
+    except OSError as error:
+        raise UserError(f"{flag} {directory}: cannot write there ({error.strerror})") from None
+    return directory
+
+
+def start_run(directory, script):
+    """Write run.json with a new run id; return (directory, run_id)."""
+    run_id = uuid.uuid4().hex[:12]
+    record = {"run_id": run_id, "script": script, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (directory / RUN_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+    return directory, run_id
+
+
+def prepare_results_dir(path, flag, overwrite=False):
+    """An output directory for an evaluation-only run: new, empty, or a toolkit directory.
+
+    Its result files (metrics.json...) may replace an earlier run's only with --overwrite-output-dir.
+    """
+    directory = Path(path)
+    record = read_run_record(directory) if directory.is_dir() else None
+    if directory.is_dir() and any(directory.iterdir()) and record is None:
+        raise UserError(f"{flag} {path}: not empty and not written by this toolkit; choose a new directory")
+    if record is not None and (directory / "metrics.json").exists() and not overwrite:
+        raise UserError(f"{flag} {path}: already holds metrics.json of an earlier run; pass "
+                        "--overwrite-output-dir to replace it or choose a new directory")
+    directory = _writable(directory, flag)
+    if record is None:
+        start_run(directory, "evaluation")
+    return directory
