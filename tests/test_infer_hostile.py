@@ -449,6 +449,21 @@ def test_export_report_and_output_must_not_replace_inputs(classifier_dir, tmp_pa
     assert snapshot_files(tmp_path, classifier_dir) == before
 
 
+def test_export_under_a_full_disk_is_one_line_and_leaves_nothing(classifier_dir, tmp_path, capsys):
+    output = tmp_path / "models" / "m.onnx"
+    before = snapshot_files(tmp_path, classifier_dir)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))  # the graph is ~200 KB: EFBIG while writing it
+    try:
+        code, _, err = run(export_onnx.main, ["--model-path", classifier_dir, "--output-path", output,
+                                              "--optimize", "false"], capsys)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert code == 2
+    assert_one_error_line(err, f"--output-path {output}", "File too large")
+    assert snapshot_files(tmp_path, classifier_dir) == before and list(output.parent.iterdir()) == []
+
+
 def test_garbage_onnx_reports_the_graph_not_the_missing_tokenizer(tmp_path, capsys):
     garbage = tmp_path / "model.onnx"
     garbage.write_bytes(os.urandom(256))
