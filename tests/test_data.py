@@ -302,27 +302,19 @@ def test_error_lines_stay_short_whatever_the_input(tmp_path):
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_a_long_text_is_measured_on_a_window_with_the_same_result(tiny_model_dir, side):
+def test_a_long_text_is_measured_on_a_window_with_the_same_result(tiny_model_dir, side, monkeypatch):
     """Only the window truncation keeps is encoded; what is kept equals encoding the whole text."""
     from common.modeldir import load_tokenizer
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    backend = data.backend_tokenizer(tokenizer)
     words = "good movie 今天 great,film bad " * 2000 + "unknownwordhere" * 10  # a cut long word at the end
     sparse = "good" + " " * 5000 + "movie " + "bad " * 100  # whitespace: the first window holds too few tokens
-    texts, contexts = [words, sparse, "short"], [words[::-1], None, "hi"]
+    texts, contexts = [words, sparse, "short", "good film"], [None, None, "hi", words[::-1]]
     stats = data.EncodedBatchStats()
-    encoded = data.encode_texts(tokenizer, texts, contexts, max_length=16, truncation_side=side, stats=stats)
-    for text, context, result in zip(texts, contexts, encoded):
-        full = backend.encode(text, add_special_tokens=False)
-        full_context = backend.encode(context, add_special_tokens=False) if context else None
-        budget = 16 - tokenizer.num_special_tokens_to_add(pair=context is not None)
-        full.truncate(budget, direction=side)
-        if full_context is not None:
-            full_context.truncate(budget - len(full.ids), direction="left")
-        expected = backend.post_process(full_context, full, add_special_tokens=True) if context else \
-            backend.post_process(full, None, add_special_tokens=True)
-        assert result["input_ids"] == expected.ids
-    assert stats.truncated == 2 and stats.full_lengths[0] > 16 * 2
+    windowed = data.encode_texts(tokenizer, texts, contexts, max_length=16, truncation_side=side, stats=stats)
+    assert 16 + data.MEASURE_MARGIN_TOKENS < stats.full_lengths[0] < 1000  # measured on the window only
+    assert stats.full_lengths[1] == 104 and stats.truncated == 3  # [CLS] good movie bad x 100 [SEP]
+    monkeypatch.setattr(data, "MEASURED_CHARS_PER_TOKEN", 10 ** 9)  # encode every text whole
+    assert data.encode_texts(tokenizer, texts, contexts, max_length=16, truncation_side=side) == windowed
 
 
 def test_a_30_megabyte_text_is_not_tokenized_whole(tiny_model_dir):
