@@ -671,7 +671,9 @@ def test_special_files_are_refused_at_once_by_the_real_process(special, tmp_path
         pytest.skip(f"{special} does not exist here")
 
     def cap_memory():
-        resource.setrlimit(resource.RLIMIT_AS, (16 * 1024 ** 3, 16 * 1024 ** 3))
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        limit = 16 * 1024 ** 3 if hard == resource.RLIM_INFINITY else min(hard, 16 * 1024 ** 3)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     environment = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, str(REPO / "train_classifier.py"), "--data-path", str(path),
                              "--model-name", str(tiny_model_dir), "--output-dir", str(tmp_path / "out")],
