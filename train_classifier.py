@@ -334,7 +334,7 @@ def adversarial_backward(adversary, model, inputs, labels, loss_fn, args, scaler
 
 # ---------------------------------------------------------------- the training loop
 
-def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_dir, logger):
+def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_dir, logger, resume_from=None):
     device, precision = args.device_obj, args.precision_obj
     train_labels = np.array([f["labels"] for f in datasets["train"].features])
     loss_fn, adversary, ema, sample_weights = build_techniques(args, training.unwrap(model), train_labels,
@@ -356,10 +356,10 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
     evaluated_step = -1  # step of the last evaluation: the same weights are never scored twice
 
     # ---- resume: model weights, optimizer, scheduler, scaler, RNG, position, early stopping
-    checkpoint_dir = checkpoints.find_resume_checkpoint(args.resume, output_dir, args.run_id)
+    checkpoint_dir = resume_from
     if checkpoint_dir is not None:
         state = checkpoints.restore_training_state(checkpoint_dir, training.unwrap(model), optimizer, scheduler,
-                                                   scaler, early_stopping, args)
+                                                   scaler, early_stopping)
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         global_step, start_epoch, skip_batches = state["global_step"], state["epoch"], state["step_in_epoch"]
@@ -617,6 +617,8 @@ def run_training(args, context):
     output_dir, args.run_id = training.run_on_main(context, lambda: rundir.prepare_run_dir(
         args.output_dir, "--output-dir", "train_classifier.py", rundir.input_options(args), args.overwrite_output_dir, args.resume))
     args.input_digests = checkpoints.describe_inputs(args)
+    resume_from = checkpoints.find_resume_checkpoint(args.resume, output_dir, args.run_id)
+    checkpoints.check_resume(resume_from, args)
     splits, label_set = load_splits(args)
     normalize_spec = None
     if args.normalize:
@@ -657,7 +659,7 @@ def run_training(args, context):
     total, trainable = modeldir.count_parameters(model)
     logger.info(f"model: {args.model_name}, {total / 1e6:.1f}M parameters ({trainable / 1e6:.2f}M trainable)")
 
-    train(args, model, tokenizer, datasets, label_set, toolkit, context, output_dir, logger)
+    train(args, model, tokenizer, datasets, label_set, toolkit, context, output_dir, logger, resume_from)
     training.barrier(context)
     best_dir = output_dir / "checkpoint-best"
     if not best_dir.is_dir():

@@ -291,7 +291,7 @@ def evaluate_loss(pair_encoder, loader, args, context):
 
 # ---------------------------------------------------------------- the training loop
 
-def train(args, model, datasets, context, output_dir, logger):
+def train(args, model, datasets, context, output_dir, logger, resume_from=None):
     device, precision = args.device_obj, args.precision_obj
     train_loader = build_train_loader(datasets["train"], args, context)
     val_loader = build_eval_loader(datasets["val"], args, context)
@@ -309,10 +309,10 @@ def train(args, model, datasets, context, output_dir, logger):
     global_step, start_epoch, skip_batches = 0, 0, 0
 
     # ---- resume: model weights, optimizer, scheduler, scaler, RNG, position, early stopping
-    checkpoint_dir = checkpoints.find_resume_checkpoint(args.resume, output_dir, args.run_id)
+    checkpoint_dir = resume_from
     if checkpoint_dir is not None:
         state = checkpoints.restore_training_state(checkpoint_dir, vector_model(model), optimizer, scheduler,
-                                                   scaler, early_stopping, args)
+                                                   scaler, early_stopping)
         global_step, start_epoch, skip_batches = state["global_step"], state["epoch"], state["step_in_epoch"]
         logger.info(f"resumed from {checkpoint_dir} at step {global_step} (epoch {start_epoch}, "
                     f"batch {skip_batches})")
@@ -497,6 +497,8 @@ def run_training(args, context):
     output_dir, args.run_id = training.run_on_main(context, lambda: rundir.prepare_run_dir(
         args.save_path, "--save-path", "train_vector.py", rundir.input_options(args), args.overwrite_output_dir, args.resume))
     args.input_digests = checkpoints.describe_inputs(args)
+    resume_from = checkpoints.find_resume_checkpoint(args.resume, output_dir, args.run_id)
+    checkpoints.check_resume(resume_from, args)
     checkpoints.check_resume_argument(args.resume)
     args.loss = args.loss or "mse"
     splits = load_splits(args, ("train", "val"))
@@ -530,7 +532,7 @@ def run_training(args, context):
     logger.info(f"model: {args.model_name}, {total / 1e6:.1f}M parameters ({trainable / 1e6:.2f}M trainable), "
                 f"pooling {args.pooling}, embedding size {vector_model(model).dim}")
 
-    train(args, model, datasets, context, output_dir, logger)
+    train(args, model, datasets, context, output_dir, logger, resume_from)
     training.barrier(context)
     if context.is_main:
         directory, val_loss = lowest_val_loss_checkpoint(output_dir)

@@ -168,8 +168,8 @@ def verify_checksums(directory):
 def save_training_state(directory, state):
     """Write the resume state (optimizer, scheduler, scaler, RNG, counters, args) into a checkpoint dir."""
     torch.save(state, Path(directory) / TRAINER_STATE_FILE)
-    summary = {key: state[key] for key in ("global_step", "epoch", "step_in_epoch", "best_metric", "run_id")
-               if key in state}
+    summary = {key: state[key] for key in ("global_step", "epoch", "step_in_epoch", "best_metric", "run_id",
+                                           "options", "inputs") if key in state}
     summary.update(state.get("summary", {}))
     (Path(directory) / TRAINER_SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
 
@@ -191,40 +191,46 @@ def describe_inputs(args):
             if getattr(args, name, None) and Path(getattr(args, name)).is_file()}
 
 
+def resume_options(args):
+    """The data-shaping options of a run, as JSON values (see RESUME_SENSITIVE_OPTIONS)."""
+    values = json.loads(json.dumps(vars(args), default=str))
+    return {name: values[name] for name in RESUME_SENSITIVE_OPTIONS if name in values}
+
+
 def describe_run(args):
-    """What a checkpoint records of its run: run id, effective options and input digests."""
-    return {"run_id": getattr(args, "run_id", None), "inputs": getattr(args, "input_digests", {}),
-            "args": json.loads(json.dumps(vars(args), default=str))}
+    """What a checkpoint records of its run: run id, data-shaping options, input digests, all options."""
+    return {"run_id": getattr(args, "run_id", None), "options": resume_options(args),
+            "inputs": getattr(args, "input_digests", {}), "args": json.loads(json.dumps(vars(args), default=str))}
 
 
-def resume_differences(state, args):
+def resume_differences(summary, args):
     """The data-shaping options and input files that differ between a checkpoint's run and this one."""
-    saved = state.get("args", {})
-    current = json.loads(json.dumps(vars(args), default=str))
+    saved, current = summary.get("options", {}), resume_options(args)
     differences = [f"--{name.replace('_', '-')} {saved[name]!r} -> {current[name]!r}"
-                   for name in RESUME_SENSITIVE_OPTIONS
-                   if name in saved and name in current and saved[name] != current[name]]
-    saved_inputs, current_inputs = state.get("inputs", {}), describe_inputs(args)
+                   for name in saved if name in current and saved[name] != current[name]]
+    saved_inputs, current_inputs = summary.get("inputs", {}), describe_inputs(args)
     differences += [f"--{name.replace('_', '-')} content changed" for name in saved_inputs
                     if name in current_inputs and saved_inputs[name] != current_inputs[name]]
     return differences
 
 
-def restore_training_state(checkpoint_dir, model, optimizer, scheduler, scaler, early_stopping, args):
-    """Verify a checkpoint, then load its weights into ``model`` and its optimizer, scheduler, scaler,
-    early-stopping and RNG states; return the state dict for the loop's position (and script extras).
-
-    Without ``--resume-force`` a checkpoint that fails its checksums, or that was made with other
-    data-shaping options, is refused with the list of differences.
-    """
-    force = getattr(args, "resume_force", False)
-    if not force:
-        verify_checksums(checkpoint_dir)
-    state = load_training_state(checkpoint_dir)
-    differences = resume_differences(state, args)
-    if differences and not force:
+def check_resume(checkpoint_dir, args):
+    """Before anything is written: refuse a checkpoint that fails its checksums, or that was made
+    with other data-shaping options or data (listing them), unless ``--resume-force``."""
+    if checkpoint_dir is None or getattr(args, "resume_force", False):
+        return
+    verify_checksums(checkpoint_dir)
+    differences = resume_differences(checkpoint_summary(checkpoint_dir) or {}, args)
+    if differences:
         raise UserError(f"--resume {checkpoint_dir}: this run's options differ from the checkpoint's: "
                         f"{'; '.join(differences)} (--resume-force accepts them, without the exact-resume guarantee)")
+
+
+def restore_training_state(checkpoint_dir, model, optimizer, scheduler, scaler, early_stopping):
+    """Load a checkpoint's weights into ``model`` and its optimizer, scheduler, scaler, early-stopping
+    and RNG states; return the state dict for the loop's position (and script extras).
+    ``check_resume`` has vetted the checkpoint before the run wrote anything."""
+    state = load_training_state(checkpoint_dir)
     modeldir.load_weights(model, checkpoint_dir)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -231,6 +231,8 @@ def parse_with_config(parser, argv, section_aliases, value_converters=None):
 def convert_config_value(action, value, where):
     """Check a YAML value with the same type and choices as its flag (set_defaults would skip them)."""
     if action.dest == "labels" and isinstance(value, list):
+        if not all(isinstance(name, (str, int)) and not isinstance(name, bool) for name in value):
+            raise UserError(f"{where}: expected a list of label names")  # never str() a nested (alias-bomb) list
         value = ",".join(str(name) for name in value)
     if action.nargs == 0:  # store_true / store_const flags take a YAML boolean
         if not isinstance(value, bool):

@@ -1,4 +1,5 @@
 """User-facing errors: one clear line and exit code 2, never a traceback."""
+import errno
 import functools
 import sys
 
@@ -12,6 +13,8 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+# A full disk, a file-size limit or a quota: the user's to fix even when the OS names no file.
+DISK_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 def report_user_errors(main):
@@ -31,10 +34,11 @@ def report_user_errors(main):
             print(f"error: {error}", file=sys.stderr)
             return EXIT_USER_ERROR
         except OSError as error:
-            if error.filename is None:  # not about a path the user gave: a real bug, keep the traceback
+            if error.filename is None and error.errno not in DISK_ERRORS:  # a real bug: keep the traceback
                 raise
             _close_progress_bars()
-            print(f"error: {error.filename}: {error.strerror or error}", file=sys.stderr)
+            where = f"{error.filename}: " if error.filename is not None else "while writing: "
+            print(f"error: {where}{error.strerror or error}", file=sys.stderr)
             return EXIT_USER_ERROR
 
     return wrapper

@@ -70,9 +70,10 @@ def prepare_run_dir(path, flag, script, inputs=(), overwrite=False, resume=None)
         if resume is not None and (has_checkpoints or resume != "latest"):
             return _writable(directory, flag), record["run_id"]
         if has_results and not overwrite:
+            options = "--resume to continue it, " if has_checkpoints else ""
             raise UserError(f"{flag} {path}: holds the results of an earlier run ({record.get('script')}, "
-                            f"started {record.get('started')}) and no checkpoint to resume from; pass "
-                            "--overwrite-output-dir to replace them, or choose a new directory")
+                            f"started {record.get('started')}); pass {options}--overwrite-output-dir to replace "
+                            "them, or choose a new directory")
         remove_run_outputs(directory)  # an earlier run's start-up files, or results the user lets go
     return start_run(_writable(directory, flag), script)
 

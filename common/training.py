@@ -24,12 +24,11 @@ from common.errors import UserError
 # ---------------------------------------------------------------- device and precision
 
 def resolve_device(name, local_rank=0):
-    """'auto' -> cuda:local_rank when available, else cpu."""
+    """'auto' -> cuda:local_rank when available, else cpu; a device this machine lacks is a UserError."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
+    from common.inference import resolve_device as check_device_exists  # one check for every script
+    return torch.device(check_device_exists(name))
 
 
 def cpu_has_native_bf16():

@@ -112,3 +112,19 @@ def assert_one_error_line(stderr, *fragments):
     for fragment in fragments:
         assert fragment in error_lines[0], (fragment, error_lines[0])
     return error_lines[0]
+
+
+def tiny_run_argv(script, tmp_path, tiny_model_dir, output_dir):
+    """Arguments for a tiny CPU run of each trainer (2 steps, a checkpoint every step)."""
+    if script == "train_vector":
+        pairs = [{"query": "good movie", "document": "a great film", "rel": 1.0},
+                 {"query": "music", "document": "stock price", "rel": 0.0}] * 2
+        data = ["--train-path", write_jsonl(tmp_path / "pairs.jsonl", pairs), "--val-path", tmp_path / "pairs.jsonl"]
+    else:
+        data = ["--data-path", write_jsonl(tmp_path / "d.jsonl", make_text_records(4)), "--val-path",
+                tmp_path / "d.jsonl"]
+    argv = [*data, "--model-name", tiny_model_dir, "--output-dir", output_dir, "--precision", "fp32", "--device",
+            "cpu", "--batch-size", "4", "--max-steps", "2", "--save-steps", "1", "--save-total-limit", "0"]
+    if script == "train_longdoc":
+        argv += ["--max-length", "16", "--stride", "4"]
+    return [str(argument) for argument in argv]

@@ -10,26 +10,10 @@ import torch
 import transformers
 
 from common import checkpoints
-from conftest import make_text_records, write_jsonl
+from conftest import make_text_records, tiny_run_argv, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINERS = ("train_classifier", "train_vector", "train_longdoc")
-
-
-def tiny_run_argv(script, tmp_path, tiny_model_dir, output_dir):
-    """Arguments for a tiny CPU run of each trainer (2 steps, a checkpoint every step)."""
-    if script == "train_vector":
-        pairs = [{"query": "good movie", "document": "a great film", "rel": 1.0},
-                 {"query": "music", "document": "stock price", "rel": 0.0}] * 2
-        data = ["--train-path", write_jsonl(tmp_path / "pairs.jsonl", pairs), "--val-path", tmp_path / "pairs.jsonl"]
-    else:
-        data = ["--data-path", write_jsonl(tmp_path / "d.jsonl", make_text_records(4)), "--val-path",
-                tmp_path / "d.jsonl"]
-    argv = [*data, "--model-name", tiny_model_dir, "--output-dir", output_dir, "--precision", "fp32", "--device",
-            "cpu", "--batch-size", "4", "--max-steps", "2", "--save-steps", "1", "--save-total-limit", "0"]
-    if script == "train_longdoc":
-        argv += ["--max-length", "16", "--stride", "4"]
-    return [str(argument) for argument in argv]
 
 
 def import_trainer(script):
