@@ -602,8 +602,9 @@ def main(argv=None):
 
 def run_training(args, context):
     # ---- validate everything cheap before loading the model or tokenizing
-    output_dir, args.run_id = training.run_on_main(context, lambda: rundir.prepare_run_dir(
+    run_dir = training.run_on_main(context, lambda: rundir.prepare_run_dir(
         args.output_dir, "--output-dir", "train_longdoc.py", rundir.input_options(args), args.overwrite_output_dir, args.resume))
+    output_dir, args.run_id = run_dir.path, run_dir.run_id
     args.input_digests = checkpoints.describe_inputs(args)
     resume_from = checkpoints.find_resume_checkpoint(args.resume, output_dir, args.run_id)
     checkpoints.check_resume(resume_from, args)
@@ -621,12 +622,14 @@ def run_training(args, context):
     datasets, summaries = chunk_splits(splits, tokenizer, args, settings, clean, label_set)
     if context.is_main:
         print(format_summary(summaries))
-        write_effective_config(args, output_dir)
-        (output_dir / "dataset_summary.json").write_text(json.dumps(summaries, indent=2, ensure_ascii=False),
-                                                          encoding="utf-8")
 
     # ---- model
     model = build_model(args, len(label_set.names), tokenizer).to(args.device_obj)
+    if context.is_main:  # data and model are checked: only now may an earlier run's outputs go
+        run_dir.begin()
+        write_effective_config(args, output_dir)
+        (output_dir / "dataset_summary.json").write_text(json.dumps(summaries, indent=2, ensure_ascii=False),
+                                                          encoding="utf-8")
     toolkit = build_toolkit_block(args, model, normalize_spec, settings)
     if context.enabled:
         # ranks run different numbers of chunk micro-batches: no per-forward buffer broadcast

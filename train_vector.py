@@ -494,8 +494,9 @@ def describe_evaluation(row):
 
 def run_training(args, context):
     # ---- validate everything cheap before loading the model or tokenizing
-    output_dir, args.run_id = training.run_on_main(context, lambda: rundir.prepare_run_dir(
+    run_dir = training.run_on_main(context, lambda: rundir.prepare_run_dir(
         args.save_path, "--save-path", "train_vector.py", rundir.input_options(args), args.overwrite_output_dir, args.resume))
+    output_dir, args.run_id = run_dir.path, run_dir.run_id
     args.input_digests = checkpoints.describe_inputs(args)
     resume_from = checkpoints.find_resume_checkpoint(args.resume, output_dir, args.run_id)
     checkpoints.check_resume(resume_from, args)
@@ -521,7 +522,8 @@ def run_training(args, context):
     if context.is_main:
         print("dataset summary:")
     datasets = encode_splits(splits, tokenizer, model)
-    if context.is_main:
+    if context.is_main:  # data and model are checked: only now may an earlier run's outputs go
+        run_dir.begin()
         write_effective_config(args, output_dir)
     model = PairEncoder(model).to(args.device_obj)
     if context.enabled:

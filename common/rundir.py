@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.checkpoints import CHECKPOINT_PREFIX, recover_interrupted_writes
@@ -48,8 +49,28 @@ def read_run_record(directory):
     return record if isinstance(record, dict) and "run_id" in record else None
 
 
+@dataclass
+class RunDirectory:
+    """A directory claimed for a run. Nothing in it changes until ``begin()``, which is called once
+    the run's data and model have been checked: bad data never costs an earlier run's results."""
+    path: Path
+    run_id: str
+    script: str
+    replaces_earlier_outputs: bool = False
+
+    def begin(self):
+        """Remove what an earlier run left (when replacing it) and record this run in run.json."""
+        if self.replaces_earlier_outputs:
+            remove_run_outputs(self.path)
+        if read_run_record(self.path) is None or self.replaces_earlier_outputs:
+            record = {"run_id": self.run_id, "script": self.script,
+                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            (self.path / RUN_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        return self.path
+
+
 def prepare_run_dir(path, flag, script, inputs=(), overwrite=False, resume=None):
-    """Create or claim ``path`` for a run of ``script``; return (directory, run_id).
+    """Check that a run of ``script`` may write into ``path``; return its RunDirectory (not yet begun).
 
     ``inputs`` are the paths the run reads; one that lies where the run writes is refused.
     """
@@ -63,19 +84,20 @@ def prepare_run_dir(path, flag, script, inputs=(), overwrite=False, resume=None)
         foreign = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
         raise UserError(f"{flag} {path}: not empty and not written by this toolkit ({foreign}); "
                         "it may hold a model or data: choose a new directory")
-    if record is not None:
-        recover_interrupted_writes(directory)
-        has_results = any(matches(name, RESULT_PATTERNS) for name in entries)
-        has_checkpoints = any(name.startswith(CHECKPOINT_PREFIX) for name in entries)
-        if resume is not None and (has_checkpoints or resume != "latest"):
-            return _writable(directory, flag), record["run_id"]
-        if has_results and not overwrite:
-            options = "--resume to continue it, " if has_checkpoints else ""
-            raise UserError(f"{flag} {path}: holds the results of an earlier run ({record.get('script')}, "
-                            f"started {record.get('started')}); pass {options}--overwrite-output-dir to replace "
-                            "them, or choose a new directory")
-        remove_run_outputs(directory)  # an earlier run's start-up files, or results the user lets go
-    return start_run(_writable(directory, flag), script)
+    new_run = RunDirectory(_writable(directory, flag), uuid.uuid4().hex[:12], script, record is not None)
+    if record is None:
+        return new_run
+    recover_interrupted_writes(directory)
+    has_results = any(matches(name, RESULT_PATTERNS) for name in entries)
+    has_checkpoints = any(name.startswith(CHECKPOINT_PREFIX) for name in entries)
+    if resume is not None and (has_checkpoints or resume != "latest"):
+        return RunDirectory(directory, record["run_id"], script)
+    if has_results and not overwrite:
+        options = "--resume to continue it, " if has_checkpoints else ""
+        raise UserError(f"{flag} {path}: holds the results of an earlier run ({record.get('script')}, "
+                        f"started {record.get('started')}); pass {options}--overwrite-output-dir to replace "
+                        "them, or choose a new directory")
+    return new_run  # replaces an earlier run's start-up files, or results the user lets go
 
 
 INPUT_OPTIONS = ("data_path", "train_path", "val_path", "test_path", "config", "model_name", "model_path", "corpus")
@@ -89,11 +111,17 @@ def input_options(args):
 
 def refuse_inputs_in_outputs(directory, flag, inputs):
     """An input file that sits where the run writes (e.g. --data-path OUT/metrics.json) would be destroyed."""
-    resolved_dir = directory.resolve()
+    try:
+        resolved_dir = directory.resolve()
+    except (OSError, RuntimeError):
+        raise UserError(f"{flag} {directory}: a symbolic link loop") from None
     for name, value in inputs:
         if not value:
             continue
-        resolved = Path(value).resolve()
+        try:
+            resolved = Path(value).resolve()
+        except (OSError, RuntimeError):  # a symlink loop: the data reader names it
+            continue
         if resolved == resolved_dir:
             raise UserError(f"{flag} {directory} is the same directory as {name} {value}: "
                             "a run never writes into its inputs; choose another directory")
@@ -122,14 +150,6 @@ def _writable(directory, flag):
     return directory
 
 
-def start_run(directory, script):
-    """Write run.json with a new run id; return (directory, run_id)."""
-    run_id = uuid.uuid4().hex[:12]
-    record = {"run_id": run_id, "script": script, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    (directory / RUN_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
-    return directory, run_id
-
-
 def prepare_results_dir(path, flag, overwrite=False):
     """An output directory for an evaluation-only run: new, empty, or a toolkit directory.
 
@@ -142,7 +162,4 @@ def prepare_results_dir(path, flag, overwrite=False):
     if record is not None and (directory / "metrics.json").exists() and not overwrite:
         raise UserError(f"{flag} {path}: already holds metrics.json of an earlier run; pass "
                         "--overwrite-output-dir to replace it or choose a new directory")
-    directory = _writable(directory, flag)
-    if record is None:
-        start_run(directory, "evaluation")
-    return directory
+    return RunDirectory(_writable(directory, flag), uuid.uuid4().hex[:12], "evaluation").begin()

@@ -668,8 +668,6 @@ def test_no_traceback_from_the_real_process(name, tmp_path, model_dirs):
     assert_unchanged(before, snapshot(out, sentinel))
 
 
-@pytest.mark.xfail(strict=True, reason="train_classifier.run_training calls rundir.prepare_run_dir, which removes "
-                   "the earlier outputs, before load_splits reads the data")
 def test_a_bad_data_file_with_overwrite_output_dir_keeps_the_earlier_results(tmp_path, tiny_model_dir, capsys):
     """--overwrite-output-dir may replace an earlier run's results with a new run's, but a run
     that stops at a bad record must leave them as they were."""

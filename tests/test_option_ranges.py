@@ -1,0 +1,101 @@
+"""Every bad option value gets one line and exit code 2 before any model loads, on the command
+line and in a YAML config alike, in every trainer that has the option (common/cli.py's
+OPTION_RANGES is the one table they share)."""
+import pytest
+import torch
+
+from common import cli, modeldir
+from conftest import assert_one_error_line, tiny_run_argv
+
+TRAINERS = ("train_classifier", "train_vector", "train_longdoc")
+ANY = TRAINERS
+LABELLED = ("train_classifier", "train_longdoc")
+
+# (flag, value, trainers that have the flag)
+BAD_VALUES = [
+    ("--max-length", "1", ANY), ("--learning-rate", "nan", ANY), ("--learning-rate", "inf", ANY),
+    ("--learning-rate", "-1", ANY), ("--logging-steps", "0", ANY), ("--seed", "-1", ANY),
+    ("--seed", str(2 ** 70), ANY), ("--device", "tpu:7", ANY), ("--warmup-ratio", "nan", ANY),
+    ("--weight-decay", "nan", ANY), ("--max-nonfinite-steps", "0", ANY), ("--num-workers", "-1", ANY),
+    ("--eval-steps", "-1", ANY), ("--save-steps", "-1", ANY), ("--patience", "-1", ANY),
+    ("--save-total-limit", "-1", ANY), ("--extend-vocab", "-1", ANY), ("--batch-size", "0", ANY),
+    ("--gradient-accumulation-steps", "0", ANY), ("--max-grad-norm", "nan", ANY), ("--epochs", "1.5", ANY),
+    ("--dropout", "1.5", LABELLED), ("--dropout", "nan", LABELLED), ("--val-ratio", "nan", LABELLED),
+    ("--metric-for-best-model", "nope", LABELLED), ("--num-labels", "0", LABELLED),
+    ("--focal-gamma", "nan", ("train_classifier",)), ("--rdrop-alpha", "nan", ("train_classifier",)),
+    ("--adv-epsilon", "nan", ("train_classifier",)), ("--label-smoothing", "1", ("train_classifier",)),
+    ("--ema-decay", "1", ("train_classifier",)), ("--temperature", "nan", ("train_vector",)),
+    ("--temperature", "0", ("train_vector",)), ("--port", "70000", ("train_vector",)),
+    ("--chunk-batch-size", "0", ("train_longdoc",)),
+]
+CASES = [(script, flag, value) for flag, value, scripts in BAD_VALUES for script in scripts]
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """A bad option must be found before anything expensive: loading fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the options were checked")
+    monkeypatch.setattr(modeldir, "load_tokenizer", refuse)
+    monkeypatch.setattr(modeldir, "load_pretrained_backbone", refuse)
+
+
+def set_flag(argv, flag, value):
+    if flag in argv:
+        argv = list(argv)
+        argv[argv.index(flag) + 1] = value
+        return argv
+    return [*argv, flag, value]
+
+
+@pytest.mark.parametrize("script,flag,value", CASES, ids=[f"{s}{f}={v[:8]}" for s, f, v in CASES])
+def test_a_bad_value_is_one_line_before_loading(script, flag, value, tiny_model_dir, tmp_path, capsys,
+                                                no_model_loading):
+    argv = set_flag(tiny_run_argv(script, tmp_path, tiny_model_dir, tmp_path / "out"), flag, value)
+    capsys.readouterr()
+    assert __import__(script).main(argv) == 2
+    assert_one_error_line(capsys.readouterr().err, flag)
+    assert not (tmp_path / "out").exists()
+
+
+YAML_CASES = [
+    ("training:\n  epochs: 1.5\n", "training.epochs"),
+    ("training:\n  epochs: [1, 2]\n", "training.epochs"),
+    ("training:\n  learning_rate: .nan\n", "training.learning_rate"),
+    ("model:\n  dropout: 2\n", "model.dropout"),
+    ("early_stopping:\n  metric: nope\n", "early_stopping.metric"),
+    ("model:\n  freeze_backbone: maybe\n", "model.freeze_backbone"),
+    ("labels: [&a [x, x, x, x, x, x, x, x, x], &b [*a, *a, *a, *a, *a, *a, *a, *a, *a], "
+     "&c [*b, *b, *b, *b, *b, *b, *b, *b, *b], [*c, *c, *c, *c, *c, *c, *c, *c, *c]]\n", "labels"),
+]
+
+
+@pytest.mark.parametrize("text,key", YAML_CASES, ids=[key for _, key in YAML_CASES])
+def test_yaml_values_are_checked_like_flags(text, key, tiny_model_dir, tmp_path, capsys, no_model_loading):
+    import train_classifier
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    argv = tiny_run_argv("train_classifier", tmp_path, tiny_model_dir, tmp_path / "out") + ["--config", str(config)]
+    capsys.readouterr()
+    assert train_classifier.main(argv) == 2
+    assert_one_error_line(capsys.readouterr().err, str(config))
+
+
+@pytest.mark.parametrize("script", TRAINERS)
+def test_cuda_on_a_machine_without_it_is_one_line(script, tiny_model_dir, tmp_path, capsys, no_model_loading):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = set_flag(tiny_run_argv(script, tmp_path, tiny_model_dir, tmp_path / "out"), "--device", "cuda")
+    capsys.readouterr()
+    assert __import__(script).main(argv) == 2
+    assert_one_error_line(capsys.readouterr().err, "--device cuda", "CUDA is not available")
+
+
+def test_bounded_refuses_what_argparse_float_accepts():
+    learning_rate = cli.OPTION_RANGES["learning_rate"]
+    assert learning_rate("2e-5") == 2e-5
+    for text in ("nan", "inf", "-inf", "-1", "1e400"):
+        with pytest.raises(Exception, match="expected a number"):
+            learning_rate(text)
+    with pytest.raises(Exception, match="expected an integer"):
+        cli.OPTION_RANGES["epochs"]("1.5")
