@@ -24,7 +24,7 @@ BAD_VALUES = [
     ("--metric-for-best-model", "nope", LABELLED), ("--num-labels", "0", LABELLED),
     ("--focal-gamma", "nan", ("train_classifier",)), ("--rdrop-alpha", "nan", ("train_classifier",)),
     ("--adv-epsilon", "nan", ("train_classifier",)), ("--label-smoothing", "1", ("train_classifier",)),
-    ("--ema-decay", "1", ("train_classifier",)), ("--temperature", "nan", ("train_vector",)),
+    ("--ema-decay", "1.5", ("train_classifier",)), ("--temperature", "nan", ("train_vector",)),
     ("--temperature", "0", ("train_vector",)), ("--port", "70000", ("train_vector",)),
     ("--chunk-batch-size", "0", ("train_longdoc",)),
 ]
