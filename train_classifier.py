@@ -21,8 +21,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from common import checkpoints, data, modeldir, rundir, training
-from common.cli import (ArgumentParser, add_data_text_args, add_flag, add_runtime_args, apply_option_ranges,
-                        parse_bool, parse_with_config, write_effective_config)
+from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args, add_data_text_args, add_flag,
+                        add_optimization_args, add_runtime_args, apply_option_ranges, parse_bool, parse_with_config,
+                        resolve_default_warmup, write_effective_config)
 from common.errors import UserError, report_user_errors
 from common.heads import POOLINGS, SequenceClassifier
 from common.metrics import SELECTABLE_METRICS, classification_metrics, format_report, majority_baseline
@@ -41,12 +42,8 @@ CONFIG_CONVERTERS = {"fp16": lambda enabled: ("precision", "fp16") if enabled el
 
 def build_parser():
     parser = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    group = parser.add_argument_group("data")
-    parser.add_argument("--data-path", "--data_path", "--train-path", "--train_path", dest="data_path",
-                        help="training data: JSON array, JSONL, CSV/TSV, or a datasets save_to_disk directory")
-    add_flag(group, "val-path", help="validation data (default: a stratified split of --data-path)")
-    add_flag(group, "test-path", help="test data, evaluated with the best model at the end")
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = add_data_path_args(parser)
     add_flag(group, "val-ratio", type=float, default=0.1, help="validation share when --val-path is absent")
     add_flag(group, "group-field", help="record field (topic, month, source) to report metrics per group")
     add_data_text_args(parser)
@@ -62,25 +59,9 @@ def build_parser():
     add_flag(group, "freeze-backbone", action="store_true", help="train only the head (frozen feature extractor)")
     add_flag(group, "compile", action="store_true", help="torch.compile the model")
 
-    group = parser.add_argument_group("training")
-    add_flag(group, "epochs", aliases=("num-train-epochs",), type=int, default=10,
-             help="passes over the training data")
-    add_flag(group, "max-steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
-    add_flag(group, "batch-size", aliases=("per-device-train-batch-size",), type=int, default=32,
-             help="examples per forward pass (per process)")
-    add_flag(group, "eval-batch-size", type=int, default=64, help="examples per evaluation forward pass")
-    add_flag(group, "gradient-accumulation-steps", type=int, default=1, help="forward passes per optimizer step")
-    add_flag(group, "learning-rate", type=float, default=2e-5, help="peak AdamW learning rate")
-    add_flag(group, "weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/LayerNorm)")
-    add_flag(group, "adam-epsilon", type=float, default=1e-8, help="AdamW epsilon")
-    add_flag(group, "warmup-ratio", type=float, default=0.1, help="share of steps with linear warmup")
-    add_flag(group, "warmup-steps", type=int, default=None, help="warmup steps (overrides --warmup-ratio)")
-    add_flag(group, "scheduler", choices=["linear", "cosine"], default="linear", help="decay after warmup")
-    add_flag(group, "max-grad-norm", type=float, default=1.0, help="gradient clipping threshold (0: off)")
-    add_flag(group, "group-by-length", type=parse_bool, default=True,
-             help="batch similar lengths together (less padding); batch order stays random")
+    add_optimization_args(parser, epochs=10, batch_size=32, eval_batch_size=64)
 
-    group = parser.add_argument_group("techniques (see README)")
+    group = parser.add_argument_group("techniques (see docs/train_classifier.md)")
     add_flag(group, "loss", choices=["ce", "focal"], default="ce", help="cross-entropy or focal loss")
     add_flag(group, "focal-gamma", type=float, default=2.0, help="focal loss focusing parameter")
     add_flag(group, "class-weights", choices=["none", "balanced", "effective"], default="none",
@@ -98,28 +79,21 @@ def build_parser():
     add_flag(group, "calibrate", type=parse_bool, default=True,
              help="fit a temperature on the validation set and store it with the model")
 
-    group = parser.add_argument_group("evaluation, early stopping, checkpoints, logging")
-    add_flag(group, "eval-steps", type=int, default=0, help="evaluate every N steps (0: only at epoch ends)")
+    group = add_checkpoint_args(parser, logging_steps=100)
     add_flag(group, "metric-for-best-model", default="macro_f1", choices=SELECTABLE_METRICS,
              help="validation metric that picks the best model")
-    add_flag(group, "patience", type=int, default=3, help="evaluations without improvement before stopping (0: off)")
-    add_flag(group, "min-delta", type=float, default=0.001, help="smallest change that counts as improvement")
-    add_flag(group, "output-dir", default="./output", help="where checkpoints, metrics and logs go")
-    add_flag(group, "save-steps", type=int, default=500, help="write checkpoint-step-N every N steps (0: off)")
-    add_flag(group, "save-total-limit", type=int, default=3, help="step checkpoints to keep")
     add_flag(group, "save-strategy", choices=["steps", "no"], default="steps", help="'no' skips step checkpoints")
-    add_flag(group, "logging-steps", type=int, default=100, help="log loss, lr and throughput every N steps")
     add_flag(group, "eval-only", action="store_true", help="evaluate --model-path on --test-path, no training")
     add_flag(group, "model-path", help="model directory for --eval-only")
     add_flag(group, "wandb", action="store_true", help="log to Weights & Biases (needs the wandb package)")
     add_flag(group, "wandb-project", default="bert-classifier", help="W&B project name")
-    add_flag(group, "config", help="YAML config with model/training/optimizer/... sections; flags override it")
     add_runtime_args(parser)
     return apply_option_ranges(parser)
 
 
 def parse_args(argv=None):
     args = parse_with_config(build_parser(), argv, SECTION_ALIASES, CONFIG_CONVERTERS)
+    resolve_default_warmup(args, warmup_ratio=0.1)
     if args.freeze_backbone and args.extend_vocab > 0:  # the added rows would stay at their random start
         raise UserError("--freeze-backbone with --extend-vocab: the new tokens' embeddings would never be "
                         "trained; drop one of the two")

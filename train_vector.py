@@ -3,10 +3,10 @@
 Examples:
     python train_vector.py --mode train --train_path data/vec_train.json --val_path data/vec_valid.json \
         --model_name bert-base-uncased --max_length 512 --batch_size 16 --learning_rate 2e-5 \
-        --num_epochs 3 --save_steps 200 --save_path ./output/vector_model
-    python train_vector.py --mode evaluate --test_path data/vec_test.json --save_path ./output/vector_model \
+        --num_epochs 3 --save_steps 200 --output-dir ./output/vector_model
+    python train_vector.py --mode evaluate --test_path data/vec_test.json --output-dir ./output/vector_model \
         --select_best
-    python train_vector.py --mode deploy --save_path ./output/vector_model --host 0.0.0.0 --port 8000
+    python train_vector.py --mode deploy --output-dir ./output/vector_model --host 0.0.0.0 --port 8000
 
 Training pulls cos(query, document) towards rel with a weighted MSE (or CoSENT, or in-batch
 InfoNCE), writes checkpoint-step-N/ every --save_steps (each a model directory with its
@@ -26,8 +26,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from common import checkpoints, data, modeldir, ranking, rundir, training
-from common.cli import (ArgumentParser, add_data_text_args, add_flag, add_runtime_args, apply_option_ranges,
-                        parse_bool, parse_with_config, write_effective_config)
+from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args, add_data_text_args, add_flag,
+                        add_optimization_args, add_runtime_args, apply_option_ranges, parse_with_config,
+                        resolve_default_warmup, write_effective_config)
 from common.errors import UserError, report_user_errors
 from common.vector import (LOSSES, VECTOR_POOLINGS, BertVectorModel, PairCollator, PairEncoder, VectorService,
                            build_pair_dataset, compute_pair_loss, evaluate_pairs, load_pairs, read_json_if_exists)
@@ -36,7 +37,7 @@ __all__ = ["BertVectorModel", "main"]
 
 # config-file keys whose flag has another name (see configs/vector.yaml)
 SECTION_ALIASES = {
-    ("model", "name"): "model_name", ("training", "epochs"): "num_epochs", ("output", "dir"): "save_path",
+    ("model", "name"): "model_name", ("output", "dir"): "output_dir",
     ("scheduler", "type"): "scheduler", ("scheduler", "num_warmup_steps"): "warmup_steps",
     ("logging", "steps"): "logging_steps",
 }
@@ -49,15 +50,9 @@ NOT_APPLICABLE = ("labels", "text_field", "label_field")  # shared data flags th
 
 def build_parser():
     parser = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_flag(parser, "mode", choices=["train", "evaluate", "deploy"], default="train", help="what to do")
-    add_flag(parser, "config", help="YAML config with model/training/... sections; flags override it")
-
-    group = parser.add_argument_group("data")
-    add_flag(group, "train-path", aliases=("data-path",), default="data/vec_train.json",
-             help="training pairs {query, document, rel, weight}: JSON, JSONL, CSV/TSV or save_to_disk dir")
-    add_flag(group, "val-path", default="data/vec_valid.json", help="validation pairs (early stopping, checkpoints)")
-    add_flag(group, "test-path", default="data/vec_test.json", help="test pairs for --mode evaluate")
+    add_data_path_args(parser, what="pairs {query, document, rel, weight}")
     add_data_text_args(parser)
 
     group = parser.add_argument_group("model")
@@ -68,47 +63,24 @@ def build_parser():
     add_flag(group, "pooling", choices=VECTOR_POOLINGS, default="cls", help="CLS vector or mean of token vectors")
     add_flag(group, "projection-dim", type=int, default=0, help="linear projection to this size (0: none)")
 
-    group = parser.add_argument_group("training")
-    group.add_argument("--num-epochs", "--num_epochs", "--epochs", dest="num_epochs", type=int, default=3,
-                        help="passes over the training data")
-    add_flag(group, "max-steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
-    add_flag(group, "batch-size", type=int, default=16, help="pairs per forward pass (per process)")
-    add_flag(group, "eval-batch-size", type=int, default=64, help="pairs or texts per evaluation forward pass")
-    add_flag(group, "gradient-accumulation-steps", type=int, default=1, help="forward passes per optimizer step")
-    add_flag(group, "learning-rate", type=float, default=2e-5, help="peak AdamW learning rate")
-    add_flag(group, "weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/LayerNorm)")
-    add_flag(group, "adam-epsilon", type=float, default=1e-8, help="AdamW epsilon")
-    add_flag(group, "warmup-steps", type=int, default=100, help="linear warmup steps (-1: use --warmup-ratio)")
-    add_flag(group, "warmup-ratio", type=float, default=0.0, help="warmup share of all steps when --warmup-steps is -1")
-    add_flag(group, "scheduler", choices=["linear", "cosine"], default="linear", help="decay after warmup")
-    add_flag(group, "max-grad-norm", type=float, default=1.0, help="gradient clipping threshold (0: off)")
+    group = add_optimization_args(parser, epochs=3, batch_size=16, eval_batch_size=64)
     add_flag(group, "loss", choices=LOSSES, default=None,
              help="mse: weighted MSE of cosine vs rel (default); cosent: rank pairs by rel; "
                   "infonce: in-batch negatives, for positive pairs only")
     add_flag(group, "temperature", type=float, default=0.05, help="InfoNCE softmax temperature")
-    add_flag(group, "group-by-length", type=parse_bool, default=True,
-             help="batch similar lengths together (less padding); batch order stays random")
 
-    group = parser.add_argument_group("evaluation, early stopping, checkpoints, logging")
-    add_flag(group, "eval-steps", type=int, default=0,
-             help="validation loss every N steps (0: every --save-steps, and at epoch ends)")
-    add_flag(group, "patience", type=int, default=3, help="evaluations without improvement before stopping (0: off)")
-    add_flag(group, "min-delta", type=float, default=0.0, help="smallest validation-loss drop that counts")
-    group.add_argument("--save-path", "--save_path", "--output-dir", "--output_dir", dest="save_path",
-                        default="./output/vector_model", help="where checkpoints, logs and metrics go")
-    add_flag(group, "save-steps", type=int, default=200, help="write checkpoint-step-N every N steps (0: only at the end)")
-    add_flag(group, "save-total-limit", type=int, default=0, help="step checkpoints to keep (0: all)")
-    add_flag(group, "logging-steps", type=int, default=50, help="log loss and learning rate every N steps")
+    group = add_checkpoint_args(parser, output_dir="./output/vector_model", eval_steps=200, save_steps=200,
+                                save_total_limit=0, min_delta=0.0)
     add_flag(group, "k", type=ranking.parse_ks, default=ranking.DEFAULT_KS, help="cut-offs for ranking metrics")
     add_flag(group, "relevance-threshold", type=float, default=0.0,
              help="rel above this counts as relevant for binary NDCG, MRR, MAP and Recall")
     add_flag(group, "select-best", action="store_true",
-             help="evaluate every checkpoint under --save-path and record the lowest validation loss one")
-    add_flag(group, "checkpoint-dir", help="evaluate this checkpoint (or any model directory)")
-    add_flag(group, "metrics-path", help="where --mode evaluate writes its JSON (default: in --save-path)")
+             help="evaluate every checkpoint under --output-dir and record the lowest validation loss one")
+    add_flag(group, "model-path", aliases=("checkpoint-dir", "model-dir"),
+             help="model directory to evaluate or serve (default: the best checkpoint under --output-dir)")
+    add_flag(group, "metrics-path", help="where --mode evaluate writes its JSON (default: in --output-dir)")
 
     group = parser.add_argument_group("deploy (HTTP server)")
-    add_flag(group, "model-dir", help="model directory to serve (default: the best checkpoint under --save-path)")
     add_flag(group, "host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     add_flag(group, "port", type=int, default=8000, help="port to listen on")
     add_flag(group, "corpus", help="JSONL of {id, text} encoded at start-up for POST /search")
@@ -130,8 +102,11 @@ def parse_args(argv=None):
         if getattr(args, name, None):
             raise UserError(f"--{name.replace('_', '-')} does not apply to train_vector.py "
                             "(records are {query, document, rel, weight})")
-    if args.warmup_steps is not None and args.warmup_steps < 0:
-        args.warmup_steps = None  # resolve_warmup_steps then uses --warmup-ratio
+    resolve_default_warmup(args, warmup_steps=100)
+    required = {"train": ("data_path", "val_path"), "evaluate": ("test_path",), "deploy": ()}[args.mode]
+    for name in required:
+        if not getattr(args, name):
+            raise UserError(f"--mode {args.mode} needs --{name.replace('_', '-')}")
     return args
 
 
@@ -139,7 +114,7 @@ def parse_args(argv=None):
 
 def load_splits(args, names):
     """Read and validate the named splits ('train', 'val', 'test') before anything expensive."""
-    paths = {"train": (args.train_path, args.data_split, ("train",)),
+    paths = {"train": (args.data_path, args.data_split, ("train",)),
              "val": (args.val_path, None, VALIDATION_SPLITS), "test": (args.test_path, None, ("test",))}
     rel_default = 1.0 if args.loss == "infonce" else None  # InfoNCE users may have positives only
     splits = {}
@@ -235,7 +210,7 @@ def save_model(directory, model, args, summary=None):
 
 
 def publish_model(source_dir, save_path):
-    """Put the best model's files at the top of --save_path, where the seed's usage snippet loads them.
+    """Put the best model's files at the top of --output-dir, where the seed's usage snippet loads them.
 
     Hard links where the file system allows (no second copy of the weights), each file replaced
     atomically, so a reader never sees a half-written model.
@@ -296,7 +271,7 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
     train_loader = build_train_loader(datasets["train"], args, context)
     val_loader = build_eval_loader(datasets["val"], args, context)
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * args.num_epochs
+    total_steps = steps_per_epoch * args.epochs
     if args.max_steps > 0:
         total_steps = min(total_steps, args.max_steps)
     eval_steps = args.eval_steps or args.save_steps
@@ -319,7 +294,7 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
 
     effective_batch = args.batch_size * args.gradient_accumulation_steps * context.world_size
     logger.info(f"***** training *****\n  pairs: {len(datasets['train'])}  validation: {len(datasets['val'])}\n"
-                f"  epochs: {args.num_epochs}  effective batch size: {effective_batch}  total steps: {total_steps}\n"
+                f"  epochs: {args.epochs}  effective batch size: {effective_batch}  total steps: {total_steps}\n"
                 f"  loss: {args.loss}  precision: {precision.name}  device: {device}  processes: {context.world_size}")
 
     def checkpoint_state(epoch, batches_done, val_loss):
@@ -355,7 +330,7 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
     progress = tqdm(total=total_steps, initial=global_step, disable=not context.is_main, desc="train")
     stop = global_step >= total_steps or early_stopping.should_stop
     epoch, batches_done, saved_step = start_epoch, skip_batches, None
-    for epoch in range(start_epoch, args.num_epochs):
+    for epoch in range(start_epoch, args.epochs):
         if stop:
             break
         train_loader.batch_sampler.set_epoch(epoch, skip_batches if epoch == start_epoch else 0)
@@ -481,7 +456,7 @@ def resolve_best_model_dir(save_path):
         return save_path / "checkpoint-best"
     if (save_path / modeldir.CONFIG_FILE).is_file():
         return save_path
-    raise UserError(f"--save-path {save_path}: no checkpoint found (train first, or pass --model-dir)")
+    raise UserError(f"--output-dir {save_path}: no checkpoint found (train first, or pass --model-dir)")
 
 
 # ---------------------------------------------------------------- logging
@@ -495,7 +470,7 @@ def describe_evaluation(row):
 def run_training(args, context):
     # ---- validate everything cheap before loading the model or tokenizing
     run_dir = training.run_on_main(context, lambda: rundir.prepare_run_dir(
-        args.save_path, "--save-path", "train_vector.py", rundir.input_options(args), args.overwrite_output_dir, args.resume))
+        args.output_dir, "--output-dir", "train_vector.py", rundir.input_options(args), args.overwrite_output_dir, args.resume))
     output_dir, args.run_id = run_dir.path, run_dir.run_id
     args.input_digests = checkpoints.describe_inputs(args)
     resume_from = checkpoints.find_resume_checkpoint(args.resume, output_dir, args.run_id)
@@ -583,7 +558,7 @@ def run_evaluation_mode(args):
     if args.select_best:
         return select_best(args, test_pairs)
     destination = metrics_destination(args, "eval_metrics.json")
-    directory = args.checkpoint_dir or args.model_dir or resolve_best_model_dir(args.save_path)
+    directory = args.model_path or resolve_best_model_dir(args.output_dir)
     if not Path(directory).is_dir():
         raise UserError(f"--checkpoint-dir {directory}: not a directory")
     metrics = evaluate_checkpoint(directory, test_pairs, args)
@@ -596,14 +571,14 @@ def run_evaluation_mode(args):
 
 def select_best(args, test_pairs):
     """Evaluate every checkpoint; record the lowest validation loss one in best_checkpoint.json."""
-    save_path = Path(args.save_path)
+    save_path = Path(args.output_dir)
     if not save_path.is_dir():
-        raise UserError(f"--save-path {save_path}: not a directory")
+        raise UserError(f"--output-dir {save_path}: not a directory")
     metrics_destination(args, "eval_results.json")  # refuse a foreign directory before evaluating
     checkpoints.recover_interrupted_writes(save_path)
     candidates = checkpoints.list_checkpoints(save_path, run_id_of(save_path))
     if not candidates:
-        raise UserError(f"--save-path {save_path}: no checkpoint-step-N directories to select from")
+        raise UserError(f"--output-dir {save_path}: no checkpoint-step-N directories to select from")
     if checkpoint_val_loss(save_path / "checkpoint-best") is not None:
         candidates.append(save_path / "checkpoint-best")  # it outlives --save_total_limit rotation
     rows = []
@@ -612,7 +587,7 @@ def select_best(args, test_pairs):
     print(format_table(rows, args.k))
     best_dir, best_val_loss = lowest_val_loss_checkpoint(save_path)
     if best_dir is None:
-        raise UserError(f"--save-path {save_path}: no checkpoint records a validation loss")
+        raise UserError(f"--output-dir {save_path}: no checkpoint records a validation loss")
     best_metrics = next(metrics for name, _, metrics in rows if name == best_dir.name)
     path = write_best_record(save_path, best_dir, best_val_loss, "lowest validation loss (--select_best)",
                              {"test": best_metrics})
@@ -629,10 +604,10 @@ def metrics_destination(args, default_name):
     (never write results into a base model's or someone else's directory)."""
     if args.metrics_path:
         return Path(args.metrics_path)
-    if rundir.read_run_record(args.save_path) is None:
-        raise UserError(f"--save-path {args.save_path}: not a training run of this toolkit (no {rundir.RUN_FILE}); "
+    if rundir.read_run_record(args.output_dir) is None:
+        raise UserError(f"--output-dir {args.output_dir}: not a training run of this toolkit (no {rundir.RUN_FILE}); "
                         "pass --metrics-path to choose where the metrics go")
-    return Path(args.save_path) / default_name
+    return Path(args.output_dir) / default_name
 
 
 def write_metrics(path, metrics):
@@ -646,7 +621,7 @@ def write_metrics(path, metrics):
 
 def run_deploy(args):
     from common import server
-    directory = args.model_dir or resolve_best_model_dir(args.save_path)
+    directory = args.model_path or resolve_best_model_dir(args.output_dir)
     corpus_entries = server.load_corpus_records(args.corpus, args.skip_invalid) if args.corpus else None
     service = VectorService.from_directory(directory, args.device_obj, args.eval_batch_size)
     print(f"serving {directory} (embedding size {service.model.dim})", file=sys.stderr)

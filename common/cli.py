@@ -68,7 +68,7 @@ OPTION_RANGES = {
     "chunk_batch_size": bounded(int, minimum=1), "gradient_accumulation_steps": bounded(int, minimum=1),
     "learning_rate": bounded(float, minimum=0.0, maximum=10.0), "weight_decay": bounded(float, minimum=0.0),
     "adam_epsilon": bounded(float, above=0.0), "warmup_ratio": probability(strict_upper=False),
-    "warmup_steps": bounded(int, minimum=-1), "max_grad_norm": bounded(float, minimum=0.0),
+    "warmup_steps": bounded(int, minimum=0), "max_grad_norm": bounded(float, minimum=0.0),
     "val_ratio": bounded(float, above=0.0, below=1.0), "dropout": probability(),
     "focal_gamma": bounded(float, minimum=0.0), "class_weights_beta": bounded(float, above=0.0, below=1.0),
     "label_smoothing": probability(), "rdrop_alpha": bounded(float, minimum=0.0),
@@ -132,6 +132,71 @@ def parse_label_list(value):
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"--labels has duplicate names: {value}")
     return names
+
+
+def add_data_path_args(parser, what="examples"):
+    """Where the data is: the same three flags in every trainer (``--train-path`` is an alias)."""
+    group = parser.add_argument_group("data")
+    add_flag(group, "data-path", aliases=("train-path",),
+             help=f"training {what}: JSON array, JSONL, CSV/TSV, or a datasets save_to_disk directory")
+    add_flag(group, "val-path", help=f"validation {what}")
+    add_flag(group, "test-path", help=f"test {what}, evaluated with the best model at the end")
+    return group
+
+
+def add_optimization_args(parser, **defaults):
+    """Epochs, batch sizes, AdamW, warmup, schedule and clipping: the same flags in every trainer.
+
+    ``defaults`` are the script's own (a long-document batch is smaller than a sentence batch).
+    ``--warmup-steps`` and ``--warmup-ratio`` exclude each other; each script says which applies
+    when neither is given (``resolve_default_warmup``).
+    """
+    group = parser.add_argument_group("training")
+    add_flag(group, "epochs", aliases=("num-train-epochs", "num-epochs"), type=int, default=3,
+             help="passes over the training data")
+    add_flag(group, "max-steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
+    add_flag(group, "batch-size", aliases=("per-device-train-batch-size",), type=int, default=32,
+             help="examples per forward pass (per process)")
+    add_flag(group, "eval-batch-size", type=int, default=64, help="examples per evaluation forward pass")
+    add_flag(group, "gradient-accumulation-steps", type=int, default=1, help="forward passes per optimizer step")
+    add_flag(group, "learning-rate", type=float, default=2e-5, help="peak AdamW learning rate")
+    add_flag(group, "weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/LayerNorm)")
+    add_flag(group, "adam-epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    warmup = group.add_mutually_exclusive_group()
+    add_flag(warmup, "warmup-ratio", type=float, default=None, help="share of all steps with linear warmup")
+    add_flag(warmup, "warmup-steps", aliases=("num-warmup-steps",), type=int, default=None,
+             help="linear warmup steps (instead of --warmup-ratio)")
+    add_flag(group, "scheduler", choices=["linear", "cosine"], default="linear", help="decay after warmup")
+    add_flag(group, "max-grad-norm", type=float, default=1.0, help="gradient clipping threshold (0: off)")
+    add_flag(group, "group-by-length", type=parse_bool, default=True,
+             help="batch similar lengths together (less padding); batch order stays random")
+    parser.set_defaults(**defaults)
+    return group
+
+
+def resolve_default_warmup(args, warmup_ratio=None, warmup_steps=None):
+    """Apply the script's default warmup when neither flag nor config set one; refuse both at once."""
+    if args.warmup_ratio is not None and args.warmup_steps is not None:
+        raise UserError("--warmup-steps and --warmup-ratio both set (one may come from --config): give one")
+    if args.warmup_ratio is None and args.warmup_steps is None:
+        args.warmup_ratio, args.warmup_steps = warmup_ratio, warmup_steps
+
+
+def add_checkpoint_args(parser, **defaults):
+    """Output directory, evaluation and early stopping, checkpoints, logging, config: shared by the trainers."""
+    group = parser.add_argument_group("evaluation, early stopping, checkpoints, logging")
+    add_flag(group, "output-dir", aliases=("save-path",), default="./output",
+             help="where checkpoints, metrics and logs go: a new or empty directory, or this toolkit's own "
+                  "earlier run (with --resume or --overwrite-output-dir)")
+    add_flag(group, "eval-steps", type=int, default=0, help="evaluate every N steps (0: only at epoch ends)")
+    add_flag(group, "patience", type=int, default=3, help="evaluations without improvement before stopping (0: off)")
+    add_flag(group, "min-delta", type=float, default=0.001, help="smallest change that counts as improvement")
+    add_flag(group, "save-steps", type=int, default=500, help="write checkpoint-step-N every N steps (0: off)")
+    add_flag(group, "save-total-limit", type=int, default=3, help="step checkpoints to keep (0: all)")
+    add_flag(group, "logging-steps", type=int, default=50, help="log loss, learning rate and throughput every N steps")
+    add_flag(group, "config", help="YAML config with model/training/... sections; flags override it")
+    parser.set_defaults(**defaults)
+    return group
 
 
 def add_data_text_args(parser):

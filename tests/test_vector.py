@@ -69,30 +69,31 @@ SEED_COMMANDS = [
 def test_the_seed_commands_parse_as_written():
     train, select, single, deploy = (train_vector.parse_args(command.split()) for command in SEED_COMMANDS)
     assert (train.mode, train.model_name, train.max_length, train.batch_size, train.learning_rate,
-            train.num_epochs, train.save_steps, train.save_path) == (
+            train.epochs, train.save_steps, train.output_dir) == (
         "train", "bert-base-uncased", 512, 16, 2e-5, 3, 200, "./output/vector_model")
     assert train.warmup_steps == 100 and train.loss is None and train.pooling == "cls"  # seed defaults
     assert select.select_best and select.test_path.endswith("vec_test.json")
-    assert single.checkpoint_dir.endswith("checkpoint-step-2000")
+    assert single.model_path.endswith("checkpoint-step-2000")
     assert (deploy.host, deploy.port) == ("0.0.0.0", 8000)
-    assert train_vector.parse_args([]).host == "127.0.0.1"
+    assert train_vector.parse_args(["--mode", "deploy"]).host == "127.0.0.1"
 
 
 def test_hyphenated_spellings_and_extra_flags():
-    args = train_vector.parse_args(["--train-path", "a.jsonl", "--query-max-length", "32", "--doc-max-length", "256",
+    args = train_vector.parse_args(["--train-path", "a.jsonl", "--val-path", "v.jsonl", "--query-max-length", "32", "--doc-max-length", "256",
                                     "--loss", "infonce", "--temperature", "0.1", "--projection-dim", "64",
                                     "--pooling", "mean", "--k", "1,10", "--skip-invalid", "--output-dir", "out"])
-    assert (args.train_path, args.query_max_length, args.doc_max_length, args.loss, args.temperature,
-            args.projection_dim, args.pooling, args.k, args.skip_invalid, args.save_path) == (
+    assert (args.data_path, args.query_max_length, args.doc_max_length, args.loss, args.temperature,
+            args.projection_dim, args.pooling, args.k, args.skip_invalid, args.output_dir) == (
         "a.jsonl", 32, 256, "infonce", 0.1, 64, "mean", (1, 10), True, "out")
 
 
 def test_config_file_values_and_flag_override(tmp_path):
     config = tmp_path / "vector.yaml"
     config.write_text("model:\n  name: some/model\n  pooling: mean\ntraining:\n  epochs: 7\n  batch_size: 4\n")
-    args = train_vector.parse_args(["--config", str(config), "--batch_size", "2"])
-    assert (args.model_name, args.pooling, args.num_epochs, args.batch_size) == ("some/model", "mean", 7, 2)
-    assert train_vector.parse_args(["--config", str(REPO / "configs" / "vector.yaml")]).mode == "train"
+    args = train_vector.parse_args(["--config", str(config), "--batch_size", "2", "--mode", "deploy"])
+    assert (args.model_name, args.pooling, args.epochs, args.batch_size) == ("some/model", "mean", 7, 2)
+    assert train_vector.parse_args(["--config", str(REPO / "configs" / "vector.yaml"), "--mode", "deploy"]).mode \
+        == "deploy"
 
 
 # ---------------------------------------------------------------- model API
@@ -181,8 +182,11 @@ def test_skip_invalid_drops_bad_records(tmp_path):
 
 
 def test_missing_files_and_wrong_flags_are_user_errors(tmp_path, capsys):
-    assert train_vector.main(["--train_path", str(tmp_path / "none.json"), "--save_path", str(tmp_path)]) == 2
+    assert train_vector.main(["--train_path", str(tmp_path / "none.json"), "--val_path", str(tmp_path / "none.json"),
+                              "--save_path", str(tmp_path / "out")]) == 2
     assert "none.json: file not found" in capsys.readouterr().err
+    assert train_vector.main(["--train_path", str(tmp_path / "none.json")]) == 2
+    assert "--mode train needs --val-path" in capsys.readouterr().err
     assert train_vector.main(["--labels", "a,b"]) == 2
     assert "does not apply" in capsys.readouterr().err
     assert train_vector.main(["--mode", "deploy", "--save_path", str(tmp_path / "empty")]) == 2
@@ -353,7 +357,8 @@ def test_evaluation_loss_matches_the_validation_loop(tiny_model_dir, pair_data):
     from common.vector import PairEncoder, build_pair_dataset, evaluate_pairs
     model = BertVectorModel.from_backbone(str(tiny_model_dir), pooling="mean", max_length=32).eval()
     pairs = load_pairs(pair_data["test"])
-    args = train_vector.parse_args(["--eval_batch_size", "8", "--loss", "cosent", "--device", "cpu"])
+    args = train_vector.parse_args(["--mode", "evaluate", "--test-path", str(pair_data["test"]), "--eval_batch_size", "8",
+                                    "--loss", "cosent", "--device", "cpu"])
     args.device_obj, args.precision_obj = torch.device("cpu"), training.resolve_precision("fp32", torch.device("cpu"))
     args.pad_token_id = model.tokenizer.pad_token_id
     dataset = build_pair_dataset(model.tokenizer, pairs, 32, 32, model.preprocessing)
