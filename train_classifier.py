@@ -20,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from common import checkpoints, data, modeldir, rundir, training
+from common import checkpoints, data, distributed, modeldir, optimization, rundir, training
 from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args, add_data_text_args, add_flag,
                         add_optimization_args, add_runtime_args, apply_option_ranges, parse_bool, parse_with_config,
                         resolve_default_warmup, write_effective_config)
@@ -203,7 +203,7 @@ def build_toolkit_block(args, model, normalize_spec, record_format, temperature=
 
 def save_model(directory, model, tokenizer, toolkit, label_set, args):
     def write(tmp_dir):
-        modeldir.write_model_directory(tmp_dir, training.unwrap(model), tokenizer, toolkit, label_set.id2label)
+        modeldir.write_model_directory(tmp_dir, distributed.unwrap(model), tokenizer, toolkit, label_set.id2label)
         write_effective_config(args, tmp_dir)
     checkpoints.write_directory_atomically(directory, write)
 
@@ -211,7 +211,7 @@ def save_model(directory, model, tokenizer, toolkit, label_set, args):
 def save_checkpoint(output_dir, model, tokenizer, toolkit, label_set, args, state):
     """checkpoint-step-N: a loadable model directory plus the full resume state, written atomically."""
     def write(tmp_dir):
-        modeldir.write_model_directory(tmp_dir, training.unwrap(model), tokenizer, toolkit, label_set.id2label)
+        modeldir.write_model_directory(tmp_dir, distributed.unwrap(model), tokenizer, toolkit, label_set.id2label)
         write_effective_config(args, tmp_dir)
         checkpoints.save_training_state(tmp_dir, state)
     checkpoints.write_directory_atomically(Path(output_dir) / f"{checkpoints.CHECKPOINT_PREFIX}{state['global_step']}",
@@ -239,7 +239,7 @@ def predict_logits(model, loader, device, precision):
 
 def evaluate(model, loader, device, precision, context, label_names, loss_fn=None):
     """Metrics over the whole split (gathered across ranks), plus the logits in input order."""
-    shards = training.gather_objects(context, predict_logits(model, loader, device, precision))
+    shards = distributed.gather_objects(context, predict_logits(model, loader, device, precision))
     logits = torch.cat([shard[0] for shard in shards])
     labels = torch.cat([shard[1] for shard in shards])
     order = torch.argsort(torch.cat([shard[2] for shard in shards]))
@@ -311,7 +311,7 @@ def adversarial_backward(adversary, model, inputs, labels, loss_fn, args, scaler
 def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_dir, logger, resume_from=None):
     device, precision = args.device_obj, args.precision_obj
     train_labels = np.array([f["labels"] for f in datasets["train"].features])
-    loss_fn, adversary, ema, sample_weights = build_techniques(args, training.unwrap(model), train_labels,
+    loss_fn, adversary, ema, sample_weights = build_techniques(args, distributed.unwrap(model), train_labels,
                                                               len(label_set.names))
     train_loader = build_train_loader(datasets["train"], args, context, sample_weights)
     val_loader = build_eval_loader(datasets["val"], args, context)
@@ -319,20 +319,20 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps > 0:
         total_steps = min(total_steps, args.max_steps)
-    optimizer = training.build_optimizer(model, args.learning_rate, args.weight_decay, args.adam_epsilon, device)
-    scheduler = training.build_scheduler(optimizer, args.scheduler, training.resolve_warmup_steps(
+    optimizer = optimization.build_optimizer(model, args.learning_rate, args.weight_decay, args.adam_epsilon, device)
+    scheduler = optimization.build_scheduler(optimizer, args.scheduler, optimization.resolve_warmup_steps(
         total_steps, args.warmup_ratio, args.warmup_steps), total_steps)
-    scaler = training.build_grad_scaler(precision, device)
+    scaler = optimization.build_grad_scaler(precision, device)
     early_stopping = training.EarlyStopping(args.patience, args.min_delta, mode="min" if
                                             args.metric_for_best_model == "loss" else "max")
-    nonfinite_guard = training.NonFiniteLossGuard(args.max_nonfinite_steps)
+    nonfinite_guard = optimization.NonFiniteLossGuard(args.max_nonfinite_steps)
     global_step, start_epoch, skip_batches = 0, 0, 0
     evaluated_step = -1  # step of the last evaluation: the same weights are never scored twice
 
     # ---- resume: model weights, optimizer, scheduler, scaler, RNG, position, early stopping
     checkpoint_dir = resume_from
     if checkpoint_dir is not None:
-        state = checkpoints.restore_training_state(checkpoint_dir, training.unwrap(model), optimizer, scheduler,
+        state = checkpoints.restore_training_state(checkpoint_dir, distributed.unwrap(model), optimizer, scheduler,
                                                    scaler, early_stopping)
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
@@ -348,7 +348,7 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
 
     def checkpoint_state(epoch, batches_done):
         return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": training.capture_rng_state(), "epoch": epoch,
+                "scaler": scaler.state_dict(), "rng": checkpoints.capture_rng_state(), "epoch": epoch,
                 "step_in_epoch": batches_done, "global_step": global_step, "evaluated_step": evaluated_step,
                 "best_metric": early_stopping.best_metric, "early_stopping": early_stopping.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None,
@@ -358,8 +358,8 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
         """Evaluate (with EMA weights when enabled); save checkpoint-best on improvement."""
         nonlocal evaluated_step
         evaluated_step = global_step
-        with ema.average_parameters(training.unwrap(model)) if ema is not None else _no_context():
-            metrics, _, _ = evaluate(training.unwrap(model), val_loader, device, precision, context, label_set.names)
+        with ema.average_parameters(distributed.unwrap(model)) if ema is not None else _no_context():
+            metrics, _, _ = evaluate(distributed.unwrap(model), val_loader, device, precision, context, label_set.names)
             improved = early_stopping.step(metrics[args.metric_for_best_model])
             if improved and context.is_main:
                 save_model(output_dir / "checkpoint-best", model, tokenizer, toolkit, label_set, args)
@@ -407,9 +407,9 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
                 optimizer.zero_grad(set_to_none=True)
                 running_loss.zero_()
                 continue
-            grad_norm, _ = training.optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
+            grad_norm, _ = optimization.optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
             if ema is not None:
-                ema.update(training.unwrap(model))
+                ema.update(distributed.unwrap(model))
             global_step += 1
             progress.update(1)
             # ---- logging, evaluation, checkpoint
@@ -429,7 +429,7 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
                     and context.is_main:
                 save_checkpoint(output_dir, model, tokenizer, toolkit, label_set, args,
                                 checkpoint_state(epoch, batches_done))
-            training.barrier(context)
+            distributed.barrier(context)
             if global_step >= total_steps or early_stopping.should_stop:
                 stop = True
                 break
@@ -588,7 +588,7 @@ def main(argv=None):
 
 def run_training(args, context):
     # ---- validate everything cheap before loading the model or tokenizing
-    run_dir = training.run_on_main(context, lambda: rundir.prepare_run_dir(
+    run_dir = distributed.run_on_main(context, lambda: rundir.prepare_run_dir(
         args.output_dir, "--output-dir", "train_classifier.py", rundir.input_options(args), args.overwrite_output_dir, args.resume))
     output_dir, args.run_id = run_dir.path, run_dir.run_id
     args.input_digests = checkpoints.describe_inputs(args)
@@ -637,7 +637,7 @@ def run_training(args, context):
     logger.info(f"model: {args.model_name}, {total / 1e6:.1f}M parameters ({trainable / 1e6:.2f}M trainable)")
 
     train(args, model, tokenizer, datasets, label_set, toolkit, context, output_dir, logger, resume_from)
-    training.barrier(context)
+    distributed.barrier(context)
     best_dir = output_dir / "checkpoint-best"
     if not best_dir.is_dir():
         raise UserError("training ended before any evaluation: no checkpoint-best was written")

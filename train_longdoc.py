@@ -28,7 +28,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from common import checkpoints, data, longdoc, modeldir, rundir, training
+from common import checkpoints, data, distributed, longdoc, modeldir, optimization, rundir, training
 from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args, add_data_text_args, add_flag,
                         add_optimization_args, add_runtime_args, apply_option_ranges, parse_with_config,
                         resolve_default_warmup, write_effective_config)
@@ -220,7 +220,7 @@ def build_toolkit_block(args, model, normalize_spec, settings):
 
 def save_model(directory, model, tokenizer, toolkit, label_set, args):
     def write(tmp_dir):
-        modeldir.write_model_directory(tmp_dir, training.unwrap(model), tokenizer, toolkit, label_set.id2label)
+        modeldir.write_model_directory(tmp_dir, distributed.unwrap(model), tokenizer, toolkit, label_set.id2label)
         write_effective_config(args, tmp_dir)
     checkpoints.write_directory_atomically(directory, write)
 
@@ -228,7 +228,7 @@ def save_model(directory, model, tokenizer, toolkit, label_set, args):
 def save_checkpoint(output_dir, model, tokenizer, toolkit, label_set, args, state):
     """checkpoint-step-N: a loadable model directory plus the full resume state, written atomically."""
     def write(tmp_dir):
-        modeldir.write_model_directory(tmp_dir, training.unwrap(model), tokenizer, toolkit, label_set.id2label)
+        modeldir.write_model_directory(tmp_dir, distributed.unwrap(model), tokenizer, toolkit, label_set.id2label)
         write_effective_config(args, tmp_dir)
         checkpoints.save_training_state(tmp_dir, state)
     checkpoints.write_directory_atomically(Path(output_dir) / f"{checkpoints.CHECKPOINT_PREFIX}{state['global_step']}",
@@ -315,7 +315,7 @@ def predict_chunk_logits(model, documents, batch_size, device, precision, pad_to
     chunks = [chunk for chunks in documents for chunk in chunks]
     doc_index = torch.tensor([row for row, chunks in enumerate(documents) for _ in chunks], dtype=torch.long)
     order = sorted(range(len(chunks)), key=lambda i: -len(chunks[i]["input_ids"]))
-    logits = [torch.zeros((0, training.unwrap(model).head_settings["num_labels"]))]  # a rank may get no documents
+    logits = [torch.zeros((0, distributed.unwrap(model).head_settings["num_labels"]))]  # a rank may get no documents
     for _, batch in longdoc.chunk_micro_batches([chunks[i] for i in order], batch_size, pad_token_id):
         with precision.autocast(device):
             logits.append(model(**modeldir.to_device(batch, device)).float().cpu())
@@ -335,7 +335,7 @@ def evaluate(model, dataset, args, context, label_names):
                                                    args.device_obj, args.precision_obj, args.pad_token_id)
     local = {"doc_ids": torch.tensor(shard, dtype=torch.long), "chunk_logits": chunk_logits,
              "doc_index": doc_index, "labels": torch.tensor([dataset[i][0]["labels"] for i in shard])}
-    shards = training.gather_objects(context, local)
+    shards = distributed.gather_objects(context, local)
     doc_ids = torch.cat([s["doc_ids"] for s in shards])
     labels = torch.cat([s["labels"] for s in shards])
     offsets = np.cumsum([0] + [len(s["doc_ids"]) for s in shards[:-1]])
@@ -371,20 +371,20 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps > 0:
         total_steps = min(total_steps, args.max_steps)
-    optimizer = training.build_optimizer(model, args.learning_rate, args.weight_decay, args.adam_epsilon, device)
-    scheduler = training.build_scheduler(optimizer, args.scheduler, training.resolve_warmup_steps(
+    optimizer = optimization.build_optimizer(model, args.learning_rate, args.weight_decay, args.adam_epsilon, device)
+    scheduler = optimization.build_scheduler(optimizer, args.scheduler, optimization.resolve_warmup_steps(
         total_steps, args.warmup_ratio, args.warmup_steps), total_steps)
-    scaler = training.build_grad_scaler(precision, device)
+    scaler = optimization.build_grad_scaler(precision, device)
     early_stopping = training.EarlyStopping(args.patience, args.min_delta, mode="min" if
                                             args.metric_for_best_model == "loss" else "max")
-    nonfinite_guard = training.NonFiniteLossGuard(args.max_nonfinite_steps)
+    nonfinite_guard = optimization.NonFiniteLossGuard(args.max_nonfinite_steps)
     global_step, start_epoch, skip_batches = 0, 0, 0
     evaluated_step = -1  # step of the last evaluation: the same weights are never scored twice
 
     # ---- resume: model weights, optimizer, scheduler, scaler, RNG, position, early stopping
     checkpoint_dir = resume_from
     if checkpoint_dir is not None:
-        state = checkpoints.restore_training_state(checkpoint_dir, training.unwrap(model), optimizer, scheduler,
+        state = checkpoints.restore_training_state(checkpoint_dir, distributed.unwrap(model), optimizer, scheduler,
                                                    scaler, early_stopping)
         global_step, start_epoch, skip_batches = state["global_step"], state["epoch"], state["step_in_epoch"]
         evaluated_step = state.get("evaluated_step", -1)
@@ -400,7 +400,7 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
 
     def checkpoint_state(epoch, batches_done):
         return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": training.capture_rng_state(), "epoch": epoch,
+                "scaler": scaler.state_dict(), "rng": checkpoints.capture_rng_state(), "epoch": epoch,
                 "step_in_epoch": batches_done, "global_step": global_step, "evaluated_step": evaluated_step,
                 "best_metric": early_stopping.best_metric, "early_stopping": early_stopping.state_dict(),
                 **checkpoints.describe_run(args)}
@@ -409,7 +409,7 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
         """Evaluate on validation documents; save checkpoint-best on improvement."""
         nonlocal evaluated_step
         evaluated_step = global_step
-        metrics, _, _ = evaluate(training.unwrap(model), datasets["val"], args, context, label_set.names)
+        metrics, _, _ = evaluate(distributed.unwrap(model), datasets["val"], args, context, label_set.names)
         improved = early_stopping.step(metrics[args.metric_for_best_model])
         if improved and context.is_main:
             save_model(output_dir / "checkpoint-best", model, tokenizer, toolkit, label_set, args)
@@ -453,7 +453,7 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
                 optimizer.zero_grad(set_to_none=True)
                 running_loss.zero_()
                 continue
-            grad_norm, _ = training.optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
+            grad_norm, _ = optimization.optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
             global_step += 1
             progress.update(1)
             # ---- logging, evaluation, checkpoint
@@ -473,7 +473,7 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
                     and context.is_main:
                 save_checkpoint(output_dir, model, tokenizer, toolkit, label_set, args,
                                 checkpoint_state(epoch, batches_done))
-            training.barrier(context)
+            distributed.barrier(context)
             if global_step >= total_steps or early_stopping.should_stop:
                 stop = True
                 break
@@ -578,7 +578,7 @@ def main(argv=None):
 
 def run_training(args, context):
     # ---- validate everything cheap before loading the model or tokenizing
-    run_dir = training.run_on_main(context, lambda: rundir.prepare_run_dir(
+    run_dir = distributed.run_on_main(context, lambda: rundir.prepare_run_dir(
         args.output_dir, "--output-dir", "train_longdoc.py", rundir.input_options(args), args.overwrite_output_dir, args.resume))
     output_dir, args.run_id = run_dir.path, run_dir.run_id
     args.input_digests = checkpoints.describe_inputs(args)
@@ -616,7 +616,7 @@ def run_training(args, context):
     logger.info(f"model: {args.model_name}, {total / 1e6:.1f}M parameters ({trainable / 1e6:.2f}M trainable)")
 
     train(args, model, tokenizer, datasets, label_set, toolkit, context, output_dir, logger, resume_from)
-    training.barrier(context)
+    distributed.barrier(context)
     best_dir = output_dir / "checkpoint-best"
     if not best_dir.is_dir():
         raise UserError("training ended before any evaluation: no checkpoint-best was written")

@@ -25,7 +25,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from common import checkpoints, data, modeldir, ranking, rundir, training
+from common import checkpoints, data, distributed, modeldir, optimization, ranking, rundir, training
 from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args, add_data_text_args, add_flag,
                         add_optimization_args, add_runtime_args, apply_option_ranges, parse_with_config,
                         resolve_default_warmup, write_effective_config)
@@ -241,7 +241,7 @@ def save_checkpoint(output_dir, model, args, state):
 
 def vector_model(model):
     """The BertVectorModel inside DDP and the PairEncoder."""
-    return training.unwrap(model).encoder
+    return distributed.unwrap(model).encoder
 
 
 # ---------------------------------------------------------------- evaluation
@@ -260,7 +260,7 @@ def evaluate_loss(pair_encoder, loader, args, context):
         loss_sum += float(loss) * len(batch["rel"])
         count += len(batch["rel"])
     pair_encoder.train(was_training)
-    totals = training.gather_objects(context, (loss_sum, count))
+    totals = distributed.gather_objects(context, (loss_sum, count))
     return sum(total for total, _ in totals) / max(1, sum(n for _, n in totals))
 
 
@@ -275,12 +275,12 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
     if args.max_steps > 0:
         total_steps = min(total_steps, args.max_steps)
     eval_steps = args.eval_steps or args.save_steps
-    optimizer = training.build_optimizer(model, args.learning_rate, args.weight_decay, args.adam_epsilon, device)
-    scheduler = training.build_scheduler(optimizer, args.scheduler, training.resolve_warmup_steps(
+    optimizer = optimization.build_optimizer(model, args.learning_rate, args.weight_decay, args.adam_epsilon, device)
+    scheduler = optimization.build_scheduler(optimizer, args.scheduler, optimization.resolve_warmup_steps(
         total_steps, args.warmup_ratio, args.warmup_steps), total_steps)
-    scaler = training.build_grad_scaler(precision, device)
+    scaler = optimization.build_grad_scaler(precision, device)
     early_stopping = training.EarlyStopping(args.patience, args.min_delta, mode="min")
-    nonfinite_guard = training.NonFiniteLossGuard(args.max_nonfinite_steps)
+    nonfinite_guard = optimization.NonFiniteLossGuard(args.max_nonfinite_steps)
     global_step, start_epoch, skip_batches = 0, 0, 0
 
     # ---- resume: model weights, optimizer, scheduler, scaler, RNG, position, early stopping
@@ -299,7 +299,7 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
 
     def checkpoint_state(epoch, batches_done, val_loss):
         return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": training.capture_rng_state(), "epoch": epoch,
+                "scaler": scaler.state_dict(), "rng": checkpoints.capture_rng_state(), "epoch": epoch,
                 "step_in_epoch": batches_done, "global_step": global_step,
                 "best_metric": early_stopping.best_metric, "early_stopping": early_stopping.state_dict(),
                 **checkpoints.describe_run(args), "summary": {"val_loss": val_loss}}
@@ -308,7 +308,7 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
 
     def run_evaluation(epoch):
         """Validation loss -> early stopping; save checkpoint-best on improvement."""
-        val_loss = evaluate_loss(training.unwrap(model), val_loader, args, context)
+        val_loss = evaluate_loss(distributed.unwrap(model), val_loader, args, context)
         improved = early_stopping.step(val_loss)
         if improved and context.is_main:
             save_model(output_dir / "checkpoint-best", model, args, {"global_step": global_step, "val_loss": val_loss})
@@ -319,7 +319,7 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
     def run_save(epoch, batches_done):
         """checkpoint-step-N with the validation loss at step N (measured now if not yet)."""
         val_loss = last_evaluation["val_loss"] if last_evaluation["step"] == global_step else \
-            evaluate_loss(training.unwrap(model), val_loader, args, context)
+            evaluate_loss(distributed.unwrap(model), val_loader, args, context)
         if context.is_main:
             save_checkpoint(output_dir, model, args, checkpoint_state(epoch, batches_done, val_loss))
 
@@ -359,7 +359,7 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
                 optimizer.zero_grad(set_to_none=True)
                 running_loss.zero_()
                 continue
-            grad_norm, _ = training.optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
+            grad_norm, _ = optimization.optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
             global_step += 1
             progress.update(1)
             # ---- logging, evaluation, checkpoint
@@ -377,7 +377,7 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
             if args.save_steps > 0 and global_step % args.save_steps == 0:
                 run_save(epoch, batches_done)
                 saved_step = global_step
-            training.barrier(context)
+            distributed.barrier(context)
             if global_step >= total_steps or early_stopping.should_stop:
                 stop = True
                 break
@@ -469,7 +469,7 @@ def describe_evaluation(row):
 
 def run_training(args, context):
     # ---- validate everything cheap before loading the model or tokenizing
-    run_dir = training.run_on_main(context, lambda: rundir.prepare_run_dir(
+    run_dir = distributed.run_on_main(context, lambda: rundir.prepare_run_dir(
         args.output_dir, "--output-dir", "train_vector.py", rundir.input_options(args), args.overwrite_output_dir, args.resume))
     output_dir, args.run_id = run_dir.path, run_dir.run_id
     args.input_digests = checkpoints.describe_inputs(args)
@@ -510,7 +510,7 @@ def run_training(args, context):
                 f"pooling {args.pooling}, embedding size {vector_model(model).dim}")
 
     train(args, model, datasets, context, output_dir, logger, resume_from)
-    training.barrier(context)
+    distributed.barrier(context)
     if context.is_main:
         directory, val_loss = lowest_val_loss_checkpoint(output_dir)
         if directory is not None:
@@ -637,7 +637,7 @@ def main(argv=None):
     modes = {"train": run_training, "evaluate": lambda args, _: run_evaluation_mode(args),
              "deploy": lambda args, _: run_deploy(args)}
     # only training runs under torchrun; evaluate and deploy are single-process
-    return training.run_in_context(args, modes[args.mode], distributed=args.mode == "train")
+    return training.run_in_context(args, modes[args.mode], use_distributed=args.mode == "train")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def run_worker(args):
     from transformers import AutoModel
     sys.path.insert(0, str(REPO))
     import train_longdoc
-    from common import longdoc, modeldir, training
+    from common import longdoc, modeldir, optimization, training
     from common.heads import SequenceClassifier
     torch.manual_seed(0)
     overrides = {"num_hidden_layers": args.num_layers} if args.num_layers > 0 else {}
@@ -69,13 +69,13 @@ def run_worker(args):
     if args.worker == "train":
         device = torch.device("cpu")
         precision = training.resolve_precision("fp32", device)
-        optimizer = training.build_optimizer(model, 1e-5, 0.01, device=device)
+        optimizer = optimization.build_optimizer(model, 1e-5, 0.01, device=device)
         chunks, _ = longdoc.chunk_document(tokenizer, text, args.max_length, settings, label=1)
         options = SimpleNamespace(gradient_accumulation_steps=1, chunk_batch_size=args.chunk_batch_size,
                                   pad_token_id=tokenizer.pad_token_id, aggregation="mean")
         model.train()
         train_longdoc.document_loss_backward(model, chunks, torch.zeros(len(chunks), dtype=torch.long),
-                                             torch.tensor([1]), options, training.build_grad_scaler(precision, device),
+                                             torch.tensor([1]), options, optimization.build_grad_scaler(precision, device),
                                              precision, device)
         optimizer.step()
         num_chunks = len(chunks)

@@ -75,7 +75,7 @@ def build_parser():
 def apply_patch(patch):
     """Levers that need a change inside common/: applied here so the bench can measure them."""
     import torch
-    from common import modeldir, training
+    from common import modeldir, optimization
     if patch == "eager_attention":
         load = modeldir.load_pretrained_backbone
 
@@ -85,13 +85,13 @@ def apply_patch(patch):
             return backbone
         modeldir.load_pretrained_backbone = load_eager
     elif patch == "foreach_adamw":  # the toolkit's CPU optimizer before fused AdamW became the default
-        build = training.build_optimizer
+        build = optimization.build_optimizer
 
         def build_foreach(model, learning_rate, weight_decay, adam_epsilon=1e-8, device=None):
             groups = build(model, learning_rate, weight_decay, adam_epsilon, device).param_groups
             return torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups],
                                      lr=learning_rate, eps=adam_epsilon, foreach=True)
-        training.build_optimizer = build_foreach
+        optimization.build_optimizer = build_foreach
 
 
 def run_toolkit(args, flags, patch, steps, recorder_box):

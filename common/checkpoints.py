@@ -10,11 +10,13 @@ import errno
 import hashlib
 import json
 import os
+import random
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common import modeldir
@@ -236,9 +238,37 @@ def restore_training_state(checkpoint_dir, model, optimizer, scheduler, scaler, 
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     early_stopping.load_state_dict(state["early_stopping"])
-    from common.training import restore_rng_state
     restore_rng_state(state["rng"])
     return state
+
+
+# ---------------------------------------------------------------- RNG state
+
+def capture_rng_state():
+    """Every RNG the loop touches, in a form ``torch.load(weights_only=True)`` accepts."""
+    numpy_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)),
+                  int(numpy_state[2]), int(numpy_state[3]), float(numpy_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state):
+    random.setstate(_as_tuple(state["python"]))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 # ---------------------------------------------------------------- finding and rotating checkpoints

@@ -26,14 +26,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from common import checkpoints, training  # noqa: E402
+from common import checkpoints, optimization  # noqa: E402
 
 SCRIPTS = ("train_classifier", "train_vector", "train_longdoc")
 
 
 def install_hooks(hooks):
     progress = Path(hooks["progress"]) if hooks.get("progress") else None
-    original_step = training.optimizer_step
+    original_step = optimization.optimizer_step
 
     def optimizer_step(*args, **kwargs):
         result = original_step(*args, **kwargs)
@@ -42,7 +42,7 @@ def install_hooks(hooks):
                 handle.write("step\n")
         time.sleep(hooks.get("step_sleep", 0.0))
         return result
-    training.optimizer_step = optimizer_step
+    optimization.optimizer_step = optimizer_step
 
     hang_step = hooks.get("hang_in_save")
     original_fsync = checkpoints.write_checksums

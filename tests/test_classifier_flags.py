@@ -9,7 +9,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 import infer
 import train_classifier
-from common import data, inference, modeldir, techniques, training
+from common import data, inference, modeldir, optimization, techniques
 from common.heads import SequenceClassifier, pool_hidden_states
 from common.text import build_normalizer
 from conftest import make_text_records, write_jsonl
@@ -34,14 +34,14 @@ def encode_batch(tokenizer, texts, max_length=64):
 def capture_optimizer(monkeypatch):
     """Record the model handed to build_optimizer, its head weights at that moment, and the optimizer."""
     seen = {}
-    original = training.build_optimizer
+    original = optimization.build_optimizer
 
     def spy(model, *args, **kwargs):
         optimizer = original(model, *args, **kwargs)
         seen.update(model=model, optimizer=optimizer,
                     initial_head={name: value.detach().clone() for name, value in model.head.state_dict().items()})
         return optimizer
-    monkeypatch.setattr(training, "build_optimizer", spy)
+    monkeypatch.setattr(optimization, "build_optimizer", spy)
     return seen
 
 

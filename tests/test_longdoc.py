@@ -161,11 +161,11 @@ def loss_args(tokenizer, aggregation, chunk_batch_size):
 
 
 def two_pass_gradients(model, batch, args):
-    from common import training
+    from common import optimization, training
     model.zero_grad(set_to_none=True)
     device = torch.device("cpu")
     precision = training.resolve_precision("fp32", device)
-    scaler = training.build_grad_scaler(precision, device)
+    scaler = optimization.build_grad_scaler(precision, device)
     torch.manual_seed(123)
     loss = train_longdoc.document_loss_backward(model, batch["chunks"], batch["doc_index"], batch["labels"], args,
                                                 scaler, precision, device)

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from common import checkpoints
-from conftest import make_text_records, tiny_run_argv, write_jsonl
+from conftest import tiny_run_argv
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINERS = ("train_classifier", "train_vector", "train_longdoc")

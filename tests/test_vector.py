@@ -353,7 +353,7 @@ def test_other_losses_train(tmp_path, tiny_model_dir, pair_data, loss):
 
 def test_evaluation_loss_matches_the_validation_loop(tiny_model_dir, pair_data):
     """evaluate_pairs (used by --mode evaluate) and the training loop's evaluate_loss agree."""
-    from common import training
+    from common import distributed, training
     from common.vector import PairEncoder, build_pair_dataset, evaluate_pairs
     model = BertVectorModel.from_backbone(str(tiny_model_dir), pooling="mean", max_length=32).eval()
     pairs = load_pairs(pair_data["test"])
@@ -362,8 +362,8 @@ def test_evaluation_loss_matches_the_validation_loop(tiny_model_dir, pair_data):
     args.device_obj, args.precision_obj = torch.device("cpu"), training.resolve_precision("fp32", torch.device("cpu"))
     args.pad_token_id = model.tokenizer.pad_token_id
     dataset = build_pair_dataset(model.tokenizer, pairs, 32, 32, model.preprocessing)
-    loader = train_vector.build_eval_loader(dataset, args, training.DistributedContext())
-    expected = train_vector.evaluate_loss(PairEncoder(model), loader, args, training.DistributedContext())
+    loader = train_vector.build_eval_loader(dataset, args, distributed.DistributedContext())
+    expected = train_vector.evaluate_loss(PairEncoder(model), loader, args, distributed.DistributedContext())
     scored, loss = evaluate_pairs(model, pairs, "cosent", batch_size=8)
     assert loss == pytest.approx(expected, rel=1e-4)
     assert len(scored) == 3 and all(len(relevances) == 9 for relevances, _ in scored)

@@ -1,0 +1,115 @@
+"""Optimization: AdamW, the warmup schedule, the grad scaler, the one optimizer step every loop
+takes, and the guard against non-finite losses."""
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+from common.errors import UserError
+
+
+@dataclass
+class Optimization:
+    """What a loop steps: optimizer, scheduler, grad scaler, and how many optimizer steps the run takes."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    total_steps: int
+
+
+def build_optimization(model, args, batches_per_epoch, device, precision):
+    """AdamW, warmup + decay and a grad scaler for ``args.epochs`` (capped by ``--max-steps``)."""
+    total_steps = math.ceil(batches_per_epoch / args.gradient_accumulation_steps) * args.epochs
+    if args.max_steps > 0:
+        total_steps = min(total_steps, args.max_steps)
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, args.adam_epsilon, device)
+    warmup_steps = resolve_warmup_steps(total_steps, args.warmup_ratio, args.warmup_steps)
+    scheduler = build_scheduler(optimizer, args.scheduler, warmup_steps, total_steps)
+    return Optimization(optimizer, scheduler, build_grad_scaler(precision, device), total_steps)
+
+
+def build_grad_scaler(precision, device):
+    """A GradScaler that is a no-op unless fp16: one code path for every precision."""
+    return torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
+
+
+def build_optimizer(model, learning_rate, weight_decay, adam_epsilon=1e-8, device=None):
+    """AdamW without weight decay on biases and LayerNorm weights (all 1-D parameters).
+
+    Uses the fused kernel on CUDA and on CPU: on CPU one step over MiniLM's 22.6M
+    parameters took 0.046 s fused against 0.46 s with the multi-tensor (foreach) path
+    (2-core EPYC), so the optimizer no longer rivals the forward/backward pass.
+    """
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    fused = device is None or device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=learning_rate, eps=adam_epsilon, fused=fused or None)
+
+
+def resolve_warmup_steps(total_steps, warmup_ratio=None, warmup_steps=None):
+    """``--warmup-steps`` wins when given; else ``warmup_ratio * total_steps``."""
+    if warmup_steps is not None and warmup_steps >= 0:
+        return min(int(warmup_steps), total_steps)
+    return int(round((warmup_ratio or 0.0) * total_steps))
+
+
+def build_scheduler(optimizer, scheduler_type, warmup_steps, total_steps):
+    """Linear (default) or cosine decay after a linear warmup."""
+    if scheduler_type == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    return get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+
+
+def optimizer_step(model, optimizer, scheduler, scaler, max_grad_norm):
+    """Unscale, clip, step, update the scale; return (grad_norm tensor, stepped).
+
+    Unscale before clipping so the threshold applies to the true gradients. The
+    scheduler advances only when the scaler did not skip the step (scale went down),
+    not whenever the scale changed.
+    """
+    scaler.unscale_(optimizer)
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    scale_before = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    stepped = scale_before is None or scaler.get_scale() >= scale_before
+    if stepped:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, stepped
+
+
+class NonFiniteLossGuard:
+    """Skip optimizer steps whose loss is NaN/inf; abort after ``limit`` in a row.
+
+    fp16 overflow is the GradScaler's job, so the guard is only used without it.
+    """
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.consecutive = 0
+        self.skipped_total = 0
+
+    def should_skip(self, loss_sum, global_step):
+        if torch.isfinite(loss_sum).item():
+            self.consecutive = 0
+            return False
+        self.consecutive += 1
+        self.skipped_total += 1
+        warnings.warn(f"step {global_step}: non-finite loss, skipping this optimizer step")
+        if self.consecutive >= self.limit:
+            raise TrainingAborted(
+                f"{self.consecutive} optimizer steps in a row had a NaN/inf loss at step {global_step}: "
+                "lower --learning-rate, check the data, or use --precision fp32")
+        return True
+
+
+class TrainingAborted(UserError):
+    """Training cannot continue for a reason the user can act on."""
