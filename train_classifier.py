@@ -10,9 +10,9 @@ metrics.json, train_log.jsonl, errors.jsonl and plots. Runs unchanged under torc
 """
 import argparse
 import json
-import math
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -201,24 +201,6 @@ def build_toolkit_block(args, model, normalize_spec, record_format, temperature=
                               "normalize": normalize_spec, "record_format": record_format}}
 
 
-def save_model(directory, model, tokenizer, toolkit, label_set, args):
-    def write(tmp_dir):
-        modeldir.write_model_directory(tmp_dir, distributed.unwrap(model), tokenizer, toolkit, label_set.id2label)
-        write_effective_config(args, tmp_dir)
-    checkpoints.write_directory_atomically(directory, write)
-
-
-def save_checkpoint(output_dir, model, tokenizer, toolkit, label_set, args, state):
-    """checkpoint-step-N: a loadable model directory plus the full resume state, written atomically."""
-    def write(tmp_dir):
-        modeldir.write_model_directory(tmp_dir, distributed.unwrap(model), tokenizer, toolkit, label_set.id2label)
-        write_effective_config(args, tmp_dir)
-        checkpoints.save_training_state(tmp_dir, state)
-    checkpoints.write_directory_atomically(Path(output_dir) / f"{checkpoints.CHECKPOINT_PREFIX}{state['global_step']}",
-                                        write)
-    checkpoints.rotate_checkpoints(output_dir, args.save_total_limit, args.run_id)
-
-
 # ---------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -315,14 +297,9 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
                                                               len(label_set.names))
     train_loader = build_train_loader(datasets["train"], args, context, sample_weights)
     val_loader = build_eval_loader(datasets["val"], args, context)
-    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps > 0:
-        total_steps = min(total_steps, args.max_steps)
-    optimizer = optimization.build_optimizer(model, args.learning_rate, args.weight_decay, args.adam_epsilon, device)
-    scheduler = optimization.build_scheduler(optimizer, args.scheduler, optimization.resolve_warmup_steps(
-        total_steps, args.warmup_ratio, args.warmup_steps), total_steps)
-    scaler = optimization.build_grad_scaler(precision, device)
+    write_model = modeldir.classifier_writer(distributed.unwrap(model), tokenizer, toolkit, args, label_set.id2label)
+    optimizer, scheduler, scaler, total_steps = optimization.build_optimization(model, args, len(train_loader),
+                                                                               device, precision)
     early_stopping = training.EarlyStopping(args.patience, args.min_delta, mode="min" if
                                             args.metric_for_best_model == "loss" else "max")
     nonfinite_guard = optimization.NonFiniteLossGuard(args.max_nonfinite_steps)
@@ -347,22 +324,20 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
                 f"  precision: {precision.name}  device: {device}  processes: {context.world_size}")
 
     def checkpoint_state(epoch, batches_done):
-        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": checkpoints.capture_rng_state(), "epoch": epoch,
-                "step_in_epoch": batches_done, "global_step": global_step, "evaluated_step": evaluated_step,
-                "best_metric": early_stopping.best_metric, "early_stopping": early_stopping.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                **checkpoints.describe_run(args)}
+        return checkpoints.training_state(optimizer, scheduler, scaler, early_stopping, args, epoch=epoch,
+                                          step_in_epoch=batches_done, global_step=global_step,
+                                          evaluated_step=evaluated_step,
+                                          ema=ema.state_dict() if ema is not None else None)
 
     def run_evaluation(epoch):
         """Evaluate (with EMA weights when enabled); save checkpoint-best on improvement."""
         nonlocal evaluated_step
         evaluated_step = global_step
-        with ema.average_parameters(distributed.unwrap(model)) if ema is not None else _no_context():
+        with ema.average_parameters(distributed.unwrap(model)) if ema is not None else nullcontext():
             metrics, _, _ = evaluate(distributed.unwrap(model), val_loader, device, precision, context, label_set.names)
             improved = early_stopping.step(metrics[args.metric_for_best_model])
             if improved and context.is_main:
-                save_model(output_dir / "checkpoint-best", model, tokenizer, toolkit, label_set, args)
+                checkpoints.write_directory_atomically(output_dir / "checkpoint-best", write_model)
         logger.log({"step": global_step, "epoch": epoch, "eval_loss": metrics["loss"],
                     "eval_accuracy": metrics["accuracy"], "eval_macro_f1": metrics["macro_f1"],
                     f"eval_{args.metric_for_best_model}": metrics[args.metric_for_best_model],
@@ -389,7 +364,7 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
             window_ends = batches_done % args.gradient_accumulation_steps == 0 or batches_done == batches_in_epoch
             # ---- forward under autocast, scaled backward (gradient sync only on the window's last pass)
             sync = window_ends or not context.enabled
-            with (_no_context() if sync else model.no_sync()):
+            with (nullcontext() if sync else model.no_sync()):
                 with precision.autocast(device):
                     loss = compute_loss(model, inputs, labels, loss_fn, args.rdrop_alpha)
                 scaler.scale(loss / args.gradient_accumulation_steps).backward()
@@ -427,8 +402,8 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
                 run_evaluation(epoch)
             if args.save_strategy == "steps" and args.save_steps > 0 and global_step % args.save_steps == 0 \
                     and context.is_main:
-                save_checkpoint(output_dir, model, tokenizer, toolkit, label_set, args,
-                                checkpoint_state(epoch, batches_done))
+                checkpoints.save_checkpoint(output_dir, write_model, checkpoint_state(epoch, batches_done),
+                                            args.save_total_limit)
             distributed.barrier(context)
             if global_step >= total_steps or early_stopping.should_stop:
                 stop = True
@@ -444,13 +419,6 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
         logger.info(f"skipped {nonfinite_guard.skipped_total} optimizer steps with a non-finite loss")
     return global_step
 
-
-class _no_context:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---------------------------------------------------------------- after training: test, calibration, reports

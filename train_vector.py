@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -195,18 +196,16 @@ def load_vector_model(directory, args):
     return BertVectorModel.from_pretrained(directory, args.device_obj)
 
 
-def save_model(directory, model, args, summary=None):
-    """A model directory (weights, config with the toolkit block, tokenizer, training_args.json), atomically.
-
-    ``summary`` (step and validation loss) goes to trainer_state.json, so checkpoint-best competes
-    with the step checkpoints when the best model is chosen.
-    """
-    def write(tmp_dir):
-        vector_model(model).save_pretrained(tmp_dir)
-        write_effective_config(args, tmp_dir)
+def vector_writer(model, args, summary=None):
+    """A function writing the model directory (weights, config with the toolkit block, tokenizer,
+    training_args.json) into a folder. ``summary`` (step and validation loss) goes to
+    trainer_state.json, so checkpoint-best competes with the step checkpoints for best model."""
+    def write(folder):
+        vector_model(model).save_pretrained(folder)
+        write_effective_config(args, folder)
         if summary is not None:
-            (Path(tmp_dir) / checkpoints.TRAINER_SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    checkpoints.write_directory_atomically(directory, write)
+            (Path(folder) / checkpoints.TRAINER_SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return write
 
 
 def publish_model(source_dir, save_path):
@@ -226,17 +225,6 @@ def publish_model(source_dir, save_path):
         except OSError:
             shutil.copyfile(source, staged)
         os.replace(staged, Path(save_path) / source.name)
-
-
-def save_checkpoint(output_dir, model, args, state):
-    """checkpoint-step-N: a loadable model directory plus the full resume state, written atomically."""
-    def write(tmp_dir):
-        vector_model(model).save_pretrained(tmp_dir)
-        write_effective_config(args, tmp_dir)
-        checkpoints.save_training_state(tmp_dir, state)
-    checkpoints.write_directory_atomically(Path(output_dir) / f"{checkpoints.CHECKPOINT_PREFIX}{state['global_step']}",
-                                        write)
-    checkpoints.rotate_checkpoints(output_dir, args.save_total_limit, args.run_id)
 
 
 def vector_model(model):
@@ -270,25 +258,20 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
     device, precision = args.device_obj, args.precision_obj
     train_loader = build_train_loader(datasets["train"], args, context)
     val_loader = build_eval_loader(datasets["val"], args, context)
-    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps > 0:
-        total_steps = min(total_steps, args.max_steps)
-    eval_steps = args.eval_steps or args.save_steps
-    optimizer = optimization.build_optimizer(model, args.learning_rate, args.weight_decay, args.adam_epsilon, device)
-    scheduler = optimization.build_scheduler(optimizer, args.scheduler, optimization.resolve_warmup_steps(
-        total_steps, args.warmup_ratio, args.warmup_steps), total_steps)
-    scaler = optimization.build_grad_scaler(precision, device)
+    optimizer, scheduler, scaler, total_steps = optimization.build_optimization(model, args, len(train_loader),
+                                                                               device, precision)
     early_stopping = training.EarlyStopping(args.patience, args.min_delta, mode="min")
     nonfinite_guard = optimization.NonFiniteLossGuard(args.max_nonfinite_steps)
     global_step, start_epoch, skip_batches = 0, 0, 0
 
     # ---- resume: model weights, optimizer, scheduler, scaler, RNG, position, early stopping
+    last_evaluation = {"step": None, "val_loss": None}  # the same weights are never scored twice
     checkpoint_dir = resume_from
     if checkpoint_dir is not None:
         state = checkpoints.restore_training_state(checkpoint_dir, vector_model(model), optimizer, scheduler,
                                                    scaler, early_stopping)
         global_step, start_epoch, skip_batches = state["global_step"], state["epoch"], state["step_in_epoch"]
+        last_evaluation.update(step=state.get("evaluated_step"), val_loss=state.get("summary", {}).get("val_loss"))
         logger.info(f"resumed from {checkpoint_dir} at step {global_step} (epoch {start_epoch}, "
                     f"batch {skip_batches})")
 
@@ -298,20 +281,17 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
                 f"  loss: {args.loss}  precision: {precision.name}  device: {device}  processes: {context.world_size}")
 
     def checkpoint_state(epoch, batches_done, val_loss):
-        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": checkpoints.capture_rng_state(), "epoch": epoch,
-                "step_in_epoch": batches_done, "global_step": global_step,
-                "best_metric": early_stopping.best_metric, "early_stopping": early_stopping.state_dict(),
-                **checkpoints.describe_run(args), "summary": {"val_loss": val_loss}}
-
-    last_evaluation = {"step": None, "val_loss": None}
+        return checkpoints.training_state(optimizer, scheduler, scaler, early_stopping, args, epoch=epoch,
+                                          step_in_epoch=batches_done, global_step=global_step,
+                                          evaluated_step=last_evaluation["step"], summary={"val_loss": val_loss})
 
     def run_evaluation(epoch):
         """Validation loss -> early stopping; save checkpoint-best on improvement."""
         val_loss = evaluate_loss(distributed.unwrap(model), val_loader, args, context)
         improved = early_stopping.step(val_loss)
         if improved and context.is_main:
-            save_model(output_dir / "checkpoint-best", model, args, {"global_step": global_step, "val_loss": val_loss})
+            checkpoints.write_directory_atomically(output_dir / "checkpoint-best", vector_writer(
+                model, args, {"global_step": global_step, "val_loss": val_loss, "run_id": args.run_id}))
         last_evaluation.update(step=global_step, val_loss=val_loss)
         logger.log({"step": global_step, "epoch": epoch, "eval_loss": val_loss,
                     "best": early_stopping.best_metric, "improved": improved})
@@ -321,7 +301,8 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
         val_loss = last_evaluation["val_loss"] if last_evaluation["step"] == global_step else \
             evaluate_loss(distributed.unwrap(model), val_loader, args, context)
         if context.is_main:
-            save_checkpoint(output_dir, model, args, checkpoint_state(epoch, batches_done, val_loss))
+            checkpoints.save_checkpoint(output_dir, vector_writer(model, args),
+                                        checkpoint_state(epoch, batches_done, val_loss), args.save_total_limit)
 
     model.train()
     running_loss = torch.zeros((), device=device)
@@ -343,7 +324,7 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
             window_ends = batches_done % args.gradient_accumulation_steps == 0 or batches_done == batches_in_epoch
             # ---- forward under autocast, scaled backward (gradient sync only on the window's last pass)
             sync = window_ends or not context.enabled
-            with (training_context() if sync else model.no_sync()):
+            with (nullcontext() if sync else model.no_sync()):
                 with precision.autocast(device):
                     query_embeddings, doc_embeddings = model(query, document)
                 loss = compute_pair_loss(args.loss, query_embeddings, doc_embeddings, batch, args.temperature)
@@ -372,7 +353,7 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 running_loss.zero_()
                 log_started = time.perf_counter()
-            if eval_steps > 0 and global_step % eval_steps == 0:
+            if args.eval_steps > 0 and global_step % args.eval_steps == 0:
                 run_evaluation(epoch)
             if args.save_steps > 0 and global_step % args.save_steps == 0:
                 run_save(epoch, batches_done)
@@ -394,15 +375,6 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
         logger.info(f"skipped {nonfinite_guard.skipped_total} optimizer steps with a non-finite loss")
     return global_step
 
-
-class training_context:
-    """A do-nothing context manager (the DDP ``no_sync`` alternative)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def checkpoint_name(step):

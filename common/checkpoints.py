@@ -167,11 +167,31 @@ def verify_checksums(directory):
 
 # ---------------------------------------------------------------- resume state
 
+def training_state(optimizer, scheduler, scaler, early_stopping, args, *, epoch, step_in_epoch, global_step,
+                   evaluated_step, **extras):
+    """The one checkpoint schema of every trainer: what exact resume needs, and what the run was."""
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": capture_rng_state(), "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+            "evaluated_step": evaluated_step, "early_stopping": early_stopping.state_dict(), **describe_run(args),
+            **extras}
+
+
+def save_checkpoint(output_dir, write_model, state, save_total_limit):
+    """checkpoint-step-N: the model directory ``write_model(folder)`` writes plus the resume state, written
+    atomically; then only the newest ``save_total_limit`` checkpoints of this run are kept."""
+    def write(folder):
+        write_model(folder)
+        save_training_state(folder, state)
+    write_directory_atomically(Path(output_dir) / f"{CHECKPOINT_PREFIX}{state['global_step']}", write)
+    rotate_checkpoints(output_dir, save_total_limit, state.get("run_id"))
+
+
 def save_training_state(directory, state):
     """Write the resume state (optimizer, scheduler, scaler, RNG, counters, args) into a checkpoint dir."""
     torch.save(state, Path(directory) / TRAINER_STATE_FILE)
-    summary = {key: state[key] for key in ("global_step", "epoch", "step_in_epoch", "best_metric", "run_id",
-                                           "options", "inputs") if key in state}
+    summary = {key: state[key] for key in ("global_step", "epoch", "step_in_epoch", "run_id", "options", "inputs")
+               if key in state}
+    summary["best_metric"] = state.get("early_stopping", {}).get("best_metric")
     summary.update(state.get("summary", {}))
     (Path(directory) / TRAINER_SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
 

@@ -84,6 +84,17 @@ def write_model_directory(directory, model, tokenizer, toolkit, id2label=None):
     tokenizer.save_pretrained(str(directory))
 
 
+def classifier_writer(model, tokenizer, toolkit, args, id2label):
+    """A function writing a classifier's model directory (weights, config, tokenizer, training_args.json)
+    into a folder: what checkpoint-best and every step checkpoint hold."""
+    from common.cli import write_effective_config
+
+    def write(folder):
+        write_model_directory(folder, model, tokenizer, toolkit, id2label)
+        write_effective_config(args, folder)
+    return write
+
+
 def read_model_config(directory):
     """(backbone config, toolkit block) of a model directory, or a clear UserError."""
     directory = Path(directory)
@@ -252,10 +263,6 @@ def load_weights(model, directory):
 def count_parameters(model):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return sum(p.numel() for p in model.parameters()), trainable
-
-
-def device_of(model):
-    return next(model.parameters()).device
 
 
 def to_device(batch, device, keys=("input_ids", "attention_mask", "token_type_ids")):

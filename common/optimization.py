@@ -2,7 +2,6 @@
 takes, and the guard against non-finite losses."""
 import math
 import warnings
-from dataclasses import dataclass
 
 import torch
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
@@ -10,24 +9,16 @@ from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_wi
 from common.errors import UserError
 
 
-@dataclass
-class Optimization:
-    """What a loop steps: optimizer, scheduler, grad scaler, and how many optimizer steps the run takes."""
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    total_steps: int
-
-
 def build_optimization(model, args, batches_per_epoch, device, precision):
-    """AdamW, warmup + decay and a grad scaler for ``args.epochs`` (capped by ``--max-steps``)."""
+    """(optimizer, scheduler, scaler, total_steps): AdamW, warmup + decay and a grad scaler (a no-op
+    unless fp16) for ``args.epochs`` passes of ``batches_per_epoch`` forward passes, capped by --max-steps."""
     total_steps = math.ceil(batches_per_epoch / args.gradient_accumulation_steps) * args.epochs
     if args.max_steps > 0:
         total_steps = min(total_steps, args.max_steps)
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, args.adam_epsilon, device)
     warmup_steps = resolve_warmup_steps(total_steps, args.warmup_ratio, args.warmup_steps)
     scheduler = build_scheduler(optimizer, args.scheduler, warmup_steps, total_steps)
-    return Optimization(optimizer, scheduler, build_grad_scaler(precision, device), total_steps)
+    return optimizer, scheduler, build_grad_scaler(precision, device), total_steps
 
 
 def build_grad_scaler(precision, device):

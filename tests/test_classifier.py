@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_classifier
+from common import checkpoints
 from common.heads import SequenceClassifier
 from conftest import make_text_records, write_json, write_jsonl
 
@@ -173,16 +174,16 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir, text_d
               "--gradient-accumulation-steps", "2", "--batch-size", "4"]
     assert run(tiny_model_dir, tmp_path / "full", *common) == 0
 
-    original_save = train_classifier.save_checkpoint
+    original_save = checkpoints.save_checkpoint
 
-    def save_then_crash(output_dir, *args):
-        original_save(output_dir, *args)
-        if args[-1]["global_step"] == 4:  # mid-epoch, after an evaluation at step 3
+    def save_then_crash(output_dir, write_model, state, save_total_limit):
+        original_save(output_dir, write_model, state, save_total_limit)
+        if state["global_step"] == 4:  # mid-epoch, after an evaluation at step 3
             raise Interrupted()
-    monkeypatch.setattr(train_classifier, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_crash)
     with pytest.raises(Interrupted):
         run(tiny_model_dir, tmp_path / "resumed", *common)
-    monkeypatch.setattr(train_classifier, "save_checkpoint", original_save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", original_save)
     assert run(tiny_model_dir, tmp_path / "resumed", *common, "--resume") == 0
 
     final_step = max(int(p.name.rsplit("-", 1)[1]) for p in (tmp_path / "full").glob("checkpoint-step-*"))

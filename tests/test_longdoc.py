@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_longdoc
+from common import checkpoints
 from common import longdoc, modeldir
 from common.heads import SequenceClassifier
 from conftest import write_jsonl
@@ -309,16 +310,16 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir, docume
               "--save-steps", "2", "--save-total-limit", "0", "--eval-steps", "3", "--dropout", "0.3",
               "--gradient-accumulation-steps", "2", "--batch-size", "2"]
     assert run(tiny_model_dir, tmp_path / "full", *common) == 0
-    original_save = train_longdoc.save_checkpoint
+    original_save = checkpoints.save_checkpoint
 
-    def save_then_crash(output_dir, *args):
-        original_save(output_dir, *args)
-        if args[-1]["global_step"] == 4:  # mid-epoch, after an evaluation at step 3
+    def save_then_crash(output_dir, write_model, state, save_total_limit):
+        original_save(output_dir, write_model, state, save_total_limit)
+        if state["global_step"] == 4:  # mid-epoch, after an evaluation at step 3
             raise Interrupted()
-    monkeypatch.setattr(train_longdoc, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_crash)
     with pytest.raises(Interrupted):
         run(tiny_model_dir, tmp_path / "resumed", *common)
-    monkeypatch.setattr(train_longdoc, "save_checkpoint", original_save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", original_save)
     assert run(tiny_model_dir, tmp_path / "resumed", *common, "--resume") == 0
     final_step = max(int(p.name.rsplit("-", 1)[1]) for p in (tmp_path / "full").glob("checkpoint-step-*"))
     assert final_step > 4

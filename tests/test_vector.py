@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_vector
+from common import checkpoints
 from common.vector import (BertVectorModel, cosent_loss, infonce_loss, load_pairs, weighted_mse_loss)
 from conftest import write_json, write_jsonl
 from test_server import free_port, wait_until_up
@@ -320,16 +321,16 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir, pair_d
               "--gradient_accumulation_steps", "2", "--loss", "cosent"]
     assert train_vector.main(train_args(tiny_model_dir, tmp_path / "full", pair_data, *common)) == 0
 
-    original_save = train_vector.save_checkpoint
+    original_save = checkpoints.save_checkpoint
 
-    def save_then_crash(output_dir, model, args, state):
-        original_save(output_dir, model, args, state)
+    def save_then_crash(output_dir, write_model, state, save_total_limit):
+        original_save(output_dir, write_model, state, save_total_limit)
         if state["global_step"] == 3:  # mid-epoch, after an evaluation at step 2
             raise Interrupted()
-    monkeypatch.setattr(train_vector, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_crash)
     with pytest.raises(Interrupted):
         train_vector.main(train_args(tiny_model_dir, tmp_path / "resumed", pair_data, *common))
-    monkeypatch.setattr(train_vector, "save_checkpoint", original_save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", original_save)
     assert train_vector.main(train_args(tiny_model_dir, tmp_path / "resumed", pair_data, *common, "--resume")) == 0
 
     final = sorted((tmp_path / "full").glob("checkpoint-step-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))[-1]
