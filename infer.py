@@ -363,6 +363,9 @@ def check_args(args):
         raise UserError("--corpus needs --serve (it enables POST /search)")
     if args.output and args.serve:
         raise UserError("--output is for batch runs; --serve answers over HTTP")
+    if args.serve:
+        from common import server
+        server.resolve_api_key(args.api_key)  # a bad key fails before the model loads
     check_path_flags(args)
     check_command_line_texts(args)
 

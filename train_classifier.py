@@ -26,6 +26,7 @@ from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args,
                         resolve_default_warmup, write_effective_config)
 from common.errors import UserError, report_user_errors
 from common.heads import POOLINGS, SequenceClassifier
+from common.text import build_normalizer
 from common.metrics import SELECTABLE_METRICS, classification_metrics, format_report, majority_baseline
 
 # config-file keys (sections of seed 000's default.yaml) whose flag has another name
@@ -110,14 +111,6 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------- data
-
-def build_text_normalizer(spec):
-    """Identity without --normalize; else common.text's normalizer (stored with the model)."""
-    if spec is None:
-        return lambda text: text
-    from common.text import build_normalizer
-    return build_normalizer(spec)
-
 
 def load_splits(args, label_names=None):
     """Read and validate every split before anything expensive; returns (splits, label_set, format)."""
@@ -538,7 +531,7 @@ def run_eval_only(args, context):
     args.max_length, args.truncation_side = preprocessing["max_length"], preprocessing["truncation_side"]
     args.pad_token_id = tokenizer.pad_token_id
     datasets, summaries = encode_splits({"test": splits["test"]}, tokenizer, args,
-                                        build_text_normalizer(preprocessing.get("normalize")), label_set)
+                                        build_normalizer(preprocessing.get("normalize")), label_set)
     print(data.format_summary(summaries))
     datasets["val"], splits["val"] = datasets["test"], splits["test"]
     args.calibrate = False
@@ -572,13 +565,13 @@ def run_training(args, context):
     unk_rate_before = None
     if args.extend_vocab > 0:
         from common.vocab import extend_vocabulary, unk_rate
-        normalize = build_text_normalizer(normalize_spec)
+        normalize = build_normalizer(normalize_spec)
         train_texts = [normalize(e.text) for e in splits["train"]]
         unk_rate_before = unk_rate(tokenizer, train_texts)
         added = extend_vocabulary(tokenizer, train_texts, args.extend_vocab)
         print(f"--extend-vocab {args.extend_vocab}: added {len(added)} tokens, e.g. {added[:20]}")
     args.pad_token_id = tokenizer.pad_token_id
-    datasets, summaries = encode_splits(splits, tokenizer, args, build_text_normalizer(normalize_spec), label_set)
+    datasets, summaries = encode_splits(splits, tokenizer, args, build_normalizer(normalize_spec), label_set)
     if context.is_main:
         print(data.format_summary(summaries))
         if unk_rate_before is not None:

@@ -31,7 +31,7 @@ from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args,
                         add_optimization_args, add_runtime_args, apply_option_ranges, parse_with_config,
                         resolve_default_warmup, write_effective_config)
 from common.errors import UserError, report_user_errors
-from common.vector import (LOSSES, VECTOR_POOLINGS, BertVectorModel, PairCollator, PairEncoder, VectorService,
+from common.vector import (LOSSES, VECTOR_POOLINGS, BertVectorModel, PairCollator, PairEncoder,
                            build_pair_dataset, compute_pair_loss, evaluate_pairs, load_pairs, read_json_if_exists)
 
 __all__ = ["BertVectorModel", "main"]
@@ -457,8 +457,8 @@ def run_training(args, context):
     tokenizer = modeldir.load_tokenizer(args.model_name, args.trust_remote_code)
     if args.extend_vocab > 0:
         from common.vocab import extend_vocabulary
-        from common.vector import build_text_normalizer
-        normalize = build_text_normalizer(normalize_spec)
+        from common.text import build_normalizer
+        normalize = build_normalizer(normalize_spec)
         texts = [normalize(text) for pair in splits["train"] for text in (pair.query, pair.document)]
         added = extend_vocabulary(tokenizer, texts, args.extend_vocab)
         print(f"--extend-vocab {args.extend_vocab}: added {len(added)} tokens, e.g. {added[:20]}")
@@ -592,11 +592,15 @@ def write_metrics(path, metrics):
 
 
 def run_deploy(args):
-    from common import server
+    from common import inference, server
+    server.resolve_api_key(args.api_key)  # a bad key fails before the model loads
     directory = args.model_path or resolve_best_model_dir(args.output_dir)
     corpus_entries = server.load_corpus_records(args.corpus, args.skip_invalid) if args.corpus else None
-    service = VectorService.from_directory(directory, args.device_obj, args.eval_batch_size)
-    print(f"serving {directory} (embedding size {service.model.dim})", file=sys.stderr)
+    loaded = inference.load_model(directory, device=str(args.device_obj))
+    if loaded.task != "vector":
+        raise UserError(f"--model-path {directory}: a {loaded.task} model, not a vector model (serve it with infer.py)")
+    service = inference.VectorService(loaded, args.eval_batch_size)
+    print(f"serving {directory} (embedding size {service.dim})", file=sys.stderr)
     corpus = server.build_corpus(service, *corpus_entries) if corpus_entries else None
     app = server.create_app(service, api_key=args.api_key, max_texts=args.max_texts, max_chars=args.max_chars,
                             max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, corpus=corpus)

@@ -18,6 +18,7 @@ import torch
 
 from common import data, modeldir
 from common.errors import UserError
+from common.text import build_normalizer
 
 TASKS = modeldir.TASKS
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -229,22 +230,12 @@ class OnnxRunner:
 
 # ---------------------------------------------------------------- preprocessing and batching
 
-def build_text_normalizer(preprocessing):
-    """The stored normalizer (``common.text``), or None when training used none."""
-    spec = preprocessing.get("normalize")
-    if spec is None:
-        return None
-    from common.text import build_normalizer
-    return build_normalizer(spec)
-
-
 def encode_inputs(loaded, texts, contexts=None, max_length=None):
     """Encode exactly as in training: stored normalization, max length, truncation side, context pair."""
     preprocessing = loaded.preprocessing
-    normalizer = build_text_normalizer(preprocessing)
-    if normalizer is not None:
-        texts = [normalizer(text) for text in texts]
-        contexts = None if contexts is None else [normalizer(c) if c else c for c in contexts]
+    normalize = build_normalizer(preprocessing.get("normalize"))  # the identity when training used none
+    texts = [normalize(text) for text in texts]
+    contexts = None if contexts is None else [normalize(c) if c else c for c in contexts]
     return data.encode_texts(loaded.tokenizer, texts, contexts, max_length or preprocessing.get("max_length", 128),
                              preprocessing.get("truncation_side", "right"))
 

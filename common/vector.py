@@ -16,6 +16,7 @@ from torch import nn
 from common import data, modeldir
 from common.errors import UserError
 from common.heads import pool_hidden_states
+from common.text import build_normalizer
 
 VECTOR_POOLINGS = ("cls", "mean")
 LOSSES = ("mse", "cosent", "infonce")
@@ -140,17 +141,9 @@ class BertVectorModel(nn.Module):
         return F.normalize(outputs, dim=-1) if normalize else outputs
 
 
-def build_text_normalizer(spec):
-    """The stored text normalizer (common.text) or the identity."""
-    if spec is None:
-        return lambda text: text
-    from common.text import build_normalizer
-    return build_normalizer(spec)
-
-
 def encode_text_features(tokenizer, texts, max_length, preprocessing):
     """Token ids of texts, normalized and truncated exactly as in training."""
-    normalize = build_text_normalizer(preprocessing.get("normalize"))
+    normalize = build_normalizer(preprocessing.get("normalize"))
     return data.encode_texts(tokenizer, [normalize(text) for text in texts], None, max_length,
                              preprocessing.get("truncation_side", "right"))
 
@@ -336,36 +329,6 @@ def evaluate_pairs(model, pairs, loss_name="mse", temperature=0.05, batch_size=3
         loss_sum += float(loss) * len(chunk)
     return list(groups.values()), loss_sum / len(pairs)
 
-
-# ---------------------------------------------------------------- serving
-
-class VectorService:
-    """What ``common.server.create_app`` serves for a vector model: info(), encode(), encode_documents()."""
-    kind = "vector"
-
-    def __init__(self, model, batch_size=32, source=None):
-        self.model = model
-        self.batch_size = batch_size
-        self.source = source
-
-    @classmethod
-    def from_directory(cls, directory, device="cpu", batch_size=32):
-        """A service for the vector model directory ``directory``."""
-        return cls(BertVectorModel.from_pretrained(directory, device), batch_size, str(directory))
-
-    def info(self):
-        settings = self.model.vector_settings
-        return {"kind": self.kind, "task": "vector", "model": Path(self.source).name if self.source else None,
-                "dim": self.model.dim, "pooling": settings["pooling"], "normalize": settings["normalize"],
-                "query_max_length": settings["query_max_length"], "doc_max_length": settings["doc_max_length"]}
-
-    def encode(self, texts):
-        """Query-side embeddings as lists of floats."""
-        return self.model.encode(list(texts), self.batch_size, side="query").tolist()
-
-    def encode_documents(self, texts):
-        """Document-side embeddings (doc_max_length) as lists of floats."""
-        return self.model.encode(list(texts), self.batch_size, side="document").tolist()
 
 
 def read_json_if_exists(path):

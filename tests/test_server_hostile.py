@@ -200,15 +200,6 @@ def test_an_api_key_no_client_could_send_is_refused(key, monkeypatch):
         server.resolve_api_key(key)
 
 
-class StubVectorService(FakeVectorService):
-    """What train_vector's deploy mode needs from VectorService, without a model."""
-    model = types.SimpleNamespace(dim=4)
-
-    @classmethod
-    def from_directory(cls, directory, device="cpu", batch_size=32):
-        return cls()
-
-
 @pytest.mark.parametrize("entry_point", ["infer", "train_vector"])
 def test_both_entry_points_refuse_an_empty_api_key(entry_point, tmp_path, monkeypatch, capsys):
     """infer.py --serve and train_vector.py --mode deploy both reach resolve_api_key through create_app."""
@@ -221,8 +212,7 @@ def test_both_entry_points_refuse_an_empty_api_key(entry_point, tmp_path, monkey
         monkeypatch.setattr(infer.inference, "build_service", lambda *args: FakeClassifier())
         status = infer.main(["--model-path", str(tmp_path), "--serve", "--api-key", ""])
     else:
-        import train_vector
-        monkeypatch.setattr(train_vector, "VectorService", StubVectorService)
+        import train_vector  # the key is checked before any model is looked for
         status = train_vector.main(["--mode", "deploy", "--model_dir", str(tmp_path), "--api_key", ""])
     assert status == 2 and served == []
     assert_one_error_line(capsys.readouterr().err, "--api-key is empty")
