@@ -128,3 +128,28 @@ def tiny_run_argv(script, tmp_path, tiny_model_dir, output_dir):
     if script == "train_longdoc":
         argv += ["--max-length", "16", "--stride", "4"]
     return [str(argument) for argument in argv]
+
+
+# ---------------------------------------------------------------- running the trainers
+
+# Each trainer's own flags for a tiny CPU run; argparse keeps the last value, so a test's flags win.
+TRAINER_FLAGS = {
+    "train_classifier": ["--batch-size", "8"],
+    "train_longdoc": ["--batch-size", "4", "--max-length", "16", "--stride", "4", "--chunk-batch-size", "3"],
+    "train_vector": ["--batch-size", "8", "--max-length", "32"],
+}
+
+
+def trainer_argv(script, model_dir, output_dir, *extra):
+    """Arguments of a tiny fp32 CPU run of ``script``: one epoch, learning rate 5e-3, no step checkpoints,
+    then ``extra``."""
+    argv = ["--model-name", model_dir, "--output-dir", output_dir, "--precision", "fp32", "--device", "cpu",
+            "--epochs", "1", "--learning-rate", "5e-3", "--logging-steps", "2", "--save-steps", "0",
+            *TRAINER_FLAGS[script], *extra]
+    return [str(argument) for argument in argv]
+
+
+def run_trainer(script, model_dir, output_dir, *extra):
+    """``script.main(trainer_argv(...))`` in this process; returns the exit code."""
+    import importlib
+    return importlib.import_module(script).main(trainer_argv(script, model_dir, output_dir, *extra))

@@ -1,27 +1,21 @@
-"""train_classifier.py end to end on a tiny BERT: formats, errors, resume, DDP, early stopping, round trip."""
+"""train_classifier.py end to end on a tiny BERT: formats, errors, early stopping, round trip.
+Resume, torchrun and evaluate-only are in test_trainer_contract.py, with the other trainers."""
 import json
-import os
-import subprocess
-import sys
+import statistics
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import train_classifier
-from common import checkpoints
 from common.heads import SequenceClassifier
-from conftest import make_text_records, write_json, write_jsonl
+from conftest import make_text_records, run_trainer, write_json, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run(tiny_model_dir, output_dir, *extra):
-    argv = ["--model-name", str(tiny_model_dir), "--output-dir", str(output_dir), "--precision", "fp32",
-            "--epochs", "1", "--batch-size", "8", "--learning-rate", "5e-3", "--logging-steps", "2",
-            "--save-steps", "0", *extra]
-    return train_classifier.main(argv)
+    return run_trainer("train_classifier", tiny_model_dir, output_dir, *extra)
 
 
 def message_records(count):
@@ -46,21 +40,28 @@ def write_csv(path, records, delimiter=","):
 
 @pytest.mark.parametrize("kind", ["json", "jsonl", "csv", "tsv", "message", "chat"])
 def test_trains_on_every_format(tmp_path, tiny_model_dir, kind):
+    records = make_text_records(20)
     writers = {
-        "json": lambda: write_json(tmp_path / "d.json", make_text_records(12)),
-        "jsonl": lambda: write_jsonl(tmp_path / "d.jsonl", make_text_records(12)),
-        "csv": lambda: write_csv(tmp_path / "d.csv", make_text_records(12)),
-        "tsv": lambda: write_csv(tmp_path / "d.tsv", make_text_records(12), "\t"),
-        "message": lambda: write_json(tmp_path / "d.json", message_records(12)),
-        "chat": lambda: write_json(tmp_path / "d.json", chat_records(12)),
+        "json": lambda: write_json(tmp_path / "d.json", records),
+        "jsonl": lambda: write_jsonl(tmp_path / "d.jsonl", records),
+        "csv": lambda: write_csv(tmp_path / "d.csv", records),
+        "tsv": lambda: write_csv(tmp_path / "d.tsv", records, "\t"),
+        "message": lambda: write_json(tmp_path / "d.json", message_records(20)),
+        "chat": lambda: write_json(tmp_path / "d.json", chat_records(20)),
     }
-    assert run(tiny_model_dir, tmp_path / "out", "--data-path", str(writers[kind]()), "--val-ratio", "0.25") == 0
+    assert run(tiny_model_dir, tmp_path / "out", "--data-path", str(writers[kind]()), "--val-ratio", "0.25",
+               "--epochs", "8", "--logging-steps", "1", "--patience", "0") == 0
     config = json.loads((tmp_path / "out" / "checkpoint-best" / "config.json").read_text())
     expected_labels = {"chat": ["GPT", "Human"], "message": ["0", "1"]}.get(kind, ["negative", "positive"])
     assert [config["id2label"][str(i)] for i in range(2)] == expected_labels
     assert config["toolkit"]["preprocessing"]["record_format"] == {"message": "message", "chat": "chat"}.get(kind, "text")
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert {"accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix"} <= set(metrics["validation"])
+    # the texts and labels were read as meant: the model learned them
+    rows = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in rows if "loss" in row]
+    quarter = len(losses) // 4
+    assert statistics.mean(losses[-quarter:]) < 0.5 * statistics.mean(losses[:quarter]), losses
+    validation = json.loads((tmp_path / "out" / "metrics.json").read_text())["validation"]
+    assert validation["num_examples"] == 10 and validation["accuracy"] > 0.5  # two balanced classes: chance is 0.5
 
 
 def test_learns_and_round_trips_through_the_model_directory(tmp_path, tiny_model_dir, text_data):
@@ -109,9 +110,12 @@ def test_early_stopping_stops_after_patience(tmp_path, tiny_model_dir, text_data
                str(text_data["val"]), "--epochs", "20", "--learning-rate", "0", "--eval-steps", "2",
                "--patience", "2") == 0
     rows = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
-    evaluations = [row for row in rows if "eval_loss" in row]
+    assert rows[0]["untuned"] and rows[0]["step"] == 0 and not rows[0]["improved"]  # a reference only
+    evaluations = [row for row in rows if "eval_loss" in row and not row["untuned"]]
     assert len(evaluations) == 3  # the first sets the best, two more without improvement stop it
     assert evaluations[-1]["step"] == 6
+    untuned = json.loads((tmp_path / "out" / "metrics.json").read_text())["untuned"]
+    assert untuned["validation"]["step"] == 0 and untuned["beaten"] is False  # learning rate 0 changes nothing
 
 
 @pytest.mark.parametrize("example, extra", [
@@ -133,15 +137,27 @@ def test_an_epoch_end_that_is_also_an_eval_step_is_evaluated_once(tmp_path, tiny
                "--patience", "3") == 0
     rows = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     # scoring the same weights twice would spend patience: it would stop at step 6
-    assert [row["step"] for row in rows if "eval_loss" in row] == [3, 6, 9, 12]
+    assert [row["step"] for row in rows if "eval_loss" in row] == [0, 3, 6, 9, 12]  # 0: the untuned model
+
+
+# the Hugging Face Trainer's spellings: (flag, value, option, parsed value); none is the default
+HF_SPELLINGS = [
+    ("--model_name_or_path", "m", "model_name", "m"), ("--data_path", "d.json", "data_path", "d.json"),
+    ("--output_dir", "o", "output_dir", "o"), ("--num_train_epochs", "4", "epochs", 4),
+    ("--per_device_train_batch_size", "16", "batch_size", 16), ("--learning_rate", "3e-5", "learning_rate", 3e-5),
+    ("--max_length", "64", "max_length", 64), ("--logging_steps", "5", "logging_steps", 5),
+    ("--eval_steps", "7", "eval_steps", 7), ("--save_steps", "9", "save_steps", 9),
+    ("--gradient_accumulation_steps", "2", "gradient_accumulation_steps", 2), ("--fp16", None, "precision", "fp16"),
+]
 
 
 def test_the_hf_trainer_spellings_of_seed_002_parse():
-    args = train_classifier.parse_args([
-        "--model_name_or_path", "m", "--data_path", "d.json", "--output_dir", "o", "--num_train_epochs", "4",
-        "--per_device_train_batch_size", "16", "--learning_rate", "3e-5", "--max_length", "64", "--logging_steps", "5",
-        "--eval_steps", "7", "--save_steps", "9", "--fp16", "--gradient_accumulation_steps", "2"])
-    assert (args.model_name, args.epochs, args.batch_size, args.precision, args.eval_steps) == ("m", 4, 16, "fp16", 7)
+    args = train_classifier.parse_args([part for flag, value, _, _ in HF_SPELLINGS for part in (flag, value)
+                                        if part is not None])
+    defaults = train_classifier.parse_args(["--data-path", "other.json"])
+    for flag, _, option, expected in HF_SPELLINGS:
+        assert getattr(args, option) == expected, flag
+        assert getattr(defaults, option) != expected, f"{flag}: {expected!r} is the default, so this proves nothing"
 
 
 def test_config_file_sections_and_flag_override(tmp_path, tiny_model_dir, text_data):
@@ -162,56 +178,6 @@ def test_unknown_config_key_is_a_user_error(tmp_path, capsys):
     config.write_text("training:\n  epochz: 3\n", encoding="utf-8")
     assert train_classifier.main(["--config", str(config), "--data-path", "x.json"]) == 2
     assert "key 'training.epochz' is not a known option" in capsys.readouterr().err
-
-
-class Interrupted(Exception):
-    pass
-
-
-def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir, text_data, monkeypatch):
-    common = ["--data-path", str(text_data["train"]), "--val-path", str(text_data["val"]), "--epochs", "2",
-              "--save-steps", "2", "--save-total-limit", "0", "--eval-steps", "3", "--dropout", "0.3",
-              "--gradient-accumulation-steps", "2", "--batch-size", "4"]
-    assert run(tiny_model_dir, tmp_path / "full", *common) == 0
-
-    original_save = checkpoints.save_checkpoint
-
-    def save_then_crash(output_dir, write_model, state, save_total_limit):
-        original_save(output_dir, write_model, state, save_total_limit)
-        if state["global_step"] == 4:  # mid-epoch, after an evaluation at step 3
-            raise Interrupted()
-    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_crash)
-    with pytest.raises(Interrupted):
-        run(tiny_model_dir, tmp_path / "resumed", *common)
-    monkeypatch.setattr(checkpoints, "save_checkpoint", original_save)
-    assert run(tiny_model_dir, tmp_path / "resumed", *common, "--resume") == 0
-
-    final_step = max(int(p.name.rsplit("-", 1)[1]) for p in (tmp_path / "full").glob("checkpoint-step-*"))
-    for directory in (f"checkpoint-step-{final_step}", "checkpoint-best"):
-        full = load_file(str(tmp_path / "full" / directory / "model.safetensors"))
-        resumed = load_file(str(tmp_path / "resumed" / directory / "model.safetensors"))
-        assert all(torch.equal(full[key], resumed[key]) for key in full), directory
-    full_metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
-    resumed_metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
-    assert full_metrics["validation"] == resumed_metrics["validation"]
-
-
-def test_torchrun_two_processes_on_cpu(tmp_path, tiny_model_dir, text_data):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(29500 + os.getpid() % 1000), str(REPO / "train_classifier.py"), "--data-path",
-               str(text_data["train"]), "--val-path", str(text_data["val"]), "--model-name", str(tiny_model_dir),
-               "--output-dir", str(tmp_path / "out"), "--epochs", "2", "--batch-size", "4", "--device", "cpu",
-               "--precision", "fp32", "--eval-steps", "3", "--save-steps", "3", "--logging-steps", "1", "--patience", "0"]
-    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
-    steps = [row["step"] for row in rows if "loss" in row]
-    assert steps == sorted(set(steps))  # only rank 0 logs: no duplicate rows
-    # 24 records per class x 2 classes = 48 / (batch 4 x 2 ranks) = 6 steps per epoch
-    assert max(steps) == 12
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["validation"]["num_examples"] == 16  # gathered from both ranks, nothing lost or doubled
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """train_longdoc.py and common/longdoc.py on a tiny BERT: chunking, aggregation, the bounded-memory
-document loss, train -> model directory -> predict_documents, stripping, capping, resume, errors."""
+document loss, train -> model directory -> predict_documents, stripping, capping, errors.
+Resume and torchrun are in test_trainer_contract.py, with the other trainers."""
 import json
 import math
 import random
@@ -7,13 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import train_longdoc
-from common import checkpoints
 from common import longdoc, modeldir
 from common.heads import SequenceClassifier
-from conftest import write_jsonl
+from conftest import run_trainer, write_jsonl
 
 FILLER = ["the", "a", "is", "was", "it", "this", "and", "what", "very", "not"]
 TOPICS = {"sports": ["sports", "game", "team"], "market": ["market", "stock", "price"]}
@@ -52,10 +51,7 @@ def tokenizer(tiny_model_dir):
 
 
 def run(tiny_model_dir, output_dir, *extra):
-    argv = ["--model-name", str(tiny_model_dir), "--output-dir", str(output_dir), "--precision", "fp32",
-            "--epochs", "1", "--batch-size", "4", "--learning-rate", "5e-3", "--logging-steps", "2",
-            "--save-steps", "0", "--max-length", "16", "--stride", "4", "--chunk-batch-size", "3", *extra]
-    return train_longdoc.main(argv)
+    return run_trainer("train_longdoc", tiny_model_dir, output_dir, *extra)
 
 
 # ---------------------------------------------------------------- chunking
@@ -301,37 +297,6 @@ def test_max_chunks_caps_and_reports(tmp_path, tiny_model_dir, documents, tokeni
     assert result["num_chunks"] == 2 and result["num_windows"] > 2
 
 
-class Interrupted(Exception):
-    pass
-
-
-def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir, documents, monkeypatch):
-    common = ["--data-path", str(documents["train"]), "--val-path", str(documents["val"]), "--epochs", "2",
-              "--save-steps", "2", "--save-total-limit", "0", "--eval-steps", "3", "--dropout", "0.3",
-              "--gradient-accumulation-steps", "2", "--batch-size", "2"]
-    assert run(tiny_model_dir, tmp_path / "full", *common) == 0
-    original_save = checkpoints.save_checkpoint
-
-    def save_then_crash(output_dir, write_model, state, save_total_limit):
-        original_save(output_dir, write_model, state, save_total_limit)
-        if state["global_step"] == 4:  # mid-epoch, after an evaluation at step 3
-            raise Interrupted()
-    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_crash)
-    with pytest.raises(Interrupted):
-        run(tiny_model_dir, tmp_path / "resumed", *common)
-    monkeypatch.setattr(checkpoints, "save_checkpoint", original_save)
-    assert run(tiny_model_dir, tmp_path / "resumed", *common, "--resume") == 0
-    final_step = max(int(p.name.rsplit("-", 1)[1]) for p in (tmp_path / "full").glob("checkpoint-step-*"))
-    assert final_step > 4
-    for directory in (f"checkpoint-step-{final_step}", "checkpoint-best"):
-        full = load_file(str(tmp_path / "full" / directory / "model.safetensors"))
-        resumed = load_file(str(tmp_path / "resumed" / directory / "model.safetensors"))
-        assert all(torch.equal(full[key], resumed[key]) for key in full), directory
-    full_metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
-    resumed_metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
-    assert full_metrics["validation"] == resumed_metrics["validation"]
-
-
 def test_eval_only_uses_the_stored_settings(tmp_path, tiny_model_dir, documents, capsys):
     assert run(tiny_model_dir, tmp_path / "out", "--data-path", str(documents["train"]), "--val-path",
                str(documents["val"]), "--test-path", str(documents["test"]), "--aggregation", "max") == 0
@@ -363,26 +328,3 @@ def test_bad_input_exits_2_before_loading_the_model(tmp_path, capsys, records, e
                                *extra]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and expected in error[0] and "Traceback" not in error[0]
-
-
-def test_torchrun_two_processes_on_cpu(tmp_path, tiny_model_dir, documents):
-    """Ranks run different numbers of chunk micro-batches per step; DDP must neither hang nor lose documents."""
-    import os
-    import subprocess
-    import sys
-    repo = Path(__file__).resolve().parents[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(29600 + os.getpid() % 1000), str(repo / "train_longdoc.py"), "--data-path",
-               str(documents["train"]), "--val-path", str(documents["val"]), "--model-name", str(tiny_model_dir),
-               "--output-dir", str(tmp_path / "out"), "--epochs", "2", "--batch-size", "2", "--device", "cpu",
-               "--precision", "fp32", "--max-length", "16", "--stride", "4", "--chunk-batch-size", "3",
-               "--eval-steps", "3", "--save-steps", "3", "--logging-steps", "1", "--patience", "0"]
-    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
-    steps = [row["step"] for row in rows if "loss" in row]
-    assert steps == sorted(set(steps))  # only rank 0 logs
-    assert max(steps) == 12  # 24 documents / (2 per batch x 2 ranks) = 6 steps per epoch
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["validation"]["num_examples"] == 8  # gathered from both ranks, nothing lost or doubled

@@ -1,5 +1,5 @@
 """train_vector.py and common/vector.py on a tiny BERT: seed commands, model API, losses, bad input,
-train -> evaluate -> deploy (a real server process), exact resume."""
+train -> evaluate -> deploy (a real server process). Resume and torchrun are in test_trainer_contract.py."""
 import json
 import math
 import os
@@ -11,10 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import train_vector
-from common import checkpoints
 from common.vector import (BertVectorModel, cosent_loss, infonce_loss, load_pairs, weighted_mse_loss)
 from conftest import write_json, write_jsonl
 from test_server import free_port, wait_until_up
@@ -310,39 +308,6 @@ def test_deploy_serves_every_route_over_http(trained, tmp_path):
             process.wait()
 
 
-# ---------------------------------------------------------------- resume
-
-class Interrupted(Exception):
-    pass
-
-
-def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir, pair_data, monkeypatch):
-    common = ["--num_epochs", "2", "--batch_size", "4", "--save_steps", "3", "--eval_steps", "2",
-              "--gradient_accumulation_steps", "2", "--loss", "cosent"]
-    assert train_vector.main(train_args(tiny_model_dir, tmp_path / "full", pair_data, *common)) == 0
-
-    original_save = checkpoints.save_checkpoint
-
-    def save_then_crash(output_dir, write_model, state, save_total_limit):
-        original_save(output_dir, write_model, state, save_total_limit)
-        if state["global_step"] == 3:  # mid-epoch, after an evaluation at step 2
-            raise Interrupted()
-    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_crash)
-    with pytest.raises(Interrupted):
-        train_vector.main(train_args(tiny_model_dir, tmp_path / "resumed", pair_data, *common))
-    monkeypatch.setattr(checkpoints, "save_checkpoint", original_save)
-    assert train_vector.main(train_args(tiny_model_dir, tmp_path / "resumed", pair_data, *common, "--resume")) == 0
-
-    final = sorted((tmp_path / "full").glob("checkpoint-step-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))[-1]
-    for directory in (final.name, "checkpoint-best"):
-        full = load_file(str(tmp_path / "full" / directory / "model.safetensors"))
-        resumed = load_file(str(tmp_path / "resumed" / directory / "model.safetensors"))
-        assert all(torch.equal(full[key], resumed[key]) for key in full), directory
-    summary = json.loads((final / "trainer_state.json").read_text())
-    resumed_summary = json.loads((tmp_path / "resumed" / final.name / "trainer_state.json").read_text())
-    assert summary["val_loss"] == resumed_summary["val_loss"]
-
-
 @pytest.mark.parametrize("loss", ["infonce", "cosent"])
 def test_other_losses_train(tmp_path, tiny_model_dir, pair_data, loss):
     assert train_vector.main(train_args(tiny_model_dir, tmp_path / "out", pair_data, "--loss", loss,
@@ -379,18 +344,3 @@ def test_infer_loads_the_vector_model_directory(tmp_path, tiny_model_dir):
     assert loaded.task == "vector"
     vectors = inference.embed(loaded, ["good movie", "the stock market"])
     assert torch.allclose(torch.as_tensor(vectors), model.eval().encode(["good movie", "the stock market"]), atol=1e-5)
-
-
-def test_torchrun_two_processes_on_cpu(tmp_path, tiny_model_dir, pair_data):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(29600 + os.getpid() % 1000), str(REPO / "train_vector.py"),
-               *train_args(tiny_model_dir, tmp_path / "out", pair_data, "--batch_size", "4", "--max_steps", "3",
-                           "--device", "cpu", "--gradient_accumulation_steps", "2", "--num_epochs", "2")]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "processes: 2" in result.stdout
-    # 27 pairs, 4 per batch, 2 ranks, 2 batches per step: 2 steps an epoch; --max_steps 3 ends in epoch 2
-    steps = sorted(int(path.name.rsplit("-", 1)[1]) for path in (tmp_path / "out").glob("checkpoint-step-*"))
-    assert steps == [2, 3]
-    assert BertVectorModel.from_pretrained(tmp_path / "out" / "checkpoint-step-3").dim == 32
