@@ -383,14 +383,15 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
         nonlocal evaluated_step
         evaluated_step = global_step
         metrics, _, _ = evaluate(distributed.unwrap(model), datasets["val"], args, context, label_set.names)
-        improved = early_stopping.step(metrics[args.metric_for_best_model])
+        # the untuned model (step 0) is a reference only: its head is random
+        improved = global_step > 0 and early_stopping.step(metrics[args.metric_for_best_model], global_step)
         if improved and context.is_main:
             checkpoints.write_directory_atomically(output_dir / "checkpoint-best", write_model)
         logger.log({"step": global_step, "epoch": epoch, "eval_loss": metrics["loss"],
                     "eval_accuracy": metrics["accuracy"], "eval_macro_f1": metrics["macro_f1"],
                     f"eval_{args.metric_for_best_model}": metrics[args.metric_for_best_model],
                     "eval_by_aggregation": metrics["by_aggregation"],
-                    "best": early_stopping.best_metric, "improved": improved})
+                    "best": early_stopping.best_metric, "improved": improved, "untuned": global_step == 0})
 
     model.train()
     running_loss = torch.zeros((), device=device)
@@ -401,6 +402,8 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
     if checkpoint_dir is not None and global_step >= total_steps and evaluated_step != global_step \
             and not early_stopping.should_stop:
         run_evaluation(start_epoch)  # the last checkpoint was saved before the final evaluation: run it now
+    if checkpoint_dir is None:
+        run_evaluation(start_epoch)  # the untuned model: the reference fine-tuning has to beat
     for epoch in range(start_epoch, args.epochs):
         if stop:
             break
@@ -459,15 +462,15 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
     progress.close()
     if nonfinite_guard.skipped_total:
         logger.info(f"skipped {nonfinite_guard.skipped_total} optimizer steps with a non-finite loss")
-    return global_step
+    return early_stopping
 
 
 # ---------------------------------------------------------------- after training: test and reports
 
-def finish(args, model_dir, datasets, splits, label_set, context, output_dir, logger, train_labels):
+def finish(args, model_dir, datasets, splits, label_set, context, output_dir, logger, train_labels, results=None):
     """Reload the best model, evaluate validation and test at document level, write reports."""
     model, _, _, _ = SequenceClassifier.from_directory(model_dir, args.device_obj)
-    results = {}
+    results = dict(results or {})
     results["validation"], val_logits, val_labels = evaluate(model, datasets["val"], args, context, label_set.names)
     split_name, logits, labels = "validation", val_logits, val_labels
     if "test" in datasets:
@@ -588,13 +591,18 @@ def run_training(args, context):
     total, trainable = modeldir.count_parameters(model)
     logger.info(f"model: {args.model_name}, {total / 1e6:.1f}M parameters ({trainable / 1e6:.2f}M trainable)")
 
-    train(args, model, tokenizer, datasets, label_set, toolkit, context, output_dir, logger, resume_from)
+    early_stopping = train(args, model, tokenizer, datasets, label_set, toolkit, context, output_dir, logger,
+                           resume_from)
     distributed.barrier(context)
     best_dir = output_dir / "checkpoint-best"
     if not best_dir.is_dir():
         raise UserError("training ended before any evaluation: no checkpoint-best was written")
     train_labels = np.array([d.label for d in splits["train"]])
-    results = finish(args, best_dir, datasets, splits, label_set, context, output_dir, logger, train_labels)
+    untuned_row = logger.untuned_row()
+    untuned = {"validation": untuned_row, "beaten": training.compare_with_untuned(
+        early_stopping, untuned_row, args.metric_for_best_model, logger)}
+    results = finish(args, best_dir, datasets, splits, label_set, context, output_dir, logger, train_labels,
+                     {"untuned": untuned})
     if context.is_main:
         headline = results.get("test", results["validation"])
         logger.info(f"best model: {best_dir} ({args.metric_for_best_model} on validation "

@@ -288,13 +288,13 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
     def run_evaluation(epoch):
         """Validation loss -> early stopping; save checkpoint-best on improvement."""
         val_loss = evaluate_loss(distributed.unwrap(model), val_loader, args, context)
-        improved = early_stopping.step(val_loss)
+        improved = early_stopping.step(val_loss, global_step)
         if improved and context.is_main:
             checkpoints.write_directory_atomically(output_dir / "checkpoint-best", vector_writer(
                 model, args, {"global_step": global_step, "val_loss": val_loss, "run_id": args.run_id}))
         last_evaluation.update(step=global_step, val_loss=val_loss)
         logger.log({"step": global_step, "epoch": epoch, "eval_loss": val_loss,
-                    "best": early_stopping.best_metric, "improved": improved})
+                    "best": early_stopping.best_metric, "improved": improved, "untuned": global_step == 0})
 
     def run_save(epoch, batches_done):
         """checkpoint-step-N with the validation loss at step N (measured now if not yet)."""
@@ -304,6 +304,8 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
             checkpoints.save_checkpoint(output_dir, vector_writer(model, args),
                                         checkpoint_state(epoch, batches_done, val_loss), args.save_total_limit)
 
+    if checkpoint_dir is None:
+        run_evaluation(start_epoch)  # the untuned encoder competes: training must beat it to replace it
     model.train()
     running_loss = torch.zeros((), device=device)
     window_loss = torch.zeros((), device=device)
@@ -373,7 +375,7 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
     progress.close()
     if nonfinite_guard.skipped_total:
         logger.info(f"skipped {nonfinite_guard.skipped_total} optimizer steps with a non-finite loss")
-    return global_step
+    return early_stopping
 
 
 
@@ -481,12 +483,16 @@ def run_training(args, context):
     logger.info(f"model: {args.model_name}, {total / 1e6:.1f}M parameters ({trainable / 1e6:.2f}M trainable), "
                 f"pooling {args.pooling}, embedding size {vector_model(model).dim}")
 
-    train(args, model, datasets, context, output_dir, logger, resume_from)
+    early_stopping = train(args, model, datasets, context, output_dir, logger, resume_from)
+    # the untuned encoder is a usable model: it competes, and stays the best unless training beats it
+    untuned_row = logger.untuned_row()
+    beaten = training.compare_with_untuned(early_stopping, untuned_row, "loss", logger)
     distributed.barrier(context)
     if context.is_main:
         directory, val_loss = lowest_val_loss_checkpoint(output_dir)
         if directory is not None:
-            write_best_record(output_dir, directory, val_loss, "lowest validation loss (training)")
+            write_best_record(output_dir, directory, val_loss, "lowest validation loss (training)",
+                              {"untuned": untuned_row, "untuned_beaten": beaten})
             publish_model(directory, output_dir)
             logger.info(f"best checkpoint: {directory} (validation loss {val_loss:.5f}); "
                         f"evaluate with --mode evaluate --select_best")

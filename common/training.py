@@ -68,10 +68,11 @@ def resolve_precision(name, device):
 # ---------------------------------------------------------------- early stopping
 
 class EarlyStopping:
-    """Track the best metric; ``step(value)`` returns True when it improved.
+    """Track the best metric and the step that reached it; ``step(value, global_step)`` returns True
+    when it improved.
 
-    ``should_stop`` becomes True after ``patience`` evaluations without an
-    improvement larger than ``min_delta``. Its state goes into every checkpoint.
+    ``should_stop`` becomes True after ``patience`` evaluations without an improvement larger than
+    ``min_delta``. Its state goes into every checkpoint.
     """
 
     def __init__(self, patience, min_delta=0.0, mode="max"):
@@ -79,14 +80,13 @@ class EarlyStopping:
         self.min_delta = min_delta
         self.mode = mode
         self.best_metric = None
+        self.best_step = None
         self.bad_evaluations = 0
 
-    def step(self, value):
-        improved = self.best_metric is None or (
-            value > self.best_metric + self.min_delta if self.mode == "max"
-            else value < self.best_metric - self.min_delta)
+    def step(self, value, global_step=None):
+        improved = self.best_metric is None or self.is_better(value, self.best_metric, self.min_delta)
         if improved:
-            self.best_metric = value
+            self.best_metric, self.best_step = value, global_step
             self.bad_evaluations = 0
         else:
             self.bad_evaluations += 1
@@ -96,12 +96,32 @@ class EarlyStopping:
     def should_stop(self):
         return self.patience > 0 and self.bad_evaluations >= self.patience
 
+    def is_better(self, value, reference, margin=0.0):
+        return value > reference + margin if self.mode == "max" else value < reference - margin
+
     def state_dict(self):
-        return {"best_metric": self.best_metric, "bad_evaluations": self.bad_evaluations}
+        return {"best_metric": self.best_metric, "best_step": self.best_step,
+                "bad_evaluations": self.bad_evaluations}
 
     def load_state_dict(self, state):
-        self.best_metric = state["best_metric"]
+        self.best_metric, self.best_step = state["best_metric"], state.get("best_step")
         self.bad_evaluations = state["bad_evaluations"]
+
+
+def compare_with_untuned(early_stopping, untuned_row, metric_name, logger):
+    """Whether the best trained model beats the untuned one (step 0) on validation; says so loudly
+    when it does not. None when the run has no untuned evaluation (resumed from an older version)."""
+    if not untuned_row or untuned_row.get(f"eval_{metric_name}") is None or early_stopping.best_metric is None:
+        return None
+    untuned_value = untuned_row[f"eval_{metric_name}"]
+    beaten = early_stopping.best_step != 0 and early_stopping.is_better(early_stopping.best_metric, untuned_value)
+    if not beaten:
+        kept = "checkpoint-best is the untuned model" if early_stopping.best_step == 0 else \
+            f"checkpoint-best ({early_stopping.best_metric:.4f}) is no better"
+        logger.info(f"warning: fine-tuning did not beat the untuned model on validation {metric_name} "
+                    f"({untuned_value:.4f} before training): {kept}. Check the data, the learning rate and the "
+                    "number of steps, or compare with a simple baseline")
+    return beaten
 
 
 # ---------------------------------------------------------------- RNG state
@@ -148,6 +168,13 @@ class RunLogger:
     def info(self, message):
         if self.is_main:
             tqdm.write(message)
+
+    def untuned_row(self):
+        """The evaluation of the starting model (step 0) from train_log.jsonl (also after a resume), or None."""
+        if not self.path.is_file():
+            return None
+        rows = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return next((row for row in rows if row.get("untuned")), None)
 
     def log(self, row):
         if not self.is_main:
