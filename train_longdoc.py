@@ -396,7 +396,7 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
     model.train()
     running_loss = torch.zeros((), device=device)
     window_loss = torch.zeros((), device=device)
-    documents_since_log, chunks_since_log, log_started = 0, 0, time.perf_counter()
+    samples_since_log, log_started = 0, time.perf_counter()  # samples: documents
     progress = tqdm(total=total_steps, initial=global_step, disable=not context.is_main, desc="train")
     stop = global_step >= total_steps or early_stopping.should_stop
     if checkpoint_dir is not None and global_step >= total_steps and evaluated_step != global_step \
@@ -418,8 +418,7 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
                                           precision, device, sync=window_ends or not context.enabled)
             running_loss += loss
             window_loss += loss
-            documents_since_log += len(batch["labels"]) * context.world_size
-            chunks_since_log += len(batch["chunks"]) * context.world_size
+            samples_since_log += len(batch["labels"]) * context.world_size
             if not window_ends:
                 continue
             # ---- optimizer step: skip non-finite losses (fp16 overflow is the scaler's job)
@@ -438,11 +437,10 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
                 mean_loss = (running_loss / (args.logging_steps * args.gradient_accumulation_steps)).item()
                 logger.log({"step": global_step, "epoch": epoch, "loss": mean_loss,
                             "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                            "documents_per_second": documents_since_log / elapsed,
-                            "chunks_per_second": chunks_since_log / elapsed})
+                            "samples_per_second": samples_since_log / elapsed})
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 running_loss.zero_()
-                documents_since_log, chunks_since_log, log_started = 0, 0, time.perf_counter()
+                samples_since_log, log_started = 0, time.perf_counter()
             if args.eval_steps > 0 and global_step % args.eval_steps == 0:
                 run_evaluation(epoch)
             if args.save_strategy == "steps" and args.save_steps > 0 and global_step % args.save_steps == 0 \

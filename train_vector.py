@@ -141,17 +141,19 @@ def keep_positive_pairs(pairs, name, threshold):
 
 
 def encode_splits(splits, tokenizer, model):
-    """Tokenize every split once (queries and documents at their own lengths); print a summary."""
-    datasets = {}
+    """Tokenize every split once (queries and documents at their own lengths); print a summary and
+    return (datasets, summaries) like the other trainers (for dataset_summary.json)."""
+    datasets, summaries = {}, []
     for name, pairs in splits.items():
-        stats = {}
+        stats = {"split": name, "pairs": len(pairs), "queries": len({p.query for p in pairs})}
         datasets[name] = build_pair_dataset(tokenizer, pairs, model.max_length_for("query"),
                                             model.max_length_for("document"), model.preprocessing, stats)
         print(f"  {name}: {len(pairs)} pairs, {len({p.query for p in pairs})} queries; query tokens "
               f"p50={stats['query_tokens']['p50']} max={stats['query_tokens']['max']} "
               f"({stats['queries_truncated']} at the limit); document tokens p50={stats['document_tokens']['p50']} "
               f"max={stats['document_tokens']['max']} ({stats['documents_truncated']} at the limit)")
-    return datasets
+        summaries.append(stats)
+    return datasets, summaries
 
 
 def build_train_loader(dataset, args, context):
@@ -309,7 +311,7 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
     model.train()
     running_loss = torch.zeros((), device=device)
     window_loss = torch.zeros((), device=device)
-    log_started = time.perf_counter()
+    samples_since_log, log_started = 0, time.perf_counter()  # samples: pairs
     progress = tqdm(total=total_steps, initial=global_step, disable=not context.is_main, desc="train")
     stop = global_step >= total_steps or early_stopping.should_stop
     epoch, batches_done, saved_step = start_epoch, skip_batches, None
@@ -333,6 +335,7 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
                 scaler.scale(loss / args.gradient_accumulation_steps).backward()
             running_loss += loss.detach()
             window_loss += loss.detach()
+            samples_since_log += len(batch["rel"]) * context.world_size
             if not window_ends:
                 continue
             # ---- optimizer step: skip non-finite losses (fp16 overflow is the scaler's job)
@@ -351,10 +354,10 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
                 elapsed = time.perf_counter() - log_started
                 logger.log({"step": global_step, "epoch": epoch, "loss": mean_loss,
                             "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                            "steps_per_second": args.logging_steps / max(elapsed, 1e-9)})
+                            "samples_per_second": samples_since_log / max(elapsed, 1e-9)})
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 running_loss.zero_()
-                log_started = time.perf_counter()
+                samples_since_log, log_started = 0, time.perf_counter()
             if args.eval_steps > 0 and global_step % args.eval_steps == 0:
                 run_evaluation(epoch)
             if args.save_steps > 0 and global_step % args.save_steps == 0:
@@ -470,10 +473,12 @@ def run_training(args, context):
     model = build_model(args, tokenizer, normalize_spec)
     if context.is_main:
         print("dataset summary:")
-    datasets = encode_splits(splits, tokenizer, model)
+    datasets, summaries = encode_splits(splits, tokenizer, model)
     if context.is_main:  # data and model are checked: only now may an earlier run's outputs go
         run_dir.begin()
         write_effective_config(args, output_dir)
+        (output_dir / "dataset_summary.json").write_text(json.dumps(summaries, indent=2, ensure_ascii=False),
+                                                          encoding="utf-8")
     model = PairEncoder(model).to(args.device_obj)
     if context.enabled:
         model = DistributedDataParallel(model, device_ids=[args.device_obj.index]
