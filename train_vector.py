@@ -104,6 +104,8 @@ def parse_args(argv=None):
             raise UserError(f"--{name.replace('_', '-')} does not apply to train_vector.py "
                             "(records are {query, document, rel, weight})")
     resolve_default_warmup(args, warmup_steps=100)
+    if args.mode == "train":
+        args.loss = args.loss or "mse"  # when evaluating, no --loss means the loss the model was trained with
     required = {"train": ("data_path", "val_path"), "evaluate": ("test_path",), "deploy": ()}[args.mode]
     for name in required:
         if not getattr(args, name):
@@ -453,7 +455,6 @@ def run_training(args, context):
     resume_from = checkpoints.find_resume_checkpoint(args.resume, output_dir, args.run_id)
     checkpoints.check_resume(resume_from, args)
     checkpoints.check_resume_argument(args.resume)
-    args.loss = args.loss or "mse"
     splits = load_splits(args, ("train", "val"))
     normalize_spec = None
     if args.normalize:

@@ -70,7 +70,7 @@ def test_the_seed_commands_parse_as_written():
     assert (train.mode, train.model_name, train.max_length, train.batch_size, train.learning_rate,
             train.epochs, train.save_steps, train.output_dir) == (
         "train", "bert-base-uncased", 512, 16, 2e-5, 3, 200, "./output/vector_model")
-    assert train.warmup_steps == 100 and train.loss is None and train.pooling == "cls"  # seed defaults
+    assert train.warmup_steps == 100 and train.loss == "mse" and train.pooling == "cls"  # seed defaults
     assert select.select_best and select.test_path.endswith("vec_test.json")
     assert single.model_path.endswith("checkpoint-step-2000")
     assert (deploy.host, deploy.port) == ("0.0.0.0", 8000)
