@@ -1,5 +1,6 @@
 """Argument helpers shared by every script: flag spellings, shared option groups, YAML config."""
 import argparse
+import difflib
 import json
 import math
 import re
@@ -15,7 +16,18 @@ class ArgumentParser(argparse.ArgumentParser):
     from the script's ``main`` (the stock parser prints a usage block and calls sys.exit)."""
 
     def error(self, message):
-        raise UserError(f"{message} (see --help)")
+        raise UserError(f"{message}{self._suggestion(message)} (see --help)")
+
+    def _suggestion(self, message):
+        """'did you mean --data-path?' for a mistyped flag (argparse only says it is unrecognized)."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        known = [flag for action in self._actions for flag in action.option_strings]
+        for word in message.split(":", 1)[1].split():
+            close = difflib.get_close_matches(word.split("=", 1)[0], known, n=1, cutoff=0.6)
+            if word.startswith("-") and close:
+                return f" (did you mean {close[0]}?)"
+        return ""
 
 
 def bounded(kind, minimum=None, maximum=None, above=None, below=None):

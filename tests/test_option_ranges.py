@@ -99,3 +99,10 @@ def test_bounded_refuses_what_argparse_float_accepts():
             learning_rate(text)
     with pytest.raises(Exception, match="expected an integer"):
         cli.OPTION_RANGES["epochs"]("1.5")
+
+
+@pytest.mark.parametrize("script", TRAINERS)
+def test_a_mistyped_flag_gets_a_suggestion(script, capsys, no_model_loading):
+    capsys.readouterr()
+    assert __import__(script).main(["--data-pth", "x.jsonl"]) == 2
+    assert_one_error_line(capsys.readouterr().err, "--data-pth", "did you mean --data-path?")
