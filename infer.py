@@ -139,8 +139,7 @@ def read_file_inputs(path, text_field=None, task=None):
         records = data.read_records(path, skip_invalid=True)
     except RecursionError:
         raise UserError(f"{path}: invalid JSON (nested too deeply)") from None
-    unreadable = [InputItem(_locator_of(message, path), error=message) for message in data.SKIPPED]
-    data.SKIPPED.clear()
+    unreadable = [InputItem(_locator_of(message, path), error=message) for message in records.skipped]
     record_format = data.detect_format(records[0], text_field)
     items = []
     for record in records:

@@ -123,21 +123,19 @@ def load_splits(args, label_names=None):
     if args.num_labels and args.num_labels != len(label_set.names):
         raise UserError(f"--num-labels {args.num_labels} but the labels are {label_set.names}")
     label_field = args.label_field or "label"
-    splits = {"train": data.ExampleList(data.resolve_labels(label_set, train_examples, args.skip_invalid,
-                                                            label_field))}
-    splits["train"].record_format = getattr(train_examples, "record_format", "text")
+    splits = {"train": data.resolve_labels(label_set, train_examples, args.skip_invalid, label_field)}
     if args.val_path:
         splits["val"] = data.resolve_labels(label_set, read(args.val_path, default_splits=VALIDATION_SPLITS),
                                             args.skip_invalid, label_field)
-    elif splits["train"]:
+    if args.test_path:
+        splits["test"] = data.resolve_labels(label_set, read(args.test_path, default_splits=("test",)),
+                                             args.skip_invalid, label_field)
+    data.report_skipped(*splits.values())
+    if not args.val_path and splits["train"]:
         record_format = splits["train"].record_format
         splits["train"], splits["val"] = data.stratified_split(splits["train"], args.val_ratio, args.seed)
         splits["train"] = data.ExampleList(splits["train"])
         splits["train"].record_format = record_format
-    if args.test_path:
-        splits["test"] = data.resolve_labels(label_set, read(args.test_path, default_splits=("test",)),
-                                             args.skip_invalid, label_field)
-    data.report_skipped()
     if splits["train"]:
         data.check_label_coverage(splits["train"], splits["val"], label_set)
     return splits, label_set
@@ -202,7 +200,7 @@ def predict_logits(model, loader, device, precision):
     was_training = model.training
     model.eval()
     logits, labels, indices = [], [], []
-    for batch in loader:
+    for batch in tqdm(loader, desc="evaluate", leave=False, disable=None):  # None: only on a terminal
         with precision.autocast(device):
             batch_logits = model(**modeldir.to_device(batch, device))
         logits.append(batch_logits.float().cpu())
@@ -312,7 +310,7 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
                     f"batch {skip_batches})")
 
     effective_batch = args.batch_size * args.gradient_accumulation_steps * context.world_size
-    logger.info(f"***** training *****\n  examples: {len(datasets['train'])}  validation: {len(datasets['val'])}\n"
+    logger.info(f"***** training *****  outputs: {output_dir}\n  examples: {len(datasets['train'])}  validation: {len(datasets['val'])}\n"
                 f"  epochs: {args.epochs}  effective batch size: {effective_batch}  total steps: {total_steps}\n"
                 f"  precision: {precision.name}  device: {device}  processes: {context.world_size}")
 
@@ -597,8 +595,7 @@ def run_training(args, context):
                                         if args.device_obj.type == "cuda" else None)
     logger = training.RunLogger(output_dir, context.is_main, describe_evaluation,
                                 start_wandb(args, context.is_main))
-    total, trainable = modeldir.count_parameters(model)
-    logger.info(f"model: {args.model_name}, {total / 1e6:.1f}M parameters ({trainable / 1e6:.2f}M trainable)")
+    logger.info(f"model: {args.model_name}, {modeldir.describe_parameters(model)}")
 
     early_stopping = train(args, model, tokenizer, datasets, label_set, toolkit, context, output_dir, logger,
                            resume_from)

@@ -139,12 +139,12 @@ def load_splits(args, label_names=None):
         splits["val"] = data.resolve_labels(label_set, load_documents(args.val_path, args,
                                                                       default_splits=VALIDATION_SPLITS),
                                             args.skip_invalid, label_field)
-    elif splits["train"]:
-        splits["train"], splits["val"] = data.stratified_split(splits["train"], args.val_ratio, args.seed)
     if args.test_path:
         splits["test"] = data.resolve_labels(label_set, load_documents(args.test_path, args, default_splits=("test",)),
                                              args.skip_invalid, label_field)
-    data.report_skipped()
+    data.report_skipped(*splits.values())
+    if not args.val_path and splits["train"]:
+        splits["train"], splits["val"] = data.stratified_split(splits["train"], args.val_ratio, args.seed)
     if splits["train"]:
         data.check_label_coverage(splits["train"], splits["val"], label_set)
     return splits, label_set
@@ -367,7 +367,7 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
                     f"batch {skip_batches})")
 
     effective_batch = args.batch_size * args.gradient_accumulation_steps * context.world_size
-    logger.info(f"***** training *****\n  documents: {len(datasets['train'])}  validation: {len(datasets['val'])}"
+    logger.info(f"***** training *****  outputs: {output_dir}\n  documents: {len(datasets['train'])}  validation: {len(datasets['val'])}"
                 f"\n  chunks: {sum(datasets['train'].lengths)} (max_length {args.max_length}, stride {args.stride})"
                 f"  chunk batch size: {args.chunk_batch_size}\n  epochs: {args.epochs}  effective batch size: "
                 f"{effective_batch} documents  total steps: {total_steps}\n  aggregation: {args.aggregation}  "
@@ -586,8 +586,7 @@ def run_training(args, context):
         model = DistributedDataParallel(model, device_ids=[args.device_obj.index] if args.device_obj.type == "cuda"
                                         else None, broadcast_buffers=False)
     logger = training.RunLogger(output_dir, context.is_main, describe_evaluation)
-    total, trainable = modeldir.count_parameters(model)
-    logger.info(f"model: {args.model_name}, {total / 1e6:.1f}M parameters ({trainable / 1e6:.2f}M trainable)")
+    logger.info(f"model: {args.model_name}, {modeldir.describe_parameters(model)}")
 
     early_stopping = train(args, model, tokenizer, datasets, label_set, toolkit, context, output_dir, logger,
                            resume_from)

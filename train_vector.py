@@ -124,7 +124,7 @@ def load_splits(args, names):
     for name in names:
         path, split, default_splits = paths[name]
         splits[name] = load_pairs(path, args.skip_invalid, rel_default, split, default_splits)
-    data.report_skipped()
+    data.report_skipped(*splits.values())
     if args.loss == "infonce":
         for name in set(splits) & {"train", "val"}:
             splits[name] = keep_positive_pairs(splits[name], name, args.relevance_threshold)
@@ -244,7 +244,7 @@ def evaluate_loss(pair_encoder, loader, args, context):
     was_training = pair_encoder.training
     pair_encoder.eval()
     loss_sum, count = 0.0, 0
-    for batch in loader:
+    for batch in tqdm(loader, desc="evaluate", leave=False, disable=None):  # None: only on a terminal
         with args.precision_obj.autocast(args.device_obj):
             query_embeddings, doc_embeddings = pair_encoder(modeldir.to_device(batch["query"], args.device_obj),
                                                             modeldir.to_device(batch["document"], args.device_obj))
@@ -280,7 +280,7 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
                     f"batch {skip_batches})")
 
     effective_batch = args.batch_size * args.gradient_accumulation_steps * context.world_size
-    logger.info(f"***** training *****\n  pairs: {len(datasets['train'])}  validation: {len(datasets['val'])}\n"
+    logger.info(f"***** training *****  outputs: {output_dir}\n  pairs: {len(datasets['train'])}  validation: {len(datasets['val'])}\n"
                 f"  epochs: {args.epochs}  effective batch size: {effective_batch}  total steps: {total_steps}\n"
                 f"  loss: {args.loss}  precision: {precision.name}  device: {device}  processes: {context.world_size}")
 
@@ -485,8 +485,7 @@ def run_training(args, context):
         model = DistributedDataParallel(model, device_ids=[args.device_obj.index]
                                         if args.device_obj.type == "cuda" else None)
     logger = training.RunLogger(output_dir, context.is_main, describe_evaluation)
-    total, trainable = modeldir.count_parameters(model)
-    logger.info(f"model: {args.model_name}, {total / 1e6:.1f}M parameters ({trainable / 1e6:.2f}M trainable), "
+    logger.info(f"model: {args.model_name}, {modeldir.describe_parameters(model)}, "
                 f"pooling {args.pooling}, embedding size {vector_model(model).dim}")
 
     early_stopping = train(args, model, datasets, context, output_dir, logger, resume_from)

@@ -4,12 +4,30 @@ A fine-tuned classifier is usually over-confident: it says 0.99 where it is righ
 of the time. Dividing the logits by one temperature T, fitted on the validation set
 by minimising the negative log-likelihood, fixes most of that without changing any
 prediction (argmax is unchanged for T > 0).
+
+A temperature fitted on too little data does harm: on a 12-record validation set the
+NLL can fall all the way to T = 20, and every prediction then comes out near uniform.
+So ``calibration_report`` applies the fitted temperature only when
+
+- the validation set has at least ``MIN_EXAMPLES`` (100) examples, at least two classes,
+  and at least ``MIN_EXAMPLES_PER_CLASS`` (20) of every class it contains (a class with
+  fewer says nothing reliable about its own confidence), and
+- the fit lands inside its bounds: an optimum at ``MIN_TEMPERATURE`` or
+  ``MAX_TEMPERATURE`` (within 1%) means the NLL kept falling toward "always certain"
+  or "always uniform", i.e. the set is separable or the model is near chance on it, and
+- it lowers the validation NLL.
+
+Otherwise the temperature stays 1.0 and the report says why.
 """
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
+MIN_EXAMPLES = 100
+MIN_EXAMPLES_PER_CLASS = 20
+BOUND_TOLERANCE = 0.01  # a fit within 1% of a bound counts as at the bound
+TEMPERATURE_DIGITS = 4  # the applied temperature is stored and reported rounded to this
 
 
 def _as_tensor(values, dtype):
@@ -29,6 +47,11 @@ def fit_temperature(logits, labels, max_iterations=100):
     Optimises log T with L-BFGS (so T stays positive), starting from T = 1, and clamps
     the result to [0.05, 20]. Returns 1.0 for an empty set.
     """
+    return _clamp_temperature(_fit_unclamped_temperature(logits, labels, max_iterations))
+
+
+def _fit_unclamped_temperature(logits, labels, max_iterations=100):
+    """The L-BFGS optimum of T (possibly outside the bounds, or not finite); 1.0 for an empty set."""
     logits, labels = _as_tensor(logits, torch.float64), _as_tensor(labels, torch.long)
     if len(labels) == 0:
         return 1.0
@@ -42,7 +65,11 @@ def fit_temperature(logits, labels, max_iterations=100):
         loss.backward()
         return loss
     optimizer.step(closure)
-    temperature = float(log_temperature.detach().exp())
+    return float(log_temperature.detach().exp())
+
+
+def _clamp_temperature(temperature):
+    """``temperature`` clamped to [MIN_TEMPERATURE, MAX_TEMPERATURE]; 1.0 when not finite."""
     if not np.isfinite(temperature):
         return 1.0
     return float(min(max(temperature, MIN_TEMPERATURE), MAX_TEMPERATURE))
@@ -76,24 +103,88 @@ def expected_calibration_error(probs, labels, n_bins=15):
     return float((bins["count"] * np.abs(bins["accuracy"] - bins["confidence"])).sum() / total)
 
 
-def calibration_report(logits, labels, n_bins=15):
-    """Fit a temperature and report ECE and NLL before and after it.
+def calibration_support(labels, min_examples=MIN_EXAMPLES, min_per_class=MIN_EXAMPLES_PER_CLASS):
+    """Why ``labels`` cannot support a temperature fit, or None when they can."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels) if len(labels) else np.zeros(0, dtype=int)
+    present = counts[counts > 0]
+    if len(labels) < min_examples:
+        return f"only {len(labels)} validation examples (need at least {min_examples})"
+    if len(present) < 2:
+        return "the validation set has a single class"
+    if present.min() < min_per_class:
+        sparse = int(np.flatnonzero((counts > 0) & (counts < min_per_class))[0])
+        return (f"class id {sparse} has only {int(counts[sparse])} validation examples "
+                f"(need at least {min_per_class} of every class present)")
+    return None
 
-    Keys: ``temperature``, ``ece_before``, ``ece_after``, ``nll_before``, ``nll_after``,
-    ``n_bins``, ``num_examples``.
+
+def calibration_report(logits, labels, n_bins=15, min_examples=MIN_EXAMPLES,
+                       min_per_class=MIN_EXAMPLES_PER_CLASS):
+    """Fit a temperature, decide whether to apply it, and report ECE and NLL before and after.
+
+    Keys: ``applied`` (bool), ``reason`` (str: why it was or was not applied),
+    ``temperature`` (the temperature to use: the fit, rounded to 4 decimals, when
+    applied, else 1.0), ``fitted_temperature`` (the optimizer's result clamped to
+    [0.05, 20], rounded, whether applied or not), ``ece_before``, ``ece_after``,
+    ``nll_before``, ``nll_after`` ("after" at ``temperature``, so equal to "before"
+    when not applied; NLL is None for an empty set), ``n_bins``, ``num_examples``,
+    ``min_class_count`` (fewest examples of a class present; 0 for an empty set).
     """
     logits, labels = _as_tensor(logits, torch.float64), _as_tensor(labels, torch.long)
-    temperature = fit_temperature(logits, labels)
+    raw_temperature = _fit_unclamped_temperature(logits, labels)
+    if len(labels) and np.isfinite(raw_temperature):
+        # L-BFGS stops where the gradient vanishes, which on a separated set can be well inside the
+        # bounds (NLL ~ 1e-9 at T = 0.15): when a bound is no worse than the fit, the optimum lies there
+        nll_fit = negative_log_likelihood(logits, labels, _clamp_temperature(raw_temperature))
+        for bound in (MIN_TEMPERATURE, MAX_TEMPERATURE):
+            if negative_log_likelihood(logits, labels, bound) < nll_fit:
+                raw_temperature = bound
+                break
+    fitted = round(_clamp_temperature(raw_temperature), TEMPERATURE_DIGITS)
+    nll_before = negative_log_likelihood(logits, labels) if len(labels) else None
+    reason = calibration_support(labels.numpy(), min_examples, min_per_class)
+    if reason is None and not np.isfinite(raw_temperature):
+        reason = "the fit did not converge to a finite temperature"
+    elif reason is None and raw_temperature <= MIN_TEMPERATURE * (1 + BOUND_TOLERANCE):
+        reason = (f"the fit reached its lower bound ({MIN_TEMPERATURE}): the validation set is separated "
+                  f"with full confidence, so the fit would make every prediction certain")
+    elif reason is None and raw_temperature >= MAX_TEMPERATURE * (1 - BOUND_TOLERANCE):
+        reason = (f"the fit reached its upper bound ({MAX_TEMPERATURE}): confidence does not track "
+                  f"correctness on the validation set, so the fit would make every prediction near uniform")
+    elif reason is None and negative_log_likelihood(logits, labels, fitted) > nll_before:
+        reason = f"temperature {fitted} does not lower the validation NLL"
+    applied = reason is None
+    temperature = fitted if applied else 1.0
+    if applied:
+        reason = f"fitted on {len(labels)} validation examples"
+    counts = np.bincount(labels.numpy()) if len(labels) else np.zeros(0, dtype=int)
     return {
+        "applied": applied,
+        "reason": reason,
         "temperature": temperature,
+        "fitted_temperature": fitted,
         "ece_before": expected_calibration_error(torch.softmax(logits, -1).numpy(), labels.numpy(), n_bins),
         "ece_after": expected_calibration_error(torch.softmax(logits / temperature, -1).numpy(), labels.numpy(),
                                                 n_bins),
-        "nll_before": negative_log_likelihood(logits, labels),
-        "nll_after": negative_log_likelihood(logits, labels, temperature),
+        "nll_before": nll_before,
+        "nll_after": negative_log_likelihood(logits, labels, temperature) if len(labels) else None,
         "n_bins": n_bins,
         "num_examples": int(len(labels)),
+        "min_class_count": int(counts[counts > 0].min()) if counts.any() else 0,
     }
+
+
+def format_calibration(report):
+    """One log line for a ``calibration_report``, values rounded."""
+    def number(value, digits=4):
+        return "-" if value is None else f"{value:.{digits}f}"
+    figures = (f"ECE {number(report['ece_before'])} -> {number(report['ece_after'])}, "
+               f"NLL {number(report['nll_before'])} -> {number(report['nll_after'])}")
+    if report["applied"]:
+        return f"calibration: temperature {report['temperature']:.3f} applied ({report['reason']}); {figures}"
+    return (f"calibration: not applied, temperature stays 1.0 (the fit gave {report['fitted_temperature']:.3f}): "
+            f"{report['reason']}; ECE {number(report['ece_before'])}, NLL {number(report['nll_before'])}")
 
 
 def write_reliability_diagram(path, probs, labels, n_bins=15, title=None):

@@ -72,7 +72,7 @@ def read_records(path, split=None, skip_invalid=False, default_splits=("train",)
         records = _read_json(path, text, skip_invalid)
     if not records:
         raise UserError(f"{path}: no records found")
-    return records
+    return records if isinstance(records, ExampleList) else ExampleList(records)
 
 
 def _is_directory(path):
@@ -158,10 +158,11 @@ def _decode_document(text):
 def _add_record(records, record, repeated_key, skip_invalid):
     """Keep a decoded record if it is an object without repeated keys."""
     if not isinstance(record.fields, dict):
-        _invalid(record, None, f"expected a JSON object, got {type(record.fields).__name__}", skip_invalid)
+        _invalid(record, None, f"expected a JSON object, got {type(record.fields).__name__}", skip_invalid,
+                 records.skipped)
     elif repeated_key is not None:
         _invalid(record, _clip(repeated_key), "appears twice in one JSON object (JSON would keep only the last "
-                 "value silently); remove one", skip_invalid)
+                 "value silently); remove one", skip_invalid, records.skipped)
     else:
         records.append(record)
 
@@ -185,7 +186,7 @@ def _read_json_array(path, text, skip_invalid):
     Element by element so that a record nested too deeply is reported by its line, and a
     record with a repeated key is named (and can be skipped) like any other bad record.
     """
-    records = []
+    records = ExampleList()
     position = _JSON_WHITESPACE.match(text, _JSON_WHITESPACE.match(text).end() + 1).end()  # after "["
     if not text.startswith("]", position):
         for number in itertools.count(1):
@@ -213,7 +214,7 @@ def _raise_json_syntax(path, message, text, position):
 
 
 def _read_jsonl(path, text, skip_invalid):
-    records = []
+    records = ExampleList()
     # split on "\n" only: str.splitlines() also breaks at U+2028, form feeds etc., which
     # json.dumps(ensure_ascii=False) leaves raw inside strings
     for line_number, line in enumerate(text.split("\n"), start=1):
@@ -223,7 +224,7 @@ def _read_jsonl(path, text, skip_invalid):
         try:
             record.fields, repeated = _decode_document(line)
         except _JsonProblem as problem:
-            _invalid(record, None, problem.problem, skip_invalid)
+            _invalid(record, None, problem.problem, skip_invalid, records.skipped)
             continue
         _add_record(records, record, repeated, skip_invalid)
     return records
@@ -287,27 +288,23 @@ def _default_split(directory, loaded, default_splits):
                     f"(has: {', '.join(loaded)}); choose one with --data-split, or pass a file")
 
 
-def _invalid(record, field_name, problem, skip_invalid):
-    """Raise a RecordError, or (with --skip-invalid) count it and carry on."""
+def _invalid(record, field_name, problem, skip_invalid, skipped):
+    """Raise a RecordError, or (with --skip-invalid) note it in ``skipped`` and carry on."""
     error = RecordError(f"{record.where(field_name)}: {problem}")
     if not skip_invalid:
         raise error
-    SKIPPED.append(str(error))
+    skipped.append(str(error))
 
 
-SKIPPED = []  # messages of records dropped by --skip-invalid, reported by report_skipped()
-
-
-def report_skipped(stream=None):
-    """Print how many records --skip-invalid dropped (with the first few reasons) and reset."""
-    stream = stream or sys.stderr
-    if SKIPPED:
-        print(f"--skip-invalid: dropped {len(SKIPPED)} invalid record(s), e.g.:", file=stream)
-        for message in SKIPPED[:MAX_ERRORS_SHOWN]:
-            print(f"  {message}", file=stream)
-    count = len(SKIPPED)
-    SKIPPED.clear()
-    return count
+def report_skipped(*collections, stream=None):
+    """Print how many records --skip-invalid dropped from these lists (with the first few reasons);
+    return the count."""
+    messages = [message for collection in collections for message in getattr(collection, "skipped", ())]
+    if messages:
+        print(f"--skip-invalid: dropped {len(messages)} invalid record(s), e.g.:", file=stream or sys.stderr)
+        for message in messages[:MAX_ERRORS_SHOWN]:
+            print(f"  {message}", file=stream or sys.stderr)
+    return len(messages)
 
 
 # ---------------------------------------------------------------- field validation
@@ -376,15 +373,19 @@ def require_number(record, name, default=None, low=None, high=None):
 
 
 def parse_each(records, parse, skip_invalid):
-    """Apply ``parse(record)`` to every record; with skip_invalid, drop RecordErrors and count them."""
-    parsed = []
+    """Apply ``parse(record)`` to every record; with skip_invalid, drop RecordErrors and note them.
+
+    The result is an ExampleList whose ``skipped`` holds the records' own dropped ones too.
+    """
+    parsed = ExampleList(skipped=getattr(records, "skipped", ()))
+    parsed.record_format = getattr(records, "record_format", ExampleList.record_format)
     for record in records:
         try:
             parsed.append(parse(record))
         except RecordError as error:
             if not skip_invalid:
                 raise
-            SKIPPED.append(str(error))
+            parsed.skipped.append(str(error))
     return parsed
 
 
@@ -492,7 +493,7 @@ def load_text_examples(path, text_field=None, label_field=None, group_field=None
     record_format = detect_format(records[0], text_field)
     parse = lambda record: parse_text_example(  # noqa: E731
         record, record_format, text_field or "text", label_field or "label", group_field, require_label)
-    examples = ExampleList(parse_each(records, parse, skip_invalid))
+    examples = parse_each(records, parse, skip_invalid)
     if not examples:
         raise UserError(f"{path}: no valid records")
     examples.record_format = record_format
@@ -500,8 +501,13 @@ def load_text_examples(path, text_field=None, label_field=None, group_field=None
 
 
 class ExampleList(list):
-    """A list of examples that remembers the record format of its file ('text', 'message', 'chat')."""
+    """Records or examples that remember the record format of their file ('text', 'message', 'chat')
+    and the messages of the records --skip-invalid dropped on the way (see report_skipped)."""
     record_format = "text"
+
+    def __init__(self, items=(), skipped=()):
+        super().__init__(items)
+        self.skipped = list(skipped)
 
 
 MIN_LABEL_ID_LIMIT = 100_000
@@ -586,7 +592,7 @@ def resolve_labels(label_set, examples, skip_invalid, label_field="label"):
     def resolve(example):
         example.label = label_set.id_of(example.raw_label, example.locator, label_field)
         return example
-    return [example for example in parse_each(examples, resolve, skip_invalid)]
+    return parse_each(examples, resolve, skip_invalid)
 
 
 def stratified_split(examples, val_ratio, seed):

@@ -260,9 +260,15 @@ def load_weights(model, directory):
     return model
 
 
-def count_parameters(model):
+def describe_parameters(model):
+    """'22.7M parameters (1,155 trainable)': exact below a million, so a frozen backbone's head is not '0.00M'."""
+    total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return sum(p.numel() for p in model.parameters()), trainable
+    return f"{_count(total)} parameters ({_count(trainable)} trainable)"
+
+
+def _count(number):
+    return f"{number / 1e6:.1f}M" if number >= 1_000_000 else f"{number:,}"
 
 
 def to_device(batch, device, keys=("input_ids", "attention_mask", "token_type_ids")):

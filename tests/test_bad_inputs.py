@@ -749,7 +749,7 @@ def test_skip_invalid_drops_bad_records_and_says_how_many(tmp_path, capsys):
     path.write_text(with_record(1, {"text": ""}) + "not json\n", encoding="utf-8")
     examples = data.load_text_examples(path, skip_invalid=True)
     assert len(examples) == len(GOOD) - 1
-    assert data.report_skipped() == 2
+    assert data.report_skipped(examples) == 2
     assert "dropped 2 invalid record(s)" in capsys.readouterr().err
 
 

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.calibration import (calibration_report, expected_calibration_error, fit_temperature,
-                                negative_log_likelihood, reliability_bins, write_reliability_diagram)
+from common.calibration import (MAX_TEMPERATURE, MIN_TEMPERATURE, calibration_report, expected_calibration_error,
+                                fit_temperature, format_calibration, negative_log_likelihood, reliability_bins,
+                                write_reliability_diagram)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -79,3 +80,77 @@ def test_reliability_diagram_is_a_png(tmp_path):
     assert data[:8] == PNG_SIGNATURE and len(data) > 5000
     from matplotlib.image import imread
     assert imread(str(tmp_path / "reliability.png")).shape[:2] == (600, 500)
+
+
+# ---------------------------------------------------------------- when the temperature is applied
+
+def test_a_healthy_validation_set_applies_the_temperature_and_lowers_nll():
+    logits, labels = overconfident_logits(2.5, n=600, classes=3)
+    report = calibration_report(logits, labels)
+    assert report["applied"] is True and report["reason"] == "fitted on 600 validation examples"
+    assert report["temperature"] == report["fitted_temperature"] == pytest.approx(2.5, abs=0.4)
+    assert report["temperature"] == round(report["temperature"], 4)
+    assert report["nll_after"] < report["nll_before"]
+    assert report["min_class_count"] >= 20
+    line = format_calibration(report)
+    assert f"temperature {report['temperature']:.3f} applied" in line and "0.0000000" not in line
+
+
+def test_a_twelve_record_validation_set_is_reported_and_not_applied():
+    # a model near chance on 12 records: the NLL keeps falling toward uniform, the fit runs to 20
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(12, 2, generator=generator) * 4.0
+    labels = (logits.argmax(-1) + torch.tensor([1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0])) % 2  # 7 of 12 wrong
+    assert fit_temperature(logits, labels) == MAX_TEMPERATURE  # what used to be applied
+    report = calibration_report(logits, labels)
+    assert report["applied"] is False and report["temperature"] == 1.0
+    assert report["fitted_temperature"] == MAX_TEMPERATURE
+    assert "only 12 validation examples" in report["reason"]
+    assert report["nll_after"] == report["nll_before"] and report["ece_after"] == report["ece_before"]
+    line = format_calibration(report)
+    assert "not applied" in line and "20.000" in line
+
+
+def test_a_class_with_few_validation_examples_is_not_enough():
+    logits, labels = overconfident_logits(2.5, n=600, classes=3)
+    keep = (labels != 2) | (torch.arange(600) < 40)  # class 2 keeps only its first few examples
+    labels, logits = labels[keep], logits[keep]
+    assert 0 < int((labels == 2).sum()) < 20
+    report = calibration_report(logits, labels)
+    assert report["applied"] is False and "class id 2" in report["reason"]
+    assert report["temperature"] == 1.0
+
+
+def test_a_fit_at_the_upper_bound_is_reported_and_not_applied():
+    # plenty of data, but confident logits that carry no information about the labels
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(400, 2, generator=generator) * 5.0
+    labels = torch.arange(400) % 2
+    report = calibration_report(logits, labels)
+    assert report["fitted_temperature"] == MAX_TEMPERATURE
+    assert report["applied"] is False and report["temperature"] == 1.0
+    assert "upper bound" in report["reason"]
+
+
+def test_a_fit_at_the_lower_bound_is_reported_and_not_applied():
+    # a validation set separated with margin: the NLL keeps falling as T -> 0
+    labels = torch.arange(400) % 2
+    logits = torch.nn.functional.one_hot(labels, 2).double() * 3.0
+    report = calibration_report(logits, labels)
+    assert report["fitted_temperature"] == MIN_TEMPERATURE
+    assert report["applied"] is False and report["temperature"] == 1.0
+    assert "lower bound" in report["reason"]
+
+
+def test_the_support_thresholds_can_be_lowered():
+    logits, labels = overconfident_logits(2.5, n=60, classes=2, seed=3)
+    assert calibration_report(logits, labels)["applied"] is False
+    report = calibration_report(logits, labels, min_examples=50, min_per_class=10)
+    assert report["applied"] is True and report["temperature"] != 1.0
+
+
+def test_an_empty_validation_set_gives_a_report_not_an_error():
+    report = calibration_report(np.zeros((0, 3)), np.zeros(0, dtype=int))
+    assert report["applied"] is False and report["temperature"] == 1.0
+    assert report["nll_before"] is None and report["num_examples"] == 0 and report["min_class_count"] == 0
+    assert "not applied" in format_calibration(report)

@@ -71,7 +71,8 @@ def test_skip_invalid_drops_and_counts(tmp_path, capsys):
     path = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "a", "label": 1}, {"text": ""}, {"text": "b", "label": 0}])
     examples = data.load_text_examples(path, skip_invalid=True)
     assert [e.text for e in examples] == ["a", "b"]
-    assert data.report_skipped() == 1
+    assert data.report_skipped(examples) == 1 and "line 2" in capsys.readouterr().err
+    assert data.report_skipped(data.load_text_examples(path, skip_invalid=True)) == 1  # nothing carried over
     assert "dropped 1 invalid" in capsys.readouterr().err
 
 
@@ -186,8 +187,9 @@ def test_a_lone_surrogate_is_refused_with_its_field(tmp_path, line, field):
 def test_a_lone_surrogate_is_skipped_with_skip_invalid_and_pairs_check_it_too(tmp_path):
     from common import vector
     path = write_text(tmp_path / "d.jsonl", '{"text": "a", "label": 1}\n{"text": "\\ud800", "label": 0}\n')
-    assert [e.text for e in data.load_text_examples(path, skip_invalid=True)] == ["a"]
-    assert data.report_skipped() == 1
+    examples = data.load_text_examples(path, skip_invalid=True)
+    assert [e.text for e in examples] == ["a"]
+    assert data.report_skipped(examples) == 1
     pairs = write_text(tmp_path / "p.jsonl", '{"query": "q", "document": "\\udbff", "rel": 1}\n')
     with pytest.raises(UserError, match="line 1: field 'document': lone UTF-16 surrogate"):
         vector.load_pairs(pairs)
@@ -230,8 +232,9 @@ def test_json_the_decoder_cannot_take_is_one_line(tmp_path, name, content, expec
 
 def test_deep_nesting_in_one_jsonl_line_can_be_skipped(tmp_path):
     path = write_text(tmp_path / "d.jsonl", "[" * 100_000 + "]" * 100_000 + '\n{"text": "a", "label": 1}\n')
-    assert [r.locator for r in data.read_records(path, skip_invalid=True)] == ["line 2"]
-    assert data.report_skipped() == 1
+    records = data.read_records(path, skip_invalid=True)
+    assert [r.locator for r in records] == ["line 2"]
+    assert data.report_skipped(records) == 1
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -262,8 +265,9 @@ def test_a_repeated_key_is_refused_and_can_be_skipped(tmp_path):
                                                 ' {"text": "c", "label": 1}]')
     with pytest.raises(UserError, match="d.json record 2: field 'k': appears twice"):
         data.read_records(json_path)
-    assert [r.locator for r in data.read_records(json_path, skip_invalid=True)] == ["record 1", "record 3"]
-    assert data.report_skipped() == 1
+    records = data.read_records(json_path, skip_invalid=True)
+    assert [r.locator for r in records] == ["record 1", "record 3"]
+    assert data.report_skipped(records) == 1
 
 
 def test_a_fifo_device_or_symlink_loop_is_refused_before_opening(tmp_path):
