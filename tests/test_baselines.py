@@ -21,7 +21,7 @@ def make_reviews(count, sentiment_words, filler, separator, seed):
     examples = []
     for label, words in enumerate(sentiment_words):
         for _ in range(count):
-            tokens = generator.sample(filler, 4) + [generator.choice(words)]
+            tokens = generator.sample(filler, 2) + [generator.choice(words)]
             generator.shuffle(tokens)
             examples.append((separator.join(tokens), label))
     generator.shuffle(examples)
@@ -29,18 +29,18 @@ def make_reviews(count, sentiment_words, filler, separator, seed):
 
 
 def test_word_baseline_learns_a_separable_english_set():
-    train_texts, train_labels = make_reviews(40, [NEGATIVE_WORDS, POSITIVE_WORDS], FILLER, " ", seed=0)
+    train_texts, train_labels = make_reviews(100, [NEGATIVE_WORDS, POSITIVE_WORDS], FILLER, " ", seed=0)
     eval_texts, eval_labels = make_reviews(20, [NEGATIVE_WORDS, POSITIVE_WORDS], FILLER, " ", seed=1)
     result = baselines.text_classification_baseline(train_texts, train_labels, eval_texts, eval_labels, LABELS)
     assert result["name"] == "tfidf-word-1-2+logreg" and result["cjk_share"] == 0.0
     assert result["accuracy"] >= 0.95 and result["macro_f1"] >= 0.95
-    assert result["converged"] and result["train_examples"] == 80
+    assert result["converged"] and result["train_examples"] == 200
     # the same keys the model's metrics have, computed the same way
     assert set(classification_metrics([0, 1], [0, 1], LABELS, probs=[[1, 0], [0, 1]])) <= set(result)
 
 
 def test_char_baseline_for_chinese_text():
-    train_texts, train_labels = make_reviews(40, [NEGATIVE_CHINESE, POSITIVE_CHINESE], FILLER_CHINESE, "", seed=0)
+    train_texts, train_labels = make_reviews(100, [NEGATIVE_CHINESE, POSITIVE_CHINESE], FILLER_CHINESE, "", seed=0)
     eval_texts, eval_labels = make_reviews(20, [NEGATIVE_CHINESE, POSITIVE_CHINESE], FILLER_CHINESE, "", seed=1)
     result = baselines.text_classification_baseline(train_texts, train_labels, eval_texts, eval_labels, LABELS)
     assert result["name"] == "tfidf-char-1-3+logreg" and result["cjk_share"] == 1.0
