@@ -2,8 +2,11 @@
 
     python infer.py --model-path output/checkpoint-best --text "今天天气真好啊"
     python infer.py --model-path models/model.onnx --file data/test.jsonl --output predictions.jsonl
+    cut -f2 data/test.tsv | python infer.py --model-path output/checkpoint-best --json
+    python infer.py --model-path output/checkpoint-best      # on a terminal: type a text, get its answer
     python infer.py --model-path gpt2-chinese --prompt "今天" --max-new-tokens 40 --top-p 0.9 --seed 1
     python infer.py --model-path output/checkpoint-best --serve --port 8000
+    python infer.py --model-path output/vector-best --corpus data/corpus.jsonl --text "a query"
     python infer.py --model-path output/vector-best --serve --corpus data/corpus.jsonl
 
 --model-path is a model directory written by this toolkit's trainers, an .onnx export from
@@ -12,6 +15,9 @@ task and every preprocessing setting (normalization, max length, truncation side
 pair) come from the model; --max-length alone may override the stored max length. Exit
 codes: 0 every input processed, 1 some inputs could not be processed (each reported with
 its line), 2 a usage error.
+
+Inputs come from --text/--prompt, --file, or standard input (see INPUTS_HELP): with no input
+flag, a terminal gets the interactive loop and a pipe is read as ``--file -``.
 
 --output is written whole or not at all (a temporary file beside it, then a rename) when
 it is a regular file or a new path; a symlink is followed; /dev/null, a FIFO or
@@ -35,16 +41,30 @@ from common.errors import UserError, report_user_errors
 EXIT_SOME_FAILED = 1
 PLAIN_TEXT_SUFFIXES = (".txt", ".text", "")
 EMBEDDING_VALUES_SHOWN = 8
+PREVIEW_CHARACTERS = 200  # a long document's echo in text output is clipped to this
+DEFAULT_HITS = 5  # --corpus entries listed per input when --top-k is not given
+STDIN = "-"  # --file - reads standard input
+STDIN_NAME = "stdin"  # how errors name standard input ("stdin line 3: ...")
+PROMPT = "> "
+INPUTS_HELP = """inputs:
+  --text/--prompt, --file, or standard input: "--file -", or no input flag while standard input
+  is not a terminal. Standard input is read as JSON records (JSON Lines or a JSON array) when its
+  first non-space character is { or [, else as one input per line (a long-document model reads
+  all of it as one document).
+  With no input flag on a terminal, infer.py is interactive: type a text (a prompt, for a causal
+  language model) and press Enter to see its answer; an empty line, Ctrl-D or Ctrl-C ends it.
+"""
 # flags that mean something only for some kinds of model: given for another kind they are an error,
 # never silently ignored ("generation" is a causal language model)
 TASK_FLAGS = {"context": ("classification",), "text_pair": ("vector",), "corpus": ("vector",),
               "explain": ("longdoc",), "max_length": ("classification", "vector", "longdoc"),
-              "top_k": ("classification", "longdoc", "generation"),
+              "top_k": ("classification", "longdoc", "generation", "vector"),
               "temperature": ("classification", "longdoc", "generation")}
 
 
 def build_parser():
-    parser = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n")[0], epilog=INPUTS_HELP,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flag(parser, "model-path", required=True,
              help="model directory, .onnx export, or causal LM directory (generation)")
     add_flag(parser, "backend", choices=["auto", "torch", "onnx"], default="auto",
@@ -60,7 +80,8 @@ def build_parser():
              help="vector models: second text(s) for the cosine similarity (one, or one per --text)")
     add_flag(inputs, "file", default=None,
              help="inputs: .txt (one per line; long-document models: the whole file is one document) "
-                  "or JSON/JSONL/CSV/TSV records (text, message/context, messages), one input per record")
+                  "or JSON/JSONL/CSV/TSV records (text, message/context, messages), one input per record; "
+                  "- reads standard input (JSON records when it starts with { or [, else lines)")
     add_flag(inputs, "text-field", default=None, help="record field holding the text when it is not 'text'")
     add_flag(inputs, "output", default=None,
              help="write results as JSONL here (input order); checked before the model loads, written atomically "
@@ -76,7 +97,8 @@ def build_parser():
              help="softmax temperature, > 0 (default: the calibrated one stored with the model, else 1.0); "
                   "generation: sampling temperature, 0 = greedy (default 1.0)")
     add_flag(outputs, "top-k", type=bounded(int, minimum=0), default=None,
-             help="show the k most probable labels; generation: top-k sampling (default 50, 0 = off)")
+             help="show the k most probable labels; generation: top-k sampling (default 50, 0 = off); "
+                  f"vector models with --corpus: entries listed per input (default {DEFAULT_HITS})")
     add_flag(outputs, "json", action="store_true", help="print one JSON object per input instead of text")
     add_flag(outputs, "explain", type=bounded(int, minimum=0), default=0, metavar="N",
              help="long-document models: show the N chunks that weigh most in the decision")
@@ -98,7 +120,8 @@ def build_parser():
     add_flag(serve, "host", default="127.0.0.1", help="address to listen on")
     add_flag(serve, "port", type=bounded(int, minimum=1, maximum=65535), default=8000, help="port to listen on")
     add_flag(serve, "corpus", default=None,
-             help="vector models: JSONL of {id, text} encoded at start-up for POST /search")
+             help="vector models: JSONL of {id, text} encoded at start-up; each input lists its nearest "
+                  "entries (with --serve: POST /search)")
     add_flag(serve, "api-key", default=None, help="require this key ('Authorization: Bearer KEY' or 'X-API-Key: KEY'); "
                   "default: the TOOLKIT_API_KEY environment variable, else no key")
     return parser
@@ -130,15 +153,39 @@ def collect_inputs(args, task=None):
 
 
 def read_file_inputs(path, text_field=None, task=None):
-    """Inputs of a .txt file (one per line; one document for a long-document model) or of records."""
+    """Inputs of a .txt file (one per line; one document for a long-document model), of records, or of
+    standard input (``path`` "-")."""
+    if path == STDIN:
+        return read_stream_inputs(read_standard_input(), text_field, task)
     file_path = Path(path)
     if file_path.is_file() and file_path.suffix.lower() in PLAIN_TEXT_SUFFIXES:
-        # an article's paragraphs and blank lines belong to one document, not to many inputs
-        return read_text_document(file_path) if task == "longdoc" else read_text_lines(file_path)
+        return read_text_inputs(read_utf8(file_path), str(file_path), task)
     try:
         records = data.read_records(path, skip_invalid=True)
     except RecursionError:
         raise UserError(f"{path}: invalid JSON (nested too deeply)") from None
+    return record_inputs(records, path, text_field, task)
+
+
+def read_stream_inputs(text, text_field=None, task=None, source=STDIN_NAME):
+    """Inputs of text read from a stream: JSON records when it starts with { or [, else as a .txt file."""
+    if not text.strip():
+        raise UserError(f"no input: {source} is empty (give --text, --prompt or --file, or pipe inputs in)")
+    if text.lstrip()[0] not in "{[":
+        return read_text_inputs(text, source, task)
+    # the readers data.read_records uses for a file, given the text (it opens the file by its path)
+    reader = data._read_json if text.lstrip().startswith("[") else data._read_jsonl
+    try:
+        records = reader(source, text, skip_invalid=True)
+    except RecursionError:
+        raise UserError(f"{source}: invalid JSON (nested too deeply)") from None
+    return record_inputs(records, source, text_field, task)
+
+
+def record_inputs(records, path, text_field=None, task=None):
+    """One input per record; a record that cannot be used is kept in its place, marked with the reason."""
+    if not records:
+        raise UserError(f"{path}: no records found")
     unreadable = [InputItem(_locator_of(message, path), error=message) for message in records.skipped]
     record_format = data.detect_format(records[0], text_field)
     items = []
@@ -170,22 +217,32 @@ def read_utf8(path):
         raise UserError(f"{path}: not valid UTF-8 ({error.reason}); re-encode the file as UTF-8") from None
 
 
-def read_text_document(path):
-    """The whole file as one input (long-document models)."""
-    text = read_utf8(path)
+def read_standard_input():
+    """All of standard input as text (UTF-8; a byte-order mark is dropped)."""
+    if sys.stdin is None:  # started with standard input closed (`<&-`)
+        raise UserError("no input: standard input is closed (give --text, --prompt or --file)")
+    raw = getattr(sys.stdin, "buffer", sys.stdin).read()
+    if isinstance(raw, str):  # a text stream without a byte buffer underneath
+        return raw.removeprefix("\ufeff")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        raise UserError(f"{STDIN_NAME} line {line}: not valid UTF-8 (byte offset {error.start}); "
+                        "re-encode the input as UTF-8") from None
+
+
+def read_text_inputs(text, source, task=None):
+    """One input per line; a long-document model reads the whole text as one document (an article's
+    paragraphs and blank lines belong to it, not to many inputs)."""
     if not text.strip():
-        raise UserError(f"{path}: the file is empty")
-    return [InputItem(str(path), text)]
-
-
-def read_text_lines(path):
-    """One input per line; a trailing newline does not make an empty last input."""
-    lines = read_utf8(path).splitlines()
-    while lines and not lines[-1].strip():
+        raise UserError(f"{source}: the file is empty")
+    if task == "longdoc":
+        return [InputItem(source, text)]
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():  # a trailing newline does not make an empty last input
         lines.pop()
-    if not lines:
-        raise UserError(f"{path}: the file is empty")
-    return [InputItem(f"{path} line {number}", line) for number, line in enumerate(lines, start=1)]
+    return [InputItem(f"{source} line {number}", line) for number, line in enumerate(lines, start=1)]
 
 
 def _locator_of(message, path):
@@ -198,21 +255,55 @@ def _position(item):
     return int(match.group(2)) if match else 0
 
 
+def resolve_input_source(args):
+    """True for the interactive loop: no input flag, and a terminal on standard input.
+
+    With no input flag and standard input piped or redirected, it is read as ``--file -``.
+    """
+    if args.text or args.prompt or args.file or args.serve:
+        return False
+    if sys.stdin is not None and sys.stdin.isatty():
+        if args.output:
+            raise UserError("--output needs inputs: give --text, --prompt or --file, or pipe them in "
+                            "(with none, on a terminal, infer.py answers interactively)")
+        return True
+    args.file = STDIN
+    return False
+
+
 # ---------------------------------------------------------------- running each task
 
-def run_classification(loaded, items, args):
+@dataclass
+class Runner:
+    """One loaded model, ready to answer inputs; ``kind`` is its task, or "generation" for a causal LM."""
+    kind: str
+    loaded: object = None  # inference.LoadedModel (classification, longdoc, vector)
+    language_model: tuple = None  # (model, tokenizer) of a causal LM
+    options: object = None  # generation.GenerationOptions
+    corpus: object = None  # server.Corpus: vector results list their nearest entries
+
+    def run(self, items, args, progress=False):
+        """Results of the valid ``items``, in order; an input that fails later is marked on its item."""
+        if self.kind == "generation":
+            return run_generation(self.language_model, items, self.options, progress)
+        if self.kind == "vector":
+            return run_vectors(self.loaded, items, args, self.corpus, progress)
+        return run_classification(self.loaded, items, args, progress)
+
+
+def run_classification(loaded, items, args, progress=False):
     texts = [item.text for item in items]
     contexts = [item.context for item in items] if any(item.context for item in items) else None
     if loaded.task == "longdoc":
         return inference.predict_long_documents(loaded, texts, args.temperature, args.batch_size, args.explain,
-                                                args.top_k)
+                                                args.top_k, progress)
     return inference.classify(loaded, texts, contexts, args.temperature, args.batch_size, args.top_k,
-                              args.sort_by_length)
+                              args.sort_by_length, progress)
 
 
-def run_vectors(loaded, items, args):
+def run_vectors(loaded, items, args, corpus=None, progress=False):
     embeddings = inference.embed(loaded, [item.text for item in items], args.batch_size,
-                                 sort_by_length=args.sort_by_length)
+                                 sort_by_length=args.sort_by_length, progress=progress)
     results = [{"input": item.text, "dim": int(vector.shape[0]), "norm": round(float(np.linalg.norm(vector)), 6),
                 "embedding": [round(float(value), 6) for value in vector]} for item, vector in zip(items, embeddings)]
     if args.text_pair:
@@ -222,7 +313,20 @@ def run_vectors(loaded, items, args):
         pair_embeddings = inference.embed(loaded, pairs, args.batch_size, side="doc")
         for result, pair, vector, pair_vector in zip(results, pairs, embeddings, pair_embeddings):
             result.update(text_pair=pair, cosine_similarity=round(inference.cosine_similarity(vector, pair_vector), 6))
+    if corpus is not None:
+        nearest = inference.nearest_rows(corpus.matrix, embeddings, args.top_k or DEFAULT_HITS)
+        for result, hits in zip(results, nearest):
+            result["hits"] = [{"id": corpus.ids[row], "score": round(score, 6), "text": corpus.texts[row]}
+                              for row, score in hits]
     return results
+
+
+def load_search_corpus(loaded, args):
+    """The --corpus entries, encoded once on the document side, for each input's nearest entries."""
+    from common import server
+    ids, texts = server.load_corpus_records(args.corpus)
+    service = inference.VectorService(loaded, args.batch_size)
+    return server.build_corpus(service, ids, texts, show_progress=sys.stderr.isatty())
 
 
 def generation_options(args):
@@ -233,43 +337,126 @@ def generation_options(args):
         num_return_sequences=args.num_return_sequences, seed=args.seed).check()
 
 
-def run_generation(args, items, options):
+def run_generation(language_model, items, options, progress=False):
     """Continue each prompt; a prompt that cannot be continued is marked on its item, the others still run."""
-    model, tokenizer = generation.load_causal_lm(args.model_path, args.device)
-    results = generation.generate_texts(model, tokenizer, [item.text for item in items], options, skip_errors=True)
+    model, tokenizer = language_model
+    prompts = inference.progress_bar([item.text for item in items], "generation", enabled=progress, unit="prompt")
+    results = generation.generate_texts(model, tokenizer, prompts, options, skip_errors=True)
     for item, result in zip(items, results):
         if "error" in result:
             item.error = result["error"]
     return [result for result in results if "error" not in result]
 
 
+# ---------------------------------------------------------------- the interactive loop
+
+def interactive_loop(answer, lines, output=None):
+    """Print ``answer(line)`` for each line until an empty line, the end of ``lines`` or Ctrl-C; returns 0.
+
+    A problem with one line (a UserError) is printed as one ``error:`` line and the loop goes on.
+    """
+    output = output or sys.stdout
+    try:
+        for line in lines:
+            if not line.strip():
+                break
+            try:
+                print(answer(line), file=output, flush=True)
+            except UserError as error:
+                print(f"error: {error}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print(file=output)  # Ctrl-C leaves the cursor after the prompt: the shell's prompt gets its own line
+    return 0
+
+
+def prompt_lines(prompt=PROMPT):
+    """Lines typed at the terminal, until Ctrl-D."""
+    if sys.stdin is sys.__stdin__:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    while True:
+        try:
+            yield input(prompt)
+        except EOFError:
+            print()
+            return
+        except UnicodeDecodeError:
+            print(f"error: the line is not valid {sys.stdin.encoding or 'UTF-8'} text", file=sys.stderr)
+
+
+def answer_line(runner, args, text):
+    """The interactive loop's answer to one typed line: --json's object, or the short text form."""
+    position = inference.unencodable_position(text)
+    if position is not None:
+        raise UserError(inference.describe_unencodable(position))
+    item = InputItem("input", text, args.context)
+    results = runner.run([item], args)
+    if item.error:
+        raise UserError(item.error)
+    return json_line(results[0]) if args.json else format_answer(results[0], runner.kind)
+
+
+def run_interactive(runner, args, lines=None):
+    """Answer lines typed at the terminal (``lines`` for tests) until an empty line, Ctrl-D or Ctrl-C."""
+    what = "a prompt" if runner.kind == "generation" else "a text"
+    print(f"{args.model_path} ({runner.kind}): type {what} and press Enter; an empty line, Ctrl-D or Ctrl-C "
+          "quits", file=sys.stderr)
+    return interactive_loop(lambda text: answer_line(runner, args, text), prompt_lines() if lines is None else lines)
+
+
 # ---------------------------------------------------------------- printing
 
+def preview(text, limit=PREVIEW_CHARACTERS):
+    """``text`` for a one-line echo: a long or multi-line document is flattened and clipped."""
+    if len(text) <= limit and "\n" not in text:
+        return text
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else f"{flat[:limit]}… ({len(text)} characters)"
+
+
+def prediction_line(result):
+    return f"predicted: {result['label']} (id {result['label_id']}, probability {result['probability']:.4f})"
+
+
+def chunk_lines(result):
+    """--explain's chunks, one line each."""
+    return [f"  chunk {chunk['chunk_idx']} (score {chunk['score']:.4f}, characters {chunk['char_start']}-"
+            f"{chunk['char_end']}): {' '.join(chunk['text'].split())}" for chunk in result.get("top_chunks", [])]
+
+
 def format_classification(result):
-    """Seed 002's output: input, temperature, predicted label and id, every label's probability."""
-    lines = [f"input: {result['input']}"]
+    """Input, temperature, predicted label and id, every label's probability (a long input is clipped)."""
+    lines = [f"input: {preview(result['input'])}"]
     if result.get("context"):
-        lines.append(f"context: {result['context']}")
-    lines += [f"temperature: {result['temperature']}",
-              f"predicted: {result['label']} (id {result['label_id']}, probability {result['probability']:.4f})"]
+        lines.append(f"context: {preview(result['context'])}")
+    lines += [f"temperature: {result['temperature']}", prediction_line(result)]
     ranked = result.get("top_k") or [{"label": name, "probability": p} for name, p in result["probabilities"].items()]
     lines.append("probabilities:" if "top_k" not in result else f"top {len(ranked)}:")
     width = max(len(str(entry["label"])) for entry in ranked)
     lines += [f"  {str(entry['label']):<{width}}  {entry['probability']:.4f}" for entry in ranked]
     if "num_chunks" in result:
         lines.append(f"chunks: {result['num_chunks']} of {result['num_windows']} windows")
-    for chunk in result.get("top_chunks", []):
-        lines.append(f"  chunk {chunk['chunk_idx']} (score {chunk['score']:.4f}, "
-                     f"characters {chunk['char_start']}-{chunk['char_end']}): {chunk['text']}")
-    return "\n".join(lines)
+    return "\n".join(lines + chunk_lines(result))
+
+
+def embedding_line(result):
+    shown = ", ".join(f"{value:.4f}" for value in result["embedding"][:EMBEDDING_VALUES_SHOWN])
+    return f"embedding (dim {result['dim']}): [{shown}, ...]"
+
+
+def hit_lines(result):
+    return [f"  {rank}. {hit['score']:.4f}  {hit['id']}  {preview(hit['text'], 80)}"
+            for rank, hit in enumerate(result["hits"], start=1)]
 
 
 def format_vector(result):
-    shown = ", ".join(f"{value:.4f}" for value in result["embedding"][:EMBEDDING_VALUES_SHOWN])
-    lines = [f"input: {result['input']}", f"embedding (dim {result['dim']}): [{shown}, ...]",
-             f"norm: {result['norm']:.4f}"]
+    lines = [f"input: {preview(result['input'])}", embedding_line(result), f"norm: {result['norm']:.4f}"]
     if "text_pair" in result:
         lines += [f"text pair: {result['text_pair']}", f"cosine similarity: {result['cosine_similarity']:.4f}"]
+    if "hits" in result:
+        lines += [f"nearest {len(result['hits'])} of --corpus:"] + hit_lines(result)
     return "\n".join(lines)
 
 
@@ -286,6 +473,22 @@ def format_result(result, kind):
     if kind == "generation":
         return format_generation(result)
     return format_classification(result)
+
+
+def format_answer(result, kind):
+    """The interactive loop's short form: the answer alone, not an echo of the line just typed."""
+    if kind == "generation":
+        texts = [result["prompt"] + text for text in result["generations"]]
+        return texts[0] if len(texts) == 1 else "\n".join(f"[{index}] {text}" for index, text in
+                                                           enumerate(texts, start=1))
+    if kind == "vector":
+        lines = hit_lines(result) if "hits" in result else [embedding_line(result)]
+        if "cosine_similarity" in result:
+            lines.append(f"cosine similarity to the text pair: {result['cosine_similarity']:.4f}")
+        return "\n".join(lines)
+    lines = [f"{result['label']} (probability {result['probability']:.4f})"]
+    lines += [f"  {entry['label']}  {entry['probability']:.4f}" for entry in result.get("top_k", [])[1:]]
+    return "\n".join(lines + chunk_lines(result))
 
 
 def emit(items, results, kind, args):
@@ -329,7 +532,8 @@ def check_output(args):
 
 def input_paths(args):
     """(flag, path) of everything this run reads: --output must not replace any of them."""
-    paths = [("--file", args.file), ("--model-path", args.model_path), ("--tokenizer-path", args.tokenizer_path)]
+    paths = [("--file", None if args.file == STDIN else args.file), ("--model-path", args.model_path),
+             ("--tokenizer-path", args.tokenizer_path), ("--corpus", args.corpus)]
     if Path(args.model_path).suffix == ".onnx":
         paths += [("--model-path", companion) for companion in inference.onnx_companions(args.model_path)]
     return paths
@@ -358,8 +562,6 @@ def serve(loaded, args):
 
 def check_args(args):
     """Combinations of flags, paths and command-line texts (ranges are the flag types' job)."""
-    if args.corpus and not args.serve:
-        raise UserError("--corpus needs --serve (it enables POST /search)")
     if args.output and args.serve:
         raise UserError("--output is for batch runs; --serve answers over HTTP")
     if args.serve:
@@ -376,7 +578,7 @@ def check_path_flags(args):
     for flag in ("model_path", "file", "output", "tokenizer_path", "corpus"):
         if "\0" in (getattr(args, flag) or ""):  # os calls raise ValueError on it, not OSError
             raise UserError(f"--{flag.replace('_', '-')}: a path cannot contain a NUL byte")
-    file_path = Path(args.file) if args.file else None
+    file_path = Path(args.file) if args.file and args.file != STDIN else None
     if file_path is not None and file_path.exists() and not (file_path.is_file() or file_path.is_dir()):
         raise UserError(f"--file {args.file}: not a regular file (a FIFO or device could be read forever)")
 
@@ -404,6 +606,9 @@ def check_task_flags(args, task):
         if getattr(args, name) and task not in tasks:
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} is for {' and '.join(tasks)} models; {args.model_path} is a {task} model")
+    if task == "vector" and args.top_k and (args.serve or not args.corpus):
+        raise UserError("--top-k for a vector model is the number of --corpus entries listed per input: give "
+                        "--corpus" + (" (with --serve, POST /search takes top_k)" if args.serve else ""))
 
 
 def load_model(args):
@@ -419,37 +624,47 @@ def load_model(args):
     return loaded
 
 
+def load_runner(args, generation_settings=None):
+    """A causal LM (with its ``generation_settings``), or any model this toolkit writes."""
+    if generation_settings is not None:
+        return Runner("generation", language_model=generation.load_causal_lm(args.model_path, args.device),
+                      options=generation_settings)
+    loaded = load_model(args)
+    if args.prompt:
+        raise UserError(f"--prompt is for causal language models; {args.model_path} is a {loaded.task} model "
+                        "(use --text)")
+    return Runner(loaded.task, loaded)
+
+
 @report_user_errors
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
+    interactive = resolve_input_source(args)
     if args.output:  # before any work: a bad path must not cost a whole run
         check_output(args)
     args.device = inference.resolve_device(args.device)
     causal = generation.is_causal_lm_directory(args.model_path)
     check_temperature(args, causal)
-    if causal:
+    options, items = None, None
+    if causal:  # everything is checked and read before the model loads
         if args.serve:
             raise UserError("--serve is for classifiers and vector models, not causal language models")
         check_task_flags(args, "generation")
         options = generation_options(args)
-        items = collect_inputs(args)
-        results = run_generation(args, [item for item in items if not item.error], options)
-        emit(items, results, "generation", args)
-        return report_failures(items)
-    loaded = load_model(args)
+        items = None if interactive else collect_inputs(args)
+    # other models load first: a long-document model reads a text file as one document, not as lines
+    runner = load_runner(args, options)
     if args.serve:
-        return serve(loaded, args)
-    if args.prompt:
-        raise UserError(f"--prompt is for causal language models; {args.model_path} is a {loaded.task} model "
-                        "(use --text)")
-    items = collect_inputs(args, loaded.task)
+        return serve(runner.loaded, args)
+    if runner.kind == "vector" and args.corpus:
+        runner.corpus = load_search_corpus(runner.loaded, args)
+    if interactive:
+        return run_interactive(runner, args)
+    items = items or collect_inputs(args, runner.kind)
     valid = [item for item in items if not item.error]
-    if loaded.task == "vector":
-        results = run_vectors(loaded, valid, args) if valid else []
-    else:
-        results = run_classification(loaded, valid, args) if valid else []
-    emit(items, results, loaded.task, args)
+    results = runner.run(valid, args, progress=bool(args.file)) if valid else []
+    emit(items, results, runner.kind, args)
     return report_failures(items)
 
 

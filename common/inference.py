@@ -10,6 +10,7 @@ everything after loading is the same for both backends.
 import copy
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -271,14 +272,28 @@ def length_sorted_batches(lengths, batch_size, sort_by_length=True):
     return [order[start:start + batch_size].tolist() for start in range(0, len(order), batch_size)]
 
 
-def run_batched(loaded, features, batch_size=32, sort_by_length=True):
-    """Run ``loaded`` over encoded features in length-sorted batches; rows come back in input order."""
+def progress_bar(iterable, description, enabled=True, unit="batch", total=None):
+    """``iterable`` with a tqdm bar on standard error when ``enabled`` and standard error is a terminal.
+
+    ``disable=None`` is tqdm's "only on a terminal": piped or logged runs get no bar lines.
+    """
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=description, unit=unit, total=total, leave=False, file=sys.stderr,
+                disable=None if enabled else True)
+
+
+def run_batched(loaded, features, batch_size=32, sort_by_length=True, progress=False):
+    """Run ``loaded`` over encoded features in length-sorted batches; rows come back in input order.
+
+    ``progress``: show a bar over the batches (on a terminal only).
+    """
     if not features:
         return np.zeros((0, 0), dtype=np.float32)
     collator = data.PaddingCollator(loaded.tokenizer.pad_token_id)
     lengths = [len(feature["input_ids"]) for feature in features]
     outputs = [None] * len(features)
-    for indices in length_sorted_batches(lengths, batch_size, sort_by_length):
+    batches = length_sorted_batches(lengths, batch_size, sort_by_length)
+    for indices in progress_bar(batches, "inference", enabled=progress):
         batch_outputs = loaded.run(collator([features[index] for index in indices]))
         for index, row in zip(indices, batch_outputs):
             outputs[index] = row
@@ -328,11 +343,12 @@ def classification_result(text, context, probabilities, label_names, temperature
     return result
 
 
-def classify(loaded, texts, contexts=None, temperature=None, batch_size=32, top_k=None, sort_by_length=True):
+def classify(loaded, texts, contexts=None, temperature=None, batch_size=32, top_k=None, sort_by_length=True,
+             progress=False):
     """Classify texts (with optional contexts) -> list of result dicts in input order."""
     temperature = resolve_temperature(loaded, temperature)
     features = encode_inputs(loaded, texts, contexts)
-    logits = check_finite_outputs(run_batched(loaded, features, batch_size, sort_by_length), loaded)
+    logits = check_finite_outputs(run_batched(loaded, features, batch_size, sort_by_length, progress), loaded)
     probabilities = softmax(logits, temperature)
     contexts = contexts or [None] * len(texts)
     return [classification_result(text, context, row, loaded.label_names, temperature, top_k)
@@ -347,10 +363,10 @@ def vector_max_length(loaded, side="query"):
     return vector.get(f"{side}_max_length") or loaded.preprocessing.get("max_length", 128)
 
 
-def embed(loaded, texts, batch_size=32, side="query", sort_by_length=True):
+def embed(loaded, texts, batch_size=32, side="query", sort_by_length=True, progress=False):
     """Embeddings (n, dim) of texts, in input order."""
     features = encode_inputs(loaded, texts, None, vector_max_length(loaded, side))
-    return check_finite_outputs(run_batched(loaded, features, batch_size, sort_by_length), loaded)
+    return check_finite_outputs(run_batched(loaded, features, batch_size, sort_by_length, progress), loaded)
 
 
 def cosine_similarity(first, second):
@@ -359,18 +375,28 @@ def cosine_similarity(first, second):
     return float(np.dot(first, second) / denominator) if denominator else 0.0
 
 
+def nearest_rows(matrix, query_vectors, top_k):
+    """Per query, the ``top_k`` (row, cosine similarity) of ``matrix`` (n, dim; rows L2-normalised), best first."""
+    queries = np.asarray(query_vectors, dtype=np.float32)  # (queries, dim)
+    queries = queries / np.maximum(np.linalg.norm(queries, axis=-1, keepdims=True), 1e-12)
+    scores = queries @ np.asarray(matrix, dtype=np.float32).T  # (queries, n)
+    ranked = np.argsort(-scores, axis=-1, kind="stable")[:, :top_k]
+    return [[(int(row), float(scores[query, row])) for row in rows] for query, rows in enumerate(ranked)]
+
+
 # ---------------------------------------------------------------- long documents
 
-def predict_long_documents(loaded, texts, temperature=None, batch_size=32, explain=0, top_k=None):
+def predict_long_documents(loaded, texts, temperature=None, batch_size=32, explain=0, top_k=None, progress=False):
     """Chunk, run every chunk, aggregate (common.longdoc, with the model's stored settings).
 
     Returns one dict per document in the classifier's shape (input, temperature, label,
     label_id, probabilities, top_k with ``top_k``) plus num_chunks, num_windows and, with
-    ``explain``, top_chunks.
+    ``explain``, top_chunks. ``progress``: a bar over the documents (on a terminal only).
     """
     from common import longdoc
     temperature = resolve_temperature(loaded, temperature)
-    results = longdoc.predict_documents(loaded.run, loaded.tokenizer, loaded.toolkit, texts, batch_size, explain,
+    documents = progress_bar(texts, "inference", enabled=progress, unit="document")
+    results = longdoc.predict_documents(loaded.run, loaded.tokenizer, loaded.toolkit, documents, batch_size, explain,
                                         loaded.id2label or None)
     return [_document_result(loaded, text, result, temperature, top_k) for text, result in zip(texts, results)]
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from common.errors import UserError
 
@@ -36,8 +35,9 @@ def load_pretrained_backbone(name_or_path, trust_remote_code=False, keep_pooler=
     An unused pooler would leave parameters without gradients (DDP then fails) and
     wastes a matmul per step.
     """
+    import transformers  # imported where used: ~2 s that --help and flag errors should not wait for
     try:
-        backbone = AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        backbone = transformers.AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except LOAD_ERRORS as error:
         raise UserError(f"--model-name {name_or_path}: cannot load a model there ({describe_load_error(error)})") \
             from None
@@ -47,8 +47,9 @@ def load_pretrained_backbone(name_or_path, trust_remote_code=False, keep_pooler=
 
 
 def load_tokenizer(name_or_path, trust_remote_code=False):
+    import transformers  # imported where used: ~2 s that --help and flag errors should not wait for
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except LOAD_ERRORS as error:
         raise UserError(f"{name_or_path}: cannot load a tokenizer there ({_first_line(error)})") from None
     if not getattr(tokenizer, "is_fast", False) or not hasattr(tokenizer, "backend_tokenizer"):
@@ -97,6 +98,7 @@ def classifier_writer(model, tokenizer, toolkit, args, id2label):
 
 def read_model_config(directory):
     """(backbone config, toolkit block) of a model directory, or a clear UserError."""
+    import transformers  # imported where used: ~2 s that --help and flag errors should not wait for
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     if not directory.is_dir():
@@ -116,7 +118,7 @@ def read_model_config(directory):
     if not (directory / WEIGHTS_FILE).is_file():
         raise UserError(f"--model-path {directory}: no {WEIGHTS_FILE}")
     try:
-        config = AutoConfig.for_model(**raw) if "model_type" in raw else AutoConfig.from_pretrained(str(directory))
+        config = transformers.AutoConfig.for_model(**raw) if "model_type" in raw else transformers.AutoConfig.from_pretrained(str(directory))
     except LOAD_ERRORS as error:
         raise UserError(f"{config_path}: not a usable model config ({_first_line(error)})") from None
     return config, toolkit
@@ -237,7 +239,8 @@ def _check_stored_normalizer(toolkit, config_path):
 
 def build_backbone_from_config(config, keep_pooler=False):
     """An untrained backbone of the saved architecture (weights come from model.safetensors)."""
-    backbone = AutoModel.from_config(config)
+    import transformers  # imported where used: ~2 s that --help and flag errors should not wait for
+    backbone = transformers.AutoModel.from_config(config)
     if not keep_pooler and getattr(backbone, "pooler", None) is not None:
         backbone.pooler = None
     return backbone

@@ -4,7 +4,6 @@ import math
 import warnings
 
 import torch
-from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from common.errors import UserError
 
@@ -52,9 +51,10 @@ def resolve_warmup_steps(total_steps, warmup_ratio=None, warmup_steps=None):
 
 def build_scheduler(optimizer, scheduler_type, warmup_steps, total_steps):
     """Linear (default) or cosine decay after a linear warmup."""
+    import transformers  # imported where used: --help should not wait for it
     if scheduler_type == "cosine":
-        return get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
-    return get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+        return transformers.get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    return transformers.get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
 
 
 def optimizer_step(model, optimizer, scheduler, scaler, max_grad_norm):

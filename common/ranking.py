@@ -17,7 +17,6 @@ document has no defined NDCG, MRR, AP or Recall: ``ranking_metrics`` leaves it o
 counts it.
 """
 import numpy as np
-from sklearn.metrics import ndcg_score
 
 DEFAULT_KS = (1, 3, 5, 10)
 
@@ -49,6 +48,7 @@ def ndcg_at_k(relevances, scores, k, binary=False, threshold=0.0):
         return None
     if len(gains) == 1:  # sklearn refuses a single document; its NDCG is 1 by definition
         return 1.0
+    from sklearn.metrics import ndcg_score  # imported here: ~2 s that --help should not wait for
     return float(ndcg_score(gains[None, :], np.asarray(scores, dtype=float)[None, :], k=k))
 
 

@@ -1,5 +1,6 @@
 """infer.py: both backends agree, batching keeps input order, bad inputs are reported, output shapes."""
 import errno
+import io
 import json
 
 import numpy as np
@@ -88,11 +89,12 @@ def test_text_file_with_blank_lines_and_csv_records(classifier_dir, tmp_path, ca
     assert rows[0]["context"] == "今天下雨了" and "context" not in rows[1]
 
 
-def test_empty_text_gets_a_clear_message(classifier_dir, capsys):
+def test_empty_text_gets_a_clear_message(classifier_dir, capsys, monkeypatch):
     assert infer.main(["--model-path", str(classifier_dir), "--text", "   "]) == 1
     assert "--text 1: empty or whitespace-only text" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))  # `< /dev/null`: not a terminal
     assert infer.main(["--model-path", str(classifier_dir)]) == 2
-    assert "no input" in capsys.readouterr().err
+    assert_one_error_line(capsys.readouterr().err, "no input: stdin is empty")
 
 
 def test_json_output_shape_and_default_temperature(classifier_dir, capsys):
@@ -320,8 +322,12 @@ def test_serve_vector_model_with_a_corpus(vector_dir, classifier_dir, tmp_path, 
         assert len(results) == 2 and results[0]["id"] == "7" and results[0]["score"] > results[1]["score"]
     assert infer.main(["--model-path", str(classifier_dir), "--serve", "--corpus", str(corpus)]) == 2
     assert "--corpus is for vector models" in capsys.readouterr().err
-    assert infer.main(["--model-path", str(vector_dir), "--text", "good", "--corpus", str(corpus)]) == 2
-    assert "--corpus needs --serve" in capsys.readouterr().err
+    assert infer.main(["--model-path", str(vector_dir), "--text", "stock price", "--corpus", str(corpus),
+                       "--top-k", "2", "--json"]) == 0  # without --serve: each input lists its nearest entries
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    assert [hit["id"] for hit in hits] == [str(row["id"]) for row in results] and hits[0]["score"] > hits[1]["score"]
+    assert infer.main(["--model-path", str(vector_dir), "--text", "good", "--top-k", "2"]) == 2
+    assert "--top-k for a vector model is the number of --corpus entries" in capsys.readouterr().err
     bad_corpus = write_jsonl(tmp_path / "bad.jsonl", [{"id": "a", "text": "good"}, {"text": "no id"}])
     assert infer.main(["--model-path", str(vector_dir), "--serve", "--corpus", str(bad_corpus)]) == 2
     assert "bad.jsonl line 2: field 'id'" in capsys.readouterr().err
