@@ -194,9 +194,9 @@ def parity_batches(tokenizer, config, max_length, seed=0):
 
 
 def compare_outputs(onnx_run, torch_run, batches, task):
-    """Per case: max |torch - onnx| and, for classifiers, label agreement."""
+    """Per case: max |torch - onnx| and, for classifiers, label agreement (a bar on a terminal)."""
     cases = []
-    for batch_size, length, batch in batches:
+    for batch_size, length, batch in inference.progress_bar(batches, "parity check", unit="case"):
         onnx_out = onnx_run(batch)
         case = {"batch": batch_size, "seq": length, "padded": bool((batch["attention_mask"] == 0).any()),
                 "finite": inference.is_finite(onnx_out)}
@@ -214,7 +214,7 @@ def compare_outputs(onnx_run, torch_run, batches, task):
 def padding_invariance(onnx_run, batches):
     """Max |difference| between each padded row and the same row run alone, unpadded."""
     worst = 0.0
-    for _, _, batch in batches:
+    for _, _, batch in inference.progress_bar(batches, "padding check", unit="case"):
         together = onnx_run(batch)
         for row, length in enumerate(batch["attention_mask"].sum(1).tolist()):
             alone = onnx_run({name: batch[name][row:row + 1, :length] for name in INPUT_NAMES})
@@ -240,9 +240,9 @@ def load_validation_examples(path, label2id):
 
 def predict_labels(loaded, texts, contexts, batch_size):
     if loaded.task == "longdoc":
-        results = inference.predict_long_documents(loaded, texts, batch_size=batch_size)
+        results = inference.predict_long_documents(loaded, texts, batch_size=batch_size, progress=True)
     else:
-        results = inference.classify(loaded, texts, contexts, batch_size=batch_size)
+        results = inference.classify(loaded, texts, contexts, batch_size=batch_size, progress=True)
     return np.array([result["label_id"] for result in results])
 
 
@@ -250,10 +250,10 @@ def validation_metrics(onnx_loaded, torch_loaded, path, batch_size):
     """Accuracy (or agreement with torch when unlabelled) of both backends on a validation file."""
     if onnx_loaded.task == "vector":
         texts = [example.text for example in data.load_text_examples(path, require_label=False)]
-        onnx_vectors = inference.embed(onnx_loaded, texts, batch_size)
+        onnx_vectors = inference.embed(onnx_loaded, texts, batch_size, progress=True)
         report = {"file": path, "records": len(texts), "metric": "mean_cosine_to_torch"}
         if torch_loaded is not None:
-            torch_vectors = inference.embed(torch_loaded, texts, batch_size)
+            torch_vectors = inference.embed(torch_loaded, texts, batch_size, progress=True)
             cosine = float(np.mean([inference.cosine_similarity(a, b) for a, b in zip(torch_vectors, onnx_vectors)]))
             report.update(torch_metric=1.0, onnx_metric=cosine, drop=1.0 - cosine)
         return report

@@ -425,16 +425,15 @@ def finish(args, model_dir, datasets, splits, label_set, context, output_dir, lo
                                                    args.device_obj, args.precision_obj, context, label_set.names)
     results["validation"] = val_metrics
     if args.calibrate and context.is_main:
-        from common.calibration import calibration_report, write_reliability_diagram
-        report = calibration_report(val_logits, val_labels)
+        from common.calibration import calibration_report, format_calibration, write_reliability_diagram
+        report = calibration_report(val_logits, val_labels)  # temperature 1.0 unless the fit can be trusted
         results["calibration"] = report
         toolkit["temperature"] = report["temperature"]
         rewrite_toolkit(model_dir, toolkit)
         write_reliability_diagram(output_dir / "reliability_diagram.png",
-                                  torch.softmax(val_logits / report["temperature"], -1).numpy(),
-                                  val_labels.numpy(), title="validation, after temperature scaling")
-        logger.info(f"calibration: temperature {report['temperature']:.3f}, ECE {report['ece_before']:.4f} -> "
-                    f"{report['ece_after']:.4f}, NLL {report['nll_before']:.4f} -> {report['nll_after']:.4f}")
+                                  torch.softmax(val_logits / report["temperature"], -1).numpy(), val_labels.numpy(),
+                                  title="validation, after temperature scaling" if report["applied"] else "validation")
+        logger.info(format_calibration(report))
     report_split = "test" if "test" in datasets else "validation"
     if "test" in datasets:
         results["test"], test_logits, test_labels = evaluate(
@@ -443,9 +442,13 @@ def finish(args, model_dir, datasets, splits, label_set, context, output_dir, lo
     else:
         test_logits, test_labels = val_logits, val_labels
     if context.is_main:
+        examples = splits["test" if "test" in datasets else "val"]
         if train_labels is not None:
             results["majority_baseline"] = majority_baseline(train_labels, test_labels.numpy(), len(label_set.names))
-        examples = splits["test" if "test" in datasets else "val"]
+            if args.baseline != "none":
+                from common.baselines import add_text_baseline
+                add_text_baseline(results, report_split, splits["train"], examples, test_labels.numpy(),
+                                  label_set.names, logger.info)
         write_reports(output_dir, results, report_split, examples, test_logits, test_labels, label_set, args, logger)
     return results
 

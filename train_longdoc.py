@@ -477,6 +477,10 @@ def finish(args, model_dir, datasets, splits, label_set, context, output_dir, lo
     if context.is_main:
         if train_labels is not None:
             results["majority_baseline"] = majority_baseline(train_labels, labels.numpy(), len(label_set.names))
+            if args.baseline != "none":  # the baseline reads whole documents; the model reads windows
+                from common.baselines import add_text_baseline
+                add_text_baseline(results, split_name, splits["train"], splits["test" if "test" in datasets else "val"],
+                                  labels.numpy(), label_set.names, logger.info)
         write_reports(output_dir, results, split_name, splits["test" if "test" in datasets else "val"],
                       logits[args.aggregation], labels, label_set, args, logger)
     return results

@@ -547,9 +547,20 @@ def run_evaluation_mode(args):
     metrics = evaluate_checkpoint(directory, test_pairs, args)
     metrics["checkpoint"] = str(directory)
     print(format_table([(Path(directory).name, checkpoint_val_loss(directory), metrics)], args.k))
+    add_retrieval_baseline(metrics, test_pairs, args)
     print(json.dumps({key: round(value, 4) if isinstance(value, float) else value for key, value in metrics.items()}))
     write_metrics(destination, metrics)
     return 0
+
+
+def add_retrieval_baseline(metrics, test_pairs, args):
+    """TF-IDF cosine ranking of the same test pairs beside the model's figures (--baseline none skips)."""
+    if args.baseline == "none":
+        return
+    from common.baselines import format_comparison, retrieval_baseline
+    metrics["baseline"] = retrieval_baseline([p.query for p in test_pairs], [p.document for p in test_pairs],
+                                             [p.rel for p in test_pairs], args.k, args.relevance_threshold)
+    print(format_comparison(metrics, metrics["baseline"], [f"ndcg@{k}" for k in args.k] + [f"mrr@{max(args.k)}"]))
 
 
 def select_best(args, test_pairs):
@@ -572,6 +583,7 @@ def select_best(args, test_pairs):
     if best_dir is None:
         raise UserError(f"--output-dir {save_path}: no checkpoint records a validation loss")
     best_metrics = next(metrics for name, _, metrics in rows if name == best_dir.name)
+    add_retrieval_baseline(best_metrics, test_pairs, args)
     path = write_best_record(save_path, best_dir, best_val_loss, "lowest validation loss (--select_best)",
                              {"test": best_metrics})
     print(f"best: {best_dir.name} (validation loss {best_val_loss:.5f}, NDCG@{max(args.k)} "

@@ -125,6 +125,22 @@ def text_classification_baseline(train_texts, train_labels, eval_texts, eval_lab
     return metrics
 
 
+def example_baseline(train_examples, eval_examples, eval_labels, label_names):
+    """text_classification_baseline on the trainers' examples (a context is prepended to its text)."""
+    def texts(examples):
+        return [f"{e.context} {e.text}" if getattr(e, "context", None) else e.text for e in examples]
+    return text_classification_baseline(texts(train_examples), [e.label for e in train_examples],
+                                        texts(eval_examples), list(eval_labels), label_names)
+
+
+def add_text_baseline(results, split_name, train_examples, eval_examples, eval_labels, label_names, log=print):
+    """Fit the baseline on the same split as the model's final evaluation: ``results["baseline"]``, and
+    the two side by side through ``log``, so a user sees at once whether fine-tuning beat it."""
+    results["baseline"] = example_baseline(train_examples, eval_examples, eval_labels, label_names)
+    log(f"{split_name}: the model against a TF-IDF baseline on the same data\n" + format_comparison(
+        results[split_name], results["baseline"], ["accuracy", "macro_f1", "weighted_f1"]))
+
+
 def score_pairs(queries, documents, relevances, fit_texts=()):
     """TF-IDF cosine of each (query, document) pair, grouped per query as ``evaluate_pairs`` does.
 

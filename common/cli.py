@@ -206,6 +206,8 @@ def add_checkpoint_args(parser, **defaults):
     add_flag(group, "save-steps", type=int, default=500, help="write checkpoint-step-N every N steps (0: off)")
     add_flag(group, "save-total-limit", type=int, default=3, help="step checkpoints to keep (0: all)")
     add_flag(group, "logging-steps", type=int, default=50, help="log loss, learning rate and throughput every N steps")
+    add_flag(group, "baseline", choices=["tfidf", "none"], default="tfidf",
+             help="fit a TF-IDF baseline (sklearn) on the same data and show it beside the model's figures")
     add_flag(group, "config", help="YAML config with model/training/... sections; flags override it")
     parser.set_defaults(**defaults)
     return group

@@ -1,27 +1,31 @@
 #!/usr/bin/env bash
-# Export a trained model directory to ONNX and check it against PyTorch
-# (edit the variables, then: bash scripts/export_onnx.sh). Exit 1 means the parity gate refused it.
+# Export a trained model directory to ONNX and check it against PyTorch. Set the variables (or edit their
+# defaults), add any other export_onnx.py flag after the script's name (they override the defaults):
+#   MODEL_PATH=output/classifier/checkpoint-best bash scripts/export_onnx.sh --opset 18
+# Exit 1 means the parity gate refused the export; 2 a usage error (printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/_start.sh
 
-export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 MODEL_PATH=${MODEL_PATH:-./output/classifier/checkpoint-best}
 OUTPUT_PATH=${OUTPUT_PATH:-./models/model.onnx}
 VALIDATION_FILE=${VALIDATION_FILE:-}          # labelled records; required to gate --quantize int8
 QUANTIZE=${QUANTIZE:-none}                    # none | int8
+DEVICE=${DEVICE:-cpu}                         # the parity run; auto: CUDA when onnxruntime-gpu and a GPU exist
 LOG_FILE=${LOG_FILE:-export_onnx.log}
 
-python export_onnx.py \
+run_command "$PYTHON" export_onnx.py \
   --model-path "$MODEL_PATH" \
   --output-path "$OUTPUT_PATH" \
   --optimize true \
   --quantize "$QUANTIZE" \
   --opset 17 \
   --exporter torchscript \
-  --device cpu \
+  --device "$DEVICE" \
   --tolerance 1e-4 \
   --max-metric-drop 0.01 \
   ${VALIDATION_FILE:+--validation-file "$VALIDATION_FILE"} \
+  "$@" \
   2>&1 | tee "$LOG_FILE"
 
 # Re-check an existing export later (tokenizer/ and model.preprocessing.json sit beside it):

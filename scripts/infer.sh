@@ -1,27 +1,33 @@
 #!/usr/bin/env bash
-# Run a trained model (directory or .onnx export) on one text or a file, or serve it
-# (edit the variables, then: bash scripts/infer.sh). Preprocessing comes from the model itself.
+# Run a trained model (directory or .onnx export) on one text, a file, or interactively. Set the variables
+# (or edit their defaults), add any other infer.py flag after the script's name (they override the defaults):
+#   MODEL_PATH=models/model.onnx INPUT_FILE=data/test.jsonl bash scripts/infer.sh --batch-size 128
+#   TEXT= bash scripts/infer.sh          # no text: on a terminal, type texts and see each answer
+# Preprocessing comes from the model itself. A file run goes to the background; one that fails in its
+# first seconds prints its error and exits non-zero.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/_start.sh
 
-export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 MODEL_PATH=${MODEL_PATH:-./output/classifier/checkpoint-best}   # or ./models/model.onnx
 DEVICE=${DEVICE:-auto}                                          # auto: cuda when torch sees a GPU, else cpu
-INPUT_FILE=${INPUT_FILE:-}                                      # .txt / .json / .jsonl / .csv; empty: one --text
+TEXT=${TEXT-今天天气真好啊}                                      # used when INPUT_FILE is empty
+INPUT_FILE=${INPUT_FILE:-}                                      # .txt / .json / .jsonl / .csv
 OUTPUT_FILE=${OUTPUT_FILE:-predictions.jsonl}
 LOG_FILE=${LOG_FILE:-infer.log}
 
 if [ -z "$INPUT_FILE" ]; then
-  python infer.py \
+  # add --temperature 1.0 to override the calibrated temperature stored with the model
+  run_command "$PYTHON" infer.py \
     --model-path "$MODEL_PATH" \
     --backend auto \
     --device "$DEVICE" \
-    --text "今天天气真好啊"
-  # add --temperature 1.0 to override the calibrated temperature stored with the model
-  exit $?
+    ${TEXT:+--text "$TEXT"} \
+    "$@"
+  exit 0
 fi
 
-nohup python infer.py \
+start_in_background inference "$LOG_FILE" "$PYTHON" infer.py \
   --model-path "$MODEL_PATH" \
   --backend auto \
   --device "$DEVICE" \
@@ -29,7 +35,7 @@ nohup python infer.py \
   --output "$OUTPUT_FILE" \
   --batch-size 64 \
   --sort-by-length true \
-  > "$LOG_FILE" 2>&1 &
-echo "inference started (pid $!), log: $LOG_FILE, results: $OUTPUT_FILE"
+  "$@"
+echo "results: $OUTPUT_FILE"
 # Serve over HTTP (POST /predict, or /encode for vector models):
 # python infer.py --model-path "$MODEL_PATH" --serve --host 0.0.0.0 --port 8000 --api-key "$API_KEY"

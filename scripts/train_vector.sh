@@ -1,22 +1,31 @@
 #!/usr/bin/env bash
-# Fine-tune a bi-encoder on a GPU box in the background (edit the variables, then: bash scripts/train_vector.sh).
+# Fine-tune a bi-encoder in the background. Set the variables (or edit their defaults), add any other
+# train_vector.py flag after the script's name; flags given there override the defaults below:
+#   TRAIN_PATH=data/pairs.jsonl VAL_PATH=data/val.jsonl bash scripts/train_vector.sh --loss cosent
+# The device is picked by what exists (DEVICE=auto: CUDA when torch sees a GPU, else CPU); NPROC=4 trains
+# on 4 GPUs with torchrun. A run that fails in its first seconds prints its error and exits non-zero.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/_start.sh
 
-export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
-MODEL_NAME=${MODEL_NAME:-bert-base-uncased}
-TRAIN_PATH=${TRAIN_PATH:-data/vec_train.json}
-VAL_PATH=${VAL_PATH:-data/vec_valid.json}
+MODEL_NAME=${MODEL_NAME:-bert-base-uncased}          # hub name or local directory
+TRAIN_PATH=${TRAIN_PATH:-examples/vec_train.jsonl}   # {query, document, rel, weight} pairs
+VAL_PATH=${VAL_PATH:-examples/vec_valid.jsonl}
+TEST_PATH=${TEST_PATH:-}
 SAVE_PATH=${SAVE_PATH:-./output/vector_model}
+DEVICE=${DEVICE:-auto}
 LOG_FILE=${LOG_FILE:-train_vector.log}
 
-nohup python train_vector.py \
+python_command train_vector.py
+start_in_background training "$LOG_FILE" "${COMMAND[@]}" \
   --mode train \
   --config configs/vector.yaml \
   --model_name "$MODEL_NAME" \
   --train_path "$TRAIN_PATH" \
   --val_path "$VAL_PATH" \
+  ${TEST_PATH:+--test_path "$TEST_PATH"} \
   --save_path "$SAVE_PATH" \
+  --device "$DEVICE" \
   --max_length 512 \
   --query_max_length 64 \
   --doc_max_length 512 \
@@ -34,9 +43,7 @@ nohup python train_vector.py \
   --logging_steps 50 \
   --patience 3 \
   --seed 42 \
-  > "$LOG_FILE" 2>&1 &
-echo "training started (pid $!), log: $LOG_FILE"
+  "$@"
 # Then pick the best checkpoint (lowest validation loss) and see its ranking metrics:
-#   python train_vector.py --mode evaluate --test_path data/vec_test.json --save_path "$SAVE_PATH" --select_best
-# Multi-GPU: torchrun --nproc_per_node 4 train_vector.py --mode train ... (same flags; --batch_size is per GPU)
+#   python train_vector.py --mode evaluate --test_path examples/vec_test.jsonl --save_path "$SAVE_PATH" --select_best
 # Resume after a crash: run the same command with --resume.

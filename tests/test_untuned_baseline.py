@@ -38,3 +38,23 @@ def test_the_untuned_encoder_stays_the_vector_model_unless_training_beats_it(tin
     assert len(shared) > 10  # the encoder's weights, unchanged (the pooler is not part of a vector model)
     for key in shared:
         assert (published[key] == base[key.removeprefix("backbone.")]).all(), key
+
+
+def test_the_final_evaluation_shows_a_tfidf_baseline_beside_the_model(tiny_model_dir, tmp_path, capsys):
+    argv = tiny_run_argv("train_classifier", tmp_path, tiny_model_dir, tmp_path / "out")
+    code, output = run("train_classifier", argv, capsys)
+    assert code == 0 and "TF-IDF baseline" in output.out + output.err
+    baseline = json.loads((tmp_path / "out" / "metrics.json").read_text())["baseline"]
+    assert baseline["name"].startswith("tfidf") and 0.0 <= baseline["macro_f1"] <= 1.0
+    code, _ = run("train_classifier", argv + ["--overwrite-output-dir", "--baseline", "none"], capsys)
+    assert code == 0 and "baseline" not in json.loads((tmp_path / "out" / "metrics.json").read_text())
+
+
+def test_vector_evaluation_shows_a_tfidf_baseline(tiny_model_dir, tmp_path, capsys):
+    argv = tiny_run_argv("train_vector", tmp_path, tiny_model_dir, tmp_path / "out")
+    assert run("train_vector", argv, capsys)[0] == 0
+    code, output = run("train_vector", ["--mode", "evaluate", "--test-path", tmp_path / "pairs.jsonl",
+                                        "--output-dir", tmp_path / "out", "--device", "cpu"], capsys)
+    assert code == 0
+    metrics = json.loads((tmp_path / "out" / "eval_metrics.json").read_text())
+    assert metrics["baseline"]["name"].endswith("cosine") and "ndcg@10" in metrics["baseline"]
