@@ -542,7 +542,9 @@ def input_paths(args):
 def report_failures(items):
     failed = [item for item in items if item.error]
     for item in failed:
-        print(f"skipped {item.locator}: {item.error}", file=sys.stderr)
+        # a record's error already names its file and line
+        where = "" if item.error.startswith(item.locator) else f"{item.locator}: "
+        print(f"skipped {where}{item.error}", file=sys.stderr)
     if failed:
         print(f"{len(failed)} of {len(items)} input(s) could not be processed", file=sys.stderr)
     return EXIT_SOME_FAILED if failed else 0
