@@ -176,12 +176,7 @@ def build_eval_loader(dataset, args, context):
 # ---------------------------------------------------------------- model
 
 def build_model(args, num_labels, tokenizer):
-    backbone = modeldir.load_pretrained_backbone(args.model_name, args.trust_remote_code,
-                                                 keep_pooler=args.pooling == "pooler")
-    if len(tokenizer) > backbone.get_input_embeddings().num_embeddings:  # after --extend-vocab
-        backbone.resize_token_embeddings(len(tokenizer))
-    return SequenceClassifier(backbone, num_labels, args.pooling, args.dropout, args.head_layernorm,
-                              args.freeze_backbone)
+    return SequenceClassifier.from_pretrained_encoder(args, num_labels, tokenizer)
 
 
 def build_toolkit_block(args, model, normalize_spec, record_format, temperature=1.0):

@@ -33,6 +33,7 @@ from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args,
 from common.errors import UserError, report_user_errors
 from common.vector import (LOSSES, VECTOR_POOLINGS, BertVectorModel, PairCollator, PairEncoder,
                            build_pair_dataset, compute_pair_loss, evaluate_pairs, load_pairs, read_json_if_exists)
+from common.vocab import fit_embeddings_to_tokenizer
 
 __all__ = ["BertVectorModel", "main"]
 
@@ -179,8 +180,7 @@ def build_eval_loader(dataset, args, context):
 
 def build_model(args, tokenizer, normalize_spec):
     backbone = modeldir.load_pretrained_backbone(args.model_name, args.trust_remote_code)
-    if len(tokenizer) > backbone.get_input_embeddings().num_embeddings:  # after --extend-vocab
-        backbone.resize_token_embeddings(len(tokenizer))
+    fit_embeddings_to_tokenizer(backbone, tokenizer)  # after --extend-vocab
     model = BertVectorModel(backbone, args.pooling, args.projection_dim or None, True, args.query_max_length,
                             args.doc_max_length, args.max_length, args.truncation_side, normalize_spec)
     model.tokenizer = tokenizer

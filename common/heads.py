@@ -77,6 +77,16 @@ class SequenceClassifier(nn.Module):
         return self.head(self.encode(input_ids, attention_mask, token_type_ids))
 
     @classmethod
+    def from_pretrained_encoder(cls, args, num_labels, tokenizer):
+        """A new classifier on ``args.model_name`` with the head options of ``args`` (embeddings grown
+        for tokens --extend-vocab added to ``tokenizer``)."""
+        from common.vocab import fit_embeddings_to_tokenizer
+        backbone = modeldir.load_pretrained_backbone(args.model_name, args.trust_remote_code,
+                                                     keep_pooler=args.pooling == "pooler")
+        fit_embeddings_to_tokenizer(backbone, tokenizer)
+        return cls(backbone, num_labels, args.pooling, args.dropout, args.head_layernorm, args.freeze_backbone)
+
+    @classmethod
     def from_directory(cls, directory, device="cpu"):
         """Rebuild from a model directory: returns (model, tokenizer, toolkit, config)."""
         config, toolkit = modeldir.read_model_config(directory)

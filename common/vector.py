@@ -104,8 +104,8 @@ class BertVectorModel(nn.Module):
         backbone = modeldir.load_pretrained_backbone(name_or_path, trust_remote_code)
         model = cls(backbone, **settings)
         model.tokenizer = modeldir.load_tokenizer(name_or_path, trust_remote_code)
-        if len(model.tokenizer) > backbone.get_input_embeddings().num_embeddings:  # after --extend-vocab
-            backbone.resize_token_embeddings(len(model.tokenizer))
+        from common.vocab import fit_embeddings_to_tokenizer
+        fit_embeddings_to_tokenizer(backbone, model.tokenizer)  # after --extend-vocab
         return model
 
     # ---- inference

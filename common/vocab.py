@@ -2,12 +2,13 @@
 
 An English vocabulary turns most Chinese characters and every emoji into [UNK]; the
 model then cannot tell "好" from "坏". Adding the frequent unknown pieces as tokens
-gives each its own (newly initialised, then trained) embedding. The caller resizes
-the embeddings afterwards: ``backbone.resize_token_embeddings(len(tokenizer))``.
+gives each its own embedding: ``fit_embeddings_to_tokenizer`` starts it as the [UNK] row
+it replaces, and training tells the new tokens apart.
 """
 import collections
 import re
 
+import torch
 from tokenizers import AddedToken
 
 from common.data import backend_tokenizer
@@ -85,3 +86,23 @@ def unk_rate(tokenizer, texts):
         unknown += encoding.ids.count(tokenizer.unk_token_id)
         total += len(encoding.ids)
     return unknown / total if total else 0.0
+
+
+def fit_embeddings_to_tokenizer(backbone, tokenizer):
+    """Grow the input embeddings to ``len(tokenizer)`` after --extend-vocab; return how many rows were added.
+
+    Every added token was [UNK] to the base tokenizer, so its row starts as the [UNK] row: at step 0
+    the extended model computes exactly what the base model did (never worse than the untuned
+    model), and training then tells the new tokens apart. transformers' default instead draws the
+    rows at random around the mean embedding, which changes every text's representation at once.
+    """
+    old_rows = backbone.get_input_embeddings().num_embeddings
+    added = len(tokenizer) - old_rows
+    if added <= 0:
+        return 0
+    backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    weight = backbone.get_input_embeddings().weight
+    if tokenizer.unk_token_id is not None:
+        with torch.no_grad():
+            weight[old_rows:] = weight[tokenizer.unk_token_id]
+    return added

@@ -91,3 +91,22 @@ def test_minilm_unk_rate_on_chinese_reviews_drops_to_near_zero(real_model_dir):
     after = unk_rate(tokenizer, REVIEWS)
     assert before > 0.5 and after < 0.01
     assert all(len(token) == 1 for token in added)  # characters, not whole phrases
+
+
+def test_added_rows_start_as_the_unk_row_so_the_extended_model_computes_what_the_base_did(tiny_model_dir):
+    """--extend-vocab must not change the untuned model: every added piece was [UNK] before."""
+    import torch
+    from common import modeldir
+    from common.vocab import extend_vocabulary, fit_embeddings_to_tokenizer
+    texts = ["猫狗 good movie", "猫 is good", "狗 bad"]
+    tokenizer = modeldir.load_tokenizer(str(tiny_model_dir))
+    backbone = modeldir.load_pretrained_backbone(str(tiny_model_dir)).eval()
+    with torch.no_grad():
+        before = backbone(**tokenizer(texts, padding=True, return_tensors="pt")).last_hidden_state
+    assert extend_vocabulary(tokenizer, texts, 1) == ["狗", "猫"]
+    assert fit_embeddings_to_tokenizer(backbone, tokenizer) == 2
+    encoded = tokenizer(texts, padding=True, return_tensors="pt")
+    assert tokenizer.unk_token_id not in encoded["input_ids"]
+    with torch.no_grad():
+        after = backbone(**encoded).last_hidden_state
+    assert torch.allclose(before, after, atol=1e-6)
