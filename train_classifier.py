@@ -409,7 +409,6 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
     return early_stopping
 
 
-
 # ---------------------------------------------------------------- after training: test, calibration, reports
 
 def finish(args, model_dir, datasets, splits, label_set, context, output_dir, logger, train_labels, results=None):

@@ -383,7 +383,6 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
     return early_stopping
 
 
-
 def checkpoint_name(step):
     return f"{checkpoints.CHECKPOINT_PREFIX}{step}"
 

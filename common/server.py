@@ -76,7 +76,6 @@ def require_encodable(text):
 Text = Annotated[StrictStr, AfterValidator(require_encodable)]
 
 
-
 class StrictRequest(BaseModel):
     """A request body that rejects unknown fields (a typo answers 422 instead of being ignored)."""
     model_config = ConfigDict(extra="forbid")

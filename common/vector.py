@@ -330,7 +330,6 @@ def evaluate_pairs(model, pairs, loss_name="mse", temperature=0.05, batch_size=3
     return list(groups.values()), loss_sum / len(pairs)
 
 
-
 def read_json_if_exists(path):
     """Parsed JSON of a file, or None when it is missing or unreadable."""
     path = Path(path)
