@@ -11,7 +11,6 @@ metrics.json, train_log.jsonl, errors.jsonl and plots. Runs unchanged under torc
 import argparse
 import json
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -331,9 +330,8 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
                     "best": early_stopping.best_metric, "improved": improved, "untuned": global_step == 0})
 
     model.train()
-    running_loss = torch.zeros((), device=device)
+    meter = training.TrainingMeter(device)  # loss and throughput for the log rows
     window_loss = torch.zeros((), device=device)
-    samples_since_log, log_started = 0, time.perf_counter()
     progress = tqdm(total=total_steps, initial=global_step, disable=not context.is_main, desc="train")
     stop = global_step >= total_steps or early_stopping.should_stop
     if checkpoint_dir is not None and global_step >= total_steps and evaluated_step != global_step \
@@ -359,9 +357,8 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
                 scaler.scale(loss / args.gradient_accumulation_steps).backward()
                 if adversary is not None:
                     adversarial_backward(adversary, model, inputs, labels, loss_fn, args, scaler, precision, device)
-            running_loss += loss.detach()
+            meter.add(loss, labels.numel() * context.world_size)
             window_loss += loss.detach()
-            samples_since_log += labels.numel() * context.world_size
             if not window_ends:
                 continue
             # ---- optimizer step: skip non-finite losses (fp16 overflow is the scaler's job)
@@ -369,7 +366,7 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
             window_loss.zero_()
             if skip:
                 optimizer.zero_grad(set_to_none=True)
-                running_loss.zero_()
+                meter.forget_loss()
                 continue
             grad_norm, _ = optimization.optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
             if ema is not None:
@@ -378,15 +375,9 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
             progress.update(1)
             # ---- logging, evaluation, checkpoint
             if global_step % args.logging_steps == 0:
-                elapsed = time.perf_counter() - log_started
-                mean_loss = (running_loss / (args.logging_steps * args.gradient_accumulation_steps)).item()
-                logger.log({"step": global_step, "epoch": epoch, "loss": mean_loss,
-                            "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                            "samples_per_second": samples_since_log / max(elapsed, 1e-9)})
-                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                                     sps=f"{samples_since_log / max(elapsed, 1e-9):.1f}")
-                running_loss.zero_()
-                samples_since_log, log_started = 0, time.perf_counter()
+                row = meter.row(global_step, epoch, scheduler.get_last_lr()[0], grad_norm)
+                logger.log(row)
+                progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2e}")
             if args.eval_steps > 0 and global_step % args.eval_steps == 0:
                 run_evaluation(epoch)
             if args.save_strategy == "steps" and args.save_steps > 0 and global_step % args.save_steps == 0 \

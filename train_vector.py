@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -311,9 +310,8 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
     if checkpoint_dir is None:
         run_evaluation(start_epoch)  # the untuned encoder competes: training must beat it to replace it
     model.train()
-    running_loss = torch.zeros((), device=device)
+    meter = training.TrainingMeter(device)  # loss and throughput for the log rows
     window_loss = torch.zeros((), device=device)
-    samples_since_log, log_started = 0, time.perf_counter()  # samples: pairs
     progress = tqdm(total=total_steps, initial=global_step, disable=not context.is_main, desc="train")
     stop = global_step >= total_steps or early_stopping.should_stop
     epoch, batches_done, saved_step = start_epoch, skip_batches, None
@@ -335,9 +333,8 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
                     query_embeddings, doc_embeddings = model(query, document)
                 loss = compute_pair_loss(args.loss, query_embeddings, doc_embeddings, batch, args.temperature)
                 scaler.scale(loss / args.gradient_accumulation_steps).backward()
-            running_loss += loss.detach()
+            meter.add(loss, len(batch["rel"]) * context.world_size)
             window_loss += loss.detach()
-            samples_since_log += len(batch["rel"]) * context.world_size
             if not window_ends:
                 continue
             # ---- optimizer step: skip non-finite losses (fp16 overflow is the scaler's job)
@@ -345,21 +342,16 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
             window_loss.zero_()
             if skip:
                 optimizer.zero_grad(set_to_none=True)
-                running_loss.zero_()
+                meter.forget_loss()
                 continue
             grad_norm, _ = optimization.optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
             global_step += 1
             progress.update(1)
             # ---- logging, evaluation, checkpoint
             if global_step % args.logging_steps == 0:
-                mean_loss = (running_loss / (args.logging_steps * args.gradient_accumulation_steps)).item()
-                elapsed = time.perf_counter() - log_started
-                logger.log({"step": global_step, "epoch": epoch, "loss": mean_loss,
-                            "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                            "samples_per_second": samples_since_log / max(elapsed, 1e-9)})
-                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                running_loss.zero_()
-                samples_since_log, log_started = 0, time.perf_counter()
+                row = meter.row(global_step, epoch, scheduler.get_last_lr()[0], grad_norm)
+                logger.log(row)
+                progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2e}")
             if args.eval_steps > 0 and global_step % args.eval_steps == 0:
                 run_evaluation(epoch)
             if args.save_steps > 0 and global_step % args.save_steps == 0:

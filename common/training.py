@@ -6,6 +6,7 @@ The loops themselves stay in the scripts; these functions only build and save ob
 """
 import json
 import random
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,36 @@ def run_in_context(args, run, use_distributed=True):
 
 
 # ---------------------------------------------------------------- run log
+
+class TrainingMeter:
+    """Loss and throughput since the last log row. The one place a training row is built, so every
+    trainer logs the same keys: step, epoch, loss, learning_rate, grad_norm, samples_per_second."""
+
+    def __init__(self, device):
+        self.loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+        self.passes, self.samples, self.started = 0, 0, time.perf_counter()
+
+    def add(self, loss, samples):
+        """One forward pass: its loss and how many samples (all processes) it saw."""
+        self.loss_sum += loss.detach()
+        self.passes += 1
+        self.samples += samples
+
+    def forget_loss(self):
+        """Drop the losses of a skipped (non-finite) step from the next row's mean."""
+        self.loss_sum.zero_()
+        self.passes = 0
+
+    def row(self, global_step, epoch, learning_rate, grad_norm):
+        """The log row for the window that ends now; starts the next window."""
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        row = {"step": global_step, "epoch": epoch, "loss": (self.loss_sum / max(self.passes, 1)).item(),
+               "learning_rate": learning_rate, "grad_norm": float(grad_norm),
+               "samples_per_second": self.samples / elapsed}
+        self.loss_sum.zero_()
+        self.passes, self.samples, self.started = 0, 0, time.perf_counter()
+        return row
+
 
 class RunLogger:
     """Prints on the main process, appends rows to train_log.jsonl, mirrors them to W&B when given a run.
