@@ -70,7 +70,7 @@ def build_parser():
     add_flag(parser, "device", type=parse_device, default="cpu",
              help="device for tracing and for the onnxruntime parity run: cpu, cuda, cuda:N or auto")
     add_flag(parser, "exporter", choices=["torchscript", "dynamo"], default="torchscript",
-             help="torch.onnx exporter (see README: torchscript graphs get fused attention)")
+             help="torch.onnx exporter (see docs/export_onnx.md: torchscript graphs get fused attention)")
     add_flag(parser, "tolerance", type=bounded(float, minimum=0), default=1e-4,
              help="fp32 gate: largest allowed max |torch - onnx| on outputs")
     add_flag(parser, "validation-file", default=None,

@@ -94,7 +94,7 @@ def build_parser():
 def parse_args(argv=None):
     args = parse_with_config(build_parser(), argv, SECTION_ALIASES, CONFIG_CONVERTERS)
     resolve_default_warmup(args, warmup_ratio=0.1)
-    if args.freeze_backbone and args.extend_vocab > 0:  # the added rows would stay at their random start
+    if args.freeze_backbone and args.extend_vocab > 0:  # the added rows would stay copies of [UNK]
         raise UserError("--freeze-backbone with --extend-vocab: the new tokens' embeddings would never be "
                         "trained; drop one of the two")
     if args.eval_only:

@@ -53,7 +53,8 @@ def build_parser():
     parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_flag(parser, "mode", choices=["train", "evaluate", "deploy"], default="train", help="what to do")
-    add_data_path_args(parser, what="pairs {query, document, rel, weight}")
+    add_data_path_args(parser, what="pairs {query, document, rel, weight}",
+                       test_help="test pairs for --mode evaluate (ranking metrics beside a TF-IDF baseline)")
     add_data_text_args(parser)
 
     group = parser.add_argument_group("model")
@@ -406,7 +407,10 @@ def run_id_of(save_path):
 
 
 def write_best_record(save_path, directory, val_loss, selected_by, extra=None):
-    record = {"checkpoint": Path(directory).name, "val_loss": val_loss, "selected_by": selected_by}
+    """best_checkpoint.json; the training run's comparison with the untuned model is kept on a rewrite."""
+    earlier = read_json_if_exists(Path(save_path) / BEST_FILE) or {}
+    record = {key: earlier[key] for key in ("untuned", "untuned_beaten") if key in earlier}
+    record.update({"checkpoint": Path(directory).name, "val_loss": val_loss, "selected_by": selected_by})
     record.update(extra or {})
     path = Path(save_path) / BEST_FILE
     path.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -426,7 +430,7 @@ def resolve_best_model_dir(save_path):
         return save_path / "checkpoint-best"
     if (save_path / modeldir.CONFIG_FILE).is_file():
         return save_path
-    raise UserError(f"--output-dir {save_path}: no checkpoint found (train first, or pass --model-dir)")
+    raise UserError(f"--output-dir {save_path}: no checkpoint found (train first, or pass --model-path)")
 
 
 # ---------------------------------------------------------------- logging
@@ -534,7 +538,7 @@ def run_evaluation_mode(args):
     destination = metrics_destination(args, "eval_metrics.json")
     directory = args.model_path or resolve_best_model_dir(args.output_dir)
     if not Path(directory).is_dir():
-        raise UserError(f"--checkpoint-dir {directory}: not a directory")
+        raise UserError(f"--model-path {directory}: not a directory")
     metrics = evaluate_checkpoint(directory, test_pairs, args)
     metrics["checkpoint"] = str(directory)
     print(format_table([(Path(directory).name, checkpoint_val_loss(directory), metrics)], args.k))

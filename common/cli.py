@@ -146,13 +146,13 @@ def parse_label_list(value):
     return names
 
 
-def add_data_path_args(parser, what="examples"):
+def add_data_path_args(parser, what="examples", test_help=None):
     """Where the data is: the same three flags in every trainer (``--train-path`` is an alias)."""
     group = parser.add_argument_group("data")
     add_flag(group, "data-path", aliases=("train-path",),
              help=f"training {what}: JSON array, JSONL, CSV/TSV, or a datasets save_to_disk directory")
     add_flag(group, "val-path", help=f"validation {what}")
-    add_flag(group, "test-path", help=f"test {what}, evaluated with the best model at the end")
+    add_flag(group, "test-path", help=test_help or f"test {what}, evaluated with the best model at the end")
     return group
 
 
@@ -226,11 +226,12 @@ def add_data_text_args(parser):
     add_flag(group, "text-field", default=None, help="column holding the text when it is not 'text'")
     add_flag(group, "label-field", default=None, help="column holding the label when it is not 'label'")
     add_flag(group, "data-split", default=None,
-             help="split to read from a datasets save_to_disk directory (default: train)")
+             help="split to read from a datasets save_to_disk directory (none: the train split)")
     add_flag(group, "truncation-side", choices=["right", "left"], default="right",
              help="which end of a too-long text is cut (left keeps the ending); stored with the model")
     add_flag(group, "normalize", nargs="?", const="social", default=None,
-             help="social-media text normalization preset or options (see README); stored with the model")
+             help="social-media text normalization preset or options (see docs/train_classifier.md); stored with "
+                  "the model")
     add_flag(group, "extend-vocab", type=bounded(int, minimum=0), default=0, metavar="MIN_COUNT",
              help="add tokens the tokenizer maps to [UNK] that occur at least MIN_COUNT times")
     return group
@@ -239,7 +240,7 @@ def add_data_text_args(parser):
 def add_runtime_args(parser):
     """Device, precision, seed and resume options shared by every training script."""
     group = parser.add_argument_group("runtime")
-    add_flag(group, "device", type=parse_device, default="auto", help="auto, cpu, cuda or cuda:N")
+    add_flag(group, "device", type=parse_device, default="auto", help="auto, cpu, cuda, cuda:N or mps")
     add_flag(group, "precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
              help="autocast precision: auto picks bf16/fp16 on CUDA, bf16 on CPUs with native bf16, else fp32")
     group.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
@@ -290,6 +291,7 @@ def parse_with_config(parser, argv, section_aliases, value_converters=None):
     args = parser.parse_args(argv)
     if not getattr(args, "config", None):
         return args
+    given = {dest for dest, value in vars(args).items() if value != parser.get_default(dest)}
     actions = {}
     for action in parser._actions:  # the flag itself, not an alias like --fp16 that shares its dest
         actions.setdefault(action.dest, action)
@@ -304,6 +306,11 @@ def parse_with_config(parser, argv, section_aliases, value_converters=None):
             raise UserError(f"{args.config}: key '{key}' is not a known option")
         if value is not None:
             defaults[dest] = convert_config_value(actions[dest], value, f"{args.config}: key '{key}'")
+    for group in parser._mutually_exclusive_groups:  # a flag overrides its config partner too
+        members = {action.dest for action in group._group_actions}
+        if members & given:
+            for dest in members - given:
+                defaults.pop(dest, None)
     parser.set_defaults(**defaults)
     return parser.parse_args(argv)
 

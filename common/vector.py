@@ -1,4 +1,4 @@
-"""Bi-encoder (vector) models: ``BertVectorModel``, query/document pair data, losses, the server service.
+"""Bi-encoder (vector) models: ``BertVectorModel``, query/document pair data, losses and their evaluation.
 
 A vector model maps a text to one embedding: backbone -> pooling (CLS or mean) ->
 optional linear projection -> L2 normalisation. Queries and documents share the encoder

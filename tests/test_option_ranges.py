@@ -106,3 +106,14 @@ def test_a_mistyped_flag_gets_a_suggestion(script, capsys, no_model_loading):
     capsys.readouterr()
     assert __import__(script).main(["--data-pth", "x.jsonl"]) == 2
     assert_one_error_line(capsys.readouterr().err, "--data-pth", "did you mean --data-path?")
+
+
+def test_a_flag_overrides_its_mutually_exclusive_partner_from_the_config(tmp_path):
+    """configs set --warmup-ratio; --warmup-steps on the command line must win, not clash."""
+    import train_classifier
+    config = tmp_path / "c.yaml"
+    config.write_text("training:\n  warmup_ratio: 0.2\n")
+    args = train_classifier.parse_args(["--config", str(config), "--data-path", "x", "--warmup-steps", "50"])
+    assert (args.warmup_steps, args.warmup_ratio) == (50, None)
+    args = train_classifier.parse_args(["--config", str(config), "--data-path", "x"])
+    assert (args.warmup_steps, args.warmup_ratio) == (None, 0.2)
