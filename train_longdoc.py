@@ -97,6 +97,7 @@ def parse_args(argv=None):
             raise UserError("--eval-only needs --model-path and --test-path")
     elif not args.data_path:
         raise UserError("--data-path is required (training documents file)")
+    checkpoints.check_resume_argument(args.resume)
     args.strip_pattern_list = longdoc.load_strip_patterns(args.strip_patterns) if args.strip_patterns else []
     longdoc.check_settings(build_settings(args), args.max_length)
     return args

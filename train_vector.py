@@ -30,8 +30,9 @@ from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args,
                         add_optimization_args, add_runtime_args, apply_option_ranges, parse_with_config,
                         resolve_default_warmup, write_effective_config)
 from common.errors import UserError, report_user_errors
-from common.vector import (LOSSES, VECTOR_POOLINGS, BertVectorModel, PairCollator, PairEncoder,
-                           build_pair_dataset, compute_pair_loss, evaluate_pairs, load_pairs, read_json_if_exists)
+from common.pair_losses import LOSSES, compute_pair_loss
+from common.pairs import PairCollator, build_pair_dataset, load_pairs
+from common.vector import VECTOR_POOLINGS, BertVectorModel, PairEncoder, evaluate_pairs, read_json_if_exists
 from common.vocab import fit_embeddings_to_tokenizer
 
 __all__ = ["BertVectorModel", "main"]
@@ -107,6 +108,7 @@ def parse_args(argv=None):
     resolve_default_warmup(args, warmup_steps=100)
     if args.mode == "train":
         args.loss = args.loss or "mse"  # when evaluating, no --loss means the loss the model was trained with
+        checkpoints.check_resume_argument(args.resume)
     required = {"train": ("data_path", "val_path"), "evaluate": ("test_path",), "deploy": ()}[args.mode]
     for name in required:
         if not getattr(args, name):
@@ -449,7 +451,6 @@ def run_training(args, context):
     args.input_digests = checkpoints.describe_inputs(args)
     resume_from = checkpoints.find_resume_checkpoint(args.resume, output_dir, args.run_id)
     checkpoints.check_resume(resume_from, args)
-    checkpoints.check_resume_argument(args.resume)
     splits = load_splits(args, ("train", "val"))
     normalize_spec = None
     if args.normalize:

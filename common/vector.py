@@ -1,11 +1,11 @@
-"""Bi-encoder (vector) models: ``BertVectorModel``, query/document pair data, losses and their evaluation.
+"""Bi-encoder (vector) models: ``BertVectorModel`` and its ranking evaluation (pair data lives in
+common/pairs.py, the losses in common/pair_losses.py).
 
 A vector model maps a text to one embedding: backbone -> pooling (CLS or mean) ->
 optional linear projection -> L2 normalisation. Queries and documents share the encoder
 but are tokenized at their own maximum lengths (queries are short).
 """
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +16,10 @@ from torch import nn
 from common import data, modeldir
 from common.errors import UserError
 from common.heads import pool_hidden_states
-from common.text import build_normalizer
+from common.pair_losses import compute_pair_loss
+from common.pairs import encode_text_features
 
 VECTOR_POOLINGS = ("cls", "mean")
-LOSSES = ("mse", "cosent", "infonce")
 
 
 # ---------------------------------------------------------------- the model
@@ -141,13 +141,6 @@ class BertVectorModel(nn.Module):
         return F.normalize(outputs, dim=-1) if normalize else outputs
 
 
-def encode_text_features(tokenizer, texts, max_length, preprocessing):
-    """Token ids of texts, normalized and truncated exactly as in training."""
-    normalize = build_normalizer(preprocessing.get("normalize"))
-    return data.encode_texts(tokenizer, [normalize(text) for text in texts], None, max_length,
-                             preprocessing.get("truncation_side", "right"))
-
-
 class PairEncoder(nn.Module):
     """Runs the shared encoder on queries and documents in one ``forward``.
 
@@ -162,136 +155,6 @@ class PairEncoder(nn.Module):
     def forward(self, query, document):
         """(query embeddings, document embeddings), each (batch, dim)."""
         return self.encoder(**query), self.encoder(**document)  # (batch, dim) each
-
-
-# ---------------------------------------------------------------- pair data
-
-@dataclass
-class PairExample:
-    """One labelled (query, document) pair and where it came from."""
-    query: str
-    document: str
-    rel: float
-    weight: float
-    locator: str
-
-
-def parse_pair(record, rel_default=None):
-    """Validate a {"query", "document", "rel", "weight"} record: rel in [0, 1], weight >= 0 (default 1)."""
-    query = data.require_text(record, "query")
-    document = data.require_text(record, "document")
-    rel = data.require_number(record, "rel", default=rel_default, low=0.0, high=1.0)
-    weight = data.require_number(record, "weight", default=1.0, low=0.0)
-    return PairExample(query, document, float(rel), float(weight), record.where())
-
-
-def load_pairs(path, skip_invalid=False, rel_default=None, split=None, default_splits=("train",)):
-    """Read and validate a pair file (JSON, JSONL, CSV/TSV or a save_to_disk directory)."""
-    records = data.read_records(path, split=split, skip_invalid=skip_invalid, default_splits=default_splits)
-    pairs = data.parse_each(records, lambda record: parse_pair(record, rel_default), skip_invalid)
-    if not pairs:
-        raise UserError(f"{path}: no valid records")
-    return pairs
-
-
-class PairDataset(torch.utils.data.Dataset):
-    """Pre-tokenized pairs: {"query": ids, "document": ids, "rel", "weight", "doc_id", "index"}."""
-
-    def __init__(self, features):
-        self.features = features
-        self.lengths = [len(f["query"]["input_ids"]) + len(f["document"]["input_ids"]) for f in features]
-
-    def __len__(self):
-        return len(self.features)
-
-    def __getitem__(self, index):
-        return self.features[index]
-
-
-def build_pair_dataset(tokenizer, pairs, query_max_length, doc_max_length, preprocessing, stats=None):
-    """Tokenize every query and document once (queries and documents at their own lengths)."""
-    queries = encode_text_features(tokenizer, [pair.query for pair in pairs], query_max_length, preprocessing)
-    documents = encode_text_features(tokenizer, [pair.document for pair in pairs], doc_max_length, preprocessing)
-    doc_ids = {}
-    features = []
-    for index, (pair, query, document) in enumerate(zip(pairs, queries, documents)):
-        features.append({"query": query, "document": document, "rel": pair.rel, "weight": pair.weight,
-                         "doc_id": doc_ids.setdefault(pair.document, len(doc_ids)), "index": index})
-    if stats is not None:
-        stats["query_tokens"] = data.length_percentiles([len(q["input_ids"]) for q in queries])
-        stats["document_tokens"] = data.length_percentiles([len(d["input_ids"]) for d in documents])
-        stats["queries_truncated"] = sum(len(q["input_ids"]) >= query_max_length for q in queries)
-        stats["documents_truncated"] = sum(len(d["input_ids"]) >= doc_max_length for d in documents)
-    return PairDataset(features)
-
-
-class PairCollator:
-    """Pad queries and documents separately; stack rel, weight, doc_id and index."""
-
-    def __init__(self, pad_token_id):
-        self.pad = data.PaddingCollator(pad_token_id)
-
-    def __call__(self, features):
-        batch = {"query": self.pad([f["query"] for f in features]),
-                 "document": self.pad([f["document"] for f in features])}
-        batch["rel"] = torch.tensor([f["rel"] for f in features], dtype=torch.float32)
-        batch["weight"] = torch.tensor([f["weight"] for f in features], dtype=torch.float32)
-        batch["doc_id"] = torch.tensor([f["doc_id"] for f in features])
-        batch["index"] = torch.tensor([f["index"] for f in features])
-        return batch
-
-
-# ---------------------------------------------------------------- losses
-
-def weighted_mse_loss(query_embeddings, doc_embeddings, rel, weight):
-    """mean_i weight_i * (cos(q_i, d_i) - rel_i)^2: the cosine is pulled towards the labelled relevance."""
-    cosine = F.cosine_similarity(query_embeddings.float(), doc_embeddings.float(), dim=-1)  # (batch,)
-    return torch.mean(weight * (cosine - rel) ** 2)
-
-
-def cosent_loss(query_embeddings, doc_embeddings, rel, weight, scale=20.0):
-    """CoSENT: log(1 + sum over pairs with rel_i > rel_j of exp(scale * (cos_j - cos_i))).
-
-    Only the order of the cosines matters, not their values; a pair's term is weighted
-    by the product of the two records' weights.
-    """
-    cosine = F.cosine_similarity(query_embeddings.float(), doc_embeddings.float(), dim=-1) * scale  # (batch,)
-    differences = cosine[None, :] - cosine[:, None]  # [i, j] = cos_j - cos_i
-    ordered = rel[:, None] > rel[None, :]  # i should rank above j
-    pair_weights = weight[:, None] * weight[None, :]
-    masked = differences.masked_fill(~ordered | (pair_weights == 0), float("-inf")) + torch.log(
-        pair_weights.clamp(min=1e-12))
-    zero = torch.zeros(1, device=cosine.device)
-    return torch.logsumexp(torch.cat([zero, masked.flatten()]), dim=0)
-
-
-def infonce_loss(query_embeddings, doc_embeddings, weight, doc_ids, temperature=0.05):
-    """In-batch-negative InfoNCE: each query's own document against the batch's other documents.
-
-    A document that appears twice in the batch is not a negative for its other query.
-    """
-    queries = F.normalize(query_embeddings.float(), dim=-1)
-    documents = F.normalize(doc_embeddings.float(), dim=-1)
-    logits = queries @ documents.T / temperature  # (batch, batch)
-    duplicate = (doc_ids[:, None] == doc_ids[None, :]) & ~torch.eye(len(doc_ids), dtype=torch.bool,
-                                                                   device=logits.device)
-    logits = logits.masked_fill(duplicate, float("-inf"))
-    targets = torch.arange(len(doc_ids), device=logits.device)
-    losses = F.cross_entropy(logits, targets, reduction="none")  # (batch,)
-    return torch.sum(weight * losses) / weight.sum().clamp(min=1e-12)
-
-
-def compute_pair_loss(loss_name, query_embeddings, doc_embeddings, batch, temperature):
-    """The training objective chosen by ``--loss`` on one batch of embeddings."""
-    rel, weight = batch["rel"].to(query_embeddings.device), batch["weight"].to(query_embeddings.device)
-    if loss_name == "mse":
-        return weighted_mse_loss(query_embeddings, doc_embeddings, rel, weight)
-    if loss_name == "cosent":
-        return cosent_loss(query_embeddings, doc_embeddings, rel, weight)
-    if loss_name == "infonce":
-        return infonce_loss(query_embeddings, doc_embeddings, weight, batch["doc_id"].to(query_embeddings.device),
-                            temperature)
-    raise ValueError(f"unknown loss {loss_name!r}")
 
 
 # ---------------------------------------------------------------- ranking evaluation

@@ -185,14 +185,14 @@ def test_a_lone_surrogate_is_refused_with_its_field(tmp_path, line, field):
 
 
 def test_a_lone_surrogate_is_skipped_with_skip_invalid_and_pairs_check_it_too(tmp_path):
-    from common import vector
+    from common import pairs as vector_pairs
     path = write_text(tmp_path / "d.jsonl", '{"text": "a", "label": 1}\n{"text": "\\ud800", "label": 0}\n')
     examples = data.load_text_examples(path, skip_invalid=True)
     assert [e.text for e in examples] == ["a"]
     assert data.report_skipped(examples) == 1
     pairs = write_text(tmp_path / "p.jsonl", '{"query": "q", "document": "\\udbff", "rel": 1}\n')
     with pytest.raises(UserError, match="line 1: field 'document': lone UTF-16 surrogate"):
-        vector.load_pairs(pairs)
+        vector_pairs.load_pairs(pairs)
 
 
 @pytest.mark.parametrize("raw, expected", [

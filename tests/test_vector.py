@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import train_vector
-from common.vector import (BertVectorModel, cosent_loss, infonce_loss, load_pairs, weighted_mse_loss)
+from common.pair_losses import cosent_loss, infonce_loss, weighted_mse_loss
+from common.pairs import load_pairs
+from common.vector import BertVectorModel
 from conftest import write_json, write_jsonl
 from test_server import free_port, wait_until_up
 
@@ -320,7 +322,8 @@ def test_other_losses_train(tmp_path, tiny_model_dir, pair_data, loss):
 def test_evaluation_loss_matches_the_validation_loop(tiny_model_dir, pair_data):
     """evaluate_pairs (used by --mode evaluate) and the training loop's evaluate_loss agree."""
     from common import distributed, training
-    from common.vector import PairEncoder, build_pair_dataset, evaluate_pairs
+    from common.pairs import build_pair_dataset
+    from common.vector import PairEncoder, evaluate_pairs
     model = BertVectorModel.from_backbone(str(tiny_model_dir), pooling="mean", max_length=32).eval()
     pairs = load_pairs(pair_data["test"])
     args = train_vector.parse_args(["--mode", "evaluate", "--test-path", str(pair_data["test"]), "--eval_batch_size", "8",
