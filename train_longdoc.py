@@ -291,7 +291,8 @@ def predict_chunk_logits(model, documents, batch_size, device, precision, pad_to
     doc_index = torch.tensor([row for row, chunks in enumerate(documents) for _ in chunks], dtype=torch.long)
     order = sorted(range(len(chunks)), key=lambda i: -len(chunks[i]["input_ids"]))
     logits = [torch.zeros((0, distributed.unwrap(model).head_settings["num_labels"]))]  # a rank may get no documents
-    for _, batch in longdoc.chunk_micro_batches([chunks[i] for i in order], batch_size, pad_token_id):
+    batches = longdoc.chunk_micro_batches([chunks[i] for i in order], batch_size, pad_token_id)
+    for _, batch in tqdm(batches, desc="evaluate", total=-(-len(chunks) // batch_size), leave=False, disable=None):
         with precision.autocast(device):
             logits.append(model(**modeldir.to_device(batch, device)).float().cpu())
     model.train(was_training)
