@@ -35,7 +35,6 @@ start_in_background training "$LOG_FILE" "${COMMAND[@]}" \
   --batch-size 32 \
   --gradient-accumulation-steps 1 \
   --learning-rate 2e-5 \
-  --warmup-ratio 0.1 \
   --max-length 128 \
   --precision auto \
   --max-grad-norm 1.0 \

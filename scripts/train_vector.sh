@@ -36,7 +36,6 @@ start_in_background training "$LOG_FILE" "${COMMAND[@]}" \
   --gradient_accumulation_steps 1 \
   --learning_rate 2e-5 \
   --num_epochs 3 \
-  --warmup_steps 100 \
   --max_grad_norm 1.0 \
   --precision auto \
   --save_steps 200 \
