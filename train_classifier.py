@@ -304,7 +304,8 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
                     f"batch {skip_batches})")
 
     effective_batch = args.batch_size * args.gradient_accumulation_steps * context.world_size
-    logger.info(f"***** training *****  outputs: {output_dir}\n  examples: {len(datasets['train'])}  validation: {len(datasets['val'])}\n"
+    logger.info(f"***** training *****  outputs: {output_dir}\n"
+                f"  examples: {len(datasets['train'])}  validation: {len(datasets['val'])}\n"
                 f"  epochs: {args.epochs}  effective batch size: {effective_batch}  total steps: {total_steps}\n"
                 f"  precision: {precision.name}  device: {device}  processes: {context.world_size}")
 
@@ -539,7 +540,8 @@ def main(argv=None):
 def run_training(args, context):
     # ---- validate everything cheap before loading the model or tokenizing
     run_dir = distributed.run_on_main(context, lambda: rundir.prepare_run_dir(
-        args.output_dir, "--output-dir", "train_classifier.py", rundir.input_options(args), args.overwrite_output_dir, args.resume))
+        args.output_dir, "--output-dir", "train_classifier.py", rundir.input_options(args), args.overwrite_output_dir,
+        args.resume))
     output_dir, args.run_id = run_dir.path, run_dir.run_id
     args.input_digests = checkpoints.describe_inputs(args)
     resume_from = checkpoints.find_resume_checkpoint(args.resume, output_dir, args.run_id)
@@ -550,6 +552,7 @@ def run_training(args, context):
         from common.text import describe, normalizer_spec
         normalize_spec = normalizer_spec(args.normalize)
         print(f"text normalization: {describe(normalize_spec)} (stored with the model, applied at inference)")
+    modeldir.check_max_lengths(args.model_name, args, args.trust_remote_code)
     tokenizer = modeldir.load_tokenizer(args.model_name, args.trust_remote_code)
     unk_rate_before = None
     if args.extend_vocab > 0:

@@ -363,7 +363,8 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
                     f"batch {skip_batches})")
 
     effective_batch = args.batch_size * args.gradient_accumulation_steps * context.world_size
-    logger.info(f"***** training *****  outputs: {output_dir}\n  documents: {len(datasets['train'])}  validation: {len(datasets['val'])}"
+    logger.info(f"***** training *****  outputs: {output_dir}\n"
+                f"  documents: {len(datasets['train'])}  validation: {len(datasets['val'])}"
                 f"\n  chunks: {sum(datasets['train'].lengths)} (max_length {args.max_length}, stride {args.stride})"
                 f"  chunk batch size: {args.chunk_batch_size}\n  epochs: {args.epochs}  effective batch size: "
                 f"{effective_batch} documents  total steps: {total_steps}\n  aggregation: {args.aggregation}  "
@@ -546,7 +547,8 @@ def main(argv=None):
 def run_training(args, context):
     # ---- validate everything cheap before loading the model or tokenizing
     run_dir = distributed.run_on_main(context, lambda: rundir.prepare_run_dir(
-        args.output_dir, "--output-dir", "train_longdoc.py", rundir.input_options(args), args.overwrite_output_dir, args.resume))
+        args.output_dir, "--output-dir", "train_longdoc.py", rundir.input_options(args), args.overwrite_output_dir,
+        args.resume))
     output_dir, args.run_id = run_dir.path, run_dir.run_id
     args.input_digests = checkpoints.describe_inputs(args)
     resume_from = checkpoints.find_resume_checkpoint(args.resume, output_dir, args.run_id)
@@ -555,6 +557,7 @@ def run_training(args, context):
     normalize_spec = normalizer_spec_of(args)
     settings = build_settings(args)
     clean = longdoc.build_text_cleaner(settings.strip_patterns, normalize_spec)
+    modeldir.check_max_lengths(args.model_name, args, args.trust_remote_code)
     tokenizer = modeldir.load_tokenizer(args.model_name, args.trust_remote_code)
     longdoc.check_settings(settings, args.max_length, tokenizer.num_special_tokens_to_add(pair=False))
     if args.extend_vocab > 0:

@@ -282,7 +282,8 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
                     f"batch {skip_batches})")
 
     effective_batch = args.batch_size * args.gradient_accumulation_steps * context.world_size
-    logger.info(f"***** training *****  outputs: {output_dir}\n  pairs: {len(datasets['train'])}  validation: {len(datasets['val'])}\n"
+    logger.info(f"***** training *****  outputs: {output_dir}\n"
+                f"  pairs: {len(datasets['train'])}  validation: {len(datasets['val'])}\n"
                 f"  epochs: {args.epochs}  effective batch size: {effective_batch}  total steps: {total_steps}\n"
                 f"  loss: {args.loss}  precision: {precision.name}  device: {device}  processes: {context.world_size}")
 
@@ -446,7 +447,8 @@ def describe_evaluation(row):
 def run_training(args, context):
     # ---- validate everything cheap before loading the model or tokenizing
     run_dir = distributed.run_on_main(context, lambda: rundir.prepare_run_dir(
-        args.output_dir, "--output-dir", "train_vector.py", rundir.input_options(args), args.overwrite_output_dir, args.resume))
+        args.output_dir, "--output-dir", "train_vector.py", rundir.input_options(args), args.overwrite_output_dir,
+        args.resume))
     output_dir, args.run_id = run_dir.path, run_dir.run_id
     args.input_digests = checkpoints.describe_inputs(args)
     resume_from = checkpoints.find_resume_checkpoint(args.resume, output_dir, args.run_id)
@@ -456,6 +458,7 @@ def run_training(args, context):
     if args.normalize:
         from common.text import normalizer_spec
         normalize_spec = normalizer_spec(args.normalize)
+    modeldir.check_max_lengths(args.model_name, args, args.trust_remote_code)
     tokenizer = modeldir.load_tokenizer(args.model_name, args.trust_remote_code)
     if args.extend_vocab > 0:
         from common.vocab import extend_vocabulary

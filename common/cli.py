@@ -84,12 +84,13 @@ OPTION_RANGES = {
     "val_ratio": bounded(float, above=0.0, below=1.0), "dropout": probability(),
     "focal_gamma": bounded(float, minimum=0.0), "class_weights_beta": bounded(float, above=0.0, below=1.0),
     "label_smoothing": probability(), "rdrop_alpha": bounded(float, minimum=0.0),
-    "adv_epsilon": bounded(float, above=0.0), "adv_steps": bounded(int, minimum=1),
+    "adv_epsilon": bounded(float, above=0.0), "adv_steps": bounded(int, minimum=1, maximum=100),
     "ema_decay": probability(strict_upper=False),
-    "eval_steps": bounded(int, minimum=0), "patience": bounded(int, minimum=0), "min_delta": bounded(float, minimum=0.0),
+    "eval_steps": bounded(int, minimum=0), "patience": bounded(int, minimum=0),
+    "min_delta": bounded(float, minimum=0.0),
     "save_steps": bounded(int, minimum=0), "save_total_limit": bounded(int, minimum=0),
     "logging_steps": bounded(int, minimum=1), "stride": bounded(int, minimum=0), "max_chunks": bounded(int, minimum=0),
-    "projection_dim": bounded(int, minimum=0), "temperature": bounded(float, above=0.0),
+    "projection_dim": bounded(int, minimum=0, maximum=65536), "temperature": bounded(float, above=0.0),
     "relevance_threshold": bounded(float), "port": bounded(int, minimum=1, maximum=65535),
     "max_texts": bounded(int, minimum=1), "max_chars": bounded(int, minimum=1),
     "max_batch_size": bounded(int, minimum=1), "batch_wait_ms": bounded(float, minimum=0.0, maximum=10000.0),
@@ -245,7 +246,8 @@ def add_runtime_args(parser):
              help="autocast precision: auto picks bf16/fp16 on CUDA, bf16 on CPUs with native bf16, else fp32")
     group.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
                        help="same as --precision fp16 (the Hugging Face Trainer's flag)")
-    add_flag(group, "seed", type=bounded(int, minimum=0, below=SEED_LIMIT), default=42, help="random seed (data split, shuffling, init, dropout)")
+    add_flag(group, "seed", type=bounded(int, minimum=0, below=SEED_LIMIT), default=42,
+             help="random seed (data split, shuffling, init, dropout)")
     add_flag(group, "resume", nargs="?", const="latest", default=None,
              help="resume from the latest checkpoint in the output directory, or from the given checkpoint path")
     add_flag(group, "resume-force", action="store_true",
@@ -254,7 +256,8 @@ def add_runtime_args(parser):
              help="replace the results of an earlier run in the output directory (files it did not write stay)")
     add_flag(group, "trust-remote-code", action="store_true",
              help="allow model code from the model repository to run (off by default)")
-    add_flag(group, "num-workers", type=bounded(int, minimum=0), default=0, help="DataLoader worker processes")
+    add_flag(group, "num-workers", type=bounded(int, minimum=0, maximum=256), default=0,
+             help="DataLoader worker processes")
     add_flag(group, "max-nonfinite-steps", type=bounded(int, minimum=1), default=5,
              help="abort after this many optimizer steps in a row with a NaN/inf loss")
     return group

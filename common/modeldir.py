@@ -57,6 +57,22 @@ def load_tokenizer(name_or_path, trust_remote_code=False):
     return tokenizer
 
 
+def check_max_lengths(name_or_path, args, trust_remote_code=False):
+    """Every --*max-length must fit the encoder's position embeddings: past them the embedding lookup
+    fails in the middle of training (only once a text that long comes along)."""
+    import transformers  # imported where used: ~2 s that --help and flag errors should not wait for
+    try:
+        config = transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise UserError(f"--model-name {name_or_path}: cannot read its config.json ({_first_line(error)})") from None
+    limit = getattr(config, "max_position_embeddings", None)
+    for name in ("max_length", "query_max_length", "doc_max_length"):
+        value = getattr(args, name, None)
+        if isinstance(limit, int) and isinstance(value, int) and value > limit:
+            raise UserError(f"--{name.replace('_', '-')} {value}: longer than the {limit} positions of "
+                            f"--model-name {name_or_path}; use at most {limit}")
+
+
 def _first_line(error):
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
@@ -118,7 +134,8 @@ def read_model_config(directory):
     if not (directory / WEIGHTS_FILE).is_file():
         raise UserError(f"--model-path {directory}: no {WEIGHTS_FILE}")
     try:
-        config = transformers.AutoConfig.for_model(**raw) if "model_type" in raw else transformers.AutoConfig.from_pretrained(str(directory))
+        config = transformers.AutoConfig.for_model(**raw) if "model_type" in raw else \
+            transformers.AutoConfig.from_pretrained(str(directory))
     except LOAD_ERRORS as error:
         raise UserError(f"{config_path}: not a usable model config ({_first_line(error)})") from None
     return config, toolkit

@@ -93,8 +93,9 @@ def fit_embeddings_to_tokenizer(backbone, tokenizer):
 
     Every added token was [UNK] to the base tokenizer, so its row starts as the [UNK] row: at step 0
     the extended model computes what the base model did wherever each added piece was an [UNK] of
-    its own (as CJK characters are), and training then tells the new tokens apart. transformers' default instead draws the
-    rows at random around the mean embedding, which changes every text's representation at once.
+    its own (as CJK characters are), and training then tells the new tokens apart. transformers'
+    default instead draws the rows at random around the mean embedding, which changes every text's
+    representation at once.
     """
     old_rows = backbone.get_input_embeddings().num_embeddings
     added = len(tokenizer) - old_rows

@@ -117,3 +117,13 @@ def test_a_flag_overrides_its_mutually_exclusive_partner_from_the_config(tmp_pat
     assert (args.warmup_steps, args.warmup_ratio) == (50, None)
     args = train_classifier.parse_args(["--config", str(config), "--data-path", "x"])
     assert (args.warmup_steps, args.warmup_ratio) == (None, 0.2)
+
+
+@pytest.mark.parametrize("script", TRAINERS)
+def test_a_max_length_past_the_models_positions_is_one_line_before_tokenizing(script, tiny_model_dir, tmp_path,
+                                                                             capsys):
+    """The tiny model has 512 positions: a longer --max-length used to fail mid-training on a long text."""
+    argv = set_flag(tiny_run_argv(script, tmp_path, tiny_model_dir, tmp_path / "out"), "--max-length", "600")
+    capsys.readouterr()
+    assert __import__(script).main(argv) == 2
+    assert_one_error_line(capsys.readouterr().err, "--max-length 600", "512 positions")
