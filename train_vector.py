@@ -25,7 +25,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from common import checkpoints, data, distributed, modeldir, optimization, ranking, rundir, training
+from common import checkpoints, data, distributed, files, modeldir, optimization, ranking, rundir, training
 from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args, add_data_text_args, add_flag,
                         add_optimization_args, add_runtime_args, apply_option_ranges, parse_with_config,
                         resolve_default_warmup, write_effective_config)
@@ -594,10 +594,13 @@ def select_best(args, test_pairs):
 
 
 def metrics_destination(args, default_name):
-    """--metrics-path, else a file in --save-path, which must be this toolkit's training run
-    (never write results into a base model's or someone else's directory)."""
+    """--metrics-path (checked before any work: never an input, a model file, a device node replaced),
+    else a file in --output-dir, which must be this toolkit's training run."""
     if args.metrics_path:
-        return Path(args.metrics_path)
+        files.refuse_overwriting_inputs(args.metrics_path, [
+            ("--test-path", args.test_path), ("--model-path", args.model_path), ("--output-dir", args.output_dir),
+            ("--config", args.config)], "--metrics-path")
+        return Path(files.check_output_path(args.metrics_path, "--metrics-path"))
     if rundir.read_run_record(args.output_dir) is None:
         raise UserError(f"--output-dir {args.output_dir}: not a training run of this toolkit (no {rundir.RUN_FILE}); "
                         "pass --metrics-path to choose where the metrics go")
@@ -605,11 +608,7 @@ def metrics_destination(args, default_name):
 
 
 def write_metrics(path, metrics):
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
-    except OSError as error:
-        raise UserError(f"--metrics-path {path}: cannot write there ({error.strerror})") from None
+    files.write_output_file(path, json.dumps(metrics, indent=2, ensure_ascii=False), "--metrics-path")
     print(f"metrics written to {path}")
 
 

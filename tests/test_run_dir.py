@@ -234,3 +234,15 @@ def test_a_full_disk_while_saving_is_one_line(tiny_model_dir, tmp_path):
     assert_one_error_line(result.stderr, "cannot write")
     assert not list((tmp_path / "out").glob(".tmp-*"))
     assert snapshot_files(tiny_model_dir, tmp_path / "d.jsonl") == before
+
+
+def test_vector_metrics_never_replace_an_input_or_a_model_file(finished_runs, capsys):
+    argv, output_dir = finished_runs["train_vector"]
+    test_path = argv[argv.index("--train-path") + 1]
+    for target in (test_path, output_dir / "checkpoint-best" / "model.safetensors"):
+        before = snapshot_files(test_path, output_dir)
+        code, err = run("train_vector", ["--mode", "evaluate", "--test-path", test_path, "--output-dir", output_dir,
+                                         "--metrics-path", target, "--device", "cpu"], capsys)
+        assert code == 2
+        assert_one_error_line(err, "--metrics-path", "would overwrite")
+        assert snapshot_files(test_path, output_dir) == before
