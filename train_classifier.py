@@ -19,7 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from common import checkpoints, data, distributed, modeldir, optimization, rundir, training
+from common import checkpoints, data, distributed, files, modeldir, optimization, rundir, training
 from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args, add_data_text_args, add_flag,
                         add_optimization_args, add_runtime_args, apply_option_ranges, parse_bool, parse_with_config,
                         resolve_default_warmup, write_effective_config)
@@ -440,13 +440,14 @@ def finish(args, model_dir, datasets, splits, label_set, context, output_dir, lo
 
 
 def rewrite_toolkit(model_dir, toolkit):
-    """Store a changed toolkit block (e.g. the fitted temperature) in config.json."""
+    """Store a changed toolkit block (e.g. the fitted temperature) in config.json, atomically, and
+    refresh the directory's checksums so they still describe what is on disk."""
     config_path = Path(model_dir) / modeldir.CONFIG_FILE
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["toolkit"] = toolkit
-    tmp_path = config_path.with_suffix(".json.tmp")
-    tmp_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
-    tmp_path.replace(config_path)
+    files.write_output_file(config_path, json.dumps(config, indent=2, ensure_ascii=False), "--output-dir")
+    if (Path(model_dir) / checkpoints.CHECKSUM_FILE).is_file():
+        checkpoints.write_checksums(model_dir)
 
 
 def write_reports(output_dir, results, split_name, examples, logits, labels, label_set, args, logger):

@@ -246,3 +246,19 @@ def test_vector_metrics_never_replace_an_input_or_a_model_file(finished_runs, ca
         assert code == 2
         assert_one_error_line(err, "--metrics-path", "would overwrite")
         assert snapshot_files(test_path, output_dir) == before
+
+
+def test_checkpoint_best_checksums_still_hold_after_calibration_rewrites_config(tiny_model_dir, tmp_path, capsys,
+                                                                               monkeypatch):
+    """finish() stores the fitted temperature in checkpoint-best/config.json after the directory was written."""
+    from common import calibration
+    original = calibration.calibration_report
+
+    def applied(logits, labels, **kwargs):
+        return dict(original(logits, labels, **kwargs), temperature=1.7, applied=True)
+    monkeypatch.setattr(calibration, "calibration_report", applied)
+    argv = tiny_run_argv("train_classifier", tmp_path, tiny_model_dir, tmp_path / "out")
+    assert run("train_classifier", argv, capsys)[0] == 0
+    best = tmp_path / "out" / "checkpoint-best"
+    assert json.loads((best / "config.json").read_text())["toolkit"]["temperature"] == 1.7
+    checkpoints.verify_checksums(best)
