@@ -410,8 +410,12 @@ def describe_machine():
 
 
 def toolkit_commit(toolkit_dir):
+    """HEAD of the measured checkout; for an exported snapshot (git archive), the hash in its COMMIT file."""
     completed = subprocess.run(["git", "-C", toolkit_dir, "rev-parse", "HEAD"], capture_output=True, text=True)
-    return completed.stdout.strip() or None
+    if completed.returncode == 0:
+        return completed.stdout.strip()
+    marker = Path(toolkit_dir) / "COMMIT"
+    return marker.read_text().strip() if marker.is_file() else None
 
 
 def main(argv=None):
