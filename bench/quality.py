@@ -22,6 +22,8 @@ Configurations (--configs, comma-separated):
   toolkit-val-from-train           no --val-path: the toolkit holds out 10% of train for validation
   toolkit-random-rows, trainer-random-rows   added rows drawn N(0, initializer_range) (mean_resizing=False)
   toolkit-pooler-random-rows       both of the above
+  toolkit-matched-rows             added rows drawn from the old rows' per-dimension mean and std
+  toolkit-pooler-matched-rows      --pooling pooler and matched rows
   trainer-cls                      the Trainer's model with its pooler bypassed (CLS state -> dropout -> linear)
   trainer-group-by-length          train_sampling_strategy="group_by_length"
   untuned                          the toolkit's starting model (pretrained encoder, new head), no training
@@ -56,6 +58,8 @@ CONFIGS = {
     "toolkit-random-rows": {"system": TOOLKIT, "patches": ["random_rows"]},
     "toolkit-pooler-random-rows": {"system": TOOLKIT, "flags": ["--pooling", "pooler"], "patches": ["random_rows"]},
     "trainer-random-rows": {"system": TRAINER, "patches": ["random_rows"]},
+    "toolkit-matched-rows": {"system": TOOLKIT, "patches": ["matched_rows"]},
+    "toolkit-pooler-matched-rows": {"system": TOOLKIT, "flags": ["--pooling", "pooler"], "patches": ["matched_rows"]},
     "trainer-cls": {"system": TRAINER, "patches": ["cls_head"]},
     "trainer-group-by-length": {"system": TRAINER, "trainer_args": {"train_sampling_strategy": "group_by_length"}},
     "untuned": {"system": "untuned"},
@@ -139,6 +143,22 @@ def apply_patches(patches):
         def resize_without_mean(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
             return original(self, new_num_tokens, pad_to_multiple_of, mean_resizing=False)
         PreTrainedModel.resize_token_embeddings = resize_without_mean
+    if "matched_rows" in patches:
+        # added rows drawn per dimension from the old rows' mean and standard deviation: as spread out as
+        # real tokens (the N(0, 0.02) of mean_resizing=False is about a third of their spread here)
+        import torch
+        from transformers import PreTrainedModel
+        original = PreTrainedModel.resize_token_embeddings
+
+        def resize_matched(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+            old_rows = self.get_input_embeddings().weight.shape[0]
+            embeddings = original(self, new_num_tokens, pad_to_multiple_of, mean_resizing=False)
+            with torch.no_grad():
+                old = embeddings.weight[:old_rows]  # (old_vocab, hidden)
+                added = embeddings.weight[old_rows:]
+                added.copy_(old.mean(0) + torch.randn_like(added) * old.std(0))
+            return embeddings
+        PreTrainedModel.resize_token_embeddings = resize_matched
 
 
 # ---------------------------------------------------------------- workers: one run each, in a fresh process
