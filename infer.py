@@ -159,12 +159,8 @@ def read_file_inputs(path, text_field=None, task=None):
         return read_stream_inputs(read_standard_input(), text_field, task)
     file_path = Path(path)
     if file_path.is_file() and file_path.suffix.lower() in PLAIN_TEXT_SUFFIXES:
-        return read_text_inputs(read_utf8(file_path), str(file_path), task)
-    try:
-        records = data.read_records(path, skip_invalid=True)
-    except RecursionError:
-        raise UserError(f"{path}: invalid JSON (nested too deeply)") from None
-    return record_inputs(records, path, text_field, task)
+        return read_text_inputs(data.read_text_file(file_path), str(file_path), task)
+    return record_inputs(data.read_records(path, skip_invalid=True), path, text_field, task)
 
 
 def read_stream_inputs(text, text_field=None, task=None, source=STDIN_NAME):
@@ -173,19 +169,11 @@ def read_stream_inputs(text, text_field=None, task=None, source=STDIN_NAME):
         raise UserError(f"no input: {source} is empty (give --text, --prompt or --file, or pipe inputs in)")
     if text.lstrip()[0] not in "{[":
         return read_text_inputs(text, source, task)
-    # the readers data.read_records uses for a file, given the text (it opens the file by its path)
-    reader = data._read_json if text.lstrip().startswith("[") else data._read_jsonl
-    try:
-        records = reader(source, text, skip_invalid=True)
-    except RecursionError:
-        raise UserError(f"{source}: invalid JSON (nested too deeply)") from None
-    return record_inputs(records, source, text_field, task)
+    return record_inputs(data.parse_records(source, text, skip_invalid=True), source, text_field, task)
 
 
 def record_inputs(records, path, text_field=None, task=None):
     """One input per record; a record that cannot be used is kept in its place, marked with the reason."""
-    if not records:
-        raise UserError(f"{path}: no records found")
     unreadable = [InputItem(_locator_of(message, path), error=message) for message in records.skipped]
     record_format = data.detect_format(records[0], text_field)
     items = []
@@ -210,13 +198,6 @@ def check_record_encodable(record, example, record_format, text_field=None):
             raise data.RecordError(f"{record.where(name)}: {inference.describe_unencodable(position)}")
 
 
-def read_utf8(path):
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path}: not valid UTF-8 ({error.reason}); re-encode the file as UTF-8") from None
-
-
 def read_standard_input():
     """All of standard input as text (UTF-8; a byte-order mark is dropped)."""
     if sys.stdin is None:  # started with standard input closed (`<&-`)
@@ -224,12 +205,7 @@ def read_standard_input():
     raw = getattr(sys.stdin, "buffer", sys.stdin).read()
     if isinstance(raw, str):  # a text stream without a byte buffer underneath
         return raw.removeprefix("\ufeff")
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = raw[:error.start].count(b"\n") + 1
-        raise UserError(f"{STDIN_NAME} line {line}: not valid UTF-8 (byte offset {error.start}); "
-                        "re-encode the input as UTF-8") from None
+    return data.decode_utf8(raw, STDIN_NAME)
 
 
 def read_text_inputs(text, source, task=None):

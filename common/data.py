@@ -53,26 +53,50 @@ def read_records(path, split=None, skip_invalid=False, default_splits=("train",)
     """
     data_path = Path(path)
     if _is_directory(path):
-        return _read_saved_dataset(data_path, split, default_splits)
-    raw = data_path.read_bytes()
+        records = ExampleList(_read_saved_dataset(data_path, split, default_splits))
+        if not records:
+            raise UserError(f"{path}: no records found")
+        return records
+    return parse_records(path, read_text_file(data_path), skip_invalid, data_path.suffix)
+
+
+def parse_records(source, text, skip_invalid=False, suffix=""):
+    """The Records of data-file text already read, from a file or from standard input.
+
+    ``suffix`` (".csv", ".tsv", ".json", ".jsonl" or "") picks the format; without a known
+    one, text starting with "[" is a JSON array, else JSON Lines. ``source`` names the
+    text in error messages ("stdin line 3: ...").
+    """
+    if not text.strip():
+        raise UserError(f"{source}: the file is empty")
+    suffix = suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        records = _read_delimited(source, text, "\t" if suffix == ".tsv" else ",")
+    elif suffix == ".jsonl" or (suffix != ".json" and not text.lstrip().startswith("[")):
+        records = _read_jsonl(source, text, skip_invalid)
+    else:
+        records = _read_json(source, text, skip_invalid)
+    if not records:
+        raise UserError(f"{source}: no records found")
+    return records if isinstance(records, ExampleList) else ExampleList(records)
+
+
+def read_text_file(path):
+    """A file's text (UTF-8; a byte-order mark is dropped); see ``decode_utf8``."""
+    return decode_utf8(Path(path).read_bytes(), path)
+
+
+def decode_utf8(raw, source):
+    """Bytes read from ``source`` (a file or a stream) as text, a byte-order mark dropped.
+
+    Bytes that are not UTF-8 are one error line naming the line they are on.
+    """
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = raw[:error.start].count(b"\n") + 1
-        raise UserError(f"{path} line {line}: not valid UTF-8 (byte offset {error.start}); "
-                        "re-encode the file as UTF-8") from None
-    if not text.strip():
-        raise UserError(f"{path}: the file is empty")
-    suffix = data_path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        records = _read_delimited(path, text, "\t" if suffix == ".tsv" else ",")
-    elif suffix == ".jsonl" or (suffix != ".json" and not text.lstrip().startswith("[")):
-        records = _read_jsonl(path, text, skip_invalid)
-    else:
-        records = _read_json(path, text, skip_invalid)
-    if not records:
-        raise UserError(f"{path}: no records found")
-    return records if isinstance(records, ExampleList) else ExampleList(records)
+        raise UserError(f"{source} line {line}: not valid UTF-8 (byte offset {error.start}); "
+                        "re-encode it as UTF-8") from None
 
 
 def _is_directory(path):

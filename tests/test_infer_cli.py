@@ -96,6 +96,21 @@ def test_file_dash_reads_json_records_when_the_input_starts_with_a_brace(classif
     assert [row["source"] for row in rows] == ["stdin record 1", "stdin record 2"]
 
 
+def test_standard_input_and_a_file_are_read_by_the_same_reader(classifier_dir, tmp_path, monkeypatch, capsys):
+    content = '[{"text": "good movie"}, 5, {"text": "good", "text": "twice"}, {"text": "very sad"}]'
+    (tmp_path / "in.json").write_text(content, encoding="utf-8")
+    answers = []
+    for source in ("-", str(tmp_path / "in.json")):
+        piped(monkeypatch, content)
+        assert infer.main(["--model-path", str(classifier_dir), "--file", source, "--json"]) == 1
+        rows = json_rows(capsys.readouterr().out)
+        answers.append([(row["source"].split()[-2:], row.get("input"), (row.get("error") or "").split(": ")[-1])
+                        for row in rows])
+    assert answers[0] == answers[1]
+    assert [where for where, _, _ in answers[0]] == [["record", str(number)] for number in range(1, 5)]
+    assert [text for _, text, _ in answers[0]] == ["good movie", None, None, "very sad"]
+
+
 def test_standard_input_that_is_empty_or_not_utf8_is_one_line(classifier_dir, monkeypatch, capsys):
     piped(monkeypatch, "good\n".encode() + "café\n".encode("latin-1"))
     assert infer.main(["--model-path", str(classifier_dir), "--file", "-"]) == 2
