@@ -375,10 +375,15 @@ def cosine_similarity(first, second):
     return float(np.dot(first, second) / denominator) if denominator else 0.0
 
 
+def normalize_rows(vectors):
+    """The rows of ``vectors`` (n, dim) L2-normalised, as float32 (zero rows stay zero)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+
+
 def nearest_rows(matrix, query_vectors, top_k):
     """Per query, the ``top_k`` (row, cosine similarity) of ``matrix`` (n, dim; rows L2-normalised), best first."""
-    queries = np.asarray(query_vectors, dtype=np.float32)  # (queries, dim)
-    queries = queries / np.maximum(np.linalg.norm(queries, axis=-1, keepdims=True), 1e-12)
+    queries = normalize_rows(query_vectors)  # (queries, dim)
     scores = queries @ np.asarray(matrix, dtype=np.float32).T  # (queries, n)
     ranked = np.argsort(-scores, axis=-1, kind="stable")[:, :top_k]
     return [[(int(row), float(scores[query, row])) for row in rows] for query, rows in enumerate(ranked)]

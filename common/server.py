@@ -37,6 +37,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from common import inference
 from common.errors import UserError
 
 API_KEY_ENV = "TOOLKIT_API_KEY"
@@ -140,13 +141,7 @@ def build_corpus(service, ids, texts, batch_size=256, show_progress=True):
     for start in tqdm(range(0, len(texts), batch_size), desc="encoding corpus", disable=not show_progress,
                       file=sys.stderr):
         rows.extend(encode(texts[start:start + batch_size]))
-    return Corpus(list(ids), list(texts), normalize_rows(np.asarray(rows, dtype=np.float32)))
-
-
-def normalize_rows(matrix):
-    """L2-normalise each row (zero rows stay zero)."""
-    norms = np.linalg.norm(matrix, axis=-1, keepdims=True)
-    return matrix / np.maximum(norms, 1e-12)
+    return Corpus(list(ids), list(texts), inference.normalize_rows(rows))
 
 
 # ---------------------------------------------------------------- micro-batching
@@ -409,8 +404,7 @@ def add_vector_routes(app, batcher, check_limits, corpus):
         check_limits(request.documents, "documents")
         query_vector, doc_vectors = await asyncio.gather(batcher.submit("encode", [request.query]),
                                                          batcher.submit("encode_documents", request.documents))
-        scores = normalize_rows(np.asarray(doc_vectors, dtype=np.float32)) @ normalize_rows(
-            np.asarray(query_vector, dtype=np.float32))[0]
+        scores = inference.normalize_rows(doc_vectors) @ inference.normalize_rows(query_vector)[0]
         ranking = np.argsort(-scores, kind="stable")
         return {"scores": [float(score) for score in scores], "ranking": [int(index) for index in ranking]}
 
@@ -419,11 +413,9 @@ def add_vector_routes(app, batcher, check_limits, corpus):
         if corpus is None:
             raise HTTPException(404, "no corpus loaded: start the server with --corpus FILE")
         check_limits([request.query], "query")
-        query_vector = normalize_rows(np.asarray(await batcher.submit("encode", [request.query]), dtype=np.float32))
-        scores = corpus.matrix @ query_vector[0]
-        top = np.argsort(-scores, kind="stable")[:request.top_k]
-        return {"results": [{"id": corpus.ids[row], "text": corpus.texts[row], "score": float(scores[row])}
-                            for row in top]}
+        query_vector = await batcher.submit("encode", [request.query])
+        hits = inference.nearest_rows(corpus.matrix, query_vector, request.top_k)[0]
+        return {"results": [{"id": corpus.ids[row], "text": corpus.texts[row], "score": score} for row, score in hits]}
 
 
 def add_predict_route(app, batcher, check_limits, max_chars):
