@@ -114,23 +114,27 @@ class Corpus:
 
 
 def load_corpus_records(path, skip_invalid=False):
-    """Read a corpus file of {"id", "text"} records (JSONL, JSON, CSV/TSV); ids must be unique."""
+    """(ids, texts) of a corpus file of {"id", "text"} records (JSONL, JSON, CSV/TSV); ids must be unique.
+
+    With ``skip_invalid`` a record without an id or a text is dropped, and each id stays with its own text.
+    """
     from common import data
     records = data.read_records(path, skip_invalid=skip_invalid)
 
     def parse(record):
         if record.fields.get("id") is None:
             raise data.RecordError(f"{record.where('id')}: missing")
-        return str(record.fields["id"]), data.require_text(record, "text")
+        return str(record.fields["id"]), data.require_text(record, "text"), record
+    # each entry carries its record: after a skipped record, the records no longer line up with the entries
     entries = data.parse_each(records, parse, skip_invalid)
+    if not entries:
+        raise UserError(f"{path}: no valid corpus records")
     seen = set()
-    for (entry_id, _), record in zip(entries, records):
+    for entry_id, _, record in entries:
         if entry_id in seen:
             raise UserError(f"{record.where('id')}: duplicate id {entry_id!r}")
         seen.add(entry_id)
-    if not entries:
-        raise UserError(f"{path}: no valid corpus records")
-    return [entry_id for entry_id, _ in entries], [text for _, text in entries]
+    return [entry_id for entry_id, _, _ in entries], [text for _, text, _ in entries]
 
 
 def build_corpus(service, ids, texts, batch_size=256, show_progress=True):

@@ -377,3 +377,23 @@ def test_corpus_records_are_validated(tmp_path):
             server.load_corpus_records(write_jsonl(tmp_path / "bad.jsonl", records))
     matrix = server.build_corpus(FakeVectorService(), ["x"], ["abc"], show_progress=False).matrix
     assert np.allclose(np.linalg.norm(matrix, axis=1), 1.0)
+
+
+def test_a_skipped_corpus_record_leaves_every_later_id_with_its_own_text(tmp_path):
+    from conftest import write_jsonl
+    records = [{"id": "a", "text": "apple"}, {"id": "b", "text": ""}, {"text": "no id"}, 7,
+               {"id": "c", "text": "cherry pie"}, {"id": "d", "text": "banana split"}]
+    ids, texts = server.load_corpus_records(write_jsonl(tmp_path / "corpus.jsonl", records), skip_invalid=True)
+    assert list(zip(ids, texts)) == [("a", "apple"), ("c", "cherry pie"), ("d", "banana split")]
+    service = FakeVectorService()
+    app = server.create_app(service, corpus=server.build_corpus(service, ids, texts, show_progress=False))
+
+    async def search():
+        async with client_for(app) as client:
+            for entry_id, text in zip(ids, texts):
+                best = (await client.post("/search", json={"query": text, "top_k": 1})).json()["results"][0]
+                assert (best["id"], best["text"]) == (entry_id, text) and best["score"] == pytest.approx(1.0)
+    run(search())
+    records.append({"id": "c", "text": "cherry again"})  # the duplicate is named by its own line, not an earlier one
+    with pytest.raises(UserError, match="line 7: field 'id': duplicate id 'c'"):
+        server.load_corpus_records(write_jsonl(tmp_path / "corpus.jsonl", records), skip_invalid=True)
