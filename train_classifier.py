@@ -19,10 +19,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from common import checkpoints, data, distributed, files, modeldir, optimization, rundir, training
+from common import adaptation, checkpoints, data, distributed, files, modeldir, optimization, rundir, training
 from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args, add_data_text_args, add_flag,
-                        add_optimization_args, add_runtime_args, apply_option_ranges, parse_bool, parse_with_config,
-                        resolve_default_warmup, write_effective_config)
+                        add_optimization_args, add_runtime_args, add_vocabulary_args, apply_option_ranges,
+                        parse_bool, parse_with_config, resolve_default_warmup, write_effective_config)
 from common.errors import UserError, report_user_errors
 from common.heads import POOLINGS, SequenceClassifier
 from common.text import build_normalizer
@@ -47,6 +47,7 @@ def build_parser():
     add_flag(group, "val-ratio", type=float, default=0.1, help="validation share when --val-path is absent")
     add_flag(group, "group-field", help="record field (topic, month, source) to report metrics per group")
     add_data_text_args(parser)
+    add_vocabulary_args(parser)
 
     group = parser.add_argument_group("model")
     add_flag(group, "model-name", aliases=("model-name-or-path",), default="hfl/chinese-bert-wwm-ext",
@@ -94,9 +95,7 @@ def build_parser():
 def parse_args(argv=None):
     args = parse_with_config(build_parser(), argv, SECTION_ALIASES, CONFIG_CONVERTERS)
     resolve_default_warmup(args, warmup_ratio=0.1)
-    if args.freeze_backbone and args.extend_vocab > 0:  # the added rows would stay copies of [UNK]
-        raise UserError("--freeze-backbone with --extend-vocab: the new tokens' embeddings would never be "
-                        "trained; drop one of the two")
+    adaptation.check_vocabulary_options(args)
     if args.eval_only:
         if not args.model_path or not args.test_path:
             raise UserError("--eval-only needs --model-path and --test-path")
@@ -555,21 +554,12 @@ def run_training(args, context):
         print(f"text normalization: {describe(normalize_spec)} (stored with the model, applied at inference)")
     modeldir.check_max_lengths(args.model_name, args, args.trust_remote_code)
     tokenizer = modeldir.load_tokenizer(args.model_name, args.trust_remote_code)
-    unk_rate_before = None
-    if args.extend_vocab > 0:
-        from common.vocab import extend_vocabulary, unk_rate
-        normalize = build_normalizer(normalize_spec)
-        train_texts = [normalize(e.text) for e in splits["train"]]
-        unk_rate_before = unk_rate(tokenizer, train_texts)
-        added = extend_vocabulary(tokenizer, train_texts, args.extend_vocab)
-        print(f"--extend-vocab {args.extend_vocab}: added {len(added)} tokens, e.g. {added[:20]}")
+    domain_texts = adaptation.prepare_domain(args, tokenizer, [e.text for e in splits["train"]],
+                                             build_normalizer(normalize_spec))
     args.pad_token_id = tokenizer.pad_token_id
     datasets, summaries = encode_splits(splits, tokenizer, args, build_normalizer(normalize_spec), label_set)
     if context.is_main:
         print(data.format_summary(summaries))
-        if unk_rate_before is not None:
-            print(f"[UNK] rate of the training set: {unk_rate_before:.2%} before --extend-vocab, "
-                  f"{summaries[0]['unk_rate']:.2%} after")
 
     # ---- model
     record_format = getattr(splits["train"], "record_format", "text")
@@ -580,6 +570,7 @@ def run_training(args, context):
         (output_dir / "dataset_summary.json").write_text(json.dumps(summaries, indent=2, ensure_ascii=False),
                                                           encoding="utf-8")
     toolkit = build_toolkit_block(args, model, normalize_spec, record_format)
+    adaptation.adapt_before_training(model.backbone, tokenizer, domain_texts, args, resume_from, context.is_main)
     if args.compile:
         model = torch.compile(model)
     if context.enabled:

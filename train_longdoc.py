@@ -25,10 +25,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from common import checkpoints, data, distributed, longdoc, modeldir, optimization, rundir, training
+from common import adaptation, checkpoints, data, distributed, longdoc, modeldir, optimization, rundir, training
 from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args, add_data_text_args, add_flag,
-                        add_optimization_args, add_runtime_args, apply_option_ranges, parse_with_config,
-                        resolve_default_warmup, write_effective_config)
+                        add_optimization_args, add_runtime_args, add_vocabulary_args, apply_option_ranges,
+                        parse_with_config, resolve_default_warmup, write_effective_config)
 from common.errors import UserError, report_user_errors
 from common.heads import POOLINGS, SequenceClassifier
 from common.metrics import SELECTABLE_METRICS, classification_metrics, format_report, majority_baseline
@@ -50,6 +50,7 @@ def build_parser():
     group = add_data_path_args(parser, what="documents")
     add_flag(group, "val-ratio", type=float, default=0.1, help="validation share when --val-path is absent")
     add_data_text_args(parser)
+    add_vocabulary_args(parser)
 
     group = parser.add_argument_group("model")
     add_flag(group, "model-name", default="bert-base-chinese", help="hub name or local path of the encoder")
@@ -89,9 +90,7 @@ def build_parser():
 def parse_args(argv=None):
     args = parse_with_config(build_parser(), argv, SECTION_ALIASES, CONFIG_CONVERTERS)
     resolve_default_warmup(args, warmup_ratio=0.1)
-    if args.freeze_backbone and args.extend_vocab > 0:  # the added rows would stay copies of [UNK]
-        raise UserError("--freeze-backbone with --extend-vocab: the new tokens' embeddings would never be "
-                        "trained; drop one of the two")
+    adaptation.check_vocabulary_options(args)
     if args.eval_only:
         if not args.model_path or not args.test_path:
             raise UserError("--eval-only needs --model-path and --test-path")
@@ -560,10 +559,7 @@ def run_training(args, context):
     modeldir.check_max_lengths(args.model_name, args, args.trust_remote_code)
     tokenizer = modeldir.load_tokenizer(args.model_name, args.trust_remote_code)
     longdoc.check_settings(settings, args.max_length, tokenizer.num_special_tokens_to_add(pair=False))
-    if args.extend_vocab > 0:
-        from common.vocab import extend_vocabulary
-        added = extend_vocabulary(tokenizer, [clean(d.text) for d in splits["train"]], args.extend_vocab)
-        print(f"--extend-vocab {args.extend_vocab}: added {len(added)} tokens, e.g. {added[:20]}")
+    domain_texts = adaptation.prepare_domain(args, tokenizer, [d.text for d in splits["train"]], clean)
     args.pad_token_id = tokenizer.pad_token_id
     datasets, summaries = chunk_splits(splits, tokenizer, args, settings, clean, label_set)
     if context.is_main:
@@ -577,6 +573,7 @@ def run_training(args, context):
         (output_dir / "dataset_summary.json").write_text(json.dumps(summaries, indent=2, ensure_ascii=False),
                                                           encoding="utf-8")
     toolkit = build_toolkit_block(args, model, normalize_spec, settings)
+    adaptation.adapt_before_training(model.backbone, tokenizer, domain_texts, args, resume_from, context.is_main)
     if context.enabled:
         # ranks run different numbers of chunk micro-batches: no per-forward buffer broadcast
         model = DistributedDataParallel(model, device_ids=[args.device_obj.index] if args.device_obj.type == "cuda"

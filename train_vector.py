@@ -25,13 +25,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from common import checkpoints, data, distributed, files, modeldir, optimization, ranking, rundir, training
+from common import adaptation, checkpoints, data, distributed, files, modeldir, optimization, ranking, rundir, training
 from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args, add_data_text_args, add_flag,
-                        add_optimization_args, add_runtime_args, apply_option_ranges, parse_with_config,
-                        resolve_default_warmup, write_effective_config)
+                        add_optimization_args, add_runtime_args, add_vocabulary_args, apply_option_ranges,
+                        parse_with_config, resolve_default_warmup, write_effective_config)
 from common.errors import UserError, report_user_errors
 from common.pair_losses import LOSSES, compute_pair_loss
 from common.pairs import PairCollator, build_pair_dataset, load_pairs
+from common.text import build_normalizer
 from common.vector import VECTOR_POOLINGS, BertVectorModel, PairEncoder, evaluate_pairs, read_json_if_exists
 from common.vocab import fit_embeddings_to_tokenizer
 
@@ -57,6 +58,7 @@ def build_parser():
     add_data_path_args(parser, what="pairs {query, document, rel, weight}",
                        test_help="test pairs for --mode evaluate (ranking metrics beside a TF-IDF baseline)")
     add_data_text_args(parser)
+    add_vocabulary_args(parser)
 
     group = parser.add_argument_group("model")
     add_flag(group, "model-name", default="bert-base-uncased", help="hub name or local path of the encoder")
@@ -92,6 +94,8 @@ def build_parser():
     add_flag(group, "max-chars", type=int, default=10000, help="characters per text")
     add_flag(group, "max-batch-size", type=int, default=64, help="texts merged into one forward pass (1: no merging)")
     add_flag(group, "batch-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    # the untuned encoder competes for checkpoint-best: [UNK]-row starts keep it the base model
+    parser.set_defaults(new_token_init="unk")
     add_runtime_args(parser)
     for action in parser._actions:  # shared classification flags stay parseable (for a clear error), unlisted
         if action.dest in NOT_APPLICABLE:
@@ -109,6 +113,7 @@ def parse_args(argv=None):
     if args.mode == "train":
         args.loss = args.loss or "mse"  # when evaluating, no --loss means the loss the model was trained with
         checkpoints.check_resume_argument(args.resume)
+        adaptation.check_vocabulary_options(args)
     required = {"train": ("data_path", "val_path"), "evaluate": ("test_path",), "deploy": ()}[args.mode]
     for name in required:
         if not getattr(args, name):
@@ -182,7 +187,7 @@ def build_eval_loader(dataset, args, context):
 
 def build_model(args, tokenizer, normalize_spec):
     backbone = modeldir.load_pretrained_backbone(args.model_name, args.trust_remote_code)
-    fit_embeddings_to_tokenizer(backbone, tokenizer)  # after --extend-vocab
+    fit_embeddings_to_tokenizer(backbone, tokenizer, args.new_token_init)  # after --extend-vocab
     model = BertVectorModel(backbone, args.pooling, args.projection_dim or None, True, args.query_max_length,
                             args.doc_max_length, args.max_length, args.truncation_side, normalize_spec)
     model.tokenizer = tokenizer
@@ -460,13 +465,8 @@ def run_training(args, context):
         normalize_spec = normalizer_spec(args.normalize)
     modeldir.check_max_lengths(args.model_name, args, args.trust_remote_code)
     tokenizer = modeldir.load_tokenizer(args.model_name, args.trust_remote_code)
-    if args.extend_vocab > 0:
-        from common.vocab import extend_vocabulary
-        from common.text import build_normalizer
-        normalize = build_normalizer(normalize_spec)
-        texts = [normalize(text) for pair in splits["train"] for text in (pair.query, pair.document)]
-        added = extend_vocabulary(tokenizer, texts, args.extend_vocab)
-        print(f"--extend-vocab {args.extend_vocab}: added {len(added)} tokens, e.g. {added[:20]}")
+    train_texts = dict.fromkeys(text for pair in splits["train"] for text in (pair.query, pair.document))
+    domain_texts = adaptation.prepare_domain(args, tokenizer, train_texts, build_normalizer(normalize_spec))
     args.pad_token_id = tokenizer.pad_token_id
 
     # ---- model, then tokenize every split once at the model's query/document lengths
@@ -480,6 +480,8 @@ def run_training(args, context):
         (output_dir / "dataset_summary.json").write_text(json.dumps(summaries, indent=2, ensure_ascii=False),
                                                           encoding="utf-8")
     model = PairEncoder(model).to(args.device_obj)
+    adaptation.adapt_before_training(vector_model(model).backbone, tokenizer, domain_texts, args, resume_from,
+                                     context.is_main)
     if context.enabled:
         model = DistributedDataParallel(model, device_ids=[args.device_obj.index]
                                         if args.device_obj.type == "cuda" else None)

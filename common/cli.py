@@ -233,8 +233,25 @@ def add_data_text_args(parser):
     add_flag(group, "normalize", nargs="?", const="social", default=None,
              help="social-media text normalization preset or options (see docs/train_classifier.md); stored with "
                   "the model")
+    return group
+
+
+def add_vocabulary_args(parser):
+    """--extend-vocab and what helps the added tokens: their start, their learning rate, MLM adaptation.
+    The extended tokenizer is stored with the model."""
+    group = parser.add_argument_group("vocabulary and domain adaptation")
     add_flag(group, "extend-vocab", type=bounded(int, minimum=0), default=0, metavar="MIN_COUNT",
              help="add tokens the tokenizer maps to [UNK] that occur at least MIN_COUNT times")
+    add_flag(group, "new-token-init", choices=["random", "mean", "unk"], default="random",
+             help="where the added tokens' embeddings start: random N(0, initializer_range), the mean of the "
+                  "existing rows, or the [UNK] row (see docs/train_classifier.md)")
+    add_flag(group, "new-token-lr", type=bounded(float, above=0), default=None, metavar="LR",
+             help="learning rate of the added tokens' embeddings (default: --learning-rate)")
+    add_flag(group, "mlm-adapt-steps", type=bounded(int, minimum=0), default=0, metavar="N",
+             help="masked-language-model steps on the training texts (and --unlabeled-path) before fine-tuning")
+    add_flag(group, "unlabeled-path", default=None,
+             help="more in-domain texts for --extend-vocab and --mlm-adapt-steps: a .txt file (one text per "
+                  "line) or any data file with a text field")
     return group
 
 

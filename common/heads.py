@@ -83,7 +83,7 @@ class SequenceClassifier(nn.Module):
         from common.vocab import fit_embeddings_to_tokenizer
         backbone = modeldir.load_pretrained_backbone(args.model_name, args.trust_remote_code,
                                                      keep_pooler=args.pooling == "pooler")
-        fit_embeddings_to_tokenizer(backbone, tokenizer)
+        fit_embeddings_to_tokenizer(backbone, tokenizer, args.new_token_init)
         return cls(backbone, num_labels, args.pooling, args.dropout, args.head_layernorm, args.freeze_backbone)
 
     @classmethod

@@ -15,6 +15,7 @@ def build_optimization(model, args, batches_per_epoch, device, precision):
     if args.max_steps > 0:
         total_steps = min(total_steps, args.max_steps)
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, args.adam_epsilon, device)
+    scale_new_token_updates(optimizer, model, args)
     warmup_steps = resolve_warmup_steps(total_steps, args.warmup_ratio, args.warmup_steps)
     scheduler = build_scheduler(optimizer, args.scheduler, warmup_steps, total_steps)
     return optimizer, scheduler, build_grad_scaler(precision, device), total_steps
@@ -40,6 +41,34 @@ def build_optimizer(model, learning_rate, weight_decay, adam_epsilon=1e-8, devic
               {"params": no_decay, "weight_decay": 0.0}]
     fused = device is None or device.type in ("cpu", "cuda")
     return torch.optim.AdamW(groups, lr=learning_rate, eps=adam_epsilon, fused=fused or None)
+
+
+def scale_new_token_updates(optimizer, model, args):
+    """--new-token-lr: the embedding rows --extend-vocab added move ``new_token_lr / learning_rate`` times
+    as far per step as every other weight.
+
+    The added rows share one tensor with the pretrained rows, so no parameter group can hold them, and
+    scaling their gradients would change nothing under AdamW (it divides each gradient by its own
+    running size). Instead each step's update of those rows is scaled after the step: exactly AdamW
+    with the larger learning rate there, weight decay included.
+    """
+    new_token_lr = getattr(args, "new_token_lr", None)
+    embeddings = next((module for module in model.modules() if hasattr(module, "first_added_row")), None)
+    if new_token_lr is None or embeddings is None:
+        return
+    ratio, rows = new_token_lr / args.learning_rate, slice(embeddings.first_added_row, None)
+    before_step = {}
+
+    def remember_rows(optimizer, args, kwargs):
+        before_step["rows"] = embeddings.weight.detach()[rows].clone()
+
+    def scale_their_update(optimizer, args, kwargs):
+        with torch.no_grad():
+            old = before_step.pop("rows")
+            embeddings.weight[rows] = old + ratio * (embeddings.weight[rows] - old)
+
+    optimizer.register_step_pre_hook(remember_rows)
+    optimizer.register_step_post_hook(scale_their_update)
 
 
 def resolve_warmup_steps(total_steps, warmup_ratio=None, warmup_steps=None):

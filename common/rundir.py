@@ -100,7 +100,8 @@ def prepare_run_dir(path, flag, script, inputs=(), overwrite=False, resume=None)
     return new_run  # replaces an earlier run's start-up files, or results the user lets go
 
 
-INPUT_OPTIONS = ("data_path", "train_path", "val_path", "test_path", "config", "model_name", "model_path", "corpus")
+INPUT_OPTIONS = ("data_path", "train_path", "val_path", "test_path", "config", "model_name", "model_path", "corpus",
+                 "unlabeled_path")
 
 
 def input_options(args):

@@ -2,13 +2,13 @@
 
 An English vocabulary turns most Chinese characters and every emoji into [UNK]; the
 model then cannot tell "好" from "坏". Adding the frequent unknown pieces as tokens
-gives each its own embedding: ``fit_embeddings_to_tokenizer`` starts it as the [UNK] row
-it replaces, and training tells the new tokens apart.
+gives each its own embedding: ``fit_embeddings_to_tokenizer`` starts the new rows where
+``--new-token-init`` says (random by default), and training (``--new-token-lr``, ``--mlm-adapt-steps``)
+gives them meaning.
 """
 import collections
 import re
 
-import torch
 from tokenizers import AddedToken
 
 from common.data import backend_tokenizer
@@ -88,22 +88,38 @@ def unk_rate(tokenizer, texts):
     return unknown / total if total else 0.0
 
 
-def fit_embeddings_to_tokenizer(backbone, tokenizer):
+
+def extend_for_training(tokenizer, texts, min_count):
+    """--extend-vocab for a trainer: add the frequent [UNK] pieces of ``texts`` and say what changed."""
+    before = unk_rate(tokenizer, texts)
+    added = extend_vocabulary(tokenizer, texts, min_count)
+    print(f"--extend-vocab {min_count}: added {len(added)} tokens, e.g. {added[:20]}; [UNK] rate of the "
+          f"training texts {before:.2%} before, {unk_rate(tokenizer, texts):.2%} after")
+    return added
+
+
+def fit_embeddings_to_tokenizer(backbone, tokenizer, init="random"):
     """Grow the input embeddings to ``len(tokenizer)`` after --extend-vocab; return how many rows were added.
 
-    Every added token was [UNK] to the base tokenizer, so its row starts as the [UNK] row: at step 0
-    the extended model computes what the base model did wherever each added piece was an [UNK] of
-    its own (as CJK characters are), and training then tells the new tokens apart. transformers'
-    default instead draws the rows at random around the mean embedding, which changes every text's
-    representation at once.
+    ``init`` (--new-token-init) is where the added rows start:
+      random  N(0, initializer_range), as the pretrained rows once started (the default)
+      mean    the mean of the existing rows (transformers' resize_token_embeddings default)
+      unk     a copy of the [UNK] row, so that at step 0 the model computes what the base model did
+    "mean" and "unk" start every new token as the same vector, and training has to break the tie.
+    On 4k Chinese reviews with all-MiniLM-L6-v2 and ~2,000 added characters (bench/quality.py,
+    3 seeds) random rows reached 77.9% +- 1.1 test accuracy, mean rows 73.0% +- 4.8.
+    The embedding module remembers where the added rows begin (``first_added_row``) for --new-token-lr.
     """
     old_rows = backbone.get_input_embeddings().num_embeddings
     added = len(tokenizer) - old_rows
     if added <= 0:
         return 0
-    backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    weight = backbone.get_input_embeddings().weight
-    if tokenizer.unk_token_id is not None:
-        with torch.no_grad():
-            weight[old_rows:] = weight[tokenizer.unk_token_id]
+    backbone.resize_token_embeddings(len(tokenizer), mean_resizing=init == "mean")
+    embeddings = backbone.get_input_embeddings()
+    new_rows = embeddings.weight.data[old_rows:]
+    if init == "random":
+        new_rows.normal_(0.0, getattr(backbone.config, "initializer_range", 0.02))
+    elif init == "unk" and tokenizer.unk_token_id is not None:
+        new_rows.copy_(embeddings.weight.data[tokenizer.unk_token_id])
+    embeddings.first_added_row = old_rows
     return added

@@ -338,7 +338,7 @@ def test_extend_vocab_reports_the_unk_rate_before_and_after(tmp_path, tiny_model
     assert run(tiny_model_dir, tmp_path / "out", "--data-path", str(train_path), "--val-path", str(val_path),
                "--extend-vocab", "2", "--max-steps", "1") == 0
     printed = capsys.readouterr().out
-    assert "[UNK] rate of the training set: 33.33% before --extend-vocab, 0.00% after" in printed
+    assert "[UNK] rate of the training texts 33.33% before, 0.00% after" in printed
     summaries = json.loads((tmp_path / "out" / "dataset_summary.json").read_text())
     assert [s["unk_rate"] for s in summaries] == [0.0, 0.0]
     assert "train: 16 records" in printed and "[UNK] rate 0.00%" in printed

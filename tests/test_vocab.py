@@ -93,8 +93,8 @@ def test_minilm_unk_rate_on_chinese_reviews_drops_to_near_zero(real_model_dir):
     assert all(len(token) == 1 for token in added)  # characters, not whole phrases
 
 
-def test_added_rows_start_as_the_unk_row_so_the_extended_model_computes_what_the_base_did(tiny_model_dir):
-    """--extend-vocab must not change the untuned model: every added piece was [UNK] before."""
+def test_unk_rows_keep_the_extended_model_computing_what_the_base_did(tiny_model_dir):
+    """--new-token-init unk must not change the untuned model: every added piece was [UNK] before."""
     import torch
     from common import modeldir
     from common.vocab import extend_vocabulary, fit_embeddings_to_tokenizer
@@ -104,9 +104,33 @@ def test_added_rows_start_as_the_unk_row_so_the_extended_model_computes_what_the
     with torch.no_grad():
         before = backbone(**tokenizer(texts, padding=True, return_tensors="pt")).last_hidden_state
     assert extend_vocabulary(tokenizer, texts, 1) == ["狗", "猫"]
-    assert fit_embeddings_to_tokenizer(backbone, tokenizer) == 2
+    assert fit_embeddings_to_tokenizer(backbone, tokenizer, "unk") == 2
     encoded = tokenizer(texts, padding=True, return_tensors="pt")
     assert tokenizer.unk_token_id not in encoded["input_ids"]
     with torch.no_grad():
         after = backbone(**encoded).last_hidden_state
     assert torch.allclose(before, after, atol=1e-6)
+
+
+@pytest.mark.parametrize("init", ["random", "mean", "unk"])
+def test_new_token_init_decides_where_the_added_rows_start(tiny_model_dir, init):
+    import torch
+    from common import modeldir
+    from common.vocab import extend_vocabulary, fit_embeddings_to_tokenizer
+    tokenizer = modeldir.load_tokenizer(str(tiny_model_dir))
+    backbone = modeldir.load_pretrained_backbone(str(tiny_model_dir))
+    old = backbone.get_input_embeddings().weight.detach().clone()
+    torch.manual_seed(0)
+    added = extend_vocabulary(tokenizer, ["猫狗鱼鸟 good", "猫狗鱼鸟 bad"], 1)
+    assert fit_embeddings_to_tokenizer(backbone, tokenizer, init) == len(added) == 4
+    embeddings = backbone.get_input_embeddings()
+    new_rows = embeddings.weight.detach()[len(old):]
+    assert embeddings.first_added_row == len(old)
+    assert torch.equal(embeddings.weight.detach()[:len(old)], old)  # the pretrained rows are untouched
+    if init == "random":  # distinct rows, spread like the model's own initialization
+        assert torch.cdist(new_rows, new_rows).fill_diagonal_(1.0).min() > 0
+        assert abs(new_rows.std().item() - backbone.config.initializer_range) < 0.01
+    elif init == "mean":
+        assert torch.allclose(new_rows, old.mean(0).expand_as(new_rows), atol=1e-3)
+    else:
+        assert torch.equal(new_rows, old[tokenizer.unk_token_id].expand_as(new_rows))

@@ -1,0 +1,114 @@
+"""The task's own vocabulary and domain before the task: ``--extend-vocab`` over the training texts and
+``--unlabeled-path``, then ``--mlm-adapt-steps`` of masked-language-model training.
+
+Rows that --extend-vocab adds start without meaning, and a pretrained encoder may never have seen
+the domain's text. A few hundred MLM steps on in-domain text teach both before the task loss does:
+domain-adaptive pretraining (Gururangan et al., 2020, "Don't Stop Pretraining"). The MLM output
+layer is tied to the input embeddings, as in BERT's pretraining, so every masked prediction also
+trains the added rows. A sentence encoder usually ships without an MLM head: it starts new, and the
+linear warmup keeps its first random gradients small.
+"""
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from common import data, optimization
+from common.errors import UserError
+
+MASK_PROBABILITY = 0.15  # BERT's: of those, 80% become [MASK], 10% a random token, 10% stay
+
+
+def check_vocabulary_options(args):
+    """Refuse combinations whose effect would silently be nothing."""
+    adapts = args.mlm_adapt_steps > 0
+    if getattr(args, "freeze_backbone", False) and args.extend_vocab > 0 and not adapts:
+        raise UserError("--freeze-backbone with --extend-vocab: the new tokens' embeddings would never be "
+                        "trained; add --mlm-adapt-steps N, or drop one of the two")
+    if args.new_token_lr is not None and args.extend_vocab == 0:
+        raise UserError("--new-token-lr applies to tokens added by --extend-vocab: add --extend-vocab MIN_COUNT")
+    if args.unlabeled_path and args.extend_vocab == 0 and not adapts:
+        raise UserError("--unlabeled-path is read only for --extend-vocab and --mlm-adapt-steps: add one of them")
+
+
+def prepare_domain(args, tokenizer, train_texts, clean):
+    """--extend-vocab over the training texts and --unlabeled-path (``clean`` applied, as in training);
+    return the texts --mlm-adapt-steps trains on (none when neither option is on)."""
+    if args.extend_vocab == 0 and args.mlm_adapt_steps == 0:
+        return []
+    texts = [clean(text) for text in train_texts]
+    if args.unlabeled_path:
+        texts += [clean(text) for text in read_unlabeled_texts(args.unlabeled_path, args.text_field or "text")]
+    if args.extend_vocab > 0:
+        from common.vocab import extend_for_training
+        extend_for_training(tokenizer, texts, args.extend_vocab)
+    return texts
+
+
+def read_unlabeled_texts(path, text_field="text"):
+    """The texts of --unlabeled-path: one per line in a .txt file, else the ``text_field`` of every record."""
+    if not Path(path).is_file():
+        raise UserError(f"--unlabeled-path {path}: no such file")
+    if Path(path).suffix.lower() == ".txt":
+        texts = [line.strip() for line in data.read_text_file(path).splitlines() if line.strip()]
+    else:
+        texts = [data.require_text(record, text_field) for record in data.read_records(path)]
+    if not texts:
+        raise UserError(f"--unlabeled-path {path}: no texts found")
+    return texts
+
+
+def adapt_before_training(backbone, tokenizer, texts, args, resume_from, show=True):
+    """--mlm-adapt-steps on a fresh run; a resumed run's checkpoint already holds the adapted weights."""
+    if args.mlm_adapt_steps > 0 and resume_from is None:
+        adapt_with_mlm(backbone, tokenizer, texts, args, show)
+
+
+def adapt_with_mlm(backbone, tokenizer, texts, args, show=True):
+    """Train ``backbone`` in place for ``args.mlm_adapt_steps`` masked-LM steps on ``texts``."""
+    from transformers import DataCollatorForLanguageModeling
+    device, precision, steps = args.device_obj, args.precision_obj, args.mlm_adapt_steps
+    mlm_model = build_mlm_model(backbone).to(device).train()
+    examples = tokenize_for_mlm(tokenizer, texts, args.max_length)
+    if not examples:
+        raise UserError("--mlm-adapt-steps: none of the texts has a token to mask")
+    mask = DataCollatorForLanguageModeling(tokenizer, mlm_probability=MASK_PROBABILITY, seed=args.seed)
+    optimizer = optimization.build_optimizer(mlm_model, args.learning_rate, args.weight_decay, args.adam_epsilon,
+                                             device)
+    optimization.scale_new_token_updates(optimizer, mlm_model, args)
+    warmup_steps = optimization.resolve_warmup_steps(steps, warmup_ratio=0.1)
+    scheduler = optimization.build_scheduler(optimizer, "linear", warmup_steps, steps)
+    scaler = optimization.build_grad_scaler(precision, device)
+    sampler = torch.Generator().manual_seed(args.seed)  # batches drawn with replacement: steps need no epochs
+    losses = []
+    for _ in tqdm(range(steps), desc="mlm adaptation", mininterval=1.0, disable=not show):
+        picked = torch.randint(len(examples), (args.batch_size,), generator=sampler).tolist()
+        batch = {name: tensor.to(device) for name, tensor in mask([examples[i] for i in picked]).items()}
+        with precision.autocast(device):
+            loss = mlm_model(**batch).loss
+        scaler.scale(loss).backward()
+        optimization.optimizer_step(mlm_model, optimizer, scheduler, scaler, args.max_grad_norm)
+        losses.append(loss.item())
+    window = max(1, min(50, steps // 10))  # mean over the first and last tenth: one batch is noisy
+    if show:
+        print(f"MLM adaptation: {steps} steps on {len(texts)} texts, masked-token loss "
+              f"{sum(losses[:window]) / window:.3f} -> {sum(losses[-window:]) / window:.3f}")
+    backbone.zero_grad(set_to_none=True)
+
+
+def build_mlm_model(backbone):
+    """A masked-LM model around ``backbone`` itself (not a copy), its output layer tied to the input embeddings."""
+    from transformers import AutoModelForMaskedLM
+    mlm_model = AutoModelForMaskedLM.from_config(backbone.config)
+    setattr(mlm_model, mlm_model.base_model_prefix, backbone)
+    mlm_model.get_output_embeddings().weight = backbone.get_input_embeddings().weight
+    return mlm_model
+
+
+def tokenize_for_mlm(tokenizer, texts, max_length):
+    """One {input_ids, attention_mask, special_tokens_mask} dict per non-empty text, cut at ``max_length``."""
+    encoded = tokenizer(texts, truncation=True, max_length=max_length, return_special_tokens_mask=True,
+                        return_token_type_ids=False)
+    names = list(encoded.keys())
+    examples = [dict(zip(names, values)) for values in zip(*(encoded[name] for name in names))]
+    return [example for example in examples if len(example["input_ids"]) > 2]
