@@ -713,17 +713,49 @@ class EncodedBatchStats:
     total_tokens: int = 0
 
 
+# Tokenizing shows a bar from this many records on (below it, it takes seconds), advancing by blocks:
+# one encode_batch call per block, so the bar moves and each call still runs in parallel.
+TOKENIZING_PROGRESS_MIN_RECORDS = 10_000
+TOKENIZING_BLOCK_RECORDS = 2_000
+
+
+def tokenizing_progress(record_count, description="tokenizing"):
+    """A tqdm bar over ``record_count`` records on standard error, or a disabled one.
+
+    Shown only for ``TOKENIZING_PROGRESS_MIN_RECORDS`` records or more, on a terminal, and
+    on the main process: under torchrun (RANK set) every rank tokenizes the same data.
+    """
+    from tqdm.auto import tqdm
+    shown = record_count >= TOKENIZING_PROGRESS_MIN_RECORDS and os.environ.get("RANK", "0") == "0"
+    # disable=None is tqdm's "only on a terminal": piped or logged runs get no bar lines
+    return tqdm(total=record_count, desc=description, unit="record", leave=False, file=sys.stderr,
+                disable=None if shown else True)
+
+
 def encode_texts(tokenizer, texts, contexts, max_length, truncation_side="right", stats=None):
     """Encode texts (with optional contexts as the first segment) to id lists.
 
     A context is encoded as a sentence pair (context, text) with token types. When too
     long, the context is cut first, keeping its most recent end; the text itself is cut
     (on ``truncation_side``) only when it alone does not fit. Returns a list of
-    ``{"input_ids", "token_type_ids"}``.
+    ``{"input_ids", "token_type_ids"}``; a large set shows a bar (``tokenizing_progress``).
     """
+    texts = list(texts)
+    contexts = list(contexts) if contexts is not None else [None] * len(texts)
+    encoded = []
+    with tokenizing_progress(len(texts)) as progress:
+        for start in range(0, len(texts), TOKENIZING_BLOCK_RECORDS):
+            block = slice(start, start + TOKENIZING_BLOCK_RECORDS)
+            encoded += _encode_block(tokenizer, texts[block], contexts[block], max_length, truncation_side, stats)
+            progress.update(len(texts[block]))
+    return encoded
+
+
+def _encode_block(tokenizer, texts, contexts, max_length, truncation_side, stats):
+    """``encode_texts`` for one block of texts and their contexts (None where a text has none)."""
     backend = backend_tokenizer(tokenizer)
-    text_encodings = measured_encodings(backend, list(texts), max_length, keep_end=truncation_side == "left")
-    has_context = [bool(context) for context in contexts] if contexts is not None else [False] * len(texts)
+    text_encodings = measured_encodings(backend, texts, max_length, keep_end=truncation_side == "left")
+    has_context = [bool(context) for context in contexts]
     context_encodings = (measured_encodings(backend, [c or "" for c in contexts], max_length, keep_end=True)
                          if any(has_context) else [None] * len(texts))
     unk_id = tokenizer.unk_token_id

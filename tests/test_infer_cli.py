@@ -260,6 +260,31 @@ def test_file_runs_show_a_progress_bar_only_on_a_terminal(classifier_dir, tmp_pa
     assert len(json_rows(capsys.readouterr().out)) == 4
 
 
+def test_tokenizing_a_large_set_shows_a_bar_on_the_main_process_only(tiny_model_dir, monkeypatch):
+    from common import data, modeldir
+    tokenizer = modeldir.load_tokenizer(str(tiny_model_dir))
+    texts = ["good movie", "very sad " * 30, "the team game", "stock price", "good", "sad day", "music"]
+    contexts = [None, "today it rained", None, "", "the music was great", None, "game"]
+
+    def encode():
+        stats = data.EncodedBatchStats()
+        return data.encode_texts(tokenizer, texts, contexts, 16, "left", stats), stats
+    whole = encode()  # 7 records: one block, no bar
+    monkeypatch.setattr(data, "TOKENIZING_BLOCK_RECORDS", 2)
+    monkeypatch.setattr(data, "TOKENIZING_PROGRESS_MIN_RECORDS", 7)
+    for rank, bar_shown in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        terminal = Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert encode() == whole  # blocks change nothing: same features, same summary counts
+        assert ("tokenizing" in terminal.getvalue() and "/7 " in terminal.getvalue()) == bar_shown
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(data, "TOKENIZING_PROGRESS_MIN_RECORDS", 8)  # a smaller set gets no bar
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    encode()
+    assert sys.stderr.getvalue() == ""
+
+
 def test_export_parity_checks_show_progress_bars_on_a_terminal(monkeypatch):
     batch = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 1],
                                                                                              [1, 1, 0, 0]]),
