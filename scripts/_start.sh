@@ -4,16 +4,39 @@
 #   start_in_background WHAT LOG_FILE CMD...  nohup CMD > LOG_FILE; says "WHAT started" only when the job
 #                                             survives its first START_WAIT seconds, else prints the log's
 #                                             error line and exits with the job's status
+#   start_training SCRIPT FLAGS...            start_in_background SCRIPT.py with configs/<task>.yaml, the data,
+#                                             label and device flags of the variables below, then FLAGS
 #   python_command SCRIPT                     python SCRIPT, or torchrun with NPROC processes when NPROC > 1
 # Settings every wrapper shares (environment variables):
 #   PYTHON      interpreter (default: python)
 #   NPROC       processes for a training run, one per GPU (default 1; > 1 starts torchrun)
 #   START_WAIT  seconds to watch a background job for a failed start (default 20; 0: do not wait)
 #   DRY_RUN=1   print the command instead of running it
+# Settings of the classification trainers (train_classifier.sh, train_longdoc.sh), read by start_training:
+#   MODEL_NAME, DATA_PATH, OUTPUT_DIR, LABELS   each wrapper sets its own defaults
+#   VAL_PATH    validation file (default: none, --val-ratio of the training data)
+#   TEST_PATH   test file (default: none)
+#   TEXT_FIELD  column holding the text when it is not "text"
+#   LABEL_FIELD column holding the label when it is not "label"
+#   DEVICE      auto (default: CUDA when torch sees a GPU, else CPU), cpu, cuda, cuda:1, ...
+#   LOG_FILE    where the run's output goes (default: SCRIPT.log)
 
 PYTHON=${PYTHON:-python}
 NPROC=${NPROC:-1}
 START_WAIT=${START_WAIT:-20}
+
+# A mistyped count is one line naming it, not a bash arithmetic error later or (NPROC=two)
+# silently one process.
+require_count() {  # NAME VALUE SMALLEST
+  case $2 in
+    '' | *[!0-9]*) ;;
+    *) [ "$2" -ge "$3" ] && return 0 ;;
+  esac
+  echo "error: $1 must be a whole number, at least $3 (got '$2')" >&2
+  exit 2
+}
+require_count NPROC "$NPROC" 1
+require_count START_WAIT "$START_WAIT" 0
 
 python_command() {
   if [ "$NPROC" -gt 1 ]; then
@@ -36,13 +59,17 @@ run_command() {
 # The first "error:" line of a log (this toolkit's one-line errors), else its last non-empty line
 # (the exception line that ends a traceback).
 log_error_line() {
-  grep -m 1 '^error:' "$1" || grep -v '^[[:space:]]*$' "$1" | tail -n 1
+  grep -m 1 '^error:' "$1" || grep -v '^[[:space:]]*$' "$1" | tail -n 1 | grep . || echo "(the log is empty)"
 }
 
 start_in_background() {
   local what=$1 log_file=$2
   shift 2
   if [ -n "${DRY_RUN:-}" ]; then print_command "$@"; return 0; fi
+  if ! { : > "$log_file"; } 2> /dev/null; then
+    echo "$what failed to start: cannot write the log file $log_file" >&2
+    exit 1
+  fi
   nohup "$@" > "$log_file" 2>&1 &
   local pid=$! checks=0 status=0
   # a mistyped flag, a missing file or a model that cannot load fail within seconds: watch for that
@@ -62,4 +89,23 @@ start_in_background() {
     exit "$status"
   fi
   echo "$what finished (exit 0), log: $log_file"
+}
+
+start_training() {
+  local script=$1
+  shift
+  python_command "$script.py"
+  # the flags before "$@" are defaults: a flag given after the wrapper's name comes later and wins
+  start_in_background training "${LOG_FILE:-$script.log}" "${COMMAND[@]}" \
+    --config "configs/${script#train_}.yaml" \
+    --model-name "$MODEL_NAME" \
+    --data-path "$DATA_PATH" \
+    ${VAL_PATH:+--val-path "$VAL_PATH"} \
+    ${TEST_PATH:+--test-path "$TEST_PATH"} \
+    --output-dir "$OUTPUT_DIR" \
+    ${LABELS:+--labels "$LABELS"} \
+    ${TEXT_FIELD:+--text-field "$TEXT_FIELD"} \
+    ${LABEL_FIELD:+--label-field "$LABEL_FIELD"} \
+    --device "${DEVICE:-auto}" \
+    "$@"
 }

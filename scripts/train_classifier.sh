@@ -2,35 +2,20 @@
 # Fine-tune a classifier in the background. Set the variables (or edit their defaults), add any other
 # train_classifier.py flag after the script's name; flags given there override the defaults below:
 #   MODEL_NAME=./models/bert DATA_PATH=data/train.jsonl bash scripts/train_classifier.sh --epochs 5 --fp16
-# The device is picked by what exists (DEVICE=auto: CUDA when torch sees a GPU, else CPU); NPROC=4 trains
-# on 4 GPUs with torchrun. A run that fails in its first seconds prints its error and exits non-zero.
+# Also read: VAL_PATH, TEST_PATH, TEXT_FIELD, LABEL_FIELD, DEVICE (auto: CUDA when torch sees a GPU, else
+# CPU), LOG_FILE, NPROC (4: train on 4 GPUs with torchrun); see scripts/_start.sh. A run that fails in its
+# first seconds prints its error and exits non-zero.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_start.sh
 
 MODEL_NAME=${MODEL_NAME:-hfl/chinese-bert-wwm-ext}   # hub name or local directory
 DATA_PATH=${DATA_PATH:-examples/messages.json}       # JSON, JSONL, CSV/TSV or a save_to_disk directory
-VAL_PATH=${VAL_PATH:-}                               # empty: --val-ratio of the training data
-TEST_PATH=${TEST_PATH:-}
 OUTPUT_DIR=${OUTPUT_DIR:-./output/classifier}
 LABELS=${LABELS-low_value,normal,interrupt}          # label order and ids; LABELS= takes them from the data
-TEXT_FIELD=${TEXT_FIELD:-}                           # column holding the text when it is not "text"
-LABEL_FIELD=${LABEL_FIELD:-}                         # column holding the label when it is not "label"
-DEVICE=${DEVICE:-auto}
-LOG_FILE=${LOG_FILE:-train_classifier.log}
 
-python_command train_classifier.py
-start_in_background training "$LOG_FILE" "${COMMAND[@]}" \
-  --config configs/classifier.yaml \
-  --model-name "$MODEL_NAME" \
-  --data-path "$DATA_PATH" \
-  ${VAL_PATH:+--val-path "$VAL_PATH"} \
-  ${TEST_PATH:+--test-path "$TEST_PATH"} \
-  --output-dir "$OUTPUT_DIR" \
-  ${LABELS:+--labels "$LABELS"} \
-  ${TEXT_FIELD:+--text-field "$TEXT_FIELD"} \
-  ${LABEL_FIELD:+--label-field "$LABEL_FIELD"} \
-  --device "$DEVICE" \
+# --batch-size is per process: with NPROC=4 each step sees 4 x 32 examples.
+start_training train_classifier \
   --epochs 10 \
   --batch-size 32 \
   --gradient-accumulation-steps 1 \
@@ -46,4 +31,3 @@ start_in_background training "$LOG_FILE" "${COMMAND[@]}" \
   --metric-for-best-model macro_f1 \
   --seed 42 \
   "$@"
-# --batch-size is per process: with NPROC=4 each step sees 4 x 32 examples.

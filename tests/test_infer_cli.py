@@ -335,25 +335,49 @@ def test_wrapper_flags_are_the_scripts_flags_and_extra_ones_pass_through(name):
     assert args.device in ("auto", "cpu")  # never a GPU the machine may lack
 
 
+TRAINING_WRAPPERS = ("train_classifier.sh", "train_longdoc.sh")
+
+
 @needs_bash
-def test_training_wrappers_take_labels_and_start_torchrun_for_several_gpus():
-    result = run_wrapper("train_classifier.sh", DRY_RUN="1", LABELS="spam,ham", NPROC="4", TEXT_FIELD="body",
-                         VAL_PATH="val data.jsonl")
+@pytest.mark.parametrize("name", TRAINING_WRAPPERS)
+def test_training_wrappers_take_labels_and_start_torchrun_for_several_gpus(name):
+    result = run_wrapper(name, DRY_RUN="1", LABELS="spam,ham", NPROC="4", TEXT_FIELD="body", LABEL_FIELD="y",
+                         VAL_PATH="val data.jsonl", TEST_PATH="test.jsonl", DEVICE="cpu")
     command = shlex.split(result.stdout)
-    assert command[:6] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
-    assert ["--labels", "spam,ham"] == command[command.index("--labels"):command.index("--labels") + 2]
-    assert "body" in command and "val data.jsonl" in command
-    assert "--labels" not in shlex.split(run_wrapper("train_classifier.sh", DRY_RUN="1", LABELS="").stdout)
+    assert command[:7] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+                           name.replace(".sh", ".py")]
+    pairs = dict(zip(command[7::2], command[8::2]))  # every flag before the wrapper's defaults takes a value
+    assert {flag: pairs[flag] for flag in ("--config", "--labels", "--text-field", "--label-field", "--val-path",
+                                           "--test-path", "--device")} == {
+        "--config": f"configs/{name[len('train_'):-len('.sh')]}.yaml", "--labels": "spam,ham", "--text-field": "body",
+        "--label-field": "y", "--val-path": "val data.jsonl", "--test-path": "test.jsonl", "--device": "cpu"}
+    assert "--labels" not in shlex.split(run_wrapper(name, DRY_RUN="1", LABELS="").stdout)
 
 
 @needs_bash
-def test_a_wrapper_reports_a_failed_start_instead_of_training_started(tmp_path):
+@pytest.mark.parametrize("name", TRAINING_WRAPPERS)
+def test_a_wrapper_reports_a_failed_start_instead_of_training_started(name, tmp_path):
     log = tmp_path / "train.log"
-    result = run_wrapper("train_classifier.sh", "--bogus-flag", LOG_FILE=str(log))
+    result = run_wrapper(name, "--bogus-flag", LOG_FILE=str(log))
     assert result.returncode == 2
     assert "training started" not in result.stdout
     assert "training failed to start (exit 2): error: unrecognized arguments: --bogus-flag" in result.stderr
     assert f"full log: {log}" in result.stderr and "--bogus-flag" in log.read_text(encoding="utf-8")
+
+
+@needs_bash
+def test_a_wrapper_that_cannot_start_says_why_in_one_line(tmp_path):
+    for environment, status, message in (
+            ({"NPROC": "two"}, 2, "error: NPROC must be a whole number, at least 1 (got 'two')"),
+            ({"START_WAIT": "-1"}, 2, "error: START_WAIT must be a whole number, at least 0 (got '-1')"),
+            ({"LOG_FILE": str(tmp_path / "missing" / "train.log")}, 1,
+             f"training failed to start: cannot write the log file {tmp_path / 'missing' / 'train.log'}"),
+            ({"LOG_FILE": str(tmp_path / "train.log"), "PYTHON": str(tmp_path / "no-python")}, 127,
+             "training failed to start (exit 127): nohup: failed to run command")):
+        result = subprocess.run(["bash", str(REPO / "scripts" / "train_longdoc.sh")], capture_output=True, text=True,
+                                env=dict(os.environ, **environment), timeout=60)
+        assert result.returncode == status and result.stdout == "", environment
+        assert result.stderr.splitlines()[0].startswith(message), result.stderr
 
 
 @needs_bash
@@ -364,6 +388,8 @@ def test_the_start_check_says_started_failed_or_finished(tmp_path):
                               env=dict(os.environ, START_WAIT=wait, LOG=str(tmp_path / "job.log")))
     failed = start("""python3 -c 'import sys; print("loading"); sys.exit("Traceback...\\nValueError: boom")'""")
     assert failed.returncode == 1 and "job failed to start (exit 1): ValueError: boom" in failed.stderr
+    silent = start("bash -c 'exit 3'")
+    assert silent.returncode == 3 and "job failed to start (exit 3): (the log is empty)" in silent.stderr
     finished = start("true")
     assert finished.returncode == 0 and "job finished (exit 0)" in finished.stdout
     running = start("sleep 30", wait="1")
