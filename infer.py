@@ -25,6 +25,7 @@ it is a regular file or a new path; a symlink is followed; /dev/null, a FIFO or
 (--file, the model's files) is refused.
 """
 import argparse
+import importlib
 import json
 import os
 import re
@@ -349,7 +350,7 @@ def prompt_lines(prompt=PROMPT):
     """Lines typed at the terminal, until Ctrl-D."""
     if sys.stdin is sys.__stdin__:
         try:
-            import readline  # noqa: F401  (line editing and history for input())
+            importlib.import_module("readline")  # imported for its effect: line editing and history in input()
         except ImportError:
             pass
     while True:
