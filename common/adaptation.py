@@ -68,7 +68,8 @@ def adapt_with_mlm(backbone, tokenizer, texts, args, show=True):
     """Train ``backbone`` in place for ``args.mlm_adapt_steps`` masked-LM steps on ``texts``."""
     from transformers import DataCollatorForLanguageModeling
     device, precision, steps = args.device_obj, args.precision_obj, args.mlm_adapt_steps
-    mlm_model = build_mlm_model(backbone).to(device).train()
+    head = build_mlm_head(backbone).to(device)
+    mlm_model = torch.nn.ModuleDict({"backbone": backbone, "head": head}).train()  # one module to optimize
     examples = tokenize_for_mlm(tokenizer, texts, args.max_length)
     if not examples:
         raise UserError("--mlm-adapt-steps: none of the texts has a token to mask")
@@ -85,7 +86,7 @@ def adapt_with_mlm(backbone, tokenizer, texts, args, show=True):
         picked = torch.randint(len(examples), (args.batch_size,), generator=sampler).tolist()
         batch = {name: tensor.to(device) for name, tensor in mask([examples[i] for i in picked]).items()}
         with precision.autocast(device):
-            loss = mlm_model(**batch).loss
+            loss = masked_token_loss(backbone, head, batch)
         scaler.scale(loss).backward()
         optimization.optimizer_step(mlm_model, optimizer, scheduler, scaler, args.max_grad_norm)
         losses.append(loss.item())
@@ -96,13 +97,26 @@ def adapt_with_mlm(backbone, tokenizer, texts, args, show=True):
     backbone.zero_grad(set_to_none=True)
 
 
-def build_mlm_model(backbone):
-    """A masked-LM model around ``backbone`` itself (not a copy), its output layer tied to the input embeddings."""
+def build_mlm_head(backbone):
+    """A new masked-LM head for ``backbone``'s architecture, its output layer tied to the input embeddings."""
     from transformers import AutoModelForMaskedLM
     mlm_model = AutoModelForMaskedLM.from_config(backbone.config)
-    setattr(mlm_model, mlm_model.base_model_prefix, backbone)
+    head = next((getattr(mlm_model, name) for name in ("cls", "lm_head") if hasattr(mlm_model, name)), None)
+    if head is None:
+        raise UserError(f"--mlm-adapt-steps: no masked-LM head known for {type(mlm_model).__name__}")
     mlm_model.get_output_embeddings().weight = backbone.get_input_embeddings().weight
-    return mlm_model
+    return head
+
+
+def masked_token_loss(backbone, head, batch):
+    """Cross-entropy of the masked positions only: scoring every position against a 30k-row vocabulary
+    made a step ~6x slower (batch 32 x 128 tokens on a CPU) for the same loss."""
+    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    masked = batch["labels"] != -100  # (batch, length)
+    if not masked.any():  # short texts can draw no mask at all: nothing to learn from this batch
+        return hidden.sum() * 0.0
+    logits = head(hidden[masked])  # (masked tokens, vocabulary)
+    return torch.nn.functional.cross_entropy(logits.float(), batch["labels"][masked])
 
 
 def tokenize_for_mlm(tokenizer, texts, max_length):
