@@ -24,6 +24,11 @@ Configurations (--configs, comma-separated):
   toolkit-pooler-random-rows       both of the above
   toolkit-matched-rows             added rows drawn from the old rows' per-dimension mean and std
   toolkit-pooler-matched-rows      --pooling pooler and matched rows
+  toolkit-unk-rows, toolkit-mean-rows   --new-token-init unk / mean (the default is random rows)
+  toolkit-new-token-lr             --new-token-lr 5e-4 (10x the learning rate for the added rows)
+  toolkit-mlm                      --mlm-adapt-steps 250 (two passes of masked-LM over the training texts)
+  toolkit-mlm-new-token-lr         both of the above
+  (the *-random-rows and *-matched-rows patches measured snapshots from before --new-token-init existed)
   trainer-cls                      the Trainer's model with its pooler bypassed (CLS state -> dropout -> linear)
   trainer-group-by-length          train_sampling_strategy="group_by_length"
   untuned                          the toolkit's starting model (pretrained encoder, new head), no training
@@ -60,6 +65,11 @@ CONFIGS = {
     "trainer-random-rows": {"system": TRAINER, "patches": ["random_rows"]},
     "toolkit-matched-rows": {"system": TOOLKIT, "patches": ["matched_rows"]},
     "toolkit-pooler-matched-rows": {"system": TOOLKIT, "flags": ["--pooling", "pooler"], "patches": ["matched_rows"]},
+    "toolkit-unk-rows": {"system": TOOLKIT, "flags": ["--new-token-init", "unk"]},
+    "toolkit-mean-rows": {"system": TOOLKIT, "flags": ["--new-token-init", "mean"]},
+    "toolkit-new-token-lr": {"system": TOOLKIT, "flags": ["--new-token-lr", "5e-4"]},
+    "toolkit-mlm": {"system": TOOLKIT, "flags": ["--mlm-adapt-steps", "250"]},
+    "toolkit-mlm-new-token-lr": {"system": TOOLKIT, "flags": ["--mlm-adapt-steps", "250", "--new-token-lr", "5e-4"]},
     "trainer-cls": {"system": TRAINER, "patches": ["cls_head"]},
     "trainer-group-by-length": {"system": TRAINER, "trainer_args": {"train_sampling_strategy": "group_by_length"}},
     "untuned": {"system": "untuned"},
