@@ -188,17 +188,25 @@ def chunk_documents(tokenizer, texts, labels, max_length, settings, stats=None):
     """Chunk every document; returns a list (one entry per document) of chunk-feature lists."""
     unk_id = tokenizer.unk_token_id
     documents = []
-    for doc_id, (text, label) in enumerate(zip(texts, labels)):
-        features, num_windows = chunk_document(tokenizer, text, max_length, settings, doc_id,
-                                               -100 if label is None else label)
-        documents.append(features)
-        if stats is not None:
-            stats.chunks_per_document.append(len(features))
-            stats.capped += num_windows > len(features)
-            content = [token for feature in features for token in feature["input_ids"][1:-1]]
-            stats.content_tokens.append(len(content))
-            stats.unknown_tokens += content.count(unk_id)
+    texts, labels = list(texts), list(labels)
+    with data.tokenizing_progress(len(texts), "chunking") as progress:
+        for doc_id, (text, label) in enumerate(zip(texts, labels)):
+            documents.append(chunk_one(tokenizer, text, label, max_length, settings, doc_id, unk_id, stats))
+            progress.update(1)
     return documents
+
+
+def chunk_one(tokenizer, text, label, max_length, settings, doc_id, unk_id, stats):
+    """One document's chunk features, its counts added to ``stats``."""
+    features, num_windows = chunk_document(tokenizer, text, max_length, settings, doc_id,
+                                           -100 if label is None else label)
+    if stats is not None:
+        stats.chunks_per_document.append(len(features))
+        stats.capped += num_windows > len(features)
+        content = [token for feature in features for token in feature["input_ids"][1:-1]]
+        stats.content_tokens.append(len(content))
+        stats.unknown_tokens += content.count(unk_id)
+    return features
 
 
 class DocumentDataset(torch.utils.data.Dataset):
