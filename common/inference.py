@@ -441,6 +441,13 @@ class ClassificationService:
         return classify(self.loaded, list(texts), list(contexts) if contexts else None, self.temperature,
                         self.batch_size)
 
+    def count_tokens(self, texts, contexts=None):
+        """Tokens per input as the model sees them (context pair, special tokens, truncation)."""
+        check_texts(texts)
+        check_contexts(contexts)
+        features = encode_inputs(self.loaded, list(texts), list(contexts) if contexts else None)
+        return [len(feature["input_ids"]) for feature in features]
+
 
 class LongDocumentService(ClassificationService):
     """The server's view of a long-document classifier (chunked and aggregated)."""
@@ -453,6 +460,14 @@ class LongDocumentService(ClassificationService):
             if context is not None:
                 raise UserError(f"contexts[{index}]: a long-document model takes no context; send only texts")
         return predict_long_documents(self.loaded, list(texts), self.temperature, self.batch_size)
+
+    def count_tokens(self, texts, contexts=None):
+        """Tokens per whole document (no truncation: every chunk is run), without special tokens."""
+        check_texts(texts)
+        normalize = build_normalizer(self.loaded.preprocessing.get("normalize"))
+        encodings = data.backend_tokenizer(self.loaded.tokenizer).encode_batch(
+            [normalize(text) for text in texts], add_special_tokens=False)
+        return [len(encoding.ids) for encoding in encodings]
 
 
 class VectorService:
@@ -482,6 +497,12 @@ class VectorService:
         """Document-side embeddings (doc_max_length) as lists of floats."""
         check_texts(texts)
         return embed(self.loaded, list(texts), self.batch_size, side="doc").tolist()
+
+    def count_tokens(self, texts, side="query"):
+        """Tokens per text as the model sees them on ``side`` ("query" or "doc"): special tokens, truncation."""
+        check_texts(texts)
+        features = encode_inputs(self.loaded, list(texts), None, vector_max_length(self.loaded, side))
+        return [len(feature["input_ids"]) for feature in features]
 
 
 def build_service(loaded, temperature=None, batch_size=32):

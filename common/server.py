@@ -6,8 +6,10 @@
   service.encode(texts) -> list of embeddings                       (vector)
   service.encode_documents(texts) -> embeddings, optional            (vector; else encode)
   service.predict(texts, contexts) -> list of result dicts          (classification, longdoc)
-Routes: GET /health (never needs a key), GET /info; vector: POST /encode, /similarity,
-/search (with a corpus); classification/longdoc: POST /predict. OpenAPI docs at /docs.
+  service.count_tokens(texts, side) / (texts, contexts) -> tokens per text, optional (usage, metrics, budget)
+Routes: GET /health (never needs a key), GET /info, GET /metrics (Prometheus); vector: POST /encode,
+/similarity, /search (with a corpus), /v1/embeddings (OpenAI's shape); classification/longdoc:
+POST /predict. OpenAPI docs at /docs.
 
 Bad input never gets a 5xx: malformed JSON, wrong types and text that is not valid Unicode (a
 lone surrogate such as JSON's "\\ud800") answer 422, too many texts, too-long texts or an oversize
@@ -15,16 +17,20 @@ body 413, a missing or wrong key 401, always as a JSON body. ``serve()`` bounds 
 may take to send a request (408 after HEADER_TIMEOUT_SECONDS / BODY_TIMEOUT_SECONDS) and how many
 connections may be open (503 past MAX_CONNECTIONS); an unparseable request gets a JSON 400.
 Concurrent requests are micro-batched: their texts are queued and run as one service call
-in a worker thread, so the event loop keeps answering while the model runs.
+in a worker thread, so the event loop keeps answering while the model runs. A batch holds at most
+``max_batch_size`` texts and ``max_batch_tokens`` tokens; past ``max_queue`` waiting requests a new
+one gets 429 at once instead of holding memory until the model gets to it.
 """
 import asyncio
+import base64
 import http
 import json
 import os
 import secrets
 import sys
+import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import h11
@@ -32,8 +38,10 @@ import numpy as np
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
+                               generate_latest)
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -45,6 +53,12 @@ DEFAULT_HOST = "127.0.0.1"
 GRACEFUL_SHUTDOWN_SECONDS = 30
 BYTES_PER_CHAR = 6  # worst case of a JSON-escaped character (\uXXXX)
 MAX_TOP_K = 1000
+# Bounded work. A request waits in the queue until the model takes it; past MAX_QUEUE waiting requests
+# a new one is answered 429 at once (below MAX_CONNECTIONS, so the queue limit is what clients meet).
+# A batch holds at most MAX_BATCH_TOKENS tokens (TEI's default), so a burst of long texts runs as
+# several bounded forward passes instead of one of max_batch_size x max_length.
+MAX_QUEUE = 256
+MAX_BATCH_TOKENS = 16384
 
 # Slow clients. uvicorn only times out a connection that sits idle after a response, so a client that
 # opens a socket and sends half its headers (slowloris) or trickles a body would hold it forever.
@@ -103,6 +117,26 @@ class PredictRequest(StrictRequest):
     contexts: list[Text | None] | None = Field(default=None, description="optional context per text")
 
 
+def refuse_token_ids(value):
+    """OpenAI also takes token ids (a list of ints, or of lists): our tokenizer is not theirs, so refuse them."""
+    if isinstance(value, list) and any(isinstance(item, (int, list)) and not isinstance(item, bool) for item in value):
+        raise ValueError("token-id arrays are not supported: send text (a string or a list of strings)")
+    return value
+
+
+class EmbeddingsRequest(StrictRequest):
+    """OpenAI's embeddings request (https://platform.openai.com/docs/api-reference/embeddings/create)."""
+    input: Annotated[Text | Annotated[list[Text], Field(min_length=1)], BeforeValidator(refuse_token_ids)] = Field(
+        description="a text or a list of texts")
+    model: StrictStr | None = Field(default=None, description="accepted and not checked: the server has one model")
+    encoding_format: Literal["float", "base64"] = Field(
+        default="float", description="'base64': each embedding as its little-endian float32 bytes")
+    dimensions: StrictInt | None = Field(default=None, description="must equal the model's embedding size")
+    user: StrictStr | None = Field(default=None, description="accepted and ignored")
+    side: Literal["query", "document"] = Field(
+        default="document", description="not OpenAI's: 'query' cuts texts at the query max length as /encode does")
+
+
 # ---------------------------------------------------------------- corpus for /search
 
 @dataclass
@@ -150,22 +184,41 @@ def build_corpus(service, ids, texts, batch_size=256, show_progress=True):
 
 # ---------------------------------------------------------------- micro-batching
 
+class ServerBusy(Exception):
+    """The queue is full: the request is answered 429 without being queued."""
+
+
+@dataclass
+class Job:
+    """One request's items for one service method, their token count, and the future its answer goes to."""
+    method: str
+    items: list
+    tokens: int
+    future: asyncio.Future
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
 class MicroBatcher:
     """Queue requests' texts and run them as few service calls as possible.
 
-    A request is a job (method name, items). The worker takes the oldest job and every
-    queued job of the same method that fits in ``max_batch_size`` items, runs them as one
-    call in a thread, and hands each job its slice. Requests arriving while the model runs
-    wait in the queue and form the next batch, so a lone request is never delayed; when
-    others are already waiting, the worker lingers ``wait_seconds`` for the batch to fill.
-    If a merged call fails, each job is retried alone so one bad request cannot fail the
-    others. ``max_batch_size=1`` gives one service call per request.
+    A request is a job (method name, items, tokens). The worker takes the oldest job and every
+    queued job of the same method that fits in ``max_batch_size`` items and ``max_batch_tokens``
+    tokens, runs them as one call in a thread, and hands each job its slice. A job over either
+    limit on its own runs alone. Requests arriving while the model runs wait in the queue and
+    form the next batch, so a lone request is never delayed; when others are already waiting,
+    the worker lingers ``wait_seconds`` for the batch to fill. If a merged call fails, each job
+    is retried alone so one bad request cannot fail the others. ``max_batch_size=1`` gives one
+    service call per request. With ``max_queue`` requests waiting, ``submit`` raises ServerBusy.
     """
 
-    def __init__(self, functions, max_batch_size=64, wait_seconds=0.005):
+    def __init__(self, functions, max_batch_size=64, wait_seconds=0.005, max_batch_tokens=None, max_queue=None,
+                 metrics=None):
         self.functions = functions  # {method: callable(list of items) -> list of results}
         self.max_batch_size = max(1, max_batch_size)
+        self.max_batch_tokens = max_batch_tokens
+        self.max_queue = max_queue
         self.wait_seconds = wait_seconds
+        self.metrics = metrics  # ServerMetrics, or None
         self.loop = None
         self.queue = None
         self.worker = None
@@ -180,11 +233,25 @@ class MicroBatcher:
             self.backlog = deque()
             self.worker = loop.create_task(self._run())
 
-    async def submit(self, method, items):
-        """Queue ``items`` for ``method`` and wait for their results (or the service's exception)."""
+    def pending(self):
+        """Requests waiting for the model (not counting the batch it is running)."""
+        return (self.queue.qsize() if self.queue is not None else 0) + len(self.backlog)
+
+    def check_room(self):
+        """Raise ServerBusy when ``max_queue`` requests are already waiting."""
+        if self.max_queue is not None and self.pending() >= self.max_queue:
+            raise ServerBusy(f"server busy: {self.pending()} requests waiting (limit {self.max_queue}); "
+                             "retry later")
+
+    async def submit(self, method, items, tokens=None):
+        """Queue ``items`` for ``method`` and wait for their results (or the service's exception).
+
+        ``tokens``: the items' token counts (for the batch budget and metrics), or None if unknown.
+        """
         self._ensure_worker()
+        self.check_room()
         future = self.loop.create_future()
-        await self.queue.put((method, list(items), future))
+        self.queue.put_nowait(Job(method, list(items), sum(tokens or ()), future))
         return await future
 
     async def stop(self):
@@ -203,47 +270,58 @@ class MicroBatcher:
             self._drain_queue()
             first = self.backlog.popleft()
             jobs = [first]
-            size = self._take_compatible(jobs, len(first[1]))
-            if self.wait_seconds > 0 and len(jobs) > 1 and size < self.max_batch_size:
+            size, tokens = self._take_compatible(jobs, len(first.items), first.tokens)
+            if self.wait_seconds > 0 and len(jobs) > 1 and not self._full(size, tokens):
                 await asyncio.sleep(self.wait_seconds)  # under concurrent load: let the batch fill
                 self._drain_queue()
-                size = self._take_compatible(jobs, size)
+                size, tokens = self._take_compatible(jobs, size, tokens)
             await self._execute(jobs)
 
     def _drain_queue(self):
         while not self.queue.empty():
             self.backlog.append(self.queue.get_nowait())
 
-    def _take_compatible(self, jobs, size):
-        """Move backlog jobs of the batch's method into ``jobs`` while they fit; return the item count."""
-        method, kept = jobs[0][0], deque()
+    def _full(self, size, tokens):
+        return size >= self.max_batch_size or (self.max_batch_tokens is not None and tokens >= self.max_batch_tokens)
+
+    def _take_compatible(self, jobs, size, tokens):
+        """Move backlog jobs of the batch's method into ``jobs`` while they fit; return (items, tokens)."""
+        method, kept = jobs[0].method, deque()
         while self.backlog:
             candidate = self.backlog.popleft()
-            if candidate[0] == method and size + len(candidate[1]) <= self.max_batch_size:
+            fits = (size + len(candidate.items) <= self.max_batch_size
+                    and (self.max_batch_tokens is None or tokens + candidate.tokens <= self.max_batch_tokens))
+            if candidate.method == method and fits:
                 jobs.append(candidate)
-                size += len(candidate[1])
+                size += len(candidate.items)
+                tokens += candidate.tokens
             else:
                 kept.append(candidate)
         self.backlog = kept
-        return size
+        return size, tokens
 
     async def _execute(self, jobs):
         """One service call for all jobs' items in a worker thread; each future gets its slice."""
-        function = self.functions[jobs[0][0]]
-        items = [item for _, job_items, _ in jobs for item in job_items]
+        function = self.functions[jobs[0].method]
+        items = [item for job in jobs for item in job.items]
+        started = time.perf_counter()
         try:
-            results = await asyncio.to_thread(function, items)
-        except Exception as error:  # noqa: BLE001 - handed to the request that caused it
+            results, error = await asyncio.to_thread(function, items), None
+        except Exception as caught:  # noqa: BLE001 - handed to the request that caused it
+            results, error = None, caught
+        if self.metrics is not None:
+            self.metrics.observe_batch(jobs, started, time.perf_counter() - started)
+        if error is not None:
             if len(jobs) > 1:
                 for job in jobs:
                     await self._execute([job])
                 return
-            self._settle(jobs[0][2], exception=error)
+            self._settle(jobs[0].future, exception=error)
             return
         start = 0
-        for _, job_items, future in jobs:
-            self._settle(future, result=results[start:start + len(job_items)])
-            start += len(job_items)
+        for job in jobs:
+            self._settle(job.future, result=results[start:start + len(job.items)])
+            start += len(job.items)
 
     @staticmethod
     def _settle(future, result=None, exception=None):
@@ -253,6 +331,84 @@ class MicroBatcher:
             future.set_exception(exception)
         else:
             future.set_result(result)
+
+
+# ---------------------------------------------------------------- metrics
+
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ServerMetrics:
+    """One app's Prometheus metrics, in a registry of its own (two apps in one process do not collide).
+
+    Request counts and latencies come from ``RequestMetrics`` (every route, every status, 401 and
+    413 included); queue, batch and token figures from the MicroBatcher.
+    """
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.routes = set()  # the app's paths; any other path is counted as "other" (bounded label values)
+        registry = self.registry
+        self.requests = Counter("toolkit_requests", "HTTP requests answered, by route and status",
+                                ["route", "status"], registry=registry)
+        self.errors = Counter("toolkit_request_errors", "HTTP requests answered with a 4xx or 5xx, by route and status",
+                              ["route", "status"], registry=registry)
+        self.request_seconds = Histogram("toolkit_request_duration_seconds", "time from request to response, by route",
+                                         ["route"], buckets=SECONDS_BUCKETS, registry=registry)
+        self.queue_seconds = Histogram("toolkit_queue_duration_seconds", "time a request waited for its batch",
+                                       buckets=SECONDS_BUCKETS, registry=registry)
+        self.inference_seconds = Histogram("toolkit_inference_duration_seconds", "time of one batch's service call",
+                                           buckets=SECONDS_BUCKETS, registry=registry)
+        self.batch_size = Histogram("toolkit_batch_size", "texts per batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=registry)
+        self.batch_tokens = Histogram("toolkit_batch_tokens", "tokens per batch (0 when the service cannot count them)",
+                                      buckets=(16, 64, 256, 1024, 4096, 16384, 65536), registry=registry)
+        self.tokens = Counter("toolkit_tokens", "tokens run through the model", registry=registry)
+        self.texts = Counter("toolkit_texts", "texts run through the model", registry=registry)
+        self.queue_size = Gauge("toolkit_queue_size", "requests waiting for the model", registry=registry)
+        self.queue_limit = Gauge("toolkit_queue_limit", "requests that may wait before new ones get 429",
+                                 registry=registry)
+        ProcessCollector(registry=registry)  # memory, CPU and open files of this process
+
+    def observe_batch(self, jobs, started, seconds):
+        """One service call: its size, tokens, each request's wait and the call's duration."""
+        self.batch_size.observe(sum(len(job.items) for job in jobs))
+        self.batch_tokens.observe(sum(job.tokens for job in jobs))
+        self.texts.inc(sum(len(job.items) for job in jobs))
+        self.tokens.inc(sum(job.tokens for job in jobs))
+        self.inference_seconds.observe(seconds)
+        for job in jobs:
+            self.queue_seconds.observe(max(0.0, started - job.queued_at))
+
+    def observe_request(self, path, status, seconds):
+        route = path if path in self.routes else "other"
+        self.requests.labels(route, str(status)).inc()
+        if status >= 400:
+            self.errors.labels(route, str(status)).inc()
+        self.request_seconds.labels(route).observe(seconds)
+
+
+class RequestMetrics:
+    """ASGI middleware, outermost: counts every response by route and status, and times it."""
+
+    def __init__(self, app, metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500  # an exception with no response is answered 500 outside
+
+        async def send_and_record(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            self.metrics.observe_request(scope["path"], status, time.perf_counter() - started)
 
 
 # ---------------------------------------------------------------- middleware: body size and auth
@@ -299,6 +455,54 @@ class BodySizeLimit:
         return await self.app(scope, limited_receive, send)
 
 
+class OpenAIErrorBodies:
+    """ASGI middleware: an error answered on a /v1/ route also carries OpenAI's ``{"error": {"message", ...}}``.
+
+    The openai client shows only that message in its exception; ``detail`` stays for everyone else.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        start, chunks = None, []
+
+        async def send_rewritten(message):
+            nonlocal start
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                start = message  # held back until the whole (small) error body is here
+                return
+            if start is None:
+                return await send(message)
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = with_openai_error(b"".join(chunks), start["status"])
+            headers = [(name, value) for name, value in start.get("headers", ()) if name.lower() != b"content-length"]
+            await send(dict(start, headers=headers + [(b"content-length", str(len(body)).encode())]))
+            await send({"type": "http.response.body", "body": body})
+        await self.app(scope, receive, send_rewritten)
+
+
+def with_openai_error(body, status):
+    """An error body ``{"detail": ...}`` with OpenAI's error object added (a body that is not ours is kept)."""
+    try:
+        content = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(content, dict) or "detail" not in content:
+        return body
+    detail = content["detail"]
+    if isinstance(detail, list):  # validation errors: "body.input: message; ..."
+        detail = "; ".join(f"{'.'.join(map(str, item.get('loc', ())))}: {item.get('msg')}" for item in detail
+                           if isinstance(item, dict))
+    content["error"] = {"message": str(detail), "type": "invalid_request_error" if status < 500 else "server_error",
+                        "param": None, "code": status}
+    return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def resolve_api_key(api_key):
     """The key from --api-key, else from the TOOLKIT_API_KEY environment variable, else None (no auth).
 
@@ -333,8 +537,11 @@ def request_key(request):
 # ---------------------------------------------------------------- the app
 
 def create_app(service, *, api_key=None, max_texts=64, max_chars=10000, max_batch_size=64, batch_wait_ms=5,
-               corpus=None):
-    """A FastAPI app serving ``service`` (see the module docstring for the contract)."""
+               max_batch_tokens=MAX_BATCH_TOKENS, max_queue=MAX_QUEUE, corpus=None):
+    """A FastAPI app serving ``service`` (see the module docstring for the contract).
+
+    ``max_batch_tokens`` or ``max_queue`` None: no token budget, no queue limit.
+    """
     api_key = resolve_api_key(api_key)
     if service.kind == "vector":
         functions = {"encode": service.encode,
@@ -342,7 +549,10 @@ def create_app(service, *, api_key=None, max_texts=64, max_chars=10000, max_batc
     else:
         functions = {"predict": lambda items: service.predict([text for text, _ in items],
                                                               [context for _, context in items])}
-    batcher = MicroBatcher(functions, max_batch_size, batch_wait_ms / 1000)
+    metrics = ServerMetrics()
+    batcher = MicroBatcher(functions, max_batch_size, batch_wait_ms / 1000, max_batch_tokens, max_queue, metrics)
+    metrics.queue_size.set_function(batcher.pending)
+    metrics.queue_limit.set(max_queue if max_queue is not None else float("inf"))
 
     async def lifespan(app):
         yield
@@ -351,6 +561,7 @@ def create_app(service, *, api_key=None, max_texts=64, max_chars=10000, max_batc
     app = FastAPI(title=f"BERT toolkit {service.kind} server", lifespan=lifespan,
                   description="Embeddings and similarity (vector models) or predictions (classifiers).")
     app.state.batcher = batcher
+    app.state.metrics = metrics
     app.state.corpus = corpus
     app.state.has_key = bool(api_key)
     app.add_middleware(BodySizeLimit, max_bytes=max_texts * max_chars * BYTES_PER_CHAR + 65536)
@@ -364,6 +575,9 @@ def create_app(service, *, api_key=None, max_texts=64, max_chars=10000, max_batc
                 return ErrorResponse({"detail": "missing or invalid API key (send 'Authorization: Bearer <key>')"},
                                     status_code=401, headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
+
+    app.add_middleware(OpenAIErrorBodies)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # added last: outermost, so it sees 401 and 413 too
 
     def check_limits(texts, field="texts"):
         if len(texts) > max_texts:
@@ -381,33 +595,54 @@ def create_app(service, *, api_key=None, max_texts=64, max_chars=10000, max_batc
     @app.get("/info")
     async def info():
         details = dict(service.info())
-        details.update({"max_texts": max_texts, "max_chars": max_chars, "max_batch_size": max_batch_size})
+        details.update({"max_texts": max_texts, "max_chars": max_chars, "max_batch_size": max_batch_size,
+                        "max_batch_tokens": max_batch_tokens, "max_queue": max_queue})
         if service.kind == "vector":
             details["corpus_size"] = len(corpus.ids) if corpus is not None else 0
         return details
 
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     if service.kind == "vector":
-        add_vector_routes(app, batcher, check_limits, corpus)
+        add_vector_routes(app, service, batcher, check_limits, corpus)
     else:
-        add_predict_route(app, batcher, check_limits, max_chars)
+        add_predict_route(app, service, batcher, check_limits, max_chars)
+    metrics.routes.update(route.path for route in app.routes)
     return app
 
 
-def add_vector_routes(app, batcher, check_limits, corpus):
-    """POST /encode, /similarity and /search (the last needs a corpus)."""
+async def count_tokens(service, batcher, *arguments):
+    """The service's token counts for these texts (in a thread: tokenizing 64 long texts takes a while), or None.
+
+    A full queue answers 429 before any tokenizing; a text the service refuses is its 422, before queueing.
+    """
+    batcher.check_room()
+    counter = getattr(service, "count_tokens", None)
+    return None if counter is None else await asyncio.to_thread(counter, *arguments)
+
+
+def add_vector_routes(app, service, batcher, check_limits, corpus):
+    """POST /encode, /similarity, /search (the last needs a corpus) and the OpenAI-style /v1/embeddings."""
+    async def embed(texts, side, field):
+        """(embeddings, tokens per text or None) of ``texts`` on ``side`` ("query" | "document")."""
+        check_limits(texts, field)
+        tokens = await count_tokens(service, batcher, texts, "doc" if side == "document" else "query")
+        embeddings = await batcher.submit("encode_documents" if side == "document" else "encode", texts, tokens)
+        return embeddings, tokens
+
     @app.post("/encode")
     async def encode(request: EncodeRequest):
-        check_limits(request.texts)
-        method = "encode_documents" if request.side == "document" else "encode"
-        embeddings = await batcher.submit(method, request.texts)
+        embeddings, _ = await embed(request.texts, request.side, "texts")
         return {"embeddings": embeddings, "dim": len(embeddings[0]) if embeddings else 0}
 
     @app.post("/similarity")
     async def similarity(request: SimilarityRequest):
         check_limits([request.query], "query")
         check_limits(request.documents, "documents")
-        query_vector, doc_vectors = await asyncio.gather(batcher.submit("encode", [request.query]),
-                                                         batcher.submit("encode_documents", request.documents))
+        (query_vector, _), (doc_vectors, _) = await asyncio.gather(embed([request.query], "query", "query"),
+                                                                   embed(request.documents, "document", "documents"))
         scores = inference.normalize_rows(doc_vectors) @ inference.normalize_rows(query_vector)[0]
         ranking = np.argsort(-scores, kind="stable")
         return {"scores": [float(score) for score in scores], "ranking": [int(index) for index in ranking]}
@@ -416,13 +651,35 @@ def add_vector_routes(app, batcher, check_limits, corpus):
     async def search(request: SearchRequest):
         if corpus is None:
             raise HTTPException(404, "no corpus loaded: start the server with --corpus FILE")
-        check_limits([request.query], "query")
-        query_vector = await batcher.submit("encode", [request.query])
+        query_vector, _ = await embed([request.query], "query", "query")
         hits = inference.nearest_rows(corpus.matrix, query_vector, request.top_k)[0]
         return {"results": [{"id": corpus.ids[row], "text": corpus.texts[row], "score": score} for row, score in hits]}
 
+    model_name = service.info().get("model") or service.kind
+    dim = service.info().get("dim")
 
-def add_predict_route(app, batcher, check_limits, max_chars):
+    @app.post("/v1/embeddings")
+    async def openai_embeddings(request: EmbeddingsRequest):
+        if request.dimensions is not None and request.dimensions != dim:
+            raise HTTPException(400, f"dimensions: {request.dimensions} requested, but this model gives "
+                                     f"{dim}-dimensional embeddings only; leave dimensions out or send {dim}")
+        texts = [request.input] if isinstance(request.input, str) else request.input
+        embeddings, tokens = await embed(texts, request.side, "input")
+        token_count = sum(tokens or ())
+        data = [{"object": "embedding", "index": index, "embedding": encode_embedding(row, request.encoding_format)}
+                for index, row in enumerate(embeddings)]
+        return {"object": "list", "data": data, "model": model_name,
+                "usage": {"prompt_tokens": token_count, "total_tokens": token_count}}
+
+
+def encode_embedding(row, encoding_format):
+    """One embedding as OpenAI sends it: a list of floats, or base64 of its little-endian float32 bytes."""
+    if encoding_format == "base64":
+        return base64.b64encode(np.asarray(row, dtype="<f4").tobytes()).decode("ascii")
+    return row
+
+
+def add_predict_route(app, service, batcher, check_limits, max_chars):
     """POST /predict for classification and long-document services."""
     @app.post("/predict")
     async def predict(request: PredictRequest):
@@ -433,7 +690,8 @@ def add_predict_route(app, batcher, check_limits, max_chars):
         for index, context in enumerate(contexts):
             if context is not None and len(context) > max_chars:
                 raise HTTPException(413, f"contexts[{index}]: {len(context)} characters, at most {max_chars}")
-        results = await batcher.submit("predict", list(zip(request.texts, contexts)))
+        tokens = await count_tokens(service, batcher, request.texts, contexts)
+        results = await batcher.submit("predict", list(zip(request.texts, contexts)), tokens)
         return {"predictions": results}
 
 
@@ -454,6 +712,10 @@ def install_error_handlers(app):
             errors.insert(0, {"loc": ["header", "content-type"], "type": "content_type",
                               "msg": f"expected application/json, got {content_type or 'no content type'!r}"})
         return ErrorResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(ServerBusy)
+    async def server_busy(request, error):
+        return ErrorResponse({"detail": str(error)}, status_code=429, headers={"Retry-After": "1"})
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request, error):
