@@ -125,6 +125,10 @@ def build_parser():
                   "entries (with --serve: POST /search)")
     add_flag(serve, "api-key", default=None, help="require this key ('Authorization: Bearer KEY' or 'X-API-Key: KEY'); "
                   "default: the TOOLKIT_API_KEY environment variable, else no key")
+    add_flag(serve, "max-queue", type=bounded(int, minimum=1), default=None,
+             help="requests that may wait for the model (default 256); past it a new one gets 429 at once")
+    add_flag(serve, "max-batch-tokens", type=bounded(int, minimum=1), default=None,
+             help="tokens per batch of merged requests (default 16384, as TEI); a longer request runs alone")
     return parser
 
 
@@ -534,7 +538,7 @@ def serve(loaded, args):
     corpus_entries = server.load_corpus_records(args.corpus) if args.corpus else None
     service = inference.build_service(loaded, args.temperature, args.batch_size)
     corpus = server.build_corpus(service, *corpus_entries) if corpus_entries else None
-    app = server.create_app(service, api_key=args.api_key, corpus=corpus)
+    app = server.create_app(service, api_key=args.api_key, corpus=corpus, **server.work_limit_options(args))
     server.serve(app, args.host, args.port)
     return 0
 

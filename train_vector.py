@@ -94,6 +94,10 @@ def build_parser():
     add_flag(group, "max-chars", type=int, default=10000, help="characters per text")
     add_flag(group, "max-batch-size", type=int, default=64, help="texts merged into one forward pass (1: no merging)")
     add_flag(group, "batch-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    add_flag(group, "max-queue", type=int, default=None,
+             help="requests that may wait for the model (default 256); past it a new one gets 429 at once")
+    add_flag(group, "max-batch-tokens", type=int, default=None,
+             help="tokens per batch of merged requests (default 16384, as TEI); a longer request runs alone")
     # the untuned encoder competes for checkpoint-best: [UNK]-row starts keep it the base model
     parser.set_defaults(new_token_init="unk")
     add_runtime_args(parser)
@@ -617,6 +621,7 @@ def write_metrics(path, metrics):
 def run_deploy(args):
     from common import inference, server
     server.resolve_api_key(args.api_key)  # a bad key fails before the model loads
+    server.check_work_limits(args.max_queue, args.max_batch_tokens)
     directory = args.model_path or resolve_best_model_dir(args.output_dir)
     corpus_entries = server.load_corpus_records(args.corpus, args.skip_invalid) if args.corpus else None
     loaded = inference.load_model(directory, device=str(args.device_obj))
@@ -626,7 +631,8 @@ def run_deploy(args):
     print(f"serving {directory} (embedding size {service.dim})", file=sys.stderr)
     corpus = server.build_corpus(service, *corpus_entries) if corpus_entries else None
     app = server.create_app(service, api_key=args.api_key, max_texts=args.max_texts, max_chars=args.max_chars,
-                            max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, corpus=corpus)
+                            max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, corpus=corpus,
+                            **server.work_limit_options(args))
     return server.serve(app, args.host, args.port)
 
 

@@ -1,12 +1,17 @@
 """Load-test the vector server: requests/s and latency at several concurrency levels,
-with micro-batching on (--max_batch_size 64) and off (one forward pass per request).
+with micro-batching by text count (--max_batch_size 64), by text count and a token budget
+(--max-batch-tokens), and off (one forward pass per request).
 
 Starts ``train_vector.py --mode deploy`` on a free loopback port for each batching setting,
 sends a bounded number of POST /encode requests (stopping early at --time-limit seconds per
-level), prints a table and writes JSON. Stops its servers itself.
+level), prints a table and writes JSON. Stops its servers itself. Each row counts the answers
+by status (2xx, 429, any other) and reads the server's /metrics for the batches it ran (texts
+and tokens per batch). With --max-queue below the concurrency, it checks backpressure: every
+request should get a 2xx or a 429, never a 5xx.
 
     python bench/serve_load.py --model-dir output/vector_model/checkpoint-step-200 \
         --concurrency 1,8,32 --requests 256 --time-limit 60 --output bench/results/serve_load.json
+    python bench/serve_load.py --model-dir ... --concurrency 64 --batch-sizes 64 --max-queue 16  # 4x the queue
 """
 import argparse
 import asyncio
@@ -21,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +43,10 @@ def build_parser():
                         help="seconds per level; the level stops early when reached")
     parser.add_argument("--batch-sizes", "--batch_sizes", default="64,1",
                         help="server --max_batch_size settings to compare (1: one forward per request)")
+    parser.add_argument("--max-batch-tokens", "--max_batch_tokens", default="none,2048",
+                        help="server token budgets to compare for each batch size above 1 (none: text count only)")
+    parser.add_argument("--max-queue", "--max_queue", type=int, default=None,
+                        help="server --max-queue (default: the server's); below the concurrency, some requests get 429")
     parser.add_argument("--device", default="cpu", help="device of the server")
     parser.add_argument("--output", help="write the results as JSON here")
     return parser
@@ -57,10 +67,17 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def start_server(model_dir, max_batch_size, device):
+# a budget no batch reaches: the server then merges by text count alone
+NO_TOKEN_BUDGET = 10 ** 9
+
+
+def start_server(model_dir, max_batch_size, device, max_batch_tokens=None, max_queue=None):
     port = free_port()
     command = [sys.executable, str(REPO / "train_vector.py"), "--mode", "deploy", "--model_dir", str(model_dir),
-               "--port", str(port), "--max_batch_size", str(max_batch_size), "--device", device]
+               "--port", str(port), "--max_batch_size", str(max_batch_size), "--device", device,
+               "--max-batch-tokens", str(max_batch_tokens or NO_TOKEN_BUDGET)]
+    if max_queue is not None:
+        command += ["--max-queue", str(max_queue)]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                env=dict(os.environ, HF_HUB_OFFLINE="1"))
     base_url = f"http://127.0.0.1:{port}"
@@ -86,38 +103,68 @@ def stop_server(process):
         process.wait()
 
 
+def read_batch_metrics(base_url):
+    """(batches, texts, tokens) the server has run so far, from its /metrics."""
+    totals = {}
+    for family in text_string_to_metric_families(httpx.get(f"{base_url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return (totals.get("toolkit_batch_size_count", 0.0), totals.get("toolkit_batch_size_sum", 0.0),
+            totals.get("toolkit_batch_tokens_sum", 0.0))
+
+
 async def run_level(base_url, texts, concurrency, request_count, texts_per_request, time_limit):
     """Send up to request_count requests with ``concurrency`` in flight; stop at time_limit."""
-    latencies, errors = [], 0
+    latencies, statuses = [], {"2xx": 0, "429": 0, "other": 0}
     next_request = 0
     started = time.perf_counter()
 
     async def worker(client):
-        nonlocal next_request, errors
+        nonlocal next_request
         while next_request < request_count and time.perf_counter() - started < time_limit:
             index = next_request
             next_request += 1
             body = {"texts": [texts[(index * texts_per_request + j) % len(texts)] for j in range(texts_per_request)]}
             sent = time.perf_counter()
             try:
-                response = await client.post("/encode", json=body)
-                ok = response.status_code == 200
+                status = (await client.post("/encode", json=body)).status_code
+                kind = "2xx" if 200 <= status < 300 else "429" if status == 429 else "other"
             except httpx.HTTPError:
-                ok = False
+                kind = "other"
             latencies.append(time.perf_counter() - sent)
-            errors += not ok
+            statuses[kind] += 1
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as client:
         await client.post("/encode", json={"texts": texts[:1]})  # warm-up
+        batches_before = await asyncio.to_thread(read_batch_metrics, base_url)
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
+    batches, batch_texts, batch_tokens = (after - before for after, before in
+                                          zip(read_batch_metrics(base_url), batches_before))
     values = np.asarray(latencies) * 1000
     return {"concurrency": concurrency, "requests": len(latencies), "seconds": round(elapsed, 2),
-            "requests_per_second": round(len(latencies) / elapsed, 2),
+            "requests_per_second": round(statuses["2xx"] / elapsed, 2),
             "p50_ms": round(float(np.percentile(values, 50)), 1), "p99_ms": round(float(np.percentile(values, 99)), 1),
-            "errors": errors}
+            "ok": statuses["2xx"], "rejected_429": statuses["429"], "errors": statuses["other"],
+            "batches": int(batches), "texts_per_batch": round(batch_texts / max(batches, 1), 1),
+            "tokens_per_batch": round(batch_tokens / max(batches, 1), 1)}
+
+
+def server_settings(batch_sizes, token_budgets):
+    """(max_batch_size, max_batch_tokens or None) per server to start; one forward per request has no budget."""
+    budgets = [None if budget.strip().lower() == "none" else int(budget) for budget in token_budgets.split(",")]
+    settings = []
+    for size in (int(size) for size in batch_sizes.split(",")):
+        settings += [(size, None)] if size == 1 else [(size, budget) for budget in budgets]
+    return settings
+
+
+def label_of(max_batch_size, max_batch_tokens):
+    if max_batch_size == 1:
+        return "one forward/request"
+    return f"<= {max_batch_size} texts" + (f", {max_batch_tokens} tok" if max_batch_tokens else "")
 
 
 def main(argv=None):
@@ -125,18 +172,21 @@ def main(argv=None):
     texts = read_texts(args.texts_file)
     levels = [int(level) for level in args.concurrency.split(",")]
     results = []
-    print(f"{'batching':>22} {'conc.':>5} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
-    for max_batch_size in (int(size) for size in args.batch_sizes.split(",")):
-        process, base_url = start_server(args.model_dir, max_batch_size, args.device)
-        label = "one forward/request" if max_batch_size == 1 else f"micro-batch <= {max_batch_size}"
+    print(f"{'batching':>26} {'conc.':>5} {'requests':>8} {'ok/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'429':>5} "
+          f"{'errors':>6} {'texts/batch':>11} {'tok/batch':>9}")
+    for max_batch_size, max_batch_tokens in server_settings(args.batch_sizes, args.max_batch_tokens):
+        process, base_url = start_server(args.model_dir, max_batch_size, args.device, max_batch_tokens,
+                                         args.max_queue)
+        label = label_of(max_batch_size, max_batch_tokens)
         try:
             for concurrency in levels:
                 row = asyncio.run(run_level(base_url, texts, concurrency, args.requests, args.texts_per_request,
                                             args.time_limit))
-                row["max_batch_size"] = max_batch_size
+                row.update(max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens, max_queue=args.max_queue)
                 results.append(row)
-                print(f"{label:>22} {concurrency:>5} {row['requests']:>8} {row['requests_per_second']:>8} "
-                      f"{row['p50_ms']:>8} {row['p99_ms']:>8} {row['errors']:>6}", flush=True)
+                print(f"{label:>26} {concurrency:>5} {row['requests']:>8} {row['requests_per_second']:>8} "
+                      f"{row['p50_ms']:>8} {row['p99_ms']:>8} {row['rejected_429']:>5} {row['errors']:>6} "
+                      f"{row['texts_per_batch']:>11} {row['tokens_per_batch']:>9}", flush=True)
         finally:
             stop_server(process)
     if args.output:

@@ -525,6 +525,20 @@ def resolve_api_key(api_key):
     return key
 
 
+def check_work_limits(max_queue, max_batch_tokens):
+    """Refuse a queue limit or token budget below 1 (None means none) before the model loads."""
+    for flag, value in (("--max-queue", max_queue), ("--max-batch-tokens", max_batch_tokens)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise UserError(f"{flag} {value}: must be a whole number >= 1")
+
+
+def work_limit_options(args):
+    """``create_app``'s max_queue and max_batch_tokens from the --max-queue / --max-batch-tokens given (else
+    the defaults)."""
+    return {name: getattr(args, name) for name in ("max_queue", "max_batch_tokens")
+            if getattr(args, name, None) is not None}
+
+
 def request_key(request):
     """The key a client sent: ``Authorization: Bearer KEY`` (or ``X-API-Key: KEY``)."""
     authorization = request.headers.get("authorization", "")
@@ -543,6 +557,7 @@ def create_app(service, *, api_key=None, max_texts=64, max_chars=10000, max_batc
     ``max_batch_tokens`` or ``max_queue`` None: no token budget, no queue limit.
     """
     api_key = resolve_api_key(api_key)
+    check_work_limits(max_queue, max_batch_tokens)
     if service.kind == "vector":
         functions = {"encode": service.encode,
                      "encode_documents": getattr(service, "encode_documents", service.encode)}

@@ -215,6 +215,109 @@ def test_a_failing_request_does_not_fail_the_requests_batched_with_it():
     run(calls())
 
 
+# ---------------------------------------------------------------- bounded work: queue limit and token budget
+
+class GatedCountingService(FakeVectorService):
+    """The fake vector service that counts tokens (characters + 2) and whose first call waits on ``gate``."""
+
+    def count_tokens(self, texts, side="query"):
+        return [len(text) + 2 for text in texts]
+
+
+async def block_then_queue(app, service, client, bodies):
+    """Send one request that blocks in the service, then ``bodies`` to wait in the queue; their tasks."""
+    first = asyncio.create_task(client.post("/encode", json={"texts": ["first"]}))
+    while not service.calls:
+        await asyncio.sleep(0.01)
+    queued = []
+    for body in bodies:
+        queued.append(asyncio.create_task(client.post("/encode", json=body)))
+        while app.state.batcher.pending() < len(queued):
+            await asyncio.sleep(0.01)
+    return [first] + queued
+
+
+def test_a_full_queue_answers_429_at_once_and_recovers():
+    service = GatedCountingService()
+    service.gate = threading.Event()
+    app = server.create_app(service, max_queue=3, batch_wait_ms=0)
+
+    async def calls():
+        async with client_for(app) as client:
+            waiting = await block_then_queue(app, service, client, [{"texts": [f"t{i}"]} for i in range(3)])
+            started = time.perf_counter()
+            refused = await client.post("/encode", json={"texts": ["one too many"]})
+            openai_refused = await client.post("/v1/embeddings", json={"input": "x", "model": "m"})
+            assert time.perf_counter() - started < 1.0  # answered while the model is still blocked
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+            assert refused.json() == {"detail": "server busy: 3 requests waiting (limit 3); retry later"}
+            assert openai_refused.status_code == 429 and "server busy" in openai_refused.json()["error"]["message"]
+            assert (await client.get("/health")).status_code == 200
+            metrics = (await client.get("/metrics")).text
+            assert 'toolkit_requests_total{route="/encode",status="429"} 1.0' in metrics
+            assert "toolkit_queue_size 3.0" in metrics
+            service.gate.set()
+            assert [response.status_code for response in await asyncio.gather(*waiting)] == [200] * 4
+            assert (await client.post("/encode", json={"texts": ["after"]})).status_code == 200
+    run(calls())
+    assert sum(service.calls) == 5  # the refused requests never reached the model
+
+
+@pytest.mark.parametrize("max_batch_tokens, expected_calls", [(None, [1, 5]), (14, [1, 2, 2, 1]),
+                                                               (1, [1, 1, 1, 1, 1, 1])])
+def test_the_token_budget_splits_batches(max_batch_tokens, expected_calls):
+    """Queued behind a blocked call: four 5-token texts and one 22-token text (over a 14-token budget: alone)."""
+    service = GatedCountingService()
+    service.gate = threading.Event()
+    app = server.create_app(service, max_batch_tokens=max_batch_tokens, batch_wait_ms=0)
+    bodies = [{"texts": ["abc"]}, {"texts": ["def"]}, {"texts": ["ghi"]}, {"texts": ["jkl"]}, {"texts": ["x" * 20]}]
+
+    async def calls():
+        async with client_for(app) as client:
+            waiting = await block_then_queue(app, service, client, bodies)
+            service.gate.set()
+            responses = await asyncio.gather(*waiting)
+            assert [response.json()["embeddings"][0][0] for response in responses[1:]] == [3.0] * 4 + [20.0]
+            return (await client.get("/info")).json()
+    info = run(calls())
+    assert service.calls == expected_calls
+    assert info["max_batch_tokens"] == max_batch_tokens and info["max_queue"] == server.MAX_QUEUE
+
+
+def test_work_limits_below_one_are_refused():
+    for options in ({"max_queue": 0}, {"max_batch_tokens": -5}):
+        with pytest.raises(UserError, match="must be a whole number >= 1"):
+            server.create_app(FakeVectorService(), **options)
+
+
+def test_both_entry_points_pass_the_work_limits_and_refuse_bad_ones(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import infer
+    import train_vector
+    from fastapi.testclient import TestClient
+    from common import inference
+    from test_export_onnx import make_vector_directory
+    directory = str(make_vector_directory(tiny_model_dir, tmp_path / "vector"))
+    started = []
+    monkeypatch.setattr(server, "serve", lambda app, host, port: started.append(app) or 0)
+    assert infer.main(["--model-path", directory, "--serve", "--max-queue", "7", "--max_batch_tokens", "99"]) == 0
+    assert train_vector.main(["--mode", "deploy", "--model-path", directory, "--max_queue", "5",
+                              "--device", "cpu"]) == 0
+    infos = []
+    for app in started:
+        with TestClient(app) as client:
+            infos.append(client.get("/info").json())
+    assert [(info["max_queue"], info["max_batch_tokens"]) for info in infos] == [(7, 99), (5, server.MAX_BATCH_TOKENS)]
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the limits were checked")
+    monkeypatch.setattr(inference, "load_model", must_not_load)
+    capsys.readouterr()
+    assert infer.main(["--model-path", directory, "--serve", "--max-queue", "0"]) == 2
+    assert "--max-queue" in capsys.readouterr().err
+    assert train_vector.main(["--mode", "deploy", "--model-path", directory, "--max-batch-tokens", "0"]) == 2
+    assert "error: --max-batch-tokens 0: must be a whole number >= 1" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- fuzzing
 
 def random_json(generator, depth=0):
