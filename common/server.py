@@ -150,7 +150,8 @@ class Corpus:
 def load_corpus_records(path, skip_invalid=False):
     """(ids, texts) of a corpus file of {"id", "text"} records (JSONL, JSON, CSV/TSV); ids must be unique.
 
-    With ``skip_invalid`` a record without an id or a text is dropped, and each id stays with its own text.
+    With ``skip_invalid`` a record without an id or a text is dropped, and each id stays with its own text;
+    the dropped ones are counted on standard error, as the trainers do.
     """
     from common import data
     records = data.read_records(path, skip_invalid=skip_invalid)
@@ -161,6 +162,7 @@ def load_corpus_records(path, skip_invalid=False):
         return str(record.fields["id"]), data.require_text(record, "text"), record
     # each entry carries its record: after a skipped record, the records no longer line up with the entries
     entries = data.parse_each(records, parse, skip_invalid)
+    data.report_skipped(entries)
     if not entries:
         raise UserError(f"{path}: no valid corpus records")
     seen = set()

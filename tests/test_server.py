@@ -290,6 +290,21 @@ def test_work_limits_below_one_are_refused():
             server.create_app(FakeVectorService(), **options)
 
 
+def test_deploy_reports_the_corpus_records_skip_invalid_dropped(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import train_vector
+    from conftest import write_jsonl
+    from test_export_onnx import make_vector_directory
+    directory = str(make_vector_directory(tiny_model_dir, tmp_path / "vector"))
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": "a", "text": "good movie"}, {"text": "no id"},
+                                                     {"id": "c", "text": "   "}, {"id": "d", "text": "stock price"}])
+    started = []
+    monkeypatch.setattr(server, "serve", lambda app, host, port: started.append(app) or 0)
+    assert train_vector.main(["--mode", "deploy", "--model-path", directory, "--corpus", str(corpus),
+                              "--skip-invalid", "--device", "cpu"]) == 0
+    assert "--skip-invalid: dropped 2 invalid record(s)" in capsys.readouterr().err
+    assert started[0].state.corpus.ids == ["a", "d"]
+
+
 def test_both_entry_points_pass_the_work_limits_and_refuse_bad_ones(tiny_model_dir, tmp_path, monkeypatch, capsys):
     import infer
     import train_vector
@@ -482,12 +497,15 @@ def test_corpus_records_are_validated(tmp_path):
     assert np.allclose(np.linalg.norm(matrix, axis=1), 1.0)
 
 
-def test_a_skipped_corpus_record_leaves_every_later_id_with_its_own_text(tmp_path):
+def test_a_skipped_corpus_record_leaves_every_later_id_with_its_own_text(tmp_path, capsys):
     from conftest import write_jsonl
     records = [{"id": "a", "text": "apple"}, {"id": "b", "text": ""}, {"text": "no id"}, 7,
                {"id": "c", "text": "cherry pie"}, {"id": "d", "text": "banana split"}]
     ids, texts = server.load_corpus_records(write_jsonl(tmp_path / "corpus.jsonl", records), skip_invalid=True)
     assert list(zip(ids, texts)) == [("a", "apple"), ("c", "cherry pie"), ("d", "banana split")]
+    report = capsys.readouterr().err
+    assert "--skip-invalid: dropped 3 invalid record(s)" in report
+    assert "line 2: field 'text': empty text" in report and "line 3: field 'id': missing" in report
     service = FakeVectorService()
     app = server.create_app(service, corpus=server.build_corpus(service, ids, texts, show_progress=False))
 
