@@ -13,7 +13,8 @@ POST /predict. OpenAPI docs at /docs.
 
 Bad input never gets a 5xx: malformed JSON, wrong types and text that is not valid Unicode (a
 lone surrogate such as JSON's "\\ud800") answer 422, too many texts, too-long texts or an oversize
-body 413, a missing or wrong key 401, always as a JSON body. ``serve()`` bounds how long a client
+body 413, a missing or wrong key 401, a ``dimensions`` the model lacks 400, always as a JSON body
+(on /v1/ routes with OpenAI's error object beside ``detail``). ``serve()`` bounds how long a client
 may take to send a request (408 after HEADER_TIMEOUT_SECONDS / BODY_TIMEOUT_SECONDS) and how many
 connections may be open (503 past MAX_CONNECTIONS); an unparseable request gets a JSON 400.
 Concurrent requests are micro-batched: their texts are queued and run as one service call

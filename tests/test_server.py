@@ -353,7 +353,7 @@ def random_json(generator, depth=0):
         return [random_json(generator, depth + 1) for _ in range(generator.randrange(0, 5))]
     if kind == 7:
         return [random_json(generator, depth + 1) for _ in range(generator.randrange(60, 80))]
-    keys = ["texts", "query", "documents", "top_k", "contexts", "extra", ""]
+    keys = ["texts", "query", "documents", "top_k", "contexts", "extra", "", "input", "dimensions", "encoding_format"]
     return {generator.choice(keys): random_json(generator, depth + 1) for _ in range(generator.randrange(0, 4))}
 
 
@@ -374,8 +374,8 @@ def test_fuzz_1000_bad_requests_never_get_a_5xx():
     generator = random.Random(1234)
     vector, _ = vector_app(max_texts=64, max_chars=10000)
     classifier = server.create_app(FakeClassifier())
-    routes = {"vector": ["/encode", "/similarity", "/search"], "classifier": ["/predict"]}
-    other_paths = ["/encode", "/predict", "/info", "/health", "/nope", "/encode/x"]
+    routes = {"vector": ["/encode", "/similarity", "/search", "/v1/embeddings"], "classifier": ["/predict"]}
+    other_paths = ["/encode", "/predict", "/info", "/health", "/nope", "/encode/x", "/metrics", "/v1/nope"]
     content_types = ["application/json", "text/plain", "application/x-www-form-urlencoded", None,
                      "application/json; charset=latin-1", "multipart/form-data; boundary=x"]
     statuses = {}
