@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -176,6 +177,16 @@ def training_state(optimizer, scheduler, scaler, early_stopping, args, *, epoch,
             **extras}
 
 
+def save_if_best(early_stopping, value, global_step, output_dir, write_model, is_main, untuned_competes=True):
+    """Step ``early_stopping`` with an evaluation's ``value``; when it improved, write checkpoint-best with
+    ``write_model`` (main process only). Returns whether it improved. With ``untuned_competes=False`` the
+    untuned model (step 0) is a reference only and leaves early stopping as it was."""
+    improved = (untuned_competes or global_step > 0) and early_stopping.step(value, global_step)
+    if improved and is_main:
+        write_directory_atomically(Path(output_dir) / "checkpoint-best", write_model)
+    return improved
+
+
 def save_checkpoint(output_dir, write_model, state, save_total_limit):
     """checkpoint-step-N: the model directory ``write_model(folder)`` writes plus the resume state, written
     atomically; then only the newest ``save_total_limit`` checkpoints of this run are kept."""
@@ -260,6 +271,39 @@ def restore_training_state(checkpoint_dir, model, optimizer, scheduler, scaler, 
     early_stopping.load_state_dict(state["early_stopping"])
     restore_rng_state(state["rng"])
     return state
+
+
+class ResumePosition(NamedTuple):
+    """Where the loop continues: its counters, and the whole loaded state (for a script's extras)."""
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    evaluated_step: int = -1  # the step of the last evaluation (-1: none yet)
+    state: dict | None = None
+
+
+def resume_training(checkpoint_dir, model, optimizer, scheduler, scaler, early_stopping, logger, **extras):
+    """Load a checkpoint's weights into ``model`` and its optimizer, scheduler, scaler, early-stopping and
+    RNG states, and each of ``extras`` (name=object with ``load_state_dict``, or None) that it saved; return
+    the loop's ResumePosition (the start of training when ``checkpoint_dir`` is None).
+    ``check_resume`` has vetted the checkpoint before the run wrote anything."""
+    if checkpoint_dir is None:
+        return ResumePosition(state={})
+    state = load_training_state(checkpoint_dir)
+    modeldir.load_weights(model, checkpoint_dir)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    early_stopping.load_state_dict(state["early_stopping"])
+    restore_rng_state(state["rng"])
+    for name, holder in extras.items():
+        if holder is not None and state.get(name) is not None:
+            holder.load_state_dict(state[name])
+    position = ResumePosition(state["global_step"], state["epoch"], state["step_in_epoch"],
+                              state.get("evaluated_step", -1), state)
+    logger.info(f"resumed from {checkpoint_dir} at step {position.global_step} (epoch {position.epoch}, "
+                f"batch {position.step_in_epoch})")
+    return position
 
 
 # ---------------------------------------------------------------- RNG state

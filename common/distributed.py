@@ -1,5 +1,6 @@
 """Distributed data parallel under torchrun: the process group, and what ranks share."""
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,12 @@ def run_on_main(context, function):
 def barrier(context):
     if context.enabled:
         dist.barrier()
+
+
+def sync_gradients(model, sync):
+    """Context for one backward pass: under DDP, ``sync=False`` keeps the gradients local (``no_sync``)
+    so they are all-reduced once, on the last pass of an accumulation window; without DDP a no-op."""
+    return nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
 
 
 def cleanup_distributed(context):

@@ -7,6 +7,12 @@ import numpy as np
 # validation metrics that can pick the best model (--metric-for-best-model); "loss" is minimised
 SELECTABLE_METRICS = ("macro_f1", "accuracy", "weighted_f1", "loss", "macro_precision", "macro_recall",
                       "weighted_precision", "weighted_recall")
+LOGGED_METRICS = ("loss", "accuracy", "macro_f1")  # in every evaluation row of the classification trainers
+
+
+def selection_mode(metric_name):
+    """'min' for the loss, 'max' for every other selectable metric (EarlyStopping's mode)."""
+    return "min" if metric_name == "loss" else "max"
 
 
 def classification_metrics(y_true, y_pred, label_names, probs=None):

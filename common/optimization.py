@@ -109,13 +109,34 @@ def optimizer_step(model, optimizer, scheduler, scaler, max_grad_norm):
 class NonFiniteLossGuard:
     """Skip optimizer steps whose loss is NaN/inf; abort after ``limit`` in a row.
 
-    fp16 overflow is the GradScaler's job, so the guard is only used without it.
+    The loop calls ``add(loss)`` after each forward pass and ``skip_step`` at the end of each
+    accumulation window. fp16 overflow is the GradScaler's job, so with a scaler the guard is off
+    (``enabled=False``).
     """
 
-    def __init__(self, limit):
+    def __init__(self, limit, device=None, enabled=True):
         self.limit = limit
+        self.enabled = enabled
         self.consecutive = 0
         self.skipped_total = 0
+        self.window_loss = torch.zeros((), device=device)  # summed on the device: one host sync a window
+
+    def add(self, loss):
+        """One forward pass's loss, summed over the accumulation window."""
+        self.window_loss += loss.detach()
+
+    def skip_step(self, optimizer, global_step):
+        """At the end of a window: True, with the window's gradients dropped, when its loss is not finite."""
+        skip = self.enabled and self.should_skip(self.window_loss, global_step)
+        self.window_loss.zero_()
+        if skip:
+            optimizer.zero_grad(set_to_none=True)
+        return skip
+
+    def report(self, logger):
+        """Say at the end of training how many steps were skipped (nothing when none were)."""
+        if self.skipped_total:
+            logger.info(f"skipped {self.skipped_total} optimizer steps with a non-finite loss")
 
     def should_skip(self, loss_sum, global_step):
         if torch.isfinite(loss_sum).item():

@@ -125,6 +125,40 @@ def compare_with_untuned(early_stopping, untuned_row, metric_name, logger):
     return beaten
 
 
+# ---------------------------------------------------------------- around the loop
+
+def log_training_start(logger, args, context, output_dir, total_steps, sizes, details=(), batch_unit="",
+                       settings=None):
+    """The start-of-run banner: where outputs go, ``sizes`` ({name: count}), any ``details`` lines,
+    epochs, effective batch size (counted in ``batch_unit``), total steps, then ``settings``
+    ({name: value}), precision, device and processes."""
+    effective_batch = args.batch_size * args.gradient_accumulation_steps * context.world_size
+    settings = {**(settings or {}), "precision": args.precision_obj.name, "device": args.device_obj,
+                "processes": context.world_size}
+    lines = [f"***** training *****  outputs: {output_dir}", _name_values(sizes), *details,
+             f"epochs: {args.epochs}  effective batch size: {effective_batch}{batch_unit}  total steps: {total_steps}",
+             _name_values(settings)]
+    logger.info("\n  ".join(lines))
+
+
+def _name_values(values):
+    return "  ".join(f"{name}: {value}" for name, value in values.items())
+
+
+def is_due(global_step, every):
+    """Whether ``global_step`` is a multiple of ``every`` (never when ``every`` is 0: that option is off)."""
+    return every > 0 and global_step % every == 0
+
+
+def evaluation_due_at_start(resume_from, global_step, evaluated_step, total_steps, early_stopping):
+    """Whether to evaluate before the first step: on a fresh run the untuned model (the reference
+    fine-tuning has to beat); on a resume, final weights whose checkpoint was saved before their
+    evaluation ran (a kill in between)."""
+    if resume_from is None:
+        return True
+    return global_step >= total_steps and evaluated_step != global_step and not early_stopping.should_stop
+
+
 # ---------------------------------------------------------------- RNG state
 
 def set_seed(seed):
@@ -184,6 +218,14 @@ class TrainingMeter:
         return row
 
 
+def evaluation_row(global_step, epoch, metrics, early_stopping, improved, names=None):
+    """The log row of an evaluation: ``eval_<name>`` for each of ``names`` (keys of ``metrics``; all when
+    None), the best value so far, whether this one improved on it, and whether it scored the untuned
+    model (step 0)."""
+    return {"step": global_step, "epoch": epoch, **{f"eval_{name}": metrics[name] for name in names or metrics},
+            "best": early_stopping.best_metric, "improved": improved, "untuned": global_step == 0}
+
+
 class RunLogger:
     """Prints on the main process, appends rows to train_log.jsonl, mirrors them to W&B when given a run.
 
@@ -207,7 +249,10 @@ class RunLogger:
         rows = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
         return next((row for row in rows if row.get("untuned")), None)
 
-    def log(self, row):
+    def log(self, row, progress=None):
+        """Write ``row``; a training row also shows its loss and learning rate on ``progress`` (a tqdm bar)."""
+        if progress is not None:
+            progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2e}")
         if not self.is_main:
             return
         with open(self.path, "a", encoding="utf-8") as handle:
