@@ -26,7 +26,8 @@ from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args,
 from common.errors import UserError, report_user_errors
 from common.heads import POOLINGS, SequenceClassifier
 from common.text import build_normalizer
-from common.metrics import SELECTABLE_METRICS, classification_metrics, format_report, majority_baseline
+from common.metrics import (LOGGED_METRICS, SELECTABLE_METRICS, classification_metrics, format_report,
+                            majority_baseline, selection_mode)
 
 # config-file keys (sections of seed 000's default.yaml) whose flag has another name
 SECTION_ALIASES = {
@@ -219,9 +220,10 @@ def evaluate(model, loader, device, precision, context, label_names, loss_fn=Non
 
 # ---------------------------------------------------------------- techniques
 
-def build_techniques(args, model, train_labels, num_labels):
-    """Loss function, adversary and EMA from the technique flags (common/techniques.py)."""
+def build_techniques(args, model, train_dataset, num_labels):
+    """Loss function, adversary, EMA and sampling weights from the technique flags (common/techniques.py)."""
     from common import techniques
+    train_labels = np.array([f["labels"] for f in train_dataset.features])
     counts = np.bincount(train_labels, minlength=num_labels)
     class_weights = techniques.compute_class_weights(counts, args.class_weights, args.class_weights_beta)
     if class_weights is not None:
@@ -276,96 +278,60 @@ def adversarial_backward(adversary, model, inputs, labels, loss_fn, args, scaler
 
 def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_dir, logger, resume_from=None):
     device, precision = args.device_obj, args.precision_obj
-    train_labels = np.array([f["labels"] for f in datasets["train"].features])
-    loss_fn, adversary, ema, sample_weights = build_techniques(args, distributed.unwrap(model), train_labels,
+    loss_fn, adversary, ema, sample_weights = build_techniques(args, distributed.unwrap(model), datasets["train"],
                                                               len(label_set.names))
     train_loader = build_train_loader(datasets["train"], args, context, sample_weights)
     val_loader = build_eval_loader(datasets["val"], args, context)
     write_model = modeldir.classifier_writer(distributed.unwrap(model), tokenizer, toolkit, args, label_set.id2label)
     optimizer, scheduler, scaler, total_steps = optimization.build_optimization(model, args, len(train_loader),
                                                                                device, precision)
-    early_stopping = training.EarlyStopping(args.patience, args.min_delta, mode="min" if
-                                            args.metric_for_best_model == "loss" else "max")
-    nonfinite_guard = optimization.NonFiniteLossGuard(args.max_nonfinite_steps)
-    global_step, start_epoch, skip_batches = 0, 0, 0
-    evaluated_step = -1  # step of the last evaluation: the same weights are never scored twice
-
+    early_stopping = training.EarlyStopping(args.patience, args.min_delta, selection_mode(args.metric_for_best_model))
+    nonfinite_guard = optimization.NonFiniteLossGuard(args.max_nonfinite_steps, device, not scaler.is_enabled())
     # ---- resume: model weights, optimizer, scheduler, scaler, RNG, position, early stopping
-    checkpoint_dir = resume_from
-    if checkpoint_dir is not None:
-        state = checkpoints.restore_training_state(checkpoint_dir, distributed.unwrap(model), optimizer, scheduler,
-                                                   scaler, early_stopping)
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        global_step, start_epoch, skip_batches = state["global_step"], state["epoch"], state["step_in_epoch"]
-        evaluated_step = state.get("evaluated_step", -1)
-        logger.info(f"resumed from {checkpoint_dir} at step {global_step} (epoch {start_epoch}, "
-                    f"batch {skip_batches})")
-
-    effective_batch = args.batch_size * args.gradient_accumulation_steps * context.world_size
-    logger.info(f"***** training *****  outputs: {output_dir}\n"
-                f"  examples: {len(datasets['train'])}  validation: {len(datasets['val'])}\n"
-                f"  epochs: {args.epochs}  effective batch size: {effective_batch}  total steps: {total_steps}\n"
-                f"  precision: {precision.name}  device: {device}  processes: {context.world_size}")
-
-    def checkpoint_state(epoch, batches_done):
-        return checkpoints.training_state(optimizer, scheduler, scaler, early_stopping, args, epoch=epoch,
-                                          step_in_epoch=batches_done, global_step=global_step,
-                                          evaluated_step=evaluated_step,
-                                          ema=ema.state_dict() if ema is not None else None)
+    global_step, start_epoch, skip_batches, evaluated_step, _ = checkpoints.resume_training(
+        resume_from, distributed.unwrap(model), optimizer, scheduler, scaler, early_stopping, logger, ema=ema)
+    training.log_training_start(logger, args, context, output_dir, total_steps,
+                                {"examples": len(datasets["train"]), "validation": len(datasets["val"])})
 
     def run_evaluation(epoch):
         """Evaluate (with EMA weights when enabled); save checkpoint-best on improvement."""
         nonlocal evaluated_step
-        evaluated_step = global_step
+        evaluated_step = global_step  # the same weights are never scored twice
         with ema.average_parameters(distributed.unwrap(model)) if ema is not None else nullcontext():
             metrics, _, _ = evaluate(distributed.unwrap(model), val_loader, device, precision, context, label_set.names)
             # the untuned model (step 0) is a reference only: its head is random
-            improved = global_step > 0 and early_stopping.step(metrics[args.metric_for_best_model], global_step)
-            if improved and context.is_main:
-                checkpoints.write_directory_atomically(output_dir / "checkpoint-best", write_model)
-        logger.log({"step": global_step, "epoch": epoch, "eval_loss": metrics["loss"],
-                    "eval_accuracy": metrics["accuracy"], "eval_macro_f1": metrics["macro_f1"],
-                    f"eval_{args.metric_for_best_model}": metrics[args.metric_for_best_model],
-                    "best": early_stopping.best_metric, "improved": improved, "untuned": global_step == 0})
+            improved = checkpoints.save_if_best(early_stopping, metrics[args.metric_for_best_model], global_step,
+                                                output_dir, write_model, context.is_main, untuned_competes=False)
+        logger.log(training.evaluation_row(global_step, epoch, metrics, early_stopping, improved,
+                                           (*LOGGED_METRICS, args.metric_for_best_model)))
 
     model.train()
     meter = training.TrainingMeter(device)  # loss and throughput for the log rows
-    window_loss = torch.zeros((), device=device)
     progress = tqdm(total=total_steps, initial=global_step, disable=not context.is_main, desc="train")
-    stop = global_step >= total_steps or early_stopping.should_stop
-    if checkpoint_dir is not None and global_step >= total_steps and evaluated_step != global_step \
-            and not early_stopping.should_stop:
-        run_evaluation(start_epoch)  # the last checkpoint was saved before the final evaluation: run it now
-    if checkpoint_dir is None:
-        run_evaluation(start_epoch)  # the untuned model: the reference fine-tuning has to beat
+    if training.evaluation_due_at_start(resume_from, global_step, evaluated_step, total_steps, early_stopping):
+        run_evaluation(start_epoch)  # the untuned model, or final weights whose evaluation a kill prevented
     for epoch in range(start_epoch, args.epochs):
-        if stop:
+        if global_step >= total_steps or early_stopping.should_stop:
             break
-        train_loader.batch_sampler.set_epoch(epoch, skip_batches if epoch == start_epoch else 0)
-        batches_done = skip_batches if epoch == start_epoch else 0
-        batches_in_epoch = len(train_loader.batch_sampler.all_batches())
+        train_loader.batch_sampler.set_epoch(epoch, skip_batches)
+        batches_done, batches_in_epoch = skip_batches, len(train_loader.batch_sampler.all_batches())
         for batch in train_loader:
             batches_done += 1
             inputs, labels = modeldir.to_device(batch, device), batch["labels"].to(device)
             window_ends = batches_done % args.gradient_accumulation_steps == 0 or batches_done == batches_in_epoch
             # ---- forward under autocast, scaled backward (gradient sync only on the window's last pass)
-            sync = window_ends or not context.enabled
-            with (nullcontext() if sync else model.no_sync()):
+            with distributed.sync_gradients(model, window_ends):
                 with precision.autocast(device):
                     loss = compute_loss(model, inputs, labels, loss_fn, args.rdrop_alpha)
                 scaler.scale(loss / args.gradient_accumulation_steps).backward()
                 if adversary is not None:
                     adversarial_backward(adversary, model, inputs, labels, loss_fn, args, scaler, precision, device)
             meter.add(loss, labels.numel() * context.world_size)
-            window_loss += loss.detach()
+            nonfinite_guard.add(loss)
             if not window_ends:
                 continue
             # ---- optimizer step: skip non-finite losses (fp16 overflow is the scaler's job)
-            skip = not scaler.is_enabled() and nonfinite_guard.should_skip(window_loss, global_step)
-            window_loss.zero_()
-            if skip:
-                optimizer.zero_grad(set_to_none=True)
+            if nonfinite_guard.skip_step(optimizer, global_step):
                 meter.forget_loss()
                 continue
             grad_norm, _ = optimization.optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
@@ -375,28 +341,25 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
             progress.update(1)
             # ---- logging, evaluation, checkpoint
             if global_step % args.logging_steps == 0:
-                row = meter.row(global_step, epoch, scheduler.get_last_lr()[0], grad_norm)
-                logger.log(row)
-                progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2e}")
-            if args.eval_steps > 0 and global_step % args.eval_steps == 0:
+                logger.log(meter.row(global_step, epoch, scheduler.get_last_lr()[0], grad_norm), progress)
+            if training.is_due(global_step, args.eval_steps):
                 run_evaluation(epoch)
-            if args.save_strategy == "steps" and args.save_steps > 0 and global_step % args.save_steps == 0 \
-                    and context.is_main:
-                checkpoints.save_checkpoint(output_dir, write_model, checkpoint_state(epoch, batches_done),
-                                            args.save_total_limit)
+            if args.save_strategy == "steps" and training.is_due(global_step, args.save_steps) and context.is_main:
+                checkpoints.save_checkpoint(output_dir, write_model, checkpoints.training_state(
+                    optimizer, scheduler, scaler, early_stopping, args, epoch=epoch, step_in_epoch=batches_done,
+                    global_step=global_step, evaluated_step=evaluated_step,
+                    ema=ema.state_dict() if ema is not None else None), args.save_total_limit)
             distributed.barrier(context)
             if global_step >= total_steps or early_stopping.should_stop:
-                stop = True
                 break
         skip_batches = 0
-        if (not stop or global_step >= total_steps) and evaluated_step != global_step:
+        if evaluated_step != global_step:
             run_evaluation(epoch)  # epoch end (also the last evaluation of a --max-steps run)
         if early_stopping.should_stop:
             logger.info(f"early stopping: no improvement in {args.patience} evaluations")
             break
     progress.close()
-    if nonfinite_guard.skipped_total:
-        logger.info(f"skipped {nonfinite_guard.skipped_total} optimizer steps with a non-finite loss")
+    nonfinite_guard.report(logger)
     return early_stopping
 
 
