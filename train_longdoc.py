@@ -18,7 +18,6 @@ all three aggregations side by side), errors.jsonl and train_log.jsonl. Runs unc
 """
 import argparse
 import json
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -31,7 +30,8 @@ from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args,
                         parse_with_config, resolve_default_warmup, write_effective_config)
 from common.errors import UserError, report_user_errors
 from common.heads import POOLINGS, SequenceClassifier
-from common.metrics import SELECTABLE_METRICS, classification_metrics, format_report, majority_baseline
+from common.metrics import (LOGGED_METRICS, SELECTABLE_METRICS, classification_metrics, format_report,
+                            majority_baseline, selection_mode)
 
 SECTION_ALIASES = {
     ("model", "name"): "model_name", ("training", "fp16"): "fp16", ("scheduler", "type"): "scheduler",
@@ -238,7 +238,7 @@ def document_loss_backward(model, chunks, doc_index, labels, args, scaler, preci
     batches = list(longdoc.chunk_micro_batches(chunks, args.chunk_batch_size, args.pad_token_id))
     doc_index, labels = doc_index.to(device), labels.to(device)
     if len(batches) == 1:
-        with nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync():
+        with distributed.sync_gradients(model, sync):
             with precision.autocast(device):
                 chunk_logits = model(**modeldir.to_device(batches[0][1], device))
             loss = document_loss(chunk_logits.float(), doc_index, labels, args.aggregation)
@@ -260,7 +260,7 @@ def document_loss_backward(model, chunks, doc_index, labels, args, scaler, preci
     for position, ((start, batch), state) in enumerate(zip(batches, states)):
         last = position == len(batches) - 1
         set_rng_state(state, device)
-        with nullcontext() if (sync and last) or not hasattr(model, "no_sync") else model.no_sync():
+        with distributed.sync_gradients(model, sync and last):
             with precision.autocast(device):
                 logits = model(**modeldir.to_device(batch, device))
             recomputed_finite &= torch.isfinite(logits).all()
@@ -345,81 +345,50 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
     write_model = modeldir.classifier_writer(distributed.unwrap(model), tokenizer, toolkit, args, label_set.id2label)
     optimizer, scheduler, scaler, total_steps = optimization.build_optimization(model, args, len(train_loader),
                                                                                device, precision)
-    early_stopping = training.EarlyStopping(args.patience, args.min_delta, mode="min" if
-                                            args.metric_for_best_model == "loss" else "max")
-    nonfinite_guard = optimization.NonFiniteLossGuard(args.max_nonfinite_steps)
-    global_step, start_epoch, skip_batches = 0, 0, 0
-    evaluated_step = -1  # step of the last evaluation: the same weights are never scored twice
-
+    early_stopping = training.EarlyStopping(args.patience, args.min_delta, selection_mode(args.metric_for_best_model))
+    nonfinite_guard = optimization.NonFiniteLossGuard(args.max_nonfinite_steps, device, not scaler.is_enabled())
     # ---- resume: model weights, optimizer, scheduler, scaler, RNG, position, early stopping
-    checkpoint_dir = resume_from
-    if checkpoint_dir is not None:
-        state = checkpoints.restore_training_state(checkpoint_dir, distributed.unwrap(model), optimizer, scheduler,
-                                                   scaler, early_stopping)
-        global_step, start_epoch, skip_batches = state["global_step"], state["epoch"], state["step_in_epoch"]
-        evaluated_step = state.get("evaluated_step", -1)
-        logger.info(f"resumed from {checkpoint_dir} at step {global_step} (epoch {start_epoch}, "
-                    f"batch {skip_batches})")
-
-    effective_batch = args.batch_size * args.gradient_accumulation_steps * context.world_size
-    logger.info(f"***** training *****  outputs: {output_dir}\n"
-                f"  documents: {len(datasets['train'])}  validation: {len(datasets['val'])}"
-                f"\n  chunks: {sum(datasets['train'].lengths)} (max_length {args.max_length}, stride {args.stride})"
-                f"  chunk batch size: {args.chunk_batch_size}\n  epochs: {args.epochs}  effective batch size: "
-                f"{effective_batch} documents  total steps: {total_steps}\n  aggregation: {args.aggregation}  "
-                f"precision: {precision.name}  device: {device}  processes: {context.world_size}")
-
-    def checkpoint_state(epoch, batches_done):
-        return checkpoints.training_state(optimizer, scheduler, scaler, early_stopping, args, epoch=epoch,
-                                          step_in_epoch=batches_done, global_step=global_step,
-                                          evaluated_step=evaluated_step)
+    global_step, start_epoch, skip_batches, evaluated_step, _ = checkpoints.resume_training(
+        resume_from, distributed.unwrap(model), optimizer, scheduler, scaler, early_stopping, logger)
+    chunks = (f"chunks: {sum(datasets['train'].lengths)} (max_length {args.max_length}, stride {args.stride})  "
+              f"chunk batch size: {args.chunk_batch_size}")
+    training.log_training_start(logger, args, context, output_dir, total_steps,
+                                {"documents": len(datasets["train"]), "validation": len(datasets["val"])},
+                                [chunks], batch_unit=" documents", settings={"aggregation": args.aggregation})
 
     def run_evaluation(epoch):
         """Evaluate on validation documents; save checkpoint-best on improvement."""
         nonlocal evaluated_step
-        evaluated_step = global_step
+        evaluated_step = global_step  # the same weights are never scored twice
         metrics, _, _ = evaluate(distributed.unwrap(model), datasets["val"], args, context, label_set.names)
         # the untuned model (step 0) is a reference only: its head is random
-        improved = global_step > 0 and early_stopping.step(metrics[args.metric_for_best_model], global_step)
-        if improved and context.is_main:
-            checkpoints.write_directory_atomically(output_dir / "checkpoint-best", write_model)
-        logger.log({"step": global_step, "epoch": epoch, "eval_loss": metrics["loss"],
-                    "eval_accuracy": metrics["accuracy"], "eval_macro_f1": metrics["macro_f1"],
-                    f"eval_{args.metric_for_best_model}": metrics[args.metric_for_best_model],
-                    "eval_by_aggregation": metrics["by_aggregation"],
-                    "best": early_stopping.best_metric, "improved": improved, "untuned": global_step == 0})
+        improved = checkpoints.save_if_best(early_stopping, metrics[args.metric_for_best_model], global_step,
+                                            output_dir, write_model, context.is_main, untuned_competes=False)
+        logger.log(training.evaluation_row(global_step, epoch, metrics, early_stopping, improved,
+                                           (*LOGGED_METRICS, args.metric_for_best_model, "by_aggregation")))
 
     model.train()
     meter = training.TrainingMeter(device)  # loss and throughput for the log rows
-    window_loss = torch.zeros((), device=device)
     progress = tqdm(total=total_steps, initial=global_step, disable=not context.is_main, desc="train")
-    stop = global_step >= total_steps or early_stopping.should_stop
-    if checkpoint_dir is not None and global_step >= total_steps and evaluated_step != global_step \
-            and not early_stopping.should_stop:
-        run_evaluation(start_epoch)  # the last checkpoint was saved before the final evaluation: run it now
-    if checkpoint_dir is None:
-        run_evaluation(start_epoch)  # the untuned model: the reference fine-tuning has to beat
+    if training.evaluation_due_at_start(resume_from, global_step, evaluated_step, total_steps, early_stopping):
+        run_evaluation(start_epoch)  # the untuned model, or final weights whose evaluation a kill prevented
     for epoch in range(start_epoch, args.epochs):
-        if stop:
+        if global_step >= total_steps or early_stopping.should_stop:
             break
-        train_loader.batch_sampler.set_epoch(epoch, skip_batches if epoch == start_epoch else 0)
-        batches_done = skip_batches if epoch == start_epoch else 0
-        batches_in_epoch = len(train_loader.batch_sampler.all_batches())
+        train_loader.batch_sampler.set_epoch(epoch, skip_batches)
+        batches_done, batches_in_epoch = skip_batches, len(train_loader.batch_sampler.all_batches())
         for batch in train_loader:
             batches_done += 1
             window_ends = batches_done % args.gradient_accumulation_steps == 0 or batches_done == batches_in_epoch
             # ---- chunk forward passes under autocast, document loss, scaled backward
             loss = document_loss_backward(model, batch["chunks"], batch["doc_index"], batch["labels"], args, scaler,
-                                          precision, device, sync=window_ends or not context.enabled)
+                                          precision, device, sync=window_ends)
             meter.add(loss, len(batch["labels"]) * context.world_size)
-            window_loss += loss
+            nonfinite_guard.add(loss)
             if not window_ends:
                 continue
             # ---- optimizer step: skip non-finite losses (fp16 overflow is the scaler's job)
-            skip = not scaler.is_enabled() and nonfinite_guard.should_skip(window_loss, global_step)
-            window_loss.zero_()
-            if skip:
-                optimizer.zero_grad(set_to_none=True)
+            if nonfinite_guard.skip_step(optimizer, global_step):
                 meter.forget_loss()
                 continue
             grad_norm, _ = optimization.optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
@@ -427,28 +396,24 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
             progress.update(1)
             # ---- logging, evaluation, checkpoint
             if global_step % args.logging_steps == 0:
-                row = meter.row(global_step, epoch, scheduler.get_last_lr()[0], grad_norm)
-                logger.log(row)
-                progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2e}")
-            if args.eval_steps > 0 and global_step % args.eval_steps == 0:
+                logger.log(meter.row(global_step, epoch, scheduler.get_last_lr()[0], grad_norm), progress)
+            if training.is_due(global_step, args.eval_steps):
                 run_evaluation(epoch)
-            if args.save_strategy == "steps" and args.save_steps > 0 and global_step % args.save_steps == 0 \
-                    and context.is_main:
-                checkpoints.save_checkpoint(output_dir, write_model, checkpoint_state(epoch, batches_done),
-                                            args.save_total_limit)
+            if args.save_strategy == "steps" and training.is_due(global_step, args.save_steps) and context.is_main:
+                checkpoints.save_checkpoint(output_dir, write_model, checkpoints.training_state(
+                    optimizer, scheduler, scaler, early_stopping, args, epoch=epoch, step_in_epoch=batches_done,
+                    global_step=global_step, evaluated_step=evaluated_step), args.save_total_limit)
             distributed.barrier(context)
             if global_step >= total_steps or early_stopping.should_stop:
-                stop = True
                 break
         skip_batches = 0
-        if (not stop or global_step >= total_steps) and evaluated_step != global_step:
+        if evaluated_step != global_step:
             run_evaluation(epoch)  # epoch end (also the last evaluation of a --max-steps run)
         if early_stopping.should_stop:
             logger.info(f"early stopping: no improvement in {args.patience} evaluations")
             break
     progress.close()
-    if nonfinite_guard.skipped_total:
-        logger.info(f"skipped {nonfinite_guard.skipped_total} optimizer steps with a non-finite loss")
+    nonfinite_guard.report(logger)
     return early_stopping
 
 
