@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -276,85 +275,62 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
     optimizer, scheduler, scaler, total_steps = optimization.build_optimization(model, args, len(train_loader),
                                                                                device, precision)
     early_stopping = training.EarlyStopping(args.patience, args.min_delta, mode="min")
-    nonfinite_guard = optimization.NonFiniteLossGuard(args.max_nonfinite_steps)
-    global_step, start_epoch, skip_batches = 0, 0, 0
-
+    nonfinite_guard = optimization.NonFiniteLossGuard(args.max_nonfinite_steps, device, not scaler.is_enabled())
     # ---- resume: model weights, optimizer, scheduler, scaler, RNG, position, early stopping
-    last_evaluation = {"step": None, "val_loss": None}  # the same weights are never scored twice
-    checkpoint_dir = resume_from
-    if checkpoint_dir is not None:
-        state = checkpoints.restore_training_state(checkpoint_dir, vector_model(model), optimizer, scheduler,
-                                                   scaler, early_stopping)
-        global_step, start_epoch, skip_batches = state["global_step"], state["epoch"], state["step_in_epoch"]
-        last_evaluation.update(step=state.get("evaluated_step"), val_loss=state.get("summary", {}).get("val_loss"))
-        logger.info(f"resumed from {checkpoint_dir} at step {global_step} (epoch {start_epoch}, "
-                    f"batch {skip_batches})")
-
-    effective_batch = args.batch_size * args.gradient_accumulation_steps * context.world_size
-    logger.info(f"***** training *****  outputs: {output_dir}\n"
-                f"  pairs: {len(datasets['train'])}  validation: {len(datasets['val'])}\n"
-                f"  epochs: {args.epochs}  effective batch size: {effective_batch}  total steps: {total_steps}\n"
-                f"  loss: {args.loss}  precision: {precision.name}  device: {device}  processes: {context.world_size}")
-
-    def checkpoint_state(epoch, batches_done, val_loss):
-        return checkpoints.training_state(optimizer, scheduler, scaler, early_stopping, args, epoch=epoch,
-                                          step_in_epoch=batches_done, global_step=global_step,
-                                          evaluated_step=last_evaluation["step"], summary={"val_loss": val_loss})
+    global_step, start_epoch, skip_batches, evaluated_step, resumed_state = checkpoints.resume_training(
+        resume_from, vector_model(model), optimizer, scheduler, scaler, early_stopping, logger)
+    evaluated_loss = resumed_state.get("summary", {}).get("val_loss")  # at evaluated_step
+    training.log_training_start(logger, args, context, output_dir, total_steps,
+                                {"pairs": len(datasets["train"]), "validation": len(datasets["val"])},
+                                settings={"loss": args.loss})
 
     def run_evaluation(epoch):
         """Validation loss -> early stopping; save checkpoint-best on improvement."""
-        val_loss = evaluate_loss(distributed.unwrap(model), val_loader, args, context)
-        improved = early_stopping.step(val_loss, global_step)
-        if improved and context.is_main:
-            checkpoints.write_directory_atomically(output_dir / "checkpoint-best", vector_writer(
-                model, args, {"global_step": global_step, "val_loss": val_loss, "run_id": args.run_id}))
-        last_evaluation.update(step=global_step, val_loss=val_loss)
-        logger.log({"step": global_step, "epoch": epoch, "eval_loss": val_loss,
-                    "best": early_stopping.best_metric, "improved": improved, "untuned": global_step == 0})
+        nonlocal evaluated_step, evaluated_loss
+        evaluated_step = global_step  # the same weights are never scored twice
+        evaluated_loss = evaluate_loss(distributed.unwrap(model), val_loader, args, context)
+        summary = {"global_step": global_step, "val_loss": evaluated_loss, "run_id": args.run_id}
+        improved = checkpoints.save_if_best(early_stopping, evaluated_loss, global_step, output_dir,
+                                            vector_writer(model, args, summary), context.is_main)
+        logger.log(training.evaluation_row(global_step, epoch, {"loss": evaluated_loss}, early_stopping, improved))
 
     def run_save(epoch, batches_done):
         """checkpoint-step-N with the validation loss at step N (measured now if not yet)."""
-        val_loss = last_evaluation["val_loss"] if last_evaluation["step"] == global_step else \
+        val_loss = evaluated_loss if evaluated_step == global_step else \
             evaluate_loss(distributed.unwrap(model), val_loader, args, context)
         if context.is_main:
-            checkpoints.save_checkpoint(output_dir, vector_writer(model, args),
-                                        checkpoint_state(epoch, batches_done, val_loss), args.save_total_limit)
+            checkpoints.save_checkpoint(output_dir, vector_writer(model, args), checkpoints.training_state(
+                optimizer, scheduler, scaler, early_stopping, args, epoch=epoch, step_in_epoch=batches_done,
+                global_step=global_step, evaluated_step=evaluated_step, summary={"val_loss": val_loss}),
+                args.save_total_limit)
 
-    if checkpoint_dir is None:
+    if resume_from is None:
         run_evaluation(start_epoch)  # the untuned encoder competes: training must beat it to replace it
     model.train()
     meter = training.TrainingMeter(device)  # loss and throughput for the log rows
-    window_loss = torch.zeros((), device=device)
     progress = tqdm(total=total_steps, initial=global_step, disable=not context.is_main, desc="train")
-    stop = global_step >= total_steps or early_stopping.should_stop
     epoch, batches_done, saved_step = start_epoch, skip_batches, None
     for epoch in range(start_epoch, args.epochs):
-        if stop:
+        if global_step >= total_steps or early_stopping.should_stop:
             break
-        train_loader.batch_sampler.set_epoch(epoch, skip_batches if epoch == start_epoch else 0)
-        batches_done = skip_batches if epoch == start_epoch else 0
-        batches_in_epoch = len(train_loader.batch_sampler.all_batches())
+        train_loader.batch_sampler.set_epoch(epoch, skip_batches)
+        batches_done, batches_in_epoch = skip_batches, len(train_loader.batch_sampler.all_batches())
         for batch in train_loader:
             batches_done += 1
-            query, document = (modeldir.to_device(batch["query"], device),
-                               modeldir.to_device(batch["document"], device))
+            query, document = modeldir.to_device(batch["query"], device), modeldir.to_device(batch["document"], device)
             window_ends = batches_done % args.gradient_accumulation_steps == 0 or batches_done == batches_in_epoch
             # ---- forward under autocast, scaled backward (gradient sync only on the window's last pass)
-            sync = window_ends or not context.enabled
-            with (nullcontext() if sync else model.no_sync()):
+            with distributed.sync_gradients(model, window_ends):
                 with precision.autocast(device):
                     query_embeddings, doc_embeddings = model(query, document)
                 loss = compute_pair_loss(args.loss, query_embeddings, doc_embeddings, batch, args.temperature)
                 scaler.scale(loss / args.gradient_accumulation_steps).backward()
             meter.add(loss, len(batch["rel"]) * context.world_size)
-            window_loss += loss.detach()
+            nonfinite_guard.add(loss)
             if not window_ends:
                 continue
             # ---- optimizer step: skip non-finite losses (fp16 overflow is the scaler's job)
-            skip = not scaler.is_enabled() and nonfinite_guard.should_skip(window_loss, global_step)
-            window_loss.zero_()
-            if skip:
-                optimizer.zero_grad(set_to_none=True)
+            if nonfinite_guard.skip_step(optimizer, global_step):
                 meter.forget_loss()
                 continue
             grad_norm, _ = optimization.optimizer_step(model, optimizer, scheduler, scaler, args.max_grad_norm)
@@ -362,20 +338,17 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
             progress.update(1)
             # ---- logging, evaluation, checkpoint
             if global_step % args.logging_steps == 0:
-                row = meter.row(global_step, epoch, scheduler.get_last_lr()[0], grad_norm)
-                logger.log(row)
-                progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2e}")
-            if args.eval_steps > 0 and global_step % args.eval_steps == 0:
+                logger.log(meter.row(global_step, epoch, scheduler.get_last_lr()[0], grad_norm), progress)
+            if training.is_due(global_step, args.eval_steps):
                 run_evaluation(epoch)
-            if args.save_steps > 0 and global_step % args.save_steps == 0:
+            if training.is_due(global_step, args.save_steps):
                 run_save(epoch, batches_done)
                 saved_step = global_step
             distributed.barrier(context)
             if global_step >= total_steps or early_stopping.should_stop:
-                stop = True
                 break
         skip_batches = 0
-        if last_evaluation["step"] != global_step:
+        if evaluated_step != global_step:
             run_evaluation(epoch)  # epoch end (also the last evaluation of a --max-steps run)
         if early_stopping.should_stop:
             logger.info(f"early stopping: validation loss did not improve in {args.patience} evaluations")
@@ -383,8 +356,7 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
     if saved_step != global_step and global_step > 0 and not (output_dir / checkpoint_name(global_step)).is_dir():
         run_save(epoch, batches_done)  # the final weights are always a checkpoint
     progress.close()
-    if nonfinite_guard.skipped_total:
-        logger.info(f"skipped {nonfinite_guard.skipped_total} optimizer steps with a non-finite loss")
+    nonfinite_guard.report(logger)
     return early_stopping
 
 
