@@ -259,20 +259,6 @@ def check_resume(checkpoint_dir, args):
                         f"{'; '.join(differences)} (--resume-force accepts them, without the exact-resume guarantee)")
 
 
-def restore_training_state(checkpoint_dir, model, optimizer, scheduler, scaler, early_stopping):
-    """Load a checkpoint's weights into ``model`` and its optimizer, scheduler, scaler, early-stopping
-    and RNG states; return the state dict for the loop's position (and script extras).
-    ``check_resume`` has vetted the checkpoint before the run wrote anything."""
-    state = load_training_state(checkpoint_dir)
-    modeldir.load_weights(model, checkpoint_dir)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    early_stopping.load_state_dict(state["early_stopping"])
-    restore_rng_state(state["rng"])
-    return state
-
-
 class ResumePosition(NamedTuple):
     """Where the loop continues: its counters, and the whole loaded state (for a script's extras)."""
     global_step: int = 0
