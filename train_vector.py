@@ -20,20 +20,12 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
-
-from common import adaptation, checkpoints, data, distributed, files, modeldir, optimization, ranking, rundir, training
+from common import ranking
+from common.choices import PAIR_LOSSES, VECTOR_POOLINGS
 from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args, add_data_text_args, add_flag,
                         add_optimization_args, add_runtime_args, add_vocabulary_args, apply_option_ranges,
-                        parse_with_config, resolve_default_warmup, write_effective_config)
+                        exit_on_help, parse_with_config, resolve_default_warmup, write_effective_config)
 from common.errors import UserError, report_user_errors
-from common.pair_losses import LOSSES, compute_pair_loss
-from common.pairs import PairCollator, build_pair_dataset, load_pairs
-from common.text import build_normalizer
-from common.vector import VECTOR_POOLINGS, BertVectorModel, PairEncoder, evaluate_pairs, read_json_if_exists
-from common.vocab import fit_embeddings_to_tokenizer
 
 __all__ = ["BertVectorModel", "main"]
 
@@ -68,7 +60,7 @@ def build_parser():
     add_flag(group, "projection-dim", type=int, default=0, help="linear projection to this size (0: none)")
 
     group = add_optimization_args(parser, epochs=3, batch_size=16, eval_batch_size=64)
-    add_flag(group, "loss", choices=LOSSES, default=None,
+    add_flag(group, "loss", choices=PAIR_LOSSES, default=None,
              help="mse: weighted MSE of cosine vs rel (default); cosent: rank pairs by rel; "
                   "infonce: in-batch negatives, for positive pairs only")
     add_flag(group, "temperature", type=float, default=0.05, help="InfoNCE softmax temperature")
@@ -122,6 +114,23 @@ def parse_args(argv=None):
         if not getattr(args, name):
             raise UserError(f"--mode {args.mode} needs --{name.replace('_', '-')}")
     return args
+
+
+# --help answers before the imports below: they load torch, which takes seconds (common/cli.py)
+if __name__ == "__main__":
+    exit_on_help(build_parser)
+
+import torch  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from common import (adaptation, checkpoints, data, distributed, files, modeldir, optimization,  # noqa: E402
+                    rundir, training)
+from common.pair_losses import compute_pair_loss  # noqa: E402
+from common.pairs import PairCollator, build_pair_dataset, load_pairs  # noqa: E402
+from common.text import build_normalizer  # noqa: E402
+from common.vector import BertVectorModel, PairEncoder, evaluate_pairs, read_json_if_exists  # noqa: E402
+from common.vocab import fit_embeddings_to_tokenizer  # noqa: E402
 
 
 # ---------------------------------------------------------------- data
@@ -304,8 +313,8 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
                 global_step=global_step, evaluated_step=evaluated_step, summary={"val_loss": val_loss}),
                 args.save_total_limit)
 
-    if resume_from is None:
-        run_evaluation(start_epoch)  # the untuned encoder competes: training must beat it to replace it
+    if training.evaluation_due_at_start(resume_from, global_step, evaluated_step, total_steps, early_stopping):
+        run_evaluation(start_epoch)  # the untuned encoder (it competes), or final weights a kill left unscored
     model.train()
     meter = training.TrainingMeter(device)  # loss and throughput for the log rows
     progress = tqdm(total=total_steps, initial=global_step, disable=not context.is_main, desc="train")
@@ -486,7 +495,7 @@ def resolve_loss_for(directory, args):
     if args.loss:
         return args.loss
     trained = read_json_if_exists(Path(directory) / "training_args.json") or {}
-    return trained.get("loss") if trained.get("loss") in LOSSES else "mse"
+    return trained.get("loss") if trained.get("loss") in PAIR_LOSSES else "mse"
 
 
 def evaluate_checkpoint(directory, test_pairs, args):
