@@ -30,12 +30,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import nn
-
-from common import data, files, inference, modeldir
-from common.cli import ArgumentParser, add_flag, bounded, parse_bool, parse_device
+from common.cli import ArgumentParser, add_flag, bounded, exit_on_help, parse_bool, parse_device
 from common.errors import UserError, report_user_errors
 
 EXIT_REJECTED = 1
@@ -44,8 +39,6 @@ EXIT_REJECTED = 1
 # with a logged traceback and may keep 18)
 OPSETS = {"torchscript": (11, 20), "dynamo": (18, 23)}
 DEFAULT_OPSETS = {"torchscript": 17, "dynamo": 18}
-EXPORT_PRODUCT_SUFFIXES = (".onnx", ".rejected", inference.PREPROCESSING_SUFFIX, ".report.json")
-INPUT_NAMES = list(inference.MODEL_INPUTS)
 # (batch size, sequence length); None means the export's max length
 PARITY_CASES = ((1, 8), (2, 24), (4, None), (8, 40))
 
@@ -92,6 +85,20 @@ def build_parser():
              help="where to write the JSON report (default: <name>.report.json beside the .onnx)")
     add_flag(parser, "batch-size", type=bounded(int, minimum=1), default=32, help="batch size for the validation file")
     return parser
+
+
+# --help answers before the imports below: they load torch, which takes seconds (common/cli.py)
+if __name__ == "__main__":
+    exit_on_help(build_parser)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from common import data, files, inference, modeldir  # noqa: E402
+
+EXPORT_PRODUCT_SUFFIXES = (".onnx", ".rejected", inference.PREPROCESSING_SUFFIX, ".report.json")
+INPUT_NAMES = list(inference.MODEL_INPUTS)
 
 
 # ---------------------------------------------------------------- the exported module

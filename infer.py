@@ -33,10 +33,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from common import data, files, generation, inference
-from common.cli import SEED_LIMIT, ArgumentParser, add_flag, bounded, parse_bool, parse_device
+from common.choices import MAX_RETURN_SEQUENCES
+from common.cli import SEED_LIMIT, ArgumentParser, add_flag, bounded, exit_on_help, parse_bool, parse_device
 from common.errors import UserError, report_user_errors
 
 EXIT_SOME_FAILED = 1
@@ -112,8 +110,8 @@ def build_parser():
              help="nucleus sampling probability mass, in (0, 1]")
     add_flag(generate, "repetition-penalty", type=bounded(float, above=0), default=1.0,
              help=">1 discourages repeating tokens (> 0)")
-    add_flag(generate, "num-return-sequences", type=bounded(int, minimum=1, maximum=generation.MAX_RETURN_SEQUENCES),
-             default=1, help=f"continuations per prompt (1 to {generation.MAX_RETURN_SEQUENCES})")
+    add_flag(generate, "num-return-sequences", type=bounded(int, minimum=1, maximum=MAX_RETURN_SEQUENCES),
+             default=1, help=f"continuations per prompt (1 to {MAX_RETURN_SEQUENCES})")
     add_flag(generate, "seed", type=bounded(int, minimum=0, below=SEED_LIMIT), default=None,
              help="seed for reproducible sampling")
     serve = parser.add_argument_group("serving")
@@ -130,6 +128,15 @@ def build_parser():
     add_flag(serve, "max-batch-tokens", type=bounded(int, minimum=1), default=None,
              help="tokens per batch of merged requests (default 16384, as TEI); a longer request runs alone")
     return parser
+
+
+# --help answers before the imports below: they load torch, which takes seconds (common/cli.py)
+if __name__ == "__main__":
+    exit_on_help(build_parser)
+
+import numpy as np  # noqa: E402
+
+from common import data, files, generation, inference  # noqa: E402
 
 
 # ---------------------------------------------------------------- inputs

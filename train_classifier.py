@@ -14,18 +14,12 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
-
-from common import adaptation, checkpoints, data, distributed, files, modeldir, optimization, rundir, training
+from common.choices import POOLINGS
 from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args, add_data_text_args, add_flag,
                         add_optimization_args, add_runtime_args, add_vocabulary_args, apply_option_ranges,
-                        parse_bool, parse_with_config, resolve_default_warmup, write_effective_config)
+                        exit_on_help, parse_bool, parse_with_config, resolve_default_warmup,
+                        write_effective_config)
 from common.errors import UserError, report_user_errors
-from common.heads import POOLINGS, SequenceClassifier
-from common.text import build_normalizer
 from common.metrics import (LOGGED_METRICS, SELECTABLE_METRICS, classification_metrics, format_report,
                             majority_baseline, selection_mode)
 
@@ -107,6 +101,21 @@ def parse_args(argv=None):
         print("warning: --sampler weighted together with --class-weights corrects the imbalance twice; "
               "the guide says pick one", file=sys.stderr)
     return args
+
+
+# --help answers before the imports below: they load torch, which takes seconds (common/cli.py)
+if __name__ == "__main__":
+    exit_on_help(build_parser)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from common import (adaptation, checkpoints, data, distributed, files, modeldir, optimization,  # noqa: E402
+                    rundir, training)
+from common.heads import SequenceClassifier  # noqa: E402
+from common.text import build_normalizer  # noqa: E402
 
 
 # ---------------------------------------------------------------- data

@@ -19,17 +19,11 @@ all three aggregations side by side), errors.jsonl and train_log.jsonl. Runs unc
 import argparse
 import json
 
-import numpy as np
-import torch
-from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
-
-from common import adaptation, checkpoints, data, distributed, longdoc, modeldir, optimization, rundir, training
+from common.choices import AGGREGATIONS, CHUNK_SELECTIONS, POOLINGS
 from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args, add_data_text_args, add_flag,
                         add_optimization_args, add_runtime_args, add_vocabulary_args, apply_option_ranges,
-                        parse_with_config, resolve_default_warmup, write_effective_config)
+                        exit_on_help, parse_with_config, resolve_default_warmup, write_effective_config)
 from common.errors import UserError, report_user_errors
-from common.heads import POOLINGS, SequenceClassifier
 from common.metrics import (LOGGED_METRICS, SELECTABLE_METRICS, classification_metrics, format_report,
                             majority_baseline, selection_mode)
 
@@ -65,9 +59,9 @@ def build_parser():
     add_flag(group, "stride", type=int, default=128, help="tokens shared by consecutive windows (guide: 128-192)")
     add_flag(group, "max-chunks", type=int, default=0,
              help="keep at most this many windows per document (0: all); 1 is plain head truncation")
-    add_flag(group, "chunk-selection", choices=longdoc.CHUNK_SELECTIONS, default="spread",
+    add_flag(group, "chunk-selection", choices=CHUNK_SELECTIONS, default="spread",
              help="which windows --max-chunks keeps: evenly spread over the document, head and tail, or head")
-    add_flag(group, "aggregation", choices=longdoc.AGGREGATIONS, default="mean",
+    add_flag(group, "aggregation", choices=AGGREGATIONS, default="mean",
              help="how chunk logits become document logits (training loss and prediction)")
     add_flag(group, "chunk-batch-size", type=int, default=16,
              help="chunks per forward pass: bounds memory however long a document is")
@@ -105,6 +99,20 @@ def parse_args(argv=None):
 def build_settings(args):
     return longdoc.LongdocSettings(args.stride, args.max_chunks, args.chunk_selection, args.aggregation,
                                    list(args.strip_pattern_list))
+
+
+# --help answers before the imports below: they load torch, which takes seconds (common/cli.py)
+if __name__ == "__main__":
+    exit_on_help(build_parser)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from common import (adaptation, checkpoints, data, distributed, longdoc, modeldir, optimization,  # noqa: E402
+                    rundir, training)
+from common.heads import SequenceClassifier  # noqa: E402
 
 
 # ---------------------------------------------------------------- data

@@ -4,6 +4,7 @@ import difflib
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import yaml
@@ -28,6 +29,21 @@ class ArgumentParser(argparse.ArgumentParser):
             if word.startswith("-") and close:
                 return f" (did you mean {close[0]}?)"
         return ""
+
+
+def exit_on_help(build_parser, argv=None):
+    """Print the script's help and exit when the command line asks for it; else do nothing.
+
+    A script calls this, when run as a program, between its ``build_parser`` and the imports that
+    load torch, so ``--help`` answers without waiting seconds for them. The script's own parser
+    prints the help, so it reads as it would from ``main``.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        try:
+            build_parser().parse_args(argv)  # argparse prints the help and exits when it reaches -h
+        except UserError:
+            pass  # a mistake before the -h: main reports it as usual
 
 
 def bounded(kind, minimum=None, maximum=None, above=None, below=None):

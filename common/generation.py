@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 
 from common import modeldir
+from common.choices import MAX_RETURN_SEQUENCES
 from common.errors import UserError
 
 CAUSAL_LM_SUFFIXES = ("LMHeadModel", "ForCausalLM")
 DEFAULT_TOP_K = 50
-# every sequence is a row of one generate() batch: a million of them exhausts memory, not the model
-MAX_RETURN_SEQUENCES = 64
 # BERT-style tokenizers (uer/gpt2-chinese-*) decode Chinese with a space between characters
 CJK = r"[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef]"
 SPACE_BETWEEN_CJK = re.compile(rf"(?<={CJK}) (?={CJK})")

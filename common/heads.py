@@ -5,8 +5,7 @@ import torch
 from torch import nn
 
 from common import modeldir
-
-POOLINGS = ("cls", "mean", "max", "pooler")
+from common.choices import POOLINGS
 
 
 def pool_hidden_states(hidden_states, attention_mask, pooling, pooler_output=None):

@@ -19,12 +19,8 @@ import numpy as np
 import torch
 
 from common import data
+from common.choices import AGGREGATIONS, CHUNK_SELECTIONS
 from common.errors import UserError
-
-AGGREGATIONS = ("mean", "max", "logsumexp")
-# spread: evenly spaced windows from first to last (a sample of the whole document);
-# head-tail: the first half and the last half of the cap; head: the first windows only
-CHUNK_SELECTIONS = ("spread", "head-tail", "head")
 
 
 @dataclass

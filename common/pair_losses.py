@@ -1,9 +1,8 @@
 """Losses of the vector trainer: weighted MSE of cosine against the graded relevance (the default),
-CoSENT (rank pairs by relevance) and InfoNCE over in-batch negatives."""
+CoSENT (rank pairs by relevance) and InfoNCE over in-batch negatives (their --loss names:
+choices.PAIR_LOSSES)."""
 import torch
 import torch.nn.functional as F
-
-LOSSES = ("mse", "cosent", "infonce")
 
 
 def weighted_mse_loss(query_embeddings, doc_embeddings, rel, weight):

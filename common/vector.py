@@ -14,12 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import data, modeldir
+from common.choices import VECTOR_POOLINGS
 from common.errors import UserError
 from common.heads import pool_hidden_states
 from common.pair_losses import compute_pair_loss
 from common.pairs import encode_text_features
-
-VECTOR_POOLINGS = ("cls", "mean")
 
 
 # ---------------------------------------------------------------- the model
