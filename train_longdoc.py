@@ -84,7 +84,7 @@ def build_parser():
 def parse_args(argv=None):
     args = parse_with_config(build_parser(), argv, SECTION_ALIASES, CONFIG_CONVERTERS)
     resolve_default_warmup(args, warmup_ratio=0.1)
-    adaptation.check_vocabulary_options(args)
+    adaptation.resolve_vocabulary_options(args)
     if args.eval_only:
         if not args.model_path or not args.test_path:
             raise UserError("--eval-only needs --model-path and --test-path")

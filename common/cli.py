@@ -262,7 +262,7 @@ def add_vocabulary_args(parser):
              help="where the added tokens' embeddings start: random N(0, initializer_range), the mean of the "
                   "existing rows, or the [UNK] row (see docs/train_classifier.md)")
     add_flag(group, "new-token-lr", type=bounded(float, above=0), default=None, metavar="LR",
-             help="learning rate of the added tokens' embeddings (default: --learning-rate)")
+             help="learning rate of the added tokens' embeddings (default: 10 x --learning-rate)")
     add_flag(group, "mlm-adapt-steps", type=bounded(int, minimum=0), default=0, metavar="N",
              help="masked-language-model steps on the training texts (and --unlabeled-path) before fine-tuning")
     add_flag(group, "unlabeled-path", default=None,

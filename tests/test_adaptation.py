@@ -126,3 +126,14 @@ def test_a_missing_unlabeled_file_is_one_line(tmp_path, tiny_model_dir, text_dat
     assert status == 2
     assert_one_error_line(capsys.readouterr().err, "--unlabeled-path", "missing.txt")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("script", ["train_classifier", "train_longdoc", "train_vector"])
+def test_added_rows_learn_ten_times_faster_unless_told(script, tmp_path):
+    import importlib
+    parse_args = importlib.import_module(script).parse_args
+    data = ["--data-path", "t.jsonl"] + (["--val-path", "v.jsonl"] if script == "train_vector" else [])
+    common = [*data, "--learning-rate", "1e-4"]
+    assert parse_args([*common, "--extend-vocab", "2"]).new_token_lr == pytest.approx(1e-3)
+    assert parse_args([*common, "--extend-vocab", "2", "--new-token-lr", "3e-4"]).new_token_lr == 3e-4
+    assert parse_args(common).new_token_lr is None  # nothing added, nothing to speed up
