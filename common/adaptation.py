@@ -20,7 +20,8 @@ MASK_PROBABILITY = 0.15  # BERT's: of those, 80% become [MASK], 10% a random tok
 
 
 # The added rows learn at this multiple of --learning-rate unless --new-token-lr says otherwise: on 4k Chinese
-# reviews with ~2,100 added characters, 10x gave +4.2 points of test accuracy on seed 13 (see bench/README.md)
+# reviews with ~2,100 added characters, 10x gave +4.2 and +1.9 points of test accuracy (seeds 13, 14;
+# bench/README.md)
 NEW_TOKEN_LR_FACTOR = 10
 
 
