@@ -2,7 +2,7 @@
 
     python bench/retrieval_quality.py                          # defaults, baselines, one seed
     python bench/retrieval_quality.py --configs default,loss-mse --seeds 13,14,15
-    python bench/retrieval_quality.py --configs loss-cosent,loss-infonce,pooling-mean --work-dir /tmp/rq
+    python bench/retrieval_quality.py --configs loss-cosent,loss-infonce,pooling-mean --work-dir runs/retrieval_quality
 
 Data: the Chinese review inverse-cloze set of ``bench/prepare_retrieval.py --source reviews`` (built under
 --data-dir when missing): ~6k graded training pairs, validation queries, 300 test queries x 50
