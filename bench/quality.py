@@ -346,27 +346,44 @@ def run_worker(args):
 def launch(args, name, seed):
     """Run one configuration and seed in its own process unless its run.json exists; return the result."""
     run_dir = Path(args.work_dir).resolve() / (name if CONFIGS[name].get("seedless") else f"{name}-seed{seed}")
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--seed", str(seed),
+               "--run-dir", str(run_dir)] + forwarded_flags(args)
+    result = run_in_process(run_dir, command, f"[quality] {name} seed {seed}", args.rerun)
+    print(f"[quality] {name} seed {seed}: test accuracy {result['reported']['accuracy']:.4f}, "
+          f"macro-F1 {result['reported']['macro_f1']:.4f} ({result['wall_seconds']:.0f} s)", flush=True)
+    return result
+
+
+def run_in_process(run_dir, command, label, rerun=False, env=None):
+    """Run ``command`` (a worker writing ``run_dir/run.json``) with its output in ``run_dir/log.txt``, unless
+    run.json exists already; return that result with the wall-clock time added."""
     result_path = run_dir / "run.json"
-    if result_path.is_file() and not args.rerun:
+    if result_path.is_file() and not rerun:
         return json.loads(result_path.read_text(encoding="utf-8"))
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an interrupted or forced run starts clean (the trainers refuse foreign dirs)
     run_dir.mkdir(parents=True)
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--seed", str(seed),
-               "--run-dir", str(run_dir)] + forwarded_flags(args)
-    print(f"[quality] {name} seed {seed}: running (log {run_dir / 'log.txt'})", flush=True)
+    print(f"{label}: running (log {run_dir / 'log.txt'})", flush=True)
     started = time.perf_counter()
     with open(run_dir / "log.txt", "w", encoding="utf-8") as log:
         completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                                   env={**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"})
+                                   env={**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
+                                        **(env or {})})
     if completed.returncode or not result_path.is_file():
-        raise SystemExit(f"[quality] {name} seed {seed} failed (exit {completed.returncode}); see {run_dir / 'log.txt'}")
+        raise SystemExit(f"{label} failed (exit {completed.returncode}); see {run_dir / 'log.txt'}")
     result = json.loads(result_path.read_text(encoding="utf-8"))
     result["wall_seconds"] = time.perf_counter() - started
     result_path.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    print(f"[quality] {name} seed {seed}: test accuracy {result['reported']['accuracy']:.4f}, "
-          f"macro-F1 {result['reported']['macro_f1']:.4f} ({result['wall_seconds']:.0f} s)", flush=True)
     return result
+
+
+def parse_configs(text, known):
+    """The comma-separated --configs names, each checked against ``known``."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown}; known: {sorted(known)}")
+    return names
 
 
 def forwarded_flags(args):
@@ -452,10 +469,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.worker:
         return run_worker(args)
-    names = [name.strip() for name in args.configs.split(",") if name.strip()]
-    unknown = [name for name in names if name not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"--configs: unknown {unknown}; known: {sorted(CONFIGS)}")
+    names = parse_configs(args.configs, CONFIGS)
     seeds = [int(seed) for seed in args.seeds.split(",")]
     ensure_data(args)
     rows = []

@@ -19,7 +19,6 @@ Configurations (--configs, comma-separated): see CONFIGS below; "default" passes
 """
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import count_lines, describe_machine, mean_std, toolkit_commit  # noqa: E402
+from quality import (count_lines, describe_machine, mean_std, parse_configs, run_in_process,  # noqa: E402
+                     toolkit_commit)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIGS = "tfidf,untuned-cls,untuned-mean,default"
@@ -185,31 +185,13 @@ def run_worker(args):
 
 def launch(args, name, seed):
     """Run one configuration and seed in its own process unless its run.json exists; return the result."""
-    seedless = CONFIGS[name] is None
-    run_dir = Path(args.work_dir).resolve() / (name if seedless else f"{name}-seed{seed}")
-    result_path = run_dir / "run.json"
-    if result_path.is_file() and not args.rerun:
-        return json.loads(result_path.read_text(encoding="utf-8"))
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # an interrupted or forced run starts clean (the trainer refuses foreign dirs)
-    run_dir.mkdir(parents=True)
+    run_dir = Path(args.work_dir).resolve() / (name if CONFIGS[name] is None else f"{name}-seed{seed}")
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--seed", str(seed),
                "--run-dir", str(run_dir), "--model", str(Path(args.model).resolve()),
                "--data-dir", str(Path(args.data_dir).resolve()), "--epochs", str(args.epochs),
                "--max-length", str(args.max_length)]
-    print(f"[retrieval] {name} seed {seed}: running (log {run_dir / 'log.txt'})", flush=True)
-    started = time.perf_counter()
-    with open(run_dir / "log.txt", "w", encoding="utf-8") as log:
-        threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}
-        completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                                   env={**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
-                                        **threads})
-    if completed.returncode or not result_path.is_file():
-        raise SystemExit(f"[retrieval] {name} seed {seed} failed (exit {completed.returncode}); "
-                         f"see {run_dir / 'log.txt'}")
-    result = json.loads(result_path.read_text(encoding="utf-8"))
-    result["wall_seconds"] = time.perf_counter() - started
-    result_path.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}
+    result = run_in_process(run_dir, command, f"[retrieval] {name} seed {seed}", args.rerun, threads)
     last = f" (last step {result['last']['ndcg@10']:.4f})" if "last" in result else ""
     print(f"[retrieval] {name} seed {seed}: test NDCG@10 {result['reported']['ndcg@10']:.4f}{last} "
           f"({result['wall_seconds']:.0f} s)", flush=True)
@@ -256,10 +238,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.worker:
         return run_worker(args)
-    names = [name.strip() for name in args.configs.split(",") if name.strip()]
-    unknown = [name for name in names if name not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"--configs: unknown {unknown}; known: {sorted(CONFIGS)}")
+    names = parse_configs(args.configs, CONFIGS)
     seeds = [int(seed) for seed in args.seeds.split(",")]
     ensure_data(args)
     runs = [(name, seed) for name in names for seed in ([seeds[0]] if CONFIGS[name] is None else seeds)]
