@@ -7,6 +7,11 @@ Example:
 Reads {"text", "label"}, {"message", "context", "label"} or chat {"messages": [...]} records from
 JSON, JSONL, CSV or TSV; writes output/checkpoint-best (a self-describing model directory),
 metrics.json, train_log.jsonl, errors.jsonl and plots. Runs unchanged under torchrun.
+
+A cross-encoder reranker from the vector trainer's pair files ({"query", "document", "rel"} or
+{"query", "pos", "neg"}), evaluated on each query's documents and behind a bi-encoder:
+    python train_classifier.py --problem-type rerank --data-path train.jsonl --val-path valid.jsonl \
+        --test-path test.jsonl --model-name all-MiniLM-L6-v2 --retriever vector_model --output-dir reranker
 """
 import argparse
 import json
@@ -14,14 +19,14 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from common.choices import POOLINGS
+from common.choices import POOLINGS, PROBLEM_TYPES, RERANK_LOSSES
 from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args, add_data_text_args, add_flag,
                         add_optimization_args, add_runtime_args, add_vocabulary_args, apply_option_ranges,
                         exit_on_help, parse_bool, parse_with_config, resolve_default_warmup,
                         write_effective_config)
 from common.errors import UserError, report_user_errors
-from common.metrics import (LOGGED_METRICS, SELECTABLE_METRICS, classification_metrics, format_report,
-                            majority_baseline, selection_mode)
+from common.metrics import (LOGGED_METRICS, RERANK_LOGGED_METRICS, RERANK_SELECTABLE_METRICS, SELECTABLE_METRICS,
+                            classification_metrics, format_report, majority_baseline, selection_mode)
 
 # config-file keys (sections of seed 000's default.yaml) whose flag has another name
 SECTION_ALIASES = {
@@ -47,6 +52,9 @@ def build_parser():
     group = parser.add_argument_group("model")
     add_flag(group, "model-name", aliases=("model-name-or-path",), default="hfl/chinese-bert-wwm-ext",
              help="hub name or local path of the encoder")
+    add_flag(group, "problem-type", choices=PROBLEM_TYPES, default="single_label",
+             help="single_label: one class per text; rerank: a cross-encoder scoring query/document pairs "
+                  "(stored with the model)")
     add_flag(group, "num-labels", type=int, help="expected number of labels (checked against the data)")
     add_flag(group, "max-length", type=int, default=128, help="tokens per input, special tokens included")
     add_flag(group, "pooling", choices=POOLINGS, default="cls", help="how token states become one vector")
@@ -75,9 +83,20 @@ def build_parser():
     add_flag(group, "calibrate", type=parse_bool, default=True,
              help="fit a temperature on the validation set and store it with the model")
 
+    group = parser.add_argument_group("reranker (--problem-type rerank, see docs/train_classifier.md)")
+    add_flag(group, "rerank-loss", choices=RERANK_LOSSES, default="pointwise",
+             help="pointwise: BCE of each pair against rel / max rel; listwise: softmax over one positive and "
+                  "its negatives")
+    add_flag(group, "rerank-group-size", type=int, default=8,
+             help="listwise: pairs per group (one positive, the rest negatives); --batch-size counts groups")
+    add_flag(group, "retriever", help="bi-encoder model directory (train_vector.py): evaluate retrieve-then-rerank "
+                                      "on the test (else validation) pairs")
+    add_flag(group, "rerank-top", type=int, default=50, help="with --retriever: how many retrieved documents "
+                                                              "the reranker reorders")
+
     group = add_checkpoint_args(parser, logging_steps=100)
-    add_flag(group, "metric-for-best-model", default="macro_f1", choices=SELECTABLE_METRICS,
-             help="validation metric that picks the best model")
+    add_flag(group, "metric-for-best-model", default=None, choices=SELECTABLE_METRICS + RERANK_SELECTABLE_METRICS,
+             help="validation metric that picks the best model (default: macro_f1; ndcg@10 for a reranker)")
     add_flag(group, "save-strategy", choices=["steps", "no"], default="steps", help="'no' skips step checkpoints")
     add_flag(group, "eval-only", action="store_true", help="evaluate --model-path on --test-path, no training")
     add_flag(group, "model-path", help="model directory for --eval-only")
@@ -97,10 +116,35 @@ def parse_args(argv=None):
     elif not args.data_path:
         raise UserError("--data-path is required (training data file)")
     checkpoints.check_resume_argument(args.resume)
+    if not args.eval_only:  # --eval-only: the model directory says what it is (run_eval_only)
+        check_problem_type_options(args)
     if args.sampler == "weighted" and args.class_weights != "none":
         print("warning: --sampler weighted together with --class-weights corrects the imbalance twice; "
               "the guide says pick one", file=sys.stderr)
     return args
+
+
+# options that mean nothing to a reranker, with their default (given otherwise, they are refused)
+CLASSIFICATION_ONLY_OPTIONS = {"labels": None, "num_labels": None, "group_field": None, "loss": "ce",
+                               "class_weights": "none", "sampler": "random", "label_smoothing": 0.0,
+                               "rdrop_alpha": 0.0}
+RERANK_ONLY_OPTIONS = {"rerank_loss": "pointwise", "rerank_group_size": 8, "retriever": None, "rerank_top": 50}
+
+
+def check_problem_type_options(args):
+    """Refuse options that the chosen --problem-type would ignore; pick its default selection metric."""
+    rerank = args.problem_type == "rerank"
+    ignored = CLASSIFICATION_ONLY_OPTIONS if rerank else RERANK_ONLY_OPTIONS
+    for name, default in ignored.items():
+        if getattr(args, name) != default:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} does not apply to --problem-type {args.problem_type}")
+    selectable = RERANK_SELECTABLE_METRICS + ("loss",) if rerank else SELECTABLE_METRICS
+    if args.metric_for_best_model is None:
+        args.metric_for_best_model = "ndcg@10" if rerank else "macro_f1"
+    elif args.metric_for_best_model not in selectable:
+        raise UserError(f"--metric-for-best-model {args.metric_for_best_model}: --problem-type {args.problem_type} "
+                        f"selects by one of {', '.join(selectable)}")
 
 
 # --help answers before the imports below: they load torch, which takes seconds (common/cli.py)
@@ -113,7 +157,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from common import (adaptation, checkpoints, data, distributed, files, modeldir, optimization,  # noqa: E402
-                    rundir, training)
+                    reranking, rundir, training)
 from common.heads import SequenceClassifier  # noqa: E402
 from common.text import build_normalizer  # noqa: E402
 
@@ -149,6 +193,48 @@ def load_splits(args, label_names=None):
     return splits, label_set
 
 
+def load_rerank_splits(args):
+    """A reranker's splits: graded query/document pairs (or query/pos/neg records); without --val-path,
+    whole queries are held out for validation. Returns (splits, label_set of the one score)."""
+    def read(path, split=None, default_splits=("train",)):
+        return reranking.load_rerank_pairs(path, args.skip_invalid, split, default_splits)
+    splits = {"train": read(args.data_path, args.data_split)} if args.data_path else {}
+    if args.val_path:
+        splits["val"] = read(args.val_path, default_splits=VALIDATION_SPLITS)
+    if args.test_path:
+        splits["test"] = read(args.test_path, default_splits=("test",))
+    data.report_skipped(*splits.values())
+    if not args.val_path and "train" in splits:
+        splits["train"], splits["val"] = reranking.split_by_query(splits["train"], args.val_ratio, args.seed)
+    for name, pairs in splits.items():
+        reranking.check_split(pairs, name)
+    return splits, data.LabelSet(["relevance"])
+
+
+def encode_rerank_splits(splits, tokenizer, args, normalize):
+    """Tokenize a reranker's splits once (listwise training: groups of one positive and its negatives).
+    Returns ({split: RerankDataset}, summary lines)."""
+    rel_scale = max(pair.rel for pair in splits["train" if "train" in splits else "test"])
+    datasets, summaries = {}, []
+    for name, pairs in splits.items():
+        groups = None
+        if name == "train" and args.rerank_loss == "listwise":
+            groups = reranking.listwise_groups(pairs, args.rerank_group_size, args.seed)
+        datasets[name] = reranking.build_rerank_dataset(tokenizer, pairs, args.max_length, args.truncation_side,
+                                                        normalize, rel_scale, groups)
+        summaries.append(reranking.summarize(name, pairs, datasets[name], args.max_length))
+    return datasets, summaries
+
+
+def check_retriever(path):
+    """--retriever must be a bi-encoder model directory: checked before training, not after it."""
+    if not Path(path).is_dir():
+        raise UserError(f"--retriever {path}: not a directory (a train_vector.py model directory)")
+    _, toolkit = modeldir.read_model_config(path)
+    if toolkit.get("task") != "vector":
+        raise UserError(f"--retriever {path}: a {toolkit.get('task')} model, not a bi-encoder (vector) model")
+
+
 def encode_splits(splits, tokenizer, args, normalize, label_set):
     """Tokenize every split once; print the dataset summary. Returns {split: EncodedDataset}."""
     datasets, summaries = {}, []
@@ -163,13 +249,20 @@ def encode_splits(splits, tokenizer, args, normalize, label_set):
     return datasets, summaries
 
 
+def build_collator(args):
+    """Pads a batch; a reranker's examples (groups of pairs) are flattened into one batch of pairs."""
+    if args.problem_type == "rerank":
+        return reranking.RerankCollator(args.pad_token_id)
+    return data.PaddingCollator(args.pad_token_id)
+
+
 def build_train_loader(dataset, args, context, sample_weights=None):
     sampler = data.LengthGroupedBatchSampler(
         dataset.lengths, args.batch_size, shuffle=True, seed=args.seed, group_by_length=args.group_by_length,
         rank=context.rank, world_size=context.world_size, sample_weights=sample_weights)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=data.PaddingCollator(
-        args.pad_token_id), num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-        generator=data.private_generator(args.seed))
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=build_collator(args),
+                                       num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+                                       generator=data.private_generator(args.seed))
 
 
 def build_eval_loader(dataset, args, context):
@@ -178,7 +271,7 @@ def build_eval_loader(dataset, args, context):
     lengths = [dataset.lengths[i] for i in shard.indices]
     sampler = data.LengthGroupedBatchSampler(lengths, args.eval_batch_size, shuffle=False)
     return torch.utils.data.DataLoader(shard, batch_sampler=sampler, generator=data.private_generator(args.seed),
-                                       collate_fn=data.PaddingCollator(args.pad_token_id))
+                                       collate_fn=build_collator(args))
 
 
 # ---------------------------------------------------------------- model
@@ -189,10 +282,15 @@ def build_model(args, num_labels, tokenizer):
 
 def build_toolkit_block(args, model, normalize_spec, record_format, temperature=1.0):
     """Everything inference needs to reproduce training-time preprocessing."""
-    return {"task": "classification", "head": model.head_settings, "temperature": temperature,
-            "preprocessing": {"max_length": args.max_length, "truncation_side": args.truncation_side,
-                              "context": "pair", "context_truncation": "keep_recent_end",
-                              "normalize": normalize_spec, "record_format": record_format}}
+    toolkit = {"task": "classification", "problem_type": args.problem_type, "head": model.head_settings,
+               "temperature": temperature,
+               "preprocessing": {"max_length": args.max_length, "truncation_side": args.truncation_side,
+                                 "context": "pair", "context_truncation": "keep_recent_end",
+                                 "normalize": normalize_spec, "record_format": record_format}}
+    if args.problem_type == "rerank":  # [CLS] query [SEP] document [SEP]; the document is cut first
+        toolkit["preprocessing"].update(context=reranking.PREPROCESSING_PAIR, context_truncation="document_first",
+                                        record_format="query_document")
+    return toolkit
 
 
 # ---------------------------------------------------------------- evaluation
@@ -213,13 +311,16 @@ def predict_logits(model, loader, device, precision):
     return torch.cat(logits), torch.cat(labels), torch.cat(indices)
 
 
-def evaluate(model, loader, device, precision, context, label_names, loss_fn=None):
-    """Metrics over the whole split (gathered across ranks), plus the logits in input order."""
+def evaluate(model, loader, device, precision, context, label_names, loss_fn=None, query_ids=None):
+    """Metrics over the whole split (gathered across ranks), plus the logits in input order.
+    With ``query_ids`` (a reranker's pairs), ranking metrics of each query's documents."""
     shards = distributed.gather_objects(context, predict_logits(model, loader, device, precision))
     logits = torch.cat([shard[0] for shard in shards])
     labels = torch.cat([shard[1] for shard in shards])
     order = torch.argsort(torch.cat([shard[2] for shard in shards]))
     logits, labels = logits[order], labels[order]
+    if query_ids is not None:
+        return reranking.evaluation_metrics(logits, labels, query_ids), logits, labels
     probs = torch.softmax(logits, dim=-1)
     metrics = classification_metrics(labels.numpy(), probs.argmax(-1).numpy(), label_names, probs.numpy())
     metrics["loss"] = float(torch.nn.functional.cross_entropy(logits, labels)) if loss_fn is None \
@@ -232,6 +333,22 @@ def evaluate(model, loader, device, precision, context, label_names, loss_fn=Non
 def build_techniques(args, model, train_dataset, num_labels):
     """Loss function, adversary, EMA and sampling weights from the technique flags (common/techniques.py)."""
     from common import techniques
+    if args.problem_type == "rerank":
+        loss_fn, sample_weights = reranking.build_loss(args.rerank_loss), None
+    else:
+        loss_fn, sample_weights = build_classification_loss(args, train_dataset, num_labels)
+    adversary = None
+    if args.adversarial == "fgm":
+        adversary = techniques.FGM(model, epsilon=args.adv_epsilon)
+    elif args.adversarial == "pgd":
+        adversary = techniques.PGD(model, epsilon=args.adv_epsilon, alpha=args.adv_epsilon / 3, steps=args.adv_steps)
+    ema = techniques.ExponentialMovingAverage(model, args.ema_decay) if args.ema_decay > 0 else None
+    return loss_fn, adversary, ema, sample_weights
+
+
+def build_classification_loss(args, train_dataset, num_labels):
+    """A classifier's loss (class weights, focal, smoothing) and its sampling weights."""
+    from common import techniques
     train_labels = np.array([f["labels"] for f in train_dataset.features])
     counts = np.bincount(train_labels, minlength=num_labels)
     class_weights = techniques.compute_class_weights(counts, args.class_weights, args.class_weights_beta)
@@ -239,14 +356,8 @@ def build_techniques(args, model, train_dataset, num_labels):
         print(f"class weights ({args.class_weights}): " + ", ".join(f"{w:.3f}" for w in class_weights.tolist()))
         class_weights = class_weights.to(args.device_obj)
     loss_fn = techniques.build_loss(args.loss, class_weights, args.label_smoothing, args.focal_gamma)
-    adversary = None
-    if args.adversarial == "fgm":
-        adversary = techniques.FGM(model, epsilon=args.adv_epsilon)
-    elif args.adversarial == "pgd":
-        adversary = techniques.PGD(model, epsilon=args.adv_epsilon, alpha=args.adv_epsilon / 3, steps=args.adv_steps)
-    ema = techniques.ExponentialMovingAverage(model, args.ema_decay) if args.ema_decay > 0 else None
     sample_weights = (1.0 / np.maximum(counts, 1))[train_labels] if args.sampler == "weighted" else None
-    return loss_fn, adversary, ema, sample_weights
+    return loss_fn, sample_weights
 
 
 def compute_loss(model, inputs, labels, loss_fn, rdrop_alpha):
@@ -295,6 +406,7 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
     optimizer, scheduler, scaler, total_steps = optimization.build_optimization(model, args, len(train_loader),
                                                                                device, precision)
     early_stopping = training.EarlyStopping(args.patience, args.min_delta, selection_mode(args.metric_for_best_model))
+    val_query_ids = datasets["val"].query_ids if args.problem_type == "rerank" else None
     nonfinite_guard = optimization.NonFiniteLossGuard(args.max_nonfinite_steps, device, not scaler.is_enabled())
     # ---- resume: model weights, optimizer, scheduler, scaler, RNG, position, early stopping
     global_step, start_epoch, skip_batches, evaluated_step, _ = checkpoints.resume_training(
@@ -307,12 +419,13 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
         nonlocal evaluated_step
         evaluated_step = global_step  # the same weights are never scored twice
         with ema.average_parameters(distributed.unwrap(model)) if ema is not None else nullcontext():
-            metrics, _, _ = evaluate(distributed.unwrap(model), val_loader, device, precision, context, label_set.names)
+            metrics, _, _ = evaluate(distributed.unwrap(model), val_loader, device, precision, context, label_set.names,
+                                     query_ids=val_query_ids)
             # the untuned model (step 0) is a reference only: its head is random
             improved = checkpoints.save_if_best(early_stopping, metrics[args.metric_for_best_model], global_step,
                                                 output_dir, write_model, context.is_main, untuned_competes=False)
         logger.log(training.evaluation_row(global_step, epoch, metrics, early_stopping, improved,
-                                           (*LOGGED_METRICS, args.metric_for_best_model)))
+                                           (*logged_metrics(args), args.metric_for_best_model)))
 
     model.train()
     meter = training.TrainingMeter(device)  # loss and throughput for the log rows
@@ -335,7 +448,7 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
                 scaler.scale(loss / args.gradient_accumulation_steps).backward()
                 if adversary is not None:
                     adversarial_backward(adversary, model, inputs, labels, loss_fn, args, scaler, precision, device)
-            meter.add(loss, labels.numel() * context.world_size)
+            meter.add(loss, batch["index"].numel() * context.world_size)
             nonfinite_guard.add(loss)
             if not window_ends:
                 continue
@@ -410,6 +523,40 @@ def finish(args, model_dir, datasets, splits, label_set, context, output_dir, lo
     return results
 
 
+def finish_reranker(args, model_dir, splits, context, output_dir, logger, results=None):
+    """Reload the best reranker; ranking metrics on validation and test beside TF-IDF; with --retriever,
+    the retriever's top --rerank-top reordered by the reranker, before and after; metrics.json."""
+    results = dict(results or {})
+    if not context.is_main:
+        return results
+    from common import inference
+    reranker = inference.load_torch_model(model_dir, args.device_obj)
+    for split, name in (("val", "validation"), ("test", "test")):
+        if split in splits:
+            results[name] = reranking.score_groups(reranker, splits[split], args.eval_batch_size)
+    report_split, report_name = ("test", "test") if "test" in splits else ("val", "validation")
+    pairs = splits[report_split]
+    if args.baseline != "none":
+        from common.baselines import format_comparison, retrieval_baseline
+        results["baseline"] = retrieval_baseline([p.query for p in pairs], [p.document for p in pairs],
+                                                 [p.rel for p in pairs], reranking.EVALUATION_KS)
+        logger.info(f"{report_name} ranking of each query's listed documents:\n" + format_comparison(
+            results[report_name], results["baseline"], ["ndcg@10", "mrr@10", "map@10", "recall@10"]))
+    if args.retriever:
+        retriever = inference.load_model(args.retriever, device=args.device_obj)
+        report = reranking.retrieve_then_rerank(retriever, reranker, pairs, args.rerank_top, args.eval_batch_size)
+        report["split"] = report_name
+        report["lowered_ndcg"] = reranking.report_rerank_change(report, logger.info)
+        results["retrieve_then_rerank"] = report
+    (output_dir / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+    log_path = output_dir / "train_log.jsonl"
+    if log_path.is_file():
+        from common.plots import write_training_curves_png
+        rows = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        write_training_curves_png(output_dir / "training_curves.png", rows)
+    return results
+
+
 def rewrite_toolkit(model_dir, toolkit):
     """Store a changed toolkit block (e.g. the fitted temperature) in config.json, atomically, and
     refresh the directory's checksums so they still describe what is on disk."""
@@ -468,6 +615,16 @@ def describe_evaluation(row):
             f"macro-F1 {row['eval_macro_f1']:.4f}")
 
 
+def describe_rerank_evaluation(row):
+    return (f"step {row['step']}: eval loss {row['eval_loss']:.4f}, NDCG@10 {row['eval_ndcg@10']:.4f}, "
+            f"MRR@10 {row['eval_mrr@10']:.4f}")
+
+
+def logged_metrics(args):
+    """The validation metrics every evaluation row holds."""
+    return RERANK_LOGGED_METRICS if args.problem_type == "rerank" else LOGGED_METRICS
+
+
 def start_wandb(args, is_main):
     if not args.wandb or not is_main:
         return None
@@ -485,6 +642,8 @@ def start_wandb(args, is_main):
 def run_eval_only(args, context):
     """--eval-only: evaluate a saved model on --test-path with its stored preprocessing."""
     output_dir = rundir.prepare_results_dir(args.output_dir, "--output-dir", args.overwrite_output_dir)
+    if resolve_stored_problem_type(args) == "rerank":
+        return run_rerank_eval_only(args, context, output_dir)
     model, tokenizer, toolkit, config = SequenceClassifier.from_directory(args.model_path)
     label_names = [config.id2label[index] for index in range(len(config.id2label))]
     args.data_path, args.val_path = None, None
@@ -503,6 +662,29 @@ def run_eval_only(args, context):
     return 0
 
 
+def resolve_stored_problem_type(args):
+    """--eval-only evaluates the model as what it was trained as (its stored problem_type)."""
+    _, toolkit = modeldir.read_model_config(args.model_path)
+    stored = toolkit.get("problem_type", "single_label")
+    if args.problem_type not in ("single_label", stored):
+        raise UserError(f"--problem-type {args.problem_type}: {args.model_path} is a {stored} model")
+    args.problem_type = stored
+    check_problem_type_options(args)
+    return stored
+
+
+def run_rerank_eval_only(args, context, output_dir):
+    """--eval-only for a reranker: ranking metrics on --test-path (and retrieve-then-rerank with --retriever)."""
+    if args.retriever:
+        check_retriever(args.retriever)
+    args.data_path, args.val_path = None, None
+    splits, _ = load_rerank_splits(args)
+    results = finish_reranker(args, args.model_path, splits, context, output_dir,
+                              training.RunLogger(output_dir, context.is_main, describe_rerank_evaluation))
+    print(json.dumps({key: results["test"][key] for key in ("ndcg@10", "mrr@10", "map@10", "recall@10")}))
+    return 0
+
+
 @report_user_errors
 def main(argv=None):
     args = parse_args(argv)
@@ -518,7 +700,10 @@ def run_training(args, context):
     args.input_digests = checkpoints.describe_inputs(args)
     resume_from = checkpoints.find_resume_checkpoint(args.resume, output_dir, args.run_id)
     checkpoints.check_resume(resume_from, args)
-    splits, label_set = load_splits(args)
+    rerank = args.problem_type == "rerank"
+    splits, label_set = load_rerank_splits(args) if rerank else load_splits(args)
+    if rerank and args.retriever:
+        check_retriever(args.retriever)
     normalize_spec = None
     if args.normalize:
         from common.text import describe, normalizer_spec
@@ -526,15 +711,19 @@ def run_training(args, context):
         print(f"text normalization: {describe(normalize_spec)} (stored with the model, applied at inference)")
     modeldir.check_max_lengths(args.model_name, args, args.trust_remote_code)
     tokenizer = modeldir.load_tokenizer(args.model_name, args.trust_remote_code)
-    domain_texts = adaptation.prepare_domain(args, tokenizer, [e.text for e in splits["train"]],
-                                             build_normalizer(normalize_spec))
+    training_texts = ([text for pair in splits["train"] for text in (pair.query, pair.document)] if rerank
+                      else [e.text for e in splits["train"]])
+    domain_texts = adaptation.prepare_domain(args, tokenizer, training_texts, build_normalizer(normalize_spec))
     args.pad_token_id = tokenizer.pad_token_id
-    datasets, summaries = encode_splits(splits, tokenizer, args, build_normalizer(normalize_spec), label_set)
+    if rerank:
+        datasets, summaries = encode_rerank_splits(splits, tokenizer, args, build_normalizer(normalize_spec))
+    else:
+        datasets, summaries = encode_splits(splits, tokenizer, args, build_normalizer(normalize_spec), label_set)
     if context.is_main:
-        print(data.format_summary(summaries))
+        print("dataset summary:\n" + "\n".join(summaries) if rerank else data.format_summary(summaries))
 
     # ---- model
-    record_format = getattr(splits["train"], "record_format", "text")
+    record_format = getattr(splits["train"], "record_format", "text")  # a reranker's is query_document
     model = build_model(args, len(label_set.names), tokenizer).to(args.device_obj)
     if context.is_main:  # data and model are checked: only now may an earlier run's outputs go
         run_dir.begin()
@@ -548,7 +737,8 @@ def run_training(args, context):
     if context.enabled:
         model = DistributedDataParallel(model, device_ids=[args.device_obj.index]
                                         if args.device_obj.type == "cuda" else None)
-    logger = training.RunLogger(output_dir, context.is_main, describe_evaluation,
+    logger = training.RunLogger(output_dir, context.is_main,
+                                describe_rerank_evaluation if rerank else describe_evaluation,
                                 start_wandb(args, context.is_main))
     logger.info(f"model: {args.model_name}, {modeldir.describe_parameters(model)}")
 
@@ -558,10 +748,18 @@ def run_training(args, context):
     best_dir = output_dir / "checkpoint-best"
     if not best_dir.is_dir():
         raise UserError("training ended before any evaluation: no checkpoint-best was written")
-    train_labels = np.array([f["labels"] for f in datasets["train"].features])
     untuned_row = logger.untuned_row()
     untuned = {"validation": untuned_row, "beaten": training.compare_with_untuned(
         early_stopping, untuned_row, args.metric_for_best_model, logger)}
+    if rerank:
+        results = finish_reranker(args, best_dir, splits, context, output_dir, logger, {"untuned": untuned})
+        if context.is_main:
+            headline = results.get("test", results["validation"])
+            logger.info(f"best model: {best_dir} ({args.metric_for_best_model} on validation "
+                        f"{results['validation'].get(args.metric_for_best_model, float('nan')):.4f}); final NDCG@10 "
+                        f"{headline['ndcg@10']:.4f}, MRR@10 {headline['mrr@10']:.4f}")
+        return 0
+    train_labels = np.array([f["labels"] for f in datasets["train"].features])
     results = finish(args, best_dir, datasets, splits, label_set, context, output_dir, logger, train_labels,
                      {"untuned": untuned})
     if context.is_main:

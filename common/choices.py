@@ -14,3 +14,7 @@ CHUNK_SELECTIONS = ("spread", "head-tail", "head")
 # generation.py: every sequence is a row of one generate() batch: a million of them exhausts memory,
 # not the model
 MAX_RETURN_SEQUENCES = 64
+# train_classifier.py --problem-type: what one example's label is (rerank: a query/document pair
+# scored by one logit, common/reranking.py)
+PROBLEM_TYPES = ("single_label", "rerank")
+RERANK_LOSSES = ("pointwise", "listwise")  # reranking.py: BCE on graded relevance, softmax over a group

@@ -110,6 +110,7 @@ OPTION_RANGES = {
     "relevance_threshold": bounded(float), "port": bounded(int, minimum=1, maximum=65535),
     "max_texts": bounded(int, minimum=1), "max_chars": bounded(int, minimum=1),
     "max_batch_size": bounded(int, minimum=1), "batch_wait_ms": bounded(float, minimum=0.0, maximum=10000.0),
+    "rerank_group_size": bounded(int, minimum=2, maximum=1024), "rerank_top": bounded(int, minimum=1),
 }
 
 

@@ -8,6 +8,9 @@ import numpy as np
 SELECTABLE_METRICS = ("macro_f1", "accuracy", "weighted_f1", "loss", "macro_precision", "macro_recall",
                       "weighted_precision", "weighted_recall")
 LOGGED_METRICS = ("loss", "accuracy", "macro_f1")  # in every evaluation row of the classification trainers
+# a reranker's (train_classifier.py --problem-type rerank): ranking metrics of ranking.py
+RERANK_SELECTABLE_METRICS = ("ndcg@10", "mrr@10", "map@10", "recall@10")
+RERANK_LOGGED_METRICS = ("loss", "ndcg@10", "mrr@10")
 
 
 def selection_mode(metric_name):

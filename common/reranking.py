@@ -1,0 +1,337 @@
+"""Cross-encoder rerankers: ``train_classifier.py --problem-type rerank``.
+
+A reranker is a classification model directory with ``toolkit["problem_type"] == "rerank"`` and
+one logit: it reads ``[CLS] query [SEP] document [SEP]`` and scores the pair ``sigmoid(logit)``.
+This module holds what is particular to it: the data (graded ``query/document/rel[/weight]`` pairs,
+or ``query/pos/neg`` records), grouping per query, the pointwise and listwise losses, ranking
+evaluation and retrieve-then-rerank (a bi-encoder's top N reordered by the reranker).
+
+Training examples are groups of pairs: a pointwise example is one pair, a listwise example is one
+positive followed by its negatives. Labels are ``(group, 2)``: the relevance target and the weight
+of each member, so both losses go through the classifier's loop unchanged.
+"""
+import random
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import data, ranking
+from common.errors import UserError
+from common.pairs import PairExample, parse_pair
+from common.text import build_normalizer
+
+EVALUATION_KS = (1, 3, 5, 10)
+PREPROCESSING_PAIR = "query_document"  # toolkit preprocessing["context"] of a reranker
+
+
+def is_reranker(toolkit):
+    """Whether a model directory's toolkit block describes a reranker."""
+    return (toolkit or {}).get("problem_type") == "rerank"
+
+
+# ---------------------------------------------------------------- data
+
+def parse_triplet(record):
+    """A ``{"query", "pos": [...], "neg": [...]}`` record (FlagEmbedding's format) as graded pairs:
+    each positive rel 1, each negative rel 0; ``pos``/``neg`` may be a string or a list of strings."""
+    query = data.require_text(record, "query")
+    weight = data.require_number(record, "weight", default=1.0, low=0.0)
+    pairs = []
+    for field, rel in (("pos", 1.0), ("neg", 0.0)):
+        value = record.fields.get(field, [] if field == "neg" else None)
+        documents = [value] if isinstance(value, str) else value
+        if not isinstance(documents, list) or (field == "pos" and not documents):
+            raise data.RecordError(f"{record.where(field)}: expected a text or a non-empty list of texts")
+        for position, document in enumerate(documents):
+            text = data.check_string(record, f"{field}[{position}]", document)
+            if not text.strip():
+                raise data.RecordError(f"{record.where(f'{field}[{position}]')}: empty text")
+            pairs.append(PairExample(query, text, rel, float(weight), f"{record.where()} {field}[{position}]"))
+    return pairs
+
+
+def parse_record(record):
+    """Graded pairs of one record: ``query/document/rel[/weight]`` or ``query/pos/neg``."""
+    if "pos" in record.fields:
+        return parse_triplet(record)
+    return [parse_pair(record)]
+
+
+def load_rerank_pairs(path, skip_invalid=False, split=None, default_splits=("train",)):
+    """Read and validate a reranker data file into graded PairExamples (one list, records in order)."""
+    records = data.read_records(path, split=split, skip_invalid=skip_invalid, default_splits=default_splits)
+    parsed = data.parse_each(records, parse_record, skip_invalid)
+    pairs = data.ExampleList([pair for group in parsed for pair in group], skipped=parsed.skipped)
+    if not pairs:
+        raise UserError(f"{path}: no valid records")
+    return pairs
+
+
+def split_by_query(pairs, val_ratio, seed):
+    """(train, validation) with whole queries on one side, so no validation query is seen in training."""
+    queries = list(dict.fromkeys(pair.query for pair in pairs))
+    random.Random(seed).shuffle(queries)
+    val_count = max(1, round(len(queries) * val_ratio))
+    if val_count >= len(queries):
+        raise UserError(f"--data-path: {len(queries)} distinct queries are too few to hold out a validation "
+                        "share; give --val-path")
+    val_queries = set(queries[:val_count])
+    return ([pair for pair in pairs if pair.query not in val_queries],
+            [pair for pair in pairs if pair.query in val_queries])
+
+
+def check_split(pairs, name, threshold=0.0):
+    """A split must hold at least one query with a relevant document, or there is nothing to rank."""
+    if not any(pair.rel > threshold for pair in pairs):
+        raise UserError(f"the {name} data has no relevant pair (rel > {threshold}): nothing to rank")
+
+
+def query_ids(pairs):
+    """One integer per pair naming its query (pairs of the same query text share it)."""
+    ids = {}
+    return [ids.setdefault(pair.query, len(ids)) for pair in pairs]
+
+
+def listwise_groups(pairs, group_size, seed, threshold=0.0):
+    """[(positive index, [negative indices])]: one group per relevant pair of a query.
+
+    A positive is a pair with its query's highest rel (above ``threshold``); its negatives are
+    the query's pairs of lower rel, a sample of ``group_size - 1`` when there are more. A query
+    with fewer fills the group with documents of other queries (taken as irrelevant). Drawn once
+    with ``seed``, so a resumed run sees the same groups.
+    """
+    generator = random.Random(seed)
+    by_query = {}
+    for index, pair in enumerate(pairs):
+        by_query.setdefault(pair.query, []).append(index)
+    groups = []
+    for query, indices in by_query.items():
+        best = max(pairs[i].rel for i in indices)
+        if best <= threshold:
+            continue
+        negatives = [i for i in indices if pairs[i].rel < best]
+        own_documents = {pairs[i].document for i in indices}
+        for positive in (i for i in indices if pairs[i].rel == best):
+            chosen = generator.sample(negatives, min(len(negatives), group_size - 1))
+            while len(chosen) < group_size - 1:
+                other = generator.randrange(len(pairs))
+                if pairs[other].document not in own_documents:
+                    chosen.append(other)
+            groups.append((positive, chosen))
+    if not groups:
+        raise UserError(f"--rerank-loss listwise: no query has a relevant pair (rel > {threshold})")
+    return groups
+
+
+# ---------------------------------------------------------------- encoding
+
+def encode_pairs(tokenizer, queries, documents, max_length, truncation_side="right"):
+    """``[CLS] query [SEP] document [SEP]`` ids with token types 0/1, as lists.
+
+    When the pair is too long the document is cut (on ``truncation_side``); the query is cut too
+    only when it would take more than half of the tokens left after the document's share.
+    """
+    backend = data.backend_tokenizer(tokenizer)
+    query_encodings = data.measured_encodings(backend, list(queries), max_length)
+    document_encodings = data.measured_encodings(backend, list(documents), max_length,
+                                                 keep_end=truncation_side == "left")
+    budget = max_length - tokenizer.num_special_tokens_to_add(pair=True)
+    encoded = []
+    for query, document in zip(query_encodings, document_encodings):
+        query_budget = max(budget - len(document.ids), budget // 2)
+        if len(query.ids) > query_budget:
+            query.truncate(query_budget, direction="right")
+        if len(document.ids) > budget - len(query.ids):
+            document.truncate(budget - len(query.ids), direction=truncation_side)
+        final = backend.post_process(query, document, add_special_tokens=True)
+        encoded.append({"input_ids": final.ids, "token_type_ids": final.type_ids})
+    return encoded
+
+
+class RerankDataset(torch.utils.data.Dataset):
+    """Groups of encoded pairs: ``{"members": [features], "labels": [[target, weight]], "index"}``;
+    ``lengths`` (the longest member) lets the length-grouped sampler batch similar groups."""
+
+    def __init__(self, features, query_ids=None):
+        self.features = features
+        self.query_ids = query_ids
+        self.lengths = [max(len(member["input_ids"]) for member in f["members"]) for f in features]
+
+    def __len__(self):
+        return len(self.features)
+
+    def __getitem__(self, index):
+        return self.features[index]
+
+
+def build_rerank_dataset(tokenizer, pairs, max_length, truncation_side, normalize, rel_scale,
+                         groups=None):
+    """Tokenize ``pairs`` once; one example per pair (pointwise, evaluation) or per listwise group.
+
+    Targets are ``rel / rel_scale`` (the training split's highest rel), so the top grade is 1.
+    """
+    encoded = encode_pairs(tokenizer, [normalize(p.query) for p in pairs], [normalize(p.document) for p in pairs],
+                           max_length, truncation_side)
+    labels = [[pair.rel / rel_scale, pair.weight] for pair in pairs]
+    if groups is None:
+        features = [{"members": [encoded[i]], "labels": [labels[i]], "index": i} for i in range(len(pairs))]
+        return RerankDataset(features, query_ids(pairs))
+    features = []
+    for index, (positive, negatives) in enumerate(groups):
+        members = [positive, *negatives]
+        features.append({"members": [encoded[i] for i in members], "labels": [labels[i] for i in members],
+                         "index": index})
+    return RerankDataset(features)
+
+
+class RerankCollator:
+    """Flatten a batch of groups into padded model inputs (batch * group, seq) with labels
+    (batch, group, 2) and the examples' indices."""
+
+    def __init__(self, pad_token_id):
+        self.pad = data.PaddingCollator(pad_token_id)
+
+    def __call__(self, features):
+        batch = self.pad([member for feature in features for member in feature["members"]])
+        batch["labels"] = torch.tensor([feature["labels"] for feature in features], dtype=torch.float32)
+        batch["index"] = torch.tensor([feature["index"] for feature in features])
+        return batch
+
+
+def summarize(name, pairs, dataset, max_length):
+    """One line of the dataset summary for a reranker split."""
+    lengths = data.length_percentiles(dataset.lengths)
+    queries = len(set(pair.query for pair in pairs))
+    relevant = sum(pair.rel > 0 for pair in pairs)
+    return (f"  {name}: {len(pairs)} pairs, {queries} queries, {relevant} with rel > 0, {len(dataset)} examples; "
+            f"tokens p50={lengths['p50']} p90={lengths['p90']} max={lengths['max']} (max_length={max_length})")
+
+
+# ---------------------------------------------------------------- losses
+
+def pointwise_loss(logits, labels):
+    """Weighted binary cross-entropy of each pair's logit against its graded target in [0, 1]."""
+    targets, weights = labels[..., 0].reshape(-1), labels[..., 1].reshape(-1)
+    losses = F.binary_cross_entropy_with_logits(logits.float().reshape(-1), targets, reduction="none")
+    return torch.sum(weights * losses) / weights.sum().clamp(min=1e-12)
+
+
+def listwise_loss(logits, labels):
+    """Softmax cross-entropy over each group (the positive first, then its negatives), weighted by
+    the positive's weight. logits: (batch * group, 1); labels: (batch, group, 2)."""
+    scores = logits.float().reshape(labels.shape[0], labels.shape[1])  # (batch, group)
+    targets = torch.zeros(labels.shape[0], dtype=torch.long, device=scores.device)
+    weights = labels[:, 0, 1]
+    losses = F.cross_entropy(scores, targets, reduction="none")
+    return torch.sum(weights * losses) / weights.sum().clamp(min=1e-12)
+
+
+def build_loss(name):
+    """The loss function of ``--rerank-loss`` (choices.RERANK_LOSSES)."""
+    return {"pointwise": pointwise_loss, "listwise": listwise_loss}[name]
+
+
+# ---------------------------------------------------------------- evaluation
+
+def group_scores(relevances, scores, query_of_row):
+    """[(relevances, scores)] per query, in order of first appearance, for ranking.ranking_metrics."""
+    groups = {}
+    for rel, score, query in zip(relevances, scores, query_of_row):
+        rels, values = groups.setdefault(query, ([], []))
+        rels.append(float(rel))
+        values.append(float(score))
+    return list(groups.values())
+
+
+def evaluation_metrics(logits, labels, query_of_row, ks=EVALUATION_KS):
+    """Ranking metrics of one evaluation split (pointwise examples in input order) plus its BCE loss.
+
+    logits: (pairs, 1); labels: (pairs, 1, 2) of (target, weight)."""
+    metrics = ranking.ranking_metrics(group_scores(labels[:, 0, 0].tolist(), logits[:, 0].tolist(), query_of_row), ks)
+    metrics["loss"] = float(pointwise_loss(logits, labels))
+    metrics["num_examples"] = int(len(logits))
+    return metrics
+
+
+def encode_for_model(loaded, queries, documents):
+    """Encode (query, document) pairs with a loaded reranker's stored preprocessing."""
+    preprocessing = loaded.preprocessing
+    normalize = build_normalizer(preprocessing.get("normalize"))
+    return encode_pairs(loaded.tokenizer, [normalize(q) for q in queries], [normalize(d) for d in documents],
+                        preprocessing.get("max_length", 128), preprocessing.get("truncation_side", "right"))
+
+
+def score_pairs(loaded, queries, documents, batch_size=32, progress=False):
+    """Reranker scores sigmoid(logit) of (query, document) pairs, in input order (torch or ONNX)."""
+    from common import inference
+    if not len(queries):
+        return np.zeros(0, dtype=np.float32)
+    logits = inference.run_batched(loaded, encode_for_model(loaded, queries, documents), batch_size,
+                                   progress=progress)
+    inference.check_finite_outputs(logits, loaded)
+    return 1.0 / (1.0 + np.exp(-logits[:, 0].astype(np.float64)))
+
+
+def score_groups(loaded, pairs, batch_size=32, ks=EVALUATION_KS):
+    """Ranking metrics of a loaded reranker on a pair file's per-query candidate lists."""
+    scores = score_pairs(loaded, [p.query for p in pairs], [p.document for p in pairs], batch_size)
+    return ranking.ranking_metrics(group_scores([p.rel for p in pairs], scores, [p.query for p in pairs]), ks)
+
+
+def retrieve_then_rerank(retriever, reranker, pairs, top_n, batch_size=32, ks=EVALUATION_KS):
+    """The bi-encoder ``retriever`` ranks every distinct document of ``pairs`` for each query; the
+    reranker reorders its top ``top_n``. Returns metrics before and after, and per query.
+
+    Relevance is the labelled rel of (query, document), 0 when unlabelled. Documents past the top
+    N keep the retriever's order below the reranked ones, so Recall counts what retrieval missed.
+    """
+    from common import inference
+    queries = list(dict.fromkeys(pair.query for pair in pairs))
+    documents = list(dict.fromkeys(pair.document for pair in pairs))
+    labelled = {(pair.query, pair.document): pair.rel for pair in pairs}
+    query_vectors = inference.normalize_rows(inference.embed(retriever, queries, batch_size, side="query"))
+    document_vectors = inference.normalize_rows(inference.embed(retriever, documents, batch_size, side="doc"))
+    similarities = query_vectors @ document_vectors.T  # (queries, documents)
+    top_n = min(top_n, len(documents))
+    retrieved = np.argsort(-similarities, axis=1, kind="stable")  # (queries, documents), best first
+    candidates = retrieved[:, :top_n]
+    rerank_scores = score_pairs(reranker, [q for q in queries for _ in range(top_n)],
+                                [documents[j] for row in candidates for j in row], batch_size).reshape(len(queries),
+                                                                                                       top_n)
+    before, after, per_query = [], [], []
+    for row, query in enumerate(queries):
+        relevances = np.array([labelled.get((query, document), 0.0) for document in documents])
+        retrieval_scores = np.empty(len(documents))
+        retrieval_scores[retrieved[row]] = np.arange(len(documents), 0, -1)  # rank order as scores
+        reranked_scores = retrieval_scores.copy()
+        order = np.argsort(-rerank_scores[row], kind="stable")
+        reranked_scores[candidates[row][order]] = len(documents) + np.arange(top_n, 0, -1)  # above the rest
+        before.append((relevances, retrieval_scores))
+        after.append((relevances, reranked_scores))
+        per_query.append({"query": query, **{
+            f"{name}_{when}": ranking.ndcg_at_k(relevances, scores, 10) if name == "ndcg@10"
+            else ranking.reciprocal_rank_at_k(relevances, scores, 10)
+            for when, scores in (("before", retrieval_scores), ("after", reranked_scores))
+            for name in ("ndcg@10", "mrr@10")}})
+    return {"rerank_top": top_n, "documents": len(documents), "before": ranking.ranking_metrics(before, ks),
+            "after": ranking.ranking_metrics(after, ks), "per_query": per_query}
+
+
+def report_rerank_change(report, log=print, stream=sys.stderr):
+    """A line on the NDCG@10 change; a loud warning when reranking made the ranking worse."""
+    before, after = report["before"]["ndcg@10"], report["after"]["ndcg@10"]
+    worse = sum(1 for row in report["per_query"]
+                if row["ndcg@10_before"] is not None and row["ndcg@10_after"] < row["ndcg@10_before"])
+    line = (f"retrieve-then-rerank (top {report['rerank_top']} of {report['documents']} documents): "
+            f"NDCG@10 {before:.4f} -> {after:.4f} ({100 * (after - before):+.1f} points); "
+            f"MRR@10 {report['before']['mrr@10']:.4f} -> {report['after']['mrr@10']:.4f}; "
+            f"worse on {worse} of {len(report['per_query'])} queries")
+    log(line)
+    if after < before:
+        banner = "!" * 78
+        print(f"{banner}\nWARNING: RERANKING LOWERED NDCG@10 from {before:.4f} to {after:.4f}: the retriever "
+              f"alone ranks better;\ndo not deploy this reranker in front of it (more data, epochs or the "
+              f"listwise loss may help).\n{banner}", file=stream)
+    return after < before
