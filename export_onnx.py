@@ -201,7 +201,8 @@ def parity_batches(tokenizer, config, max_length, seed=0):
 
 
 def compare_outputs(onnx_run, torch_run, batches, task):
-    """Per case: max |torch - onnx| and, for classifiers, label agreement (a bar on a terminal)."""
+    """Per case: max |torch - onnx| and, for classifiers, label agreement; for rerankers (one logit), the
+    share of rows whose place in the batch's score order agrees (a bar on a terminal)."""
     cases = []
     for batch_size, length, batch in inference.progress_bar(batches, "parity check", unit="case"):
         onnx_out = onnx_run(batch)
@@ -212,6 +213,9 @@ def compare_outputs(onnx_run, torch_run, batches, task):
             case["max_abs_diff"] = float(np.abs(torch_out - onnx_out).max())
             if task == "vector":
                 case["min_cosine"] = float(min(inference.cosine_similarity(a, b) for a, b in zip(torch_out, onnx_out)))
+            elif task == "rerank":
+                case["rank_agreement"] = float((np.argsort(-torch_out[:, 0], kind="stable") ==
+                                                np.argsort(-onnx_out[:, 0], kind="stable")).mean())
             else:
                 case["label_agreement"] = float((torch_out.argmax(-1) == onnx_out.argmax(-1)).mean())
         cases.append(case)
@@ -253,8 +257,22 @@ def predict_labels(loaded, texts, contexts, batch_size):
     return np.array([result["label_id"] for result in results])
 
 
+def rerank_validation_metrics(onnx_loaded, torch_loaded, path, batch_size):
+    """NDCG@10 of both backends on a reranker's pair file (each query's listed documents)."""
+    from common import reranking
+    pairs = reranking.load_rerank_pairs(path)
+    report = {"file": path, "records": len(pairs), "metric": "ndcg@10",
+              "onnx_metric": reranking.score_groups(onnx_loaded, pairs, batch_size)["ndcg@10"]}
+    if torch_loaded is not None:
+        report["torch_metric"] = reranking.score_groups(torch_loaded, pairs, batch_size)["ndcg@10"]
+        report["drop"] = report["torch_metric"] - report["onnx_metric"]
+    return report
+
+
 def validation_metrics(onnx_loaded, torch_loaded, path, batch_size):
     """Accuracy (or agreement with torch when unlabelled) of both backends on a validation file."""
+    if parity_kind(onnx_loaded) == "rerank":
+        return rerank_validation_metrics(onnx_loaded, torch_loaded, path, batch_size)
     if onnx_loaded.task == "vector":
         texts = [example.text for example in data.load_text_examples(path, require_label=False)]
         onnx_vectors = inference.embed(onnx_loaded, texts, batch_size, progress=True)
@@ -291,7 +309,8 @@ def build_report(onnx_path, onnx_loaded, torch_loaded, meta, args, shown_path=No
     """
     import onnx
     quantization = meta.get("quantization", "none")
-    report = {"onnx": str(shown_path or onnx_path), "task": onnx_loaded.task, "quantization": quantization,
+    report = {"onnx": str(shown_path or onnx_path), "task": onnx_loaded.task,
+              "problem_type": onnx_loaded.toolkit.get("problem_type"), "quantization": quantization,
               "optimized": meta.get("optimized"), "tolerance": args.tolerance,
               "max_metric_drop": args.max_metric_drop,
               "int8_check_skipped": quantization != "none" and args.skip_int8_check, "reasons": []}
@@ -307,13 +326,19 @@ def build_report(onnx_path, onnx_loaded, torch_loaded, meta, args, shown_path=No
     config = torch_loaded.config if torch_loaded is not None else _config_for_parity(onnx_loaded)
     batches = parity_batches(onnx_loaded.tokenizer, config, max_length)
     torch_run = torch_loaded.run if torch_loaded is not None else None
-    report["cases"] = compare_outputs(onnx_loaded.run, torch_run, batches, onnx_loaded.task)
+    report["cases"] = compare_outputs(onnx_loaded.run, torch_run, batches, parity_kind(onnx_loaded))
     report["padding_invariance_max_diff"] = padding_invariance(onnx_loaded.run, batches)
     if args.validation_file:
         report["validation"] = validation_metrics(onnx_loaded, torch_loaded, args.validation_file, args.batch_size)
     report["reasons"] = gate_reasons(report, torch_loaded is not None)
     report["passed"] = not report["reasons"]
     return report
+
+
+def parity_kind(loaded):
+    """The model's task, or "rerank" for a reranker (a classification directory with one logit)."""
+    from common.reranking import is_reranker
+    return "rerank" if is_reranker(loaded.toolkit) else loaded.task
 
 
 def _config_for_parity(loaded):
@@ -342,14 +367,15 @@ def gate_reasons(report, compared_to_torch):
 
 def format_report(report):
     """The report as a readable table."""
-    lines = [f"ONNX export report: {report['onnx']} (task {report['task']}, "
+    task = report["task"] + (" (reranker)" if report.get("problem_type") == "rerank" else "")
+    lines = [f"ONNX export report: {report['onnx']} (task {task}, "
              f"quantization {report['quantization']}, optimized {report['optimized']})",
              f"  onnx.checker: {report['checker']}"]
     if "cases" in report:
         lines.append(f"  {'batch':>5} {'seq':>5} {'padded':>6} {'max|diff|':>10} {'agreement':>9}")
         for case in report["cases"]:
             diff = f"{case['max_abs_diff']:.2e}" if "max_abs_diff" in case else "n/a"
-            agreement = case.get("label_agreement", case.get("min_cosine"))
+            agreement = case.get("label_agreement", case.get("min_cosine", case.get("rank_agreement")))
             agreement = f"{agreement:.3f}" if agreement is not None else "n/a"
             lines.append(f"  {case['batch']:>5} {case['seq']:>5} {str(case['padded']):>6} {diff:>10} {agreement:>9}")
         lines.append(f"  fp32 tolerance {report['tolerance']:g}; padding invariance max|diff| "

@@ -8,6 +8,7 @@
     python infer.py --model-path output/checkpoint-best --serve --port 8000
     python infer.py --model-path output/vector-best --corpus data/corpus.jsonl --text "a query"
     python infer.py --model-path output/vector-best --serve --corpus data/corpus.jsonl
+    python infer.py --model-path reranker/checkpoint-best --text "a query" --text-pair "a document"
 
 --model-path is a model directory written by this toolkit's trainers, an .onnx export from
 export_onnx.py, or a causal language model directory (GPT-2 style) for generation. The
@@ -55,8 +56,9 @@ INPUTS_HELP = """inputs:
 """
 # flags that mean something only for some kinds of model: given for another kind they are an error,
 # never silently ignored ("generation" is a causal language model)
-TASK_FLAGS = {"context": ("classification",), "text_pair": ("vector",), "corpus": ("vector",),
-              "explain": ("longdoc",), "max_length": ("classification", "vector", "longdoc"),
+# ("rerank": a classification directory trained with --problem-type rerank, scoring query/document pairs)
+TASK_FLAGS = {"context": ("classification",), "text_pair": ("vector", "rerank"), "corpus": ("vector",),
+              "explain": ("longdoc",), "max_length": ("classification", "vector", "longdoc", "rerank"),
               "top_k": ("classification", "longdoc", "generation", "vector"),
               "temperature": ("classification", "longdoc", "generation")}
 
@@ -76,7 +78,8 @@ def build_parser():
     add_flag(inputs, "text", action="append", default=[], help="text to run (repeatable)")
     add_flag(inputs, "context", default=None, help="context for every --text (encoded as the first segment)")
     add_flag(inputs, "text-pair", action="append", default=[],
-             help="vector models: second text(s) for the cosine similarity (one, or one per --text)")
+             help="vector models: second text(s) for the cosine similarity; rerankers: the document(s) each "
+                  "--text (the query) is scored against (one, or one per --text)")
     add_flag(inputs, "file", default=None,
              help="inputs: .txt (one per line; long-document models: the whole file is one document) "
                   "or JSON/JSONL/CSV/TSV records (text, message/context, messages), one input per record; "
@@ -276,6 +279,8 @@ class Runner:
             return run_generation(self.language_model, items, self.options, progress)
         if self.kind == "vector":
             return run_vectors(self.loaded, items, args, self.corpus, progress)
+        if self.kind == "rerank":
+            return run_reranker(self.loaded, items, args, progress)
         return run_classification(self.loaded, items, args, progress)
 
 
@@ -289,15 +294,29 @@ def run_classification(loaded, items, args, progress=False):
                               args.sort_by_length, progress)
 
 
+def paired_texts(args, items):
+    """--text-pair values lined up with ``items``: one for all, or one each."""
+    if len(args.text_pair) not in (1, len(items)):
+        raise UserError(f"--text-pair: give one, or one per input ({len(items)}), not {len(args.text_pair)}")
+    return args.text_pair if len(args.text_pair) == len(items) else args.text_pair * len(items)
+
+
+def run_reranker(loaded, items, args, progress=False):
+    """Each input is a query, scored against its --text-pair document: sigmoid of the reranker's logit."""
+    from common import reranking
+    documents = paired_texts(args, items)
+    scores = reranking.score_pairs(loaded, [item.text for item in items], documents, args.batch_size, progress)
+    return [{"query": item.text, "document": document, "score": round(float(score), 6)}
+            for item, document, score in zip(items, documents, scores)]
+
+
 def run_vectors(loaded, items, args, corpus=None, progress=False):
     embeddings = inference.embed(loaded, [item.text for item in items], args.batch_size,
                                  sort_by_length=args.sort_by_length, progress=progress)
     results = [{"input": item.text, "dim": int(vector.shape[0]), "norm": round(float(np.linalg.norm(vector)), 6),
                 "embedding": [round(float(value), 6) for value in vector]} for item, vector in zip(items, embeddings)]
     if args.text_pair:
-        if len(args.text_pair) not in (1, len(items)):
-            raise UserError(f"--text-pair: give one, or one per input ({len(items)}), not {len(args.text_pair)}")
-        pairs = args.text_pair if len(args.text_pair) == len(items) else args.text_pair * len(items)
+        pairs = paired_texts(args, items)
         pair_embeddings = inference.embed(loaded, pairs, args.batch_size, side="doc")
         for result, pair, vector, pair_vector in zip(results, pairs, embeddings, pair_embeddings):
             result.update(text_pair=pair, cosine_similarity=round(inference.cosine_similarity(vector, pair_vector), 6))
@@ -455,9 +474,16 @@ def format_generation(result):
     return "\n".join(lines)
 
 
+def format_rerank(result):
+    return (f"query: {preview(result['query'])}\ndocument: {preview(result['document'])}\n"
+            f"score: {result['score']:.4f}")
+
+
 def format_result(result, kind):
     if kind == "vector":
         return format_vector(result)
+    if kind == "rerank":
+        return format_rerank(result)
     if kind == "generation":
         return format_generation(result)
     return format_classification(result)
@@ -469,6 +495,8 @@ def format_answer(result, kind):
         texts = [result["prompt"] + text for text in result["generations"]]
         return texts[0] if len(texts) == 1 else "\n".join(f"[{index}] {text}" for index, text in
                                                            enumerate(texts, start=1))
+    if kind == "rerank":
+        return f"score {result['score']:.4f}"
     if kind == "vector":
         lines = hit_lines(result) if "hits" in result else [embedding_line(result)]
         if "cosine_similarity" in result:
@@ -604,7 +632,10 @@ def check_task_flags(args, task):
 def load_model(args):
     """The model, with --max-length applied (and said, when it differs from the stored value)."""
     loaded = inference.load_model(args.model_path, args.backend, args.device, args.tokenizer_path)
-    check_task_flags(args, loaded.task)
+    check_task_flags(args, model_kind(loaded))
+    if model_kind(loaded) == "rerank" and not args.text_pair and not args.serve:
+        raise UserError(f"{args.model_path} is a reranker: give the document to score with --text-pair "
+                        "(--text is the query)")
     if args.max_length is not None:
         changed = inference.override_max_length(loaded, args.max_length)
         if changed:
@@ -623,7 +654,13 @@ def load_runner(args, generation_settings=None):
     if args.prompt:
         raise UserError(f"--prompt is for causal language models; {args.model_path} is a {loaded.task} model "
                         "(use --text)")
-    return Runner(loaded.task, loaded)
+    return Runner(model_kind(loaded), loaded)
+
+
+def model_kind(loaded):
+    """The model's task, or "rerank" for a classification directory trained as a reranker."""
+    from common.reranking import is_reranker
+    return "rerank" if is_reranker(loaded.toolkit) else loaded.task
 
 
 @report_user_errors
