@@ -281,42 +281,51 @@ def score_groups(loaded, pairs, batch_size=32, ks=EVALUATION_KS):
 
 
 def retrieve_then_rerank(retriever, reranker, pairs, top_n, batch_size=32, ks=EVALUATION_KS):
-    """The bi-encoder ``retriever`` ranks every distinct document of ``pairs`` for each query; the
-    reranker reorders its top ``top_n``. Returns metrics before and after, and per query.
+    """Each query's listed documents ranked by the bi-encoder ``retriever``; the reranker reorders its
+    top ``top_n``. Returns the metrics before and after, and NDCG@10 and MRR@10 per query.
 
-    Relevance is the labelled rel of (query, document), 0 when unlabelled. Documents past the top
-    N keep the retriever's order below the reranked ones, so Recall counts what retrieval missed.
+    The candidates are the documents the file lists for the query, every one labelled (a document
+    listed for another query is not assumed irrelevant: inverse-cloze paragraphs contain their own
+    queries). Below the reranked ones the rest keep the retriever's order, so Recall counts what
+    the retriever's cut lost.
     """
     from common import inference
-    queries = list(dict.fromkeys(pair.query for pair in pairs))
+    by_query = {}
+    for pair in pairs:
+        by_query.setdefault(pair.query, []).append(pair)
+    queries = list(by_query)
     documents = list(dict.fromkeys(pair.document for pair in pairs))
-    labelled = {(pair.query, pair.document): pair.rel for pair in pairs}
+    document_row = {document: row for row, document in enumerate(documents)}
     query_vectors = inference.normalize_rows(inference.embed(retriever, queries, batch_size, side="query"))
     document_vectors = inference.normalize_rows(inference.embed(retriever, documents, batch_size, side="doc"))
-    similarities = query_vectors @ document_vectors.T  # (queries, documents)
-    top_n = min(top_n, len(documents))
-    retrieved = np.argsort(-similarities, axis=1, kind="stable")  # (queries, documents), best first
-    candidates = retrieved[:, :top_n]
-    rerank_scores = score_pairs(reranker, [q for q in queries for _ in range(top_n)],
-                                [documents[j] for row in candidates for j in row], batch_size).reshape(len(queries),
-                                                                                                       top_n)
-    before, after, per_query = [], [], []
+    retrieved = []  # per query: candidate indices, most similar first
     for row, query in enumerate(queries):
-        relevances = np.array([labelled.get((query, document), 0.0) for document in documents])
-        retrieval_scores = np.empty(len(documents))
-        retrieval_scores[retrieved[row]] = np.arange(len(documents), 0, -1)  # rank order as scores
+        similarities = document_vectors[[document_row[p.document] for p in by_query[query]]] @ query_vectors[row]
+        retrieved.append(np.argsort(-similarities, kind="stable"))
+    shortlist = [(query, by_query[query][index].document) for query, order in zip(queries, retrieved)
+                 for index in order[:top_n]]
+    rerank_scores = score_pairs(reranker, [q for q, _ in shortlist], [d for _, d in shortlist], batch_size)
+    before, after, per_query, start = [], [], [], 0
+    for query, order in zip(queries, retrieved):
+        count, top = len(order), min(top_n, len(order))
+        relevances = np.array([pair.rel for pair in by_query[query]])
+        retrieval_scores = np.empty(count)
+        retrieval_scores[order] = np.arange(count, 0, -1)  # rank order as scores
         reranked_scores = retrieval_scores.copy()
-        order = np.argsort(-rerank_scores[row], kind="stable")
-        reranked_scores[candidates[row][order]] = len(documents) + np.arange(top_n, 0, -1)  # above the rest
+        reranked = order[:top][np.argsort(-rerank_scores[start:start + top], kind="stable")]
+        reranked_scores[reranked] = count + np.arange(top, 0, -1)  # above the rest, in the reranker's order
+        start += top
         before.append((relevances, retrieval_scores))
         after.append((relevances, reranked_scores))
-        per_query.append({"query": query, **{
-            f"{name}_{when}": ranking.ndcg_at_k(relevances, scores, 10) if name == "ndcg@10"
-            else ranking.reciprocal_rank_at_k(relevances, scores, 10)
+        per_query.append({"query": query, "candidates": count, **{
+            f"{name}_{when}": function(relevances, scores, 10)
             for when, scores in (("before", retrieval_scores), ("after", reranked_scores))
-            for name in ("ndcg@10", "mrr@10")}})
-    return {"rerank_top": top_n, "documents": len(documents), "before": ranking.ranking_metrics(before, ks),
-            "after": ranking.ranking_metrics(after, ks), "per_query": per_query}
+            for name, function in (("ndcg@10", ranking.ndcg_at_k), ("mrr@10", ranking.reciprocal_rank_at_k))}})
+    counts = [row["candidates"] for row in per_query]
+    return {"rerank_top": top_n, "candidates_per_query": float(np.mean(counts)),
+            "queries_cut_by_retriever": sum(count > top_n for count in counts),
+            "before": ranking.ranking_metrics(before, ks), "after": ranking.ranking_metrics(after, ks),
+            "per_query": per_query}
 
 
 def report_rerank_change(report, log=print, stream=sys.stderr):
@@ -324,7 +333,8 @@ def report_rerank_change(report, log=print, stream=sys.stderr):
     before, after = report["before"]["ndcg@10"], report["after"]["ndcg@10"]
     worse = sum(1 for row in report["per_query"]
                 if row["ndcg@10_before"] is not None and row["ndcg@10_after"] < row["ndcg@10_before"])
-    line = (f"retrieve-then-rerank (top {report['rerank_top']} of {report['documents']} documents): "
+    line = (f"retrieve-then-rerank (the retriever's top {report['rerank_top']} of "
+            f"{report['candidates_per_query']:.0f} listed documents per query, reranked): "
             f"NDCG@10 {before:.4f} -> {after:.4f} ({100 * (after - before):+.1f} points); "
             f"MRR@10 {report['before']['mrr@10']:.4f} -> {report['after']['mrr@10']:.4f}; "
             f"worse on {worse} of {len(report['per_query'])} queries")
