@@ -328,7 +328,7 @@ def retrieve_then_rerank(retriever, reranker, pairs, top_n, batch_size=32, ks=EV
             "per_query": per_query}
 
 
-def report_rerank_change(report, log=print, stream=sys.stderr):
+def report_rerank_change(report, log=print, stream=None):
     """A line on the NDCG@10 change; a loud warning when reranking made the ranking worse."""
     before, after = report["before"]["ndcg@10"], report["after"]["ndcg@10"]
     worse = sum(1 for row in report["per_query"]
@@ -343,5 +343,5 @@ def report_rerank_change(report, log=print, stream=sys.stderr):
         banner = "!" * 78
         print(f"{banner}\nWARNING: RERANKING LOWERED NDCG@10 from {before:.4f} to {after:.4f}: the retriever "
               f"alone ranks better;\ndo not deploy this reranker in front of it (more data, epochs or the "
-              f"listwise loss may help).\n{banner}", file=stream)
+              f"listwise loss may help).\n{banner}", file=stream or sys.stderr)
     return after < before
