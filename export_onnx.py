@@ -262,9 +262,9 @@ def rerank_validation_metrics(onnx_loaded, torch_loaded, path, batch_size):
     from common import reranking
     pairs = reranking.load_rerank_pairs(path)
     report = {"file": path, "records": len(pairs), "metric": "ndcg@10",
-              "onnx_metric": reranking.score_groups(onnx_loaded, pairs, batch_size)["ndcg@10"]}
+              "onnx_metric": reranking.score_groups(onnx_loaded, pairs, batch_size)[0]["ndcg@10"]}
     if torch_loaded is not None:
-        report["torch_metric"] = reranking.score_groups(torch_loaded, pairs, batch_size)["ndcg@10"]
+        report["torch_metric"] = reranking.score_groups(torch_loaded, pairs, batch_size)[0]["ndcg@10"]
         report["drop"] = report["torch_metric"] - report["onnx_metric"]
     return report
 

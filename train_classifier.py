@@ -531,9 +531,10 @@ def finish_reranker(args, model_dir, splits, context, output_dir, logger, result
         return results
     from common import inference
     reranker = inference.load_torch_model(model_dir, args.device_obj)
+    scores = {}
     for split, name in (("val", "validation"), ("test", "test")):
         if split in splits:
-            results[name] = reranking.score_groups(reranker, splits[split], args.eval_batch_size)
+            results[name], scores[split] = reranking.score_groups(reranker, splits[split], args.eval_batch_size)
     report_split, report_name = ("test", "test") if "test" in splits else ("val", "validation")
     pairs = splits[report_split]
     if args.baseline != "none":
@@ -544,7 +545,8 @@ def finish_reranker(args, model_dir, splits, context, output_dir, logger, result
             results[report_name], results["baseline"], ["ndcg@10", "mrr@10", "map@10", "recall@10"]))
     if args.retriever:
         retriever = inference.load_model(args.retriever, device=args.device_obj)
-        report = reranking.retrieve_then_rerank(retriever, reranker, pairs, args.rerank_top, args.eval_batch_size)
+        report = reranking.retrieve_then_rerank(retriever, pairs, scores[report_split], args.rerank_top,
+                                                args.eval_batch_size)
         report["split"] = report_name
         report["lowered_ndcg"] = reranking.report_rerank_change(report, logger.info)
         results["retrieve_then_rerank"] = report

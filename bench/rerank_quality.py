@@ -40,6 +40,8 @@ def build_parser():
     parser.add_argument("--seeds", default="13", help="comma-separated training seeds")
     parser.add_argument("--model", default="../shared/models/all-MiniLM-L6-v2", help="pretrained encoder (path)")
     parser.add_argument("--retriever", help="bi-encoder model directory (default: the untuned --model, mean pooling)")
+    parser.add_argument("--retriever-max-length", type=int, default=256,
+                        help="tokens per text of the untuned retriever (all-MiniLM-L6-v2 was trained at 256)")
     parser.add_argument("--data-dir", default="data/pydoc_rerank", help="train/valid/test.jsonl (built when missing)")
     parser.add_argument("--negatives", type=int, default=76, help="rel-0 candidates per test query (data build)")
     parser.add_argument("--train-negatives", type=int, default=7, help="rel-0 documents per training query")
@@ -50,7 +52,7 @@ def build_parser():
     parser.add_argument("--batch-size", type=int, default=16,
                         help="pairs per step (pointwise); listwise: groups of --group-size pairs, batch / group size")
     parser.add_argument("--group-size", type=int, default=8, help="listwise: pairs per group")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per query/document pair")
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per query/document pair (reranker)")
     parser.add_argument("--rerank-top", type=int, default=50, help="retrieved documents the reranker reorders")
     parser.add_argument("--rerun", action="store_true", help="retrain runs that already have a run.json")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
@@ -75,7 +77,7 @@ def ensure_data(args):
 def save_untuned_retriever(args, run_dir):
     """The pretrained encoder as a vector model directory (mean pooling), for --retriever."""
     from common.vector import BertVectorModel
-    model = BertVectorModel.from_backbone(args.model, pooling="mean", max_length=args.max_length)
+    model = BertVectorModel.from_backbone(args.model, pooling="mean", max_length=args.retriever_max_length)
     model.save_pretrained(run_dir / "retriever")
     return {"retriever": str(run_dir / "retriever")}
 
@@ -129,7 +131,7 @@ def launch(args, worker, seed, run_name):
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--seed", str(seed),
                "--run-dir", str(run_dir)]
     for name in ("model", "retriever", "data_dir", "epochs", "learning_rate", "batch_size", "group_size",
-                 "max_length", "rerank_top"):
+                 "max_length", "rerank_top", "retriever_max_length"):
         value = getattr(args, name)
         if value is not None:
             value = str(Path(value).resolve()) if name in ("model", "retriever", "data_dir") else str(value)
@@ -201,7 +203,8 @@ def main(argv=None):
                "retriever": "given" if retriever_given else "untuned --model, mean pooling",
                "settings": {"model": Path(args.model).name, "epochs": args.epochs, "learning_rate": args.learning_rate,
                             "batch_size": args.batch_size, "group_size": args.group_size,
-                            "max_length": args.max_length, "rerank_top": args.rerank_top, "precision": "fp32",
+                            "max_length": args.max_length, "retriever_max_length": args.retriever_max_length,
+                            "rerank_top": args.rerank_top, "precision": "fp32",
                             "device": "cpu"},
                "command": "python bench/rerank_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "rows": rows}

@@ -275,14 +275,15 @@ def score_pairs(loaded, queries, documents, batch_size=32, progress=False):
 
 
 def score_groups(loaded, pairs, batch_size=32, ks=EVALUATION_KS):
-    """Ranking metrics of a loaded reranker on a pair file's per-query candidate lists."""
+    """(ranking metrics, scores) of a loaded reranker on a pair file's per-query candidate lists."""
     scores = score_pairs(loaded, [p.query for p in pairs], [p.document for p in pairs], batch_size)
-    return ranking.ranking_metrics(group_scores([p.rel for p in pairs], scores, [p.query for p in pairs]), ks)
+    return ranking.ranking_metrics(group_scores([p.rel for p in pairs], scores, [p.query for p in pairs]), ks), scores
 
 
-def retrieve_then_rerank(retriever, reranker, pairs, top_n, batch_size=32, ks=EVALUATION_KS):
-    """Each query's listed documents ranked by the bi-encoder ``retriever``; the reranker reorders its
-    top ``top_n``. Returns the metrics before and after, and NDCG@10 and MRR@10 per query.
+def retrieve_then_rerank(retriever, pairs, pair_scores, top_n, batch_size=32, ks=EVALUATION_KS):
+    """Each query's listed documents ranked by the bi-encoder ``retriever``; the reranker's
+    ``pair_scores`` (one per pair, from ``score_groups``) reorder its top ``top_n``. Returns the metrics
+    before and after, and NDCG@10 and MRR@10 per query.
 
     The candidates are the documents the file lists for the query, every one labelled (a document
     listed for another query is not assumed irrelevant: inverse-cloze paragraphs contain their own
@@ -290,9 +291,10 @@ def retrieve_then_rerank(retriever, reranker, pairs, top_n, batch_size=32, ks=EV
     the retriever's cut lost.
     """
     from common import inference
-    by_query = {}
-    for pair in pairs:
+    by_query, scores_by_query = {}, {}
+    for pair, score in zip(pairs, pair_scores):
         by_query.setdefault(pair.query, []).append(pair)
+        scores_by_query.setdefault(pair.query, []).append(float(score))
     queries = list(by_query)
     documents = list(dict.fromkeys(pair.document for pair in pairs))
     document_row = {document: row for row, document in enumerate(documents)}
@@ -302,19 +304,16 @@ def retrieve_then_rerank(retriever, reranker, pairs, top_n, batch_size=32, ks=EV
     for row, query in enumerate(queries):
         similarities = document_vectors[[document_row[p.document] for p in by_query[query]]] @ query_vectors[row]
         retrieved.append(np.argsort(-similarities, kind="stable"))
-    shortlist = [(query, by_query[query][index].document) for query, order in zip(queries, retrieved)
-                 for index in order[:top_n]]
-    rerank_scores = score_pairs(reranker, [q for q, _ in shortlist], [d for _, d in shortlist], batch_size)
-    before, after, per_query, start = [], [], [], 0
+    before, after, per_query = [], [], []
     for query, order in zip(queries, retrieved):
         count, top = len(order), min(top_n, len(order))
         relevances = np.array([pair.rel for pair in by_query[query]])
         retrieval_scores = np.empty(count)
         retrieval_scores[order] = np.arange(count, 0, -1)  # rank order as scores
         reranked_scores = retrieval_scores.copy()
-        reranked = order[:top][np.argsort(-rerank_scores[start:start + top], kind="stable")]
+        shortlist_scores = np.array(scores_by_query[query])[order[:top]]
+        reranked = order[:top][np.argsort(-shortlist_scores, kind="stable")]
         reranked_scores[reranked] = count + np.arange(top, 0, -1)  # above the rest, in the reranker's order
-        start += top
         before.append((relevances, retrieval_scores))
         after.append((relevances, reranked_scores))
         per_query.append({"query": query, "candidates": count, **{

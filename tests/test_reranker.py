@@ -190,13 +190,11 @@ def test_only_the_top_n_are_reordered(monkeypatch):
     # the retriever ranks d0 > d1 > d2 > d3; the reranker prefers d1 and would put d3 first
     vectors = {"q": [1.0, 0.0], "d0": [1.0, 0.0], "d1": [0.9, 0.1], "d2": [0.5, 0.5], "d3": [0.0, 1.0]}
     monkeypatch.setattr(inference, "embed", lambda loaded, texts, *args, **kwargs: np.array([vectors[t] for t in texts]))
-    preferred = {"d0": 0.1, "d1": 0.9, "d2": 0.5, "d3": 0.99}
-    monkeypatch.setattr(reranking, "score_pairs", lambda loaded, queries, documents, *args: np.array(
-        [preferred[d] for d in documents]))
-    report = reranking.retrieve_then_rerank(None, None, pairs, top_n=2)
+    scores = [0.1, 0.9, 0.5, 0.99]  # the reranker's, per pair
+    report = reranking.retrieve_then_rerank(None, pairs, scores, top_n=2)
     assert report["per_query"][0]["mrr@10_before"] == pytest.approx(1 / 4)
     assert report["per_query"][0]["mrr@10_after"] == pytest.approx(1 / 4)  # d3 was cut: only d0, d1 swap
-    report = reranking.retrieve_then_rerank(None, None, pairs, top_n=4)
+    report = reranking.retrieve_then_rerank(None, pairs, scores, top_n=4)
     assert report["per_query"][0]["mrr@10_after"] == 1.0 and report["after"]["recall@1"] == 1.0
 
 
