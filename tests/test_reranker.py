@@ -4,6 +4,9 @@ warns when it hurts; a crash resumes bit-exactly; export_onnx.py and infer.py sc
 one error line with exit 2."""
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,7 @@ from common.pairs import PairExample
 from common.vector import BertVectorModel
 from conftest import assert_one_error_line, trainer_argv, write_jsonl
 
+REPO = Path(__file__).resolve().parents[1]
 TOPICS = ["movie", "music", "sports", "market", "stock", "song", "team", "news"]
 
 
@@ -236,6 +240,22 @@ def test_resume_after_a_crash_is_bit_exact(trained, tiny_model_dir, data, retrie
     actual = load_file(str(resumed / "checkpoint-best" / "model.safetensors"))
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
     assert read_metrics(resumed)["test"] == read_metrics(full)["test"]
+
+
+def test_torchrun_two_processes_gather_every_validation_pair(tiny_model_dir, data, tmp_path):
+    output_dir = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "train_classifier.py"), *rerank_argv(tiny_model_dir, data, output_dir, "--epochs", "1")]
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "processes: 2" in result.stdout
+    rows = [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+    evaluations = [row for row in rows if "eval_loss" in row]
+    # the loop's figure (each process scored half, then gathered) is the single-process figure of the best model
+    metrics = read_metrics(output_dir)
+    assert evaluations[-1]["best"] == pytest.approx(metrics["validation"]["ndcg@10"], abs=1e-6)
+    assert metrics["validation"]["queries"] == 4
 
 
 def test_eval_only_scores_a_saved_reranker(trained, data, retriever_dir, tmp_path, capsys):
