@@ -132,7 +132,7 @@ def test_infer_server_and_eval_only_use_the_stored_thresholds(multilabel_run, tm
     assert [p["labels"] for p in response.json()["predictions"]] == [r["labels"] for r in results]
     # --eval-only reads the thresholds from the model (never re-tunes them on the test set)
     assert train_classifier.main(["--eval-only", "--model-path", str(model_dir), "--test-path", str(test_path),
-                                  "--output-dir", str(tmp_path / "eval"), "--device", "cpu"]) == 0
+                                  "--output-dir", str(tmp_path / "eval"), "--device", "cpu", "--precision", "fp32"]) == 0
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     trained = json.loads((output_dir / "metrics.json").read_text())
     assert evaluated["test"]["micro_f1"] == pytest.approx(trained["test"]["micro_f1"])
