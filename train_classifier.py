@@ -12,16 +12,14 @@ import argparse
 import json
 import sys
 from contextlib import nullcontext
-from pathlib import Path
 
-from common.choices import POOLINGS, PROBLEM_TYPES, REGRESSION_LOSSES, THRESHOLD_STRATEGIES
+from common.choices import POOLINGS
 from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args, add_data_text_args, add_flag,
-                        add_optimization_args, add_runtime_args, add_vocabulary_args, apply_option_ranges,
+                        add_optimization_args, add_problem_type_args, add_runtime_args, add_vocabulary_args, apply_option_ranges,
                         exit_on_help, parse_bool, parse_with_config, resolve_default_warmup,
                         write_effective_config)
 from common.errors import UserError, report_user_errors
-from common.metrics import (ALL_SELECTABLE_METRICS, LOGGED_METRICS, classification_metrics, format_report,
-                            majority_baseline, selection_mode)
+from common.metrics import ALL_SELECTABLE_METRICS, format_report, majority_baseline, selection_mode
 
 # config-file keys (sections of seed 000's default.yaml) whose flag has another name
 SECTION_ALIASES = {
@@ -89,35 +87,6 @@ def build_parser():
     return apply_option_ranges(parser)
 
 
-def add_problem_type_args(parser):
-    """--problem-type and the options of each problem type (common/problem_types.py); train_longdoc.py too."""
-    group = parser.add_argument_group("problem type (see docs/train_classifier.md)")
-    add_flag(group, "problem-type", choices=PROBLEM_TYPES, default=None,
-             help="single_label: one class per text; multi_label: any number of labels (a list, or names joined "
-                  "by --label-separator); regression: a number per text (default: single_label, or for "
-                  "--eval-only the model's own)")
-    add_flag(group, "label-separator", default=",", help="multi_label: separator of label names in one string "
-             "(CSV/TSV cells, chat answers)")
-    add_flag(group, "threshold-strategy", choices=THRESHOLD_STRATEGIES, default="per_label",
-             help="multi_label: tune one decision threshold per label (each label's F1) or one global "
-                  "threshold (micro-F1) on the validation set; stored with the model")
-    add_flag(group, "regression-loss", choices=REGRESSION_LOSSES, default="mse", help="regression: loss")
-    add_flag(group, "huber-delta", type=float, default=1.0, help="regression: Huber loss delta (in the trained "
-             "scale: standard deviations with --standardize-targets)")
-    add_flag(group, "standardize-targets", action="store_true",
-             help="regression: train on (score - mean) / std of the training scores; stored with the model, "
-                  "predictions come back in the original scale")
-
-
-def resolve_problem_type(args, stored=None):
-    """--problem-type, else the model's stored one (--eval-only), else single_label; checks the metric."""
-    if stored and args.problem_type and args.problem_type != stored:
-        raise UserError(f"--problem-type {args.problem_type}: {args.model_path} is a {stored} model")
-    args.problem_type = stored or args.problem_type or "single_label"
-    problem_types.check_metric(args)
-    return problem_types.from_args(args)
-
-
 def parse_args(argv=None):
     args = parse_with_config(build_parser(), argv, SECTION_ALIASES, CONFIG_CONVERTERS)
     resolve_default_warmup(args, warmup_ratio=0.1)
@@ -129,7 +98,7 @@ def parse_args(argv=None):
         raise UserError("--data-path is required (training data file)")
     checkpoints.check_resume_argument(args.resume)
     if not args.eval_only:
-        resolve_problem_type(args)
+        problem_types.resolve_problem_type(args)
     if args.sampler == "weighted" and args.class_weights != "none":
         print("warning: --sampler weighted together with --class-weights corrects the imbalance twice; "
               "the guide says pick one", file=sys.stderr)
@@ -145,7 +114,7 @@ import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from common import (adaptation, checkpoints, data, distributed, files, modeldir, optimization,  # noqa: E402
+from common import (adaptation, checkpoints, data, distributed, modeldir, optimization,  # noqa: E402
                     problem_types, rundir, training)
 from common.heads import SequenceClassifier  # noqa: E402
 from common.text import build_normalizer  # noqa: E402
@@ -429,7 +398,7 @@ def finish(args, model_dir, datasets, splits, label_set, context, output_dir, lo
         report = calibration_report(val_logits, val_labels)  # temperature 1.0 unless the fit can be trusted
         results["calibration"] = report
         toolkit["temperature"] = report["temperature"]
-        rewrite_toolkit(model_dir, toolkit)
+        checkpoints.rewrite_toolkit(model_dir, toolkit)
         write_reliability_diagram(output_dir / "reliability_diagram.png",
                                   torch.softmax(val_logits / report["temperature"], -1).numpy(), val_labels.numpy(),
                                   title="validation, after temperature scaling" if report["applied"] else "validation")
@@ -457,43 +426,25 @@ def finish_problem_type(args, model, model_dir, toolkit, problem, datasets, spli
                         logger, train_labels, results, validation, tune):
     """``finish`` for multi-label and regression models: thresholds tuned on validation (multi-label),
     then validation and test at the stored settings, beside the fixed-0.5 decision and a constant baseline."""
-    val_logits, val_labels = validation
-    fitted = problem.fit_validation_data(val_logits, val_labels, label_set.names, args) if tune else None
-    if fitted:  # multi-label: the decision thresholds
-        logger.info(fitted)
-        toolkit.update(problem.toolkit_settings())
-        if context.is_main:
-            rewrite_toolkit(model_dir, toolkit)
     evaluated = {"validation": validation}
     if "test" in datasets:
-        results["test"], *evaluated["test"] = evaluate(
-            model, build_eval_loader(datasets["test"], args, context), args.device_obj, args.precision_obj, context,
-            label_set.names, problem)
-    for split_name, (logits, labels) in evaluated.items():
-        results[split_name] = problem.evaluation_metrics(logits, labels, label_set.names)
-        reference = problem.reference_metrics(logits, labels, label_set.names)
-        if reference is not None:
-            results[f"{split_name}_{reference[0]}"] = reference[1]
-    report_split = "test" if "test" in datasets else "validation"
-    logits, labels = evaluated[report_split]
+        _, *evaluated["test"] = evaluate(model, build_eval_loader(datasets["test"], args, context), args.device_obj,
+                                         args.precision_obj, context, label_set.names, problem)
+    report_split = problem_types.final_results(problem, results, evaluated, label_set.names, train_labels, args,
+                                               tune, logger.info)
+    if tune and context.is_main:  # multi-label: the thresholds tuned on validation go with the model
+        toolkit.update(problem.toolkit_settings())
+        checkpoints.rewrite_toolkit(model_dir, toolkit)
     if context.is_main:
-        if train_labels is not None:
-            results["constant_baseline"] = problem.constant_baseline(train_labels, labels.numpy(), label_set.names)
         examples = splits["test" if "test" in datasets else "val"]
-        logger.info(f"\n{report_split}: " + problem.format_metrics(results, report_split))
-        write_problem_reports(output_dir, results, report_split, examples, logits, labels, label_set, problem, args)
+        logits, labels = evaluated[report_split]
+        if args.group_field:
+            results[f"{report_split}_by_group"] = metrics_by_group(examples, logits, labels, label_set, problem)
+        problem_types.write_error_rows(output_dir / "errors.jsonl", problem.error_rows(
+            examples, logits, labels, label_set.names))
+        (output_dir / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+        write_curves(output_dir)
     return results
-
-
-def write_problem_reports(output_dir, results, split_name, examples, logits, labels, label_set, problem, args):
-    """metrics.json, errors.jsonl (the problem type's error rows), per-group metrics and training curves."""
-    if args.group_field:
-        results[f"{split_name}_by_group"] = metrics_by_group(examples, logits, labels, label_set, problem)
-    with open(output_dir / "errors.jsonl", "w", encoding="utf-8") as handle:
-        for row in problem.error_rows(examples, logits, labels, label_set.names):
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (output_dir / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
-    write_curves(output_dir)
 
 
 def write_curves(output_dir):
@@ -502,17 +453,6 @@ def write_curves(output_dir):
     if log_path.is_file():
         rows = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
         write_training_curves_png(output_dir / "training_curves.png", rows)
-
-
-def rewrite_toolkit(model_dir, toolkit):
-    """Store a changed toolkit block (e.g. the fitted temperature) in config.json, atomically, and
-    refresh the directory's checksums so they still describe what is on disk."""
-    config_path = Path(model_dir) / modeldir.CONFIG_FILE
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["toolkit"] = toolkit
-    files.write_output_file(config_path, json.dumps(config, indent=2, ensure_ascii=False), "--output-dir")
-    if (Path(model_dir) / checkpoints.CHECKSUM_FILE).is_file():
-        checkpoints.write_checksums(model_dir)
 
 
 def write_reports(output_dir, results, split_name, examples, logits, labels, label_set, args, logger):
@@ -585,7 +525,7 @@ def run_eval_only(args, context):
     model, tokenizer, toolkit, config = SequenceClassifier.from_directory(args.model_path)
     label_names = [config.id2label[index] for index in range(len(config.id2label))]
     args.data_path, args.val_path = None, None
-    problem = resolve_problem_type(args, toolkit.get("problem_type") or "single_label")
+    problem_types.resolve_problem_type(args, toolkit.get("problem_type") or "single_label")
     problem = problem_types.from_toolkit(toolkit)  # with its stored thresholds or target scaling
     splits, label_set = load_splits(args, problem, label_names)
     preprocessing = toolkit["preprocessing"]

@@ -527,19 +527,25 @@ def load_text_examples(path, text_field=None, label_field=None, group_field=None
     """
     records = read_records(path, split=split, skip_invalid=skip_invalid, default_splits=default_splits)
     record_format = detect_format(records[0], text_field)
-
-    def parse(record):
-        example = parse_text_example(record, record_format, text_field or "text", label_field or "label",
-                                     group_field, require_label and parse_label is None)
-        if parse_label is not None:
-            field_name = "messages[-1].content" if record_format == "chat" else label_field or "label"
-            example.raw_label = parse_label(record.where(field_name), example.raw_label)
-        return example
+    parse = lambda record: parse_labelled_example(  # noqa: E731
+        record, record_format, text_field, label_field, group_field, require_label, parse_label)
     examples = parse_each(records, parse, skip_invalid)
     if not examples:
         raise UserError(f"{path}: no valid records")
     examples.record_format = record_format
     return examples
+
+
+def parse_labelled_example(record, record_format, text_field=None, label_field=None, group_field=None,
+                           require_label=True, parse_label=None):
+    """``parse_text_example`` with the label checked by ``parse_label(where, raw_label)`` when given
+    (a problem type's own rules, see load_text_examples) instead of the single-label ones."""
+    example = parse_text_example(record, record_format, text_field or "text", label_field or "label",
+                                 group_field, require_label and parse_label is None)
+    if parse_label is not None:
+        field_name = "messages[-1].content" if record_format == "chat" else label_field or "label"
+        example.raw_label = parse_label(record.where(field_name), example.raw_label)
+    return example
 
 
 class ExampleList(list):

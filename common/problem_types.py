@@ -81,11 +81,13 @@ class SingleLabel:
         """Cross-entropy or focal loss with the class-weight and smoothing flags (common/techniques.py)."""
         from common import techniques
         counts = np.bincount(train_targets, minlength=num_labels)
-        class_weights = techniques.compute_class_weights(counts, args.class_weights, args.class_weights_beta)
+        scheme = _flag(args, "class_weights")
+        class_weights = techniques.compute_class_weights(counts, scheme, _flag(args, "class_weights_beta"))
         if class_weights is not None:
-            print(f"class weights ({args.class_weights}): " + ", ".join(f"{w:.3f}" for w in class_weights.tolist()))
+            print(f"class weights ({scheme}): " + ", ".join(f"{w:.3f}" for w in class_weights.tolist()))
             class_weights = class_weights.to(args.device_obj)
-        return techniques.build_loss(args.loss, class_weights, args.label_smoothing, args.focal_gamma)
+        return techniques.build_loss(_flag(args, "loss"), class_weights, _flag(args, "label_smoothing"),
+                                     _flag(args, "focal_gamma"))
 
     def consistency(self, logits_a, logits_b):
         """R-Drop's term between two dropout passes: the symmetric KL of the two softmaxes."""
@@ -130,8 +132,9 @@ class MultiLabel(SingleLabel):
 
     def check_options(self, args):
         _refuse_foreign_flags(args, self.name)
-        refused = {"--loss focal": args.loss == "focal", "--class-weights effective": args.class_weights == "effective",
-                   "--sampler weighted": args.sampler == "weighted"}
+        refused = {"--loss focal": _flag(args, "loss") == "focal",
+                   "--class-weights effective": _flag(args, "class_weights") == "effective",
+                   "--sampler weighted": _flag(args, "sampler") == "weighted"}
         _refuse(refused, "multi-label training (binary cross-entropy per label; --class-weights balanced "
                          "gives each label a pos_weight)")
 
@@ -214,10 +217,10 @@ class MultiLabel(SingleLabel):
     # ---- training and evaluation
     def build_training_loss(self, args, train_targets, num_labels):
         """BCE with --label-smoothing; --class-weights balanced gives each label a pos_weight."""
-        pos_weight = self.balanced_pos_weight(train_targets) if args.class_weights == "balanced" else None
+        pos_weight = self.balanced_pos_weight(train_targets) if _flag(args, "class_weights") == "balanced" else None
         if pos_weight is not None:
             print("pos_weight (balanced): " + ", ".join(f"{w:.3f}" for w in pos_weight.tolist()))
-        return self.build_loss(args.label_smoothing, pos_weight)
+        return self.build_loss(_flag(args, "label_smoothing"), pos_weight)
 
     def build_loss(self, label_smoothing=0.0, pos_weight=None):
         """Binary cross-entropy per label; smoothing moves each 0/1 target ``label_smoothing / 2`` inwards."""
@@ -399,9 +402,10 @@ class Regression(SingleLabel):
 
     def check_options(self, args):
         _refuse_foreign_flags(args, self.name)
-        refused = {"--loss focal": args.loss == "focal", f"--class-weights {args.class_weights}": args.class_weights != "none",
-                   "--sampler weighted": args.sampler == "weighted", "--label-smoothing": args.label_smoothing > 0,
-                   "--labels": bool(args.labels)}
+        refused = {"--loss focal": _flag(args, "loss") == "focal",
+                   f"--class-weights {_flag(args, 'class_weights')}": _flag(args, "class_weights") != "none",
+                   "--sampler weighted": _flag(args, "sampler") == "weighted",
+                   "--label-smoothing": _flag(args, "label_smoothing") > 0, "--labels": bool(args.labels)}
         _refuse(refused, "regression (a score per example, no classes)")
 
     def toolkit_settings(self):
@@ -542,6 +546,47 @@ def from_args(args):
     return problem
 
 
+def resolve_problem_type(args, stored=None):
+    """--problem-type, else the model's stored one (--eval-only), else single_label; checks the metric."""
+    if stored and args.problem_type and args.problem_type != stored:
+        raise UserError(f"--problem-type {args.problem_type}: {args.model_path} is a {stored} model")
+    args.problem_type = stored or args.problem_type or "single_label"
+    check_metric(args)
+    return from_args(args)
+
+
+def final_results(problem, results, evaluated, label_names, train_targets, args, tune, log=print):
+    """After training (multi-label and regression): tune on validation, score every split, add the
+    reference and the constant baseline, log the report; returns the reporting split's name.
+
+    ``evaluated``: {"validation": (logits, targets)[, "test": (...)]} of the best model; ``tune``: fit
+    the multi-label thresholds (not for --eval-only, which keeps the model's own). ``results`` gets
+    ``<split>`` (merged over what is there), ``<split>_at_threshold_0.5`` and ``constant_baseline``.
+    """
+    fitted = problem.fit_validation_data(*evaluated["validation"], label_names, args) if tune else None
+    if fitted:
+        log(fitted)
+    for split_name, (logits, targets) in evaluated.items():
+        results[split_name] = {**results.get(split_name, {}), **problem.evaluation_metrics(logits, targets, label_names)}
+        reference = problem.reference_metrics(logits, targets, label_names)
+        if reference is not None:
+            results[f"{split_name}_{reference[0]}"] = reference[1]
+    report_split = "test" if "test" in evaluated else "validation"
+    if train_targets is not None:
+        results["constant_baseline"] = problem.constant_baseline(train_targets, evaluated[report_split][1].numpy(),
+                                                                 label_names)
+    log(f"\n{report_split}: " + problem.format_metrics(results, report_split))
+    return report_split
+
+
+def write_error_rows(path, rows):
+    """errors.jsonl: one JSON object per row."""
+    import json
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 def check_metric(args):
     """--metric-for-best-model must be one of this problem type's metrics; unset, its first."""
     allowed = METRICS_BY_PROBLEM_TYPE[args.problem_type]
@@ -556,6 +601,15 @@ def check_metric(args):
 FOREIGN_FLAGS = {"threshold_strategy": ("multi_label", "per_label"), "label_separator": ("multi_label", ","),
                  "standardize_targets": ("regression", False), "regression_loss": ("regression", "mse"),
                  "huber_delta": ("regression", 1.0)}
+
+
+# the technique flags train_longdoc.py does not have, at the values that mean "off"
+TECHNIQUE_DEFAULTS = {"loss": "ce", "class_weights": "none", "class_weights_beta": 0.999, "sampler": "random",
+                      "label_smoothing": 0.0, "focal_gamma": 2.0}
+
+
+def _flag(args, name):
+    return getattr(args, name, TECHNIQUE_DEFAULTS[name])
 
 
 def _refuse_foreign_flags(args, problem_type):

@@ -217,3 +217,22 @@ def test_bernoulli_consistency_is_zero_only_for_equal_passes():
 def test_balanced_pos_weight_is_negatives_over_positives():
     weights = problem_types.MultiLabel.balanced_pos_weight([[1, 0], [1, 0], [0, 1], [1, 0]])
     assert weights.tolist() == pytest.approx([1 / 3, 3.0])
+
+
+def test_long_documents_multi_label_end_to_end(tmp_path, tiny_model_dir):
+    """train_longdoc.py: document logits aggregated over windows, thresholds tuned and used by inference."""
+    records = [{"text": " ".join([r["text"]] * 4), "label": r["label"]} for r in topic_records(16)]
+    path = write_jsonl(tmp_path / "docs.jsonl", records)
+    assert run_trainer("train_longdoc", tiny_model_dir, tmp_path / "out", "--data-path", path, "--val-path", path,
+                       "--test-path", path, "--problem-type", "multi_label", "--epochs", "2") == 0
+    model_dir = tmp_path / "out" / "checkpoint-best"
+    toolkit = json.loads((model_dir / "config.json").read_text())["toolkit"]
+    assert toolkit["task"] == "longdoc" and toolkit["problem_type"] == "multi_label"
+    assert set(toolkit["thresholds"]) == set(TOPICS)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert set(metrics["test"]["by_aggregation"]) == {"mean", "max", "logsumexp"}
+    assert "test_at_threshold_0.5" in metrics
+    results = inference.predict_long_documents(inference.load_model(model_dir), [records[3]["text"]])
+    probabilities, thresholds = results[0]["probabilities"], results[0]["thresholds"]
+    assert results[0]["labels"] == [name for name in sorted(TOPICS) if probabilities[name] >= thresholds[name]]
+    assert results[0]["num_chunks"] >= 2

@@ -144,3 +144,18 @@ def test_huber_and_mse_losses_on_standardized_targets():
     assert problem.build_loss("mse")(outputs, scores).item() == pytest.approx(4.5)
     assert problem.build_loss("huber", 1.0)(outputs, scores).item() == pytest.approx((0 + 2.5) / 2)
     assert problem.unscale(np.array([1.0])) == pytest.approx(20.0 + np.std([10, 20, 30]))
+
+
+def test_long_documents_regression_end_to_end(tmp_path, tiny_model_dir):
+    records = [{"text": " ".join([r["text"]] * 8), "label": r["label"]} for r in score_records(16)]
+    path = write_jsonl(tmp_path / "docs.jsonl", records)
+    assert run_trainer("train_longdoc", tiny_model_dir, tmp_path / "out", "--data-path", path, "--val-path", path,
+                       "--test-path", path, "--problem-type", "regression", "--standardize-targets",
+                       "--epochs", "1") == 0
+    model_dir = tmp_path / "out" / "checkpoint-best"
+    toolkit = json.loads((model_dir / "config.json").read_text())["toolkit"]
+    assert toolkit["problem_type"] == "regression" and toolkit["target_scaling"]["mean"] == pytest.approx(70.0)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert {"mae", "rmse", "pearson", "spearman"} <= set(metrics["test"]) and "constant_baseline" in metrics
+    results = inference.predict_long_documents(inference.load_model(model_dir), [records[0]["text"]])
+    assert 0 < results[0]["score"] < 200 and results[0]["num_chunks"] >= 2
