@@ -4,11 +4,12 @@ A reranker is a classification model directory with ``toolkit["problem_type"] ==
 one logit: it reads ``[CLS] query [SEP] document [SEP]`` and scores the pair ``sigmoid(logit)``.
 This module holds what is particular to it: the data (graded ``query/document/rel[/weight]`` pairs,
 or ``query/pos/neg`` records), grouping per query, the pointwise and listwise losses, ranking
-evaluation and retrieve-then-rerank (a bi-encoder's top N reordered by the reranker).
+evaluation and retrieve-then-rerank (a bi-encoder's top N reordered by the reranker), and ``Rerank``,
+the problem type (common/problem_types.py) the classifier's loop and the inference code ask.
 
 Training examples are groups of pairs: a pointwise example is one pair, a listwise example is one
-positive followed by its negatives. Labels are ``(group, 2)``: the relevance target and the weight
-of each member, so both losses go through the classifier's loop unchanged.
+positive followed by its negatives. Labels are ``(group, 3)``: each member's relevance target, weight
+and query id, so both losses and the per-query evaluation go through the classifier's loop unchanged.
 """
 import random
 import sys
@@ -24,11 +25,68 @@ from common.text import build_normalizer
 
 EVALUATION_KS = (1, 3, 5, 10)
 PREPROCESSING_PAIR = "query_document"  # toolkit preprocessing["context"] of a reranker
+# the classifier's options that mean nothing to a reranker, at their defaults (set, they are refused)
+CLASSIFICATION_ONLY_OPTIONS = {"labels": None, "num_labels": None, "group_field": None, "loss": "ce",
+                               "class_weights": "none", "sampler": "random", "label_smoothing": 0.0,
+                               "rdrop_alpha": 0.0}
 
 
 def is_reranker(toolkit):
     """Whether a model directory's toolkit block describes a reranker."""
     return (toolkit or {}).get("problem_type") == "rerank"
+
+
+class Rerank:
+    """The reranker's problem type: one logit per (query, document) pair, trained pointwise or listwise,
+    evaluated by ranking each query's documents, read as ``sigmoid(logit)``."""
+    name = "rerank"
+    parse_label = None
+    logged_metrics = ("loss", "ndcg@10", "mrr@10")  # in every evaluation row of train_log.jsonl
+    headline_metrics = ("ndcg@10", "mrr@10", "map@10", "recall@10")
+    consistency = None  # R-Drop is refused
+
+    def __init__(self, settings=None):
+        self.settings = {}
+
+    def check_options(self, args):
+        """A reranker trains in train_classifier.py only, without the classifier's label options."""
+        from common.problem_types import _refuse_foreign_flags
+        if not hasattr(args, "rerank_loss"):
+            raise UserError("--problem-type rerank is for train_classifier.py (a reranker reads query/document "
+                            "pairs, not documents)")
+        _refuse_foreign_flags(args, self.name)
+        for name, default in CLASSIFICATION_ONLY_OPTIONS.items():
+            if getattr(args, name, default) != default:
+                raise UserError(f"--{name.replace('_', '-')} does not apply to --problem-type rerank")
+
+    def toolkit_settings(self):
+        return {"problem_type": self.name}
+
+    def num_outputs(self, label_set):
+        return 1
+
+    def fit_training_data(self, train_examples, args):
+        """Nothing to fit: targets are rel / max rel, set when the data is encoded."""
+
+    def build_training_loss(self, args, train_targets, num_labels):
+        return build_loss(args.rerank_loss)
+
+    def evaluation_metrics(self, logits, targets, label_names=None, loss_fn=None):
+        return evaluation_metrics(logits, targets)
+
+    def comparable_outputs(self, outputs):
+        """What the ONNX parity gate compares: the scores users see, sigmoid(logit)."""
+        return 1.0 / (1.0 + np.exp(-np.asarray(outputs, dtype=np.float64)))
+
+    def decisions(self, outputs, threshold=None, label_names=None):
+        return None  # a score, no label: the gate compares the scores themselves
+
+    def result(self, text, context, logits, label_names=None, temperature=1.0, top_k=None, threshold=None):
+        """A pair's score: ``text`` and ``context`` as the classifier's encoder gave them."""
+        result = {"input": text, "score": round(float(self.comparable_outputs(logits)[0]), 6), "problem_type": self.name}
+        if context:
+            result["context"] = context
+        return result
 
 
 # ---------------------------------------------------------------- data
@@ -151,12 +209,11 @@ def encode_pairs(tokenizer, queries, documents, max_length, truncation_side="rig
 
 
 class RerankDataset(torch.utils.data.Dataset):
-    """Groups of encoded pairs: ``{"members": [features], "labels": [[target, weight]], "index"}``;
+    """Groups of encoded pairs: ``{"members": [features], "labels": [[target, weight, query id]], "index"}``;
     ``lengths`` (the longest member) lets the length-grouped sampler batch similar groups."""
 
-    def __init__(self, features, query_ids=None):
+    def __init__(self, features):
         self.features = features
-        self.query_ids = query_ids
         self.lengths = [max(len(member["input_ids"]) for member in f["members"]) for f in features]
 
     def __len__(self):
@@ -174,10 +231,10 @@ def build_rerank_dataset(tokenizer, pairs, max_length, truncation_side, normaliz
     """
     encoded = encode_pairs(tokenizer, [normalize(p.query) for p in pairs], [normalize(p.document) for p in pairs],
                            max_length, truncation_side)
-    labels = [[pair.rel / rel_scale, pair.weight] for pair in pairs]
+    labels = [[pair.rel / rel_scale, pair.weight, float(query)] for pair, query in zip(pairs, query_ids(pairs))]
     if groups is None:
         features = [{"members": [encoded[i]], "labels": [labels[i]], "index": i} for i in range(len(pairs))]
-        return RerankDataset(features, query_ids(pairs))
+        return RerankDataset(features)
     features = []
     for index, (positive, negatives) in enumerate(groups):
         members = [positive, *negatives]
@@ -188,7 +245,7 @@ def build_rerank_dataset(tokenizer, pairs, max_length, truncation_side, normaliz
 
 class RerankCollator:
     """Flatten a batch of groups into padded model inputs (batch * group, seq) with labels
-    (batch, group, 2) and the examples' indices."""
+    (batch, group, 3) and the examples' indices."""
 
     def __init__(self, pad_token_id):
         self.pad = data.PaddingCollator(pad_token_id)
@@ -212,7 +269,8 @@ def summarize(name, pairs, dataset, max_length):
 # ---------------------------------------------------------------- losses
 
 def pointwise_loss(logits, labels):
-    """Weighted binary cross-entropy of each pair's logit against its graded target in [0, 1]."""
+    """Weighted binary cross-entropy of each pair's logit against its graded target in [0, 1].
+    logits: (pairs, 1); labels: (..., 3) of (target, weight, query id), one row per pair."""
     targets, weights = labels[..., 0].reshape(-1), labels[..., 1].reshape(-1)
     losses = F.binary_cross_entropy_with_logits(logits.float().reshape(-1), targets, reduction="none")
     return torch.sum(weights * losses) / weights.sum().clamp(min=1e-12)
@@ -220,7 +278,7 @@ def pointwise_loss(logits, labels):
 
 def listwise_loss(logits, labels):
     """Softmax cross-entropy over each group (the positive first, then its negatives), weighted by
-    the positive's weight. logits: (batch * group, 1); labels: (batch, group, 2)."""
+    the positive's weight. logits: (batch * group, 1); labels: (batch, group, 3)."""
     scores = logits.float().reshape(labels.shape[0], labels.shape[1])  # (batch, group)
     targets = torch.zeros(labels.shape[0], dtype=torch.long, device=scores.device)
     weights = labels[:, 0, 1]
@@ -245,10 +303,11 @@ def group_scores(relevances, scores, query_of_row):
     return list(groups.values())
 
 
-def evaluation_metrics(logits, labels, query_of_row, ks=EVALUATION_KS):
+def evaluation_metrics(logits, labels, ks=EVALUATION_KS):
     """Ranking metrics of one evaluation split (pointwise examples in input order) plus its BCE loss.
 
-    logits: (pairs, 1); labels: (pairs, 1, 2) of (target, weight)."""
+    logits: (pairs, 1); labels: (pairs, 1, 3) of (target, weight, query id)."""
+    query_of_row = labels[:, 0, 2].long().tolist()
     metrics = ranking.ranking_metrics(group_scores(labels[:, 0, 0].tolist(), logits[:, 0].tolist(), query_of_row), ks)
     metrics["loss"] = float(pointwise_loss(logits, labels))
     metrics["num_examples"] = int(len(logits))
