@@ -8,6 +8,7 @@
     python infer.py --model-path output/checkpoint-best --serve --port 8000
     python infer.py --model-path output/vector-best --corpus data/corpus.jsonl --text "a query"
     python infer.py --model-path output/vector-best --serve --corpus data/corpus.jsonl
+    python infer.py --model-path output/reranker-best --text "a query" --text-pair "a document"
 
 --model-path is a model directory written by this toolkit's trainers, an .onnx export from
 export_onnx.py, or a causal language model directory (GPT-2 style) for generation. The
@@ -55,8 +56,8 @@ INPUTS_HELP = """inputs:
 """
 # flags that mean something only for some kinds of model: given for another kind they are an error,
 # never silently ignored ("generation" is a causal language model)
-TASK_FLAGS = {"context": ("classification",), "text_pair": ("vector",), "corpus": ("vector",),
-              "explain": ("longdoc",), "max_length": ("classification", "vector", "longdoc"),
+TASK_FLAGS = {"context": ("classification",), "text_pair": ("vector", "rerank"), "corpus": ("vector",),
+              "explain": ("longdoc",), "max_length": ("classification", "vector", "longdoc", "rerank"),
               "top_k": ("classification", "longdoc", "generation", "vector"),
               "temperature": ("classification", "longdoc", "generation")}
 
@@ -76,7 +77,8 @@ def build_parser():
     add_flag(inputs, "text", action="append", default=[], help="text to run (repeatable)")
     add_flag(inputs, "context", default=None, help="context for every --text (encoded as the first segment)")
     add_flag(inputs, "text-pair", action="append", default=[],
-             help="vector models: second text(s) for the cosine similarity (one, or one per --text)")
+             help="vector models: second text(s) for the cosine similarity; rerankers: the document(s) scored "
+                  "against each --text as the query (one, or one per --text)")
     add_flag(inputs, "file", default=None,
              help="inputs: .txt (one per line; long-document models: the whole file is one document) "
                   "or JSON/JSONL/CSV/TSV records (text, message/context, messages), one input per record; "
@@ -276,6 +278,8 @@ class Runner:
             return run_generation(self.language_model, items, self.options, progress)
         if self.kind == "vector":
             return run_vectors(self.loaded, items, args, self.corpus, progress)
+        if self.kind == "rerank":
+            return run_rerank(self.loaded, items, args, progress)
         return run_classification(self.loaded, items, args, progress)
 
 
@@ -289,15 +293,31 @@ def run_classification(loaded, items, args, progress=False):
                               args.sort_by_length, progress)
 
 
+def pair_texts(args, items):
+    """--text-pair's texts, one per input (a single one is used for every input)."""
+    if len(args.text_pair) not in (1, len(items)):
+        raise UserError(f"--text-pair: give one, or one per input ({len(items)}), not {len(args.text_pair)}")
+    return args.text_pair if len(args.text_pair) == len(items) else args.text_pair * len(items)
+
+
+def run_rerank(loaded, items, args, progress=False):
+    """Each input is a query; its document is --text-pair's, else its record's context: score = sigmoid(logit)."""
+    documents = pair_texts(args, items) if args.text_pair else [item.context for item in items]
+    if not all(documents):
+        raise UserError("a reranker scores a (query, document) pair: give --text-pair (or records with a context)")
+    queries = [item.text for item in items]
+    logits = inference.rerank_logits(loaded, queries, documents, args.batch_size, args.sort_by_length, progress)
+    return [{"input": query, "text_pair": document, "score": round(float(inference.sigmoid(logit)), 6),
+             "logit": round(float(logit), 6)} for query, document, logit in zip(queries, documents, logits)]
+
+
 def run_vectors(loaded, items, args, corpus=None, progress=False):
     embeddings = inference.embed(loaded, [item.text for item in items], args.batch_size,
                                  sort_by_length=args.sort_by_length, progress=progress)
     results = [{"input": item.text, "dim": int(vector.shape[0]), "norm": round(float(np.linalg.norm(vector)), 6),
                 "embedding": [round(float(value), 6) for value in vector]} for item, vector in zip(items, embeddings)]
     if args.text_pair:
-        if len(args.text_pair) not in (1, len(items)):
-            raise UserError(f"--text-pair: give one, or one per input ({len(items)}), not {len(args.text_pair)}")
-        pairs = args.text_pair if len(args.text_pair) == len(items) else args.text_pair * len(items)
+        pairs = pair_texts(args, items)
         pair_embeddings = inference.embed(loaded, pairs, args.batch_size, side="doc")
         for result, pair, vector, pair_vector in zip(results, pairs, embeddings, pair_embeddings):
             result.update(text_pair=pair, cosine_similarity=round(inference.cosine_similarity(vector, pair_vector), 6))
@@ -455,9 +475,16 @@ def format_generation(result):
     return "\n".join(lines)
 
 
+def format_rerank(result):
+    return "\n".join([f"query: {preview(result['input'])}", f"document: {preview(result['text_pair'])}",
+                      f"score: {result['score']:.4f} (logit {result['logit']:.4f})"])
+
+
 def format_result(result, kind):
     if kind == "vector":
         return format_vector(result)
+    if kind == "rerank":
+        return format_rerank(result)
     if kind == "generation":
         return format_generation(result)
     return format_classification(result)
@@ -469,6 +496,8 @@ def format_answer(result, kind):
         texts = [result["prompt"] + text for text in result["generations"]]
         return texts[0] if len(texts) == 1 else "\n".join(f"[{index}] {text}" for index, text in
                                                            enumerate(texts, start=1))
+    if kind == "rerank":
+        return f"score {result['score']:.4f}"
     if kind == "vector":
         lines = hit_lines(result) if "hits" in result else [embedding_line(result)]
         if "cosine_similarity" in result:
@@ -604,7 +633,7 @@ def check_task_flags(args, task):
 def load_model(args):
     """The model, with --max-length applied (and said, when it differs from the stored value)."""
     loaded = inference.load_model(args.model_path, args.backend, args.device, args.tokenizer_path)
-    check_task_flags(args, loaded.task)
+    check_task_flags(args, inference.model_kind(loaded))
     if args.max_length is not None:
         changed = inference.override_max_length(loaded, args.max_length)
         if changed:
@@ -623,7 +652,7 @@ def load_runner(args, generation_settings=None):
     if args.prompt:
         raise UserError(f"--prompt is for causal language models; {args.model_path} is a {loaded.task} model "
                         "(use --text)")
-    return Runner(loaded.task, loaded)
+    return Runner(inference.model_kind(loaded), loaded)
 
 
 @report_user_errors

@@ -1,15 +1,17 @@
 """The HTTP server shared by ``train_vector.py --mode deploy`` and ``infer.py --serve``.
 
 ``create_app(service)`` builds a FastAPI app around a service object:
-  service.kind         "vector" | "classification" | "longdoc"
+  service.kind         "vector" | "classification" | "longdoc" | "rerank"
   service.info()       -> dict shown by GET /info
   service.encode(texts) -> list of embeddings                       (vector)
   service.encode_documents(texts) -> embeddings, optional            (vector; else encode)
   service.predict(texts, contexts) -> list of result dicts          (classification, longdoc)
+  service.rerank(queries, documents) -> list of relevance logits    (rerank)
   service.count_tokens(texts, side) / (texts, contexts) -> tokens per text, optional (usage, metrics, budget)
 Routes: GET /health (never needs a key), GET /info, GET /metrics (Prometheus); vector: POST /encode,
 /similarity, /search (with a corpus), /v1/embeddings (OpenAI's shape); classification/longdoc:
-POST /predict. OpenAPI docs at /docs.
+POST /predict; rerank: POST /rerank (TEI's shape). A route for another kind of model answers 404
+with a one-line detail naming the kind it needs. OpenAPI docs at /docs.
 
 Bad input never gets a 5xx: malformed JSON, wrong types and text that is not valid Unicode (a
 lone surrogate such as JSON's "\\ud800") answer 422, too many texts, too-long texts or an oversize
@@ -42,7 +44,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
                                generate_latest)
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt,
+                      StrictStr)
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -116,6 +119,18 @@ class SearchRequest(StrictRequest):
 class PredictRequest(StrictRequest):
     texts: list[Text] = Field(min_length=1, description="texts to classify")
     contexts: list[Text | None] | None = Field(default=None, description="optional context per text")
+
+
+class RerankRequest(StrictRequest):
+    """text-embeddings-inference's rerank request (its ``truncation_direction`` is left out: the model's stored
+    truncation side applies)."""
+    query: Text = Field(description="the query text")
+    texts: list[Text] = Field(min_length=1, description="documents to score against the query")
+    top_n: int | None = Field(default=None, ge=1, strict=True, description="return only the n best (default: all)")
+    return_text: StrictBool = Field(default=False, description="echo each document's text in its result")
+    raw_scores: StrictBool = Field(default=False, description="the logit instead of its sigmoid")
+    truncate: StrictBool = Field(
+        default=True, description="cut pairs longer than the model's max length (false: such a pair answers 413)")
 
 
 def refuse_token_ids(value):
@@ -564,6 +579,9 @@ def create_app(service, *, api_key=None, max_texts=64, max_chars=10000, max_batc
     if service.kind == "vector":
         functions = {"encode": service.encode,
                      "encode_documents": getattr(service, "encode_documents", service.encode)}
+    elif service.kind == "rerank":
+        functions = {"rerank": lambda items: service.rerank([query for query, _ in items],
+                                                            [document for _, document in items])}
     else:
         functions = {"predict": lambda items: service.predict([text for text, _ in items],
                                                               [context for _, context in items])}
@@ -625,8 +643,11 @@ def create_app(service, *, api_key=None, max_texts=64, max_chars=10000, max_batc
 
     if service.kind == "vector":
         add_vector_routes(app, service, batcher, check_limits, corpus)
+    elif service.kind == "rerank":
+        add_rerank_route(app, service, batcher, check_limits)
     else:
         add_predict_route(app, service, batcher, check_limits, max_chars)
+    add_unserved_routes(app, service.kind)
     metrics.routes.update(route.path for route in app.routes)
     return app
 
@@ -711,6 +732,54 @@ def add_predict_route(app, service, batcher, check_limits, max_chars):
         tokens = await count_tokens(service, batcher, request.texts, contexts)
         results = await batcher.submit("predict", list(zip(request.texts, contexts)), tokens)
         return {"predictions": results}
+
+
+def add_rerank_route(app, service, batcher, check_limits):
+    """POST /rerank in text-embeddings-inference's shape, for a reranker: the texts' indices, best first."""
+    @app.post("/rerank")
+    async def rerank(request: RerankRequest):
+        check_limits([request.query], "query")
+        check_limits(request.texts)
+        queries = [request.query] * len(request.texts)
+        tokens = await count_tokens(service, batcher, queries, request.texts, request.truncate)
+        if not request.truncate:
+            refuse_long_pairs(tokens, service.max_length)
+        logits = np.asarray(await batcher.submit("rerank", list(zip(queries, request.texts)), tokens))
+        scores = logits if request.raw_scores else inference.sigmoid(logits)
+        ranking = np.argsort(-scores, kind="stable")[:request.top_n]
+        return [{"index": int(index), "score": float(scores[index]),
+                 **({"text": request.texts[index]} if request.return_text else {})} for index in ranking]
+
+
+def refuse_long_pairs(tokens, max_length):
+    """With ``truncate: false`` a pair over the model's max length is the client's 413, as in TEI."""
+    for index, count in enumerate(tokens or ()):
+        if count > max_length:
+            raise HTTPException(413, f"texts[{index}]: the query and this text are {count} tokens, the model takes "
+                                     f"{max_length}; send truncate: true to cut it")
+
+
+# the model kinds each route is for: on a server for another kind it answers 404 saying so
+ROUTE_KINDS = {"/encode": ("vector",), "/similarity": ("vector",), "/search": ("vector",),
+               "/v1/embeddings": ("vector",), "/predict": ("classification", "longdoc"), "/rerank": ("rerank",)}
+
+
+def add_unserved_routes(app, kind):
+    """POST routes of the other kinds of model, each a 404 naming the kind it needs (not a bare "Not Found")."""
+    served = {route.path for route in app.routes}
+    for path, kinds in ROUTE_KINDS.items():
+        if path in served:
+            continue
+        detail = (f"POST {path} is for {' and '.join(kinds)} models; this server runs a {kind} model "
+                  "(GET /info lists it)")
+        app.add_api_route(path, refusal(404, detail), methods=["POST"], include_in_schema=False)
+
+
+def refusal(status, detail):
+    """An endpoint that answers ``status`` with ``detail`` whatever it is sent (its body is not read)."""
+    async def refuse():
+        raise HTTPException(status, detail)
+    return refuse
 
 
 def install_error_handlers(app):
