@@ -26,6 +26,7 @@ it is a regular file or a new path; a symlink is followed; /dev/null, a FIFO or
 (--file, the model's files) is refused.
 """
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -129,6 +130,9 @@ def build_parser():
              help="requests that may wait for the model (default 256); past it a new one gets 429 at once")
     add_flag(serve, "max-batch-tokens", type=bounded(int, minimum=1), default=None,
              help="tokens per batch of merged requests (default 16384, as TEI); a longer request runs alone")
+    add_flag(serve, "workers", type=bounded(int, minimum=1), default=1,
+             help="server processes on the one port, each with its own copy of the model and its share of the "
+                  "CPU cores (docs/infer.md: replicas behind a load balancer)")
     return parser
 
 
@@ -569,14 +573,28 @@ def report_failures(items):
 
 # ---------------------------------------------------------------- main
 
-def serve(loaded, args):
+def serve(runner, args):
+    """Serve the runner's model; with --workers, each worker process loads its own copy (the corpus is
+    encoded once, here) and this process lets go of its copy, which served to check the flags."""
     from common import server
     corpus_entries = server.load_corpus_records(args.corpus) if args.corpus else None
-    service = inference.build_service(loaded, args.temperature, args.batch_size)
+    service = inference.build_service(runner.loaded, args.temperature, args.batch_size)
     corpus = server.build_corpus(service, *corpus_entries) if corpus_entries else None
+    if args.workers > 1:
+        runner.loaded = service = None
+        has_key = server.resolve_api_key(args.api_key) is not None
+        return server.serve(functools.partial(build_app, args, corpus), args.host, args.port, workers=args.workers,
+                            has_key=has_key)
     app = server.create_app(service, api_key=args.api_key, corpus=corpus, **server.work_limit_options(args))
     server.serve(app, args.host, args.port)
     return 0
+
+
+def build_app(args, corpus=None):
+    """The server app for ``args``, with a model of its own (what each --workers process runs)."""
+    from common import server
+    service = inference.build_service(load_model(args), args.temperature, args.batch_size)
+    return server.create_app(service, api_key=args.api_key, corpus=corpus, **server.work_limit_options(args))
 
 
 def check_args(args):
@@ -675,7 +693,7 @@ def main(argv=None):
     # other models load first: a long-document model reads a text file as one document, not as lines
     runner = load_runner(args, options)
     if args.serve:
-        return serve(runner.loaded, args)
+        return serve(runner, args)
     if runner.kind == "vector" and args.corpus:
         runner.corpus = load_search_corpus(runner.loaded, args)
     if interactive:

@@ -28,9 +28,13 @@ import asyncio
 import base64
 import http
 import json
+import multiprocessing
 import os
 import secrets
+import signal
+import socket
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -632,7 +636,8 @@ def create_app(service, *, api_key=None, max_texts=64, max_chars=10000, max_batc
     async def info():
         details = dict(service.info())
         details.update({"max_texts": max_texts, "max_chars": max_chars, "max_batch_size": max_batch_size,
-                        "max_batch_tokens": max_batch_tokens, "max_queue": max_queue})
+                        "max_batch_tokens": max_batch_tokens, "max_queue": max_queue,
+                        "pid": os.getpid()})  # which worker answered, with --workers
         if service.kind == "vector":
             details["corpus_size"] = len(corpus.ids) if corpus is not None else 0
         return details
@@ -924,14 +929,110 @@ def build_server(app, host=DEFAULT_HOST, port=8000, graceful_seconds=GRACEFUL_SH
 
 
 def serve(app, host=DEFAULT_HOST, port=8000, graceful_seconds=GRACEFUL_SHUTDOWN_SECONDS, log_level="info",
-          **limits):
+          workers=1, has_key=None, **limits):
     """Run uvicorn; on SIGTERM/SIGINT it stops accepting, finishes in-flight requests, then exits.
 
+    ``workers`` > 1: ``app`` is a picklable zero-argument callable that builds the app, called in
+    each of ``workers`` processes (see ``serve_workers``); ``has_key`` says whether it needs an API key.
     ``limits`` (header_timeout, body_timeout, max_connections) default to the module's constants.
     """
+    has_key = getattr(getattr(app, "state", None), "has_key", False) if has_key is None else has_key
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}: reachable from other machines"
-              + ("" if getattr(app.state, "has_key", False) else " without an API key (consider --api-key)"),
-              file=sys.stderr)
+              + ("" if has_key else " without an API key (consider --api-key)"), file=sys.stderr)
+    if workers > 1:
+        return serve_workers(app, workers, host, port, graceful_seconds, log_level, **limits)
     build_server(app, host, port, graceful_seconds, log_level, **limits).run()
     return 0
+
+
+# ---------------------------------------------------------------- several worker processes
+
+WORKER_STARTUP_FAILED = 2  # a worker's app could not be built (a UserError): every worker would fail the same way
+WORKER_POLL_SECONDS = 0.5
+
+
+def bind_shared_port(host, port):
+    """A TCP socket bound to (host, port) with SO_REUSEPORT: every worker binds one and the kernel spreads new
+    connections across them by their address hash (a shared accept queue would wake them all for each one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise UserError(f"--port {port}: cannot listen on {host} ({error.strerror or error})") from None
+    return sock
+
+
+def serve_workers(build_app, workers, host=DEFAULT_HOST, port=8000, graceful_seconds=GRACEFUL_SHUTDOWN_SECONDS,
+                  log_level="info", **limits):
+    """Run ``workers`` server processes on one port (SO_REUSEPORT), each with its own model and micro-batcher.
+
+    The processes are started with "spawn" (a fresh interpreter: no torch state forked mid-use) and each
+    calls ``build_app()``. A worker that dies is started again; one whose app cannot be built stops them
+    all (exit 2). SIGTERM or SIGINT here is passed on once as SIGTERM, so each worker drains its requests
+    in flight, as a single server does. Each worker uses its share of the CPU cores for the model.
+    """
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise UserError("--workers: this platform has no SO_REUSEPORT; run one server per port behind a "
+                        "load balancer instead")
+    bind_shared_port(host, port).close()  # the port is free (or this fails with one line) before any model loads
+    context = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    settings = (build_app, host, port, graceful_seconds, log_level, limits, threads, os.getpid())
+
+    def start_worker():
+        process = context.Process(target=run_worker, args=settings, daemon=False)
+        process.start()
+        return process
+
+    stopping = threading.Event()
+    previous = {signum: signal.signal(signum, lambda *_: stopping.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
+    processes, exit_code = [start_worker() for _ in range(workers)], 0
+    try:
+        while not stopping.wait(WORKER_POLL_SECONDS):
+            for index, process in enumerate(processes):
+                if process.is_alive():
+                    continue
+                if process.exitcode == WORKER_STARTUP_FAILED:
+                    exit_code = WORKER_STARTUP_FAILED
+                    stopping.set()
+                    break
+                print(f"worker {process.pid} exited ({process.exitcode}); starting another", file=sys.stderr)
+                processes[index] = start_worker()
+    finally:
+        for process in processes:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+        for process in processes:
+            process.join(graceful_seconds + 10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return exit_code
+
+
+def run_worker(build_app, host, port, graceful_seconds, log_level, limits, threads, parent_pid):
+    """One worker process: build the app, then serve it on its own SO_REUSEPORT socket until SIGTERM."""
+    os.setpgrp()  # Ctrl-C reaches the parent only, which passes on one SIGTERM (two would cut requests short)
+    threading.Thread(target=exit_with_parent, args=(parent_pid,), daemon=True).start()
+    import torch
+    torch.set_num_threads(threads)
+    try:
+        app = build_app()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(WORKER_STARTUP_FAILED) from None
+    build_server(app, host, port, graceful_seconds, log_level, **limits).run(sockets=[bind_shared_port(host, port)])
+
+
+def exit_with_parent(parent_pid):
+    """Stop this worker (gracefully) when the process that started it is gone, even after a SIGKILL."""
+    while os.getppid() == parent_pid:
+        time.sleep(1)
+    os.kill(os.getpid(), signal.SIGTERM)
