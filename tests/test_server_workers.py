@@ -95,3 +95,30 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path, capsys):
         assert_one_error_line(capsys.readouterr().err, "missing")  # the model path is checked first
         with pytest.raises(UserError, match=f"--port {port}: cannot listen on 127.0.0.1"):
             server.serve_workers(refusing_app, 2, port=port)
+
+
+@pytest.mark.parametrize("entry_point", ["infer", "train_vector"])
+def test_both_entry_points_hand_the_workers_a_picklable_app_builder(entry_point, tiny_model_dir, tmp_path,
+                                                                    monkeypatch):
+    """What each worker process runs, run here: it builds an app with the flags' limits that answers."""
+    import pickle
+
+    from fastapi.testclient import TestClient
+
+    import infer
+    import train_vector
+    from test_export_onnx import make_vector_directory
+    model_dir = make_vector_directory(tiny_model_dir, tmp_path / "vector")
+    calls = []
+    monkeypatch.setattr(server, "serve", lambda app, host, port, **options: calls.append((app, options)) or 0)
+    argv = ["--model-path", str(model_dir), "--workers", "3", "--max-queue", "7", "--api-key", "k"]
+    if entry_point == "infer":
+        assert infer.main(argv + ["--serve"]) == 0
+    else:
+        assert train_vector.main(argv + ["--mode", "deploy"]) == 0
+    build_app, options = calls[0]
+    assert options == {"workers": 3, "has_key": True}
+    with TestClient(pickle.loads(pickle.dumps(build_app))()) as client:
+        info = client.get("/info", headers={"X-API-Key": "k"}).json()
+        assert info["max_queue"] == 7 and info["kind"] == "vector"
+        assert client.post("/encode", json={"texts": ["good movie"]}, headers={"X-API-Key": "k"}).status_code == 200
