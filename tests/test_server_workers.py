@@ -53,6 +53,9 @@ def test_two_workers_answer_on_one_port_and_stop_on_sigterm(tiny_model_dir, tmp_
                                 "--port", str(port)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for_health(process, base_url)
+        # a client that stalls mid-headers is cut off by a worker's read deadline (server.HEADER_TIMEOUT_SECONDS)
+        stalled = socket.create_connection(("127.0.0.1", port), timeout=server.HEADER_TIMEOUT_SECONDS + 30)
+        stalled.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nUser-Ag")
         pids = set()
         for _ in range(200):  # each a new connection: the kernel spreads them by address hash
             pids.add(httpx.get(f"{base_url}/info", timeout=30).json()["pid"])
@@ -62,6 +65,9 @@ def test_two_workers_answer_on_one_port_and_stop_on_sigterm(tiny_model_dir, tmp_
         assert len(pids) == 2 and process.pid not in pids
         response = httpx.post(f"{base_url}/predict", json={"texts": ["good movie"]}, timeout=30)
         assert response.status_code == 200 and response.json()["predictions"][0]["label"]
+        answer = stalled.recv(65536)  # socket.timeout (a failure) if the worker kept the connection open
+        stalled.close()
+        assert answer.startswith(b"HTTP/1.1 408 ")
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
     finally:
