@@ -610,9 +610,7 @@ def write_metrics(path, metrics):
 def run_deploy(args):
     from common import inference, server
     server.resolve_api_key(args.api_key)  # a bad key fails before the model loads
-    server.check_work_limits(args.max_queue, args.max_batch_tokens)
-    if args.workers < 1:
-        raise UserError(f"--workers {args.workers}: must be a whole number >= 1")
+    server.check_work_limits(args.max_queue, args.max_batch_tokens, args.workers)
     directory = args.model_path or resolve_best_model_dir(args.output_dir)
     corpus_entries = server.load_corpus_records(args.corpus, args.skip_invalid) if args.corpus else None
     loaded = inference.load_model(directory, device=str(args.device_obj))

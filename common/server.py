@@ -547,9 +547,9 @@ def resolve_api_key(api_key):
     return key
 
 
-def check_work_limits(max_queue, max_batch_tokens):
-    """Refuse a queue limit or token budget below 1 (None means none) before the model loads."""
-    for flag, value in (("--max-queue", max_queue), ("--max-batch-tokens", max_batch_tokens)):
+def check_work_limits(max_queue, max_batch_tokens, workers=1):
+    """Refuse a queue limit, token budget or worker count below 1 (None means none) before the model loads."""
+    for flag, value in (("--max-queue", max_queue), ("--max-batch-tokens", max_batch_tokens), ("--workers", workers)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise UserError(f"{flag} {value}: must be a whole number >= 1")
 

@@ -222,3 +222,34 @@ def test_infer_needs_a_pair_for_a_reranker(reranker_dir, capsys):
     assert infer.main(["--model-path", str(reranker_dir), "--text", QUERY, "--temperature", "2",
                        "--text-pair", "a"]) == 2
     assert_one_error_line(capsys.readouterr().err, "--temperature")
+
+
+def test_fuzz_rerank_bodies_never_get_a_5xx():
+    import random
+
+    from test_server import random_body, random_json
+    generator = random.Random(16)
+    service = FakeReranker()
+    app = server.create_app(service, max_texts=8, max_chars=200)
+    fields = ["query", "texts", "top_n", "return_text", "raw_scores", "truncate"]
+    statuses = {}
+
+    def rerank_body():
+        """TEI's fields with random values (sometimes valid), or bytes of any shape."""
+        if generator.random() < 0.3:
+            return random_body(generator)
+        body = {"query": "good movie", "texts": ["a movie", "bad"]}
+        for name in generator.sample(fields, generator.randrange(1, 4)):
+            body[name] = random_json(generator)
+        return json.dumps(body, allow_nan=True).encode()
+
+    async def fuzz():
+        async with client_for(app) as client:
+            for _ in range(600):
+                response = await client.post("/rerank", content=rerank_body(),
+                                             headers={"content-type": "application/json"})
+                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                assert response.status_code < 500, (response.status_code, response.text[:200])
+                assert isinstance(response.json(), list) or "detail" in response.json()
+    asyncio.run(fuzz())
+    assert statuses.get(422, 0) + statuses.get(413, 0) >= 300 and statuses.get(200, 0) >= 10, statuses
