@@ -972,9 +972,10 @@ def serve_workers(build_app, workers, host=DEFAULT_HOST, port=8000, graceful_sec
     """Run ``workers`` server processes on one port (SO_REUSEPORT), each with its own model and micro-batcher.
 
     The processes are started with "spawn" (a fresh interpreter: no torch state forked mid-use) and each
-    calls ``build_app()``. A worker that dies is started again; one whose app cannot be built stops them
-    all (exit 2). SIGTERM or SIGINT here is passed on once as SIGTERM, so each worker drains its requests
-    in flight, as a single server does. Each worker uses its share of the CPU cores for the model.
+    calls ``build_app()``. A worker that dies after building its app is started again; one that dies
+    before stops them all (exit 2 for a UserError, else 1), since every new one would die the same way.
+    SIGTERM or SIGINT here is passed on once as SIGTERM, so each worker drains its requests in flight,
+    as a single server does. Each worker uses its share of the CPU cores for the model.
     """
     if not hasattr(socket, "SO_REUSEPORT"):
         raise UserError("--workers: this platform has no SO_REUSEPORT; run one server per port behind a "
@@ -985,25 +986,27 @@ def serve_workers(build_app, workers, host=DEFAULT_HOST, port=8000, graceful_sec
     settings = (build_app, host, port, graceful_seconds, log_level, limits, threads, os.getpid())
 
     def start_worker():
-        process = context.Process(target=run_worker, args=settings, daemon=False)
+        ready = context.Event()  # set by the worker once its app is built
+        process = context.Process(target=run_worker, args=(*settings, ready), daemon=False)
         process.start()
-        return process
+        return process, ready
 
     stopping = threading.Event()
     previous = {signum: signal.signal(signum, lambda *_: stopping.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
-    processes, exit_code = [start_worker() for _ in range(workers)], 0
+    workers_started, exit_code = [start_worker() for _ in range(workers)], 0
     try:
         while not stopping.wait(WORKER_POLL_SECONDS):
-            for index, process in enumerate(processes):
+            for index, (process, ready) in enumerate(workers_started):
                 if process.is_alive():
                     continue
-                if process.exitcode == WORKER_STARTUP_FAILED:
-                    exit_code = WORKER_STARTUP_FAILED
+                if not ready.is_set():
+                    exit_code = WORKER_STARTUP_FAILED if process.exitcode == WORKER_STARTUP_FAILED else 1
                     stopping.set()
                     break
                 print(f"worker {process.pid} exited ({process.exitcode}); starting another", file=sys.stderr)
-                processes[index] = start_worker()
+                workers_started[index] = start_worker()
     finally:
+        processes = [process for process, _ in workers_started]
         for process in processes:
             if process.is_alive():
                 os.kill(process.pid, signal.SIGTERM)
@@ -1017,8 +1020,9 @@ def serve_workers(build_app, workers, host=DEFAULT_HOST, port=8000, graceful_sec
     return exit_code
 
 
-def run_worker(build_app, host, port, graceful_seconds, log_level, limits, threads, parent_pid):
-    """One worker process: build the app, then serve it on its own SO_REUSEPORT socket until SIGTERM."""
+def run_worker(build_app, host, port, graceful_seconds, log_level, limits, threads, parent_pid, ready):
+    """One worker process: build the app (then set ``ready``), and serve it on its own SO_REUSEPORT socket until
+    SIGTERM."""
     os.setpgrp()  # Ctrl-C reaches the parent only, which passes on one SIGTERM (two would cut requests short)
     threading.Thread(target=exit_with_parent, args=(parent_pid,), daemon=True).start()
     import torch
@@ -1028,6 +1032,7 @@ def run_worker(build_app, host, port, graceful_seconds, log_level, limits, threa
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(WORKER_STARTUP_FAILED) from None
+    ready.set()
     build_server(app, host, port, graceful_seconds, log_level, **limits).run(sockets=[bind_shared_port(host, port)])
 
 

@@ -45,7 +45,7 @@ def is_running(pid):
     return True
 
 
-def test_two_workers_answer_on_one_port_and_stop_on_sigterm(tiny_model_dir, tmp_path):
+def test_two_workers_answer_on_one_port_a_dead_one_is_replaced_and_sigterm_stops_all(tiny_model_dir, tmp_path):
     model_dir = make_model_directory(tiny_model_dir, tmp_path / "classifier")
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
@@ -63,11 +63,23 @@ def test_two_workers_answer_on_one_port_and_stop_on_sigterm(tiny_model_dir, tmp_
                 break
             time.sleep(0.05)  # the second worker may still be loading its model
         assert len(pids) == 2 and process.pid not in pids
-        response = httpx.post(f"{base_url}/predict", json={"texts": ["good movie"]}, timeout=30)
-        assert response.status_code == 200 and response.json()["predictions"][0]["label"]
         answer = stalled.recv(65536)  # socket.timeout (a failure) if the worker kept the connection open
         stalled.close()
         assert answer.startswith(b"HTTP/1.1 408 ")
+        os.kill(min(pids), signal.SIGKILL)  # a worker that dies is replaced
+        replacement = None
+        deadline = time.monotonic() + 180
+        while replacement is None and time.monotonic() < deadline:
+            try:
+                pid = httpx.get(f"{base_url}/info", timeout=30).json()["pid"]
+                replacement = pid if pid not in pids else None
+            except httpx.HTTPError:  # a connection hashed to the dead worker's socket
+                pass
+            time.sleep(0.2)
+        assert replacement is not None
+        pids.add(replacement)
+        response = httpx.post(f"{base_url}/predict", json={"texts": ["good movie"]}, timeout=30)
+        assert response.status_code == 200 and response.json()["predictions"][0]["label"]
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
     finally:
