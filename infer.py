@@ -8,7 +8,6 @@
     python infer.py --model-path output/checkpoint-best --serve --port 8000
     python infer.py --model-path output/vector-best --corpus data/corpus.jsonl --text "a query"
     python infer.py --model-path output/vector-best --serve --corpus data/corpus.jsonl
-    python infer.py --model-path output/reranker-best --text "a query" --text-pair "a document"
 
 --model-path is a model directory written by this toolkit's trainers, an .onnx export from
 export_onnx.py, or a causal language model directory (GPT-2 style) for generation. The
@@ -57,10 +56,13 @@ INPUTS_HELP = """inputs:
 """
 # flags that mean something only for some kinds of model: given for another kind they are an error,
 # never silently ignored ("generation" is a causal language model)
-TASK_FLAGS = {"context": ("classification",), "text_pair": ("vector", "rerank"), "corpus": ("vector",),
-              "explain": ("longdoc",), "max_length": ("classification", "vector", "longdoc", "rerank"),
+TASK_FLAGS = {"context": ("classification",), "text_pair": ("vector",), "corpus": ("vector",),
+              "explain": ("longdoc",), "max_length": ("classification", "vector", "longdoc"),
               "top_k": ("classification", "longdoc", "generation", "vector"),
-              "temperature": ("classification", "longdoc", "generation")}
+              "temperature": ("classification", "longdoc", "generation"), "threshold": ("classification", "longdoc")}
+# classifier flags that mean something only for some problem types (common/problem_types.py)
+PROBLEM_TYPE_FLAGS = {"temperature": ("single_label",), "threshold": ("multi_label",),
+                      "top_k": ("single_label", "multi_label"), "explain": ("single_label",)}
 
 
 def build_parser():
@@ -78,8 +80,7 @@ def build_parser():
     add_flag(inputs, "text", action="append", default=[], help="text to run (repeatable)")
     add_flag(inputs, "context", default=None, help="context for every --text (encoded as the first segment)")
     add_flag(inputs, "text-pair", action="append", default=[],
-             help="vector models: second text(s) for the cosine similarity; rerankers: the document(s) scored "
-                  "against each --text as the query (one, or one per --text)")
+             help="vector models: second text(s) for the cosine similarity (one, or one per --text)")
     add_flag(inputs, "file", default=None,
              help="inputs: .txt (one per line; long-document models: the whole file is one document) "
                   "or JSON/JSONL/CSV/TSV records (text, message/context, messages), one input per record; "
@@ -98,6 +99,9 @@ def build_parser():
     add_flag(outputs, "temperature", type=bounded(float, minimum=0), default=None,
              help="softmax temperature, > 0 (default: the calibrated one stored with the model, else 1.0); "
                   "generation: sampling temperature, 0 = greedy (default 1.0)")
+    add_flag(outputs, "threshold", type=bounded(float, minimum=0, maximum=1), default=None,
+             help="multi-label models: one decision threshold for every label, in [0, 1] (default: the "
+                  "per-label thresholds tuned on validation and stored with the model)")
     add_flag(outputs, "top-k", type=bounded(int, minimum=0), default=None,
              help="show the k most probable labels; generation: top-k sampling (default 50, 0 = off); "
                   f"vector models with --corpus: entries listed per input (default {DEFAULT_HITS})")
@@ -282,8 +286,6 @@ class Runner:
             return run_generation(self.language_model, items, self.options, progress)
         if self.kind == "vector":
             return run_vectors(self.loaded, items, args, self.corpus, progress)
-        if self.kind == "rerank":
-            return run_rerank(self.loaded, items, args, progress)
         return run_classification(self.loaded, items, args, progress)
 
 
@@ -292,27 +294,9 @@ def run_classification(loaded, items, args, progress=False):
     contexts = [item.context for item in items] if any(item.context for item in items) else None
     if loaded.task == "longdoc":
         return inference.predict_long_documents(loaded, texts, args.temperature, args.batch_size, args.explain,
-                                                args.top_k, progress)
+                                                args.top_k, progress, args.threshold)
     return inference.classify(loaded, texts, contexts, args.temperature, args.batch_size, args.top_k,
-                              args.sort_by_length, progress)
-
-
-def pair_texts(args, items):
-    """--text-pair's texts, one per input (a single one is used for every input)."""
-    if len(args.text_pair) not in (1, len(items)):
-        raise UserError(f"--text-pair: give one, or one per input ({len(items)}), not {len(args.text_pair)}")
-    return args.text_pair if len(args.text_pair) == len(items) else args.text_pair * len(items)
-
-
-def run_rerank(loaded, items, args, progress=False):
-    """Each input is a query; its document is --text-pair's, else its record's context: score = sigmoid(logit)."""
-    documents = pair_texts(args, items) if args.text_pair else [item.context for item in items]
-    if not all(documents):
-        raise UserError("a reranker scores a (query, document) pair: give --text-pair (or records with a context)")
-    queries = [item.text for item in items]
-    logits = inference.rerank_logits(loaded, queries, documents, args.batch_size, args.sort_by_length, progress)
-    return [{"input": query, "text_pair": document, "score": round(float(inference.sigmoid(logit)), 6),
-             "logit": round(float(logit), 6)} for query, document, logit in zip(queries, documents, logits)]
+                              args.sort_by_length, progress, args.threshold)
 
 
 def run_vectors(loaded, items, args, corpus=None, progress=False):
@@ -321,7 +305,9 @@ def run_vectors(loaded, items, args, corpus=None, progress=False):
     results = [{"input": item.text, "dim": int(vector.shape[0]), "norm": round(float(np.linalg.norm(vector)), 6),
                 "embedding": [round(float(value), 6) for value in vector]} for item, vector in zip(items, embeddings)]
     if args.text_pair:
-        pairs = pair_texts(args, items)
+        if len(args.text_pair) not in (1, len(items)):
+            raise UserError(f"--text-pair: give one, or one per input ({len(items)}), not {len(args.text_pair)}")
+        pairs = args.text_pair if len(args.text_pair) == len(items) else args.text_pair * len(items)
         pair_embeddings = inference.embed(loaded, pairs, args.batch_size, side="doc")
         for result, pair, vector, pair_vector in zip(results, pairs, embeddings, pair_embeddings):
             result.update(text_pair=pair, cosine_similarity=round(inference.cosine_similarity(vector, pair_vector), 6))
@@ -438,16 +424,31 @@ def chunk_lines(result):
             f"{chunk['char_end']}): {' '.join(chunk['text'].split())}" for chunk in result.get("top_chunks", [])]
 
 
+def decision_lines(result):
+    """The prediction itself: the label (single-label), the labels above threshold, or the score."""
+    problem_type = result.get("problem_type", "single_label")
+    if problem_type == "regression":
+        return [f"score: {result['score']:.6g}"]
+    if problem_type == "multi_label":
+        return [f"predicted labels: {', '.join(result['labels']) or '(none above threshold)'}"]
+    return [f"temperature: {result['temperature']}", prediction_line(result)]
+
+
 def format_classification(result):
-    """Input, temperature, predicted label and id, every label's probability (a long input is clipped)."""
+    """Input, the prediction, every label's probability (a long input is clipped)."""
     lines = [f"input: {preview(result['input'])}"]
     if result.get("context"):
         lines.append(f"context: {preview(result['context'])}")
-    lines += [f"temperature: {result['temperature']}", prediction_line(result)]
+    lines += decision_lines(result)
+    if "probabilities" not in result:  # a score
+        return "\n".join(lines)
     ranked = result.get("top_k") or [{"label": name, "probability": p} for name, p in result["probabilities"].items()]
     lines.append("probabilities:" if "top_k" not in result else f"top {len(ranked)}:")
     width = max(len(str(entry["label"])) for entry in ranked)
-    lines += [f"  {str(entry['label']):<{width}}  {entry['probability']:.4f}" for entry in ranked]
+    thresholds = result.get("thresholds", {})
+    lines += [f"  {str(entry['label']):<{width}}  {entry['probability']:.4f}" +
+              (f"  (threshold {thresholds[entry['label']]:.4f})" if entry["label"] in thresholds else "")
+              for entry in ranked]
     if "num_chunks" in result:
         lines.append(f"chunks: {result['num_chunks']} of {result['num_windows']} windows")
     return "\n".join(lines + chunk_lines(result))
@@ -479,16 +480,9 @@ def format_generation(result):
     return "\n".join(lines)
 
 
-def format_rerank(result):
-    return "\n".join([f"query: {preview(result['input'])}", f"document: {preview(result['text_pair'])}",
-                      f"score: {result['score']:.4f} (logit {result['logit']:.4f})"])
-
-
 def format_result(result, kind):
     if kind == "vector":
         return format_vector(result)
-    if kind == "rerank":
-        return format_rerank(result)
     if kind == "generation":
         return format_generation(result)
     return format_classification(result)
@@ -500,13 +494,13 @@ def format_answer(result, kind):
         texts = [result["prompt"] + text for text in result["generations"]]
         return texts[0] if len(texts) == 1 else "\n".join(f"[{index}] {text}" for index, text in
                                                            enumerate(texts, start=1))
-    if kind == "rerank":
-        return f"score {result['score']:.4f}"
     if kind == "vector":
         lines = hit_lines(result) if "hits" in result else [embedding_line(result)]
         if "cosine_similarity" in result:
             lines.append(f"cosine similarity to the text pair: {result['cosine_similarity']:.4f}")
         return "\n".join(lines)
+    if result.get("problem_type", "single_label") != "single_label":
+        return "\n".join(decision_lines(result))
     lines = [f"{result['label']} (probability {result['probability']:.4f})"]
     lines += [f"  {entry['label']}  {entry['probability']:.4f}" for entry in result.get("top_k", [])[1:]]
     return "\n".join(lines + chunk_lines(result))
@@ -578,7 +572,7 @@ def serve(runner, args):
     encoded once, here) and this process lets go of its copy, which served to check the flags."""
     from common import server
     corpus_entries = server.load_corpus_records(args.corpus) if args.corpus else None
-    service = inference.build_service(runner.loaded, args.temperature, args.batch_size)
+    service = inference.build_service(runner.loaded, args.temperature, args.batch_size, args.threshold)
     corpus = server.build_corpus(service, *corpus_entries) if corpus_entries else None
     if args.workers > 1:
         runner.loaded = service = None
@@ -593,7 +587,7 @@ def serve(runner, args):
 def build_app(args, corpus=None):
     """The server app for ``args``, with a model of its own (what each --workers process runs)."""
     from common import server
-    service = inference.build_service(load_model(args), args.temperature, args.batch_size)
+    service = inference.build_service(load_model(args), args.temperature, args.batch_size, args.threshold)
     return server.create_app(service, api_key=args.api_key, corpus=corpus, **server.work_limit_options(args))
 
 
@@ -637,12 +631,19 @@ def check_temperature(args, causal):
                         "(0 means greedy decoding, for causal language models)")
 
 
-def check_task_flags(args, task):
+def check_task_flags(args, task, loaded_toolkit=None):
     """A flag given for a kind of model it does nothing for is a mistake worth saying, not ignoring."""
     for name, tasks in TASK_FLAGS.items():
         if getattr(args, name) and task not in tasks:
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} is for {' and '.join(tasks)} models; {args.model_path} is a {task} model")
+    problem_type = (loaded_toolkit or {}).get("problem_type") or "single_label"
+    for name, problem_types in PROBLEM_TYPE_FLAGS.items():
+        value = getattr(args, name)
+        given = value is not None and not (name == "explain" and value == 0)
+        if given and problem_type not in problem_types and task in ("classification", "longdoc"):
+            raise UserError(f"--{name.replace('_', '-')} is for {' and '.join(problem_types)} models; "
+                            f"{args.model_path} is a {problem_type} model")
     if task == "vector" and args.top_k and (args.serve or not args.corpus):
         raise UserError("--top-k for a vector model is the number of --corpus entries listed per input: give "
                         "--corpus" + (" (with --serve, POST /search takes top_k)" if args.serve else ""))
@@ -651,7 +652,7 @@ def check_task_flags(args, task):
 def load_model(args):
     """The model, with --max-length applied (and said, when it differs from the stored value)."""
     loaded = inference.load_model(args.model_path, args.backend, args.device, args.tokenizer_path)
-    check_task_flags(args, inference.model_kind(loaded))
+    check_task_flags(args, loaded.task, loaded.toolkit)
     if args.max_length is not None:
         changed = inference.override_max_length(loaded, args.max_length)
         if changed:
@@ -670,7 +671,7 @@ def load_runner(args, generation_settings=None):
     if args.prompt:
         raise UserError(f"--prompt is for causal language models; {args.model_path} is a {loaded.task} model "
                         "(use --text)")
-    return Runner(inference.model_kind(loaded), loaded)
+    return Runner(loaded.task, loaded)
 
 
 @report_user_errors

@@ -10,7 +10,7 @@ import train_vector
 from common import inference, server
 from test_export_onnx import make_model_directory, make_vector_directory
 from test_server import client_for
-from test_server_rerank import make_reranker_directory
+from test_server_rerank import make_reranker_directory, needs_reranker_directories
 
 TEXTS = ["good movie", "a terrible film that was not very good at all", "今天天气真好啊", "stock price"]
 LONG_TEXT = " ".join(["good movie and the music was great"] * 6)
@@ -27,7 +27,8 @@ def build_model(kind, tiny_model_dir, directory):
     return make_model_directory(tiny_model_dir, directory, temperature=1.5)
 
 
-@pytest.fixture(scope="module", params=["classification", "longdoc", "vector", "rerank"])
+@pytest.fixture(scope="module", params=["classification", "longdoc", "vector",
+                                        pytest.param("rerank", marks=needs_reranker_directories)])
 def model_pair(request, tiny_model_dir, tmp_path_factory):
     """(kind, model directory, its ONNX export)."""
     directory = build_model(request.param, tiny_model_dir, tmp_path_factory.mktemp(request.param))
