@@ -367,11 +367,6 @@ def is_reranker(loaded):
     return loaded.task == "classification" and loaded.toolkit.get("problem_type") == RERANK_PROBLEM_TYPE
 
 
-def model_kind(loaded):
-    """What the model answers: "rerank" for a reranker, else its task."""
-    return "rerank" if is_reranker(loaded) else loaded.task
-
-
 def check_reranker(loaded):
     """A reranker's head has one output (the relevance logit); anything else is a mislabelled directory."""
     if len(loaded.id2label) != 1:
@@ -380,10 +375,10 @@ def check_reranker(loaded):
     return loaded
 
 
-def encode_rerank_pairs(loaded, queries, documents, max_length=None):
+def encode_rerank_pairs(loaded, queries, documents):
     """Encode (query, document) pairs as the classifier's pair input: the query is the text, the document its
-    context, so serving matches what train_classifier.py trained on."""
-    return encode_inputs(loaded, list(queries), list(documents), max_length)
+    context. Serving must encode exactly as the reranker trainer does: the one place to change if it differs."""
+    return encode_inputs(loaded, list(queries), list(documents))
 
 
 def rerank_logits(loaded, queries, documents, batch_size=32, sort_by_length=True, progress=False):

@@ -184,12 +184,22 @@ def test_a_reranker_directory_serves_rerank_with_the_models_scores(reranker_dir,
 
 
 @needs_reranker_directories
-def test_a_reranker_pair_is_the_classifiers_query_text_document_context_encoding(reranker_dir):
+def test_rerank_scores_are_the_trainers_scores(reranker_dir):
+    """/rerank must encode pairs as the reranker was trained, or its scores mean nothing."""
+    reranking = pytest.importorskip("common.reranking")
     loaded = inference.load_model(reranker_dir)
-    pair = inference.encode_rerank_pairs(loaded, [QUERY], ["a great film"])[0]
-    classifier_pair = inference.encode_inputs(loaded, [QUERY], ["a great film"])[0]
-    assert pair == classifier_pair and 1 in pair["token_type_ids"]
-    service = inference.build_service(loaded)
+    expected = reranking.score_pairs(loaded, [QUERY] * len(DOCUMENTS), DOCUMENTS)
+    response, = post_all(server.create_app(inference.build_service(loaded)),
+                         [("/rerank", {"query": QUERY, "texts": DOCUMENTS})])
+    scores = [row["score"] for row in sorted(response.json(), key=lambda row: row["index"])]
+    assert np.allclose(scores, expected, atol=1e-6)
+
+
+@needs_reranker_directories
+def test_a_reranker_counts_the_tokens_of_each_pair_it_runs(reranker_dir):
+    service = inference.build_service(inference.load_model(reranker_dir))
+    pair = inference.encode_rerank_pairs(service.loaded, [QUERY], ["a great film"])[0]
+    assert 1 in pair["token_type_ids"]  # a sentence pair, not one text
     assert service.count_tokens([QUERY], ["a great film"]) == [len(pair["input_ids"])]
     assert service.count_tokens([QUERY], ["a great film"], truncate=False) == [len(pair["input_ids"])]
     long_document = " ".join(["good movie"] * 40)
