@@ -136,7 +136,7 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402
 
-from common import data, files, generation, inference  # noqa: E402
+from common import data, files, generation, inference, sharding  # noqa: E402
 
 
 # ---------------------------------------------------------------- inputs
@@ -634,6 +634,7 @@ def main(argv=None):
     if args.output:  # before any work: a bad path must not cost a whole run
         check_output(args)
     args.device = inference.resolve_device(args.device)
+    context = sharding.start_file_run(args)  # under torchrun: this process's share of --file
     causal = generation.is_causal_lm_directory(args.model_path)
     check_temperature(args, causal)
     options, items = None, None
@@ -653,7 +654,9 @@ def main(argv=None):
         return run_interactive(runner, args)
     items = items or collect_inputs(args, runner.kind)
     valid = [item for item in items if not item.error]
-    results = runner.run(valid, args, progress=bool(args.file)) if valid else []
+    results = sharding.run_sharded(context, lambda share: runner.run(share, args, progress=bool(args.file) and context.is_main), valid)
+    if not context.is_main:
+        return 0  # the main process writes every share's results
     emit(items, results, runner.kind, args)
     return report_failures(items)
 
