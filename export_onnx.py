@@ -136,7 +136,7 @@ import torch  # noqa: E402
 from onnxruntime.quantization import CalibrationDataReader  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common import data, files, inference, modeldir  # noqa: E402
+from common import data, files, inference, modeldir, problem_types  # noqa: E402
 
 EXPORT_PRODUCT_SUFFIXES = (".onnx", ".rejected", inference.PREPROCESSING_SUFFIX, ".report.json")
 INPUT_NAMES = list(inference.MODEL_INPUTS)
@@ -275,20 +275,28 @@ def parity_batches(tokenizer, config, max_length, seed=0):
     return batches
 
 
-def compare_outputs(onnx_run, torch_run, batches, task):
-    """Per case: max |torch - onnx| and, for classifiers, label agreement (a bar on a terminal)."""
+def compare_outputs(onnx_run, torch_run, batches, task, problem=None):
+    """Per case: max |torch - onnx| and, for classifiers, label agreement (a bar on a terminal).
+
+    Classifiers are compared on what users see (``problem``: common/problem_types.py): logits and the
+    argmax label, sigmoid probabilities and the label sets above threshold, or scores in the original scale.
+    """
     cases = []
     for batch_size, length, batch in inference.progress_bar(batches, "parity check", unit="case"):
-        onnx_out = onnx_run(batch)
+        onnx_raw = onnx_run(batch)
         case = {"batch": batch_size, "seq": length, "padded": bool((batch["attention_mask"] == 0).any()),
-                "finite": inference.is_finite(onnx_out)}
+                "finite": inference.is_finite(onnx_raw)}
         if torch_run is not None:
-            torch_out = torch_run(batch)
-            case["max_abs_diff"] = float(np.abs(torch_out - onnx_out).max())
+            torch_raw = torch_run(batch)
             if task == "vector":
-                case["min_cosine"] = float(min(inference.cosine_similarity(a, b) for a, b in zip(torch_out, onnx_out)))
+                case["max_abs_diff"] = float(np.abs(torch_raw - onnx_raw).max())
+                case["min_cosine"] = float(min(inference.cosine_similarity(a, b) for a, b in zip(torch_raw, onnx_raw)))
             else:
-                case["label_agreement"] = float((torch_out.argmax(-1) == onnx_out.argmax(-1)).mean())
+                difference = problem.comparable_outputs(torch_raw) - problem.comparable_outputs(onnx_raw)
+                case["max_abs_diff"] = float(np.abs(difference).max())
+                torch_decisions, onnx_decisions = problem.decisions(torch_raw), problem.decisions(onnx_raw)
+                if torch_decisions is not None:
+                    case["label_agreement"] = float((torch_decisions == onnx_decisions).all(-1).mean())
         cases.append(case)
     return cases
 
@@ -321,11 +329,14 @@ def load_validation_examples(path, label2id):
 
 
 def predict_labels(loaded, texts, contexts, batch_size):
+    """Per text, the model's decision: its label id, its tuple of label ids (multi-label) or its score."""
     if loaded.task == "longdoc":
         results = inference.predict_long_documents(loaded, texts, batch_size=batch_size, progress=True)
     else:
         results = inference.classify(loaded, texts, contexts, batch_size=batch_size, progress=True)
-    return np.array([result["label_id"] for result in results])
+    decisions = [result["score"] if "score" in result else tuple(result["label_ids"]) if "label_ids" in result
+                 else result["label_id"] for result in results]
+    return np.array(decisions, dtype=object if decisions and isinstance(decisions[0], tuple) else None)
 
 
 def reference_predictions(torch_loaded, path, batch_size):
@@ -336,9 +347,8 @@ def reference_predictions(torch_loaded, path, batch_size):
     if torch_loaded.task == "vector":
         texts = [example.text for example in data.load_text_examples(path, require_label=False)]
         return inference.embed(torch_loaded, texts, batch_size, progress=True)
-    label2id = {name: index for index, name in torch_loaded.id2label.items()}
-    texts, contexts, _ = load_validation_examples(path, label2id)
-    return predict_labels(torch_loaded, texts, contexts, batch_size)
+    examples = data.load_text_examples(path, require_label=False)
+    return predict_labels(torch_loaded, [e.text for e in examples], [e.context for e in examples], batch_size)
 
 
 def validation_metrics(onnx_loaded, reference, path, batch_size):
@@ -352,6 +362,9 @@ def validation_metrics(onnx_loaded, reference, path, batch_size):
             cosine = float(np.mean([inference.cosine_similarity(a, b) for a, b in zip(reference, onnx_vectors)]))
             report.update(torch_metric=1.0, onnx_metric=cosine, drop=1.0 - cosine)
         return report
+    problem_type = onnx_loaded.toolkit.get("problem_type") or "single_label"
+    if problem_type != "single_label":
+        return decision_agreement(onnx_loaded, reference, path, batch_size, problem_type)
     label2id = {name: index for index, name in onnx_loaded.id2label.items()}
     texts, contexts, gold = load_validation_examples(path, label2id)
     onnx_labels = predict_labels(onnx_loaded, texts, contexts, batch_size)
@@ -367,6 +380,29 @@ def validation_metrics(onnx_loaded, reference, path, batch_size):
         report.update(torch_metric=1.0, onnx_metric=report["label_agreement"])
     if "torch_metric" in report:
         report["drop"] = report["torch_metric"] - report["onnx_metric"]
+    return report
+
+
+def decision_agreement(onnx_loaded, reference, path, batch_size, problem_type):
+    """Multi-label: the share of texts given the same label set by both backends; regression: the
+    Spearman correlation of their scores (1.0 for torch itself; the int8 gate's drop is 1 - it).
+    ``reference``: torch's decisions (reference_predictions)."""
+    examples = data.load_text_examples(path, require_label=False)
+    texts, contexts = [e.text for e in examples], [e.context for e in examples]
+    metric = "spearman_to_torch" if problem_type == "regression" else "label_set_agreement"
+    report = {"file": path, "records": len(texts), "metric": metric}
+    if reference is None:
+        return report
+    onnx_decisions = predict_labels(onnx_loaded, texts, contexts, batch_size)
+    torch_decisions = reference
+    if problem_type == "regression":
+        import scipy.stats
+        agreement = float(scipy.stats.spearmanr(torch_decisions, onnx_decisions)[0]) if len(texts) > 1 else 1.0
+        report["max_abs_score_diff"] = float(np.abs(torch_decisions - onnx_decisions).max())
+    else:
+        agreement = float(np.mean([a == b for a, b in zip(torch_decisions, onnx_decisions)]))
+        report["label_agreement"] = agreement
+    report.update(torch_metric=1.0, onnx_metric=agreement, drop=1.0 - agreement)
     return report
 
 
@@ -416,7 +452,8 @@ def parity_reasons(candidate, torch_loaded, args):
     """The fp32 gate (torch parity, finite outputs, padding invariance) on a candidate graph."""
     batches = parity_batches(torch_loaded.tokenizer, torch_loaded.config, candidate.preprocessing["max_length"])
     check = {"quantization": "none", "tolerance": args.tolerance,
-             "cases": compare_outputs(candidate.run, torch_loaded.run, batches, candidate.task),
+             "cases": compare_outputs(candidate.run, torch_loaded.run, batches, candidate.task,
+                                      problem_types.from_toolkit(candidate.toolkit)),
              "padding_invariance_max_diff": padding_invariance(candidate.run, batches)}
     return gate_reasons(check, compared_to_torch=True)
 
@@ -555,7 +592,8 @@ def build_report(onnx_path, onnx_loaded, torch_loaded, meta, args, shown_path=No
     config = torch_loaded.config if torch_loaded is not None else _config_for_parity(onnx_loaded)
     batches = parity_batches(onnx_loaded.tokenizer, config, max_length)
     torch_run = torch_loaded.run if torch_loaded is not None else None
-    report["cases"] = compare_outputs(onnx_loaded.run, torch_run, batches, onnx_loaded.task)
+    report["cases"] = compare_outputs(onnx_loaded.run, torch_run, batches, onnx_loaded.task,
+                                      problem_types.from_toolkit(onnx_loaded.toolkit))
     report["padding_invariance_max_diff"] = padding_invariance(onnx_loaded.run, batches)
     if args.validation_file:
         report["validation"] = validation or validation_metrics(
