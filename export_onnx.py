@@ -481,17 +481,44 @@ def choose_optimized(graphs, torch_loaded, max_length, args):
 
 def choose_int8_variant(fp32_graph, torch_loaded, max_length, args, work_dir):
     """Build each --int8-variants recipe from ``fp32_graph``, gate it on the validation file and time it
-    beside the fp32 graph; keep the fastest that passes. Returns (variant name, graph, the table).
+    beside the fp32 graph; keep the fastest that passes. Returns (variant name, graph, its validation
+    metrics, the table of every recipe).
 
     Without --validation-file (--skip-int8-check) nothing can be gated: the first listed recipe is kept,
     unchecked. When none passes, the one closest to passing goes on to the final gate, which rejects it.
     """
+    candidates = {"fp32": load_candidate(fp32_graph, torch_loaded, max_length, args.device)}
+    table = build_and_gate_int8_variants(fp32_graph, torch_loaded, max_length, args, work_dir, candidates)
+    rows = timing_rows(torch_loaded, max_length, args.validation_file)
+    latencies = dict(zip(candidates, batch1_latencies_ms(list(candidates.values()), rows, args.timing_runs)))
+    for row in table:
+        if row["variant"] in latencies:
+            row.update(latency_ms=latencies[row["variant"]], speedup=latencies["fp32"] / latencies[row["variant"]])
+    built = [row for row in table if row["graph"] is not None]
+    if not built:
+        raise UserError("--quantize int8: no variant could be built (" + "; ".join(
+            f"{row['variant']}: {row['error']}" for row in table) + ")")
+    passing = [row for row in built if row["passed"]]
+    chosen = min(passing, key=lambda row: row["latency_ms"]) if passing else min(built, key=closeness_to_gate)
+    for row in table:
+        row["chosen"] = row is chosen
+    print(format_int8_table(table, latencies["fp32"], args))
+    if not passing:
+        print(f"int8 refused: no variant passes the gate (label agreement >= {args.min_label_agreement:g}, "
+              f"drop <= {args.max_metric_drop:g}); closest: {chosen['variant']} ({'; '.join(chosen['reasons'])})",
+              file=sys.stderr)
+    return chosen["variant"], chosen["graph"], chosen.get("validation"), table
+
+
+def build_and_gate_int8_variants(fp32_graph, torch_loaded, max_length, args, work_dir, candidates):
+    """One table row per recipe: built (its loaded graph added to ``candidates``) and gated, or the reason
+    onnxruntime could not build it."""
     names = args.int8_variants if args.validation_file else args.int8_variants[:1]
     reference = None
     if args.validation_file:
         reference = reference_predictions(torch_loaded, args.validation_file, args.batch_size)
     calibration = calibration_reader(torch_loaded, max_length, args.validation_file)
-    table, candidates = [], {"fp32": load_candidate(fp32_graph, torch_loaded, max_length, args.device)}
+    table = []
     for name in names:
         target = work_dir / f"int8-{name}.onnx"
         try:
@@ -507,25 +534,7 @@ def choose_int8_variant(fp32_graph, torch_loaded, max_length, args, work_dir):
                                                  args.min_label_agreement)
         row["passed"] = not row["reasons"]
         table.append(row)
-    rows = timing_rows(torch_loaded, max_length, args.validation_file)
-    latencies = dict(zip(candidates, batch1_latencies_ms(list(candidates.values()), rows, args.timing_runs)))
-    for row in table:
-        if row["variant"] in latencies:
-            row.update(latency_ms=latencies[row["variant"]], speedup=latencies["fp32"] / latencies[row["variant"]])
-    built = [row for row in table if row["graph"] is not None]
-    if not built:
-        raise UserError("--quantize int8: no variant could be built (" + "; ".join(
-            f"{row['variant']}: {row['error']}" for row in table) + ")")
-    passing = [row for row in built if row["passed"]]
-    chosen = min(passing, key=lambda row: row["latency_ms"]) if passing else min(built, key=closeness_to_gate)
-    print(format_int8_table(table, latencies["fp32"], chosen, args))
-    if not passing:
-        print(f"int8 refused: no variant passes the gate (label agreement >= {args.min_label_agreement:g}, "
-              f"drop <= {args.max_metric_drop:g}); closest: {chosen['variant']} ({'; '.join(chosen['reasons'])})",
-              file=sys.stderr)
-    for row in table:
-        row["chosen"] = row is chosen
-    return chosen["variant"], chosen["graph"], chosen.get("validation"), table
+    return table
 
 
 def closeness_to_gate(row):
@@ -547,7 +556,7 @@ def calibration_reader(torch_loaded, max_length, validation_file):
     return lambda: ValidationCalibration(batches)
 
 
-def format_int8_table(table, fp32_latency, chosen, args):
+def format_int8_table(table, fp32_latency, args):
     """Each variant: batch-1 latency, speed-up over fp32, agreement, metric drop, verdict."""
     lines = [f"int8 variants (batch-1 latency on this machine; fp32 {fp32_latency:.2f} ms; gate: label agreement "
              f">= {args.min_label_agreement:g}, metric drop <= {args.max_metric_drop:g}):",
@@ -559,8 +568,9 @@ def format_int8_table(table, fp32_latency, chosen, args):
         validation = row.get("validation", {})
         agreement = f"{validation['label_agreement']:.4f}" if "label_agreement" in validation else "n/a"
         drop = f"{validation['drop']:+.4f}" if "drop" in validation else "n/a"
-        verdict = ("passes" if row["passed"] else "fails: " + "; ".join(row["reasons"])) + \
-            (" <- kept" if row is chosen and row["passed"] else "")
+        verdict = "passes" if row["passed"] else "fails: " + "; ".join(row["reasons"])
+        if row["chosen"] and row["passed"]:
+            verdict += " <- kept"
         lines.append(f"  {row['variant']:<26} {row['latency_ms']:>7.2f} {row['speedup']:>7.2f}x {agreement:>9} "
                      f"{drop:>8}  {verdict}")
     return "\n".join(lines)
