@@ -67,10 +67,11 @@ def export(model_path, output, validation_file, *flags):
     if validation_file:
         argv += ["--validation-file", str(validation_file)]
     started = time.perf_counter()
-    if export_onnx.main(argv) != 0:
-        raise SystemExit(f"export_onnx.py {' '.join(argv)} refused the export")
-    report = json.loads(export_onnx.default_report_path(output).read_text(encoding="utf-8"))
-    return report, time.perf_counter() - started
+    status = export_onnx.main(argv)
+    if status == 2:
+        raise SystemExit(f"export_onnx.py {' '.join(argv)}: usage error")
+    report_path = export_onnx.default_report_path(output, rejected=status != 0)  # a refusal is a result too
+    return json.loads(report_path.read_text(encoding="utf-8")), time.perf_counter() - started
 
 
 def test_accuracy(loaded, texts, gold, batch_size=32):
@@ -90,8 +91,11 @@ def main(argv=None):
 
     torch_loaded = inference.load_torch_model(model_path)
     backends = {"torch eager": torch_loaded,
-                "onnx fp32": inference.load_onnx_model(work_dir / "onnx" / "fp32.onnx"),
-                f"onnx int8 ({int8_report['int8_variant']})": inference.load_onnx_model(work_dir / "onnx" / "int8.onnx")}
+                f"onnx fp32 (optimized {fp32_report['optimized']})": inference.load_onnx_model(
+                    work_dir / "onnx" / "fp32.onnx")}
+    if int8_report["passed"]:  # a refused int8 export has no row here; its variants' table says why
+        backends[f"onnx int8 ({int8_report['int8_variant']})"] = inference.load_onnx_model(
+            work_dir / "onnx" / "int8.onnx")
     examples = data.load_text_examples(str(Path(args.data_dir) / "test.jsonl"))[:args.test_records]
     texts = [example.text for example in examples]
     label2id = {name: index for index, name in torch_loaded.id2label.items()}
@@ -111,7 +115,8 @@ def main(argv=None):
                "date": time.strftime("%Y-%m-%d"), "model": str(model_path.name), "test_records": len(texts),
                "timed_texts": len(rows), "side_by_side": table,
                "optimize_auto_fp32": fp32_report.get("optimize_timings"),
-               "int8_variants": int8_report.get("int8_variants"), "int8_validation": int8_report.get("validation"),
+               "int8_passed": int8_report["passed"], "int8_variants": int8_report.get("int8_variants"),
+               "int8_validation": int8_report.get("validation"),
                "export_seconds": {"fp32": fp32_seconds, "int8": int8_seconds}}
     (work_dir / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
     print(f"\n{'backend':<34} {'batch-1 ms':>10} {'vs torch':>9} {'test acc':>9} {'agreement':>9}")
