@@ -214,16 +214,20 @@ def build_int8_variant(name, source, target, calibration=None):
     # fused contrib ops (Attention, SkipLayerNormalization) have no ONNX shape inference: say tensors are float
     options = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     kept_fp32 = fp32_end_nodes(source) if name in ("fp32-ends", "static") else []
-    if name == "static":
-        if calibration is None:
-            raise UserError("static int8 needs --validation-file to calibrate its activations")
-        # MatMul only: QDQ around the fused Attention op is not supported by onnxruntime's CPU kernels
-        quantize_static(str(source), str(target), calibration(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        op_types_to_quantize=["MatMul"], nodes_to_exclude=kept_fp32, extra_options=options)
-    else:
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=name != "dynamic",
-                         reduce_range=name == "per-channel-reduce-range", nodes_to_exclude=kept_fp32,
-                         extra_options=options)
+    if name == "static" and calibration is None:
+        raise UserError("static int8 needs --validation-file to calibrate its activations")
+    logging.disable(logging.WARNING)  # the quantizer warns per tensor it leaves in fp32; the gate judges the result
+    try:
+        if name == "static":
+            # MatMul only: QDQ around the fused Attention op is not supported by onnxruntime's CPU kernels
+            quantize_static(str(source), str(target), calibration(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            op_types_to_quantize=["MatMul"], nodes_to_exclude=kept_fp32, extra_options=options)
+        else:
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=name != "dynamic",
+                             reduce_range=name == "per-channel-reduce-range", nodes_to_exclude=kept_fp32,
+                             extra_options=options)
+    finally:
+        logging.disable(logging.NOTSET)
     return target
 
 
