@@ -57,6 +57,7 @@ INT8_VARIANTS = {
     "per-channel": "dynamic, one scale per output channel",
     "per-channel-reduce-range": "dynamic, per-channel, 7-bit weights (no saturation on CPUs without VNNI)",
     "fp32-ends": "dynamic, per-channel, embeddings and the classification head kept in fp32",
+    "ffn-only": "dynamic, per-channel, only the feed-forward MatMuls (attention, embeddings and head in fp32)",
     "static": "static QDQ, per-channel, activations calibrated on --validation-file, ends kept in fp32",
 }
 
@@ -216,6 +217,9 @@ def build_int8_variant(name, source, target, calibration=None):
     kept_fp32 = fp32_end_nodes(source) if name in ("fp32-ends", "static") else []
     if name == "static" and calibration is None:
         raise UserError("static int8 needs --validation-file to calibrate its activations")
+    only = feed_forward_nodes(source) if name == "ffn-only" else None
+    if only == []:
+        raise UserError("ffn-only: no feed-forward MatMul (BERT's intermediate/output dense) in the graph")
     logging.disable(logging.WARNING)  # the quantizer warns per tensor it leaves in fp32; the gate judges the result
     try:
         if name == "static":
@@ -224,8 +228,8 @@ def build_int8_variant(name, source, target, calibration=None):
                             op_types_to_quantize=["MatMul"], nodes_to_exclude=kept_fp32, extra_options=options)
         else:
             quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=name != "dynamic",
-                             reduce_range=name == "per-channel-reduce-range", nodes_to_exclude=kept_fp32,
-                             extra_options=options)
+                             reduce_range=name == "per-channel-reduce-range", nodes_to_quantize=only,
+                             nodes_to_exclude=kept_fp32, extra_options=options)
     finally:
         logging.disable(logging.NOTSET)
     return target
@@ -241,6 +245,15 @@ def fp32_end_nodes(path):
     embeddings = [node.name for node in nodes if node.op_type in ("Gather", "EmbedLayerNormalization")]
     head = [node.name for node in nodes[head_start:] if node.op_type in ("MatMul", "Gemm")]
     return embeddings + head
+
+
+def feed_forward_nodes(path):
+    """Names of the feed-forward MatMuls of each BERT layer (``intermediate/dense``, ``output/dense`` outside
+    attention): two thirds of an encoder's weights, and further from the logits' fine margins than attention."""
+    import onnx
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    return [node.name for node in nodes if node.op_type == "MatMul" and (
+        "/intermediate/" in node.name or ("/output/dense" in node.name and "/attention/" not in node.name))]
 
 
 class ValidationCalibration(CalibrationDataReader):

@@ -149,6 +149,12 @@ def test_fp32_ends_recipe_keeps_embeddings_and_head_in_fp32(classifier_dir, tmp_
                                   if tensor.name.endswith("word_embeddings.weight")
                                   and tensor.data_type == onnx.TensorProto.FLOAT}
     assert float_embeddings["fp32-ends"] and not float_embeddings["dynamic"]  # dynamic stores the table in int8
+    feed_forward = export_onnx.feed_forward_nodes(output)
+    assert len(feed_forward) == 4 and all("attention" not in name for name in feed_forward)  # 2 layers x 2
+    export_onnx.build_int8_variant("ffn-only", output, tmp_path / "ffn.onnx")
+    quantized = {node.name for node in onnx.load(str(tmp_path / "ffn.onnx")).graph.node
+                 if node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")}
+    assert quantized and all(any(name in node for name in feed_forward) for node in quantized)
 
 
 def test_unknown_int8_variant_is_a_usage_error(classifier_dir, tmp_path, capsys):
