@@ -395,7 +395,7 @@ def main(argv=None):
     print(f"host sync (torch.isfinite(loss).item(), once per step): {micro['host_sync_seconds'] * 1e6:.1f} us")
     print(f"one encoder layer, forward+backward, batch {args.batch_size} x 64 tokens: fp32 "
           f"{micro['layer_fp32_seconds'] * 1e3:.0f} ms, bf16 autocast {micro['layer_bf16_seconds'] * 1e3:.0f} ms "
-          f"({micro['layer_bf16_seconds'] / micro['layer_fp32_seconds']:.1f}x slower; native bf16: "
+          f"(bf16 takes {micro['layer_bf16_seconds'] / micro['layer_fp32_seconds']:.2f}x the fp32 time; native bf16: "
           f"{micro['native_bf16']})")
     summary = {"matmul_peak_flops": peak, "tokenize_seconds_per_epoch": tokenize_seconds, "micro": micro,
                "runs": results, "profiles": profiles,
