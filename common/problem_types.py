@@ -118,6 +118,12 @@ class SingleLabel:
         return classification_result(text, context, softmax(logits[None], temperature)[0], label_names, temperature,
                                      top_k)
 
+    @staticmethod
+    def decision_lines(result):
+        """What infer.py prints for the prediction itself."""
+        return [f"temperature: {result['temperature']}", f"predicted: {result['label']} (id {result['label_id']}, "
+                                                          f"probability {result['probability']:.4f})"]
+
 
 class MultiLabel(SingleLabel):
     """Any number of labels per example (none included): a sigmoid per label, binary cross-entropy,
@@ -348,6 +354,10 @@ class MultiLabel(SingleLabel):
                                for i in ranked]
         return result
 
+    @staticmethod
+    def decision_lines(result):
+        return [f"predicted labels: {', '.join(result['labels']) or '(none above threshold)'}"]
+
 
 def random_split(examples, val_ratio, seed):
     """(train, validation) at random, at least one record in each (scikit-learn)."""
@@ -528,8 +538,17 @@ class Regression(SingleLabel):
         result.update({"problem_type": self.name, "score": round(float(self.comparable_outputs(logits)[0]), 6)})
         return result
 
+    @staticmethod
+    def decision_lines(result):
+        return [f"score: {result['score']:.6g}"]
+
 
 PROBLEM_TYPES = {"single_label": SingleLabel, "multi_label": MultiLabel, "regression": Regression}
+
+
+def of_result(result):
+    """The problem type (class) of a prediction ``result``: single-label results name none."""
+    return PROBLEM_TYPES[result.get("problem_type", "single_label")]
 
 
 def from_toolkit(toolkit):
