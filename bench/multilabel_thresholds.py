@@ -85,7 +85,7 @@ def main(argv=None):
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--epochs", default="2")
     parser.add_argument("--max-length", default="32")
-    parser.add_argument("--learning-rate", default="5e-5")
+    parser.add_argument("--learning-rate", default="2e-4")
     parser.add_argument("--output", required=True, help="results JSON")
     args = parser.parse_args(argv)
     baseline = tfidf_baseline(args.data_dir)
