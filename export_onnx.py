@@ -298,6 +298,7 @@ def compare_outputs(onnx_run, torch_run, batches, task, problem=None):
     Classifiers are compared on what users see (``problem``: common/problem_types.py): logits and the
     argmax label, sigmoid probabilities and the label sets above threshold, or scores in the original scale.
     """
+    problem = problem or problem_types.SingleLabel()
     cases = []
     for batch_size, length, batch in inference.progress_bar(batches, "parity check", unit="case"):
         onnx_raw = onnx_run(batch)
