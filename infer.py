@@ -146,7 +146,7 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402
 
-from common import data, files, generation, inference  # noqa: E402
+from common import data, files, generation, inference, problem_types, sharding  # noqa: E402
 
 
 # ---------------------------------------------------------------- inputs
@@ -414,24 +414,10 @@ def preview(text, limit=PREVIEW_CHARACTERS):
     return flat if len(flat) <= limit else f"{flat[:limit]}… ({len(text)} characters)"
 
 
-def prediction_line(result):
-    return f"predicted: {result['label']} (id {result['label_id']}, probability {result['probability']:.4f})"
-
-
 def chunk_lines(result):
     """--explain's chunks, one line each."""
     return [f"  chunk {chunk['chunk_idx']} (score {chunk['score']:.4f}, characters {chunk['char_start']}-"
             f"{chunk['char_end']}): {' '.join(chunk['text'].split())}" for chunk in result.get("top_chunks", [])]
-
-
-def decision_lines(result):
-    """The prediction itself: the label (single-label), the labels above threshold, or the score."""
-    problem_type = result.get("problem_type", "single_label")
-    if problem_type == "regression":
-        return [f"score: {result['score']:.6g}"]
-    if problem_type == "multi_label":
-        return [f"predicted labels: {', '.join(result['labels']) or '(none above threshold)'}"]
-    return [f"temperature: {result['temperature']}", prediction_line(result)]
 
 
 def format_classification(result):
@@ -439,7 +425,7 @@ def format_classification(result):
     lines = [f"input: {preview(result['input'])}"]
     if result.get("context"):
         lines.append(f"context: {preview(result['context'])}")
-    lines += decision_lines(result)
+    lines += problem_types.of_result(result).decision_lines(result)  # the label, the labels or the score
     if "probabilities" not in result:  # a score
         return "\n".join(lines)
     ranked = result.get("top_k") or [{"label": name, "probability": p} for name, p in result["probabilities"].items()]
@@ -499,8 +485,8 @@ def format_answer(result, kind):
         if "cosine_similarity" in result:
             lines.append(f"cosine similarity to the text pair: {result['cosine_similarity']:.4f}")
         return "\n".join(lines)
-    if result.get("problem_type", "single_label") != "single_label":
-        return "\n".join(decision_lines(result))
+    if "problem_type" in result:  # multi-label or regression: the labels or the score
+        return "\n".join(problem_types.of_result(result).decision_lines(result))
     lines = [f"{result['label']} (probability {result['probability']:.4f})"]
     lines += [f"  {entry['label']}  {entry['probability']:.4f}" for entry in result.get("top_k", [])[1:]]
     return "\n".join(lines + chunk_lines(result))
@@ -638,11 +624,11 @@ def check_task_flags(args, task, loaded_toolkit=None):
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} is for {' and '.join(tasks)} models; {args.model_path} is a {task} model")
     problem_type = (loaded_toolkit or {}).get("problem_type") or "single_label"
-    for name, problem_types in PROBLEM_TYPE_FLAGS.items():
+    for name, owners in PROBLEM_TYPE_FLAGS.items():
         value = getattr(args, name)
         given = value is not None and not (name == "explain" and value == 0)
-        if given and problem_type not in problem_types and task in ("classification", "longdoc"):
-            raise UserError(f"--{name.replace('_', '-')} is for {' and '.join(problem_types)} models; "
+        if given and problem_type not in owners and task in ("classification", "longdoc"):
+            raise UserError(f"--{name.replace('_', '-')} is for {' and '.join(owners)} models; "
                             f"{args.model_path} is a {problem_type} model")
     if task == "vector" and args.top_k and (args.serve or not args.corpus):
         raise UserError("--top-k for a vector model is the number of --corpus entries listed per input: give "
@@ -682,6 +668,7 @@ def main(argv=None):
     if args.output:  # before any work: a bad path must not cost a whole run
         check_output(args)
     args.device = inference.resolve_device(args.device)
+    context = sharding.start_file_run(args)  # under torchrun: this process's share of --file
     causal = generation.is_causal_lm_directory(args.model_path)
     check_temperature(args, causal)
     options, items = None, None
@@ -701,7 +688,9 @@ def main(argv=None):
         return run_interactive(runner, args)
     items = items or collect_inputs(args, runner.kind)
     valid = [item for item in items if not item.error]
-    results = runner.run(valid, args, progress=bool(args.file)) if valid else []
+    results = sharding.run_sharded(context, lambda share: runner.run(share, args, progress=bool(args.file) and context.is_main), valid)
+    if not context.is_main:
+        return 0  # the main process writes every share's results
     emit(items, results, runner.kind, args)
     return report_failures(items)
 
