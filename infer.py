@@ -26,6 +26,7 @@ it is a regular file or a new path; a symlink is followed; /dev/null, a FIFO or
 (--file, the model's files) is refused.
 """
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -136,6 +137,9 @@ def build_parser():
              help="requests that may wait for the model (default 256); past it a new one gets 429 at once")
     add_flag(serve, "max-batch-tokens", type=bounded(int, minimum=1), default=None,
              help="tokens per batch of merged requests (default 16384, as TEI); a longer request runs alone")
+    add_flag(serve, "workers", type=bounded(int, minimum=1), default=1,
+             help="server processes on the one port, each with its own copy of the model and its share of the "
+                  "CPU cores (docs/infer.md: replicas behind a load balancer)")
     return parser
 
 
@@ -145,7 +149,7 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402
 
-from common import data, files, generation, inference  # noqa: E402
+from common import data, files, generation, inference, problem_types, sharding  # noqa: E402
 
 
 # ---------------------------------------------------------------- inputs
@@ -429,24 +433,10 @@ def preview(text, limit=PREVIEW_CHARACTERS):
     return flat if len(flat) <= limit else f"{flat[:limit]}… ({len(text)} characters)"
 
 
-def prediction_line(result):
-    return f"predicted: {result['label']} (id {result['label_id']}, probability {result['probability']:.4f})"
-
-
 def chunk_lines(result):
     """--explain's chunks, one line each."""
     return [f"  chunk {chunk['chunk_idx']} (score {chunk['score']:.4f}, characters {chunk['char_start']}-"
             f"{chunk['char_end']}): {' '.join(chunk['text'].split())}" for chunk in result.get("top_chunks", [])]
-
-
-def decision_lines(result):
-    """The prediction itself: the label (single-label), the labels above threshold, or the score."""
-    problem_type = result.get("problem_type", "single_label")
-    if problem_type == "regression":
-        return [f"score: {result['score']:.6g}"]
-    if problem_type == "multi_label":
-        return [f"predicted labels: {', '.join(result['labels']) or '(none above threshold)'}"]
-    return [f"temperature: {result['temperature']}", prediction_line(result)]
 
 
 def format_classification(result):
@@ -454,7 +444,7 @@ def format_classification(result):
     lines = [f"input: {preview(result['input'])}"]
     if result.get("context"):
         lines.append(f"context: {preview(result['context'])}")
-    lines += decision_lines(result)
+    lines += problem_types.of_result(result).decision_lines(result)  # the label, the labels or the score
     if "probabilities" not in result:  # a score
         return "\n".join(lines)
     ranked = result.get("top_k") or [{"label": name, "probability": p} for name, p in result["probabilities"].items()]
@@ -523,8 +513,8 @@ def format_answer(result, kind):
         if "cosine_similarity" in result:
             lines.append(f"cosine similarity to the text pair: {result['cosine_similarity']:.4f}")
         return "\n".join(lines)
-    if result.get("problem_type", "single_label") != "single_label":
-        return "\n".join(decision_lines(result))
+    if "problem_type" in result:  # multi-label or regression: the labels or the score
+        return "\n".join(problem_types.of_result(result).decision_lines(result))
     lines = [f"{result['label']} (probability {result['probability']:.4f})"]
     lines += [f"  {entry['label']}  {entry['probability']:.4f}" for entry in result.get("top_k", [])[1:]]
     return "\n".join(lines + chunk_lines(result))
@@ -591,14 +581,28 @@ def report_failures(items):
 
 # ---------------------------------------------------------------- main
 
-def serve(loaded, args):
+def serve(runner, args):
+    """Serve the runner's model; with --workers, each worker process loads its own copy (the corpus is
+    encoded once, here) and this process lets go of its copy, which served to check the flags."""
     from common import server
     corpus_entries = server.load_corpus_records(args.corpus) if args.corpus else None
-    service = inference.build_service(loaded, args.temperature, args.batch_size, args.threshold)
+    service = inference.build_service(runner.loaded, args.temperature, args.batch_size, args.threshold)
     corpus = server.build_corpus(service, *corpus_entries) if corpus_entries else None
+    if args.workers > 1:
+        runner.loaded = service = None
+        has_key = server.resolve_api_key(args.api_key) is not None
+        return server.serve(functools.partial(build_app, args, corpus), args.host, args.port, workers=args.workers,
+                            has_key=has_key)
     app = server.create_app(service, api_key=args.api_key, corpus=corpus, **server.work_limit_options(args))
     server.serve(app, args.host, args.port)
     return 0
+
+
+def build_app(args, corpus=None):
+    """The server app for ``args``, with a model of its own (what each --workers process runs)."""
+    from common import server
+    service = inference.build_service(load_model(args), args.temperature, args.batch_size, args.threshold)
+    return server.create_app(service, api_key=args.api_key, corpus=corpus, **server.work_limit_options(args))
 
 
 def check_args(args):
@@ -648,11 +652,11 @@ def check_task_flags(args, task, loaded_toolkit=None):
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} is for {' and '.join(tasks)} models; {args.model_path} is a {task} model")
     problem_type = (loaded_toolkit or {}).get("problem_type") or "single_label"
-    for name, problem_types in PROBLEM_TYPE_FLAGS.items():
+    for name, owners in PROBLEM_TYPE_FLAGS.items():
         value = getattr(args, name)
         given = value is not None and not (name == "explain" and value == 0)
-        if given and problem_type not in problem_types and task in ("classification", "longdoc"):
-            raise UserError(f"--{name.replace('_', '-')} is for {' and '.join(problem_types)} models; "
+        if given and problem_type not in owners and task in ("classification", "longdoc"):
+            raise UserError(f"--{name.replace('_', '-')} is for {' and '.join(owners)} models; "
                             f"{args.model_path} is a {problem_type} model")
     if task == "vector" and args.top_k and (args.serve or not args.corpus):
         raise UserError("--top-k for a vector model is the number of --corpus entries listed per input: give "
@@ -701,6 +705,7 @@ def main(argv=None):
     if args.output:  # before any work: a bad path must not cost a whole run
         check_output(args)
     args.device = inference.resolve_device(args.device)
+    context = sharding.start_file_run(args)  # under torchrun: this process's share of --file
     causal = generation.is_causal_lm_directory(args.model_path)
     check_temperature(args, causal)
     options, items = None, None
@@ -713,14 +718,16 @@ def main(argv=None):
     # other models load first: a long-document model reads a text file as one document, not as lines
     runner = load_runner(args, options)
     if args.serve:
-        return serve(runner.loaded, args)
+        return serve(runner, args)
     if runner.kind == "vector" and args.corpus:
         runner.corpus = load_search_corpus(runner.loaded, args)
     if interactive:
         return run_interactive(runner, args)
     items = items or collect_inputs(args, runner.kind)
     valid = [item for item in items if not item.error]
-    results = runner.run(valid, args, progress=bool(args.file)) if valid else []
+    results = sharding.run_sharded(context, lambda share: runner.run(share, args, progress=bool(args.file) and context.is_main), valid)
+    if not context.is_main:
+        return 0  # the main process writes every share's results
     emit(items, results, runner.kind, args)
     return report_failures(items)
 

@@ -314,12 +314,13 @@ def evaluation_metrics(logits, labels, ks=EVALUATION_KS):
     return metrics
 
 
-def encode_for_model(loaded, queries, documents):
-    """Encode (query, document) pairs with a loaded reranker's stored preprocessing."""
+def encode_for_model(loaded, queries, documents, max_length=None):
+    """Encode (query, document) pairs with a loaded reranker's stored preprocessing (``max_length``
+    overrides the stored one)."""
     preprocessing = loaded.preprocessing
     normalize = build_normalizer(preprocessing.get("normalize"))
     return encode_pairs(loaded.tokenizer, [normalize(q) for q in queries], [normalize(d) for d in documents],
-                        preprocessing.get("max_length", 128), preprocessing.get("truncation_side", "right"))
+                        max_length or preprocessing.get("max_length", 128), preprocessing.get("truncation_side", "right"))
 
 
 def score_pairs(loaded, queries, documents, batch_size=32, progress=False):
