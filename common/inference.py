@@ -376,9 +376,10 @@ def check_reranker(loaded):
 
 
 def encode_rerank_pairs(loaded, queries, documents):
-    """Encode (query, document) pairs as the classifier's pair input: the query is the text, the document its
-    context. Serving must encode exactly as the reranker trainer does: the one place to change if it differs."""
-    return encode_inputs(loaded, list(queries), list(documents))
+    """Encode (query, document) pairs exactly as the reranker trainer does (common/reranking.py: the document
+    is cut first, so a long document never pushes the query out of the window)."""
+    from common import reranking
+    return reranking.encode_for_model(loaded, list(queries), list(documents))
 
 
 def rerank_logits(loaded, queries, documents, batch_size=32, sort_by_length=True, progress=False):

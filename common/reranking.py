@@ -328,10 +328,7 @@ def score_pairs(loaded, queries, documents, batch_size=32, progress=False):
     from common import inference
     if not len(queries):
         return np.zeros(0, dtype=np.float32)
-    logits = inference.run_batched(loaded, encode_for_model(loaded, queries, documents), batch_size,
-                                   progress=progress)
-    inference.check_finite_outputs(logits, loaded)
-    return 1.0 / (1.0 + np.exp(-logits[:, 0].astype(np.float64)))
+    return inference.sigmoid(inference.rerank_logits(loaded, queries, documents, batch_size, progress=progress))
 
 
 def score_groups(loaded, pairs, batch_size=32, ks=EVALUATION_KS):
