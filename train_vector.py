@@ -742,12 +742,60 @@ def run_deploy(args):
     return server.serve(app, args.host, args.port)
 
 
+def run_mining(args):
+    """--mode mine: the data's queries with hard negatives from --corpus (or the data's documents),
+    written to --output-path in the query-group format; never over an existing file."""
+    from common import mining
+    from common.pairs import read_query_groups
+    output = Path(args.output_path)
+    if output.exists():
+        raise UserError(f"--output-path {output}: already exists; mining never writes over a file (choose a new path)")
+    files.check_output_path(output, "--output-path")
+    groups = read_query_groups(args.data_path, args.skip_invalid, args.data_split,
+                               relevance_threshold=args.relevance_threshold, rel_default=1.0)
+    data.report_skipped(groups)
+    extra = server_corpus_texts(args) if args.corpus else []
+    corpus = mining.build_corpus(groups, extra)
+    first, last = args.range_for_sampling
+    print(f"mining {len(groups)} queries against {len(corpus)} texts with "
+          f"{'BM25' if args.miner == 'bm25' else args.model_path or args.model_name}; ranks {first}-{last}")
+    if args.miner == "bm25":
+        score = mining.bm25_scorer(corpus)
+    else:
+        model = load_mining_model(args)
+        score = mining.embedding_scorer(model, corpus, args.eval_batch_size)
+    mined, report = mining.mine_hard_negatives(groups, corpus, score, args.range_for_sampling, args.negative_number,
+                                               args.negative_margin, args.seed)
+    print("\n".join(report.lines(first, last, args.negative_margin, args.negative_number, len(groups))))
+    files.write_output_file(output, mining.format_query_groups(mined), "--output-path")
+    print(f"query groups written to {output}")
+    return 0
+
+
+def server_corpus_texts(args):
+    from common import server
+    return server.load_corpus_records(args.corpus, args.skip_invalid)[1]
+
+
+def load_mining_model(args):
+    """--model-path (a trained vector model), else --model-name as an untuned encoder with --pooling."""
+    source = args.model_path or args.model_name
+    if (Path(source) / modeldir.CONFIG_FILE).is_file() and \
+            "toolkit" in (read_json_if_exists(Path(source) / modeldir.CONFIG_FILE) or {}):
+        return BertVectorModel.from_pretrained(source, args.device_obj)
+    return BertVectorModel.from_backbone(
+        source, args.trust_remote_code, pooling=args.pooling, projection_dim=None,
+        query_max_length=args.query_max_length, doc_max_length=args.doc_max_length, max_length=args.max_length,
+        truncation_side=args.truncation_side, query_instruction=args.query_instruction,
+        passage_instruction=args.passage_instruction).to(args.device_obj).eval()
+
+
 @report_user_errors
 def main(argv=None):
     args = parse_args(argv)
     modes = {"train": run_training, "evaluate": lambda args, _: run_evaluation_mode(args),
-             "deploy": lambda args, _: run_deploy(args)}
-    # only training runs under torchrun; evaluate and deploy are single-process
+             "deploy": lambda args, _: run_deploy(args), "mine": lambda args, _: run_mining(args)}
+    # only training runs under torchrun; evaluate, deploy and mine are single-process
     return training.run_in_context(args, modes[args.mode], use_distributed=args.mode == "train")
 
 
