@@ -58,7 +58,7 @@ INPUTS_HELP = """inputs:
 TASK_FLAGS = {"context": ("classification",), "text_pair": ("vector",), "corpus": ("vector",),
               "explain": ("longdoc",), "max_length": ("classification", "vector", "longdoc"),
               "top_k": ("classification", "longdoc", "generation", "vector"),
-              "temperature": ("classification", "longdoc", "generation")}
+              "temperature": ("classification", "longdoc", "generation"), "dim": ("vector",)}
 
 
 def build_parser():
@@ -98,6 +98,9 @@ def build_parser():
     add_flag(outputs, "top-k", type=bounded(int, minimum=0), default=None,
              help="show the k most probable labels; generation: top-k sampling (default 50, 0 = off); "
                   f"vector models with --corpus: entries listed per input (default {DEFAULT_HITS})")
+    add_flag(outputs, "dim", type=bounded(int, minimum=1), default=None,
+             help="vector models: embeddings cut to this size (one the model was trained for with "
+                  "--matryoshka-dims); with --serve, /v1/embeddings takes 'dimensions' per request")
     add_flag(outputs, "json", action="store_true", help="print one JSON object per input instead of text")
     add_flag(outputs, "explain", type=bounded(int, minimum=0), default=0, metavar="N",
              help="long-document models: show the N chunks that weigh most in the decision")
@@ -291,14 +294,14 @@ def run_classification(loaded, items, args, progress=False):
 
 def run_vectors(loaded, items, args, corpus=None, progress=False):
     embeddings = inference.embed(loaded, [item.text for item in items], args.batch_size,
-                                 sort_by_length=args.sort_by_length, progress=progress)
+                                 sort_by_length=args.sort_by_length, progress=progress, dim=args.dim)
     results = [{"input": item.text, "dim": int(vector.shape[0]), "norm": round(float(np.linalg.norm(vector)), 6),
                 "embedding": [round(float(value), 6) for value in vector]} for item, vector in zip(items, embeddings)]
     if args.text_pair:
         if len(args.text_pair) not in (1, len(items)):
             raise UserError(f"--text-pair: give one, or one per input ({len(items)}), not {len(args.text_pair)}")
         pairs = args.text_pair if len(args.text_pair) == len(items) else args.text_pair * len(items)
-        pair_embeddings = inference.embed(loaded, pairs, args.batch_size, side="doc")
+        pair_embeddings = inference.embed(loaded, pairs, args.batch_size, side="doc", dim=args.dim)
         for result, pair, vector, pair_vector in zip(results, pairs, embeddings, pair_embeddings):
             result.update(text_pair=pair, cosine_similarity=round(inference.cosine_similarity(vector, pair_vector), 6))
     if corpus is not None:
@@ -596,6 +599,9 @@ def check_task_flags(args, task):
         if getattr(args, name) and task not in tasks:
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} is for {' and '.join(tasks)} models; {args.model_path} is a {task} model")
+    if task == "vector" and args.dim and (args.serve or args.corpus):
+        raise UserError("--dim is for embeddings printed by infer.py; with --corpus or --serve the full size is "
+                        "used (POST /v1/embeddings takes 'dimensions')")
     if task == "vector" and args.top_k and (args.serve or not args.corpus):
         raise UserError("--top-k for a vector model is the number of --corpus entries listed per input: give "
                         "--corpus" + (" (with --serve, POST /search takes top_k)" if args.serve else ""))

@@ -328,3 +328,57 @@ def test_an_unparseable_dims_or_range_flag_is_one_line(capsys):
     for flag, value in (("--matryoshka-dims", "128,x"), ("--range-for-sampling", "100-10")):
         assert train_vector.main(["--mode", "mine", "--train-path", "t.jsonl", "--output-path", "o", flag, value]) == 2
         assert_one_error_line(capsys.readouterr().err, flag, value)
+
+
+# ---------------------------------------------------------------- instructions and sizes reach every inference path
+
+@pytest.fixture(scope="module")
+def instructed_model_dir(tiny_model_dir, tmp_path_factory):
+    model = tiny_vector_model(tiny_model_dir, projection_dim=16, query_instruction="query: ",
+                              passage_instruction="passage: ", matryoshka_dims=[8, 4])
+    return model.save_pretrained(tmp_path_factory.mktemp("instructed") / "model")
+
+
+def test_inference_torch_and_onnx_apply_the_instruction_and_the_sizes(instructed_model_dir, tmp_path):
+    import numpy as np
+
+    import export_onnx
+    from common import inference
+    model = BertVectorModel.from_pretrained(instructed_model_dir)
+    onnx_path = tmp_path / "vector.onnx"
+    assert export_onnx.main(["--model-path", str(instructed_model_dir), "--output-path", str(onnx_path)]) == 0
+    for loaded in (inference.load_model(str(instructed_model_dir)), inference.load_model(str(onnx_path))):
+        for side, encode_side in (("query", "query"), ("doc", "document")):
+            vectors = inference.embed(loaded, ["good movie", "the stock market"], side=side)
+            assert np.allclose(vectors, model.encode(["good movie", "the stock market"], side=encode_side).numpy(),
+                               atol=1e-4), (loaded.backend, side)
+        cut = inference.embed(loaded, ["good movie"], dim=4)
+        assert cut.shape == (1, 4) and np.allclose(cut, model.encode(["good movie"], dim=4).numpy(), atol=1e-4)
+        with pytest.raises(UserError, match="8, 4"):
+            inference.embed(loaded, ["good movie"], dim=5)
+    service = inference.VectorService(inference.load_model(str(instructed_model_dir)))
+    assert service.count_tokens(["good movie"]) == [len(model.tokenizer("query: good movie")["input_ids"])]
+
+
+def test_infer_cli_takes_a_trained_dim_and_refuses_another(instructed_model_dir, capsys):
+    import infer
+    assert infer.main(["--model-path", str(instructed_model_dir), "--text", "good movie", "--dim", "8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["dim"] == 8
+    assert infer.main(["--model-path", str(instructed_model_dir), "--text", "good movie", "--dim", "12"]) == 2
+    assert_one_error_line(capsys.readouterr().err, "dimension 12", "16, 8, 4")
+
+
+def test_server_gives_a_trained_size_and_refuses_another(instructed_model_dir):
+    import numpy as np
+
+    from common import inference, server
+    from test_server_openai import post_all
+    app = server.create_app(inference.VectorService(inference.load_model(str(instructed_model_dir))))
+    full, cut, refused = post_all(app, [("/v1/embeddings", {"input": "good movie", "model": "m"}),
+                                        ("/v1/embeddings", {"input": "good movie", "model": "m", "dimensions": 8}),
+                                        ("/v1/embeddings", {"input": "good movie", "model": "m", "dimensions": 12})])
+    vector = np.array(full.json()["data"][0]["embedding"])
+    assert len(vector) == 16 and cut.status_code == 200
+    assert np.allclose(cut.json()["data"][0]["embedding"], vector[:8] / np.linalg.norm(vector[:8]), atol=1e-5)
+    assert refused.status_code == 400 and "16, 8, 4" in refused.text
