@@ -221,17 +221,23 @@ def load_splits(args, names):
 def training_examples(pairs, name, args):
     """What InfoNCE trains on: query groups (each query's positives and hard negatives) when the file
     is in that format or --negatives-per-query asks for hard negatives, else the positive pairs."""
-    if pairs.record_format == "groups" and args.negatives_per_query is None:
-        args.negatives_per_query = DEFAULT_NEGATIVES_PER_QUERY
-    if not args.negatives_per_query:
+    if not negatives_per_query(args, pairs.record_format):
         return keep_positive_pairs(pairs, name, args.relevance_threshold)
     groups = pairs.groups if pairs.record_format == "groups" else pairs_to_groups(pairs, args.relevance_threshold)
     if not groups:
         raise UserError(f"the {name} data has no positive pairs (rel > {args.relevance_threshold}) for --loss infonce")
     without = sum(not group.negatives for group in groups)
-    print(f"--loss infonce: {name}: {len(groups)} queries, {args.negatives_per_query} hard negatives each per step"
+    print(f"--loss infonce: {name}: {len(groups)} queries, {negatives_per_query(args, 'groups')} hard negatives "
+          "each per step"
           + (f" ({without} have none: in-batch negatives only)" if without else ""))
     return groups
+
+
+def negatives_per_query(args, record_format):
+    """--negatives-per-query, else 7 for query-group files and 0 (in-batch negatives only) for graded pairs."""
+    if args.negatives_per_query is not None:
+        return args.negatives_per_query
+    return DEFAULT_NEGATIVES_PER_QUERY if record_format == "groups" else 0
 
 
 def example_texts(example):
@@ -261,8 +267,8 @@ def encode_splits(splits, tokenizer, model, args):
         if isinstance(examples[0], QueryGroup):
             stats = {"split": name, "queries": len(examples), "positives": sum(len(g.positives) for g in examples),
                      "negatives": sum(len(g.negatives) for g in examples)}
-            datasets[name] = build_group_dataset(tokenizer, examples, *lengths, args.negatives_per_query, args.seed,
-                                                 stats)
+            datasets[name] = build_group_dataset(tokenizer, examples, *lengths, negatives_per_query(args, "groups"),
+                                                 args.seed, stats)
             counts = f"{stats['queries']} queries, {stats['positives']} positives, {stats['negatives']} negatives"
         else:
             stats = {"split": name, "pairs": len(examples), "queries": len({p.query for p in examples})}
