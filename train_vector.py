@@ -301,7 +301,8 @@ def build_eval_loader(dataset, args, context):
     shard = torch.utils.data.Subset(dataset, data.shard_indices(len(dataset), context.rank, context.world_size))
     sampler = data.LengthGroupedBatchSampler([dataset.lengths[i] for i in shard.indices], args.eval_batch_size,
                                              shuffle=False, group_by_length=False)
-    return torch.utils.data.DataLoader(shard, batch_sampler=sampler, collate_fn=collator_for(dataset, args.pad_token_id))
+    return torch.utils.data.DataLoader(shard, batch_sampler=sampler,
+                                       collate_fn=collator_for(dataset, args.pad_token_id))
 
 
 # ---------------------------------------------------------------- model
@@ -391,6 +392,34 @@ def evaluate_loss(pair_encoder, loader, args, context):
 
 # ---------------------------------------------------------------- the training loop
 
+def forward_backward(model, batch, args, context, scaler, sync):
+    """One batch's loss, backpropagated (scaled for fp16 and accumulation); DDP all-reduces when ``sync``.
+
+    Plain: one forward of the whole batch. --grad-cache-chunk: GradCache, chunk by chunk.
+    """
+    device, precision = args.device_obj, args.precision_obj
+    query, document = modeldir.to_device(batch["query"], device), modeldir.to_device(batch["document"], device)
+    # a gathered InfoNCE loss is the whole batch's on every rank, and DDP averages the ranks' gradients
+    rank_scale = context.world_size if context.enabled and args.loss == "infonce" else 1
+
+    def batch_loss(query_embeddings, doc_embeddings):
+        return compute_pair_loss(args.loss, query_embeddings, doc_embeddings, batch, args.temperature,
+                                 args.matryoshka_dims, gather=context.enabled)
+
+    def backward(loss):
+        scaler.scale(loss * rank_scale / args.gradient_accumulation_steps).backward()
+    if args.grad_cache_chunk:
+        return grad_cache_backward(model, query, document, args.grad_cache_chunk, batch_loss, backward,
+                                   lambda: precision.autocast(device),
+                                   lambda last: distributed.sync_gradients(model, sync and last), device)
+    with distributed.sync_gradients(model, sync):
+        with precision.autocast(device):
+            query_embeddings, doc_embeddings = model(query, document)
+        loss = batch_loss(query_embeddings, doc_embeddings)
+        backward(loss)
+    return loss
+
+
 def train(args, model, datasets, context, output_dir, logger, resume_from=None):
     device, precision = args.device_obj, args.precision_obj
     train_loader = build_train_loader(datasets["train"], args, context)
@@ -443,28 +472,9 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
         batches_done, batches_in_epoch = skip_batches, len(train_loader.batch_sampler.all_batches())
         for batch in train_loader:
             batches_done += 1
-            query, document = modeldir.to_device(batch["query"], device), modeldir.to_device(batch["document"], device)
             window_ends = batches_done % args.gradient_accumulation_steps == 0 or batches_done == batches_in_epoch
             # ---- forward under autocast, scaled backward (gradient sync only on the window's last pass)
-            def batch_loss(query_embeddings, doc_embeddings):
-                return compute_pair_loss(args.loss, query_embeddings, doc_embeddings, batch, args.temperature,
-                                         args.matryoshka_dims, gather=context.enabled)
-
-            def backward(loss):
-                # a gathered loss is the whole batch's on every rank, and DDP averages the ranks' gradients
-                scale = context.world_size if context.enabled and args.loss == "infonce" else 1
-                scaler.scale(loss * scale / args.gradient_accumulation_steps).backward()
-            if args.grad_cache_chunk:
-                loss = grad_cache_backward(
-                    model, query, document, args.grad_cache_chunk, batch_loss, backward,
-                    lambda: precision.autocast(device), lambda last: distributed.sync_gradients(model, window_ends and last),
-                    device)
-            else:
-                with distributed.sync_gradients(model, window_ends):
-                    with precision.autocast(device):
-                        query_embeddings, doc_embeddings = model(query, document)
-                    loss = batch_loss(query_embeddings, doc_embeddings)
-                    backward(loss)
+            loss = forward_backward(model, batch, args, context, scaler, window_ends)
             meter.add(loss, len(batch["rel"]) * context.world_size)
             nonfinite_guard.add(loss)
             if not window_ends:

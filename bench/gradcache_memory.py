@@ -2,7 +2,7 @@
 at batch 512 with ``--grad-cache-chunk 32`` (common/gradcache.py), each in a fresh process; and how
 far the GradCache gradients are from the plain batch-512 gradients.
 
-    python bench/gradcache_memory.py --model ../shared/models/all-MiniLM-L6-v2 --output bench/results/gradcache_memory.json
+    python bench/gradcache_memory.py --model ../shared/models/all-MiniLM-L6-v2
 
 A step is: embed B queries and their B positive documents (in-batch negatives), InfoNCE, backward;
 the train_vector.py code path (PairEncoder, compute_pair_loss, grad_cache_backward). "Step memory" is

@@ -56,8 +56,10 @@ def build_parser():
     parser.add_argument("--seeds", default="13", help="comma-separated training seeds")
     parser.add_argument("--model", default="../shared/models/all-MiniLM-L6-v2", help="pretrained encoder (path)")
     parser.add_argument("--data-dir", default=None, help="train/valid/test.jsonl (default data/<source>_retrieval)")
-    parser.add_argument("--work-dir", default=None, help="one directory per run (default runs/retrieval_negatives_<source>)")
-    parser.add_argument("--output", default=None, help="summary JSON (default bench/results/retrieval_negatives_<source>.json)")
+    parser.add_argument("--work-dir", default=None,
+                        help="one directory per run (default runs/retrieval_negatives_<source>)")
+    parser.add_argument("--output", default=None,
+                        help="summary JSON (default bench/results/retrieval_negatives_<source>.json)")
     parser.add_argument("--epochs", type=int, default=1, help="training epochs")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per query and per document")
     parser.add_argument("--range-for-sampling", default="10-100", help="mining rank window")
@@ -257,7 +259,7 @@ def main(argv=None):
                   f"same topic {row['mining_same_topic_share']}")
     summary = {"machine": describe_machine(), "toolkit_commit": toolkit_commit(str(REPO_ROOT)),
                "data": {"source": args.source, "dir": Path(args.data_dir).name,
-                        **{name: sum(1 for _ in open(data_dir / f"{name}.jsonl")) for name in ("train", "valid", "test")}},
+                        **{name: len(read_jsonl(data_dir / f"{name}.jsonl")) for name in ("train", "valid", "test")}},
                "settings": {"model": Path(args.model).name, "epochs": args.epochs, "max_length": args.max_length,
                             "range_for_sampling": args.range_for_sampling, "negative_margin": args.negative_margin},
                "command": "python bench/retrieval_negatives.py " + " ".join(argv if argv is not None else sys.argv[1:]),

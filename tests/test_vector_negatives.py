@@ -297,7 +297,8 @@ def test_training_on_query_groups_with_grad_cache_matryoshka_and_instructions(ti
             str(tiny_model_dir), "--max-length", "16", "--batch-size", "4", "--epochs", "1", "--precision", "fp32",
             "--device", "cpu", "--output-dir", str(output_dir), "--negatives-per-query", "2",
             "--grad-cache-chunk", "3", "--matryoshka-dims", "16,8", "--query-instruction", "query: ",
-            "--passage-instruction", "passage: ", "--learning-rate", "1e-3", "--warmup-steps", "0", "--logging-steps", "1"]
+            "--passage-instruction", "passage: ", "--learning-rate", "1e-3", "--warmup-steps", "0",
+            "--logging-steps", "1"]
     assert train_vector.main(argv) == 0
     model = BertVectorModel.from_pretrained(output_dir / "checkpoint-step-2")
     assert model.vector_settings["matryoshka_dims"] == [16, 8]

@@ -55,7 +55,8 @@ def main():
         reference_loss, _ = loss_and_gradient(encoder, queries, positives, negatives, positive_ids,
                                               negative_ids.reshape(-1), gather=False)
         reference_loss.backward()
-        reference = {"loss": float(reference_loss.detach()), "grad": [p.grad.flatten().tolist() for p in encoder.parameters()]}
+        reference = {"loss": float(reference_loss.detach()),
+                     "grad": [p.grad.flatten().tolist() for p in encoder.parameters()]}
         with open(sys.argv[1], "w") as handle:
             json.dump({"gathered": gathered, "one_process": reference}, handle)
     dist.destroy_process_group()
