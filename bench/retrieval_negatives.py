@@ -13,9 +13,9 @@ Configurations (--configs): every run trains all-MiniLM-L6-v2 for --epochs with 
   untuned            the pretrained encoder as is
   mse                the seed's default: weighted MSE of cosine vs rel on the graded pairs, CLS pooling, 2e-5
   inbatch            InfoNCE over in-batch negatives only (--relevance-threshold 0.5: rel-1.0 pairs)
-  labelled           InfoNCE with the data's own rel <= 0.5 documents as hard negatives (--negatives-per-query 7)
+  labelled           InfoNCE with the data's own rel <= 0.5 documents as hard negatives (--negatives-per-query 3)
   mined              train_vector.py --mode mine with the untuned encoder (ranks --range-for-sampling,
-                     15 negatives, --negative-margin), then InfoNCE with 7 of them per query per step
+                     15 negatives, --negative-margin), then InfoNCE with 3 of them per query per step (CPU budget; the trainer default is 7)
   mined-matryoshka   mined, trained with --matryoshka-dims 384,128
 Each trained model is scored at its full size and cut to 128 values (a model trained without
 --matryoshka-dims is cut by hand: encode refuses the size). The mined file's negatives are checked
@@ -39,9 +39,9 @@ CONFIGS = {
     "untuned": None,
     "mse": ["--loss", "mse", "--pooling", "cls", "--learning-rate", "2e-5", "--batch-size", "16"],
     "inbatch": COMMON + ["--loss", "infonce"],
-    "labelled": COMMON + ["--loss", "infonce", "--negatives-per-query", "7"],
-    "mined": COMMON + ["--loss", "infonce", "--negatives-per-query", "7"],
-    "mined-matryoshka": COMMON + ["--loss", "infonce", "--negatives-per-query", "7", "--matryoshka-dims", "384,128"],
+    "labelled": COMMON + ["--loss", "infonce", "--negatives-per-query", "3"],
+    "mined": COMMON + ["--loss", "infonce", "--negatives-per-query", "3"],
+    "mined-matryoshka": COMMON + ["--loss", "infonce", "--negatives-per-query", "3", "--matryoshka-dims", "384,128"],
 }
 MINED = ("mined", "mined-matryoshka")
 METRICS = ("ndcg@10", "mrr@10", "recall@100")
