@@ -8,14 +8,16 @@ Data: bench/prepare_retrieval.py (--source pydoc: Python's documentation; review
 reviews), built under --data-dir when missing. A test query's relevant document is the paragraph its
 sentence came from (rel 1.0); every test paragraph is a candidate, so Recall@100 means something.
 
-Configurations (--configs): every run trains all-MiniLM-L6-v2 for --epochs with mean pooling,
---learning-rate 5e-5, --batch-size 16, --max-length, fp32, on the train split's rel-1.0 pairs, except:
+Configurations (--configs): every run trains all-MiniLM-L6-v2 for --epochs (default 2) with mean pooling,
+--learning-rate 5e-5, --batch-size 16, --warmup-ratio 0.1 (the pydoc set is 13 steps an epoch: the default
+100 warmup steps would never reach the rate), --max-length, fp32, on the train split's rel-1.0 pairs, except:
   untuned            the pretrained encoder as is
   mse                the seed's default: weighted MSE of cosine vs rel on the graded pairs, CLS pooling, 2e-5
   inbatch            InfoNCE over in-batch negatives only (--relevance-threshold 0.5: rel-1.0 pairs)
   labelled           InfoNCE with the data's own rel <= 0.5 documents as hard negatives (--negatives-per-query 3)
   mined              train_vector.py --mode mine with the untuned encoder (ranks --range-for-sampling,
-                     15 negatives, --negative-margin), then InfoNCE with 3 of them per query per step (CPU budget; the trainer default is 7)
+                     15 negatives, --negative-margin), then InfoNCE with 3 of them per query per step
+                     (the CPU budget; the trainer's default is 7)
   mined-matryoshka   mined, trained with --matryoshka-dims 384,128
 Each trained model is scored at its full size and cut to 128 values (a model trained without
 --matryoshka-dims is cut by hand: encode refuses the size). The mined file's negatives are checked
@@ -60,7 +62,7 @@ def build_parser():
                         help="one directory per run (default runs/retrieval_negatives_<source>)")
     parser.add_argument("--output", default=None,
                         help="summary JSON (default bench/results/retrieval_negatives_<source>.json)")
-    parser.add_argument("--epochs", type=int, default=1, help="training epochs")
+    parser.add_argument("--epochs", type=int, default=2, help="training epochs")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per query and per document")
     parser.add_argument("--range-for-sampling", default="10-100", help="mining rank window")
     parser.add_argument("--negative-margin", default="0.05", help="mining false-negative margin")
@@ -107,20 +109,25 @@ def read_test_set(data_dir):
     return read_jsonl(Path(data_dir) / "test.jsonl"), others
 
 
-def full_corpus_metrics(model, test_set, dim=None):
-    """NDCG@10 (graded), MRR@10 and Recall@100 (rel > 0.5) ranking the whole corpus per test query."""
-    import torch
-    from common.ranking import ranking_metrics
+def full_corpus_metrics(model, test_set):
+    """{"full": ..., "dim128": ...}: NDCG@10 (graded), MRR@10 and Recall@100 (rel > 0.5) ranking the
+    whole corpus per test query, with the whole embeddings and with their first 128 values."""
     queries, corpus, labels = corpus_relevances(*test_set)
     query_vectors = model.encode(queries, batch_size=64, side="query", normalize=False)
     doc_vectors = model.encode(corpus, batch_size=64, side="document", normalize=False)
-    if dim is not None:  # cut by hand: a model trained without --matryoshka-dims refuses encode(dim=)
-        query_vectors, doc_vectors = query_vectors[:, :dim], doc_vectors[:, :dim]
+    relevances = [[labels.get((query, document), 0.0) for document in corpus] for query in queries]
+    # cut by hand: a model trained without --matryoshka-dims refuses encode(dim=)
+    return {view: ranked_metrics(query_vectors[:, :dim], doc_vectors[:, :dim], relevances, len(corpus))
+            for view, dim in (("full", None), ("dim128", SHORT_DIM))}
+
+
+def ranked_metrics(query_vectors, doc_vectors, relevances, corpus_size):
+    import torch
+    from common.ranking import ranking_metrics
     scores = (torch.nn.functional.normalize(query_vectors, dim=-1)
               @ torch.nn.functional.normalize(doc_vectors, dim=-1).T).numpy()  # (queries, corpus)
-    scored = [([labels.get((query, document), 0.0) for document in corpus], row) for query, row in zip(queries, scores)]
-    metrics = ranking_metrics(scored, (10, 100), threshold=0.5)
-    return {key: metrics[key] for key in METRICS} | {"queries": metrics["queries"], "corpus": len(corpus)}
+    metrics = ranking_metrics(list(zip(relevances, scores)), (10, 100), threshold=0.5)
+    return {key: metrics[key] for key in METRICS} | {"queries": metrics["queries"], "corpus": corpus_size}
 
 
 # ---------------------------------------------------------------- workers
@@ -163,7 +170,7 @@ def run_training(args, name, run_dir):
     argv = ["--mode", "train", "--data-path", str(train_path), "--val-path", str(data_dir / "valid.jsonl"),
             "--model-name", args.model, "--epochs", str(args.epochs), "--max-length", str(args.max_length),
             "--precision", "fp32", "--device", "cpu", "--seed", str(args.seed), "--output-dir", str(output_dir),
-            "--overwrite-output-dir", "--save-steps", "0", *CONFIGS[name]]
+            "--overwrite-output-dir", "--save-steps", "0", "--warmup-ratio", "0.1", *CONFIGS[name]]
     started = time.perf_counter()
     if train_vector.main(argv):
         raise SystemExit("train_vector.py --mode train failed")
@@ -171,9 +178,7 @@ def run_training(args, name, run_dir):
     best = json.loads((output_dir / "best_checkpoint.json").read_text(encoding="utf-8"))
     result["published"] = best["checkpoint"]
     model = BertVectorModel.from_pretrained(output_dir)  # the published (lowest validation loss) model
-    test = read_test_set(data_dir)
-    result["full"] = full_corpus_metrics(model, test)
-    result["dim128"] = full_corpus_metrics(model, test, SHORT_DIM)
+    result.update(full_corpus_metrics(model, read_test_set(data_dir)))
     for directory in output_dir.glob("checkpoint-*"):
         shutil.rmtree(directory)  # optimizer state
     return result
@@ -182,8 +187,7 @@ def run_training(args, name, run_dir):
 def run_untuned(args):
     from common.vector import BertVectorModel
     model = BertVectorModel.from_backbone(args.model, pooling="mean", max_length=args.max_length).eval()
-    test = read_test_set(args.data_dir)
-    return {"full": full_corpus_metrics(model, test), "dim128": full_corpus_metrics(model, test, SHORT_DIM)}
+    return full_corpus_metrics(model, read_test_set(args.data_dir))
 
 
 def run_worker(args):
