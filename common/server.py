@@ -682,9 +682,9 @@ def add_vector_routes(app, service, batcher, check_limits, corpus):
     @app.post("/v1/embeddings")
     async def openai_embeddings(request: EmbeddingsRequest):
         if request.dimensions is not None and request.dimensions not in sizes:
-            raise HTTPException(400, f"dimensions: {request.dimensions} requested, but this model gives "
-                                     f"embeddings of {', '.join(map(str, sizes))} values only; leave dimensions out "
-                                     f"or send one of them")
+            offered = f"{dim}-dimensional embeddings only; leave dimensions out or send {dim}" if len(sizes) == 1 \
+                else f"embeddings of {', '.join(map(str, sizes))} values (--matryoshka-dims); send one of them"
+            raise HTTPException(400, f"dimensions: {request.dimensions} requested, but this model gives {offered}")
         texts = [request.input] if isinstance(request.input, str) else request.input
         embeddings, tokens = await embed(texts, request.side, "input")
         if request.dimensions is not None and request.dimensions != dim:  # a Matryoshka prefix, renormalised

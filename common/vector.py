@@ -45,12 +45,15 @@ class BertVectorModel(nn.Module):
         self.projection = nn.Linear(hidden_size, projection_dim) if projection_dim else None
         self.vector_settings = {"pooling": pooling, "projection_dim": projection_dim or None, "normalize": normalize,
                                 "query_max_length": query_max_length or max_length,
-                                "doc_max_length": doc_max_length or max_length, "max_length": max_length,
-                                "matryoshka_dims": sorted(matryoshka_dims, reverse=True) if matryoshka_dims else None}
-        # instructions are text preprocessing: encode, the server and the ONNX path put them before the text
+                                "doc_max_length": doc_max_length or max_length, "max_length": max_length}
+        if matryoshka_dims:
+            self.vector_settings["matryoshka_dims"] = sorted(matryoshka_dims, reverse=True)
         self.preprocessing = {"max_length": max_length, "truncation_side": truncation_side,
-                              "normalize": text_normalize, "query_instruction": query_instruction or None,
-                              "passage_instruction": passage_instruction or None}
+                              "normalize": text_normalize}
+        # instructions are text preprocessing: encode, the server and the ONNX path put them before the text
+        for key, instruction in (("query_instruction", query_instruction), ("passage_instruction", passage_instruction)):
+            if instruction:
+                self.preprocessing[key] = instruction
         self.tokenizer = None
 
     @property
