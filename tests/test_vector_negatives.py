@@ -69,6 +69,12 @@ def test_query_groups_read_from_every_file_type(writer, tmp_path):
     assert sorted({pair.rel for pair in pairs}) == [0.0, 1.0]
 
 
+def test_the_shipped_example_is_the_graded_example_as_query_groups():
+    groups = read_query_groups(REPO / "examples" / "vec_train_groups.jsonl")
+    graded = read_query_groups(REPO / "examples" / "vec_train.jsonl", relevance_threshold=0.5)
+    assert [(g.query, g.positives, g.negatives) for g in groups] == [(g.query, g.positives, g.negatives) for g in graded]
+
+
 def test_optional_fields_are_kept():
     records = group_records()
     group = read_query_groups_from(records)[1]
