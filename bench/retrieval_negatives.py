@@ -19,6 +19,7 @@ Configurations (--configs): every run trains all-MiniLM-L6-v2 for --epochs (defa
                      15 negatives, --negative-margin), then InfoNCE with 3 of them per query per step
                      (the CPU budget; the trainer's default is 7)
   mined-matryoshka   mined, trained with --matryoshka-dims 384,128
+  *-1e-5             inbatch, labelled, mined, mined-matryoshka at --learning-rate 1e-5
 Each trained model is scored at its full size and cut to 128 values (a model trained without
 --matryoshka-dims is cut by hand: encode refuses the size). The mined file's negatives are checked
 against the training labels: the share that are labelled relevant (rel > 0.5) to their query, and
@@ -45,7 +46,10 @@ CONFIGS = {
     "mined": COMMON + ["--loss", "infonce", "--negatives-per-query", "3"],
     "mined-matryoshka": COMMON + ["--loss", "infonce", "--negatives-per-query", "3", "--matryoshka-dims", "384,128"],
 }
-MINED = ("mined", "mined-matryoshka")
+# the same at a lower rate: all-MiniLM is a trained retriever, and a few hundred queries move it far
+CONFIGS.update({f"{name}-1e-5": CONFIGS[name] + ["--learning-rate", "1e-5"]
+                for name in ("inbatch", "labelled", "mined", "mined-matryoshka")})
+MINED = ("mined", "mined-matryoshka", "mined-1e-5", "mined-matryoshka-1e-5")
 METRICS = ("ndcg@10", "mrr@10", "recall@100")
 SHORT_DIM = 128
 
@@ -67,6 +71,8 @@ def build_parser():
     parser.add_argument("--range-for-sampling", default="10-100", help="mining rank window")
     parser.add_argument("--negative-margin", default="0.05", help="mining false-negative margin")
     parser.add_argument("--rerun", action="store_true", help="redo runs that already have a run.json")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score finished runs' models again (no training), e.g. after a change to the scoring")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=13, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
@@ -111,22 +117,29 @@ def read_test_set(data_dir):
 
 def full_corpus_metrics(model, test_set):
     """{"full": ..., "dim128": ...}: NDCG@10 (graded), MRR@10 and Recall@100 (rel > 0.5) ranking the
-    whole corpus per test query, with the whole embeddings and with their first 128 values."""
+    whole corpus per test query, with the whole embeddings and with their first 128 values.
+
+    A query's own paragraph also sits in the corpus whole (as another query's candidate), with the
+    query sentence in it verbatim: that copy is left out of the query's ranking (it is the answer,
+    unlabelled, and would rank first for every model)."""
     queries, corpus, labels = corpus_relevances(*test_set)
     query_vectors = model.encode(queries, batch_size=64, side="query", normalize=False)
     doc_vectors = model.encode(corpus, batch_size=64, side="document", normalize=False)
-    relevances = [[labels.get((query, document), 0.0) for document in corpus] for query in queries]
+    candidates = [[row for row, document in enumerate(corpus) if (query, document) in labels or query not in document]
+                  for query in queries]
+    relevances = [[labels.get((query, corpus[row]), 0.0) for row in rows] for query, rows in zip(queries, candidates)]
     # cut by hand: a model trained without --matryoshka-dims refuses encode(dim=)
-    return {view: ranked_metrics(query_vectors[:, :dim], doc_vectors[:, :dim], relevances, len(corpus))
+    return {view: ranked_metrics(query_vectors[:, :dim], doc_vectors[:, :dim], candidates, relevances, len(corpus))
             for view, dim in (("full", None), ("dim128", SHORT_DIM))}
 
 
-def ranked_metrics(query_vectors, doc_vectors, relevances, corpus_size):
+def ranked_metrics(query_vectors, doc_vectors, candidates, relevances, corpus_size):
     import torch
     from common.ranking import ranking_metrics
     scores = (torch.nn.functional.normalize(query_vectors, dim=-1)
               @ torch.nn.functional.normalize(doc_vectors, dim=-1).T).numpy()  # (queries, corpus)
-    metrics = ranking_metrics(list(zip(relevances, scores)), (10, 100), threshold=0.5)
+    scored = [(relevance, scores[query][rows]) for query, (rows, relevance) in enumerate(zip(candidates, relevances))]
+    metrics = ranking_metrics(scored, (10, 100), threshold=0.5)
     return {key: metrics[key] for key in METRICS} | {"queries": metrics["queries"], "corpus": corpus_size}
 
 
@@ -150,12 +163,24 @@ def mine(args, run_dir):
     labels = {}
     for record in read_jsonl(data_dir / "train.jsonl"):
         labels.setdefault(record["query"], {})[record["document"]] = float(record["rel"])
+    return mined_path, {"argv": argv, "seconds": seconds, **check_mined(data_dir, mined_path)}
+
+
+def check_mined(data_dir, mined_path):
+    """Shares of the mined negatives that are labelled relevant to their query (rel > 0.5), that
+    contain the query sentence verbatim (its own paragraph whole, unlabelled for it: a real
+    positive), and that are labelled same-topic (rel 0.2)."""
+    labels = {}
+    for record in read_jsonl(Path(data_dir) / "train.jsonl"):
+        labels.setdefault(record["query"], {})[record["document"]] = float(record["rel"])
     negatives = [(group["query"], text) for group in read_jsonl(mined_path) for text in group["neg"]]
-    relevant = sum(labels[query].get(text, 0.0) > 0.5 for query, text in negatives)
+    labelled = sum(labels[query].get(text, 0.0) > 0.5 for query, text in negatives)
+    source = sum(query in text for query, text in negatives)
     same_topic = sum(0.0 < labels[query].get(text, 0.0) <= 0.5 for query, text in negatives)
-    return mined_path, {"argv": argv, "seconds": seconds, "negatives": len(negatives),
-                        "labelled_relevant_share": relevant / max(1, len(negatives)),
-                        "same_topic_share": same_topic / max(1, len(negatives))}
+    count = max(1, len(negatives))
+    return {"negatives": len(negatives), "labelled_relevant_share": labelled / count,
+            "source_paragraph_share": source / count, "false_negative_share": (labelled + source) / count,
+            "same_topic_share": same_topic / count}
 
 
 def run_training(args, name, run_dir):
@@ -179,6 +204,7 @@ def run_training(args, name, run_dir):
     result["published"] = best["checkpoint"]
     model = BertVectorModel.from_pretrained(output_dir)  # the published (lowest validation loss) model
     result.update(full_corpus_metrics(model, read_test_set(data_dir)))
+    result["model_dir"] = str(output_dir)
     for directory in output_dir.glob("checkpoint-*"):
         shutil.rmtree(directory)  # optimizer state
     return result
@@ -190,11 +216,28 @@ def run_untuned(args):
     return full_corpus_metrics(model, read_test_set(args.data_dir))
 
 
+def rescore(args, run_dir):
+    """Score a finished run's published model again (after a change to the scoring), without training."""
+    from common.vector import BertVectorModel
+    result = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    if args.worker == "untuned":
+        result.update(run_untuned(args))
+    else:
+        model = BertVectorModel.from_pretrained(run_dir / "output")
+        result.update(full_corpus_metrics(model, read_test_set(args.data_dir)))
+    if args.worker in MINED:
+        result["mining"].update(check_mined(args.data_dir, run_dir / "mined.jsonl"))
+    return result
+
+
 def run_worker(args):
     sys.path.insert(0, str(REPO_ROOT))
     run_dir = Path(args.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    result = run_untuned(args) if args.worker == "untuned" else run_training(args, args.worker, run_dir)
+    if args.rescore:
+        result = rescore(args, run_dir)
+    else:
+        result = run_untuned(args) if args.worker == "untuned" else run_training(args, args.worker, run_dir)
     result.update(config=args.worker, seed=None if CONFIGS[args.worker] is None else args.seed,
                   flags=CONFIGS[args.worker])
     (run_dir / "run.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
@@ -209,7 +252,9 @@ def launch(args, name, seed):
                "--run-dir", str(run_dir), "--model", str(Path(args.model).resolve()), "--source", args.source,
                "--data-dir", str(Path(args.data_dir).resolve()), "--epochs", str(args.epochs),
                "--max-length", str(args.max_length), "--range-for-sampling", args.range_for_sampling,
-               "--negative-margin", args.negative_margin]
+               "--negative-margin", args.negative_margin] + (["--rescore"] if args.rescore else [])
+    if args.rescore:
+        subprocess.run(command, check=True, cwd=REPO_ROOT)
     result = run_in_process(run_dir, command, f"[negatives] {name} seed {seed}", args.rerun)
     print(f"[negatives] {name} seed {seed}: NDCG@10 {result['full']['ndcg@10']:.4f}, at 128 dims "
           f"{result['dim128']['ndcg@10']:.4f} ({result['wall_seconds']:.0f} s)", flush=True)
@@ -224,7 +269,8 @@ def summarize(name, results):
             mean, std = mean_std(values)
             row[f"{view}_{metric}"] = {"mean": mean, "std": std, "values": values}
     if name in MINED:
-        for key in ("labelled_relevant_share", "same_topic_share", "negatives"):
+        for key in ("labelled_relevant_share", "source_paragraph_share", "false_negative_share", "same_topic_share",
+                    "negatives"):
             row[f"mining_{key}"] = [r["mining"][key] for r in results]
     row["published"] = [r.get("published") for r in results]
     return row
@@ -259,8 +305,9 @@ def main(argv=None):
     print(format_table(rows))
     for row in rows:
         if "mining_labelled_relevant_share" in row:
-            print(f"{row['config']}: mined negatives labelled relevant {row['mining_labelled_relevant_share']}, "
-                  f"same topic {row['mining_same_topic_share']}")
+            print(f"{row['config']}: mined negatives that are positives {row['mining_false_negative_share']} "
+                  f"(labelled {row['mining_labelled_relevant_share']}, the query's own paragraph whole "
+                  f"{row['mining_source_paragraph_share']}), same topic {row['mining_same_topic_share']}")
     summary = {"machine": describe_machine(), "toolkit_commit": toolkit_commit(str(REPO_ROOT)),
                "data": {"source": args.source, "dir": Path(args.data_dir).name,
                         **{name: len(read_jsonl(data_dir / f"{name}.jsonl")) for name in ("train", "valid", "test")}},
