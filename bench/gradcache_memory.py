@@ -9,7 +9,13 @@ the train_vector.py code path (PairEncoder, compute_pair_loss, grad_cache_backwa
 the peak RSS during the step minus the RSS before it (model, optimizer-free, data already loaded).
 Dropout is off (model.eval()) so the plain and cached runs see the same network; the gradients of
 the two batch-512 runs are compared element by element.
+
+Each run is measured twice: with glibc's default allocator, which keeps memory freed by one chunk's
+tensors in its arenas (GradCache allocates and frees many differently sized buffers, so RSS grows
+past what is live), and with glibc told to return freed memory (MALLOC_ARENA_MAX=1,
+MALLOC_TRIM_THRESHOLD_=0, MALLOC_MMAP_THRESHOLD_=65536), where RSS follows the live tensors.
 """
+import os
 import argparse
 import contextlib
 import json
@@ -24,6 +30,9 @@ from quality import describe_machine, toolkit_commit  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNS = {"plain-32": (32, 0), "plain-512": (512, 0), "gradcache-512-chunk-32": (512, 32)}
+ALLOCATORS = {"glibc-default": {},
+              "glibc-returning": {"MALLOC_ARENA_MAX": "1", "MALLOC_TRIM_THRESHOLD_": "0",
+                                  "MALLOC_MMAP_THRESHOLD_": "65536"}}
 
 
 def current_rss_kib():
@@ -94,22 +103,25 @@ def main(argv=None):
     if args.worker:
         return run_worker(args)
     import torch
-    results = {}
-    for name in RUNS:
-        run_dir = Path(args.work_dir).resolve() / name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", name, "--run-dir", str(run_dir),
-                        "--model", str(Path(args.model).resolve()), "--max-length", str(args.max_length)], check=True)
-        results[name] = json.loads((run_dir / "run.json").read_text())
-        print(f"{name}: step memory {results[name]['step_mib']:.0f} MiB (peak RSS {results[name]['peak_rss_mib']:.0f} "
-              f"MiB), {results[name]['seconds']:.1f} s", flush=True)
-    plain, cached = (torch.load(Path(args.work_dir).resolve() / name / "gradient.pt")
+    results = {allocator: {} for allocator in ALLOCATORS}
+    for allocator, environment in ALLOCATORS.items():
+        for name in RUNS:
+            run_dir = Path(args.work_dir).resolve() / allocator / name
+            run_dir.mkdir(parents=True, exist_ok=True)
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", name, "--run-dir",
+                            str(run_dir), "--model", str(Path(args.model).resolve()), "--max-length",
+                            str(args.max_length)], check=True, env={**os.environ, **environment})
+            run = results[allocator][name] = json.loads((run_dir / "run.json").read_text())
+            print(f"{allocator} {name}: step memory {run['step_mib']:.0f} MiB (peak RSS {run['peak_rss_mib']:.0f} "
+                  f"MiB), {run['seconds']:.1f} s", flush=True)
+    plain, cached = (torch.load(Path(args.work_dir).resolve() / "glibc-default" / name / "gradient.pt")
                      for name in ("plain-512", "gradcache-512-chunk-32"))
     difference = {"max_abs": float((plain - cached).abs().max()), "max_abs_gradient": float(plain.abs().max()),
                   "relative_l2": float((plain - cached).norm() / plain.norm()),
                   "allclose_atol_1e-5_rtol_1e-4": bool(torch.allclose(plain, cached, atol=1e-5, rtol=1e-4))}
-    ratio = results["gradcache-512-chunk-32"]["step_mib"] / results["plain-32"]["step_mib"]
-    print(f"batch 512 with GradCache / batch 32: {ratio:.2f}x step memory; gradients vs plain 512: {difference}")
+    ratio = {allocator: runs["gradcache-512-chunk-32"]["step_mib"] / runs["plain-32"]["step_mib"]
+             for allocator, runs in results.items()}
+    print(f"batch 512 with GradCache / batch 32, step memory: {ratio}; gradients vs plain 512: {difference}")
     summary = {"machine": describe_machine(), "toolkit_commit": toolkit_commit(str(REPO_ROOT)),
                "command": "python bench/gradcache_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "model": Path(args.model).name, "max_length": args.max_length, "runs": results,
