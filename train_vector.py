@@ -76,7 +76,8 @@ def build_parser():
 
     group = add_optimization_args(parser, epochs=3, batch_size=16, eval_batch_size=64)
     add_flag(group, "loss", choices=PAIR_LOSSES, default=None,
-             help="infonce (default): in-batch negatives, trained on the pairs with rel > --relevance-threshold; "
+             help="infonce (default): in-batch and hard negatives, trained on the pairs with rel > "
+                  "--relevance-threshold (or on query groups); "
                   "cosent: rank pairs by rel; mse: weighted MSE of cosine vs rel (the seed's default)")
     add_flag(group, "temperature", type=float, default=0.05, help="InfoNCE softmax temperature")
     add_flag(group, "negatives-per-query", type=bounded(int, minimum=0), default=None,

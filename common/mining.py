@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.errors import UserError
 from common.pairs import QueryGroup
 
 # a word of letters/digits, or one CJK character (Chinese text has no spaces between words)
@@ -44,7 +45,10 @@ def bm25_tokens(text):
 
 def bm25_scorer(corpus):
     """score(queries) -> (queries, corpus) BM25 scores, each row divided by its highest score."""
-    from rank_bm25 import BM25Okapi
+    try:
+        from rank_bm25 import BM25Okapi
+    except ImportError:
+        raise UserError("--miner bm25 needs the rank-bm25 package (pip install rank-bm25)") from None
     index = BM25Okapi([bm25_tokens(text) for text in corpus])
 
     def score(queries):
