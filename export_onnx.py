@@ -95,7 +95,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common import data, files, inference, modeldir  # noqa: E402
+from common import data, files, inference, modeldir, problem_types  # noqa: E402
 
 EXPORT_PRODUCT_SUFFIXES = (".onnx", ".rejected", inference.PREPROCESSING_SUFFIX, ".report.json")
 INPUT_NAMES = list(inference.MODEL_INPUTS)
@@ -200,20 +200,28 @@ def parity_batches(tokenizer, config, max_length, seed=0):
     return batches
 
 
-def compare_outputs(onnx_run, torch_run, batches, task):
-    """Per case: max |torch - onnx| and, for classifiers, label agreement (a bar on a terminal)."""
+def compare_outputs(onnx_run, torch_run, batches, task, problem=None):
+    """Per case: max |torch - onnx| and, for classifiers, label agreement (a bar on a terminal).
+
+    Classifiers are compared on what users see (``problem``: common/problem_types.py): logits and the
+    argmax label, sigmoid probabilities and the label sets above threshold, or scores in the original scale.
+    """
     cases = []
     for batch_size, length, batch in inference.progress_bar(batches, "parity check", unit="case"):
-        onnx_out = onnx_run(batch)
+        onnx_raw = onnx_run(batch)
         case = {"batch": batch_size, "seq": length, "padded": bool((batch["attention_mask"] == 0).any()),
-                "finite": inference.is_finite(onnx_out)}
+                "finite": inference.is_finite(onnx_raw)}
         if torch_run is not None:
-            torch_out = torch_run(batch)
-            case["max_abs_diff"] = float(np.abs(torch_out - onnx_out).max())
+            torch_raw = torch_run(batch)
             if task == "vector":
-                case["min_cosine"] = float(min(inference.cosine_similarity(a, b) for a, b in zip(torch_out, onnx_out)))
+                case["max_abs_diff"] = float(np.abs(torch_raw - onnx_raw).max())
+                case["min_cosine"] = float(min(inference.cosine_similarity(a, b) for a, b in zip(torch_raw, onnx_raw)))
             else:
-                case["label_agreement"] = float((torch_out.argmax(-1) == onnx_out.argmax(-1)).mean())
+                difference = problem.comparable_outputs(torch_raw) - problem.comparable_outputs(onnx_raw)
+                case["max_abs_diff"] = float(np.abs(difference).max())
+                torch_decisions, onnx_decisions = problem.decisions(torch_raw), problem.decisions(onnx_raw)
+                if torch_decisions is not None:
+                    case["label_agreement"] = float((torch_decisions == onnx_decisions).all(-1).mean())
         cases.append(case)
     return cases
 
@@ -246,11 +254,14 @@ def load_validation_examples(path, label2id):
 
 
 def predict_labels(loaded, texts, contexts, batch_size):
+    """Per text, the model's decision: its label id, its tuple of label ids (multi-label) or its score."""
     if loaded.task == "longdoc":
         results = inference.predict_long_documents(loaded, texts, batch_size=batch_size, progress=True)
     else:
         results = inference.classify(loaded, texts, contexts, batch_size=batch_size, progress=True)
-    return np.array([result["label_id"] for result in results])
+    decisions = [result["score"] if "score" in result else tuple(result["label_ids"]) if "label_ids" in result
+                 else result["label_id"] for result in results]
+    return np.array(decisions, dtype=object if decisions and isinstance(decisions[0], tuple) else None)
 
 
 def validation_metrics(onnx_loaded, torch_loaded, path, batch_size):
@@ -264,6 +275,9 @@ def validation_metrics(onnx_loaded, torch_loaded, path, batch_size):
             cosine = float(np.mean([inference.cosine_similarity(a, b) for a, b in zip(torch_vectors, onnx_vectors)]))
             report.update(torch_metric=1.0, onnx_metric=cosine, drop=1.0 - cosine)
         return report
+    problem_type = onnx_loaded.toolkit.get("problem_type") or "single_label"
+    if problem_type != "single_label":
+        return decision_agreement(onnx_loaded, torch_loaded, path, batch_size, problem_type)
     label2id = {name: index for index, name in onnx_loaded.id2label.items()}
     texts, contexts, gold = load_validation_examples(path, label2id)
     onnx_labels = predict_labels(onnx_loaded, texts, contexts, batch_size)
@@ -279,6 +293,28 @@ def validation_metrics(onnx_loaded, torch_loaded, path, batch_size):
         report.update(torch_metric=1.0, onnx_metric=report["label_agreement"])
     if "torch_metric" in report:
         report["drop"] = report["torch_metric"] - report["onnx_metric"]
+    return report
+
+
+def decision_agreement(onnx_loaded, torch_loaded, path, batch_size, problem_type):
+    """Multi-label: the share of texts given the same label set by both backends; regression: the
+    Spearman correlation of their scores (1.0 for torch itself; the int8 gate's drop is 1 - it)."""
+    examples = data.load_text_examples(path, require_label=False)
+    texts, contexts = [e.text for e in examples], [e.context for e in examples]
+    metric = "spearman_to_torch" if problem_type == "regression" else "label_set_agreement"
+    report = {"file": path, "records": len(texts), "metric": metric}
+    if torch_loaded is None:
+        return report
+    onnx_decisions = predict_labels(onnx_loaded, texts, contexts, batch_size)
+    torch_decisions = predict_labels(torch_loaded, texts, contexts, batch_size)
+    if problem_type == "regression":
+        import scipy.stats
+        agreement = float(scipy.stats.spearmanr(torch_decisions, onnx_decisions)[0]) if len(texts) > 1 else 1.0
+        report["max_abs_score_diff"] = float(np.abs(torch_decisions - onnx_decisions).max())
+    else:
+        agreement = float(np.mean([a == b for a, b in zip(torch_decisions, onnx_decisions)]))
+        report["label_agreement"] = agreement
+    report.update(torch_metric=1.0, onnx_metric=agreement, drop=1.0 - agreement)
     return report
 
 
@@ -307,7 +343,8 @@ def build_report(onnx_path, onnx_loaded, torch_loaded, meta, args, shown_path=No
     config = torch_loaded.config if torch_loaded is not None else _config_for_parity(onnx_loaded)
     batches = parity_batches(onnx_loaded.tokenizer, config, max_length)
     torch_run = torch_loaded.run if torch_loaded is not None else None
-    report["cases"] = compare_outputs(onnx_loaded.run, torch_run, batches, onnx_loaded.task)
+    report["cases"] = compare_outputs(onnx_loaded.run, torch_run, batches, onnx_loaded.task,
+                                      problem_types.from_toolkit(onnx_loaded.toolkit))
     report["padding_invariance_max_diff"] = padding_invariance(onnx_loaded.run, batches)
     if args.validation_file:
         report["validation"] = validation_metrics(onnx_loaded, torch_loaded, args.validation_file, args.batch_size)

@@ -58,7 +58,11 @@ INPUTS_HELP = """inputs:
 TASK_FLAGS = {"context": ("classification",), "text_pair": ("vector",), "corpus": ("vector",),
               "explain": ("longdoc",), "max_length": ("classification", "vector", "longdoc"),
               "top_k": ("classification", "longdoc", "generation", "vector"),
-              "temperature": ("classification", "longdoc", "generation"), "dim": ("vector",)}
+              "temperature": ("classification", "longdoc", "generation"), "threshold": ("classification", "longdoc"),
+              "dim": ("vector",)}
+# classifier flags that mean something only for some problem types (common/problem_types.py)
+PROBLEM_TYPE_FLAGS = {"temperature": ("single_label",), "threshold": ("multi_label",),
+                      "top_k": ("single_label", "multi_label"), "explain": ("single_label",)}
 
 
 def build_parser():
@@ -95,6 +99,9 @@ def build_parser():
     add_flag(outputs, "temperature", type=bounded(float, minimum=0), default=None,
              help="softmax temperature, > 0 (default: the calibrated one stored with the model, else 1.0); "
                   "generation: sampling temperature, 0 = greedy (default 1.0)")
+    add_flag(outputs, "threshold", type=bounded(float, minimum=0, maximum=1), default=None,
+             help="multi-label models: one decision threshold for every label, in [0, 1] (default: the "
+                  "per-label thresholds tuned on validation and stored with the model)")
     add_flag(outputs, "top-k", type=bounded(int, minimum=0), default=None,
              help="show the k most probable labels; generation: top-k sampling (default 50, 0 = off); "
                   f"vector models with --corpus: entries listed per input (default {DEFAULT_HITS})")
@@ -287,9 +294,9 @@ def run_classification(loaded, items, args, progress=False):
     contexts = [item.context for item in items] if any(item.context for item in items) else None
     if loaded.task == "longdoc":
         return inference.predict_long_documents(loaded, texts, args.temperature, args.batch_size, args.explain,
-                                                args.top_k, progress)
+                                                args.top_k, progress, args.threshold)
     return inference.classify(loaded, texts, contexts, args.temperature, args.batch_size, args.top_k,
-                              args.sort_by_length, progress)
+                              args.sort_by_length, progress, args.threshold)
 
 
 def run_vectors(loaded, items, args, corpus=None, progress=False):
@@ -417,16 +424,31 @@ def chunk_lines(result):
             f"{chunk['char_end']}): {' '.join(chunk['text'].split())}" for chunk in result.get("top_chunks", [])]
 
 
+def decision_lines(result):
+    """The prediction itself: the label (single-label), the labels above threshold, or the score."""
+    problem_type = result.get("problem_type", "single_label")
+    if problem_type == "regression":
+        return [f"score: {result['score']:.6g}"]
+    if problem_type == "multi_label":
+        return [f"predicted labels: {', '.join(result['labels']) or '(none above threshold)'}"]
+    return [f"temperature: {result['temperature']}", prediction_line(result)]
+
+
 def format_classification(result):
-    """Input, temperature, predicted label and id, every label's probability (a long input is clipped)."""
+    """Input, the prediction, every label's probability (a long input is clipped)."""
     lines = [f"input: {preview(result['input'])}"]
     if result.get("context"):
         lines.append(f"context: {preview(result['context'])}")
-    lines += [f"temperature: {result['temperature']}", prediction_line(result)]
+    lines += decision_lines(result)
+    if "probabilities" not in result:  # a score
+        return "\n".join(lines)
     ranked = result.get("top_k") or [{"label": name, "probability": p} for name, p in result["probabilities"].items()]
     lines.append("probabilities:" if "top_k" not in result else f"top {len(ranked)}:")
     width = max(len(str(entry["label"])) for entry in ranked)
-    lines += [f"  {str(entry['label']):<{width}}  {entry['probability']:.4f}" for entry in ranked]
+    thresholds = result.get("thresholds", {})
+    lines += [f"  {str(entry['label']):<{width}}  {entry['probability']:.4f}" +
+              (f"  (threshold {thresholds[entry['label']]:.4f})" if entry["label"] in thresholds else "")
+              for entry in ranked]
     if "num_chunks" in result:
         lines.append(f"chunks: {result['num_chunks']} of {result['num_windows']} windows")
     return "\n".join(lines + chunk_lines(result))
@@ -477,6 +499,8 @@ def format_answer(result, kind):
         if "cosine_similarity" in result:
             lines.append(f"cosine similarity to the text pair: {result['cosine_similarity']:.4f}")
         return "\n".join(lines)
+    if result.get("problem_type", "single_label") != "single_label":
+        return "\n".join(decision_lines(result))
     lines = [f"{result['label']} (probability {result['probability']:.4f})"]
     lines += [f"  {entry['label']}  {entry['probability']:.4f}" for entry in result.get("top_k", [])[1:]]
     return "\n".join(lines + chunk_lines(result))
@@ -546,7 +570,7 @@ def report_failures(items):
 def serve(loaded, args):
     from common import server
     corpus_entries = server.load_corpus_records(args.corpus) if args.corpus else None
-    service = inference.build_service(loaded, args.temperature, args.batch_size)
+    service = inference.build_service(loaded, args.temperature, args.batch_size, args.threshold)
     corpus = server.build_corpus(service, *corpus_entries) if corpus_entries else None
     app = server.create_app(service, api_key=args.api_key, corpus=corpus, **server.work_limit_options(args))
     server.serve(app, args.host, args.port)
@@ -593,7 +617,7 @@ def check_temperature(args, causal):
                         "(0 means greedy decoding, for causal language models)")
 
 
-def check_task_flags(args, task):
+def check_task_flags(args, task, loaded_toolkit=None):
     """A flag given for a kind of model it does nothing for is a mistake worth saying, not ignoring."""
     for name, tasks in TASK_FLAGS.items():
         if getattr(args, name) and task not in tasks:
@@ -602,6 +626,13 @@ def check_task_flags(args, task):
     if task == "vector" and args.dim and (args.serve or args.corpus):
         raise UserError("--dim is for embeddings printed by infer.py; with --corpus or --serve the full size is "
                         "used (POST /v1/embeddings takes 'dimensions')")
+    problem_type = (loaded_toolkit or {}).get("problem_type") or "single_label"
+    for name, problem_types in PROBLEM_TYPE_FLAGS.items():
+        value = getattr(args, name)
+        given = value is not None and not (name == "explain" and value == 0)
+        if given and problem_type not in problem_types and task in ("classification", "longdoc"):
+            raise UserError(f"--{name.replace('_', '-')} is for {' and '.join(problem_types)} models; "
+                            f"{args.model_path} is a {problem_type} model")
     if task == "vector" and args.top_k and (args.serve or not args.corpus):
         raise UserError("--top-k for a vector model is the number of --corpus entries listed per input: give "
                         "--corpus" + (" (with --serve, POST /search takes top_k)" if args.serve else ""))
@@ -610,7 +641,7 @@ def check_task_flags(args, task):
 def load_model(args):
     """The model, with --max-length applied (and said, when it differs from the stored value)."""
     loaded = inference.load_model(args.model_path, args.backend, args.device, args.tokenizer_path)
-    check_task_flags(args, loaded.task)
+    check_task_flags(args, loaded.task, loaded.toolkit)
     if args.max_length is not None:
         changed = inference.override_max_length(loaded, args.max_length)
         if changed:

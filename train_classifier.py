@@ -12,16 +12,14 @@ import argparse
 import json
 import sys
 from contextlib import nullcontext
-from pathlib import Path
 
 from common.choices import POOLINGS
 from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args, add_data_text_args, add_flag,
-                        add_optimization_args, add_runtime_args, add_vocabulary_args, apply_option_ranges,
+                        add_optimization_args, add_problem_type_args, add_runtime_args, add_vocabulary_args, apply_option_ranges,
                         exit_on_help, parse_bool, parse_with_config, resolve_default_warmup,
                         write_effective_config)
 from common.errors import UserError, report_user_errors
-from common.metrics import (LOGGED_METRICS, SELECTABLE_METRICS, classification_metrics, format_report,
-                            majority_baseline, selection_mode)
+from common.metrics import ALL_SELECTABLE_METRICS, format_report, majority_baseline, selection_mode
 
 # config-file keys (sections of seed 000's default.yaml) whose flag has another name
 SECTION_ALIASES = {
@@ -54,6 +52,7 @@ def build_parser():
     add_flag(group, "head-layernorm", action="store_true", help="LayerNorm before the classification layer")
     add_flag(group, "freeze-backbone", action="store_true", help="train only the head (frozen feature extractor)")
     add_flag(group, "compile", action="store_true", help="torch.compile the model")
+    add_problem_type_args(parser)
 
     add_optimization_args(parser, epochs=10, batch_size=32, eval_batch_size=64)
 
@@ -76,8 +75,9 @@ def build_parser():
              help="fit a temperature on the validation set and store it with the model")
 
     group = add_checkpoint_args(parser, logging_steps=100)
-    add_flag(group, "metric-for-best-model", default="macro_f1", choices=SELECTABLE_METRICS,
-             help="validation metric that picks the best model")
+    add_flag(group, "metric-for-best-model", default=None, choices=ALL_SELECTABLE_METRICS,
+             help="validation metric that picks the best model (default: macro_f1; multi_label: micro_f1; "
+                  "regression: rmse)")
     add_flag(group, "save-strategy", choices=["steps", "no"], default="steps", help="'no' skips step checkpoints")
     add_flag(group, "eval-only", action="store_true", help="evaluate --model-path on --test-path, no training")
     add_flag(group, "model-path", help="model directory for --eval-only")
@@ -97,6 +97,8 @@ def parse_args(argv=None):
     elif not args.data_path:
         raise UserError("--data-path is required (training data file)")
     checkpoints.check_resume_argument(args.resume)
+    if not args.eval_only:
+        problem_types.resolve_problem_type(args)
     if args.sampler == "weighted" and args.class_weights != "none":
         print("warning: --sampler weighted together with --class-weights corrects the imbalance twice; "
               "the guide says pick one", file=sys.stderr)
@@ -112,44 +114,45 @@ import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from common import (adaptation, checkpoints, data, distributed, files, modeldir, optimization,  # noqa: E402
-                    rundir, training)
+from common import (adaptation, checkpoints, data, distributed, modeldir, optimization,  # noqa: E402
+                    problem_types, rundir, training)
 from common.heads import SequenceClassifier  # noqa: E402
 from common.text import build_normalizer  # noqa: E402
 
 
 # ---------------------------------------------------------------- data
 
-def load_splits(args, label_names=None):
+def load_splits(args, problem, label_names=None):
     """Read and validate every split before anything expensive; returns (splits, label_set, format)."""
     def read(path, split=None, default_splits=("train",)):
         return data.load_text_examples(path, args.text_field, args.label_field, args.group_field,
-                                       args.skip_invalid, split=split, default_splits=default_splits)
+                                       args.skip_invalid, split=split, default_splits=default_splits,
+                                       parse_label=problem.parse_label)
+    label_field = args.label_field or "label"
     train_examples = read(args.data_path, args.data_split) if args.data_path else []
-    label_set = data.LabelSet(label_names) if label_names else data.LabelSet.from_examples(
-        train_examples, args.labels)
+    label_set = data.LabelSet(label_names) if label_names else problem.build_label_set(
+        train_examples, args.labels, label_field)
     if args.num_labels and args.num_labels != len(label_set.names):
         raise UserError(f"--num-labels {args.num_labels} but the labels are {label_set.names}")
-    label_field = args.label_field or "label"
-    splits = {"train": data.resolve_labels(label_set, train_examples, args.skip_invalid, label_field)}
+    splits = {"train": problem.resolve(label_set, train_examples, args.skip_invalid, label_field)}
     if args.val_path:
-        splits["val"] = data.resolve_labels(label_set, read(args.val_path, default_splits=VALIDATION_SPLITS),
-                                            args.skip_invalid, label_field)
+        splits["val"] = problem.resolve(label_set, read(args.val_path, default_splits=VALIDATION_SPLITS),
+                                        args.skip_invalid, label_field)
     if args.test_path:
-        splits["test"] = data.resolve_labels(label_set, read(args.test_path, default_splits=("test",)),
-                                             args.skip_invalid, label_field)
+        splits["test"] = problem.resolve(label_set, read(args.test_path, default_splits=("test",)),
+                                         args.skip_invalid, label_field)
     data.report_skipped(*splits.values())
     if not args.val_path and splits["train"]:
         record_format = splits["train"].record_format
-        splits["train"], splits["val"] = data.stratified_split(splits["train"], args.val_ratio, args.seed)
+        splits["train"], splits["val"] = problem.split_validation(splits["train"], args.val_ratio, args.seed)
         splits["train"] = data.ExampleList(splits["train"])
         splits["train"].record_format = record_format
     if splits["train"]:
-        data.check_label_coverage(splits["train"], splits["val"], label_set)
+        problem.check_coverage(splits["train"], splits["val"], label_set)
     return splits, label_set
 
 
-def encode_splits(splits, tokenizer, args, normalize, label_set):
+def encode_splits(splits, tokenizer, args, normalize, label_set, problem):
     """Tokenize every split once; print the dataset summary. Returns {split: EncodedDataset}."""
     datasets, summaries = {}, []
     for name, examples in splits.items():
@@ -159,7 +162,10 @@ def encode_splits(splits, tokenizer, args, normalize, label_set):
         stats = data.EncodedBatchStats()
         datasets[name] = data.build_classification_dataset(tokenizer, examples, args.max_length,
                                                            args.truncation_side, stats)
-        summaries.append(data.summarize_split(name, examples, label_set, stats, args.max_length))
+        for feature, example in zip(datasets[name].features, examples):
+            feature["labels"] = problem.target(example.label, len(label_set.names))
+        summaries.append(data.summarize_split(name, examples, label_set, stats, args.max_length,
+                                              problem.summarize_labels(examples, label_set)))
     return datasets, summaries
 
 
@@ -187,9 +193,10 @@ def build_model(args, num_labels, tokenizer):
     return SequenceClassifier.from_pretrained_encoder(args, num_labels, tokenizer)
 
 
-def build_toolkit_block(args, model, normalize_spec, record_format, temperature=1.0):
-    """Everything inference needs to reproduce training-time preprocessing."""
+def build_toolkit_block(args, model, normalize_spec, record_format, problem, temperature=1.0):
+    """Everything inference needs to reproduce training-time preprocessing and read the outputs."""
     return {"task": "classification", "head": model.head_settings, "temperature": temperature,
+            **problem.toolkit_settings(),
             "preprocessing": {"max_length": args.max_length, "truncation_side": args.truncation_side,
                               "context": "pair", "context_truncation": "keep_recent_end",
                               "normalize": normalize_spec, "record_format": record_format}}
@@ -213,51 +220,45 @@ def predict_logits(model, loader, device, precision):
     return torch.cat(logits), torch.cat(labels), torch.cat(indices)
 
 
-def evaluate(model, loader, device, precision, context, label_names, loss_fn=None):
+def evaluate(model, loader, device, precision, context, label_names, problem):
     """Metrics over the whole split (gathered across ranks), plus the logits in input order."""
     shards = distributed.gather_objects(context, predict_logits(model, loader, device, precision))
     logits = torch.cat([shard[0] for shard in shards])
     labels = torch.cat([shard[1] for shard in shards])
     order = torch.argsort(torch.cat([shard[2] for shard in shards]))
     logits, labels = logits[order], labels[order]
-    probs = torch.softmax(logits, dim=-1)
-    metrics = classification_metrics(labels.numpy(), probs.argmax(-1).numpy(), label_names, probs.numpy())
-    metrics["loss"] = float(torch.nn.functional.cross_entropy(logits, labels)) if loss_fn is None \
-        else float(loss_fn(logits, labels))
-    return metrics, logits, labels
+    return problem.evaluation_metrics(logits, labels, label_names), logits, labels
 
 
 # ---------------------------------------------------------------- techniques
 
-def build_techniques(args, model, train_dataset, num_labels):
+def build_techniques(args, model, train_dataset, num_labels, problem):
     """Loss function, adversary, EMA and sampling weights from the technique flags (common/techniques.py)."""
     from common import techniques
     train_labels = np.array([f["labels"] for f in train_dataset.features])
-    counts = np.bincount(train_labels, minlength=num_labels)
-    class_weights = techniques.compute_class_weights(counts, args.class_weights, args.class_weights_beta)
-    if class_weights is not None:
-        print(f"class weights ({args.class_weights}): " + ", ".join(f"{w:.3f}" for w in class_weights.tolist()))
-        class_weights = class_weights.to(args.device_obj)
-    loss_fn = techniques.build_loss(args.loss, class_weights, args.label_smoothing, args.focal_gamma)
+    loss_fn = problem.build_training_loss(args, train_labels, num_labels)
     adversary = None
     if args.adversarial == "fgm":
         adversary = techniques.FGM(model, epsilon=args.adv_epsilon)
     elif args.adversarial == "pgd":
         adversary = techniques.PGD(model, epsilon=args.adv_epsilon, alpha=args.adv_epsilon / 3, steps=args.adv_steps)
     ema = techniques.ExponentialMovingAverage(model, args.ema_decay) if args.ema_decay > 0 else None
-    sample_weights = (1.0 / np.maximum(counts, 1))[train_labels] if args.sampler == "weighted" else None
+    sample_weights = None
+    if args.sampler == "weighted":  # single_label only (problem_types refuses it otherwise)
+        sample_weights = (1.0 / np.maximum(np.bincount(train_labels, minlength=num_labels), 1))[train_labels]
     return loss_fn, adversary, ema, sample_weights
 
 
-def compute_loss(model, inputs, labels, loss_fn, rdrop_alpha):
-    """Task loss; with R-Drop, two dropout passes (one batched forward) plus their symmetric KL."""
+def compute_loss(model, inputs, labels, loss_fn, rdrop_alpha, consistency=None):
+    """Task loss; with R-Drop, two dropout passes (one batched forward) plus their consistency term
+    (``consistency``: the problem type's; the symmetric KL of two softmaxes by default)."""
     if rdrop_alpha <= 0:
         return loss_fn(model(**inputs), labels)
     from common.techniques import symmetric_kl
     doubled = {key: torch.cat([value, value]) for key, value in inputs.items()}
     logits_a, logits_b = model(**doubled).chunk(2)
     task_loss = (loss_fn(logits_a, labels) + loss_fn(logits_b, labels)) / 2
-    return task_loss + rdrop_alpha * symmetric_kl(logits_a, logits_b)
+    return task_loss + rdrop_alpha * (consistency or symmetric_kl)(logits_a, logits_b)
 
 
 def adversarial_backward(adversary, model, inputs, labels, loss_fn, args, scaler, precision, device):
@@ -285,10 +286,11 @@ def adversarial_backward(adversary, model, inputs, labels, loss_fn, args, scaler
 
 # ---------------------------------------------------------------- the training loop
 
-def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_dir, logger, resume_from=None):
+def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_dir, logger, problem,
+          resume_from=None):
     device, precision = args.device_obj, args.precision_obj
     loss_fn, adversary, ema, sample_weights = build_techniques(args, distributed.unwrap(model), datasets["train"],
-                                                              len(label_set.names))
+                                                              len(label_set.names), problem)
     train_loader = build_train_loader(datasets["train"], args, context, sample_weights)
     val_loader = build_eval_loader(datasets["val"], args, context)
     write_model = modeldir.classifier_writer(distributed.unwrap(model), tokenizer, toolkit, args, label_set.id2label)
@@ -307,12 +309,13 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
         nonlocal evaluated_step
         evaluated_step = global_step  # the same weights are never scored twice
         with ema.average_parameters(distributed.unwrap(model)) if ema is not None else nullcontext():
-            metrics, _, _ = evaluate(distributed.unwrap(model), val_loader, device, precision, context, label_set.names)
+            metrics, _, _ = evaluate(distributed.unwrap(model), val_loader, device, precision, context, label_set.names,
+                                     problem)
             # the untuned model (step 0) is a reference only: its head is random
             improved = checkpoints.save_if_best(early_stopping, metrics[args.metric_for_best_model], global_step,
                                                 output_dir, write_model, context.is_main, untuned_competes=False)
         logger.log(training.evaluation_row(global_step, epoch, metrics, early_stopping, improved,
-                                           (*LOGGED_METRICS, args.metric_for_best_model)))
+                                           (*problem.logged_metrics, args.metric_for_best_model)))
 
     model.train()
     meter = training.TrainingMeter(device)  # loss and throughput for the log rows
@@ -331,11 +334,11 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
             # ---- forward under autocast, scaled backward (gradient sync only on the window's last pass)
             with distributed.sync_gradients(model, window_ends):
                 with precision.autocast(device):
-                    loss = compute_loss(model, inputs, labels, loss_fn, args.rdrop_alpha)
+                    loss = compute_loss(model, inputs, labels, loss_fn, args.rdrop_alpha, problem.consistency)
                 scaler.scale(loss / args.gradient_accumulation_steps).backward()
                 if adversary is not None:
                     adversarial_backward(adversary, model, inputs, labels, loss_fn, args, scaler, precision, device)
-            meter.add(loss, labels.numel() * context.world_size)
+            meter.add(loss, len(labels) * context.world_size)
             nonfinite_guard.add(loss)
             if not window_ends:
                 continue
@@ -374,19 +377,28 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
 
 # ---------------------------------------------------------------- after training: test, calibration, reports
 
-def finish(args, model_dir, datasets, splits, label_set, context, output_dir, logger, train_labels, results=None):
-    """Reload the best model, calibrate on validation, evaluate val and test, write reports."""
+def finish(args, model_dir, datasets, splits, label_set, context, output_dir, logger, train_labels, results=None,
+           tune=True):
+    """Reload the best model, calibrate (or tune thresholds) on validation, evaluate val and test, write reports.
+
+    ``tune``: fit the temperature or the multi-label thresholds on validation (not for --eval-only,
+    which uses the model's stored ones)."""
     model, tokenizer, toolkit, _ = SequenceClassifier.from_directory(model_dir, args.device_obj)
+    problem = problem_types.from_toolkit(toolkit)
     results = dict(results or {})
     val_metrics, val_logits, val_labels = evaluate(model, build_eval_loader(datasets["val"], args, context),
-                                                   args.device_obj, args.precision_obj, context, label_set.names)
+                                                   args.device_obj, args.precision_obj, context, label_set.names,
+                                                   problem)
     results["validation"] = val_metrics
+    if problem.name != "single_label":
+        return finish_problem_type(args, model, model_dir, toolkit, problem, datasets, splits, label_set, context,
+                                   output_dir, logger, train_labels, results, (val_logits, val_labels), tune)
     if args.calibrate and context.is_main:
         from common.calibration import calibration_report, format_calibration, write_reliability_diagram
         report = calibration_report(val_logits, val_labels)  # temperature 1.0 unless the fit can be trusted
         results["calibration"] = report
         toolkit["temperature"] = report["temperature"]
-        rewrite_toolkit(model_dir, toolkit)
+        checkpoints.rewrite_toolkit(model_dir, toolkit)
         write_reliability_diagram(output_dir / "reliability_diagram.png",
                                   torch.softmax(val_logits / report["temperature"], -1).numpy(), val_labels.numpy(),
                                   title="validation, after temperature scaling" if report["applied"] else "validation")
@@ -395,7 +407,7 @@ def finish(args, model_dir, datasets, splits, label_set, context, output_dir, lo
     if "test" in datasets:
         results["test"], test_logits, test_labels = evaluate(
             model, build_eval_loader(datasets["test"], args, context), args.device_obj, args.precision_obj,
-            context, label_set.names)
+            context, label_set.names, problem)
     else:
         test_logits, test_labels = val_logits, val_labels
     if context.is_main:
@@ -410,15 +422,37 @@ def finish(args, model_dir, datasets, splits, label_set, context, output_dir, lo
     return results
 
 
-def rewrite_toolkit(model_dir, toolkit):
-    """Store a changed toolkit block (e.g. the fitted temperature) in config.json, atomically, and
-    refresh the directory's checksums so they still describe what is on disk."""
-    config_path = Path(model_dir) / modeldir.CONFIG_FILE
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["toolkit"] = toolkit
-    files.write_output_file(config_path, json.dumps(config, indent=2, ensure_ascii=False), "--output-dir")
-    if (Path(model_dir) / checkpoints.CHECKSUM_FILE).is_file():
-        checkpoints.write_checksums(model_dir)
+def finish_problem_type(args, model, model_dir, toolkit, problem, datasets, splits, label_set, context, output_dir,
+                        logger, train_labels, results, validation, tune):
+    """``finish`` for multi-label and regression models: thresholds tuned on validation (multi-label),
+    then validation and test at the stored settings, beside the fixed-0.5 decision and a constant baseline."""
+    evaluated = {"validation": validation}
+    if "test" in datasets:
+        _, *evaluated["test"] = evaluate(model, build_eval_loader(datasets["test"], args, context), args.device_obj,
+                                         args.precision_obj, context, label_set.names, problem)
+    report_split = problem_types.final_results(problem, results, evaluated, label_set.names, train_labels, args,
+                                               tune, logger.info)
+    if tune and context.is_main:  # multi-label: the thresholds tuned on validation go with the model
+        toolkit.update(problem.toolkit_settings())
+        checkpoints.rewrite_toolkit(model_dir, toolkit)
+    if context.is_main:
+        examples = splits["test" if "test" in datasets else "val"]
+        logits, labels = evaluated[report_split]
+        if args.group_field:
+            results[f"{report_split}_by_group"] = metrics_by_group(examples, logits, labels, label_set, problem)
+        problem_types.write_error_rows(output_dir / "errors.jsonl", problem.error_rows(
+            examples, logits, labels, label_set.names))
+        (output_dir / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+        write_curves(output_dir)
+    return results
+
+
+def write_curves(output_dir):
+    from common.plots import write_training_curves_png
+    log_path = output_dir / "train_log.jsonl"
+    if log_path.is_file():
+        rows = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        write_training_curves_png(output_dir / "training_curves.png", rows)
 
 
 def write_reports(output_dir, results, split_name, examples, logits, labels, label_set, args, logger):
@@ -429,7 +463,8 @@ def write_reports(output_dir, results, split_name, examples, logits, labels, lab
     logger.info(f"\n{split_name} classification report:\n" +
                 format_report(labels.numpy(), predictions, label_set.names, metrics["confusion_matrix"]))
     if args.group_field:
-        results[f"{split_name}_by_group"] = metrics_by_group(examples, labels.numpy(), predictions, probs, label_set)
+        results[f"{split_name}_by_group"] = metrics_by_group(examples, logits, labels, label_set,
+                                                             problem_types.SingleLabel())
     with open(output_dir / "errors.jsonl", "w", encoding="utf-8") as handle:
         for example, true_id, predicted, row in zip(examples, labels.tolist(), predictions, probs):
             if true_id != predicted:
@@ -439,33 +474,35 @@ def write_reports(output_dir, results, split_name, examples, logits, labels, lab
                     "probabilities": {name: round(float(p), 4) for name, p in zip(label_set.names, row)}},
                     ensure_ascii=False) + "\n")
     (output_dir / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
-    from common.plots import most_confused_pairs, write_confusion_matrix_png, write_training_curves_png
+    from common.plots import most_confused_pairs, write_confusion_matrix_png
     write_confusion_matrix_png(output_dir / "confusion_matrix.png", metrics["confusion_matrix"], label_set.names)
     pairs = most_confused_pairs(metrics["confusion_matrix"], label_set.names)
     if pairs:
         logger.info("most confused (true -> predicted: count): " +
                     "; ".join(f"{t} -> {p}: {c}" for t, p, c in pairs))
-    log_path = output_dir / "train_log.jsonl"
-    if log_path.is_file():
-        rows = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        write_training_curves_png(output_dir / "training_curves.png", rows)
+    write_curves(output_dir)
 
 
-def metrics_by_group(examples, labels, predictions, probs, label_set):
+def metrics_by_group(examples, logits, labels, label_set, problem):
+    """The problem type's headline metrics per --group-field value."""
     groups = {}
     for index, example in enumerate(examples):
         groups.setdefault(example.group, []).append(index)
-    return {group: {key: value for key, value in classification_metrics(
-                labels[indices], predictions[indices], label_set.names).items()
-                if key in ("accuracy", "macro_f1", "weighted_f1", "num_examples")}
+    return {group: {key: value for key, value in problem.evaluation_metrics(
+                logits[indices], labels[indices], label_set.names).items()
+                if key in (*problem.headline_metrics, "num_examples")}
             for group, indices in sorted(groups.items(), key=lambda item: str(item[0]))}
 
 
 # ---------------------------------------------------------------- logging
 
 def describe_evaluation(row):
-    return (f"step {row['step']}: eval loss {row['eval_loss']:.4f}, accuracy {row['eval_accuracy']:.4f}, "
-            f"macro-F1 {row['eval_macro_f1']:.4f}")
+    if "eval_accuracy" in row:
+        return (f"step {row['step']}: eval loss {row['eval_loss']:.4f}, accuracy {row['eval_accuracy']:.4f}, "
+                f"macro-F1 {row['eval_macro_f1']:.4f}")
+    shown = [f"{key[len('eval_'):]} {value:.4f}" for key, value in row.items()
+             if key.startswith("eval_") and isinstance(value, float)]
+    return f"step {row['step']}: eval " + ", ".join(shown)
 
 
 def start_wandb(args, is_main):
@@ -488,18 +525,20 @@ def run_eval_only(args, context):
     model, tokenizer, toolkit, config = SequenceClassifier.from_directory(args.model_path)
     label_names = [config.id2label[index] for index in range(len(config.id2label))]
     args.data_path, args.val_path = None, None
-    splits, label_set = load_splits(args, label_names)
+    problem_types.resolve_problem_type(args, toolkit.get("problem_type") or "single_label")
+    problem = problem_types.from_toolkit(toolkit)  # with its stored thresholds or target scaling
+    splits, label_set = load_splits(args, problem, label_names)
     preprocessing = toolkit["preprocessing"]
     args.max_length, args.truncation_side = preprocessing["max_length"], preprocessing["truncation_side"]
     args.pad_token_id = tokenizer.pad_token_id
     datasets, summaries = encode_splits({"test": splits["test"]}, tokenizer, args,
-                                        build_normalizer(preprocessing.get("normalize")), label_set)
+                                        build_normalizer(preprocessing.get("normalize")), label_set, problem)
     print(data.format_summary(summaries))
     datasets["val"], splits["val"] = datasets["test"], splits["test"]
     args.calibrate = False
     results = finish(args, args.model_path, datasets, splits, label_set, context, output_dir,
-                     training.RunLogger(output_dir, context.is_main, describe_evaluation), None)
-    print(json.dumps({key: results["test"][key] for key in ("accuracy", "macro_f1", "weighted_f1")}))
+                     training.RunLogger(output_dir, context.is_main, describe_evaluation), None, tune=False)
+    print(json.dumps({key: results["test"][key] for key in problem.headline_metrics}))
     return 0
 
 
@@ -518,7 +557,8 @@ def run_training(args, context):
     args.input_digests = checkpoints.describe_inputs(args)
     resume_from = checkpoints.find_resume_checkpoint(args.resume, output_dir, args.run_id)
     checkpoints.check_resume(resume_from, args)
-    splits, label_set = load_splits(args)
+    problem = problem_types.from_args(args)
+    splits, label_set = load_splits(args, problem)
     normalize_spec = None
     if args.normalize:
         from common.text import describe, normalizer_spec
@@ -529,19 +569,20 @@ def run_training(args, context):
     domain_texts = adaptation.prepare_domain(args, tokenizer, [e.text for e in splits["train"]],
                                              build_normalizer(normalize_spec))
     args.pad_token_id = tokenizer.pad_token_id
-    datasets, summaries = encode_splits(splits, tokenizer, args, build_normalizer(normalize_spec), label_set)
+    datasets, summaries = encode_splits(splits, tokenizer, args, build_normalizer(normalize_spec), label_set, problem)
+    problem.fit_training_data(splits["train"], args)  # regression: --standardize-targets' mean and std
     if context.is_main:
         print(data.format_summary(summaries))
 
     # ---- model
     record_format = getattr(splits["train"], "record_format", "text")
-    model = build_model(args, len(label_set.names), tokenizer).to(args.device_obj)
+    model = build_model(args, problem.num_outputs(label_set), tokenizer).to(args.device_obj)
     if context.is_main:  # data and model are checked: only now may an earlier run's outputs go
         run_dir.begin()
         write_effective_config(args, output_dir)
         (output_dir / "dataset_summary.json").write_text(json.dumps(summaries, indent=2, ensure_ascii=False),
                                                           encoding="utf-8")
-    toolkit = build_toolkit_block(args, model, normalize_spec, record_format)
+    toolkit = build_toolkit_block(args, model, normalize_spec, record_format, problem)
     adaptation.adapt_before_training(model.backbone, tokenizer, domain_texts, args, resume_from, context.is_main)
     if args.compile:
         model = torch.compile(model)
@@ -553,7 +594,7 @@ def run_training(args, context):
     logger.info(f"model: {args.model_name}, {modeldir.describe_parameters(model)}")
 
     early_stopping = train(args, model, tokenizer, datasets, label_set, toolkit, context, output_dir, logger,
-                           resume_from)
+                           problem, resume_from)
     distributed.barrier(context)
     best_dir = output_dir / "checkpoint-best"
     if not best_dir.is_dir():
@@ -567,8 +608,8 @@ def run_training(args, context):
     if context.is_main:
         headline = results.get("test", results["validation"])
         logger.info(f"best model: {best_dir} ({args.metric_for_best_model} on validation "
-                    f"{results['validation'][args.metric_for_best_model]:.4f}); final accuracy "
-                    f"{headline['accuracy']:.4f}, macro-F1 {headline['macro_f1']:.4f}")
+                    f"{results['validation'][args.metric_for_best_model]:.4f}); final " +
+                    ", ".join(f"{name} {headline[name]:.4f}" for name in problem.headline_metrics))
     return 0
 
 

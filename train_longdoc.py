@@ -21,11 +21,10 @@ import json
 
 from common.choices import AGGREGATIONS, CHUNK_SELECTIONS, POOLINGS
 from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args, add_data_text_args, add_flag,
-                        add_optimization_args, add_runtime_args, add_vocabulary_args, apply_option_ranges,
+                        add_optimization_args, add_problem_type_args, add_runtime_args, add_vocabulary_args, apply_option_ranges,
                         exit_on_help, parse_with_config, resolve_default_warmup, write_effective_config)
 from common.errors import UserError, report_user_errors
-from common.metrics import (LOGGED_METRICS, SELECTABLE_METRICS, classification_metrics, format_report,
-                            majority_baseline, selection_mode)
+from common.metrics import ALL_SELECTABLE_METRICS, format_report, majority_baseline, selection_mode
 
 SECTION_ALIASES = {
     ("model", "name"): "model_name", ("training", "fp16"): "fp16", ("scheduler", "type"): "scheduler",
@@ -54,6 +53,7 @@ def build_parser():
     add_flag(group, "dropout", type=float, default=0.1, help="dropout before the classification layer")
     add_flag(group, "head-layernorm", action="store_true", help="LayerNorm before the classification layer")
     add_flag(group, "freeze-backbone", action="store_true", help="train only the head (frozen feature extractor)")
+    add_problem_type_args(parser)
 
     group = parser.add_argument_group("long documents")
     add_flag(group, "stride", type=int, default=128, help="tokens shared by consecutive windows (guide: 128-192)")
@@ -72,8 +72,9 @@ def build_parser():
     add_optimization_args(parser, epochs=3, batch_size=4, eval_batch_size=32)
 
     group = add_checkpoint_args(parser, output_dir="./output/longdoc")
-    add_flag(group, "metric-for-best-model", default="macro_f1", choices=SELECTABLE_METRICS,
-             help="document-level validation metric that picks the best model")
+    add_flag(group, "metric-for-best-model", default=None, choices=ALL_SELECTABLE_METRICS,
+             help="document-level validation metric that picks the best model (default: macro_f1; multi_label: "
+                  "micro_f1; regression: rmse)")
     add_flag(group, "save-strategy", choices=["steps", "no"], default="steps", help="'no' skips step checkpoints")
     add_flag(group, "eval-only", action="store_true", help="evaluate --model-path on --test-path, no training")
     add_flag(group, "model-path", help="model directory for --eval-only")
@@ -91,6 +92,8 @@ def parse_args(argv=None):
     elif not args.data_path:
         raise UserError("--data-path is required (training documents file)")
     checkpoints.check_resume_argument(args.resume)
+    if not args.eval_only:
+        problem_types.resolve_problem_type(args)
     args.strip_pattern_list = longdoc.load_strip_patterns(args.strip_patterns) if args.strip_patterns else []
     longdoc.check_settings(build_settings(args), args.max_length)
     return args
@@ -111,20 +114,20 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from common import (adaptation, checkpoints, data, distributed, longdoc, modeldir, optimization,  # noqa: E402
-                    rundir, training)
+                    problem_types, rundir, training)
 from common.heads import SequenceClassifier  # noqa: E402
 
 
 # ---------------------------------------------------------------- data
 
-def load_documents(path, args, split=None, default_splits=("train",)):
+def load_documents(path, args, problem, split=None, default_splits=("train",)):
     """Documents of one file with the classifier's parsing and errors, keeping an optional "id"."""
     records = data.read_records(path, split=split, skip_invalid=args.skip_invalid, default_splits=default_splits)
     record_format = data.detect_format(records[0], args.text_field)
 
     def parse(record):
-        example = data.parse_text_example(record, record_format, args.text_field or "text",
-                                          args.label_field or "label")
+        example = data.parse_labelled_example(record, record_format, args.text_field, args.label_field,
+                                              parse_label=problem.parse_label)
         example.doc_id = record.fields.get("id")
         return example
     documents = data.parse_each(records, parse, args.skip_invalid)
@@ -133,48 +136,49 @@ def load_documents(path, args, split=None, default_splits=("train",)):
     return documents
 
 
-def load_splits(args, label_names=None):
+def load_splits(args, problem, label_names=None):
     """Read and validate every split before anything expensive; returns (splits, label_set)."""
-    train_documents = load_documents(args.data_path, args, args.data_split) if args.data_path else []
-    label_set = data.LabelSet(label_names) if label_names else data.LabelSet.from_examples(
-        train_documents, args.labels)
+    label_field = args.label_field or "label"
+    train_documents = load_documents(args.data_path, args, problem, args.data_split) if args.data_path else []
+    label_set = data.LabelSet(label_names) if label_names else problem.build_label_set(
+        train_documents, args.labels, label_field)
     if args.num_labels and args.num_labels != len(label_set.names):
         raise UserError(f"--num-labels {args.num_labels} but the labels are {label_set.names}")
-    label_field = args.label_field or "label"
-    splits = {"train": data.resolve_labels(label_set, train_documents, args.skip_invalid, label_field)}
+    splits = {"train": problem.resolve(label_set, train_documents, args.skip_invalid, label_field)}
     if args.val_path:
-        splits["val"] = data.resolve_labels(label_set, load_documents(args.val_path, args,
-                                                                      default_splits=VALIDATION_SPLITS),
-                                            args.skip_invalid, label_field)
+        splits["val"] = problem.resolve(label_set, load_documents(args.val_path, args, problem,
+                                                                  default_splits=VALIDATION_SPLITS),
+                                        args.skip_invalid, label_field)
     if args.test_path:
-        splits["test"] = data.resolve_labels(label_set, load_documents(args.test_path, args, default_splits=("test",)),
-                                             args.skip_invalid, label_field)
+        splits["test"] = problem.resolve(label_set, load_documents(args.test_path, args, problem,
+                                                                   default_splits=("test",)),
+                                         args.skip_invalid, label_field)
     data.report_skipped(*splits.values())
     if not args.val_path and splits["train"]:
-        splits["train"], splits["val"] = data.stratified_split(splits["train"], args.val_ratio, args.seed)
+        splits["train"], splits["val"] = problem.split_validation(splits["train"], args.val_ratio, args.seed)
     if splits["train"]:
-        data.check_label_coverage(splits["train"], splits["val"], label_set)
+        problem.check_coverage(splits["train"], splits["val"], label_set)
     return splits, label_set
 
 
-def chunk_splits(splits, tokenizer, args, settings, clean, label_set):
+def chunk_splits(splits, tokenizer, args, settings, clean, label_set, problem):
     """Clean and chunk every split once; returns ({split: DocumentDataset}, summaries)."""
     datasets, summaries = {}, []
     for name, documents in splits.items():
         stats = longdoc.ChunkingStats()
         texts = [clean(document.text) for document in documents]
-        chunked = longdoc.chunk_documents(tokenizer, texts, [d.label for d in documents], args.max_length,
-                                          settings, stats)
+        targets = [problem.target(d.label, len(label_set.names)) for d in documents]
+        chunked = longdoc.chunk_documents(tokenizer, texts, targets, args.max_length, settings, stats)
         datasets[name] = longdoc.DocumentDataset(chunked)
-        summaries.append(summarize_split(name, documents, label_set, stats, args, settings))
+        summaries.append(summarize_split(name, documents, label_set, stats, args, settings, problem))
     return datasets, summaries
 
 
-def summarize_split(name, documents, label_set, stats, args, settings):
-    counts = np.bincount([d.label for d in documents], minlength=len(label_set.names))
+def summarize_split(name, documents, label_set, stats, args, settings, problem):
+    labels = problem.summarize_labels(documents, label_set)  # classes, plus a problem type's own
+    labels["classes"] = {label: entry["count"] for label, entry in labels.get("classes", {}).items()}
     total_tokens = sum(stats.content_tokens) or 1
-    return {"split": name, "documents": len(documents),
-            "classes": {label_set.names[i]: int(c) for i, c in enumerate(counts)},
+    return {"split": name, "documents": len(documents), **labels,
             "content_tokens": data.length_percentiles(stats.content_tokens),
             "chunks_per_document": data.length_percentiles(stats.chunks_per_document),
             "chunks": int(sum(stats.chunks_per_document)), "capped_documents": stats.capped,
@@ -192,7 +196,13 @@ def format_summary(summaries):
                      f"(max_length {s['max_length']}, stride {s['stride']}); tokens read per document "
                      f"p50={tokens['p50']} p90={tokens['p90']} max={tokens['max']}; chunks/document p50={chunks['p50']} "
                      f"p90={chunks['p90']} max={chunks['max']}{cap}; [UNK] rate {s['unk_rate']:.2%}")
-        lines.append("      " + ", ".join(f"{label}: {count}" for label, count in s["classes"].items()))
+        if s["classes"]:
+            lines.append("      " + ", ".join(f"{label}: {count}" for label, count in s["classes"].items()))
+        if "labels_per_example" in s:
+            lines.append("      labels per document: " + ", ".join(f"{key}: {value}" for key, value in
+                                                                  s["labels_per_example"].items()))
+        if s.get("scores"):
+            lines.append("      scores: " + ", ".join(f"{key} {value:g}" for key, value in s["scores"].items()))
     return "\n".join(lines)
 
 
@@ -210,9 +220,9 @@ def build_model(args, num_labels, tokenizer):
     return SequenceClassifier.from_pretrained_encoder(args, num_labels, tokenizer)
 
 
-def build_toolkit_block(args, model, normalize_spec, settings):
-    """Everything inference needs: chunking, stripping, normalization and aggregation."""
-    return {"task": "longdoc", "head": model.head_settings, "temperature": 1.0,
+def build_toolkit_block(args, model, normalize_spec, settings, problem):
+    """Everything inference needs: chunking, stripping, normalization, aggregation and the problem type."""
+    return {"task": "longdoc", "head": model.head_settings, "temperature": 1.0, **problem.toolkit_settings(),
             "preprocessing": {"max_length": args.max_length, "truncation_side": args.truncation_side,
                               "normalize": normalize_spec, "record_format": "text"},
             "longdoc": settings.to_dict()}
@@ -231,8 +241,10 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state[1], device)
 
 
-def document_loss_backward(model, chunks, doc_index, labels, args, scaler, precision, device, sync=True):
-    """Cross-entropy of the aggregated document logits, backpropagated; returns the loss (detached).
+def document_loss_backward(model, chunks, doc_index, labels, args, scaler, precision, device, sync=True,
+                           loss_fn=None):
+    """The loss (``loss_fn``, cross-entropy by default) of the aggregated document logits, backpropagated;
+    returns the loss (detached).
 
     One micro-batch: an ordinary forward and backward. More: (1) a no-grad pass collects every
     chunk's logits, saving the RNG state before each micro-batch; (2) the document loss on
@@ -249,7 +261,7 @@ def document_loss_backward(model, chunks, doc_index, labels, args, scaler, preci
         with distributed.sync_gradients(model, sync):
             with precision.autocast(device):
                 chunk_logits = model(**modeldir.to_device(batches[0][1], device))
-            loss = document_loss(chunk_logits.float(), doc_index, labels, args.aggregation)
+            loss = document_loss(chunk_logits.float(), doc_index, labels, args.aggregation, loss_fn)
             scaler.scale(loss * scale).backward()
         return loss.detach()
     # ---- pass 1: chunk logits without activations kept
@@ -261,7 +273,7 @@ def document_loss_backward(model, chunks, doc_index, labels, args, scaler, preci
                 collected.append(model(**modeldir.to_device(batch, device)).float())
     end_state = rng_state(device)
     chunk_logits = torch.cat(collected).requires_grad_()  # (n_chunks, K)
-    loss = document_loss(chunk_logits, doc_index, labels, args.aggregation)
+    loss = document_loss(chunk_logits, doc_index, labels, args.aggregation, loss_fn)
     (gradient,) = torch.autograd.grad(scaler.scale(loss * scale), chunk_logits)
     # ---- pass 2: each micro-batch again with gradients, under the same dropout masks
     recomputed_finite = torch.ones((), dtype=torch.bool, device=device)
@@ -279,9 +291,9 @@ def document_loss_backward(model, chunks, doc_index, labels, args, scaler, preci
     return torch.where(recomputed_finite, loss.detach(), torch.full_like(loss, float("nan")))
 
 
-def document_loss(chunk_logits, doc_index, labels, aggregation):
+def document_loss(chunk_logits, doc_index, labels, aggregation, loss_fn=None):
     doc_logits = longdoc.aggregate_logits(chunk_logits, doc_index, len(labels), aggregation)
-    return torch.nn.functional.cross_entropy(doc_logits, labels)
+    return (loss_fn or torch.nn.functional.cross_entropy)(doc_logits, labels)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -308,7 +320,7 @@ def predict_chunk_logits(model, documents, batch_size, device, precision, pad_to
     return restored, doc_index
 
 
-def evaluate(model, dataset, args, context, label_names):
+def evaluate(model, dataset, args, context, label_names, problem):
     """Document-level metrics (headline: --aggregation) with all aggregations side by side.
 
     Returns (metrics, {aggregation: doc logits}, labels) with documents in dataset order.
@@ -329,26 +341,26 @@ def evaluate(model, dataset, args, context, label_names):
     by_aggregation, doc_logits = {}, {}
     for method in longdoc.AGGREGATIONS:
         doc_logits[method] = longdoc.aggregate_logits(chunk_logits, doc_index, len(doc_ids), method)[order]
-        probs = torch.softmax(doc_logits[method], -1)
-        by_aggregation[method] = classification_metrics(labels.numpy(), probs.argmax(-1).numpy(), label_names,
-                                                        probs.numpy())
+        by_aggregation[method] = problem.evaluation_metrics(doc_logits[method], labels, label_names)
     metrics = dict(by_aggregation[args.aggregation])
     metrics["aggregation"] = args.aggregation
-    metrics["loss"] = float(torch.nn.functional.cross_entropy(doc_logits[args.aggregation], labels))
-    metrics["by_aggregation"] = {method: {key: m[key] for key in ("accuracy", "macro_f1", "weighted_f1")}
+    metrics["by_aggregation"] = {method: {key: m[key] for key in problem.headline_metrics}
                                  for method, m in by_aggregation.items()}
     chunk_labels = torch.cat([s["labels"][s["doc_index"]] for s in shards])
-    chunk_metrics = classification_metrics(chunk_labels.numpy(), chunk_logits.argmax(-1).numpy(), label_names)
+    chunk_metrics = problem.evaluation_metrics(chunk_logits, chunk_labels, label_names)
     metrics["chunk_level_diagnostic"] = {
         "note": "every chunk scored against its document's label; a diagnostic, not the headline",
-        "num_chunks": len(chunk_labels), "accuracy": chunk_metrics["accuracy"], "macro_f1": chunk_metrics["macro_f1"]}
+        "num_chunks": len(chunk_labels), **{key: chunk_metrics[key] for key in problem.logged_metrics[1:]}}
     return metrics, doc_logits, labels
 
 
 # ---------------------------------------------------------------- the training loop
 
-def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_dir, logger, resume_from=None):
+def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_dir, logger, problem,
+          resume_from=None):
     device, precision = args.device_obj, args.precision_obj
+    train_targets = np.array([dataset_item[0]["labels"] for dataset_item in datasets["train"]])
+    loss_fn = problem.build_training_loss(args, train_targets, len(label_set.names))
     train_loader = build_train_loader(datasets["train"], args, context)
     write_model = modeldir.classifier_writer(distributed.unwrap(model), tokenizer, toolkit, args, label_set.id2label)
     optimizer, scheduler, scaler, total_steps = optimization.build_optimization(model, args, len(train_loader),
@@ -368,12 +380,12 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
         """Evaluate on validation documents; save checkpoint-best on improvement."""
         nonlocal evaluated_step
         evaluated_step = global_step  # the same weights are never scored twice
-        metrics, _, _ = evaluate(distributed.unwrap(model), datasets["val"], args, context, label_set.names)
+        metrics, _, _ = evaluate(distributed.unwrap(model), datasets["val"], args, context, label_set.names, problem)
         # the untuned model (step 0) is a reference only: its head is random
         improved = checkpoints.save_if_best(early_stopping, metrics[args.metric_for_best_model], global_step,
                                             output_dir, write_model, context.is_main, untuned_competes=False)
         logger.log(training.evaluation_row(global_step, epoch, metrics, early_stopping, improved,
-                                           (*LOGGED_METRICS, args.metric_for_best_model, "by_aggregation")))
+                                           (*problem.logged_metrics, args.metric_for_best_model, "by_aggregation")))
 
     model.train()
     meter = training.TrainingMeter(device)  # loss and throughput for the log rows
@@ -390,7 +402,7 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
             window_ends = batches_done % args.gradient_accumulation_steps == 0 or batches_done == batches_in_epoch
             # ---- chunk forward passes under autocast, document loss, scaled backward
             loss = document_loss_backward(model, batch["chunks"], batch["doc_index"], batch["labels"], args, scaler,
-                                          precision, device, sync=window_ends)
+                                          precision, device, sync=window_ends, loss_fn=loss_fn)
             meter.add(loss, len(batch["labels"]) * context.world_size)
             nonfinite_guard.add(loss)
             if not window_ends:
@@ -427,15 +439,35 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
 
 # ---------------------------------------------------------------- after training: test and reports
 
-def finish(args, model_dir, datasets, splits, label_set, context, output_dir, logger, train_labels, results=None):
-    """Reload the best model, evaluate validation and test at document level, write reports."""
-    model, _, _, _ = SequenceClassifier.from_directory(model_dir, args.device_obj)
+def finish(args, model_dir, datasets, splits, label_set, context, output_dir, logger, train_labels, results=None,
+           tune=True):
+    """Reload the best model, evaluate validation and test at document level, write reports.
+
+    Multi-label models first get thresholds tuned on validation (``tune``; not for --eval-only)."""
+    model, _, toolkit, _ = SequenceClassifier.from_directory(model_dir, args.device_obj)
+    problem = problem_types.from_toolkit(toolkit)
     results = dict(results or {})
-    results["validation"], val_logits, val_labels = evaluate(model, datasets["val"], args, context, label_set.names)
+    results["validation"], val_logits, val_labels = evaluate(model, datasets["val"], args, context, label_set.names,
+                                                             problem)
     split_name, logits, labels = "validation", val_logits, val_labels
     if "test" in datasets:
-        results["test"], logits, labels = evaluate(model, datasets["test"], args, context, label_set.names)
+        results["test"], logits, labels = evaluate(model, datasets["test"], args, context, label_set.names, problem)
         split_name = "test"
+    if problem.name != "single_label":
+        evaluated = {"validation": (val_logits[args.aggregation], val_labels)}
+        if "test" in datasets:
+            evaluated["test"] = (logits[args.aggregation], labels)
+        problem_types.final_results(problem, results, evaluated, label_set.names, train_labels, args, tune,
+                                    logger.info)
+        if tune and context.is_main:
+            toolkit.update(problem.toolkit_settings())
+            checkpoints.rewrite_toolkit(model_dir, toolkit)
+        if context.is_main:
+            problem_types.write_error_rows(output_dir / "errors.jsonl", problem.error_rows(
+                splits["test" if "test" in datasets else "val"], logits[args.aggregation], labels, label_set.names))
+            (output_dir / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False),
+                                                     encoding="utf-8")
+        return results
     if context.is_main:
         if train_labels is not None:
             results["majority_baseline"] = majority_baseline(train_labels, labels.numpy(), len(label_set.names))
@@ -476,8 +508,12 @@ def write_reports(output_dir, results, split_name, documents, doc_logits, labels
 # ---------------------------------------------------------------- logging
 
 def describe_evaluation(row):
-    return (f"step {row['step']}: eval loss {row['eval_loss']:.4f}, document accuracy "
-            f"{row['eval_accuracy']:.4f}, macro-F1 {row['eval_macro_f1']:.4f}")
+    if "eval_accuracy" in row:
+        return (f"step {row['step']}: eval loss {row['eval_loss']:.4f}, document accuracy "
+                f"{row['eval_accuracy']:.4f}, macro-F1 {row['eval_macro_f1']:.4f}")
+    shown = [f"{key[len('eval_'):]} {value:.4f}" for key, value in row.items()
+             if key.startswith("eval_") and isinstance(value, float)]
+    return f"step {row['step']}: document-level eval " + ", ".join(shown)
 
 
 # ---------------------------------------------------------------- main
@@ -495,18 +531,20 @@ def run_eval_only(args, context):
     model, tokenizer, toolkit, config = SequenceClassifier.from_directory(args.model_path, args.device_obj)
     label_names = [config.id2label[index] for index in range(len(config.id2label))]
     args.data_path, args.val_path = None, None
-    splits, label_set = load_splits(args, label_names)
+    problem_types.resolve_problem_type(args, toolkit.get("problem_type") or "single_label")
+    problem = problem_types.from_toolkit(toolkit)  # with its stored thresholds or target scaling
+    splits, label_set = load_splits(args, problem, label_names)
     settings = longdoc.LongdocSettings.from_toolkit(toolkit)
     args.max_length = toolkit["preprocessing"]["max_length"]
     args.aggregation, args.stride = settings.aggregation, settings.stride
     args.pad_token_id = tokenizer.pad_token_id
     clean = longdoc.build_text_cleaner(settings.strip_patterns, toolkit["preprocessing"].get("normalize"))
-    datasets, summaries = chunk_splits({"test": splits["test"]}, tokenizer, args, settings, clean, label_set)
+    datasets, summaries = chunk_splits({"test": splits["test"]}, tokenizer, args, settings, clean, label_set, problem)
     print(format_summary(summaries))
     datasets["val"], splits["val"] = datasets["test"], splits["test"]
     results = finish(args, args.model_path, datasets, splits, label_set, context, output_dir,
-                     training.RunLogger(output_dir, context.is_main, describe_evaluation), None)
-    print(json.dumps({key: results["test"][key] for key in ("accuracy", "macro_f1", "by_aggregation")}))
+                     training.RunLogger(output_dir, context.is_main, describe_evaluation), None, tune=False)
+    print(json.dumps({key: results["test"][key] for key in (*problem.headline_metrics, "by_aggregation")}))
     return 0
 
 
@@ -525,7 +563,8 @@ def run_training(args, context):
     args.input_digests = checkpoints.describe_inputs(args)
     resume_from = checkpoints.find_resume_checkpoint(args.resume, output_dir, args.run_id)
     checkpoints.check_resume(resume_from, args)
-    splits, label_set = load_splits(args)
+    problem = problem_types.from_args(args)
+    splits, label_set = load_splits(args, problem)
     normalize_spec = normalizer_spec_of(args)
     settings = build_settings(args)
     clean = longdoc.build_text_cleaner(settings.strip_patterns, normalize_spec)
@@ -534,18 +573,19 @@ def run_training(args, context):
     longdoc.check_settings(settings, args.max_length, tokenizer.num_special_tokens_to_add(pair=False))
     domain_texts = adaptation.prepare_domain(args, tokenizer, [d.text for d in splits["train"]], clean)
     args.pad_token_id = tokenizer.pad_token_id
-    datasets, summaries = chunk_splits(splits, tokenizer, args, settings, clean, label_set)
+    datasets, summaries = chunk_splits(splits, tokenizer, args, settings, clean, label_set, problem)
+    problem.fit_training_data(splits["train"], args)  # regression: --standardize-targets' mean and std
     if context.is_main:
         print(format_summary(summaries))
 
     # ---- model
-    model = build_model(args, len(label_set.names), tokenizer).to(args.device_obj)
+    model = build_model(args, problem.num_outputs(label_set), tokenizer).to(args.device_obj)
     if context.is_main:  # data and model are checked: only now may an earlier run's outputs go
         run_dir.begin()
         write_effective_config(args, output_dir)
         (output_dir / "dataset_summary.json").write_text(json.dumps(summaries, indent=2, ensure_ascii=False),
                                                           encoding="utf-8")
-    toolkit = build_toolkit_block(args, model, normalize_spec, settings)
+    toolkit = build_toolkit_block(args, model, normalize_spec, settings, problem)
     adaptation.adapt_before_training(model.backbone, tokenizer, domain_texts, args, resume_from, context.is_main)
     if context.enabled:
         # ranks run different numbers of chunk micro-batches: no per-forward buffer broadcast
@@ -555,12 +595,12 @@ def run_training(args, context):
     logger.info(f"model: {args.model_name}, {modeldir.describe_parameters(model)}")
 
     early_stopping = train(args, model, tokenizer, datasets, label_set, toolkit, context, output_dir, logger,
-                           resume_from)
+                           problem, resume_from)
     distributed.barrier(context)
     best_dir = output_dir / "checkpoint-best"
     if not best_dir.is_dir():
         raise UserError("training ended before any evaluation: no checkpoint-best was written")
-    train_labels = np.array([d.label for d in splits["train"]])
+    train_labels = np.array([problem.target(d.label, len(label_set.names)) for d in splits["train"]])
     untuned_row = logger.untuned_row()
     untuned = {"validation": untuned_row, "beaten": training.compare_with_untuned(
         early_stopping, untuned_row, args.metric_for_best_model, logger)}
@@ -569,8 +609,9 @@ def run_training(args, context):
     if context.is_main:
         headline = results.get("test", results["validation"])
         logger.info(f"best model: {best_dir} ({args.metric_for_best_model} on validation "
-                    f"{results['validation'][args.metric_for_best_model]:.4f}); final document accuracy "
-                    f"{headline['accuracy']:.4f}, macro-F1 {headline['macro_f1']:.4f} ({args.aggregation})")
+                    f"{results['validation'][args.metric_for_best_model]:.4f}); final document-level " +
+                    ", ".join(f"{name} {headline[name]:.4f}" for name in problem.headline_metrics) +
+                    f" ({args.aggregation})")
     return 0
 
 

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from common import modeldir
+from common import files, modeldir
 from common.errors import UserError
 
 TRAINER_STATE_FILE = "trainer_state.pt"
@@ -377,3 +377,14 @@ def rotate_checkpoints(output_dir, save_total_limit, run_id=None):
         return
     for stale in list_checkpoints(output_dir, run_id)[:-save_total_limit]:
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def rewrite_toolkit(model_dir, toolkit):
+    """Store a changed toolkit block (e.g. the fitted temperature) in config.json, atomically, and
+    refresh the directory's checksums so they still describe what is on disk."""
+    config_path = Path(model_dir) / modeldir.CONFIG_FILE
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["toolkit"] = toolkit
+    files.write_output_file(config_path, json.dumps(config, indent=2, ensure_ascii=False), "--output-dir")
+    if (Path(model_dir) / CHECKSUM_FILE).is_file():
+        write_checksums(model_dir)

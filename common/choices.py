@@ -14,3 +14,17 @@ CHUNK_SELECTIONS = ("spread", "head-tail", "head")
 # generation.py: every sequence is a row of one generate() batch: a million of them exhausts memory,
 # not the model
 MAX_RETURN_SEQUENCES = 64
+# problem_types.py: what the classification head predicts (stored as toolkit["problem_type"];
+# a model directory without it is single_label)
+PROBLEM_TYPES = ("single_label", "multi_label", "regression")
+THRESHOLD_STRATEGIES = ("per_label", "global")  # problem_types.py: multi-label thresholds tuned on validation
+REGRESSION_LOSSES = ("mse", "huber")
+# validation metrics that can pick the best model (--metric-for-best-model), per problem type;
+# the first is the default. metrics.selection_mode says which are minimised.
+SINGLE_LABEL_METRICS = ("macro_f1", "accuracy", "weighted_f1", "loss", "macro_precision", "macro_recall",
+                        "weighted_precision", "weighted_recall")
+MULTI_LABEL_METRICS = ("micro_f1", "macro_f1", "weighted_f1", "samples_f1", "subset_accuracy", "hamming_loss",
+                       "loss")
+REGRESSION_METRICS = ("rmse", "mae", "pearson", "spearman", "loss")
+METRICS_BY_PROBLEM_TYPE = {"single_label": SINGLE_LABEL_METRICS, "multi_label": MULTI_LABEL_METRICS,
+                           "regression": REGRESSION_METRICS}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from common.choices import PROBLEM_TYPES, REGRESSION_LOSSES, THRESHOLD_STRATEGIES
 from common.errors import UserError
 
 
@@ -377,3 +378,23 @@ def write_effective_config(args, output_dir):
     path = Path(output_dir) / "training_args.json"
     path.write_text(json.dumps(vars(args), indent=2, ensure_ascii=False, default=str), encoding="utf-8")
     return path
+
+
+def add_problem_type_args(parser):
+    """--problem-type and the options of each problem type (common/problem_types.py)."""
+    group = parser.add_argument_group("problem type (see docs/train_classifier.md)")
+    add_flag(group, "problem-type", choices=PROBLEM_TYPES, default=None,
+             help="single_label: one class per text; multi_label: any number of labels (a list, or names joined "
+                  "by --label-separator); regression: a number per text (default: single_label, or for "
+                  "--eval-only the model's own)")
+    add_flag(group, "label-separator", default=",", help="multi_label: separator of label names in one string "
+             "(CSV/TSV cells, chat answers)")
+    add_flag(group, "threshold-strategy", choices=THRESHOLD_STRATEGIES, default="per_label",
+             help="multi_label: tune one decision threshold per label (each label's F1) or one global "
+                  "threshold (micro-F1) on the validation set; stored with the model")
+    add_flag(group, "regression-loss", choices=REGRESSION_LOSSES, default="mse", help="regression: loss")
+    add_flag(group, "huber-delta", type=float, default=1.0, help="regression: Huber loss delta (in the trained "
+             "scale: standard deviations with --standardize-targets)")
+    add_flag(group, "standardize-targets", action="store_true",
+             help="regression: train on (score - mean) / std of the training scores; stored with the model, "
+                  "predictions come back in the original scale")

@@ -381,18 +381,24 @@ def require_number(record, name, default=None, low=None, high=None):
         if default is not None:
             return default
         raise RecordError(f"{record.where(name)}: missing")
+    number = parse_number(record.where(name), value)
+    if (low is not None and number < low) or (high is not None and number > high):
+        raise RecordError(f"{record.where(name)}: {number} is outside [{low}, {high}]")
+    return number
+
+
+def parse_number(where, value):
+    """A finite float from a JSON number or a numeric string (CSV); a RecordError naming ``where`` otherwise."""
     if isinstance(value, bool):
-        raise RecordError(f"{record.where(name)}: expected a number, got a boolean")
+        raise RecordError(f"{where}: expected a number, got a boolean")
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise RecordError(f"{record.where(name)}: expected a number, got {_short(value)}") from None
+        raise RecordError(f"{where}: expected a number, got {_short(value)}") from None
     except OverflowError:  # an integer too large for a float
         number = math.inf
     if not math.isfinite(number):
-        raise RecordError(f"{record.where(name)}: must be a finite number, got {_short(value)}")
-    if (low is not None and number < low) or (high is not None and number > high):
-        raise RecordError(f"{record.where(name)}: {number} is outside [{low}, {high}]")
+        raise RecordError(f"{where}: must be a finite number, got {_short(value)}")
     return number
 
 
@@ -511,17 +517,35 @@ def _check_raw_label(record, label_field, raw_label):
 
 
 def load_text_examples(path, text_field=None, label_field=None, group_field=None,
-                       skip_invalid=False, require_label=True, split=None, default_splits=("train",)):
-    """Read a classification file into TextExamples (format detected per file)."""
+                       skip_invalid=False, require_label=True, split=None, default_splits=("train",),
+                       parse_label=None):
+    """Read a classification file into TextExamples (format detected per file).
+
+    ``parse_label(where, raw_label)``, when given, checks and converts each raw label instead of the
+    single-label rules (a list of names for multi-label, a number for regression); ``where`` names
+    the record and the field for its errors.
+    """
     records = read_records(path, split=split, skip_invalid=skip_invalid, default_splits=default_splits)
     record_format = detect_format(records[0], text_field)
-    parse = lambda record: parse_text_example(  # noqa: E731
-        record, record_format, text_field or "text", label_field or "label", group_field, require_label)
+    parse = lambda record: parse_labelled_example(  # noqa: E731
+        record, record_format, text_field, label_field, group_field, require_label, parse_label)
     examples = parse_each(records, parse, skip_invalid)
     if not examples:
         raise UserError(f"{path}: no valid records")
     examples.record_format = record_format
     return examples
+
+
+def parse_labelled_example(record, record_format, text_field=None, label_field=None, group_field=None,
+                           require_label=True, parse_label=None):
+    """``parse_text_example`` with the label checked by ``parse_label(where, raw_label)`` when given
+    (a problem type's own rules, see load_text_examples) instead of the single-label ones."""
+    example = parse_text_example(record, record_format, text_field or "text", label_field or "label",
+                                 group_field, require_label and parse_label is None)
+    if parse_label is not None:
+        field_name = "messages[-1].content" if record_format == "chat" else label_field or "label"
+        example.raw_label = parse_label(record.where(field_name), example.raw_label)
+    return example
 
 
 class ExampleList(list):
@@ -906,15 +930,21 @@ def length_percentiles(lengths):
             "p99": int(np.percentile(values, 99)), "max": int(values.max())}
 
 
-def summarize_split(name, examples, label_set, stats, max_length):
-    """A dict describing one split: counts per class, token lengths, truncation, [UNK] rate."""
-    counts = np.bincount([e.label for e in examples if e.label is not None], minlength=len(label_set.names))
-    total = int(counts.sum()) or 1
+def summarize_split(name, examples, label_set, stats, max_length, label_summary=None):
+    """A dict describing one split: counts per class, token lengths, truncation, [UNK] rate.
+
+    ``label_summary`` replaces the per-class counts (a problem type's own: labels per example and
+    co-occurrence for multi-label, score statistics for regression; see common/problem_types.py).
+    """
+    if label_summary is None:
+        counts = np.bincount([e.label for e in examples if e.label is not None], minlength=len(label_set.names))
+        total = int(counts.sum()) or 1
+        label_summary = {"classes": {label_set.names[i]: {"count": int(c), "share": round(float(c) / total, 4)}
+                                     for i, c in enumerate(counts)}}
     return {
         "split": name,
         "records": len(examples),
-        "classes": {label_set.names[i]: {"count": int(c), "share": round(float(c) / total, 4)}
-                    for i, c in enumerate(counts)},
+        **label_summary,
         "token_length": length_percentiles(stats.full_lengths),
         "truncated": stats.truncated,
         "max_length": max_length,
@@ -931,6 +961,15 @@ def format_summary(summaries):
                      f"p90={lengths['p90']} p99={lengths['p99']} max={lengths['max']}; "
                      f"{summary['truncated']} truncated at max_length={summary['max_length']}; "
                      f"[UNK] rate {summary['unk_rate']:.2%}")
-        for name, entry in summary["classes"].items():
+        for name, entry in summary.get("classes", {}).items():
             lines.append(f"      {name:<20} {entry['count']:>7}  {entry['share']:6.1%}")
+        if "labels_per_example" in summary:
+            per_example = summary["labels_per_example"]
+            lines.append(f"      labels per record: mean {per_example['mean']}; " +
+                         ", ".join(f"{key}: {value}" for key, value in per_example.items() if key != "mean"))
+            if summary.get("co_occurring_pairs"):
+                lines.append("      most frequent pairs: " + ", ".join(
+                    f"{first}+{second} {count}" for first, second, count in summary["co_occurring_pairs"]))
+        if summary.get("scores"):
+            lines.append("      scores: " + ", ".join(f"{key} {value:g}" for key, value in summary["scores"].items()))
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import data, modeldir
+from common import data, modeldir, problem_types
 from common.errors import UserError
 from common.text import build_normalizer
 
@@ -344,15 +344,17 @@ def classification_result(text, context, probabilities, label_names, temperature
 
 
 def classify(loaded, texts, contexts=None, temperature=None, batch_size=32, top_k=None, sort_by_length=True,
-             progress=False):
-    """Classify texts (with optional contexts) -> list of result dicts in input order."""
+             progress=False, threshold=None):
+    """Classify texts (with optional contexts) -> list of result dicts in input order, in the shape of the
+    model's problem type (common/problem_types.py): one label, the labels above their thresholds
+    (``threshold`` overrides the stored ones), or a score."""
     temperature = resolve_temperature(loaded, temperature)
     features = encode_inputs(loaded, texts, contexts)
     logits = check_finite_outputs(run_batched(loaded, features, batch_size, sort_by_length, progress), loaded)
-    probabilities = softmax(logits, temperature)
+    problem = problem_types.from_toolkit(loaded.toolkit)
     contexts = contexts or [None] * len(texts)
-    return [classification_result(text, context, row, loaded.label_names, temperature, top_k)
-            for text, context, row in zip(texts, contexts, probabilities)]
+    return [problem.result(text, context, row, loaded.label_names, temperature, top_k, threshold)
+            for text, context, row in zip(texts, contexts, logits)]
 
 
 # ---------------------------------------------------------------- vectors
@@ -411,7 +413,8 @@ def nearest_rows(matrix, query_vectors, top_k):
 
 # ---------------------------------------------------------------- long documents
 
-def predict_long_documents(loaded, texts, temperature=None, batch_size=32, explain=0, top_k=None, progress=False):
+def predict_long_documents(loaded, texts, temperature=None, batch_size=32, explain=0, top_k=None, progress=False,
+                           threshold=None):
     """Chunk, run every chunk, aggregate (common.longdoc, with the model's stored settings).
 
     Returns one dict per document in the classifier's shape (input, temperature, label,
@@ -423,17 +426,16 @@ def predict_long_documents(loaded, texts, temperature=None, batch_size=32, expla
     documents = progress_bar(texts, "inference", enabled=progress, unit="document")
     results = longdoc.predict_documents(loaded.run, loaded.tokenizer, loaded.toolkit, documents, batch_size, explain,
                                         loaded.id2label or None)
-    return [_document_result(loaded, text, result, temperature, top_k) for text, result in zip(texts, results)]
+    return [_document_result(loaded, text, result, temperature, top_k, threshold) for text, result in zip(texts, results)]
 
 
-def _document_result(loaded, text, result, temperature, top_k=None):
-    """Aggregated document logits -> the classifier's output shape (temperature applied)."""
+def _document_result(loaded, text, result, temperature, top_k=None, threshold=None):
+    """Aggregated document logits -> the classifier's output shape for the model's problem type."""
     result = dict(result)
     logits = check_finite_outputs(np.asarray(result.pop("logits")), loaded)
     result.pop("probs", None)  # recomputed below with the temperature
-    probabilities = softmax(logits[None], temperature)[0]
     names = loaded.label_names or [str(index) for index in range(len(logits))]
-    output = classification_result(text, None, probabilities, names, temperature, top_k)
+    output = problem_types.from_toolkit(loaded.toolkit).result(text, None, logits, names, temperature, top_k, threshold)
     output.update({key: value for key, value in result.items() if key not in ("label", "label_id")})
     return output
 
@@ -444,22 +446,28 @@ class ClassificationService:
     """What ``common.server.create_app`` serves for a classifier: info() and predict()."""
     kind = "classification"
 
-    def __init__(self, loaded, temperature=None, batch_size=32):
+    def __init__(self, loaded, temperature=None, batch_size=32, threshold=None):
         self.loaded = loaded
         self.temperature = temperature
         self.batch_size = batch_size
+        self.threshold = threshold
 
     def info(self):
-        return {"kind": self.kind, "task": self.loaded.task, "backend": self.loaded.backend,
+        problem = problem_types.from_toolkit(self.loaded.toolkit)
+        info = {"kind": self.kind, "task": self.loaded.task, "backend": self.loaded.backend,
                 "model": Path(self.loaded.source).name, "labels": self.loaded.label_names,
                 "temperature": resolve_temperature(self.loaded, self.temperature),
-                "max_length": self.loaded.preprocessing.get("max_length")}
+                "max_length": self.loaded.preprocessing.get("max_length"), "problem_type": problem.name}
+        if problem.name == "multi_label":
+            info["thresholds"] = dict(zip(self.loaded.label_names,
+                                          problem.threshold_array(self.loaded.label_names, self.threshold).tolist()))
+        return info
 
     def predict(self, texts, contexts=None):
         check_texts(texts)
         check_contexts(contexts)
         return classify(self.loaded, list(texts), list(contexts) if contexts else None, self.temperature,
-                        self.batch_size)
+                        self.batch_size, threshold=self.threshold)
 
     def count_tokens(self, texts, contexts=None):
         """Tokens per input as the model sees them (context pair, special tokens, truncation)."""
@@ -479,7 +487,8 @@ class LongDocumentService(ClassificationService):
         for index, context in enumerate(contexts or ()):
             if context is not None:
                 raise UserError(f"contexts[{index}]: a long-document model takes no context; send only texts")
-        return predict_long_documents(self.loaded, list(texts), self.temperature, self.batch_size)
+        return predict_long_documents(self.loaded, list(texts), self.temperature, self.batch_size,
+                                      threshold=self.threshold)
 
     def count_tokens(self, texts, contexts=None):
         """Tokens per whole document (no truncation: every chunk is run), without special tokens."""
@@ -527,13 +536,13 @@ class VectorService:
         return [len(feature["input_ids"]) for feature in features]
 
 
-def build_service(loaded, temperature=None, batch_size=32):
-    """The service matching the model's task."""
+def build_service(loaded, temperature=None, batch_size=32, threshold=None):
+    """The service matching the model's task (``threshold``: a multi-label model's, for every label)."""
     if loaded.task == "vector":
         return VectorService(loaded, batch_size)
     if loaded.task == "longdoc":
-        return LongDocumentService(loaded, temperature, batch_size)
-    return ClassificationService(loaded, temperature, batch_size)
+        return LongDocumentService(loaded, temperature, batch_size, threshold)
+    return ClassificationService(loaded, temperature, batch_size, threshold)
 
 
 def check_texts(texts, name="texts"):

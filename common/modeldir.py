@@ -172,6 +172,14 @@ def _integer_list():
         "a non-empty list of positive integers"
 
 
+def _threshold_map():
+    """{label name: threshold in [0, 1]} (a multi-label model's decision thresholds)."""
+    def check(value):
+        return isinstance(value, dict) and all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1 for t in value.values())
+    return check, "an object of label names to numbers in [0, 1]"
+
+
 def _regex_list():
     def check(value):
         if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
@@ -190,12 +198,22 @@ def toolkit_rules():
 
     Imported here, not at the top: heads, vector and longdoc import this module.
     """
+    from common.choices import PROBLEM_TYPES, REGRESSION_LOSSES, THRESHOLD_STRATEGIES
     from common.heads import POOLINGS
     from common.longdoc import AGGREGATIONS, CHUNK_SELECTIONS
     from common.vector import VECTOR_POOLINGS
     length = _integer(2)
     return [
         ("task", _choice(*TASKS), False, True),
+        ("problem_type", _choice(*PROBLEM_TYPES), True, False),
+        ("thresholds", _threshold_map(), True, False),
+        ("threshold_strategy", _choice(*THRESHOLD_STRATEGIES), True, False),
+        ("label_separator", _of_type(str, "a string"), True, False),
+        ("target_scaling", _of_type(dict, "an object"), True, False),
+        ("target_scaling.mean", _number(), False, True),
+        ("target_scaling.std", _number(above=0), False, True),
+        ("regression_loss", _choice(*REGRESSION_LOSSES), True, False),
+        ("huber_delta", _number(above=0), True, False),
         ("temperature", _number(above=0), True, False),
         ("preprocessing", _of_type(dict, "an object"), False, False),
         ("preprocessing.max_length", length, True, False),
