@@ -204,7 +204,9 @@ def run_training(args, name, run_dir):
     result["published"] = best["checkpoint"]
     model = BertVectorModel.from_pretrained(output_dir)  # the published (lowest validation loss) model
     result.update(full_corpus_metrics(model, read_test_set(data_dir)))
-    result["model_dir"] = str(output_dir)
+    steps = sorted(output_dir.glob("checkpoint-step-*"), key=lambda path: int(path.name.rsplit("-", 1)[1]))
+    last = BertVectorModel.from_pretrained(steps[-1])  # the trained weights, even when the untuned model won
+    result["last_step"] = {"checkpoint": steps[-1].name, **full_corpus_metrics(last, read_test_set(data_dir))}
     for directory in output_dir.glob("checkpoint-*"):
         shutil.rmtree(directory)  # optimizer state
     return result
@@ -268,6 +270,10 @@ def summarize(name, results):
             values = [r[view][metric] for r in results]
             mean, std = mean_std(values)
             row[f"{view}_{metric}"] = {"mean": mean, "std": std, "values": values}
+    if all("last_step" in r for r in results):
+        values = [r["last_step"]["full"]["ndcg@10"] for r in results]
+        mean, std = mean_std(values)
+        row["last_ndcg@10"] = {"mean": mean, "std": std, "values": values}
     if name in MINED:
         for key in ("labelled_relevant_share", "source_paragraph_share", "false_negative_share", "same_topic_share",
                     "negatives"):
@@ -281,13 +287,14 @@ def format_cell(cell):
 
 
 def format_table(rows):
-    lines = ["| configuration | runs | NDCG@10 | MRR@10 | Recall@100 | NDCG@10 at 128 dims | 128 / full |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| configuration | runs | NDCG@10 | MRR@10 | Recall@100 | NDCG@10 at 128 dims | 128 / full | "
+             "NDCG@10 last step |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         share = row["dim128_ndcg@10"]["mean"] / max(row["full_ndcg@10"]["mean"], 1e-12)
+        last = format_cell(row["last_ndcg@10"]) if "last_ndcg@10" in row else "-"
         lines.append(f"| {row['config']} | {len(row['seeds'])} | {format_cell(row['full_ndcg@10'])} | "
                      f"{format_cell(row['full_mrr@10'])} | {format_cell(row['full_recall@100'])} | "
-                     f"{format_cell(row['dim128_ndcg@10'])} | {share:.1%} |")
+                     f"{format_cell(row['dim128_ndcg@10'])} | {share:.1%} | {last} |")
     return "\n".join(lines)
 
 
