@@ -70,9 +70,6 @@ def read_either_format(path, skip_invalid, split, default_splits, rel_default):
 
 # ---------------------------------------------------------------- query groups (FlagEmbedding's format)
 
-GROUP_FIELDS = ("pos", "neg")
-
-
 @dataclass
 class QueryGroup:
     """One query with its positive and negative passages (``prompt``: this query's own instruction)."""
