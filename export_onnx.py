@@ -2,7 +2,7 @@
 
     python export_onnx.py --model-path output/checkpoint-best --output-path models/model.onnx
     python export_onnx.py --model-path output/checkpoint-best --output-path models/model-int8.onnx \
-        --quantize int8 --validation-file data/val.jsonl --max-metric-drop 0.01
+        --quantize int8 --validation-file data/val.jsonl
     python export_onnx.py --validate --model-path models/model.onnx --tokenizer-path models/tokenizer
 
 Works for every task this toolkit trains (read from config.json): classifiers export their
@@ -13,8 +13,11 @@ dynamic batch and sequence axes. Beside the .onnx go ``tokenizer/`` and
 
 Every export passes a parity gate: onnx.checker, then torch vs onnxruntime on several batch
 sizes and sequence lengths including padded batches (max |difference| within --tolerance for
-fp32), a padding-invariance check, and for int8 the metric on --validation-file (required
-unless --skip-int8-check). The export is built and checked in a staging folder beside the
+fp32), a padding-invariance check, and for int8 label agreement and the metric on
+--validation-file (required unless --skip-int8-check). Two choices are made by measurement on
+this machine: --optimize auto keeps whichever of the optimized and unoptimized graphs is faster
+at batch 1 (both must pass), and --quantize int8 keeps the fastest of the --int8-variants
+recipes that passes the int8 gate. The export is built and checked in a staging folder beside the
 output and moved into place only when it passes; a failing one is kept as
 ``<name>.onnx.rejected`` (report ``<name>.rejected.report.json``), any earlier export at the
 same path stays as it was, and the script exits 1. The output and the report never replace
@@ -25,8 +28,10 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -41,6 +46,34 @@ OPSETS = {"torchscript": (11, 20), "dynamo": (18, 23)}
 DEFAULT_OPSETS = {"torchscript": 17, "dynamo": 18}
 # (batch size, sequence length); None means the export's max length
 PARITY_CASES = ((1, 8), (2, 24), (4, None), (8, 40))
+TIMING_TEXTS = 32  # validation records timed at batch 1 per candidate graph
+CALIBRATION_RECORDS = 128  # validation records that calibrate static int8 activations
+CALIBRATION_BATCH = 8
+
+
+# int8 recipes (onnxruntime.quantization levers), tried in this order: name -> what it does
+INT8_VARIANTS = {
+    "dynamic": "dynamic, per-tensor weights (every MatMul, Attention and embedding Gather)",
+    "per-channel": "dynamic, one scale per output channel",
+    "per-channel-reduce-range": "dynamic, per-channel, 7-bit weights (no saturation on CPUs without VNNI)",
+    "fp32-ends": "dynamic, per-channel, embeddings and the classification head kept in fp32",
+    "ffn-only": "dynamic, per-channel, only the feed-forward MatMuls (attention, embeddings and head in fp32)",
+    "static": "static QDQ, per-channel, activations calibrated on --validation-file, ends kept in fp32",
+}
+
+
+def parse_optimize(value):
+    """auto, or a boolean that forces the choice."""
+    return "auto" if str(value).strip().lower() == "auto" else parse_bool(value)
+
+
+def parse_int8_variants(value):
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in INT8_VARIANTS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown int8 variant {', '.join(unknown) or '(none given)'}; "
+                                         f"choose from {', '.join(INT8_VARIANTS)}")
+    return names
 
 
 def build_parser():
@@ -52,10 +85,14 @@ def build_parser():
              help="max sequence length stored with the export and used by the parity checks "
                   "(default: the model directory's max_length; a different value changes truncation "
                   "at inference; refused for vector models)")
-    add_flag(parser, "optimize", type=parse_bool, default=True, metavar="true|false",
-             help="run onnxruntime's transformer optimizer (fused attention, LayerNorm, GELU)")
+    add_flag(parser, "optimize", type=parse_optimize, default="auto", metavar="auto|true|false",
+             help="onnxruntime's transformer optimizer (fused attention, LayerNorm, GELU); auto: build the "
+                  "graph with and without it, gate both, keep the one faster on this machine")
     add_flag(parser, "quantize", choices=["none", "int8"], default="none",
-             help="int8: dynamic quantization of the weights (onnxruntime.quantization)")
+             help="int8: try each --int8-variants recipe (onnxruntime.quantization), keep the fastest that "
+                  "passes the gate on --validation-file")
+    add_flag(parser, "int8-variants", type=parse_int8_variants, default=",".join(INT8_VARIANTS),
+             metavar="NAME,...", help="int8 recipes to try, in order (default: all): " + ", ".join(INT8_VARIANTS))
     add_flag(parser, "opset", type=bounded(int, minimum=min(low for low, _ in OPSETS.values()),
                                            maximum=max(high for _, high in OPSETS.values())), default=None,
              help="ONNX opset version (default 17, dynamo 18); supported: "
@@ -69,8 +106,12 @@ def build_parser():
     add_flag(parser, "validation-file", default=None,
              help="labelled (or unlabelled) records; int8 exports are gated on their accuracy "
                   "(or label agreement with torch when unlabelled)")
-    add_flag(parser, "max-metric-drop", type=bounded(float, minimum=-1, maximum=1), default=0.01,
-             help="int8 gate: largest allowed drop of the validation metric versus torch")
+    add_flag(parser, "max-metric-drop", type=bounded(float, minimum=-1, maximum=1), default=0.005,
+             help="int8 gate: largest allowed drop of the validation metric versus torch (0.005: half a point)")
+    add_flag(parser, "min-label-agreement", type=bounded(float, minimum=0, maximum=1), default=0.99,
+             help="int8 gate: smallest allowed share of validation records labelled as torch labels them")
+    add_flag(parser, "timing-runs", type=bounded(int, minimum=1), default=5,
+             help="rounds of batch-1 calls timed per candidate graph (--optimize auto, int8 variants)")
     add_flag(parser, "skip-int8-check", action="store_true",
              help="allow --quantize int8 without --validation-file: the int8 accuracy is then unchecked "
                   "(the report records it)")
@@ -93,9 +134,10 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from onnxruntime.quantization import CalibrationDataReader  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common import data, files, inference, modeldir, problem_types  # noqa: E402
+from common import data, files, inference, modeldir, problem_types, reranking  # noqa: E402
 
 EXPORT_PRODUCT_SUFFIXES = (".onnx", ".rejected", inference.PREPROCESSING_SUFFIX, ".report.json")
 INPUT_NAMES = list(inference.MODEL_INPUTS)
@@ -165,14 +207,64 @@ def optimize_graph(source, target, config, use_gpu=False):
     return target, optimized.get_fused_operator_statistics()
 
 
-def quantize_graph(source, target):
-    """Dynamic int8 quantization of the weights (activations stay float, scaled at run time)."""
+def build_int8_variant(name, source, target, calibration=None):
+    """One INT8_VARIANTS recipe applied to the fp32 graph ``source``; ``calibration`` makes the
+    CalibrationDataReader for static quantization (None without --validation-file)."""
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     # fused contrib ops (Attention, SkipLayerNormalization) have no ONNX shape inference: say tensors are float
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    options = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+    kept_fp32 = fp32_end_nodes(source) if name in ("fp32-ends", "static") else []
+    if name == "static" and calibration is None:
+        raise UserError("static int8 needs --validation-file to calibrate its activations")
+    only = feed_forward_nodes(source) if name == "ffn-only" else None
+    if only == []:
+        raise UserError("ffn-only: no feed-forward MatMul (BERT's intermediate/output dense) in the graph")
+    logging.disable(logging.WARNING)  # the quantizer warns per tensor it leaves in fp32; the gate judges the result
+    try:
+        if name == "static":
+            # MatMul only: QDQ around the fused Attention op is not supported by onnxruntime's CPU kernels
+            quantize_static(str(source), str(target), calibration(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            op_types_to_quantize=["MatMul"], nodes_to_exclude=kept_fp32, extra_options=options)
+        else:
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=name != "dynamic",
+                             reduce_range=name == "per-channel-reduce-range", nodes_to_quantize=only,
+                             nodes_to_exclude=kept_fp32, extra_options=options)
+    finally:
+        logging.disable(logging.NOTSET)
     return target
+
+
+def fp32_end_nodes(path):
+    """Names of the nodes that int8 hurts most: the embedding lookups (a per-tensor scale over the whole
+    vocabulary flattens rare rows) and the head after the encoder's last LayerNorm (few weights, decisive)."""
+    import onnx
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    normalizations = [index for index, node in enumerate(nodes) if "LayerNormalization" in node.op_type]
+    head_start = normalizations[-1] + 1 if normalizations else len(nodes)
+    embeddings = [node.name for node in nodes if node.op_type in ("Gather", "EmbedLayerNormalization")]
+    head = [node.name for node in nodes[head_start:] if node.op_type in ("MatMul", "Gemm")]
+    return embeddings + head
+
+
+def feed_forward_nodes(path):
+    """Names of the feed-forward MatMuls of each BERT layer (``intermediate/dense``, ``output/dense`` outside
+    attention): two thirds of an encoder's weights, and further from the logits' fine margins than attention."""
+    import onnx
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    return [node.name for node in nodes if node.op_type == "MatMul" and (
+        "/intermediate/" in node.name or ("/output/dense" in node.name and "/attention/" not in node.name))]
+
+
+class ValidationCalibration(CalibrationDataReader):
+    """Padded batches of validation records as onnxruntime feeds, for static quantization's calibration."""
+
+    def __init__(self, batches):
+        self.batches = iter(batches)
+
+    def get_next(self):
+        batch = next(self.batches, None)
+        return None if batch is None else {name: batch[name].numpy().astype(np.int64) for name in INPUT_NAMES}
 
 
 # ---------------------------------------------------------------- parity checks
@@ -206,6 +298,7 @@ def compare_outputs(onnx_run, torch_run, batches, task, problem=None):
     Classifiers are compared on what users see (``problem``: common/problem_types.py): logits and the
     argmax label, sigmoid probabilities and the label sets above threshold, or scores in the original scale.
     """
+    problem = problem or problem_types.SingleLabel()
     cases = []
     for batch_size, length, batch in inference.progress_bar(batches, "parity check", unit="case"):
         onnx_raw = onnx_run(batch)
@@ -264,25 +357,51 @@ def predict_labels(loaded, texts, contexts, batch_size):
     return np.array(decisions, dtype=object if decisions and isinstance(decisions[0], tuple) else None)
 
 
-def validation_metrics(onnx_loaded, torch_loaded, path, batch_size):
-    """Accuracy (or agreement with torch when unlabelled) of both backends on a validation file."""
+def reference_predictions(torch_loaded, path, batch_size):
+    """torch's answers on the validation file (label ids, or vectors for a vector model; a reranker's
+    NDCG@10 on a pair file), computed once and compared with every candidate graph; None without a torch model."""
+    if torch_loaded is None:
+        return None
+    if reranking.is_reranker(torch_loaded.toolkit):
+        return reranking.score_groups(torch_loaded, reranking.load_rerank_pairs(path), batch_size)[0]["ndcg@10"]
+    if torch_loaded.task == "vector":
+        texts = [example.text for example in data.load_text_examples(path, require_label=False)]
+        return inference.embed(torch_loaded, texts, batch_size, progress=True)
+    examples = data.load_text_examples(path, require_label=False)
+    return predict_labels(torch_loaded, [e.text for e in examples], [e.context for e in examples], batch_size)
+
+
+def rerank_validation_metrics(onnx_loaded, torch_ndcg, path, batch_size):
+    """NDCG@10 of both backends on a reranker's pair file (each query's listed documents)."""
+    pairs = reranking.load_rerank_pairs(path)
+    report = {"file": path, "records": len(pairs), "metric": "ndcg@10",
+              "onnx_metric": reranking.score_groups(onnx_loaded, pairs, batch_size)[0]["ndcg@10"]}
+    if torch_ndcg is not None:
+        report.update(torch_metric=torch_ndcg, drop=torch_ndcg - report["onnx_metric"])
+    return report
+
+
+def validation_metrics(onnx_loaded, reference, path, batch_size):
+    """Accuracy (or agreement with torch when unlabelled) of both backends on a validation file;
+    ``reference`` is reference_predictions' answer."""
+    if reranking.is_reranker(onnx_loaded.toolkit):
+        return rerank_validation_metrics(onnx_loaded, reference, path, batch_size)
     if onnx_loaded.task == "vector":
         texts = [example.text for example in data.load_text_examples(path, require_label=False)]
         onnx_vectors = inference.embed(onnx_loaded, texts, batch_size, progress=True)
         report = {"file": path, "records": len(texts), "metric": "mean_cosine_to_torch"}
-        if torch_loaded is not None:
-            torch_vectors = inference.embed(torch_loaded, texts, batch_size, progress=True)
-            cosine = float(np.mean([inference.cosine_similarity(a, b) for a, b in zip(torch_vectors, onnx_vectors)]))
+        if reference is not None:
+            cosine = float(np.mean([inference.cosine_similarity(a, b) for a, b in zip(reference, onnx_vectors)]))
             report.update(torch_metric=1.0, onnx_metric=cosine, drop=1.0 - cosine)
         return report
     problem_type = onnx_loaded.toolkit.get("problem_type") or "single_label"
     if problem_type != "single_label":
-        return decision_agreement(onnx_loaded, torch_loaded, path, batch_size, problem_type)
+        return decision_agreement(onnx_loaded, reference, path, batch_size, problem_type)
     label2id = {name: index for index, name in onnx_loaded.id2label.items()}
     texts, contexts, gold = load_validation_examples(path, label2id)
     onnx_labels = predict_labels(onnx_loaded, texts, contexts, batch_size)
     report = {"file": path, "records": len(texts), "metric": "accuracy" if gold is not None else "agreement"}
-    torch_labels = None if torch_loaded is None else predict_labels(torch_loaded, texts, contexts, batch_size)
+    torch_labels = reference
     if torch_labels is not None:
         report["label_agreement"] = float((torch_labels == onnx_labels).mean())
     if gold is not None:
@@ -296,17 +415,18 @@ def validation_metrics(onnx_loaded, torch_loaded, path, batch_size):
     return report
 
 
-def decision_agreement(onnx_loaded, torch_loaded, path, batch_size, problem_type):
+def decision_agreement(onnx_loaded, reference, path, batch_size, problem_type):
     """Multi-label: the share of texts given the same label set by both backends; regression: the
-    Spearman correlation of their scores (1.0 for torch itself; the int8 gate's drop is 1 - it)."""
+    Spearman correlation of their scores (1.0 for torch itself; the int8 gate's drop is 1 - it).
+    ``reference``: torch's decisions (reference_predictions)."""
     examples = data.load_text_examples(path, require_label=False)
     texts, contexts = [e.text for e in examples], [e.context for e in examples]
     metric = "spearman_to_torch" if problem_type == "regression" else "label_set_agreement"
     report = {"file": path, "records": len(texts), "metric": metric}
-    if torch_loaded is None:
+    if reference is None:
         return report
     onnx_decisions = predict_labels(onnx_loaded, texts, contexts, batch_size)
-    torch_decisions = predict_labels(torch_loaded, texts, contexts, batch_size)
+    torch_decisions = reference
     if problem_type == "regression":
         import scipy.stats
         agreement = float(scipy.stats.spearmanr(torch_decisions, onnx_decisions)[0]) if len(texts) > 1 else 1.0
@@ -318,18 +438,198 @@ def decision_agreement(onnx_loaded, torch_loaded, path, batch_size, problem_type
     return report
 
 
+# ---------------------------------------------------------------- candidate graphs, timed on this machine
+
+def load_candidate(graph, torch_loaded, max_length, device):
+    """A graph still in the work folder as a LoadedModel (the torch model's tokenizer and preprocessing)."""
+    toolkit = json.loads(json.dumps(torch_loaded.toolkit))
+    toolkit.setdefault("preprocessing", {})["max_length"] = max_length
+    session = inference.create_onnx_session(graph, device)
+    return inference.LoadedModel(torch_loaded.task, toolkit, torch_loaded.tokenizer,
+                                 inference.OnnxRunner(session, graph), "onnx", str(graph), torch_loaded.id2label)
+
+
+def validation_features(torch_loaded, validation_file, max_length, limit):
+    """The first ``limit`` validation records encoded as the model reads them (a reranker's file holds
+    query/document pairs)."""
+    if reranking.is_reranker(torch_loaded.toolkit):
+        pairs = reranking.load_rerank_pairs(validation_file)[:limit]
+        return reranking.encode_for_model(torch_loaded, [p.query for p in pairs], [p.document for p in pairs],
+                                          max_length)
+    examples = data.load_text_examples(validation_file, require_label=False)[:limit]
+    contexts = None if torch_loaded.task == "vector" else [example.context for example in examples]
+    return inference.encode_inputs(torch_loaded, [example.text for example in examples], contexts, max_length)
+
+
+def timing_rows(torch_loaded, max_length, validation_file, limit=TIMING_TEXTS):
+    """Batch-1 inputs to time: the first validation records, else the parity cases' rows unpadded."""
+    collator = data.PaddingCollator(torch_loaded.tokenizer.pad_token_id)
+    if validation_file:
+        return [collator([feature]) for feature in validation_features(torch_loaded, validation_file, max_length,
+                                                                       limit)]
+    rows = []
+    for _, _, batch in parity_batches(torch_loaded.tokenizer, torch_loaded.config, max_length):
+        for row, length in enumerate(batch["attention_mask"].sum(1).tolist()):
+            rows.append({name: batch[name][row:row + 1, :length] for name in INPUT_NAMES})
+    return rows
+
+
+def batch1_latencies_ms(candidates, rows, runs):
+    """Median milliseconds of one batch-1 call for each candidate; the candidates take turns round by
+    round, so a busy moment on the machine costs them all alike."""
+    for candidate in candidates:  # warm-up: the first calls allocate and pick kernels
+        for row in rows[:4]:
+            candidate.run(row)
+    rounds = [[] for _ in candidates]
+    for _ in range(runs):
+        for candidate, times in zip(candidates, rounds):
+            start = time.perf_counter()
+            for row in rows:
+                candidate.run(row)
+            times.append((time.perf_counter() - start) * 1000 / len(rows))
+    return [statistics.median(times) for times in rounds]
+
+
+def parity_reasons(candidate, torch_loaded, args):
+    """The fp32 gate (torch parity, finite outputs, padding invariance) on a candidate graph."""
+    batches = parity_batches(torch_loaded.tokenizer, torch_loaded.config, candidate.preprocessing["max_length"])
+    check = {"quantization": "none", "tolerance": args.tolerance,
+             "cases": compare_outputs(candidate.run, torch_loaded.run, batches, candidate.task,
+                                      problem_types.from_toolkit(candidate.toolkit)),
+             "padding_invariance_max_diff": padding_invariance(candidate.run, batches)}
+    return gate_reasons(check, compared_to_torch=True)
+
+
+def choose_optimized(graphs, torch_loaded, max_length, args):
+    """--optimize auto: gate the unoptimized and optimized graphs and keep the faster passing one.
+
+    ``graphs`` is {optimized (bool): path}. Returns (optimized, the timing table). When neither
+    passes, the optimized graph goes on to the final gate, which rejects it with its reasons.
+    """
+    candidates = {flag: load_candidate(path, torch_loaded, max_length, args.device) for flag, path in graphs.items()}
+    reasons = {flag: parity_reasons(candidate, torch_loaded, args) for flag, candidate in candidates.items()}
+    rows = timing_rows(torch_loaded, max_length, args.validation_file)
+    latencies = dict(zip(candidates, batch1_latencies_ms(list(candidates.values()), rows, args.timing_runs)))
+    passing = [flag for flag in candidates if not reasons[flag]]
+    chosen = min(passing, key=latencies.get) if passing else True
+    table = [{"optimized": flag, "latency_ms": latencies[flag], "passed": not reasons[flag],
+              "reasons": reasons[flag], "chosen": flag == chosen} for flag in candidates]
+    shown = ", ".join(f"{'optimized' if row['optimized'] else 'unoptimized'} {row['latency_ms']:.2f} ms"
+                      + ("" if row["passed"] else " (fails the parity gate)") for row in table)
+    print(f"--optimize auto: batch-1 latency on this machine ({len(rows)} inputs, median of {args.timing_runs}): "
+          f"{shown}; keeping the {'optimized' if chosen else 'unoptimized'} graph")
+    return chosen, table
+
+
+def choose_int8_variant(fp32_graph, torch_loaded, max_length, args, work_dir):
+    """Build each --int8-variants recipe from ``fp32_graph``, gate it on the validation file and time it
+    beside the fp32 graph; keep the fastest that passes. Returns (variant name, graph, its validation
+    metrics, the table of every recipe).
+
+    Without --validation-file (--skip-int8-check) nothing can be gated: the first listed recipe is kept,
+    unchecked. When none passes, the one closest to passing goes on to the final gate, which rejects it.
+    """
+    candidates = {"fp32": load_candidate(fp32_graph, torch_loaded, max_length, args.device)}
+    table = build_and_gate_int8_variants(fp32_graph, torch_loaded, max_length, args, work_dir, candidates)
+    rows = timing_rows(torch_loaded, max_length, args.validation_file)
+    latencies = dict(zip(candidates, batch1_latencies_ms(list(candidates.values()), rows, args.timing_runs)))
+    for row in table:
+        if row["variant"] in latencies:
+            row.update(latency_ms=latencies[row["variant"]], speedup=latencies["fp32"] / latencies[row["variant"]])
+    built = [row for row in table if row["graph"] is not None]
+    if not built:
+        raise UserError("--quantize int8: no variant could be built (" + "; ".join(
+            f"{row['variant']}: {row['error']}" for row in table) + ")")
+    passing = [row for row in built if row["passed"]]
+    chosen = min(passing, key=lambda row: row["latency_ms"]) if passing else min(built, key=closeness_to_gate)
+    for row in table:
+        row["chosen"] = row is chosen
+    print(format_int8_table(table, latencies["fp32"], args))
+    if not passing:
+        print(f"int8 refused: no variant passes the gate (label agreement >= {args.min_label_agreement:g}, "
+              f"drop <= {args.max_metric_drop:g}); closest: {chosen['variant']} ({'; '.join(chosen['reasons'])})",
+              file=sys.stderr)
+    return chosen["variant"], chosen["graph"], chosen.get("validation"), table
+
+
+def build_and_gate_int8_variants(fp32_graph, torch_loaded, max_length, args, work_dir, candidates):
+    """One table row per recipe: built (its loaded graph added to ``candidates``) and gated, or the reason
+    onnxruntime could not build it."""
+    names = args.int8_variants if args.validation_file else args.int8_variants[:1]
+    reference = None
+    if args.validation_file:
+        reference = reference_predictions(torch_loaded, args.validation_file, args.batch_size)
+    calibration = calibration_reader(torch_loaded, max_length, args.validation_file)
+    table = []
+    for name in names:
+        target = work_dir / f"int8-{name}.onnx"
+        try:
+            build_int8_variant(name, fp32_graph, target, calibration)
+            candidates[name] = load_candidate(target, torch_loaded, max_length, args.device)
+        except Exception as error:  # a recipe onnxruntime cannot apply to this graph is reported, not fatal
+            table.append({"variant": name, "graph": None, "error": str(error).splitlines()[0], "passed": False})
+            continue
+        row = {"variant": name, "graph": target}
+        if reference is not None:
+            row["validation"] = validation_metrics(candidates[name], reference, args.validation_file, args.batch_size)
+        row["reasons"] = validation_gate_reasons(row.get("validation", {}), args.max_metric_drop,
+                                                 args.min_label_agreement)
+        row["passed"] = not row["reasons"]
+        table.append(row)
+    return table
+
+
+def closeness_to_gate(row):
+    """Sort key: highest label agreement first, then smallest metric drop."""
+    validation = row.get("validation", {})
+    return -validation.get("label_agreement", 0.0), validation.get("drop", 0.0)
+
+
+def calibration_reader(torch_loaded, max_length, validation_file):
+    """A factory of CalibrationDataReaders over the first validation records (None without a file)."""
+    if not validation_file:
+        return None
+    features = validation_features(torch_loaded, validation_file, max_length, CALIBRATION_RECORDS)
+    collator = data.PaddingCollator(torch_loaded.tokenizer.pad_token_id)
+    batches = [collator(features[start:start + CALIBRATION_BATCH])
+               for start in range(0, len(features), CALIBRATION_BATCH)]
+    return lambda: ValidationCalibration(batches)
+
+
+def format_int8_table(table, fp32_latency, args):
+    """Each variant: batch-1 latency, speed-up over fp32, agreement, metric drop, verdict."""
+    lines = [f"int8 variants (batch-1 latency on this machine; fp32 {fp32_latency:.2f} ms; gate: label agreement "
+             f">= {args.min_label_agreement:g}, metric drop <= {args.max_metric_drop:g}):",
+             f"  {'variant':<26} {'ms':>7} {'speed-up':>8} {'agreement':>9} {'drop':>8}  verdict"]
+    for row in table:
+        if row["graph"] is None:
+            lines.append(f"  {row['variant']:<26} {'':>7} {'':>8} {'':>9} {'':>8}  not built: {row['error']}")
+            continue
+        validation = row.get("validation", {})
+        agreement = f"{validation['label_agreement']:.4f}" if "label_agreement" in validation else "n/a"
+        drop = f"{validation['drop']:+.4f}" if "drop" in validation else "n/a"
+        verdict = "passes" if row["passed"] else "fails: " + "; ".join(row["reasons"])
+        if row["chosen"] and row["passed"]:
+            verdict += " <- kept"
+        lines.append(f"  {row['variant']:<26} {row['latency_ms']:>7.2f} {row['speedup']:>7.2f}x {agreement:>9} "
+                     f"{drop:>8}  {verdict}")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- the report
 
-def build_report(onnx_path, onnx_loaded, torch_loaded, meta, args, shown_path=None):
+def build_report(onnx_path, onnx_loaded, torch_loaded, meta, args, shown_path=None, validation=None):
     """Run every check on an export and decide: passed, or the reasons it is rejected.
 
-    ``shown_path`` is the name the report gives the graph (the final path of a staged export).
+    ``shown_path`` is the name the report gives the graph (the final path of a staged export);
+    ``validation``: its validation metrics when the int8 variant search already computed them.
     """
     import onnx
     quantization = meta.get("quantization", "none")
-    report = {"onnx": str(shown_path or onnx_path), "task": onnx_loaded.task, "quantization": quantization,
-              "optimized": meta.get("optimized"), "tolerance": args.tolerance,
-              "max_metric_drop": args.max_metric_drop,
+    report = {"onnx": str(shown_path or onnx_path), "task": onnx_loaded.task,
+              "problem_type": onnx_loaded.toolkit.get("problem_type"), "quantization": quantization,
+              "int8_variant": meta.get("int8_variant"), "optimized": meta.get("optimized"), "tolerance": args.tolerance,
+              "max_metric_drop": args.max_metric_drop, "min_label_agreement": args.min_label_agreement,
               "int8_check_skipped": quantization != "none" and args.skip_int8_check, "reasons": []}
     try:
         onnx.checker.check_model(str(onnx_path), full_check=True)
@@ -347,7 +647,9 @@ def build_report(onnx_path, onnx_loaded, torch_loaded, meta, args, shown_path=No
                                       problem_types.from_toolkit(onnx_loaded.toolkit))
     report["padding_invariance_max_diff"] = padding_invariance(onnx_loaded.run, batches)
     if args.validation_file:
-        report["validation"] = validation_metrics(onnx_loaded, torch_loaded, args.validation_file, args.batch_size)
+        report["validation"] = validation or validation_metrics(
+            onnx_loaded, reference_predictions(torch_loaded, args.validation_file, args.batch_size),
+            args.validation_file, args.batch_size)
     report["reasons"] = gate_reasons(report, torch_loaded is not None)
     report["passed"] = not report["reasons"]
     return report
@@ -370,17 +672,30 @@ def gate_reasons(report, compared_to_torch):
         reasons.append(f"max |torch - onnx| = {worst:.3g} exceeds the tolerance {report['tolerance']:g}")
     if not quantized and report["padding_invariance_max_diff"] > report["tolerance"]:
         reasons.append(f"outputs change with padding (max |diff| {report['padding_invariance_max_diff']:.3g})")
-    validation = report.get("validation", {})
-    if quantized and "drop" in validation and validation["drop"] > report["max_metric_drop"]:
+    if quantized:
+        reasons += validation_gate_reasons(report.get("validation", {}), report["max_metric_drop"],
+                                           report["min_label_agreement"])
+    return reasons
+
+
+def validation_gate_reasons(validation, max_metric_drop, min_label_agreement):
+    """The int8 gate on validation metrics: labels as torch gives them, and the metric kept."""
+    reasons = []
+    if validation.get("label_agreement", 1.0) < min_label_agreement:
+        reasons.append(f"int8 labels agree with torch on {validation['label_agreement']:.4f} of the records "
+                       f"(less than --min-label-agreement {min_label_agreement:g})")
+    if validation.get("drop", 0.0) > max_metric_drop:
         reasons.append(f"int8 {validation['metric']} drops by {validation['drop']:.4f} "
-                       f"(more than --max-metric-drop {report['max_metric_drop']:g})")
+                       f"(more than --max-metric-drop {max_metric_drop:g})")
     return reasons
 
 
 def format_report(report):
     """The report as a readable table."""
-    lines = [f"ONNX export report: {report['onnx']} (task {report['task']}, "
-             f"quantization {report['quantization']}, optimized {report['optimized']})",
+    quantization = report["quantization"] + (f" {report['int8_variant']}" if report.get("int8_variant") else "")
+    task = report["task"] + (" (reranker)" if report.get("problem_type") == "rerank" else "")
+    lines = [f"ONNX export report: {report['onnx']} (task {task}, "
+             f"quantization {quantization}, optimized {report['optimized']})",
              f"  onnx.checker: {report['checker']}"]
     if "cases" in report:
         lines.append(f"  {'batch':>5} {'seq':>5} {'padded':>6} {'max|diff|':>10} {'agreement':>9}")
@@ -538,7 +853,7 @@ def check_shared_tokenizer(output_path, torch_loaded):
 
 # ---------------------------------------------------------------- export and validate
 
-def write_companions(output_path, torch_loaded, lengths, args, fused):
+def write_companions(output_path, torch_loaded, lengths, args, choice):
     """tokenizer/ and <name>.preprocessing.json beside the .onnx."""
     preprocessing_file, tokenizer_dir = inference.onnx_companions(output_path)
     torch_loaded.tokenizer.save_pretrained(str(tokenizer_dir))
@@ -547,8 +862,9 @@ def write_companions(output_path, torch_loaded, lengths, args, fused):
     meta = {"task": torch_loaded.task, "toolkit": toolkit,
             "id2label": {str(index): name for index, name in torch_loaded.id2label.items()},
             "source_model": str(Path(torch_loaded.source).resolve()), "max_length": lengths,
-            "exporter": args.exporter, "opset": args.opset, "optimized": args.optimize, "fused_operators": fused,
-            "quantization": args.quantize, "inputs": INPUT_NAMES, "output": output_name(torch_loaded.task)}
+            "exporter": args.exporter, "opset": args.opset, "optimized": choice["optimized"],
+            "fused_operators": choice["fused"], "quantization": args.quantize, "int8_variant": choice["int8_variant"],
+            "inputs": INPUT_NAMES, "output": output_name(torch_loaded.task)}
     preprocessing_file.write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
     return meta
 
@@ -557,20 +873,39 @@ def output_name(task):
     return "embedding" if task == "vector" else "logits"
 
 
-def build_graph(torch_loaded, args, work_dir):
-    """Export, then optimize and quantize as asked; returns (final graph path, fused-op counts)."""
+def build_graph(torch_loaded, lengths, args, work_dir):
+    """Export, optimize (or not, or whichever is faster: --optimize auto), then quantize as asked.
+
+    Returns the choice: {"graph", "optimized", "fused", "int8_variant", "validation", "optimize_timings",
+    "int8_variants"}.
+    """
     module = ExportModule(use_eager_attention(torch_loaded.torch_model)).eval()
     inputs = example_inputs(torch_loaded.tokenizer, args.device)
-    graph = export_graph(module, inputs, work_dir / "exported.onnx", args.opset, args.exporter,
-                         output_name(torch_loaded.task))
+    graphs = {False: export_graph(module, inputs, work_dir / "exported.onnx", args.opset, args.exporter,
+                                  output_name(torch_loaded.task))}
     fused = None
-    if args.optimize:
-        graph, statistics = optimize_graph(graph, work_dir / "optimized.onnx", torch_loaded.config,
-                                           use_gpu=args.device.startswith("cuda"))
+    if args.optimize is not False:
+        graphs[True], statistics = optimize_graph(graphs[False], work_dir / "optimized.onnx", torch_loaded.config,
+                                                  use_gpu=args.device.startswith("cuda"))
         fused = {name: count for name, count in statistics.items() if count}
+    choice = {"optimized": args.optimize, "int8_variant": None, "validation": None}
+    if args.optimize == "auto":
+        choice["optimized"], choice["optimize_timings"] = choose_optimized(graphs, torch_loaded, lengths["export"],
+                                                                           args)
+    choice.update(graph=graphs[choice["optimized"]], fused=fused if choice["optimized"] else None)
     if args.quantize == "int8":
-        graph = quantize_graph(graph, work_dir / "quantized.onnx")
-    return graph, fused
+        choice["int8_variant"], choice["graph"], choice["validation"], choice["int8_variants"] = choose_int8_variant(
+            choice["graph"], torch_loaded, lengths["export"], args, work_dir)
+    return choice
+
+
+def describe_choices(choice):
+    """The optimize and int8 choices for the JSON report (paths in the work folder left out)."""
+    described = {"optimize_timings": choice.get("optimize_timings")}
+    if "int8_variants" in choice:
+        described["int8_variants"] = [{key: value for key, value in row.items() if key != "graph"}
+                                      for row in choice["int8_variants"]]
+    return {key: value for key, value in described.items() if value is not None}
 
 
 def publish(staged_path, output_path):
@@ -612,13 +947,15 @@ def export_staged(staged_path, output_path, torch_loaded, lengths, args):
     """Build the export in staging, gate it, then publish it or keep the graph as <output>.rejected."""
     work_dir = staged_path.parent / "work"
     work_dir.mkdir()
-    graph, fused = build_graph(torch_loaded, args, work_dir)
-    os.replace(graph, staged_path)
-    meta = write_companions(staged_path, torch_loaded, lengths, args, fused)
+    choice = build_graph(torch_loaded, lengths, args, work_dir)
+    os.replace(choice["graph"], staged_path)
+    meta = write_companions(staged_path, torch_loaded, lengths, args, choice)
     print(f"exported {torch_loaded.task} model {torch_loaded.source} (exporter {args.exporter}, opset {args.opset}, "
-          f"fused {fused or 'none'}); checking it before it goes to {output_path}")
+          f"fused {choice['fused'] or 'none'}); checking it before it goes to {output_path}")
     onnx_loaded = inference.load_onnx_model(staged_path, args.device)
-    report = build_report(staged_path, onnx_loaded, torch_loaded, meta, args, shown_path=output_path)
+    report = build_report(staged_path, onnx_loaded, torch_loaded, meta, args, shown_path=output_path,
+                          validation=choice["validation"])
+    report.update(describe_choices(choice))
     print(format_report(report))
     if report["passed"]:
         publish(staged_path, output_path)

@@ -8,6 +8,7 @@
     python infer.py --model-path output/checkpoint-best --serve --port 8000
     python infer.py --model-path output/vector-best --corpus data/corpus.jsonl --text "a query"
     python infer.py --model-path output/vector-best --serve --corpus data/corpus.jsonl
+    python infer.py --model-path reranker/checkpoint-best --text "a query" --text-pair "a document"
 
 --model-path is a model directory written by this toolkit's trainers, an .onnx export from
 export_onnx.py, or a causal language model directory (GPT-2 style) for generation. The
@@ -25,6 +26,7 @@ it is a regular file or a new path; a symlink is followed; /dev/null, a FIFO or
 (--file, the model's files) is refused.
 """
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -55,8 +57,9 @@ INPUTS_HELP = """inputs:
 """
 # flags that mean something only for some kinds of model: given for another kind they are an error,
 # never silently ignored ("generation" is a causal language model)
-TASK_FLAGS = {"context": ("classification",), "text_pair": ("vector",), "corpus": ("vector",),
-              "explain": ("longdoc",), "max_length": ("classification", "vector", "longdoc"),
+# ("rerank": a classification directory trained with --problem-type rerank, scoring query/document pairs)
+TASK_FLAGS = {"context": ("classification",), "text_pair": ("vector", "rerank"), "corpus": ("vector",),
+              "explain": ("longdoc",), "max_length": ("classification", "vector", "longdoc", "rerank"),
               "top_k": ("classification", "longdoc", "generation", "vector"),
               "temperature": ("classification", "longdoc", "generation"), "threshold": ("classification", "longdoc"),
               "dim": ("vector",)}
@@ -80,7 +83,8 @@ def build_parser():
     add_flag(inputs, "text", action="append", default=[], help="text to run (repeatable)")
     add_flag(inputs, "context", default=None, help="context for every --text (encoded as the first segment)")
     add_flag(inputs, "text-pair", action="append", default=[],
-             help="vector models: second text(s) for the cosine similarity (one, or one per --text)")
+             help="vector models: second text(s) for the cosine similarity; rerankers: the document(s) each "
+                  "--text (the query) is scored against (one, or one per --text)")
     add_flag(inputs, "file", default=None,
              help="inputs: .txt (one per line; long-document models: the whole file is one document) "
                   "or JSON/JSONL/CSV/TSV records (text, message/context, messages), one input per record; "
@@ -137,6 +141,9 @@ def build_parser():
              help="requests that may wait for the model (default 256); past it a new one gets 429 at once")
     add_flag(serve, "max-batch-tokens", type=bounded(int, minimum=1), default=None,
              help="tokens per batch of merged requests (default 16384, as TEI); a longer request runs alone")
+    add_flag(serve, "workers", type=bounded(int, minimum=1), default=1,
+             help="server processes on the one port, each with its own copy of the model and its share of the "
+                  "CPU cores (docs/infer.md: replicas behind a load balancer)")
     return parser
 
 
@@ -146,7 +153,7 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402
 
-from common import data, files, generation, inference  # noqa: E402
+from common import data, files, generation, inference, problem_types, sharding  # noqa: E402
 
 
 # ---------------------------------------------------------------- inputs
@@ -286,6 +293,8 @@ class Runner:
             return run_generation(self.language_model, items, self.options, progress)
         if self.kind == "vector":
             return run_vectors(self.loaded, items, args, self.corpus, progress)
+        if self.kind == "rerank":
+            return run_reranker(self.loaded, items, args, progress)
         return run_classification(self.loaded, items, args, progress)
 
 
@@ -299,15 +308,29 @@ def run_classification(loaded, items, args, progress=False):
                               args.sort_by_length, progress, args.threshold)
 
 
+def paired_texts(args, items):
+    """--text-pair values lined up with ``items``: one for all, or one each."""
+    if len(args.text_pair) not in (1, len(items)):
+        raise UserError(f"--text-pair: give one, or one per input ({len(items)}), not {len(args.text_pair)}")
+    return args.text_pair if len(args.text_pair) == len(items) else args.text_pair * len(items)
+
+
+def run_reranker(loaded, items, args, progress=False):
+    """Each input is a query, scored against its --text-pair document: sigmoid of the reranker's logit."""
+    from common import reranking
+    documents = paired_texts(args, items)
+    scores = reranking.score_pairs(loaded, [item.text for item in items], documents, args.batch_size, progress)
+    return [{"query": item.text, "document": document, "score": round(float(score), 6)}
+            for item, document, score in zip(items, documents, scores)]
+
+
 def run_vectors(loaded, items, args, corpus=None, progress=False):
     embeddings = inference.embed(loaded, [item.text for item in items], args.batch_size,
                                  sort_by_length=args.sort_by_length, progress=progress, dim=args.dim)
     results = [{"input": item.text, "dim": int(vector.shape[0]), "norm": round(float(np.linalg.norm(vector)), 6),
                 "embedding": [round(float(value), 6) for value in vector]} for item, vector in zip(items, embeddings)]
     if args.text_pair:
-        if len(args.text_pair) not in (1, len(items)):
-            raise UserError(f"--text-pair: give one, or one per input ({len(items)}), not {len(args.text_pair)}")
-        pairs = args.text_pair if len(args.text_pair) == len(items) else args.text_pair * len(items)
+        pairs = paired_texts(args, items)
         pair_embeddings = inference.embed(loaded, pairs, args.batch_size, side="doc", dim=args.dim)
         for result, pair, vector, pair_vector in zip(results, pairs, embeddings, pair_embeddings):
             result.update(text_pair=pair, cosine_similarity=round(inference.cosine_similarity(vector, pair_vector), 6))
@@ -414,24 +437,10 @@ def preview(text, limit=PREVIEW_CHARACTERS):
     return flat if len(flat) <= limit else f"{flat[:limit]}… ({len(text)} characters)"
 
 
-def prediction_line(result):
-    return f"predicted: {result['label']} (id {result['label_id']}, probability {result['probability']:.4f})"
-
-
 def chunk_lines(result):
     """--explain's chunks, one line each."""
     return [f"  chunk {chunk['chunk_idx']} (score {chunk['score']:.4f}, characters {chunk['char_start']}-"
             f"{chunk['char_end']}): {' '.join(chunk['text'].split())}" for chunk in result.get("top_chunks", [])]
-
-
-def decision_lines(result):
-    """The prediction itself: the label (single-label), the labels above threshold, or the score."""
-    problem_type = result.get("problem_type", "single_label")
-    if problem_type == "regression":
-        return [f"score: {result['score']:.6g}"]
-    if problem_type == "multi_label":
-        return [f"predicted labels: {', '.join(result['labels']) or '(none above threshold)'}"]
-    return [f"temperature: {result['temperature']}", prediction_line(result)]
 
 
 def format_classification(result):
@@ -439,7 +448,7 @@ def format_classification(result):
     lines = [f"input: {preview(result['input'])}"]
     if result.get("context"):
         lines.append(f"context: {preview(result['context'])}")
-    lines += decision_lines(result)
+    lines += problem_types.of_result(result).decision_lines(result)  # the label, the labels or the score
     if "probabilities" not in result:  # a score
         return "\n".join(lines)
     ranked = result.get("top_k") or [{"label": name, "probability": p} for name, p in result["probabilities"].items()]
@@ -480,9 +489,16 @@ def format_generation(result):
     return "\n".join(lines)
 
 
+def format_rerank(result):
+    return (f"query: {preview(result['query'])}\ndocument: {preview(result['document'])}\n"
+            f"score: {result['score']:.4f}")
+
+
 def format_result(result, kind):
     if kind == "vector":
         return format_vector(result)
+    if kind == "rerank":
+        return format_rerank(result)
     if kind == "generation":
         return format_generation(result)
     return format_classification(result)
@@ -494,13 +510,15 @@ def format_answer(result, kind):
         texts = [result["prompt"] + text for text in result["generations"]]
         return texts[0] if len(texts) == 1 else "\n".join(f"[{index}] {text}" for index, text in
                                                            enumerate(texts, start=1))
+    if kind == "rerank":
+        return f"score {result['score']:.4f}"
     if kind == "vector":
         lines = hit_lines(result) if "hits" in result else [embedding_line(result)]
         if "cosine_similarity" in result:
             lines.append(f"cosine similarity to the text pair: {result['cosine_similarity']:.4f}")
         return "\n".join(lines)
-    if result.get("problem_type", "single_label") != "single_label":
-        return "\n".join(decision_lines(result))
+    if "problem_type" in result:  # multi-label or regression: the labels or the score
+        return "\n".join(problem_types.of_result(result).decision_lines(result))
     lines = [f"{result['label']} (probability {result['probability']:.4f})"]
     lines += [f"  {entry['label']}  {entry['probability']:.4f}" for entry in result.get("top_k", [])[1:]]
     return "\n".join(lines + chunk_lines(result))
@@ -567,14 +585,28 @@ def report_failures(items):
 
 # ---------------------------------------------------------------- main
 
-def serve(loaded, args):
+def serve(runner, args):
+    """Serve the runner's model; with --workers, each worker process loads its own copy (the corpus is
+    encoded once, here) and this process lets go of its copy, which served to check the flags."""
     from common import server
     corpus_entries = server.load_corpus_records(args.corpus) if args.corpus else None
-    service = inference.build_service(loaded, args.temperature, args.batch_size, args.threshold)
+    service = inference.build_service(runner.loaded, args.temperature, args.batch_size, args.threshold)
     corpus = server.build_corpus(service, *corpus_entries) if corpus_entries else None
+    if args.workers > 1:
+        runner.loaded = service = None
+        has_key = server.resolve_api_key(args.api_key) is not None
+        return server.serve(functools.partial(build_app, args, corpus), args.host, args.port, workers=args.workers,
+                            has_key=has_key)
     app = server.create_app(service, api_key=args.api_key, corpus=corpus, **server.work_limit_options(args))
     server.serve(app, args.host, args.port)
     return 0
+
+
+def build_app(args, corpus=None):
+    """The server app for ``args``, with a model of its own (what each --workers process runs)."""
+    from common import server
+    service = inference.build_service(load_model(args), args.temperature, args.batch_size, args.threshold)
+    return server.create_app(service, api_key=args.api_key, corpus=corpus, **server.work_limit_options(args))
 
 
 def check_args(args):
@@ -627,11 +659,11 @@ def check_task_flags(args, task, loaded_toolkit=None):
         raise UserError("--dim is for embeddings printed by infer.py; with --corpus or --serve the full size is "
                         "used (POST /v1/embeddings takes 'dimensions')")
     problem_type = (loaded_toolkit or {}).get("problem_type") or "single_label"
-    for name, problem_types in PROBLEM_TYPE_FLAGS.items():
+    for name, owners in PROBLEM_TYPE_FLAGS.items():
         value = getattr(args, name)
         given = value is not None and not (name == "explain" and value == 0)
-        if given and problem_type not in problem_types and task in ("classification", "longdoc"):
-            raise UserError(f"--{name.replace('_', '-')} is for {' and '.join(problem_types)} models; "
+        if given and problem_type not in owners and task in ("classification", "longdoc"):
+            raise UserError(f"--{name.replace('_', '-')} is for {' and '.join(owners)} models; "
                             f"{args.model_path} is a {problem_type} model")
     if task == "vector" and args.top_k and (args.serve or not args.corpus):
         raise UserError("--top-k for a vector model is the number of --corpus entries listed per input: give "
@@ -641,7 +673,10 @@ def check_task_flags(args, task, loaded_toolkit=None):
 def load_model(args):
     """The model, with --max-length applied (and said, when it differs from the stored value)."""
     loaded = inference.load_model(args.model_path, args.backend, args.device, args.tokenizer_path)
-    check_task_flags(args, loaded.task, loaded.toolkit)
+    check_task_flags(args, model_kind(loaded), loaded.toolkit)
+    if model_kind(loaded) == "rerank" and not args.text_pair and not args.serve:
+        raise UserError(f"{args.model_path} is a reranker: give the document to score with --text-pair "
+                        "(--text is the query)")
     if args.max_length is not None:
         changed = inference.override_max_length(loaded, args.max_length)
         if changed:
@@ -660,7 +695,13 @@ def load_runner(args, generation_settings=None):
     if args.prompt:
         raise UserError(f"--prompt is for causal language models; {args.model_path} is a {loaded.task} model "
                         "(use --text)")
-    return Runner(loaded.task, loaded)
+    return Runner(model_kind(loaded), loaded)
+
+
+def model_kind(loaded):
+    """The model's task, or "rerank" for a classification directory trained as a reranker."""
+    from common.reranking import is_reranker
+    return "rerank" if is_reranker(loaded.toolkit) else loaded.task
 
 
 @report_user_errors
@@ -671,6 +712,7 @@ def main(argv=None):
     if args.output:  # before any work: a bad path must not cost a whole run
         check_output(args)
     args.device = inference.resolve_device(args.device)
+    context = sharding.start_file_run(args)  # under torchrun: this process's share of --file
     causal = generation.is_causal_lm_directory(args.model_path)
     check_temperature(args, causal)
     options, items = None, None
@@ -683,14 +725,16 @@ def main(argv=None):
     # other models load first: a long-document model reads a text file as one document, not as lines
     runner = load_runner(args, options)
     if args.serve:
-        return serve(runner.loaded, args)
+        return serve(runner, args)
     if runner.kind == "vector" and args.corpus:
         runner.corpus = load_search_corpus(runner.loaded, args)
     if interactive:
         return run_interactive(runner, args)
     items = items or collect_inputs(args, runner.kind)
     valid = [item for item in items if not item.error]
-    results = runner.run(valid, args, progress=bool(args.file)) if valid else []
+    results = sharding.run_sharded(context, lambda share: runner.run(share, args, progress=bool(args.file) and context.is_main), valid)
+    if not context.is_main:
+        return 0  # the main process writes every share's results
     emit(items, results, runner.kind, args)
     return report_failures(items)
 

@@ -7,13 +7,19 @@ Example:
 Reads {"text", "label"}, {"message", "context", "label"} or chat {"messages": [...]} records from
 JSON, JSONL, CSV or TSV; writes output/checkpoint-best (a self-describing model directory),
 metrics.json, train_log.jsonl, errors.jsonl and plots. Runs unchanged under torchrun.
+
+A cross-encoder reranker from the vector trainer's pair files ({"query", "document", "rel"} or
+{"query", "pos", "neg"}), evaluated on each query's documents and behind a bi-encoder:
+    python train_classifier.py --problem-type rerank --data-path train.jsonl --val-path valid.jsonl \
+        --test-path test.jsonl --model-name all-MiniLM-L6-v2 --retriever vector_model --output-dir reranker
 """
 import argparse
 import json
 import sys
 from contextlib import nullcontext
+from pathlib import Path
 
-from common.choices import POOLINGS
+from common.choices import POOLINGS, RERANK_LOSSES
 from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args, add_data_text_args, add_flag,
                         add_optimization_args, add_problem_type_args, add_runtime_args, add_vocabulary_args, apply_option_ranges,
                         exit_on_help, parse_bool, parse_with_config, resolve_default_warmup,
@@ -53,6 +59,16 @@ def build_parser():
     add_flag(group, "freeze-backbone", action="store_true", help="train only the head (frozen feature extractor)")
     add_flag(group, "compile", action="store_true", help="torch.compile the model")
     add_problem_type_args(parser)
+    group = parser.add_argument_group("reranker (--problem-type rerank, see docs/train_classifier.md)")
+    add_flag(group, "rerank-loss", choices=RERANK_LOSSES, default="pointwise",
+             help="pointwise: BCE of each pair against rel / max rel; listwise: softmax over one positive and "
+                  "its negatives")
+    add_flag(group, "rerank-group-size", type=int, default=8,
+             help="listwise: pairs per group (one positive, the rest negatives); --batch-size counts groups")
+    add_flag(group, "retriever", help="bi-encoder model directory (train_vector.py): evaluate retrieve-then-rerank "
+                                      "on the test (else validation) pairs")
+    add_flag(group, "rerank-top", type=int, default=50, help="with --retriever: how many retrieved documents "
+                                                              "the reranker reorders")
 
     add_optimization_args(parser, epochs=10, batch_size=32, eval_batch_size=64)
 
@@ -77,7 +93,7 @@ def build_parser():
     group = add_checkpoint_args(parser, logging_steps=100)
     add_flag(group, "metric-for-best-model", default=None, choices=ALL_SELECTABLE_METRICS,
              help="validation metric that picks the best model (default: macro_f1; multi_label: micro_f1; "
-                  "regression: rmse)")
+                  "regression: rmse; rerank: ndcg@10)")
     add_flag(group, "save-strategy", choices=["steps", "no"], default="steps", help="'no' skips step checkpoints")
     add_flag(group, "eval-only", action="store_true", help="evaluate --model-path on --test-path, no training")
     add_flag(group, "model-path", help="model directory for --eval-only")
@@ -115,7 +131,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from common import (adaptation, checkpoints, data, distributed, modeldir, optimization,  # noqa: E402
-                    problem_types, rundir, training)
+                    problem_types, reranking, rundir, training)
 from common.heads import SequenceClassifier  # noqa: E402
 from common.text import build_normalizer  # noqa: E402
 
@@ -152,6 +168,48 @@ def load_splits(args, problem, label_names=None):
     return splits, label_set
 
 
+def load_rerank_splits(args):
+    """A reranker's splits: graded query/document pairs (or query/pos/neg records); without --val-path,
+    whole queries are held out for validation. Returns (splits, label_set of the one score)."""
+    def read(path, split=None, default_splits=("train",)):
+        return reranking.load_rerank_pairs(path, args.skip_invalid, split, default_splits)
+    splits = {"train": read(args.data_path, args.data_split)} if args.data_path else {}
+    if args.val_path:
+        splits["val"] = read(args.val_path, default_splits=VALIDATION_SPLITS)
+    if args.test_path:
+        splits["test"] = read(args.test_path, default_splits=("test",))
+    data.report_skipped(*splits.values())
+    if not args.val_path and "train" in splits:
+        splits["train"], splits["val"] = reranking.split_by_query(splits["train"], args.val_ratio, args.seed)
+    for name, pairs in splits.items():
+        reranking.check_split(pairs, name)
+    return splits, data.LabelSet(["relevance"])
+
+
+def encode_rerank_splits(splits, tokenizer, args, normalize):
+    """Tokenize a reranker's splits once (listwise training: groups of one positive and its negatives).
+    Returns ({split: RerankDataset}, summary lines)."""
+    rel_scale = max(pair.rel for pair in splits["train" if "train" in splits else "test"])
+    datasets, summaries = {}, []
+    for name, pairs in splits.items():
+        groups = None
+        if name == "train" and args.rerank_loss == "listwise":
+            groups = reranking.listwise_groups(pairs, args.rerank_group_size, args.seed)
+        datasets[name] = reranking.build_rerank_dataset(tokenizer, pairs, args.max_length, args.truncation_side,
+                                                        normalize, rel_scale, groups)
+        summaries.append(reranking.summarize(name, pairs, datasets[name], args.max_length))
+    return datasets, summaries
+
+
+def check_retriever(path):
+    """--retriever must be a bi-encoder model directory: checked before training, not after it."""
+    if not Path(path).is_dir():
+        raise UserError(f"--retriever {path}: not a directory (a train_vector.py model directory)")
+    _, toolkit = modeldir.read_model_config(path)
+    if toolkit.get("task") != "vector":
+        raise UserError(f"--retriever {path}: a {toolkit.get('task')} model, not a bi-encoder (vector) model")
+
+
 def encode_splits(splits, tokenizer, args, normalize, label_set, problem):
     """Tokenize every split once; print the dataset summary. Returns {split: EncodedDataset}."""
     datasets, summaries = {}, []
@@ -169,13 +227,20 @@ def encode_splits(splits, tokenizer, args, normalize, label_set, problem):
     return datasets, summaries
 
 
+def build_collator(args):
+    """Pads a batch; a reranker's examples (groups of pairs) are flattened into one batch of pairs."""
+    if args.problem_type == "rerank":
+        return reranking.RerankCollator(args.pad_token_id)
+    return data.PaddingCollator(args.pad_token_id)
+
+
 def build_train_loader(dataset, args, context, sample_weights=None):
     sampler = data.LengthGroupedBatchSampler(
         dataset.lengths, args.batch_size, shuffle=True, seed=args.seed, group_by_length=args.group_by_length,
         rank=context.rank, world_size=context.world_size, sample_weights=sample_weights)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=data.PaddingCollator(
-        args.pad_token_id), num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-        generator=data.private_generator(args.seed))
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=build_collator(args),
+                                       num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+                                       generator=data.private_generator(args.seed))
 
 
 def build_eval_loader(dataset, args, context):
@@ -184,7 +249,7 @@ def build_eval_loader(dataset, args, context):
     lengths = [dataset.lengths[i] for i in shard.indices]
     sampler = data.LengthGroupedBatchSampler(lengths, args.eval_batch_size, shuffle=False)
     return torch.utils.data.DataLoader(shard, batch_sampler=sampler, generator=data.private_generator(args.seed),
-                                       collate_fn=data.PaddingCollator(args.pad_token_id))
+                                       collate_fn=build_collator(args))
 
 
 # ---------------------------------------------------------------- model
@@ -195,11 +260,15 @@ def build_model(args, num_labels, tokenizer):
 
 def build_toolkit_block(args, model, normalize_spec, record_format, problem, temperature=1.0):
     """Everything inference needs to reproduce training-time preprocessing and read the outputs."""
-    return {"task": "classification", "head": model.head_settings, "temperature": temperature,
-            **problem.toolkit_settings(),
-            "preprocessing": {"max_length": args.max_length, "truncation_side": args.truncation_side,
-                              "context": "pair", "context_truncation": "keep_recent_end",
-                              "normalize": normalize_spec, "record_format": record_format}}
+    toolkit = {"task": "classification", "head": model.head_settings, "temperature": temperature,
+               **problem.toolkit_settings(),
+               "preprocessing": {"max_length": args.max_length, "truncation_side": args.truncation_side,
+                                 "context": "pair", "context_truncation": "keep_recent_end",
+                                 "normalize": normalize_spec, "record_format": record_format}}
+    if problem.name == "rerank":  # [CLS] query [SEP] document [SEP]; the document is cut first
+        toolkit["preprocessing"].update(context=reranking.PREPROCESSING_PAIR, context_truncation="document_first",
+                                        record_format="query_document")
+    return toolkit
 
 
 # ---------------------------------------------------------------- evaluation
@@ -447,6 +516,38 @@ def finish_problem_type(args, model, model_dir, toolkit, problem, datasets, spli
     return results
 
 
+def finish_reranker(args, model_dir, splits, context, output_dir, logger, results=None):
+    """Reload the best reranker; ranking metrics on validation and test beside TF-IDF; with --retriever,
+    the retriever's top --rerank-top reordered by the reranker, before and after; metrics.json."""
+    results = dict(results or {})
+    if not context.is_main:
+        return results
+    from common import inference
+    reranker = inference.load_torch_model(model_dir, args.device_obj)
+    scores = {}
+    for split, name in (("val", "validation"), ("test", "test")):
+        if split in splits:
+            results[name], scores[split] = reranking.score_groups(reranker, splits[split], args.eval_batch_size)
+    report_split, report_name = ("test", "test") if "test" in splits else ("val", "validation")
+    pairs = splits[report_split]
+    if args.baseline != "none":
+        from common.baselines import format_comparison, retrieval_baseline
+        results["baseline"] = retrieval_baseline([p.query for p in pairs], [p.document for p in pairs],
+                                                 [p.rel for p in pairs], reranking.EVALUATION_KS)
+        logger.info(f"{report_name} ranking of each query's listed documents:\n" + format_comparison(
+            results[report_name], results["baseline"], ["ndcg@10", "mrr@10", "map@10", "recall@10"]))
+    if args.retriever:
+        retriever = inference.load_model(args.retriever, device=args.device_obj)
+        report = reranking.retrieve_then_rerank(retriever, pairs, scores[report_split], args.rerank_top,
+                                                args.eval_batch_size)
+        report["split"] = report_name
+        report["lowered_ndcg"] = reranking.report_rerank_change(report, logger.info)
+        results["retrieve_then_rerank"] = report
+    (output_dir / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_curves(output_dir)
+    return results
+
+
 def write_curves(output_dir):
     from common.plots import write_training_curves_png
     log_path = output_dir / "train_log.jsonl"
@@ -526,6 +627,8 @@ def run_eval_only(args, context):
     label_names = [config.id2label[index] for index in range(len(config.id2label))]
     args.data_path, args.val_path = None, None
     problem_types.resolve_problem_type(args, toolkit.get("problem_type") or "single_label")
+    if args.problem_type == "rerank":
+        return run_rerank_eval_only(args, context, output_dir)
     problem = problem_types.from_toolkit(toolkit)  # with its stored thresholds or target scaling
     splits, label_set = load_splits(args, problem, label_names)
     preprocessing = toolkit["preprocessing"]
@@ -539,6 +642,17 @@ def run_eval_only(args, context):
     results = finish(args, args.model_path, datasets, splits, label_set, context, output_dir,
                      training.RunLogger(output_dir, context.is_main, describe_evaluation), None, tune=False)
     print(json.dumps({key: results["test"][key] for key in problem.headline_metrics}))
+    return 0
+
+
+def run_rerank_eval_only(args, context, output_dir):
+    """--eval-only for a reranker: ranking metrics on --test-path (and retrieve-then-rerank with --retriever)."""
+    if args.retriever:
+        check_retriever(args.retriever)
+    splits, _ = load_rerank_splits(args)
+    results = finish_reranker(args, args.model_path, splits, context, output_dir,
+                              training.RunLogger(output_dir, context.is_main, describe_evaluation))
+    print(json.dumps({key: results["test"][key] for key in reranking.Rerank.headline_metrics}))
     return 0
 
 
@@ -558,7 +672,10 @@ def run_training(args, context):
     resume_from = checkpoints.find_resume_checkpoint(args.resume, output_dir, args.run_id)
     checkpoints.check_resume(resume_from, args)
     problem = problem_types.from_args(args)
-    splits, label_set = load_splits(args, problem)
+    rerank = problem.name == "rerank"
+    splits, label_set = load_rerank_splits(args) if rerank else load_splits(args, problem)
+    if rerank and args.retriever:
+        check_retriever(args.retriever)
     normalize_spec = None
     if args.normalize:
         from common.text import describe, normalizer_spec
@@ -566,16 +683,21 @@ def run_training(args, context):
         print(f"text normalization: {describe(normalize_spec)} (stored with the model, applied at inference)")
     modeldir.check_max_lengths(args.model_name, args, args.trust_remote_code)
     tokenizer = modeldir.load_tokenizer(args.model_name, args.trust_remote_code)
-    domain_texts = adaptation.prepare_domain(args, tokenizer, [e.text for e in splits["train"]],
-                                             build_normalizer(normalize_spec))
+    training_texts = ([text for pair in splits["train"] for text in (pair.query, pair.document)] if rerank
+                      else [e.text for e in splits["train"]])
+    domain_texts = adaptation.prepare_domain(args, tokenizer, training_texts, build_normalizer(normalize_spec))
     args.pad_token_id = tokenizer.pad_token_id
-    datasets, summaries = encode_splits(splits, tokenizer, args, build_normalizer(normalize_spec), label_set, problem)
+    if rerank:
+        datasets, summaries = encode_rerank_splits(splits, tokenizer, args, build_normalizer(normalize_spec))
+    else:
+        datasets, summaries = encode_splits(splits, tokenizer, args, build_normalizer(normalize_spec), label_set,
+                                            problem)
     problem.fit_training_data(splits["train"], args)  # regression: --standardize-targets' mean and std
     if context.is_main:
-        print(data.format_summary(summaries))
+        print("dataset summary:\n" + "\n".join(summaries) if rerank else data.format_summary(summaries))
 
     # ---- model
-    record_format = getattr(splits["train"], "record_format", "text")
+    record_format = getattr(splits["train"], "record_format", "text")  # a reranker's is query_document
     model = build_model(args, problem.num_outputs(label_set), tokenizer).to(args.device_obj)
     if context.is_main:  # data and model are checked: only now may an earlier run's outputs go
         run_dir.begin()
@@ -599,10 +721,18 @@ def run_training(args, context):
     best_dir = output_dir / "checkpoint-best"
     if not best_dir.is_dir():
         raise UserError("training ended before any evaluation: no checkpoint-best was written")
-    train_labels = np.array([f["labels"] for f in datasets["train"].features])
     untuned_row = logger.untuned_row()
     untuned = {"validation": untuned_row, "beaten": training.compare_with_untuned(
         early_stopping, untuned_row, args.metric_for_best_model, logger)}
+    if rerank:
+        results = finish_reranker(args, best_dir, splits, context, output_dir, logger, {"untuned": untuned})
+        if context.is_main:
+            headline = results.get("test", results["validation"])
+            logger.info(f"best model: {best_dir} ({args.metric_for_best_model} on validation "
+                        f"{early_stopping.best_metric:.4f}); final " +
+                        ", ".join(f"{name} {headline[name]:.4f}" for name in problem.headline_metrics))
+        return 0
+    train_labels = np.array([f["labels"] for f in datasets["train"].features])
     results = finish(args, best_dir, datasets, splits, label_set, context, output_dir, logger, train_labels,
                      {"untuned": untuned})
     if context.is_main:

@@ -18,6 +18,7 @@ every --save_steps (each a model directory with its validation loss), checkpoint
 best_checkpoint.json and train_log.jsonl. Runs under torchrun.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -125,6 +126,9 @@ def build_parser():
              help="requests that may wait for the model (default 256); past it a new one gets 429 at once")
     add_flag(group, "max-batch-tokens", type=int, default=None,
              help="tokens per batch of merged requests (default 16384, as TEI); a longer request runs alone")
+    add_flag(group, "workers", type=int, default=1,
+             help="server processes on the one port, each with its own copy of the model and its share of the "
+                  "CPU cores (docs/infer.md: replicas behind a load balancer)")
     # the untuned encoder competes for checkpoint-best: [UNK]-row starts keep it the base model
     parser.set_defaults(new_token_init="unk")
     # one epoch at 2e-5 barely moves the encoder (bench/README.md, retrieval quality)
@@ -744,7 +748,7 @@ def write_metrics(path, metrics):
 def run_deploy(args):
     from common import inference, server
     server.resolve_api_key(args.api_key)  # a bad key fails before the model loads
-    server.check_work_limits(args.max_queue, args.max_batch_tokens)
+    server.check_work_limits(args.max_queue, args.max_batch_tokens, args.workers)
     directory = args.model_path or resolve_best_model_dir(args.output_dir)
     corpus_entries = server.load_corpus_records(args.corpus, args.skip_invalid) if args.corpus else None
     loaded = inference.load_model(directory, device=str(args.device_obj))
@@ -753,10 +757,28 @@ def run_deploy(args):
     service = inference.VectorService(loaded, args.eval_batch_size)
     print(f"serving {directory} (embedding size {service.dim})", file=sys.stderr)
     corpus = server.build_corpus(service, *corpus_entries) if corpus_entries else None
-    app = server.create_app(service, api_key=args.api_key, max_texts=args.max_texts, max_chars=args.max_chars,
-                            max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, corpus=corpus,
-                            **server.work_limit_options(args))
-    return server.serve(app, args.host, args.port)
+    options = deploy_app_options(args)
+    if args.workers > 1:  # each worker loads its own copy; this one only checked the model and encoded the corpus
+        del loaded, service
+        build_app = functools.partial(build_deploy_app, str(directory), str(args.device_obj), args.eval_batch_size,
+                                      options, corpus)
+        return server.serve(build_app, args.host, args.port, workers=args.workers,
+                            has_key=server.resolve_api_key(args.api_key) is not None)
+    return server.serve(server.create_app(service, corpus=corpus, **options), args.host, args.port)
+
+
+def deploy_app_options(args):
+    """``server.create_app``'s options from the deploy flags (plain values: they travel to --workers processes)."""
+    from common import server
+    return dict(api_key=args.api_key, max_texts=args.max_texts, max_chars=args.max_chars,
+                max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, **server.work_limit_options(args))
+
+
+def build_deploy_app(directory, device, batch_size, options, corpus):
+    """The deploy app with a model of its own (what each --workers process runs)."""
+    from common import inference, server
+    service = inference.VectorService(inference.load_model(directory, device=device), batch_size)
+    return server.create_app(service, corpus=corpus, **options)
 
 
 def run_mining(args):

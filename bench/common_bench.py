@@ -64,6 +64,58 @@ class StepTimer:
         self._handle.remove()
 
 
+# where a training step's self CPU time goes, by operator name (first matching pattern wins)
+PROFILE_CATEGORIES = (
+    ("Python and data loading between ops", ("ProfilerStep",)),  # the step's own self time: no operator ran
+    ("attention (sdpa)", ("scaled_dot_product", "flash_attention", "_efficient_attention")),
+    ("optimizer (AdamW)", ("adam", "_foreach_", "lerp", "addcdiv", "addcmul")),
+    ("matmul (linear layers)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "mkldnn")),
+    ("layer norm", ("layer_norm",)),
+    ("GELU", ("gelu",)),
+    ("dropout", ("dropout", "bernoulli")),
+    ("embeddings", ("embedding", "index_select", "index_add")),
+    ("softmax and loss", ("softmax", "nll_loss", "cross_entropy")),
+    ("gradient clipping and norms", ("norm", "clamp", "_foreach_mul")),
+    ("element-wise and copies", ("aten::add", "aten::mul", "aten::div", "aten::sub", "copy_", "aten::to",
+                                 "aten::clone", "fill_", "zero_", "aten::where", "aten::sum", "aten::mean",
+                                 "aten::tanh", "aten::cat", "aten::empty", "aten::contiguous", "aten::expand")),
+)
+
+
+class StepProfiler:
+    """torch.profiler over ``steps`` optimizer steps after the first ``skip_steps`` of any loop in this process
+    (an optimizer step hook drives its schedule, so the toolkit and the Trainer are cut at the same points)."""
+
+    def __init__(self, skip_steps, steps):
+        from torch.profiler import ProfilerActivity, profile, schedule
+        self.steps = steps
+        self.profiler = profile(activities=[ProfilerActivity.CPU],
+                                schedule=schedule(wait=max(skip_steps - 1, 0), warmup=1, active=steps, repeat=1))
+        self.profiler.start()
+        self._handle = register_optimizer_step_post_hook(lambda *args: self.profiler.step())
+
+    def close(self):
+        self._handle.remove()
+        self.profiler.stop()
+
+    def summary(self, top=15):
+        """{"categories": {name: share of self CPU time}, "per_step_ms": {...}, "top_ops": [...], "table": str}."""
+        events = [event for event in self.profiler.key_averages() if event.self_cpu_time_total > 0]
+        total = sum(event.self_cpu_time_total for event in events)
+        categories = {}
+        for event in events:
+            name = next((category for category, patterns in PROFILE_CATEGORIES
+                         if any(pattern in event.key for pattern in patterns)), "other operators")
+            categories[name] = categories.get(name, 0.0) + event.self_cpu_time_total
+        ranked = sorted(events, key=lambda event: event.self_cpu_time_total, reverse=True)[:top]
+        return {"profiled_steps": self.steps, "self_cpu_ms_per_step": total / 1000 / self.steps,
+                "categories": {name: value / total for name, value in
+                               sorted(categories.items(), key=lambda item: item[1], reverse=True)},
+                "top_ops": [{"op": event.key, "share": event.self_cpu_time_total / total, "calls": event.count}
+                            for event in ranked],
+                "table": self.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)}
+
+
 class BatchRecorder:
     """Wrap a collate function; record samples, real tokens and padded tokens of each batch.
 

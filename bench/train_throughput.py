@@ -64,6 +64,11 @@ def build_parser():
     add("--output-dir", "--output_dir", default="bench/results/train_throughput",
         help="run directories, the bert-base model and results.json go here")
     add("--seed", type=int, default=42, help="seed for sampling, dropout and the random bert-base weights")
+    add("--precision", choices=["fp32", "bf16"], default="fp32",
+        help="both loops: fp32, or bf16 autocast (the toolkit's --precision bf16, the Trainer's bf16=True)")
+    add("--profile-steps", "--profile_steps", type=int, default=0,
+        help="after the timed runs, one more short run of each headline configuration under torch.profiler "
+             "for this many steps (after --timing-warmup): where the per-step time goes")
     add("--worker", help=argparse.SUPPRESS)  # internal: run one configuration in this process
     add("--result-path", "--result_path", help=argparse.SUPPRESS)
     add("--run-dir", "--run_dir", help=argparse.SUPPRESS)
@@ -115,7 +120,7 @@ def run_toolkit(args, flags, patch, steps, recorder_box):
             "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
             "--learning-rate", str(args.learning_rate), "--warmup-ratio", "0.1", "--weight-decay", "0.01",
             "--logging-steps", str(steps), "--save-strategy", "no", "--calibrate", "false", "--patience", "0",
-            "--device", "cpu", "--precision", "fp32", "--seed", str(args.seed), "--output-dir", args.run_dir]
+            "--device", "cpu", "--precision", args.precision, "--seed", str(args.seed), "--output-dir", args.run_dir]
     if train_classifier.main(argv + flags) != 0:
         raise RuntimeError("train_classifier.main failed")
     metrics = json.loads((Path(args.run_dir) / "metrics.json").read_text(encoding="utf-8"))
@@ -153,7 +158,7 @@ def run_trainer(args, sampling, steps, recorder_box):
         output_dir=args.run_dir, per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
         learning_rate=args.learning_rate, weight_decay=0.01, warmup_steps=0.1, max_steps=steps,
         logging_steps=steps, save_strategy="no", eval_strategy="no", report_to="none", seed=args.seed,
-        use_cpu=True, train_sampling_strategy=sampling, disable_tqdm=True)
+        use_cpu=True, train_sampling_strategy=sampling, disable_tqdm=True, bf16=args.precision == "bf16")
     recorder_box.append(common_bench.BatchRecorder(DataCollatorWithPadding(tokenizer)))
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=recorder_box[-1],
                       processing_class=tokenizer)
@@ -172,15 +177,22 @@ def run_worker(args):
     warmup = min(args.timing_warmup + extra_warmup, steps - 1)
     matmul_peak = common_bench.measure_matmul_peak()  # the machine as this run found it (it is shared)
     timer, recorder_box = common_bench.StepTimer(), []
+    profiler = common_bench.StepProfiler(warmup, args.profile_steps) if args.profile_steps else None
     if loop == "toolkit":
         accuracy, attention = run_toolkit(args, option, patch, steps, recorder_box)
     else:
         accuracy, attention = run_trainer(args, option, steps, recorder_box)
     timer.close()
+    if profiler is not None:
+        profiler.close()
     dims = common_bench.encoder_dims(AutoConfig.from_pretrained(args.model))
     result = common_bench.summarize_window(recorder_box[-1], timer, warmup, dims)
     result.update({"config": args.worker, "model": args.model, "accuracy": accuracy, "attention": attention,
-                   "matmul_peak_flops": matmul_peak, "peak_rss_mib": common_bench.peak_rss_mib()})
+                   "matmul_peak_flops": matmul_peak, "peak_rss_mib": common_bench.peak_rss_mib(),
+                   "precision": args.precision})
+    if profiler is not None:
+        result["profile"] = profiler.summary()
+        (Path(args.result_path).parent / "profile.txt").write_text(result["profile"].pop("table"), encoding="utf-8")
     Path(args.result_path).write_text(json.dumps(result, indent=2), encoding="utf-8")
     return 0
 
@@ -220,7 +232,21 @@ def plan_runs(args):
     return runs
 
 
-def run_one(args, label, model, config, steps, index):
+def format_profiles(results):
+    """Per profiled configuration: self CPU ms per step and the share of each category, side by side."""
+    profiled = [result for result in results if "profile" in result]
+    if not profiled:
+        return ""
+    names = list(dict.fromkeys(name for result in profiled for name in result["profile"]["categories"]))
+    lines = [f"{'per-step self CPU time (torch.profiler)':<34} " + " ".join(f"{r['config']:>24}" for r in profiled),
+             f"{'ms per step':<34} " + " ".join(f"{r['profile']['self_cpu_ms_per_step']:>24.0f}" for r in profiled)]
+    for name in names:
+        lines.append(f"{name:<34} " + " ".join(
+            f"{100 * r['profile']['categories'].get(name, 0.0):>23.1f}%" for r in profiled))
+    return "\n".join(lines)
+
+
+def run_one(args, label, model, config, steps, index, profile_steps=0):
     """Start a worker process for one configuration; return its result dict (or None if it failed)."""
     run_dir = Path(args.output_dir) / f"run-{index:02d}-{config}"
     result_path = run_dir / "result.json"
@@ -229,7 +255,8 @@ def run_one(args, label, model, config, steps, index):
                "--steps", str(steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
                "--learning-rate", str(args.learning_rate), "--timing-warmup", str(args.timing_warmup),
                "--data-dir", args.data_dir, "--seed", str(args.seed), "--run-dir", str(run_dir / "output"),
-               "--result-path", str(result_path)]
+               "--result-path", str(result_path), "--precision", args.precision,
+               "--profile-steps", str(profile_steps)]
     started = time.perf_counter()
     with open(run_dir / "log.txt", "w", encoding="utf-8") as log:
         completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
@@ -348,21 +375,30 @@ def main(argv=None):
             results.append(result)
             (Path(args.output_dir) / "partial_results.json").write_text(json.dumps(results, indent=2),
                                                                         encoding="utf-8")
+    profiles = []
+    if args.profile_steps:
+        chosen = [name for name in HEADLINE if name in args.configs.split(",")]
+        for offset, config in enumerate(chosen):
+            result = run_one(args, "MiniLM-L6 (profiled)", args.model, config,
+                             args.timing_warmup + args.profile_steps + 1, 90 + offset, args.profile_steps)
+            profiles += [result] if result is not None else []
     peak = max([peak_before, common_bench.measure_matmul_peak()] + [r["matmul_peak_flops"] for r in results])
     texts, tokenize_seconds = measure_tokenization(args)
     micro = measure_micro_levers(args)
     print(f"\nfp32 matmul peak (best of this run's measurements): {peak / 1e9:.1f} GFLOP/s; batch {args.batch_size}, "
-          f"max_length {args.max_length}, fp32, timing excludes the first {args.timing_warmup} steps")
+          f"max_length {args.max_length}, {args.precision}, timing excludes the first {args.timing_warmup} steps")
     print(format_table(results, peak))
+    if profiles:
+        print("\n" + format_profiles(profiles))
     print(f"\ntokenizing the {texts} training texts in batches of {args.batch_size}: {tokenize_seconds:.2f}s "
           f"(added to every epoch if done in the collator instead of once up front)")
     print(f"host sync (torch.isfinite(loss).item(), once per step): {micro['host_sync_seconds'] * 1e6:.1f} us")
     print(f"one encoder layer, forward+backward, batch {args.batch_size} x 64 tokens: fp32 "
           f"{micro['layer_fp32_seconds'] * 1e3:.0f} ms, bf16 autocast {micro['layer_bf16_seconds'] * 1e3:.0f} ms "
-          f"({micro['layer_bf16_seconds'] / micro['layer_fp32_seconds']:.1f}x slower; native bf16: "
+          f"(bf16 takes {micro['layer_bf16_seconds'] / micro['layer_fp32_seconds']:.2f}x the fp32 time; native bf16: "
           f"{micro['native_bf16']})")
     summary = {"matmul_peak_flops": peak, "tokenize_seconds_per_epoch": tokenize_seconds, "micro": micro,
-               "runs": results,
+               "runs": results, "profiles": profiles,
                "settings": {key: value for key, value in vars(args).items() if key not in ("worker", "result_path")}}
     (Path(args.output_dir) / "results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return 0 if results else 1

@@ -15,10 +15,12 @@ CHUNK_SELECTIONS = ("spread", "head-tail", "head")
 # not the model
 MAX_RETURN_SEQUENCES = 64
 # problem_types.py: what the classification head predicts (stored as toolkit["problem_type"];
-# a model directory without it is single_label)
-PROBLEM_TYPES = ("single_label", "multi_label", "regression")
+# a model directory without it is single_label); rerank: a query/document pair scored by one logit
+# (common/reranking.py)
+PROBLEM_TYPES = ("single_label", "multi_label", "regression", "rerank")
 THRESHOLD_STRATEGIES = ("per_label", "global")  # problem_types.py: multi-label thresholds tuned on validation
 REGRESSION_LOSSES = ("mse", "huber")
+RERANK_LOSSES = ("pointwise", "listwise")  # reranking.py: BCE on graded relevance, softmax over a group
 # validation metrics that can pick the best model (--metric-for-best-model), per problem type;
 # the first is the default. metrics.selection_mode says which are minimised.
 SINGLE_LABEL_METRICS = ("macro_f1", "accuracy", "weighted_f1", "loss", "macro_precision", "macro_recall",
@@ -26,5 +28,6 @@ SINGLE_LABEL_METRICS = ("macro_f1", "accuracy", "weighted_f1", "loss", "macro_pr
 MULTI_LABEL_METRICS = ("micro_f1", "macro_f1", "weighted_f1", "samples_f1", "subset_accuracy", "hamming_loss",
                        "loss")
 REGRESSION_METRICS = ("rmse", "mae", "pearson", "spearman", "loss")
+RERANK_METRICS = ("ndcg@10", "mrr@10", "map@10", "recall@10", "loss")  # ranking.py, each query's documents
 METRICS_BY_PROBLEM_TYPE = {"single_label": SINGLE_LABEL_METRICS, "multi_label": MULTI_LABEL_METRICS,
-                           "regression": REGRESSION_METRICS}
+                           "regression": REGRESSION_METRICS, "rerank": RERANK_METRICS}

@@ -111,6 +111,7 @@ OPTION_RANGES = {
     "relevance_threshold": bounded(float), "port": bounded(int, minimum=1, maximum=65535),
     "max_texts": bounded(int, minimum=1), "max_chars": bounded(int, minimum=1),
     "max_batch_size": bounded(int, minimum=1), "batch_wait_ms": bounded(float, minimum=0.0, maximum=10000.0),
+    "rerank_group_size": bounded(int, minimum=2, maximum=1024), "rerank_top": bounded(int, minimum=1),
 }
 
 
@@ -385,8 +386,8 @@ def add_problem_type_args(parser):
     group = parser.add_argument_group("problem type (see docs/train_classifier.md)")
     add_flag(group, "problem-type", choices=PROBLEM_TYPES, default=None,
              help="single_label: one class per text; multi_label: any number of labels (a list, or names joined "
-                  "by --label-separator); regression: a number per text (default: single_label, or for "
-                  "--eval-only the model's own)")
+                  "by --label-separator); regression: a number per text; rerank (train_classifier.py): a cross-encoder "
+                  "scoring query/document pairs (default: single_label, or for --eval-only the model's own)")
     add_flag(group, "label-separator", default=",", help="multi_label: separator of label names in one string "
              "(CSV/TSV cells, chat answers)")
     add_flag(group, "threshold-strategy", choices=THRESHOLD_STRATEGIES, default="per_label",

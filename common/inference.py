@@ -357,6 +357,41 @@ def classify(loaded, texts, contexts=None, temperature=None, batch_size=32, top_
             for text, context, row in zip(texts, contexts, logits)]
 
 
+# ---------------------------------------------------------------- rerankers
+
+RERANK_PROBLEM_TYPE = "rerank"
+
+
+def is_reranker(loaded):
+    """A classification model trained to score (query, document) pairs: ``toolkit["problem_type"] == "rerank"``."""
+    return loaded.task == "classification" and loaded.toolkit.get("problem_type") == RERANK_PROBLEM_TYPE
+
+
+def check_reranker(loaded):
+    """A reranker's head has one output (the relevance logit); anything else is a mislabelled directory."""
+    if len(loaded.id2label) != 1:
+        raise UserError(f"{loaded.source}: toolkit.problem_type is 'rerank' but the head has {len(loaded.id2label)} "
+                        "outputs; a reranker has one (num_labels 1)")
+    return loaded
+
+
+def encode_rerank_pairs(loaded, queries, documents):
+    """Encode (query, document) pairs as the classifier's pair input: the query is the text, the document its
+    context. Serving must encode exactly as the reranker trainer does: the one place to change if it differs."""
+    return encode_inputs(loaded, list(queries), list(documents))
+
+
+def rerank_logits(loaded, queries, documents, batch_size=32, sort_by_length=True, progress=False):
+    """One relevance logit per (query, document) pair, (n,) float32; the score is its sigmoid."""
+    features = encode_rerank_pairs(loaded, queries, documents)
+    return check_finite_outputs(run_batched(loaded, features, batch_size, sort_by_length, progress), loaded)[:, 0]
+
+
+def sigmoid(values):
+    """Element-wise logistic function, stable for large magnitudes (tanh form: no exp overflow)."""
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(values, dtype=np.float64)))
+
+
 # ---------------------------------------------------------------- vectors
 
 def vector_max_length(loaded, side="query"):
@@ -536,8 +571,49 @@ class VectorService:
         return [len(feature["input_ids"]) for feature in features]
 
 
+class RerankService:
+    """The server's view of a reranker: info(), rerank() and count_tokens() over (query, document) pairs."""
+    kind = "rerank"
+
+    def __init__(self, loaded, batch_size=32):
+        self.loaded = check_reranker(loaded)
+        self.batch_size = batch_size
+
+    @property
+    def max_length(self):
+        return self.loaded.preprocessing.get("max_length", 128)
+
+    def info(self):
+        return {"kind": self.kind, "task": self.loaded.task, "backend": self.loaded.backend,
+                "model": Path(self.loaded.source).name, "max_length": self.max_length}
+
+    def rerank(self, queries, documents):
+        """Relevance logits of the pairs, as floats."""
+        check_texts(queries, "query")
+        check_texts(documents)
+        return rerank_logits(self.loaded, queries, documents, self.batch_size).tolist()
+
+    def count_tokens(self, queries, documents, truncate=True):
+        """Tokens per pair as the model sees them; with ``truncate`` False, before truncation (to refuse
+        pairs longer than ``max_length``; a pair that fits is encoded whole, so the counts agree)."""
+        check_texts(queries, "query")
+        check_texts(documents)
+        if truncate:
+            return [len(feature["input_ids"]) for feature in encode_rerank_pairs(self.loaded, queries, documents)]
+        normalize = build_normalizer(self.loaded.preprocessing.get("normalize"))
+        backend = data.backend_tokenizer(self.loaded.tokenizer)
+        special = self.loaded.tokenizer.num_special_tokens_to_add(pair=True)
+        query_lengths, document_lengths = (
+            [len(encoding.ids) for encoding in backend.encode_batch([normalize(text) for text in texts],
+                                                                     add_special_tokens=False)]
+            for texts in (queries, documents))
+        return [query + document + special for query, document in zip(query_lengths, document_lengths)]
+
+
 def build_service(loaded, temperature=None, batch_size=32, threshold=None):
     """The service matching the model's task (``threshold``: a multi-label model's, for every label)."""
+    if is_reranker(loaded):
+        return RerankService(loaded, batch_size)
     if loaded.task == "vector":
         return VectorService(loaded, batch_size)
     if loaded.task == "longdoc":

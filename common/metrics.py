@@ -1,17 +1,14 @@
 """Classification metrics (scikit-learn) and their printed report."""
 import numpy as np
 
-from common.choices import METRICS_BY_PROBLEM_TYPE, SINGLE_LABEL_METRICS
+from common.choices import METRICS_BY_PROBLEM_TYPE
 
 # sklearn is imported inside the functions that use it: importing it costs ~2 s, which every
 # script's --help and every bad-flag error would otherwise wait for.
 
-# validation metrics that can pick the best model (--metric-for-best-model); "loss" is minimised
-SELECTABLE_METRICS = SINGLE_LABEL_METRICS
 # --metric-for-best-model's choices: every problem type's (problem_types.check_metric narrows them)
 ALL_SELECTABLE_METRICS = tuple(dict.fromkeys(name for names in METRICS_BY_PROBLEM_TYPE.values() for name in names))
 MINIMISED_METRICS = ("loss", "hamming_loss", "mae", "rmse")
-LOGGED_METRICS = ("loss", "accuracy", "macro_f1")  # in every evaluation row of the classification trainers
 
 
 def selection_mode(metric_name):

@@ -9,14 +9,19 @@ to its class; a model directory without that field is ``single_label``. A new pr
 is one more class with the same methods and one more entry in ``PROBLEM_TYPES`` (and in
 common/choices.py).
 """
+import json
+import math
+import sys
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import data
+from common import data, techniques
 from common.choices import METRICS_BY_PROBLEM_TYPE
 from common.errors import UserError
 from common.metrics import classification_metrics, multilabel_metrics, regression_metrics
+from common.reranking import Rerank
 
 DEFAULT_THRESHOLD = 0.5
 GLOBAL_THRESHOLD_CANDIDATES = 512  # probability quantiles tried by --threshold-strategy global
@@ -79,7 +84,6 @@ class SingleLabel:
 
     def build_training_loss(self, args, train_targets, num_labels):
         """Cross-entropy or focal loss with the class-weight and smoothing flags (common/techniques.py)."""
-        from common import techniques
         counts = np.bincount(train_targets, minlength=num_labels)
         scheme = _flag(args, "class_weights")
         class_weights = techniques.compute_class_weights(counts, scheme, _flag(args, "class_weights_beta"))
@@ -91,8 +95,7 @@ class SingleLabel:
 
     def consistency(self, logits_a, logits_b):
         """R-Drop's term between two dropout passes: the symmetric KL of the two softmaxes."""
-        from common.techniques import symmetric_kl
-        return symmetric_kl(logits_a, logits_b)
+        return techniques.symmetric_kl(logits_a, logits_b)
 
     def evaluation_metrics(self, logits, targets, label_names, loss_fn=None):
         """Metrics of logits (examples, labels) against target ids, with the plain (or given) loss."""
@@ -112,9 +115,15 @@ class SingleLabel:
 
     def result(self, text, context, logits, label_names, temperature=1.0, top_k=None, threshold=None):
         """One prediction (see inference.classification_result)."""
-        from common.inference import classification_result, softmax
+        from common.inference import classification_result, softmax  # inference imports this module
         return classification_result(text, context, softmax(logits[None], temperature)[0], label_names, temperature,
                                      top_k)
+
+    @staticmethod
+    def decision_lines(result):
+        """What infer.py prints for the prediction itself."""
+        return [f"temperature: {result['temperature']}", f"predicted: {result['label']} (id {result['label_id']}, "
+                                                          f"probability {result['probability']:.4f})"]
 
 
 class MultiLabel(SingleLabel):
@@ -183,7 +192,6 @@ class MultiLabel(SingleLabel):
 
     def check_coverage(self, train_examples, val_examples, label_set):
         """Warn about labels no training (or validation) record carries: they cannot be learned (or tuned)."""
-        import sys
         for split, examples in (("training", train_examples), ("validation", val_examples)):
             present = {label for example in examples for label in example.label}
             missing = [name for index, name in enumerate(label_set.names) if index not in present]
@@ -347,10 +355,13 @@ class MultiLabel(SingleLabel):
                                for i in ranked]
         return result
 
+    @staticmethod
+    def decision_lines(result):
+        return [f"predicted labels: {', '.join(result['labels']) or '(none above threshold)'}"]
+
 
 def random_split(examples, val_ratio, seed):
     """(train, validation) at random, at least one record in each (scikit-learn)."""
-    import math
     from sklearn.model_selection import train_test_split
     if len(examples) < 2:
         raise UserError("one record cannot be split into training and validation: add data or pass --val-path")
@@ -528,8 +539,18 @@ class Regression(SingleLabel):
         result.update({"problem_type": self.name, "score": round(float(self.comparable_outputs(logits)[0]), 6)})
         return result
 
+    @staticmethod
+    def decision_lines(result):
+        return [f"score: {result['score']:.6g}"]
 
-PROBLEM_TYPES = {"single_label": SingleLabel, "multi_label": MultiLabel, "regression": Regression}
+
+PROBLEM_TYPES = {"single_label": SingleLabel, "multi_label": MultiLabel, "regression": Regression,
+                 "rerank": Rerank}
+
+
+def of_result(result):
+    """The problem type (class) of a prediction ``result``: single-label results name none."""
+    return PROBLEM_TYPES[result.get("problem_type", "single_label")]
 
 
 def from_toolkit(toolkit):
@@ -581,7 +602,6 @@ def final_results(problem, results, evaluated, label_names, train_targets, args,
 
 def write_error_rows(path, rows):
     """errors.jsonl: one JSON object per row."""
-    import json
     with open(path, "w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -600,7 +620,8 @@ def check_metric(args):
 # flags that belong to one problem type, with their defaults: set for another, they are refused
 FOREIGN_FLAGS = {"threshold_strategy": ("multi_label", "per_label"), "label_separator": ("multi_label", ","),
                  "standardize_targets": ("regression", False), "regression_loss": ("regression", "mse"),
-                 "huber_delta": ("regression", 1.0)}
+                 "huber_delta": ("regression", 1.0), "rerank_loss": ("rerank", "pointwise"),
+                 "rerank_group_size": ("rerank", 8), "retriever": ("rerank", None), "rerank_top": ("rerank", 50)}
 
 
 # the technique flags train_longdoc.py does not have, at the values that mean "off"

@@ -101,7 +101,7 @@ def prepare_run_dir(path, flag, script, inputs=(), overwrite=False, resume=None)
 
 
 INPUT_OPTIONS = ("data_path", "train_path", "val_path", "test_path", "config", "model_name", "model_path", "corpus",
-                 "unlabeled_path")
+                 "unlabeled_path", "retriever")
 
 
 def input_options(args):

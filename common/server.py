@@ -1,15 +1,17 @@
 """The HTTP server shared by ``train_vector.py --mode deploy`` and ``infer.py --serve``.
 
 ``create_app(service)`` builds a FastAPI app around a service object:
-  service.kind         "vector" | "classification" | "longdoc"
+  service.kind         "vector" | "classification" | "longdoc" | "rerank"
   service.info()       -> dict shown by GET /info
   service.encode(texts) -> list of embeddings                       (vector)
   service.encode_documents(texts) -> embeddings, optional            (vector; else encode)
   service.predict(texts, contexts) -> list of result dicts          (classification, longdoc)
+  service.rerank(queries, documents) -> list of relevance logits    (rerank)
   service.count_tokens(texts, side) / (texts, contexts) -> tokens per text, optional (usage, metrics, budget)
 Routes: GET /health (never needs a key), GET /info, GET /metrics (Prometheus); vector: POST /encode,
 /similarity, /search (with a corpus), /v1/embeddings (OpenAI's shape); classification/longdoc:
-POST /predict. OpenAPI docs at /docs.
+POST /predict; rerank: POST /rerank (TEI's shape). A route for another kind of model answers 404
+with a one-line detail naming the kind it needs. OpenAPI docs at /docs.
 
 Bad input never gets a 5xx: malformed JSON, wrong types and text that is not valid Unicode (a
 lone surrogate such as JSON's "\\ud800") answer 422, too many texts, too-long texts or an oversize
@@ -26,11 +28,16 @@ import asyncio
 import base64
 import http
 import json
+import multiprocessing
 import os
 import secrets
+import signal
+import socket
 import sys
+import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
@@ -42,7 +49,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
                                generate_latest)
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt,
+                      StrictStr)
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -116,6 +124,18 @@ class SearchRequest(StrictRequest):
 class PredictRequest(StrictRequest):
     texts: list[Text] = Field(min_length=1, description="texts to classify")
     contexts: list[Text | None] | None = Field(default=None, description="optional context per text")
+
+
+class RerankRequest(StrictRequest):
+    """text-embeddings-inference's rerank request (its ``truncation_direction`` is left out: the model's stored
+    truncation side applies)."""
+    query: Text = Field(description="the query text")
+    texts: list[Text] = Field(min_length=1, description="documents to score against the query")
+    top_n: int | None = Field(default=None, ge=1, strict=True, description="return only the n best (default: all)")
+    return_text: StrictBool = Field(default=False, description="echo each document's text in its result")
+    raw_scores: StrictBool = Field(default=False, description="the logit instead of its sigmoid")
+    truncate: StrictBool = Field(
+        default=True, description="cut pairs longer than the model's max length (false: such a pair answers 413)")
 
 
 def refuse_token_ids(value):
@@ -227,6 +247,9 @@ class MicroBatcher:
         self.queue = None
         self.worker = None
         self.backlog = deque()  # jobs taken off the queue but not yet run (another method, or no room)
+        # batches run one at a time, so one thread runs them all: the model's allocations then stay in one
+        # malloc arena (spread over the default pool's threads, resident memory crept up batch after batch)
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     def _ensure_worker(self):
         """Start the worker in the running loop (again if a test client opened a new loop)."""
@@ -310,7 +333,8 @@ class MicroBatcher:
         items = [item for job in jobs for item in job.items]
         started = time.perf_counter()
         try:
-            results, error = await asyncio.to_thread(function, items), None
+            results = await asyncio.get_running_loop().run_in_executor(self.model_thread, function, items)
+            error = None
         except Exception as caught:  # noqa: BLE001 - handed to the request that caused it
             results, error = None, caught
         if self.metrics is not None:
@@ -529,9 +553,9 @@ def resolve_api_key(api_key):
     return key
 
 
-def check_work_limits(max_queue, max_batch_tokens):
-    """Refuse a queue limit or token budget below 1 (None means none) before the model loads."""
-    for flag, value in (("--max-queue", max_queue), ("--max-batch-tokens", max_batch_tokens)):
+def check_work_limits(max_queue, max_batch_tokens, workers=1):
+    """Refuse a queue limit, token budget or worker count below 1 (None means none) before the model loads."""
+    for flag, value in (("--max-queue", max_queue), ("--max-batch-tokens", max_batch_tokens), ("--workers", workers)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise UserError(f"{flag} {value}: must be a whole number >= 1")
 
@@ -565,6 +589,9 @@ def create_app(service, *, api_key=None, max_texts=64, max_chars=10000, max_batc
     if service.kind == "vector":
         functions = {"encode": service.encode,
                      "encode_documents": getattr(service, "encode_documents", service.encode)}
+    elif service.kind == "rerank":
+        functions = {"rerank": lambda items: service.rerank([query for query, _ in items],
+                                                            [document for _, document in items])}
     else:
         functions = {"predict": lambda items: service.predict([text for text, _ in items],
                                                               [context for _, context in items])}
@@ -615,7 +642,8 @@ def create_app(service, *, api_key=None, max_texts=64, max_chars=10000, max_batc
     async def info():
         details = dict(service.info())
         details.update({"max_texts": max_texts, "max_chars": max_chars, "max_batch_size": max_batch_size,
-                        "max_batch_tokens": max_batch_tokens, "max_queue": max_queue})
+                        "max_batch_tokens": max_batch_tokens, "max_queue": max_queue,
+                        "pid": os.getpid()})  # which worker answered, with --workers
         if service.kind == "vector":
             details["corpus_size"] = len(corpus.ids) if corpus is not None else 0
         return details
@@ -626,8 +654,11 @@ def create_app(service, *, api_key=None, max_texts=64, max_chars=10000, max_batc
 
     if service.kind == "vector":
         add_vector_routes(app, service, batcher, check_limits, corpus)
+    elif service.kind == "rerank":
+        add_rerank_route(app, service, batcher, check_limits)
     else:
         add_predict_route(app, service, batcher, check_limits, max_chars)
+    add_unserved_routes(app, service.kind)
     metrics.routes.update(route.path for route in app.routes)
     return app
 
@@ -717,6 +748,54 @@ def add_predict_route(app, service, batcher, check_limits, max_chars):
         tokens = await count_tokens(service, batcher, request.texts, contexts)
         results = await batcher.submit("predict", list(zip(request.texts, contexts)), tokens)
         return {"predictions": results}
+
+
+def add_rerank_route(app, service, batcher, check_limits):
+    """POST /rerank in text-embeddings-inference's shape, for a reranker: the texts' indices, best first."""
+    @app.post("/rerank")
+    async def rerank(request: RerankRequest):
+        check_limits([request.query], "query")
+        check_limits(request.texts)
+        queries = [request.query] * len(request.texts)
+        tokens = await count_tokens(service, batcher, queries, request.texts, request.truncate)
+        if not request.truncate:
+            refuse_long_pairs(tokens, service.max_length)
+        logits = np.asarray(await batcher.submit("rerank", list(zip(queries, request.texts)), tokens))
+        scores = logits if request.raw_scores else inference.sigmoid(logits)
+        ranking = np.argsort(-scores, kind="stable")[:request.top_n]
+        return [{"index": int(index), "score": float(scores[index]),
+                 **({"text": request.texts[index]} if request.return_text else {})} for index in ranking]
+
+
+def refuse_long_pairs(tokens, max_length):
+    """With ``truncate: false`` a pair over the model's max length is the client's 413, as in TEI."""
+    for index, count in enumerate(tokens or ()):
+        if count > max_length:
+            raise HTTPException(413, f"texts[{index}]: the query and this text are {count} tokens, the model takes "
+                                     f"{max_length}; send truncate: true to cut it")
+
+
+# the model kinds each route is for: on a server for another kind it answers 404 saying so
+ROUTE_KINDS = {"/encode": ("vector",), "/similarity": ("vector",), "/search": ("vector",),
+               "/v1/embeddings": ("vector",), "/predict": ("classification", "longdoc"), "/rerank": ("rerank",)}
+
+
+def add_unserved_routes(app, kind):
+    """POST routes of the other kinds of model, each a 404 naming the kind it needs (not a bare "Not Found")."""
+    served = {route.path for route in app.routes}
+    for path, kinds in ROUTE_KINDS.items():
+        if path in served:
+            continue
+        detail = (f"POST {path} is for {' and '.join(kinds)} models; this server runs a {kind} model "
+                  "(GET /info lists it)")
+        app.add_api_route(path, refusal(404, detail), methods=["POST"], include_in_schema=False)
+
+
+def refusal(status, detail):
+    """An endpoint that answers ``status`` with ``detail`` whatever it is sent (its body is not read)."""
+    async def refuse():
+        raise HTTPException(status, detail)
+    return refuse
 
 
 def install_error_handlers(app):
@@ -861,14 +940,115 @@ def build_server(app, host=DEFAULT_HOST, port=8000, graceful_seconds=GRACEFUL_SH
 
 
 def serve(app, host=DEFAULT_HOST, port=8000, graceful_seconds=GRACEFUL_SHUTDOWN_SECONDS, log_level="info",
-          **limits):
+          workers=1, has_key=None, **limits):
     """Run uvicorn; on SIGTERM/SIGINT it stops accepting, finishes in-flight requests, then exits.
 
+    ``workers`` > 1: ``app`` is a picklable zero-argument callable that builds the app, called in
+    each of ``workers`` processes (see ``serve_workers``); ``has_key`` says whether it needs an API key.
     ``limits`` (header_timeout, body_timeout, max_connections) default to the module's constants.
     """
+    has_key = getattr(getattr(app, "state", None), "has_key", False) if has_key is None else has_key
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}: reachable from other machines"
-              + ("" if getattr(app.state, "has_key", False) else " without an API key (consider --api-key)"),
-              file=sys.stderr)
+              + ("" if has_key else " without an API key (consider --api-key)"), file=sys.stderr)
+    if workers > 1:
+        return serve_workers(app, workers, host, port, graceful_seconds, log_level, **limits)
     build_server(app, host, port, graceful_seconds, log_level, **limits).run()
     return 0
+
+
+# ---------------------------------------------------------------- several worker processes
+
+WORKER_STARTUP_FAILED = 2  # a worker's app could not be built (a UserError): every worker would fail the same way
+WORKER_POLL_SECONDS = 0.5
+
+
+def bind_shared_port(host, port):
+    """A TCP socket bound to (host, port) with SO_REUSEPORT: every worker binds one and the kernel spreads new
+    connections across them by their address hash (a shared accept queue would wake them all for each one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise UserError(f"--port {port}: cannot listen on {host} ({error.strerror or error})") from None
+    return sock
+
+
+def serve_workers(build_app, workers, host=DEFAULT_HOST, port=8000, graceful_seconds=GRACEFUL_SHUTDOWN_SECONDS,
+                  log_level="info", **limits):
+    """Run ``workers`` server processes on one port (SO_REUSEPORT), each with its own model and micro-batcher.
+
+    The processes are started with "spawn" (a fresh interpreter: no torch state forked mid-use) and each
+    calls ``build_app()``. A worker that dies after building its app is started again; one that dies
+    before stops them all (exit 2 for a UserError, else 1), since every new one would die the same way.
+    SIGTERM or SIGINT here is passed on once as SIGTERM, so each worker drains its requests in flight,
+    as a single server does. Each worker uses its share of the CPU cores for the model.
+    """
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise UserError("--workers: this platform has no SO_REUSEPORT; run one server per port behind a "
+                        "load balancer instead")
+    bind_shared_port(host, port).close()  # the port is free (or this fails with one line) before any model loads
+    context = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    settings = (build_app, host, port, graceful_seconds, log_level, limits, threads, os.getpid())
+
+    def start_worker():
+        ready = context.Event()  # set by the worker once its app is built
+        process = context.Process(target=run_worker, args=(*settings, ready), daemon=False)
+        process.start()
+        return process, ready
+
+    stopping = threading.Event()
+    previous = {signum: signal.signal(signum, lambda *_: stopping.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
+    workers_started, exit_code = [start_worker() for _ in range(workers)], 0
+    try:
+        while not stopping.wait(WORKER_POLL_SECONDS):
+            for index, (process, ready) in enumerate(workers_started):
+                if process.is_alive():
+                    continue
+                if not ready.is_set():
+                    exit_code = WORKER_STARTUP_FAILED if process.exitcode == WORKER_STARTUP_FAILED else 1
+                    stopping.set()
+                    break
+                print(f"worker {process.pid} exited ({process.exitcode}); starting another", file=sys.stderr)
+                workers_started[index] = start_worker()
+    finally:
+        processes = [process for process, _ in workers_started]
+        for process in processes:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+        for process in processes:
+            process.join(graceful_seconds + 10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return exit_code
+
+
+def run_worker(build_app, host, port, graceful_seconds, log_level, limits, threads, parent_pid, ready):
+    """One worker process: build the app (then set ``ready``), and serve it on its own SO_REUSEPORT socket until
+    SIGTERM."""
+    os.setpgrp()  # Ctrl-C reaches the parent only, which passes on one SIGTERM (two would cut requests short)
+    threading.Thread(target=exit_with_parent, args=(parent_pid,), daemon=True).start()
+    import torch
+    torch.set_num_threads(threads)
+    try:
+        app = build_app()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(WORKER_STARTUP_FAILED) from None
+    ready.set()
+    build_server(app, host, port, graceful_seconds, log_level, **limits).run(sockets=[bind_shared_port(host, port)])
+
+
+def exit_with_parent(parent_pid):
+    """Stop this worker (gracefully) when the process that started it is gone, even after a SIGKILL."""
+    while os.getppid() == parent_pid:
+        time.sleep(1)
+    os.kill(os.getpid(), signal.SIGTERM)

@@ -9,7 +9,13 @@
 #   python_command SCRIPT                     python SCRIPT, or torchrun with NPROC processes when NPROC > 1
 # Settings every wrapper shares (environment variables):
 #   PYTHON      interpreter (default: python)
-#   NPROC       processes for a training run, one per GPU (default 1; > 1 starts torchrun)
+#   NPROC       processes for a training run per machine, one per GPU (default 1; > 1 starts torchrun)
+# More than one machine (run the same wrapper on each, with the same settings but NODE_RANK):
+#   NNODES      machines taking part (default 1; > 1 starts torchrun even with NPROC=1)
+#   NODE_RANK   this machine's rank, 0 to NNODES-1 (rank 0 hosts the rendezvous and writes the outputs)
+#   MASTER_ADDR, MASTER_PORT   address and free port of the NODE_RANK=0 machine (port default 29500)
+#   RDZV_ENDPOINT  host:port of a c10d rendezvous instead (elastic: no NODE_RANK needed); RDZV_ID names
+#               the job (default: toolkit)
 #   START_WAIT  seconds to watch a background job for a failed start (default 20; 0: do not wait)
 #   DRY_RUN=1   print the command instead of running it
 # Settings of the classification trainers (train_classifier.sh, train_longdoc.sh), read by start_training:
@@ -23,6 +29,7 @@
 
 PYTHON=${PYTHON:-python}
 NPROC=${NPROC:-1}
+NNODES=${NNODES:-1}
 START_WAIT=${START_WAIT:-20}
 
 # A mistyped count is one line naming it, not a bash arithmetic error later or (NPROC=two)
@@ -36,11 +43,36 @@ require_count() {  # NAME VALUE SMALLEST
   exit 2
 }
 require_count NPROC "$NPROC" 1
+require_count NNODES "$NNODES" 1
 require_count START_WAIT "$START_WAIT" 0
 
+# torchrun's rendezvous flags: one machine (--standalone), several with a c10d endpoint, or several
+# with a fixed master (NODE_RANK, MASTER_ADDR, MASTER_PORT, as torchrun's static rendezvous).
+rendezvous_flags() {
+  if [ "$NNODES" -eq 1 ]; then
+    RENDEZVOUS=(--standalone)
+  elif [ -n "${RDZV_ENDPOINT:-}" ]; then
+    RENDEZVOUS=(--nnodes "$NNODES" --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "${RDZV_ID:-toolkit}")
+  else
+    if [ -z "${NODE_RANK:-}" ] || [ -z "${MASTER_ADDR:-}" ]; then
+      echo "error: NNODES=$NNODES needs NODE_RANK and MASTER_ADDR (the NODE_RANK=0 machine), or RDZV_ENDPOINT" >&2
+      exit 2
+    fi
+    require_count NODE_RANK "$NODE_RANK" 0
+    if [ "$NODE_RANK" -ge "$NNODES" ]; then
+      echo "error: NODE_RANK must be below NNODES=$NNODES (got '$NODE_RANK')" >&2
+      exit 2
+    fi
+    require_count MASTER_PORT "${MASTER_PORT:-29500}" 1
+    RENDEZVOUS=(--nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR"
+                --master_port "${MASTER_PORT:-29500}")
+  fi
+}
+
 python_command() {
-  if [ "$NPROC" -gt 1 ]; then
-    COMMAND=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$1")
+  if [ "$NPROC" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
+    rendezvous_flags
+    COMMAND=("$PYTHON" -m torch.distributed.run "${RENDEZVOUS[@]}" --nproc_per_node "$NPROC" "$1")
   else
     COMMAND=("$PYTHON" "$1")
   fi

@@ -10,20 +10,22 @@ source scripts/_start.sh
 MODEL_PATH=${MODEL_PATH:-./output/classifier/checkpoint-best}
 OUTPUT_PATH=${OUTPUT_PATH:-./models/model.onnx}
 VALIDATION_FILE=${VALIDATION_FILE:-}          # labelled records; required to gate --quantize int8
-QUANTIZE=${QUANTIZE:-none}                    # none | int8
+QUANTIZE=${QUANTIZE:-none}                    # none | int8 (the fastest recipe that passes the gate)
+OPTIMIZE=${OPTIMIZE:-auto}                    # auto (whichever is faster here) | true | false
 DEVICE=${DEVICE:-cpu}                         # the parity run; auto: CUDA when onnxruntime-gpu and a GPU exist
 LOG_FILE=${LOG_FILE:-export_onnx.log}
 
 run_command "$PYTHON" export_onnx.py \
   --model-path "$MODEL_PATH" \
   --output-path "$OUTPUT_PATH" \
-  --optimize true \
+  --optimize "$OPTIMIZE" \
   --quantize "$QUANTIZE" \
   --opset 17 \
   --exporter torchscript \
   --device "$DEVICE" \
   --tolerance 1e-4 \
-  --max-metric-drop 0.01 \
+  --max-metric-drop 0.005 \
+  --min-label-agreement 0.99 \
   ${VALIDATION_FILE:+--validation-file "$VALIDATION_FILE"} \
   "$@" \
   2>&1 | tee "$LOG_FILE"

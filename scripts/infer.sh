@@ -4,7 +4,7 @@
 #   MODEL_PATH=models/model.onnx INPUT_FILE=data/test.jsonl bash scripts/infer.sh --batch-size 128
 #   TEXT= bash scripts/infer.sh          # no text: on a terminal, type texts and see each answer
 # Preprocessing comes from the model itself. A file run goes to the background; one that fails in its
-# first seconds prints its error and exits non-zero.
+# first seconds prints its error and exits non-zero. NPROC=2 shards a file run over 2 torchrun processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_start.sh
@@ -27,7 +27,9 @@ if [ -z "$INPUT_FILE" ]; then
   exit 0
 fi
 
-start_in_background inference "$LOG_FILE" "$PYTHON" infer.py \
+# NPROC > 1 (or NNODES > 1) shards the file across torchrun processes; one output, in input order
+python_command infer.py
+start_in_background inference "$LOG_FILE" "${COMMAND[@]}" \
   --model-path "$MODEL_PATH" \
   --backend auto \
   --device "$DEVICE" \

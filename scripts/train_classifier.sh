@@ -3,7 +3,8 @@
 # train_classifier.py flag after the script's name; flags given there override the defaults below:
 #   MODEL_NAME=./models/bert DATA_PATH=data/train.jsonl bash scripts/train_classifier.sh --epochs 5 --fp16
 # Also read: VAL_PATH, TEST_PATH, TEXT_FIELD, LABEL_FIELD, DEVICE (auto: CUDA when torch sees a GPU, else
-# CPU), LOG_FILE, NPROC (4: train on 4 GPUs with torchrun); see scripts/_start.sh. A run that fails in its
+# CPU), LOG_FILE, NPROC (4: train on 4 GPUs with torchrun), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT
+# or RDZV_ENDPOINT (several machines: run it on each); see scripts/_start.sh. A run that fails in its
 # first seconds prints its error and exits non-zero.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -3,7 +3,8 @@
 # other train_longdoc.py flag after the script's name; flags given there override the defaults below:
 #   DATA_PATH=data/articles.jsonl bash scripts/train_longdoc.sh --aggregation max --epochs 5
 # Also read: VAL_PATH, TEST_PATH, TEXT_FIELD, LABEL_FIELD, DEVICE (auto: CUDA when torch sees a GPU, else
-# CPU), LOG_FILE, NPROC (4: train on 4 GPUs with torchrun); see scripts/_start.sh. A run that fails in its
+# CPU), LOG_FILE, NPROC (4: train on 4 GPUs with torchrun), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT
+# or RDZV_ENDPOINT (several machines: run it on each); see scripts/_start.sh. A run that fails in its
 # first seconds prints its error and exits non-zero.
 set -euo pipefail
 cd "$(dirname "$0")/.."

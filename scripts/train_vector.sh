@@ -3,7 +3,9 @@
 # train_vector.py flag after the script's name; flags given there override the defaults below:
 #   TRAIN_PATH=data/pairs.jsonl VAL_PATH=data/val.jsonl bash scripts/train_vector.sh --loss cosent
 # The device is picked by what exists (DEVICE=auto: CUDA when torch sees a GPU, else CPU); NPROC=4 trains
-# on 4 GPUs with torchrun. A run that fails in its first seconds prints its error and exits non-zero.
+# on 4 GPUs with torchrun; NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT or RDZV_ENDPOINT spread it over several
+# machines (run it on each; see scripts/_start.sh). A run that fails in its first seconds prints its error
+# and exits non-zero.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_start.sh

@@ -52,7 +52,8 @@ def classifier_dir(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(classifier_dir, tmp_path_factory):
     output = tmp_path_factory.mktemp("export") / "model.onnx"
-    assert export_onnx.main(["--model-path", str(classifier_dir), "--output-path", str(output)]) == 0
+    assert export_onnx.main(["--model-path", str(classifier_dir), "--output-path", str(output),
+                             "--optimize", "true"]) == 0
     return output
 
 
@@ -195,7 +196,8 @@ def folder_contents(folder):
 def test_broken_graph_is_rejected_and_kept(classifier_dir, tmp_path, monkeypatch, capsys):
     break_optimized_graphs(monkeypatch)
     output = tmp_path / "model.onnx"
-    assert export_onnx.main(["--model-path", str(classifier_dir), "--output-path", str(output)]) == 1
+    assert export_onnx.main(["--model-path", str(classifier_dir), "--output-path", str(output),
+                             "--optimize", "true"]) == 1
     assert not output.exists() and (tmp_path / "model.onnx.rejected").is_file()
     report = json.loads((tmp_path / "model.rejected.report.json").read_text())
     assert not report["passed"] and "exceeds the tolerance" in report["reasons"][0]
@@ -212,7 +214,7 @@ def test_refused_reexport_leaves_the_previous_export_untouched(classifier_dir, t
     break_optimized_graphs(monkeypatch)
     # a different max length, so the refused export's preprocessing json would differ if it were written
     assert export_onnx.main(["--model-path", str(classifier_dir), "--output-path", str(output),
-                             "--max-length", "48"]) == 1
+                             "--max-length", "48", "--optimize", "true"]) == 1
     after = folder_contents(output.parent)
     assert {name: after.get(name) for name in before} == before  # byte-identical, report included
     assert sorted(set(after) - set(before)) == ["model.onnx.rejected", "model.rejected.report.json"]
@@ -278,7 +280,8 @@ def test_int8_within_the_allowed_drop_is_kept(classifier_dir, tmp_path):
     validation = write_jsonl(tmp_path / "val.jsonl", [{"text": r["text"]} for r in make_text_records(6)])
     output = tmp_path / "int8.onnx"
     assert export_onnx.main(["--model-path", str(classifier_dir), "--output-path", str(output), "--quantize", "int8",
-                             "--validation-file", str(validation), "--max-metric-drop", "1.0"]) == 0
+                             "--validation-file", str(validation), "--max-metric-drop", "1.0",
+                             "--min-label-agreement", "0"]) == 0
     report = json.loads((tmp_path / "int8.report.json").read_text())
     assert report["validation"]["metric"] == "agreement" and 0 <= report["validation"]["drop"] <= 1
     assert report["int8_check_skipped"] is False
@@ -339,7 +342,8 @@ def test_real_minilm_classifier_export_matches_torch(real_model_dir, tmp_path):
     modeldir.write_model_directory(tmp_path / "model", model, modeldir.load_tokenizer(str(real_model_dir)),
                                    toolkit, LABELS)
     output = tmp_path / "model.onnx"
-    assert export_onnx.main(["--model-path", str(tmp_path / "model"), "--output-path", str(output)]) == 0
+    assert export_onnx.main(["--model-path", str(tmp_path / "model"), "--output-path", str(output),
+                             "--optimize", "true"]) == 0
     meta = json.loads(output.with_name("model.preprocessing.json").read_text())
     assert meta["fused_operators"]["Attention"] == 6  # every layer's attention fused
     assert_torch_and_onnx_agree(tmp_path / "model", output)

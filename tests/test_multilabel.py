@@ -236,3 +236,12 @@ def test_long_documents_multi_label_end_to_end(tmp_path, tiny_model_dir):
     probabilities, thresholds = results[0]["probabilities"], results[0]["thresholds"]
     assert results[0]["labels"] == [name for name in sorted(TOPICS) if probabilities[name] >= thresholds[name]]
     assert results[0]["num_chunks"] >= 2
+
+
+def test_infer_refuses_a_temperature_and_prints_the_labels(multilabel_run, capsys):
+    model_dir = multilabel_run[0] / "checkpoint-best"
+    assert infer.main(["--model-path", str(model_dir), "--text", "music song", "--temperature", "2"]) == 2
+    assert_one_error_line(capsys.readouterr().err, "--temperature is for single_label models", "multi_label model")
+    assert infer.main(["--model-path", str(model_dir), "--text", "music song"]) == 0
+    printed = capsys.readouterr().out
+    assert "predicted labels: " in printed and "(threshold " in printed

@@ -331,6 +331,9 @@ def test_both_entry_points_pass_the_work_limits_and_refuse_bad_ones(tiny_model_d
     assert "--max-queue" in capsys.readouterr().err
     assert train_vector.main(["--mode", "deploy", "--model-path", directory, "--max-batch-tokens", "0"]) == 2
     assert "error: --max-batch-tokens 0: must be a whole number >= 1" in capsys.readouterr().err
+    for main, argv in ((infer.main, ["--serve"]), (train_vector.main, ["--mode", "deploy"])):
+        assert main(["--model-path", directory, "--workers", "0", *argv]) == 2
+        assert "--workers" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- fuzzing

@@ -119,7 +119,7 @@ CLIENT_MISTAKES = [  # (path, body, content type, status, fragment of the JSON d
     ("/encode", b'{"texts": ["a"]}', None, 422, "no content type"),
     ("/encode", b'--x\r\n\r\n', "multipart/form-data; boundary=x", 422, "expected application/json"),
     ("/encode", b'\x00\x01\x02', "application/octet-stream", 422, "expected application/json"),
-    ("/predict", b'{"texts": ["a"]}', "application/json", 404, "Not Found"),
+    ("/predict", b'{"texts": ["a"]}', "application/json", 404, "is for classification and longdoc models"),
 ]
 
 

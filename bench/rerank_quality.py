@@ -1,0 +1,219 @@
+"""Retrieve-then-rerank: a bi-encoder's top 50 reordered by a trained cross-encoder, against the
+bi-encoder alone (issue 16's judgement: at least +5 NDCG@10 points).
+
+    python bench/rerank_quality.py                                  # pointwise and listwise, one seed
+    python bench/rerank_quality.py --losses pointwise --seeds 13,14,15
+    python bench/rerank_quality.py --retriever output/vector-best   # a tuned bi-encoder instead
+
+Data: the English inverse-cloze set of ``bench/prepare_retrieval.py --source pydoc`` (Python's own
+documentation, split by topic; built under --data-dir when missing) with --negatives 76: each test
+query lists its paragraph (rel 1.0), 3 same-topic paragraphs (0.2) and up to 76 others (0), so the
+retriever's top 50 is a real cut. Training: 2 queries per paragraph, each with its document, one
+same-topic and --train-negatives others.
+
+The retriever is the untuned encoder (--model, mean pooling: how all-MiniLM-L6-v2 was trained as a
+sentence embedder) unless --retriever names a train_vector.py model directory. Each reranker run
+trains ``train_classifier.py --problem-type rerank`` from --model in its own process (cached under
+--work-dir, --rerun forces) and reads its metrics.json: NDCG@10 before and after reranking, and the
+reranker alone on every listed candidate beside TF-IDF. The table goes to stdout and to --output
+(JSON, with machine, command and commit).
+"""
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import count_lines, describe_machine, mean_std, run_in_process, toolkit_commit  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+METRICS = ("ndcg@10", "mrr@10", "recall@10")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--losses", default="pointwise,listwise", help="comma-separated --rerank-loss values")
+    parser.add_argument("--seeds", default="13", help="comma-separated training seeds")
+    parser.add_argument("--model", default="../shared/models/all-MiniLM-L6-v2", help="pretrained encoder (path)")
+    parser.add_argument("--retriever", help="bi-encoder model directory (default: the untuned --model, mean pooling)")
+    parser.add_argument("--retriever-max-length", type=int, default=256,
+                        help="tokens per text of the untuned retriever (all-MiniLM-L6-v2 was trained at 256)")
+    parser.add_argument("--data-dir", default="data/pydoc_rerank", help="train/valid/test.jsonl (built when missing)")
+    parser.add_argument("--negatives", type=int, default=76, help="rel-0 candidates per test query (data build)")
+    parser.add_argument("--train-negatives", type=int, default=7, help="rel-0 documents per training query")
+    parser.add_argument("--work-dir", default="runs/rerank_quality", help="one directory per run")
+    parser.add_argument("--output", default="bench/results/rerank_quality.json", help="summary JSON")
+    parser.add_argument("--epochs", type=int, default=2, help="training epochs")
+    parser.add_argument("--learning-rate", type=float, default=5e-5, help="peak learning rate")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="pairs per step (pointwise); listwise: groups of --group-size pairs, batch / group size")
+    parser.add_argument("--group-size", type=int, default=8, help="listwise: pairs per group")
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per query/document pair (reranker)")
+    parser.add_argument("--rerank-top", type=int, default=50, help="retrieved documents the reranker reorders")
+    parser.add_argument("--rerun", action="store_true", help="retrain runs that already have a run.json")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    # a single run, in its own process (internal)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=13, help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", help=argparse.SUPPRESS)
+    return parser
+
+
+def ensure_data(args):
+    data_dir = Path(args.data_dir)
+    if not all((data_dir / f"{name}.jsonl").is_file() for name in ("train", "valid", "test")):
+        subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "prepare_retrieval.py"), "--source", "pydoc",
+                        "--negatives", str(args.negatives), "--train-negatives", str(args.train_negatives),
+                        "--output-dir", str(data_dir)], check=True)
+    return data_dir
+
+
+# ---------------------------------------------------------------- workers: one run each, in a fresh process
+
+def save_untuned_retriever(args, run_dir):
+    """The pretrained encoder as a vector model directory (mean pooling), for --retriever."""
+    from common.vector import BertVectorModel
+    model = BertVectorModel.from_backbone(args.model, pooling="mean", max_length=args.retriever_max_length)
+    model.save_pretrained(run_dir / "retriever")
+    return {"retriever": str(run_dir / "retriever")}
+
+
+def train_reranker(args, loss, run_dir):
+    import train_classifier
+    data_dir = Path(args.data_dir)
+    output_dir = run_dir / "output"
+    batch_size = args.batch_size if loss == "pointwise" else max(1, args.batch_size // args.group_size)
+    argv = ["--problem-type", "rerank", "--rerank-loss", loss, "--rerank-group-size", str(args.group_size),
+            "--data-path", str(data_dir / "train.jsonl"), "--val-path", str(data_dir / "valid.jsonl"),
+            "--test-path", str(data_dir / "test.jsonl"), "--retriever", args.retriever,
+            "--rerank-top", str(args.rerank_top), "--model-name", args.model, "--epochs", str(args.epochs),
+            "--learning-rate", str(args.learning_rate), "--batch-size", str(batch_size),
+            "--max-length", str(args.max_length), "--save-strategy", "no", "--precision", "fp32",
+            "--device", "cpu", "--seed", str(args.seed), "--output-dir", str(output_dir)]
+    started = time.perf_counter()
+    if train_classifier.main(argv):
+        raise SystemExit("train_classifier.py --problem-type rerank failed")
+    seconds = time.perf_counter() - started
+    metrics = json.loads((output_dir / "metrics.json").read_text(encoding="utf-8"))
+    shutil.rmtree(output_dir / "checkpoint-best")  # the weights: ~90 MB per run
+    report = metrics["retrieve_then_rerank"]
+    return {"before": pick(report["before"]), "after": pick(report["after"]),
+            "reranker_alone": pick(metrics["test"]), "tfidf_alone": pick(metrics["baseline"]),
+            "untuned_validation_ndcg@10": (metrics["untuned"]["validation"] or {}).get("eval_ndcg@10"),
+            "validation": pick(metrics["validation"]), "lowered_ndcg": report["lowered_ndcg"],
+            "candidates_per_query": report["candidates_per_query"], "seconds": seconds, "argv": argv}
+
+
+def pick(metrics):
+    return {key: metrics[key] for key in METRICS}
+
+
+def run_worker(args):
+    sys.path.insert(0, str(REPO_ROOT))
+    run_dir = Path(args.run_dir).resolve()
+    if args.worker == "retriever":
+        result = save_untuned_retriever(args, run_dir)
+    else:
+        result = train_reranker(args, args.worker, run_dir)
+    result.update({"loss": args.worker, "seed": args.seed})
+    (run_dir / "run.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return 0
+
+
+# ---------------------------------------------------------------- driver
+
+def launch(args, worker, seed, run_name):
+    run_dir = Path(args.work_dir).resolve() / run_name
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--seed", str(seed),
+               "--run-dir", str(run_dir)]
+    for name in ("model", "retriever", "data_dir", "epochs", "learning_rate", "batch_size", "group_size",
+                 "max_length", "rerank_top", "retriever_max_length"):
+        value = getattr(args, name)
+        if value is not None:
+            value = str(Path(value).resolve()) if name in ("model", "retriever", "data_dir") else str(value)
+            command += ["--" + name.replace("_", "-"), value]
+    threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}
+    return run_in_process(run_dir, command, f"[rerank] {run_name}", args.rerun, threads)
+
+
+def summarize(loss, results):
+    row = {"loss": loss, "seeds": [r["seed"] for r in results],
+           "seconds": [round(r["wall_seconds"]) for r in results]}
+    for view in ("before", "after", "reranker_alone", "tfidf_alone"):
+        for metric in METRICS:
+            values = [r[view][metric] for r in results]
+            mean, std = mean_std(values)
+            row[f"{view}_{metric}"] = {"mean": mean, "std": std, "values": values}
+    gains = [r["after"]["ndcg@10"] - r["before"]["ndcg@10"] for r in results]
+    mean, std = mean_std(gains)
+    row["ndcg@10_gain"] = {"mean": mean, "std": std, "values": gains}
+    return row
+
+
+def format_cell(cell, points=False):
+    scale, digits = (100, 1) if points else (1, 3)
+    text = f"{scale * cell['mean']:+.{digits}f}" if points else f"{cell['mean']:.{digits}f}"
+    return text if len(cell["values"]) == 1 else f"{text} ± {scale * cell['std']:.{digits}f}"
+
+
+def format_table(rows):
+    first = rows[0]
+    lines = ["| ranking of each test query's candidates | runs | NDCG@10 | MRR@10 | Recall@10 |", "|---|---|---|---|---|",
+             f"| bi-encoder alone | - | {format_cell(first['before_ndcg@10'])} | {format_cell(first['before_mrr@10'])} "
+             f"| {format_cell(first['before_recall@10'])} |",
+             f"| TF-IDF alone | - | {format_cell(first['tfidf_alone_ndcg@10'])} | "
+             f"{format_cell(first['tfidf_alone_mrr@10'])} | {format_cell(first['tfidf_alone_recall@10'])} |"]
+    for row in rows:
+        lines.append(f"| bi-encoder top {row['rerank_top']} + {row['loss']} reranker | {len(row['seeds'])} | "
+                     f"{format_cell(row['after_ndcg@10'])} ({format_cell(row['ndcg@10_gain'], points=True)} points) | "
+                     f"{format_cell(row['after_mrr@10'])} | {format_cell(row['after_recall@10'])} |")
+        lines.append(f"| {row['loss']} reranker alone (all candidates) | {len(row['seeds'])} | "
+                     f"{format_cell(row['reranker_alone_ndcg@10'])} | {format_cell(row['reranker_alone_mrr@10'])} | "
+                     f"{format_cell(row['reranker_alone_recall@10'])} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        return run_worker(args)
+    losses = [loss.strip() for loss in args.losses.split(",") if loss.strip()]
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    data_dir = ensure_data(args)
+    retriever_given = args.retriever is not None
+    if not retriever_given:
+        args.retriever = launch(args, "retriever", 0, "untuned-retriever")["retriever"]
+    rows = []
+    for loss in losses:
+        results = []
+        for seed in seeds:
+            result = launch(args, loss, seed, f"{loss}-seed{seed}")
+            print(f"[rerank] {loss} seed {seed}: NDCG@10 {result['before']['ndcg@10']:.4f} -> "
+                  f"{result['after']['ndcg@10']:.4f} ({result['wall_seconds']:.0f} s)", flush=True)
+            results.append(result)
+        rows.append(dict(summarize(loss, results), rerank_top=args.rerank_top))
+    print(format_table(rows))
+    summary = {"machine": describe_machine(), "toolkit_commit": toolkit_commit(str(REPO_ROOT)),
+               "data": {"source": "pydoc", "negatives": args.negatives, "train_negatives": args.train_negatives,
+                        **{name: count_lines(data_dir / f"{name}.jsonl") for name in ("train", "valid", "test")}},
+               "retriever": "given" if retriever_given else "untuned --model, mean pooling",
+               "settings": {"model": Path(args.model).name, "epochs": args.epochs, "learning_rate": args.learning_rate,
+                            "batch_size": args.batch_size, "group_size": args.group_size,
+                            "max_length": args.max_length, "retriever_max_length": args.retriever_max_length,
+                            "rerank_top": args.rerank_top, "precision": "fp32",
+                            "device": "cpu"},
+               "command": "python bench/rerank_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "rows": rows}
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
