@@ -61,7 +61,8 @@ INPUTS_HELP = """inputs:
 TASK_FLAGS = {"context": ("classification",), "text_pair": ("vector", "rerank"), "corpus": ("vector",),
               "explain": ("longdoc",), "max_length": ("classification", "vector", "longdoc", "rerank"),
               "top_k": ("classification", "longdoc", "generation", "vector"),
-              "temperature": ("classification", "longdoc", "generation"), "threshold": ("classification", "longdoc")}
+              "temperature": ("classification", "longdoc", "generation"), "threshold": ("classification", "longdoc"),
+              "dim": ("vector",)}
 # classifier flags that mean something only for some problem types (common/problem_types.py)
 PROBLEM_TYPE_FLAGS = {"temperature": ("single_label",), "threshold": ("multi_label",),
                       "top_k": ("single_label", "multi_label"), "explain": ("single_label",)}
@@ -108,6 +109,9 @@ def build_parser():
     add_flag(outputs, "top-k", type=bounded(int, minimum=0), default=None,
              help="show the k most probable labels; generation: top-k sampling (default 50, 0 = off); "
                   f"vector models with --corpus: entries listed per input (default {DEFAULT_HITS})")
+    add_flag(outputs, "dim", type=bounded(int, minimum=1), default=None,
+             help="vector models: embeddings cut to this size (one the model was trained for with "
+                  "--matryoshka-dims); with --serve, /v1/embeddings takes 'dimensions' per request")
     add_flag(outputs, "json", action="store_true", help="print one JSON object per input instead of text")
     add_flag(outputs, "explain", type=bounded(int, minimum=0), default=0, metavar="N",
              help="long-document models: show the N chunks that weigh most in the decision")
@@ -322,12 +326,12 @@ def run_reranker(loaded, items, args, progress=False):
 
 def run_vectors(loaded, items, args, corpus=None, progress=False):
     embeddings = inference.embed(loaded, [item.text for item in items], args.batch_size,
-                                 sort_by_length=args.sort_by_length, progress=progress)
+                                 sort_by_length=args.sort_by_length, progress=progress, dim=args.dim)
     results = [{"input": item.text, "dim": int(vector.shape[0]), "norm": round(float(np.linalg.norm(vector)), 6),
                 "embedding": [round(float(value), 6) for value in vector]} for item, vector in zip(items, embeddings)]
     if args.text_pair:
         pairs = paired_texts(args, items)
-        pair_embeddings = inference.embed(loaded, pairs, args.batch_size, side="doc")
+        pair_embeddings = inference.embed(loaded, pairs, args.batch_size, side="doc", dim=args.dim)
         for result, pair, vector, pair_vector in zip(results, pairs, embeddings, pair_embeddings):
             result.update(text_pair=pair, cosine_similarity=round(inference.cosine_similarity(vector, pair_vector), 6))
     if corpus is not None:
@@ -651,6 +655,9 @@ def check_task_flags(args, task, loaded_toolkit=None):
         if getattr(args, name) and task not in tasks:
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} is for {' and '.join(tasks)} models; {args.model_path} is a {task} model")
+    if task == "vector" and args.dim and (args.serve or args.corpus):
+        raise UserError("--dim is for embeddings printed by infer.py; with --corpus or --serve the full size is "
+                        "used (POST /v1/embeddings takes 'dimensions')")
     problem_type = (loaded_toolkit or {}).get("problem_type") or "single_label"
     for name, owners in PROBLEM_TYPE_FLAGS.items():
         value = getattr(args, name)

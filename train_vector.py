@@ -1,4 +1,4 @@
-"""Fine-tune a BERT bi-encoder on (query, document, rel, weight) pairs; evaluate ranking; serve it.
+"""Fine-tune a BERT bi-encoder on query/document pairs or query groups; mine hard negatives; evaluate; serve.
 
 Examples:
     python train_vector.py --mode train --train_path data/vec_train.json --val_path data/vec_valid.json \
@@ -7,9 +7,13 @@ Examples:
     python train_vector.py --mode evaluate --test_path data/vec_test.json --output-dir ./output/vector_model \
         --select_best
     python train_vector.py --mode deploy --output-dir ./output/vector_model --host 0.0.0.0 --port 8000
+    python train_vector.py --mode mine --train_path data/vec_train.json --model_name bert-base-uncased \
+        --range-for-sampling 10-100 --negative-number 15 --output-path data/vec_train_mined.jsonl
 
-Training ranks each query's document above the batch's other documents (in-batch InfoNCE; or
-CoSENT, or a weighted MSE pulling cos(query, document) towards rel), writes checkpoint-step-N/
+Data: graded {query, document, rel, weight} pairs, or FlagEmbedding's {query, pos: [...], neg: [...]}
+query groups (common/pairs.py). Training ranks each query's document above the batch's other
+documents and its hard negatives (InfoNCE, gathered across ranks under torchrun; or CoSENT, or a
+weighted MSE pulling cos(query, document) towards rel), writes checkpoint-step-N/
 every --save_steps (each a model directory with its validation loss), checkpoint-best/,
 best_checkpoint.json and train_log.jsonl. Runs under torchrun.
 """
@@ -25,7 +29,7 @@ from pathlib import Path
 from common import ranking
 from common.choices import PAIR_LOSSES, VECTOR_POOLINGS
 from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args, add_data_text_args, add_flag,
-                        add_optimization_args, add_runtime_args, add_vocabulary_args, apply_option_ranges,
+                        add_optimization_args, add_runtime_args, add_vocabulary_args, apply_option_ranges, bounded,
                         exit_on_help, parse_with_config, resolve_default_warmup, write_effective_config)
 from common.errors import UserError, report_user_errors
 
@@ -38,6 +42,7 @@ SECTION_ALIASES = {
     ("logging", "steps"): "logging_steps",
 }
 BEST_FILE = "best_checkpoint.json"
+DEFAULT_NEGATIVES_PER_QUERY = 7  # FlagEmbedding's train_group_size 8: one positive, seven negatives
 VALIDATION_SPLITS = ("validation", "val", "dev")
 NOT_APPLICABLE = ("labels", "text_field", "label_field")  # shared data flags that mean nothing for pairs
 
@@ -47,8 +52,9 @@ NOT_APPLICABLE = ("labels", "text_field", "label_field")  # shared data flags th
 def build_parser():
     parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_flag(parser, "mode", choices=["train", "evaluate", "deploy"], default="train", help="what to do")
-    add_data_path_args(parser, what="pairs {query, document, rel, weight}",
+    add_flag(parser, "mode", choices=["train", "evaluate", "deploy", "mine"], default="train",
+             help="what to do (mine: write --data-path's queries with hard negatives to --output-path)")
+    add_data_path_args(parser, what="pairs {query, document, rel, weight} or query groups {query, pos, neg}",
                        test_help="test pairs for --mode evaluate (ranking metrics beside a TF-IDF baseline)")
     add_data_text_args(parser)
     add_vocabulary_args(parser)
@@ -61,12 +67,37 @@ def build_parser():
     add_flag(group, "pooling", choices=VECTOR_POOLINGS, default="mean",
              help="mean of token vectors (how sentence-embedding models are trained) or the CLS vector")
     add_flag(group, "projection-dim", type=int, default=0, help="linear projection to this size (0: none)")
+    add_flag(group, "query-instruction", default=None,
+             help="text put before every query (BGE style; stored in the model, applied by encode, infer.py, "
+                  "the server and ONNX); a record's own 'prompt' replaces it")
+    add_flag(group, "passage-instruction", default=None, help="text put before every document (stored likewise)")
+    add_flag(group, "matryoshka-dims", type=parse_dims, default=None,
+             help="comma-separated embedding sizes (e.g. 384,256,128,64): the loss is summed over the "
+                  "embeddings cut to each; the sizes are stored and encode/infer/the server accept them")
 
     group = add_optimization_args(parser, epochs=3, batch_size=16, eval_batch_size=64)
     add_flag(group, "loss", choices=PAIR_LOSSES, default=None,
-             help="infonce (default): in-batch negatives, trained on the pairs with rel > --relevance-threshold; "
+             help="infonce (default): in-batch and hard negatives, trained on the pairs with rel > "
+                  "--relevance-threshold (or on query groups); "
                   "cosent: rank pairs by rel; mse: weighted MSE of cosine vs rel (the seed's default)")
     add_flag(group, "temperature", type=float, default=0.05, help="InfoNCE softmax temperature")
+    add_flag(group, "negatives-per-query", type=bounded(int, minimum=0), default=None,
+             help="InfoNCE hard negatives per query per step, drawn from the record's 'neg' (default 7 for "
+                  "query groups; 0 for graded pairs, whose rel <= --relevance-threshold pairs are the negatives)")
+    add_flag(group, "grad-cache-chunk", type=bounded(int, minimum=0), default=0,
+             help="GradCache: embed the batch in chunks of this many texts and backpropagate chunk by chunk "
+                  "(a large contrastive batch in about one chunk's memory, the same gradients; 0: off)")
+
+    group = parser.add_argument_group("mine (hard negatives)")
+    add_flag(group, "miner", choices=["model", "bm25"], default="model",
+             help="retrieve candidates with --model-name (or --model-path) embeddings, or with BM25 (cold start)")
+    add_flag(group, "range-for-sampling", type=parse_rank_range, default=(10, 100),
+             help="negatives are drawn from these ranks of each query's candidates (1-based, inclusive)")
+    add_flag(group, "negative-number", type=bounded(int, minimum=1), default=15, help="negatives written per query")
+    add_flag(group, "negative-margin", type=bounded(float), default=0.05,
+             help="a candidate scoring above (the query's lowest positive score - this) is a likely false "
+                  "negative and left out (BM25 scores are divided by the query's top score first)")
+    add_flag(group, "output-path", help="where --mode mine writes the query groups (JSONL; never overwritten)")
 
     group = add_checkpoint_args(parser, output_dir="./output/vector_model", eval_steps=200, save_steps=200,
                                 save_total_limit=0, min_delta=0.0)
@@ -78,11 +109,14 @@ def build_parser():
     add_flag(group, "model-path", aliases=("checkpoint-dir", "model-dir"),
              help="model directory to evaluate or serve (default: the best checkpoint under --output-dir)")
     add_flag(group, "metrics-path", help="where --mode evaluate writes its JSON (default: in --output-dir)")
+    add_flag(group, "dim", type=bounded(int, minimum=1), default=None,
+             help="evaluate embeddings cut to this size (one of the model's --matryoshka-dims)")
 
     group = parser.add_argument_group("deploy (HTTP server)")
     add_flag(group, "host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     add_flag(group, "port", type=int, default=8000, help="port to listen on")
-    add_flag(group, "corpus", help="JSONL of {id, text} encoded at start-up for POST /search")
+    add_flag(group, "corpus", help="JSONL of {id, text} encoded at start-up for POST /search; for --mode mine "
+                                   "the texts negatives come from (default: the data's documents)")
     add_flag(group, "api-key", default=None, help="require 'Authorization: Bearer KEY' (or env TOOLKIT_API_KEY)")
     add_flag(group, "max-texts", type=int, default=64, help="texts per request")
     add_flag(group, "max-chars", type=int, default=10000, help="characters per text")
@@ -106,6 +140,29 @@ def build_parser():
     return apply_option_ranges(parser)
 
 
+def parse_dims(text):
+    """--matryoshka-dims "384,256,128" -> [384, 256, 128] (distinct positive sizes, largest first)."""
+    try:
+        dims = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not dims or min(dims) < 1 or len(set(dims)) != len(dims):
+        raise argparse.ArgumentTypeError(f"expected distinct positive integers, got {text!r}")
+    return sorted(dims, reverse=True)
+
+
+def parse_rank_range(text):
+    """--range-for-sampling "10-100" -> (10, 100): 1-based ranks, first <= last."""
+    first, _, last = str(text).partition("-")
+    try:
+        first, last = int(first), int(last)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FIRST-LAST ranks such as 10-100, got {text!r}") from None
+    if not 1 <= first <= last:
+        raise argparse.ArgumentTypeError(f"expected 1 <= FIRST <= LAST, got {text!r}")
+    return first, last
+
+
 def parse_args(argv=None):
     args = parse_with_config(build_parser(), argv, SECTION_ALIASES)
     for name in NOT_APPLICABLE:
@@ -117,7 +174,8 @@ def parse_args(argv=None):
         args.loss = args.loss or "infonce"  # when evaluating, no --loss means the loss the model was trained with
         checkpoints.check_resume_argument(args.resume)
         adaptation.resolve_vocabulary_options(args)
-    required = {"train": ("data_path", "val_path"), "evaluate": ("test_path",), "deploy": ()}[args.mode]
+    required = {"train": ("data_path", "val_path"), "evaluate": ("test_path",), "deploy": (),
+                "mine": ("data_path", "output_path")}[args.mode]
     for name in required:
         if not getattr(args, name):
             raise UserError(f"--mode {args.mode} needs --{name.replace('_', '-')}")
@@ -135,7 +193,9 @@ from tqdm.auto import tqdm  # noqa: E402
 from common import (adaptation, checkpoints, data, distributed, files, modeldir, optimization,  # noqa: E402
                     rundir, training)
 from common.pair_losses import compute_pair_loss  # noqa: E402
-from common.pairs import PairCollator, build_pair_dataset, load_pairs  # noqa: E402
+from common.gradcache import grad_cache_backward  # noqa: E402
+from common.pairs import (GroupCollator, PairCollator, QueryGroup, QueryGroupDataset, build_group_dataset,  # noqa: E402
+                          build_pair_dataset, load_pairs, pairs_to_groups)
 from common.text import build_normalizer  # noqa: E402
 from common.vector import BertVectorModel, PairEncoder, evaluate_pairs, read_json_if_exists  # noqa: E402
 from common.vocab import fit_embeddings_to_tokenizer  # noqa: E402
@@ -144,7 +204,11 @@ from common.vocab import fit_embeddings_to_tokenizer  # noqa: E402
 # ---------------------------------------------------------------- data
 
 def load_splits(args, names):
-    """Read and validate the named splits ('train', 'val', 'test') before anything expensive."""
+    """Read and validate the named splits ('train', 'val', 'test') before anything expensive.
+
+    Each split is a list of graded pairs (query groups flattened: positive rel 1, negative 0), or for
+    InfoNCE with hard negatives, a list of QueryGroups (see uses_query_groups).
+    """
     paths = {"train": (args.data_path, args.data_split, ("train",)),
              "val": (args.val_path, None, VALIDATION_SPLITS), "test": (args.test_path, None, ("test",))}
     rel_default = 1.0 if args.loss == "infonce" else None  # InfoNCE users may have positives only
@@ -155,8 +219,37 @@ def load_splits(args, names):
     data.report_skipped(*splits.values())
     if args.loss == "infonce":
         for name in set(splits) & {"train", "val"}:
-            splits[name] = keep_positive_pairs(splits[name], name, args.relevance_threshold)
+            splits[name] = training_examples(splits[name], name, args)
     return splits
+
+
+def training_examples(pairs, name, args):
+    """What InfoNCE trains on: query groups (each query's positives and hard negatives) when the file
+    is in that format or --negatives-per-query asks for hard negatives, else the positive pairs."""
+    if not negatives_per_query(args, pairs.record_format):
+        return keep_positive_pairs(pairs, name, args.relevance_threshold)
+    groups = pairs.groups if pairs.record_format == "groups" else pairs_to_groups(pairs, args.relevance_threshold)
+    if not groups:
+        raise UserError(f"the {name} data has no positive pairs (rel > {args.relevance_threshold}) for --loss infonce")
+    without = sum(not group.negatives for group in groups)
+    print(f"--loss infonce: {name}: {len(groups)} queries, {negatives_per_query(args, 'groups')} hard negatives "
+          "each per step"
+          + (f" ({without} have none: in-batch negatives only)" if without else ""))
+    return groups
+
+
+def negatives_per_query(args, record_format):
+    """--negatives-per-query, else 7 for query-group files and 0 (in-batch negatives only) for graded pairs."""
+    if args.negatives_per_query is not None:
+        return args.negatives_per_query
+    return DEFAULT_NEGATIVES_PER_QUERY if record_format == "groups" else 0
+
+
+def example_texts(example):
+    """Every text of a pair or a query group (the domain text for vocabulary and adaptation)."""
+    if isinstance(example, QueryGroup):
+        return [example.query, *example.positives, *example.negatives]
+    return [example.query, example.document]
 
 
 def keep_positive_pairs(pairs, name, threshold):
@@ -170,15 +263,23 @@ def keep_positive_pairs(pairs, name, threshold):
     return positives
 
 
-def encode_splits(splits, tokenizer, model):
+def encode_splits(splits, tokenizer, model, args):
     """Tokenize every split once (queries and documents at their own lengths); print a summary and
     return (datasets, summaries) like the other trainers (for dataset_summary.json)."""
     datasets, summaries = {}, []
-    for name, pairs in splits.items():
-        stats = {"split": name, "pairs": len(pairs), "queries": len({p.query for p in pairs})}
-        datasets[name] = build_pair_dataset(tokenizer, pairs, model.max_length_for("query"),
-                                            model.max_length_for("document"), model.preprocessing, stats)
-        print(f"  {name}: {len(pairs)} pairs, {len({p.query for p in pairs})} queries; query tokens "
+    lengths = (model.max_length_for("query"), model.max_length_for("document"), model.preprocessing)
+    for name, examples in splits.items():
+        if isinstance(examples[0], QueryGroup):
+            stats = {"split": name, "queries": len(examples), "positives": sum(len(g.positives) for g in examples),
+                     "negatives": sum(len(g.negatives) for g in examples)}
+            datasets[name] = build_group_dataset(tokenizer, examples, *lengths, negatives_per_query(args, "groups"),
+                                                 args.seed, stats)
+            counts = f"{stats['queries']} queries, {stats['positives']} positives, {stats['negatives']} negatives"
+        else:
+            stats = {"split": name, "pairs": len(examples), "queries": len({p.query for p in examples})}
+            datasets[name] = build_pair_dataset(tokenizer, examples, *lengths, stats)
+            counts = f"{len(examples)} pairs, {stats['queries']} queries"
+        print(f"  {name}: {counts}; query tokens "
               f"p50={stats['query_tokens']['p50']} max={stats['query_tokens']['max']} "
               f"({stats['queries_truncated']} at the limit); document tokens p50={stats['document_tokens']['p50']} "
               f"max={stats['document_tokens']['max']} ({stats['documents_truncated']} at the limit)")
@@ -186,11 +287,16 @@ def encode_splits(splits, tokenizer, model):
     return datasets, summaries
 
 
+def collator_for(dataset, pad_token_id):
+    return GroupCollator(pad_token_id) if isinstance(dataset, QueryGroupDataset) else PairCollator(pad_token_id)
+
+
 def build_train_loader(dataset, args, context):
     sampler = data.LengthGroupedBatchSampler(dataset.lengths, args.batch_size, shuffle=True, seed=args.seed,
                                              group_by_length=args.group_by_length, rank=context.rank,
                                              world_size=context.world_size)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=PairCollator(args.pad_token_id),
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
+                                       collate_fn=collator_for(dataset, args.pad_token_id),
                                        num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
                                        generator=data.private_generator(args.seed))
 
@@ -200,7 +306,8 @@ def build_eval_loader(dataset, args, context):
     shard = torch.utils.data.Subset(dataset, data.shard_indices(len(dataset), context.rank, context.world_size))
     sampler = data.LengthGroupedBatchSampler([dataset.lengths[i] for i in shard.indices], args.eval_batch_size,
                                              shuffle=False, group_by_length=False)
-    return torch.utils.data.DataLoader(shard, batch_sampler=sampler, collate_fn=PairCollator(args.pad_token_id))
+    return torch.utils.data.DataLoader(shard, batch_sampler=sampler,
+                                       collate_fn=collator_for(dataset, args.pad_token_id))
 
 
 # ---------------------------------------------------------------- model
@@ -209,7 +316,11 @@ def build_model(args, tokenizer, normalize_spec):
     backbone = modeldir.load_pretrained_backbone(args.model_name, args.trust_remote_code)
     fit_embeddings_to_tokenizer(backbone, tokenizer, args.new_token_init)  # after --extend-vocab
     model = BertVectorModel(backbone, args.pooling, args.projection_dim or None, True, args.query_max_length,
-                            args.doc_max_length, args.max_length, args.truncation_side, normalize_spec)
+                            args.doc_max_length, args.max_length, args.truncation_side, normalize_spec,
+                            args.query_instruction, args.passage_instruction, args.matryoshka_dims)
+    if args.matryoshka_dims and max(args.matryoshka_dims) > model.dim:
+        raise UserError(f"--matryoshka-dims {max(args.matryoshka_dims)}: larger than the {model.dim}-dimensional "
+                        "embeddings of this model")
     model.tokenizer = tokenizer
     return model
 
@@ -275,7 +386,8 @@ def evaluate_loss(pair_encoder, loader, args, context):
         with args.precision_obj.autocast(args.device_obj):
             query_embeddings, doc_embeddings = pair_encoder(modeldir.to_device(batch["query"], args.device_obj),
                                                             modeldir.to_device(batch["document"], args.device_obj))
-        loss = compute_pair_loss(args.loss, query_embeddings, doc_embeddings, batch, args.temperature)
+        loss = compute_pair_loss(args.loss, query_embeddings, doc_embeddings, batch, args.temperature,
+                                 args.matryoshka_dims)
         loss_sum += float(loss) * len(batch["rel"])
         count += len(batch["rel"])
     pair_encoder.train(was_training)
@@ -284,6 +396,34 @@ def evaluate_loss(pair_encoder, loader, args, context):
 
 
 # ---------------------------------------------------------------- the training loop
+
+def forward_backward(model, batch, args, context, scaler, sync):
+    """One batch's loss, backpropagated (scaled for fp16 and accumulation); DDP all-reduces when ``sync``.
+
+    Plain: one forward of the whole batch. --grad-cache-chunk: GradCache, chunk by chunk.
+    """
+    device, precision = args.device_obj, args.precision_obj
+    query, document = modeldir.to_device(batch["query"], device), modeldir.to_device(batch["document"], device)
+    # a gathered InfoNCE loss is the whole batch's on every rank, and DDP averages the ranks' gradients
+    rank_scale = context.world_size if context.enabled and args.loss == "infonce" else 1
+
+    def batch_loss(query_embeddings, doc_embeddings):
+        return compute_pair_loss(args.loss, query_embeddings, doc_embeddings, batch, args.temperature,
+                                 args.matryoshka_dims, gather=context.enabled)
+
+    def backward(loss):
+        scaler.scale(loss * rank_scale / args.gradient_accumulation_steps).backward()
+    if args.grad_cache_chunk:
+        return grad_cache_backward(model, query, document, args.grad_cache_chunk, batch_loss, backward,
+                                   lambda: precision.autocast(device),
+                                   lambda last: distributed.sync_gradients(model, sync and last), device)
+    with distributed.sync_gradients(model, sync):
+        with precision.autocast(device):
+            query_embeddings, doc_embeddings = model(query, document)
+        loss = batch_loss(query_embeddings, doc_embeddings)
+        backward(loss)
+    return loss
+
 
 def train(args, model, datasets, context, output_dir, logger, resume_from=None):
     device, precision = args.device_obj, args.precision_obj
@@ -298,7 +438,8 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
         resume_from, vector_model(model), optimizer, scheduler, scaler, early_stopping, logger)
     evaluated_loss = resumed_state.get("summary", {}).get("val_loss")  # at evaluated_step
     training.log_training_start(logger, args, context, output_dir, total_steps,
-                                {"pairs": len(datasets["train"]), "validation": len(datasets["val"])},
+                                {"queries" if isinstance(datasets["train"], QueryGroupDataset) else "pairs":
+                                 len(datasets["train"]), "validation": len(datasets["val"])},
                                 settings={"loss": args.loss})
 
     def run_evaluation(epoch):
@@ -331,17 +472,14 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
         if global_step >= total_steps or early_stopping.should_stop:
             break
         train_loader.batch_sampler.set_epoch(epoch, skip_batches)
+        if isinstance(datasets["train"], QueryGroupDataset):
+            datasets["train"].set_epoch(epoch)  # this epoch's positive and negatives of each query
         batches_done, batches_in_epoch = skip_batches, len(train_loader.batch_sampler.all_batches())
         for batch in train_loader:
             batches_done += 1
-            query, document = modeldir.to_device(batch["query"], device), modeldir.to_device(batch["document"], device)
             window_ends = batches_done % args.gradient_accumulation_steps == 0 or batches_done == batches_in_epoch
             # ---- forward under autocast, scaled backward (gradient sync only on the window's last pass)
-            with distributed.sync_gradients(model, window_ends):
-                with precision.autocast(device):
-                    query_embeddings, doc_embeddings = model(query, document)
-                loss = compute_pair_loss(args.loss, query_embeddings, doc_embeddings, batch, args.temperature)
-                scaler.scale(loss / args.gradient_accumulation_steps).backward()
+            loss = forward_backward(model, batch, args, context, scaler, window_ends)
             meter.add(loss, len(batch["rel"]) * context.world_size)
             nonfinite_guard.add(loss)
             if not window_ends:
@@ -458,7 +596,7 @@ def run_training(args, context):
         normalize_spec = normalizer_spec(args.normalize)
     modeldir.check_max_lengths(args.model_name, args, args.trust_remote_code)
     tokenizer = modeldir.load_tokenizer(args.model_name, args.trust_remote_code)
-    train_texts = dict.fromkeys(text for pair in splits["train"] for text in (pair.query, pair.document))
+    train_texts = dict.fromkeys(text for example in splits["train"] for text in example_texts(example))
     domain_texts = adaptation.prepare_domain(args, tokenizer, train_texts, build_normalizer(normalize_spec))
     args.pad_token_id = tokenizer.pad_token_id
 
@@ -466,7 +604,7 @@ def run_training(args, context):
     model = build_model(args, tokenizer, normalize_spec)
     if context.is_main:
         print("dataset summary:")
-    datasets, summaries = encode_splits(splits, tokenizer, model)
+    datasets, summaries = encode_splits(splits, tokenizer, model, args)
     if context.is_main:  # data and model are checked: only now may an earlier run's outputs go
         run_dir.begin()
         write_effective_config(args, output_dir)
@@ -510,7 +648,7 @@ def evaluate_checkpoint(directory, test_pairs, args):
     """Ranking metrics and test loss of one model directory."""
     model = load_vector_model(directory, args)
     loss_name = resolve_loss_for(directory, args)
-    scored, test_loss = evaluate_pairs(model, test_pairs, loss_name, args.temperature, args.eval_batch_size)
+    scored, test_loss = evaluate_pairs(model, test_pairs, loss_name, args.temperature, args.eval_batch_size, args.dim)
     metrics = ranking.ranking_metrics(scored, args.k, args.relevance_threshold)
     metrics.update(test_loss=test_loss, loss=loss_name)
     return metrics
@@ -643,12 +781,60 @@ def build_deploy_app(directory, device, batch_size, options, corpus):
     return server.create_app(service, corpus=corpus, **options)
 
 
+def run_mining(args):
+    """--mode mine: the data's queries with hard negatives from --corpus (or the data's documents),
+    written to --output-path in the query-group format; never over an existing file."""
+    from common import mining
+    from common.pairs import read_query_groups
+    output = Path(args.output_path)
+    if output.exists():
+        raise UserError(f"--output-path {output}: already exists; mining never writes over a file (choose a new path)")
+    files.check_output_path(output, "--output-path")
+    groups = read_query_groups(args.data_path, args.skip_invalid, args.data_split,
+                               relevance_threshold=args.relevance_threshold, rel_default=1.0)
+    data.report_skipped(groups)
+    extra = server_corpus_texts(args) if args.corpus else []
+    corpus = mining.build_corpus(groups, extra)
+    first, last = args.range_for_sampling
+    print(f"mining {len(groups)} queries against {len(corpus)} texts with "
+          f"{'BM25' if args.miner == 'bm25' else args.model_path or args.model_name}; ranks {first}-{last}")
+    if args.miner == "bm25":
+        score = mining.bm25_scorer(corpus)
+    else:
+        model = load_mining_model(args)
+        score = mining.embedding_scorer(model, corpus, args.eval_batch_size)
+    mined, report = mining.mine_hard_negatives(groups, corpus, score, args.range_for_sampling, args.negative_number,
+                                               args.negative_margin, args.seed)
+    print("\n".join(report.lines(first, last, args.negative_margin, args.negative_number, len(groups))))
+    files.write_output_file(output, mining.format_query_groups(mined), "--output-path")
+    print(f"query groups written to {output}")
+    return 0
+
+
+def server_corpus_texts(args):
+    from common import server
+    return server.load_corpus_records(args.corpus, args.skip_invalid)[1]
+
+
+def load_mining_model(args):
+    """--model-path (a trained vector model), else --model-name as an untuned encoder with --pooling."""
+    source = args.model_path or args.model_name
+    if (Path(source) / modeldir.CONFIG_FILE).is_file() and \
+            "toolkit" in (read_json_if_exists(Path(source) / modeldir.CONFIG_FILE) or {}):
+        return BertVectorModel.from_pretrained(source, args.device_obj)
+    return BertVectorModel.from_backbone(
+        source, args.trust_remote_code, pooling=args.pooling, projection_dim=None,
+        query_max_length=args.query_max_length, doc_max_length=args.doc_max_length, max_length=args.max_length,
+        truncation_side=args.truncation_side, query_instruction=args.query_instruction,
+        passage_instruction=args.passage_instruction).to(args.device_obj).eval()
+
+
 @report_user_errors
 def main(argv=None):
     args = parse_args(argv)
     modes = {"train": run_training, "evaluate": lambda args, _: run_evaluation_mode(args),
-             "deploy": lambda args, _: run_deploy(args)}
-    # only training runs under torchrun; evaluate and deploy are single-process
+             "deploy": lambda args, _: run_deploy(args), "mine": lambda args, _: run_mining(args)}
+    # only training runs under torchrun; evaluate, deploy and mine are single-process
     return training.run_in_context(args, modes[args.mode], use_distributed=args.mode == "train")
 
 

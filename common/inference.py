@@ -401,10 +401,30 @@ def vector_max_length(loaded, side="query"):
     return vector.get(f"{side}_max_length") or loaded.preprocessing.get("max_length", 128)
 
 
-def embed(loaded, texts, batch_size=32, side="query", sort_by_length=True, progress=False):
-    """Embeddings (n, dim) of texts, in input order."""
-    features = encode_inputs(loaded, texts, None, vector_max_length(loaded, side))
-    return check_finite_outputs(run_batched(loaded, features, batch_size, sort_by_length, progress), loaded)
+def embed(loaded, texts, batch_size=32, side="query", sort_by_length=True, progress=False, dim=None):
+    """Embeddings (n, dim) of texts, in input order, with the stored instruction of ``side`` before
+    each text. ``dim``: cut to one of the model's --matryoshka-dims sizes and L2-normalised again."""
+    features = encode_inputs(loaded, instructed(loaded, texts, side), None, vector_max_length(loaded, side))
+    vectors = check_finite_outputs(run_batched(loaded, features, batch_size, sort_by_length, progress), loaded)
+    return vectors if dim is None else cut_embeddings(loaded, vectors, dim)
+
+
+def instructed(loaded, texts, side):
+    """``texts`` with the model's --query-instruction / --passage-instruction for ``side`` before them."""
+    from common.pairs import with_instructions
+    return with_instructions(texts, loaded.preprocessing, "query" if side == "query" else "document")
+
+
+def matryoshka_dims(loaded):
+    """The embedding sizes besides the full one a vector model was trained for (--matryoshka-dims)."""
+    return (loaded.toolkit.get("vector") or {}).get("matryoshka_dims") or []
+
+
+def cut_embeddings(loaded, vectors, dim):
+    """The first ``dim`` values of each row, L2-normalised; a size the model was not trained for is refused."""
+    from common.vector import check_dimension
+    check_dimension(dim, vectors.shape[-1], matryoshka_dims(loaded))
+    return normalize_rows(vectors[:, :dim])
 
 
 def cosine_similarity(first, second):
@@ -531,7 +551,8 @@ class VectorService:
                 "model": Path(self.loaded.source).name, "dim": self.dim, "pooling": settings.get("pooling"),
                 "normalize": settings.get("normalize"), "max_length": self.loaded.preprocessing.get("max_length"),
                 "query_max_length": vector_max_length(self.loaded, "query"),
-                "doc_max_length": vector_max_length(self.loaded, "doc")}
+                "doc_max_length": vector_max_length(self.loaded, "doc"),
+                "matryoshka_dims": matryoshka_dims(self.loaded) or None}
 
     def encode(self, texts):
         """Query-side embeddings (query_max_length) as lists of floats."""
@@ -546,7 +567,8 @@ class VectorService:
     def count_tokens(self, texts, side="query"):
         """Tokens per text as the model sees them on ``side`` ("query" or "doc"): special tokens, truncation."""
         check_texts(texts)
-        features = encode_inputs(self.loaded, list(texts), None, vector_max_length(self.loaded, side))
+        features = encode_inputs(self.loaded, instructed(self.loaded, list(texts), side), None,
+                                 vector_max_length(self.loaded, side))
         return [len(feature["input_ids"]) for feature in features]
 
 

@@ -166,6 +166,12 @@ def _of_type(kind, name):
     return lambda value: isinstance(value, kind), name
 
 
+def _integer_list():
+    return lambda value: isinstance(value, list) and bool(value) and all(
+        isinstance(item, int) and not isinstance(item, bool) and item >= 1 for item in value), \
+        "a non-empty list of positive integers"
+
+
 def _threshold_map():
     """{label name: threshold in [0, 1]} (a multi-label model's decision thresholds)."""
     def check(value):
@@ -214,6 +220,8 @@ def toolkit_rules():
         ("preprocessing.truncation_side", _choice("right", "left"), True, False),
         ("preprocessing.context", _of_type(str, "a string"), True, False),
         ("preprocessing.record_format", _of_type(str, "a string"), True, False),
+        ("preprocessing.query_instruction", _of_type(str, "a string"), True, False),
+        ("preprocessing.passage_instruction", _of_type(str, "a string"), True, False),
         ("head", _of_type(dict, "an object"), False, False),
         ("head.num_labels", _integer(1), False, True),
         ("head.pooling", _choice(*POOLINGS), False, True),
@@ -227,6 +235,7 @@ def toolkit_rules():
         ("vector.max_length", length, True, False),
         ("vector.query_max_length", length, True, False),
         ("vector.doc_max_length", length, True, False),
+        ("vector.matryoshka_dims", _integer_list(), True, False),
         ("longdoc", _of_type(dict, "an object"), False, False),
         ("longdoc.stride", _integer(0), True, False),
         ("longdoc.max_chunks", _integer(0), True, False),

@@ -1,7 +1,9 @@
-"""Losses of the vector trainer: weighted MSE of cosine against the graded relevance (the default),
-CoSENT (rank pairs by relevance) and InfoNCE over in-batch negatives (their --loss names:
-choices.PAIR_LOSSES)."""
+"""Losses of the vector trainer: weighted MSE of cosine against the graded relevance, CoSENT (rank
+pairs by relevance) and InfoNCE over in-batch and hard negatives (their --loss names:
+choices.PAIR_LOSSES); under torchrun InfoNCE ranks against every rank's documents; Matryoshka sums
+a loss over embedding prefixes."""
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -28,29 +30,88 @@ def cosent_loss(query_embeddings, doc_embeddings, rel, weight, scale=20.0):
 
 
 def infonce_loss(query_embeddings, doc_embeddings, weight, doc_ids, temperature=0.05):
-    """In-batch-negative InfoNCE: each query's own document against the batch's other documents.
+    """InfoNCE: each query's own document against every other document of the batch.
 
-    A document that appears twice in the batch is not a negative for its other query.
+    ``doc_embeddings`` (documents, dim) holds the queries' positives first, in query order
+    (document i belongs to query i), then any hard negatives; ``doc_ids`` (documents,) names each
+    document's text, so a copy of a query's positive elsewhere in the batch is not its negative.
     """
-    queries = F.normalize(query_embeddings.float(), dim=-1)
-    documents = F.normalize(doc_embeddings.float(), dim=-1)
-    logits = queries @ documents.T / temperature  # (batch, batch)
-    duplicate = (doc_ids[:, None] == doc_ids[None, :]) & ~torch.eye(len(doc_ids), dtype=torch.bool,
-                                                                   device=logits.device)
+    queries = F.normalize(query_embeddings.float(), dim=-1)  # (batch, dim)
+    documents = F.normalize(doc_embeddings.float(), dim=-1)  # (documents, dim)
+    logits = queries @ documents.T / temperature  # (batch, documents)
+    batch_size = len(queries)
+    duplicate = doc_ids[:batch_size, None] == doc_ids[None, :]  # (batch, documents)
+    duplicate[:, :batch_size] &= ~torch.eye(batch_size, dtype=torch.bool, device=logits.device)
     logits = logits.masked_fill(duplicate, float("-inf"))
-    targets = torch.arange(len(doc_ids), device=logits.device)
+    targets = torch.arange(batch_size, device=logits.device)
     losses = F.cross_entropy(logits, targets, reduction="none")  # (batch,)
     return torch.sum(weight * losses) / weight.sum().clamp(min=1e-12)
 
 
-def compute_pair_loss(loss_name, query_embeddings, doc_embeddings, batch, temperature):
-    """The training objective chosen by ``--loss`` on one batch of embeddings."""
-    rel, weight = batch["rel"].to(query_embeddings.device), batch["weight"].to(query_embeddings.device)
-    if loss_name == "mse":
-        return weighted_mse_loss(query_embeddings, doc_embeddings, rel, weight)
-    if loss_name == "cosent":
-        return cosent_loss(query_embeddings, doc_embeddings, rel, weight)
-    if loss_name == "infonce":
-        return infonce_loss(query_embeddings, doc_embeddings, weight, batch["doc_id"].to(query_embeddings.device),
-                            temperature)
-    raise ValueError(f"unknown loss {loss_name!r}")
+def compute_pair_loss(loss_name, query_embeddings, doc_embeddings, batch, temperature, matryoshka_dims=None,
+                      gather=False):
+    """The training objective chosen by ``--loss`` on one batch of embeddings.
+
+    ``matryoshka_dims``: the loss summed over the embeddings cut to each of these sizes (every loss
+    normalises, so a prefix is compared by its own cosine). ``gather`` (InfoNCE under torchrun):
+    the loss over every rank's queries and documents, see ``gather_keeping_local_gradients``.
+    """
+    device = query_embeddings.device
+    rel, weight, doc_ids = (batch[key].to(device) for key in ("rel", "weight", "doc_id"))
+    if loss_name not in ("mse", "cosent", "infonce"):
+        raise ValueError(f"unknown loss {loss_name!r}")
+    if loss_name == "infonce" and gather:
+        positives = batch.get("positives", len(query_embeddings))  # documents before the hard negatives
+        query_embeddings, weight = gather_batch_part(query_embeddings, weight, len(query_embeddings))
+        doc_embeddings, doc_ids = gather_batch_part(doc_embeddings, doc_ids, positives)
+    total = 0.0
+    for dim in matryoshka_dims or [None]:
+        queries, documents = query_embeddings[:, :dim], doc_embeddings[:, :dim]
+        if loss_name == "mse":
+            total = total + weighted_mse_loss(queries, documents, rel, weight)
+        elif loss_name == "cosent":
+            total = total + cosent_loss(queries, documents, rel, weight)
+        else:
+            total = total + infonce_loss(queries, documents, weight, doc_ids, temperature)
+    return total
+
+
+# ---------------------------------------------------------------- every rank's negatives (torchrun)
+
+def gather_batch_part(embeddings, values, positives):
+    """Every rank's rows of a query or document batch, arranged as one process with the whole batch
+    would hold them: all ranks' first ``positives`` rows (the queries, or the positives in query
+    order), then all ranks' remaining rows (hard negatives). ``values`` (rows,) travel along."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return embeddings, values
+    local_sizes = torch.tensor([[len(values), int(positives)]], device=values.device)
+    embeddings = gather_keeping_local_gradients(embeddings)
+    values = gather_keeping_local_gradients(values)
+    first, rest, start = [], [], 0
+    for rows, leading in gather_keeping_local_gradients(local_sizes).tolist():  # (rows, positives) per rank
+        first.append(torch.arange(start, start + leading))
+        rest.append(torch.arange(start + leading, start + rows))
+        start += rows
+    arrangement = torch.cat(first + rest).to(embeddings.device)
+    return embeddings[arrangement], values[arrangement]
+
+
+def gather_keeping_local_gradients(tensor):
+    """All ranks' rows of ``tensor`` (rows may differ per rank), in rank order. This rank's rows keep
+    their autograd graph; the others arrive as constants.
+
+    Every rank then computes the same whole-batch loss, and the gradient reaching its own embeddings
+    is the whole-batch loss's gradient for them. DDP averages gradients over ranks, so the caller
+    multiplies the loss it backpropagates by the world size to get the whole-batch gradient.
+    """
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    count = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(world_size)]
+    dist.all_gather(counts, count)
+    largest = int(max(counts))
+    padded = torch.zeros((largest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[:tensor.shape[0]] = tensor.detach()
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    gathered[rank] = tensor
+    return torch.cat([part[:int(n)] for part, n in zip(gathered, counts)])

@@ -152,7 +152,8 @@ class EmbeddingsRequest(StrictRequest):
     model: StrictStr | None = Field(default=None, description="accepted and not checked: the server has one model")
     encoding_format: Literal["float", "base64"] = Field(
         default="float", description="'base64': each embedding as its little-endian float32 bytes")
-    dimensions: StrictInt | None = Field(default=None, description="must equal the model's embedding size")
+    dimensions: StrictInt | None = Field(default=None, description="the model's embedding size, or one of the "
+                                         "sizes it was trained for with --matryoshka-dims")
     user: StrictStr | None = Field(default=None, description="accepted and ignored")
     side: Literal["query", "document"] = Field(
         default="document", description="not OpenAI's: 'query' cuts texts at the query max length as /encode does")
@@ -707,13 +708,18 @@ def add_vector_routes(app, service, batcher, check_limits, corpus):
     model_name = service.info().get("model") or service.kind
     dim = service.info().get("dim")
 
+    sizes = sorted({dim, *(service.info().get("matryoshka_dims") or [])}, reverse=True)  # --matryoshka-dims
+
     @app.post("/v1/embeddings")
     async def openai_embeddings(request: EmbeddingsRequest):
-        if request.dimensions is not None and request.dimensions != dim:
-            raise HTTPException(400, f"dimensions: {request.dimensions} requested, but this model gives "
-                                     f"{dim}-dimensional embeddings only; leave dimensions out or send {dim}")
+        if request.dimensions is not None and request.dimensions not in sizes:
+            offered = f"{dim}-dimensional embeddings only; leave dimensions out or send {dim}" if len(sizes) == 1 \
+                else f"embeddings of {', '.join(map(str, sizes))} values (--matryoshka-dims); send one of them"
+            raise HTTPException(400, f"dimensions: {request.dimensions} requested, but this model gives {offered}")
         texts = [request.input] if isinstance(request.input, str) else request.input
         embeddings, tokens = await embed(texts, request.side, "input")
+        if request.dimensions is not None and request.dimensions != dim:  # a Matryoshka prefix, renormalised
+            embeddings = inference.normalize_rows(np.asarray(embeddings)[:, :request.dimensions]).tolist()
         token_count = sum(tokens or ())
         data = [{"object": "embedding", "index": index, "embedding": encode_embedding(row, request.encoding_format)}
                 for index, row in enumerate(embeddings)]

@@ -33,7 +33,8 @@ class BertVectorModel(nn.Module):
 
     def __init__(self, backbone, pooling="cls", projection_dim=None, normalize=True,
                  query_max_length=None, doc_max_length=None, max_length=512,
-                 truncation_side="right", text_normalize=None):
+                 truncation_side="right", text_normalize=None, query_instruction=None, passage_instruction=None,
+                 matryoshka_dims=None):
         super().__init__()
         if pooling not in VECTOR_POOLINGS:
             raise ValueError(f"pooling must be one of {VECTOR_POOLINGS}")
@@ -45,8 +46,14 @@ class BertVectorModel(nn.Module):
         self.vector_settings = {"pooling": pooling, "projection_dim": projection_dim or None, "normalize": normalize,
                                 "query_max_length": query_max_length or max_length,
                                 "doc_max_length": doc_max_length or max_length, "max_length": max_length}
+        if matryoshka_dims:
+            self.vector_settings["matryoshka_dims"] = sorted(matryoshka_dims, reverse=True)
         self.preprocessing = {"max_length": max_length, "truncation_side": truncation_side,
                               "normalize": text_normalize}
+        # instructions are text preprocessing: encode, the server and the ONNX path put them before the text
+        for key, instruction in (("query_instruction", query_instruction), ("passage_instruction", passage_instruction)):
+            if instruction:
+                self.preprocessing[key] = instruction
         self.tokenizer = None
 
     @property
@@ -92,7 +99,9 @@ class BertVectorModel(nn.Module):
                     settings.get("projection_dim"), settings.get("normalize", True),
                     settings.get("query_max_length"), settings.get("doc_max_length"),
                     settings.get("max_length") or preprocessing.get("max_length", 512),
-                    preprocessing.get("truncation_side", "right"), preprocessing.get("normalize"))
+                    preprocessing.get("truncation_side", "right"), preprocessing.get("normalize"),
+                    preprocessing.get("query_instruction"), preprocessing.get("passage_instruction"),
+                    settings.get("matryoshka_dims"))
         modeldir.load_weights(model, directory)
         model.tokenizer = modeldir.load_tokenizer(str(directory))
         return model.to(device).eval()
@@ -115,17 +124,21 @@ class BertVectorModel(nn.Module):
         return self.vector_settings.get(key) or self.preprocessing["max_length"]
 
     @torch.no_grad()
-    def encode(self, texts, batch_size=32, normalize=True, max_length=None, side="query"):
+    def encode(self, texts, batch_size=32, normalize=True, max_length=None, side="query", dim=None):
         """Embed a text or a list of texts with the stored preprocessing -> CPU float tensor (n, dim).
 
-        ``normalize=True`` L2-normalises even when the model's own setting is off.
-        Texts are run longest first (less padding) and returned in input order.
+        ``side`` ("query" or "document") picks the max length and the stored instruction.
+        ``dim``: the first ``dim`` values of each embedding, one of the sizes the model was trained
+        for with --matryoshka-dims (or its full size). ``normalize=True`` L2-normalises (after
+        cutting) even when the model's own setting is off. Texts are run longest first (less
+        padding) and returned in input order.
         """
         if self.tokenizer is None:
             raise ValueError("encode needs a tokenizer: load the model with from_pretrained")
+        dim = check_dimension(dim, self.dim, self.vector_settings.get("matryoshka_dims"))
         texts = [texts] if isinstance(texts, str) else list(texts)
         features = encode_text_features(self.tokenizer, texts, max_length or self.max_length_for(side),
-                                        self.preprocessing)
+                                        self.preprocessing, side="document" if side in ("doc", "document") else side)
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
@@ -137,6 +150,7 @@ class BertVectorModel(nn.Module):
             batch = modeldir.to_device(collate([features[row] for row in rows]), device)
             outputs[torch.as_tensor(rows)] = self(**batch).float().cpu()
         self.train(was_training)
+        outputs = outputs[:, :dim]
         return F.normalize(outputs, dim=-1) if normalize else outputs
 
 
@@ -152,28 +166,43 @@ class PairEncoder(nn.Module):
         self.encoder = encoder
 
     def forward(self, query, document):
-        """(query embeddings, document embeddings), each (batch, dim)."""
-        return self.encoder(**query), self.encoder(**document)  # (batch, dim) each
+        """(query embeddings, document embeddings), each (batch, dim); a side passed as None gives None
+        (GradCache embeds the two sides in chunks of their own)."""
+        return tuple(None if side is None else self.encoder(**side) for side in (query, document))
+
+
+def check_dimension(dim, full_dim, matryoshka_dims):
+    """``dim`` if the model was trained for it (its full size, or one of --matryoshka-dims), else a
+    UserError listing the sizes it has; None means the full size."""
+    if dim is None:
+        return full_dim
+    allowed = sorted({full_dim, *(matryoshka_dims or [])}, reverse=True)
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim not in allowed:
+        trained = "was trained with --matryoshka-dims" if matryoshka_dims else "was not trained with --matryoshka-dims"
+        raise UserError(f"dimension {dim!r}: this model {trained}; it gives embeddings of "
+                        f"{', '.join(map(str, allowed))} values")
+    return dim
 
 
 # ---------------------------------------------------------------- ranking evaluation
 
-def embed_unique(model, texts, side, batch_size=32):
+def embed_unique(model, texts, side, batch_size=32, dim=None):
     """Embeddings (len(texts), dim) computing each distinct text once."""
     unique = list(dict.fromkeys(texts))
-    vectors = model.encode(unique, batch_size=batch_size, side=side)
+    vectors = model.encode(unique, batch_size=batch_size, side=side, dim=dim)
     row = {text: index for index, text in enumerate(unique)}
     return vectors[torch.tensor([row[text] for text in texts], dtype=torch.long)]
 
 
-def evaluate_pairs(model, pairs, loss_name="mse", temperature=0.05, batch_size=32):
+def evaluate_pairs(model, pairs, loss_name="mse", temperature=0.05, batch_size=32, dim=None):
     """Score every pair once; return (per-query (relevances, scores) for ranking metrics, mean loss).
 
     The loss is computed over consecutive batches of ``batch_size`` pairs, as the
-    validation loop does, so CoSENT and InfoNCE see the same in-batch groups.
+    validation loop does, so CoSENT and InfoNCE see the same in-batch groups. ``dim``: the
+    embeddings cut to that many values (a --matryoshka-dims size).
     """
-    query_vectors = embed_unique(model, [pair.query for pair in pairs], "query", batch_size)  # (pairs, dim)
-    doc_vectors = embed_unique(model, [pair.document for pair in pairs], "document", batch_size)  # (pairs, dim)
+    query_vectors = embed_unique(model, [pair.query for pair in pairs], "query", batch_size, dim)  # (pairs, dim)
+    doc_vectors = embed_unique(model, [pair.document for pair in pairs], "document", batch_size, dim)  # (pairs, dim)
     cosines = F.cosine_similarity(query_vectors, doc_vectors, dim=-1).numpy()
     groups = {}
     for pair, cosine in zip(pairs, cosines):

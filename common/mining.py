@@ -1,0 +1,132 @@
+"""Hard-negative mining for ``train_vector.py --mode mine``: retrieve candidates for each query, keep
+the ones in a rank window that are neither known positives nor likely false negatives, and draw
+the negatives from them (as FlagEmbedding's hn_mine, with a positive-aware margin).
+
+Scorers give a (queries, corpus) score matrix: ``embedding_scorer`` (cosine of the model's
+embeddings) or ``bm25_scorer`` (rank_bm25's Okapi BM25, scores divided by each query's top score
+so the margin reads on a 0..1 scale either way).
+"""
+import json
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.errors import UserError
+from common.pairs import QueryGroup
+
+# a word of letters/digits, or one CJK character (Chinese text has no spaces between words)
+BM25_TOKEN = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_]+", re.UNICODE)
+
+
+@dataclass
+class MiningReport:
+    """How many candidates each filter removed, and what was written."""
+    candidates: int = 0
+    known_positive: int = 0
+    query_text: int = 0
+    likely_false_negative: int = 0
+    written: int = 0
+    short_queries: int = 0  # queries left with fewer than the asked number of negatives
+
+    def lines(self, first, last, margin, negative_number, queries):
+        return [f"candidates at ranks {first}-{last}: {self.candidates} for {queries} queries",
+                f"  removed {self.known_positive} known positives",
+                f"  removed {self.query_text} identical to their query",
+                f"  removed {self.likely_false_negative} likely false negatives (score above the query's lowest "
+                f"positive score - {margin})",
+                f"wrote {self.written} negatives ({self.short_queries} queries have fewer than {negative_number})"]
+
+
+def bm25_tokens(text):
+    return BM25_TOKEN.findall(text.lower())
+
+
+def bm25_scorer(corpus):
+    """score(queries) -> (queries, corpus) BM25 scores, each row divided by its highest score."""
+    try:
+        from rank_bm25 import BM25Okapi
+    except ImportError:
+        raise UserError("--miner bm25 needs the rank-bm25 package (pip install rank-bm25)") from None
+    index = BM25Okapi([bm25_tokens(text) for text in corpus])
+
+    def score(queries):
+        rows = np.stack([index.get_scores(bm25_tokens(query)) for query in queries]).astype(np.float32)
+        return rows / np.maximum(rows.max(axis=1, keepdims=True), 1e-12)
+    return score
+
+
+def embedding_scorer(model, corpus, batch_size=64):
+    """score(queries) -> (queries, corpus) cosine similarities of the model's query and document embeddings."""
+    documents = model.encode(corpus, batch_size=batch_size, side="document").numpy()  # (corpus, dim)
+
+    def score(queries):
+        return model.encode(queries, batch_size=batch_size, side="query").numpy() @ documents.T
+    return score
+
+
+def mine_hard_negatives(groups, corpus, score, rank_range, negative_number, margin, seed, queries_per_block=256):
+    """(mined QueryGroups, MiningReport): each group's positives and prompt kept, its negatives drawn
+    from its candidates at ranks ``rank_range`` (1-based, inclusive) of ``corpus``.
+
+    A candidate is left out when it is one of the query's positives, the query's own text, or
+    scores above (the query's lowest positive score - ``margin``): a passage the retriever ranks
+    with the known answers is more likely unlabelled relevant than negative. ``corpus`` must hold
+    the positives (their scores set the margin). The draw depends on ``seed`` and the query's
+    position only. ``score(queries)`` returns (queries, len(corpus)) scores.
+    """
+    first, last = rank_range
+    row_of = {text: row for row, text in enumerate(corpus)}
+    report, mined = MiningReport(), []
+    for start in range(0, len(groups), queries_per_block):
+        block = groups[start:start + queries_per_block]
+        scores = score([group.query for group in block])  # (block, corpus); the model adds its own instruction
+        for offset, (group, row_scores) in enumerate(zip(block, scores)):
+            ranked = np.argsort(-row_scores, kind="stable")[first - 1:last]  # ties: corpus order
+            kept = filter_candidates(group, ranked, row_scores, row_of, corpus, margin, report)
+            draw = random.Random(f"{seed}-{start + offset}")
+            chosen = sorted(draw.sample(range(len(kept)), min(negative_number, len(kept))))
+            negatives = [corpus[kept[index]] for index in chosen]  # in rank order
+            report.written += len(negatives)
+            report.short_queries += len(negatives) < negative_number
+            mined.append(QueryGroup(group.query, list(group.positives), negatives, group.locator,
+                                    prompt=group.prompt))
+    return mined, report
+
+
+def filter_candidates(group, ranked, row_scores, row_of, corpus, margin, report):
+    """The corpus rows of ``ranked`` that may be negatives of ``group``; counts each removal in ``report``."""
+    positives = set(group.positives)
+    lowest_positive = min(float(row_scores[row_of[text]]) for text in group.positives)
+    kept = []
+    for row in ranked:
+        text = corpus[row]
+        report.candidates += 1
+        if text in positives:
+            report.known_positive += 1
+        elif text == group.query:
+            report.query_text += 1
+        elif float(row_scores[row]) > lowest_positive - margin:
+            report.likely_false_negative += 1
+        else:
+            kept.append(int(row))
+    return kept
+
+
+def build_corpus(groups, extra_texts=()):
+    """The distinct texts negatives come from: ``extra_texts`` (a --corpus), then every passage of the
+    groups (positives included: their scores set the false-negative margin)."""
+    texts = list(extra_texts) + [text for group in groups for text in (*group.positives, *group.negatives)]
+    return list(dict.fromkeys(texts))
+
+
+def format_query_groups(groups):
+    """JSONL text of query groups in FlagEmbedding's format ({"query", "pos", "neg"}, "prompt" if any)."""
+    lines = []
+    for group in groups:
+        record = {"query": group.query, "pos": group.positives, "neg": group.negatives}
+        if group.prompt is not None:
+            record["prompt"] = group.prompt
+        lines.append(json.dumps(record, ensure_ascii=False))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,391 @@
+"""Issue 15 on a tiny BERT: FlagEmbedding's query-group format in every file type, InfoNCE with hard
+negatives (gathered across two torchrun processes = one process with the whole batch), GradCache
+gradients = the plain batch's, --mode mine's filters, Matryoshka sizes and stored instructions."""
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_vector
+from common import mining
+from common.errors import UserError
+from common.gradcache import grad_cache_backward
+from common.pair_losses import compute_pair_loss, infonce_loss
+from common.pairs import GroupCollator, QueryGroup, build_group_dataset, load_pairs, read_query_groups
+from common.vector import BertVectorModel, PairEncoder
+from conftest import assert_one_error_line, write_json, write_jsonl
+from test_vector import TOPICS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def group_records():
+    """Per topic: two queries, positives from the topic, negatives from the other topics."""
+    records = []
+    for query, documents in TOPICS.items():
+        others = [document for topic, texts in TOPICS.items() if topic != query for document in texts]
+        records.append({"query": query, "pos": documents[:2], "neg": others})
+        records.append({"query": query + " news", "pos": documents[1:], "neg": others[:3], "prompt": "find: ",
+                        "pos_scores": [0.9, 0.8], "neg_scores": [0.1, 0.2, 0.3]})
+    return records
+
+
+def write_csv(path, records):
+    import csv
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["query", "pos", "neg"])
+        writer.writeheader()
+        for record in records:
+            writer.writerow({"query": record["query"], "pos": json.dumps(record["pos"]),
+                             "neg": json.dumps(record["neg"])})
+    return path
+
+
+def write_saved_dataset(path, records):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list([{"query": r["query"], "pos": r["pos"], "neg": r["neg"]} for r in records]) \
+        .save_to_disk(str(path))
+    return path
+
+
+# ---------------------------------------------------------------- the query-group format
+
+@pytest.mark.parametrize("writer", [write_jsonl, write_json, write_csv, write_saved_dataset],
+                         ids=["jsonl", "json", "csv", "save_to_disk"])
+def test_query_groups_read_from_every_file_type(writer, tmp_path):
+    suffix = {"write_jsonl": ".jsonl", "write_json": ".json", "write_csv": ".csv"}.get(writer.__name__, "")
+    path = writer(tmp_path / f"groups{suffix}", group_records())
+    groups = read_query_groups(path)
+    assert groups.record_format == "groups" and len(groups) == 6
+    assert groups[0].query == "good movie" and groups[0].positives == TOPICS["good movie"][:2]
+    assert len(groups[0].negatives) == 6 and len(groups[1].negatives) == 3
+    pairs = load_pairs(path)  # the same file as graded pairs: positives rel 1, negatives rel 0
+    assert pairs.record_format == "groups" and len(pairs) == 6 * 2 + 3 * 6 + 3 * 3
+    assert sorted({pair.rel for pair in pairs}) == [0.0, 1.0]
+
+
+def test_the_shipped_example_is_the_graded_example_as_query_groups():
+    groups = read_query_groups(REPO / "examples" / "vec_train_groups.jsonl")
+    graded = read_query_groups(REPO / "examples" / "vec_train.jsonl", relevance_threshold=0.5)
+    assert [(g.query, g.positives, g.negatives) for g in groups] == [(g.query, g.positives, g.negatives) for g in graded]
+
+
+def test_optional_fields_are_kept():
+    records = group_records()
+    group = read_query_groups_from(records)[1]
+    assert (group.prompt, group.pos_scores, group.neg_scores) == ("find: ", [0.9, 0.8], [0.1, 0.2, 0.3])
+
+
+def read_query_groups_from(records, **options):
+    import tempfile
+    with tempfile.TemporaryDirectory() as directory:
+        return read_query_groups(write_jsonl(Path(directory) / "groups.jsonl", records), **options)
+
+
+def test_graded_pairs_become_query_groups(tmp_path):
+    records = [{"query": "q1", "document": "a", "rel": 1.0}, {"query": "q1", "document": "b", "rel": 0.0},
+               {"query": "q2", "document": "c", "rel": 0.0}, {"query": "q1", "document": "d", "rel": 0.6}]
+    groups = read_query_groups(write_jsonl(tmp_path / "pairs.jsonl", records), relevance_threshold=0.5)
+    assert groups.record_format == "pairs"
+    assert [(g.query, g.positives, g.negatives) for g in groups] == [("q1", ["a", "d"], ["b"])]  # q2: no positive
+
+
+BAD_GROUPS = [
+    ({"query": "q", "neg": ["x"]}, "field 'pos': missing"),
+    ({"query": "q", "pos": [], "neg": ["x"]}, "field 'pos': empty list"),
+    ({"query": "q", "pos": "a passage", "neg": []}, "field 'pos': expected a list"),
+    ({"query": "q", "pos": ["a", 3]}, "field 'pos[1]': expected a string"),
+    ({"query": "q", "pos": ["a", "  "]}, "field 'pos[1]': empty text"),
+    ({"query": "q", "pos": ["a"], "neg": [None]}, "field 'neg[0]': expected a string"),
+    ({"query": "", "pos": ["a"]}, "field 'query': empty text"),
+    ({"query": "q", "pos": ["a"], "pos_scores": [1, 2]}, "field 'pos_scores': 2 scores for 1 passages"),
+    ({"query": "q", "pos": ["a"], "pos_scores": ["high"]}, "field 'pos_scores[0]': expected a number"),
+    ({"query": "q", "pos": ["a"], "neg": ["b"], "neg_scores": [float("nan")]}, "field 'neg_scores[0]'"),
+    ({"query": "q", "pos": ["a"], "prompt": 7}, "field 'prompt': expected a string"),
+    ({"query": "q", "document": "d", "rel": 1.0}, "field 'pos': missing"),  # the other format mid-file
+]
+
+
+@pytest.mark.parametrize("bad, message", BAD_GROUPS, ids=[message for _, message in BAD_GROUPS])
+def test_a_bad_group_record_is_one_line_naming_file_line_and_field(bad, message, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "train.jsonl", [group_records()[0], bad])
+    argv = ["--mode", "mine", "--train-path", str(path), "--miner", "bm25", "--output-path", str(tmp_path / "o.jsonl")]
+    assert train_vector.main(argv) == 2
+    assert_one_error_line(capsys.readouterr().err, "train.jsonl line 2", message)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_skip_invalid_drops_bad_groups_and_keeps_the_rest(tmp_path):
+    records = group_records() + [{"query": "q", "pos": []}]
+    groups = read_query_groups(write_jsonl(tmp_path / "g.jsonl", records), skip_invalid=True)
+    assert len(groups) == 6 and len(groups.skipped) == 1 and "line 7" in groups.skipped[0]
+
+
+def test_a_bad_list_cell_in_csv_names_the_field(tmp_path):
+    path = tmp_path / "g.csv"
+    path.write_text('query,pos\nq,"[""a"""\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"g.csv line 2: field 'pos': expected a JSON array"):
+        read_query_groups(path)
+
+
+# ---------------------------------------------------------------- InfoNCE with hard negatives
+
+def test_infonce_ranks_each_query_against_positives_and_hard_negatives():
+    queries = torch.eye(2, 4)
+    documents = torch.stack([torch.eye(4)[0], torch.eye(4)[1], torch.eye(4)[0] + torch.eye(4)[2]])  # 3rd: hard neg
+    loss = infonce_loss(queries, documents, torch.ones(2), torch.tensor([0, 1, 2]), temperature=1.0)
+    logits = torch.nn.functional.normalize(queries, dim=-1) @ torch.nn.functional.normalize(documents, dim=-1).T
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1]))
+    assert torch.allclose(loss, expected)
+    # a copy of query 0's positive among the negatives is not its negative
+    masked = infonce_loss(queries, documents, torch.ones(2), torch.tensor([0, 1, 0]), temperature=1.0)
+    assert masked < loss
+
+
+def test_matryoshka_loss_is_the_sum_over_prefixes():
+    generator = torch.Generator().manual_seed(0)
+    queries, documents = torch.randn(4, 8, generator=generator), torch.randn(6, 8, generator=generator)
+    batch = {"rel": torch.ones(4), "weight": torch.ones(4), "doc_id": torch.arange(6), "positives": 4}
+    summed = compute_pair_loss("infonce", queries, documents, batch, 0.05, [8, 4, 2])
+    parts = [compute_pair_loss("infonce", queries[:, :dim], documents[:, :dim], batch, 0.05) for dim in (8, 4, 2)]
+    assert torch.allclose(summed, sum(parts))
+    assert not torch.allclose(summed, parts[0])
+
+
+def test_gathered_loss_across_two_processes_equals_one_process_with_the_whole_batch(tmp_path):
+    result = tmp_path / "gathered.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "tests" / "vector_gather_worker.py"), str(result)]
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    run = subprocess.run(command, capture_output=True, text=True, timeout=180, env=environment, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    outcome = json.loads(result.read_text())
+    gathered, whole = outcome["gathered"], outcome["one_process"]
+    assert gathered["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    for mine, reference in zip(gathered["grad"], whole["grad"]):
+        assert torch.allclose(torch.tensor(mine), torch.tensor(reference), atol=1e-5, rtol=1e-5)
+
+
+def test_a_query_group_batch_puts_positives_first_and_draws_per_epoch(tiny_model_dir):
+    model = tiny_vector_model(tiny_model_dir)
+    groups = [QueryGroup(q, docs, [d for t, ds in TOPICS.items() if t != q for d in ds], "here")
+              for q, docs in TOPICS.items()]
+    dataset = build_group_dataset(model.tokenizer, groups, 16, 16, model.preprocessing, negatives_per_query=2, seed=3)
+    batch = GroupCollator(0)([dataset[i] for i in range(3)])
+    assert batch["query"]["input_ids"].shape[0] == 3 and batch["document"]["input_ids"].shape[0] == 3 + 3 * 2
+    assert batch["positives"] == 3
+    first_epoch = [dataset[i]["doc_ids"] for i in range(3)]
+    assert first_epoch == [dataset[i]["doc_ids"] for i in range(3)]  # the same epoch draws the same
+    dataset.set_epoch(1)
+    assert first_epoch != [dataset[i]["doc_ids"] for i in range(3)]
+
+
+# ---------------------------------------------------------------- GradCache
+
+def tiny_vector_model(tiny_model_dir, dropout=None, **settings):
+    from transformers import BertModel
+    options = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+    torch.manual_seed(0)
+    backbone = BertModel.from_pretrained(str(tiny_model_dir), add_pooling_layer=False, **options)
+    model = BertVectorModel(backbone, "mean", max_length=16, **settings)
+    from common import modeldir
+    model.tokenizer = modeldir.load_tokenizer(str(tiny_model_dir))
+    return model
+
+
+def group_batch(model, count=6, negatives=2):
+    groups = [QueryGroup(q + suffix, docs, [d for t, ds in TOPICS.items() if t != q for d in ds], "here")
+              for suffix in ("", " news") for q, docs in TOPICS.items()][:count]
+    dataset = build_group_dataset(model.tokenizer, groups, 16, 16, model.preprocessing, negatives, seed=0)
+    return GroupCollator(0)([dataset[i] for i in range(len(dataset))])
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_grad_cache_gives_the_plain_batch_gradients(tiny_model_dir, chunk):
+    model = PairEncoder(tiny_vector_model(tiny_model_dir, dropout=0.0)).train()
+    batch = group_batch(model.encoder)
+
+    def loss_of(query_embeddings, doc_embeddings):
+        return compute_pair_loss("infonce", query_embeddings, doc_embeddings, batch, 0.05, [32, 8])
+    plain = loss_of(*model(batch["query"], batch["document"]))
+    plain.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    cached = grad_cache_backward(model, batch["query"], batch["document"], chunk, loss_of, lambda loss: loss.backward(),
+                                 contextlib.nullcontext, lambda last: contextlib.nullcontext(), torch.device("cpu"))
+    assert cached == pytest.approx(float(plain.detach()), rel=1e-6)
+    for name, parameter in model.named_parameters():
+        assert torch.allclose(parameter.grad, expected[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_grad_cache_replays_each_chunks_dropout(tiny_model_dir):
+    """With dropout on, the replayed chunk must see the masks of its first pass (else the cached
+    gradients belong to other embeddings): the replay's embeddings equal the first pass's."""
+    from common.gradcache import capture_random_state, replayed_random_state
+    model = tiny_vector_model(tiny_model_dir, dropout=0.3).train()
+    features = group_batch(model)["query"]
+    state = capture_random_state(torch.device("cpu"))
+    first = model(**features)
+    second = model(**features)
+    with replayed_random_state(state, torch.device("cpu")):
+        replayed = model(**features)
+    assert not torch.allclose(first, second) and torch.equal(first, replayed)
+
+
+# ---------------------------------------------------------------- mining
+
+def fixed_scorer(table):
+    """score(queries) from a {query: [score per corpus text]} table."""
+    import numpy as np
+    return lambda queries: np.array([table[query] for query in queries], dtype=np.float32)
+
+
+def test_mining_filters_positives_the_query_and_likely_false_negatives():
+    corpus = ["pos", "near", "q", "n1", "n2", "n3", "n4", "far"]
+    scores = {"q": [0.9, 0.88, 0.95, 0.7, 0.6, 0.5, 0.4, 0.1]}
+    group = QueryGroup("q", ["pos"], [], "line 1")
+    mined, report = mining.mine_hard_negatives([group], corpus, fixed_scorer(scores), (1, 7), 10, 0.05, seed=0)
+    # ranks 1-7: q, pos, near, n1, n2, n3, n4 ("far" is rank 8, outside the window)
+    assert (report.candidates, report.known_positive, report.query_text, report.likely_false_negative) == (7, 1, 1, 1)
+    assert mined[0].negatives == ["n1", "n2", "n3", "n4"] and mined[0].positives == ["pos"]
+    assert report.written == 4 and report.short_queries == 1
+
+
+def test_mining_is_deterministic_under_the_seed():
+    corpus = ["pos"] + [f"n{index}" for index in range(30)]
+    scores = {"q": [1.0] + [0.5 - index / 100 for index in range(30)]}
+    group = QueryGroup("q", ["pos"], [], "line 1")
+
+    def draw(seed):
+        return mining.mine_hard_negatives([group], corpus, fixed_scorer(scores), (2, 31), 5, 0.0, seed)[0][0].negatives
+    assert draw(1) == draw(1) and draw(1) != draw(2)
+
+
+def test_mine_mode_writes_query_groups_with_bm25_and_never_overwrites(tmp_path, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", group_records())
+    output = tmp_path / "mined.jsonl"
+    argv = ["--mode", "mine", "--train-path", str(train), "--miner", "bm25", "--range-for-sampling", "1-9",
+            "--negative-number", "2", "--negative-margin", "0", "--output-path", str(output)]
+    assert train_vector.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "known positives" in printed and "likely false negatives" in printed
+    mined = read_query_groups(output)
+    assert len(mined) == 6 and mined[1].prompt == "find: "
+    for group in mined:
+        assert group.negatives and not set(group.negatives) & set(group.positives)
+    before = output.read_bytes()
+    assert train_vector.main(argv) == 2
+    assert_one_error_line(capsys.readouterr().err, "--output-path", "already exists")
+    assert output.read_bytes() == before
+
+
+def test_mine_mode_with_the_model(tiny_model_dir, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", group_records())
+    output = tmp_path / "mined.jsonl"
+    argv = ["--mode", "mine", "--train-path", str(train), "--model-name", str(tiny_model_dir), "--max-length", "16",
+            "--range-for-sampling", "1-9", "--negative-number", "2", "--negative-margin", "-1", "--device", "cpu",
+            "--output-path", str(output)]
+    assert train_vector.main(argv) == 0
+    assert all(len(group.negatives) == 2 for group in read_query_groups(output))
+
+
+# ---------------------------------------------------------------- training on query groups; Matryoshka; instructions
+
+def test_training_on_query_groups_with_grad_cache_matryoshka_and_instructions(tiny_model_dir, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", group_records())
+    output_dir = tmp_path / "out"
+    argv = ["--mode", "train", "--train-path", str(train), "--val-path", str(train), "--model-name",
+            str(tiny_model_dir), "--max-length", "16", "--batch-size", "4", "--epochs", "1", "--precision", "fp32",
+            "--device", "cpu", "--output-dir", str(output_dir), "--negatives-per-query", "2",
+            "--grad-cache-chunk", "3", "--matryoshka-dims", "16,8", "--query-instruction", "query: ",
+            "--passage-instruction", "passage: ", "--learning-rate", "1e-3", "--warmup-steps", "0",
+            "--logging-steps", "1"]
+    assert train_vector.main(argv) == 0
+    model = BertVectorModel.from_pretrained(output_dir / "checkpoint-step-2")
+    assert model.vector_settings["matryoshka_dims"] == [16, 8]
+    assert model.preprocessing["query_instruction"] == "query: "
+    full, short = model.encode(["good movie"]), model.encode(["good movie"], dim=8)
+    assert full.shape == (1, 32) and short.shape == (1, 8)
+    assert torch.allclose(short, torch.nn.functional.normalize(full[:, :8], dim=-1), atol=1e-6)
+    with pytest.raises(UserError, match="dimension 12"):
+        model.encode(["good movie"], dim=12)
+    # the stored instruction is put before the text: a query equals the untreated text with it spelled out
+    plain = BertVectorModel.from_pretrained(output_dir / "checkpoint-step-2")
+    plain.preprocessing["query_instruction"] = None
+    assert torch.allclose(model.encode(["good movie"]), plain.encode(["query: good movie"]), atol=1e-6)
+    assert torch.allclose(model.encode(["a film"], side="document"), plain.encode(["passage: a film"]), atol=1e-6)
+    rows = [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+    assert any("loss" in row for row in rows)
+
+
+def test_matryoshka_dims_larger_than_the_model_are_refused(tiny_model_dir, tmp_path, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", group_records())
+    argv = ["--train-path", str(train), "--val-path", str(train), "--model-name", str(tiny_model_dir),
+            "--max-length", "16", "--device", "cpu", "--output-dir", str(tmp_path / "out"), "--matryoshka-dims", "64,8"]
+    assert train_vector.main(argv) == 2
+    assert_one_error_line(capsys.readouterr().err, "--matryoshka-dims 64")
+
+
+def test_an_unparseable_dims_or_range_flag_is_one_line(capsys):
+    for flag, value in (("--matryoshka-dims", "128,x"), ("--range-for-sampling", "100-10")):
+        assert train_vector.main(["--mode", "mine", "--train-path", "t.jsonl", "--output-path", "o", flag, value]) == 2
+        assert_one_error_line(capsys.readouterr().err, flag, value)
+
+
+# ---------------------------------------------------------------- instructions and sizes reach every inference path
+
+@pytest.fixture(scope="module")
+def instructed_model_dir(tiny_model_dir, tmp_path_factory):
+    model = tiny_vector_model(tiny_model_dir, projection_dim=16, query_instruction="query: ",
+                              passage_instruction="passage: ", matryoshka_dims=[8, 4])
+    return model.save_pretrained(tmp_path_factory.mktemp("instructed") / "model")
+
+
+def test_inference_torch_and_onnx_apply_the_instruction_and_the_sizes(instructed_model_dir, tmp_path):
+    import numpy as np
+
+    import export_onnx
+    from common import inference
+    model = BertVectorModel.from_pretrained(instructed_model_dir)
+    onnx_path = tmp_path / "vector.onnx"
+    assert export_onnx.main(["--model-path", str(instructed_model_dir), "--output-path", str(onnx_path)]) == 0
+    for loaded in (inference.load_model(str(instructed_model_dir)), inference.load_model(str(onnx_path))):
+        for side, encode_side in (("query", "query"), ("doc", "document")):
+            vectors = inference.embed(loaded, ["good movie", "the stock market"], side=side)
+            assert np.allclose(vectors, model.encode(["good movie", "the stock market"], side=encode_side).numpy(),
+                               atol=1e-4), (loaded.backend, side)
+        cut = inference.embed(loaded, ["good movie"], dim=4)
+        assert cut.shape == (1, 4) and np.allclose(cut, model.encode(["good movie"], dim=4).numpy(), atol=1e-4)
+        with pytest.raises(UserError, match="8, 4"):
+            inference.embed(loaded, ["good movie"], dim=5)
+    service = inference.VectorService(inference.load_model(str(instructed_model_dir)))
+    assert service.count_tokens(["good movie"]) == [len(model.tokenizer("query: good movie")["input_ids"])]
+
+
+def test_infer_cli_takes_a_trained_dim_and_refuses_another(instructed_model_dir, capsys):
+    import infer
+    assert infer.main(["--model-path", str(instructed_model_dir), "--text", "good movie", "--dim", "8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["dim"] == 8
+    assert infer.main(["--model-path", str(instructed_model_dir), "--text", "good movie", "--dim", "12"]) == 2
+    assert_one_error_line(capsys.readouterr().err, "dimension 12", "16, 8, 4")
+
+
+def test_server_gives_a_trained_size_and_refuses_another(instructed_model_dir):
+    import numpy as np
+
+    from common import inference, server
+    from test_server_openai import post_all
+    app = server.create_app(inference.VectorService(inference.load_model(str(instructed_model_dir))))
+    full, cut, refused = post_all(app, [("/v1/embeddings", {"input": "good movie", "model": "m"}),
+                                        ("/v1/embeddings", {"input": "good movie", "model": "m", "dimensions": 8}),
+                                        ("/v1/embeddings", {"input": "good movie", "model": "m", "dimensions": 12})])
+    vector = np.array(full.json()["data"][0]["embedding"])
+    assert len(vector) == 16 and cut.status_code == 200
+    assert np.allclose(cut.json()["data"][0]["embedding"], vector[:8] / np.linalg.norm(vector[:8]), atol=1e-5)
+    assert refused.status_code == 400 and "16, 8, 4" in refused.text
