@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from common import data, ranking
 from common.errors import UserError
-from common.pairs import PairExample, parse_pair
+from common.pairs import load_pairs
 from common.text import build_normalizer
 
 EVALUATION_KS = (1, 3, 5, 10)
@@ -91,40 +91,10 @@ class Rerank:
 
 # ---------------------------------------------------------------- data
 
-def parse_triplet(record):
-    """A ``{"query", "pos": [...], "neg": [...]}`` record (FlagEmbedding's format) as graded pairs:
-    each positive rel 1, each negative rel 0; ``pos``/``neg`` may be a string or a list of strings."""
-    query = data.require_text(record, "query")
-    weight = data.require_number(record, "weight", default=1.0, low=0.0)
-    pairs = []
-    for field, rel in (("pos", 1.0), ("neg", 0.0)):
-        value = record.fields.get(field, [] if field == "neg" else None)
-        documents = [value] if isinstance(value, str) else value
-        if not isinstance(documents, list) or (field == "pos" and not documents):
-            raise data.RecordError(f"{record.where(field)}: expected a text or a non-empty list of texts")
-        for position, document in enumerate(documents):
-            text = data.check_string(record, f"{field}[{position}]", document)
-            if not text.strip():
-                raise data.RecordError(f"{record.where(f'{field}[{position}]')}: empty text")
-            pairs.append(PairExample(query, text, rel, float(weight), f"{record.where()} {field}[{position}]"))
-    return pairs
-
-
-def parse_record(record):
-    """Graded pairs of one record: ``query/document/rel[/weight]`` or ``query/pos/neg``."""
-    if "pos" in record.fields:
-        return parse_triplet(record)
-    return [parse_pair(record)]
-
-
 def load_rerank_pairs(path, skip_invalid=False, split=None, default_splits=("train",)):
-    """Read and validate a reranker data file into graded PairExamples (one list, records in order)."""
-    records = data.read_records(path, split=split, skip_invalid=skip_invalid, default_splits=default_splits)
-    parsed = data.parse_each(records, parse_record, skip_invalid)
-    pairs = data.ExampleList([pair for group in parsed for pair in group], skipped=parsed.skipped)
-    if not pairs:
-        raise UserError(f"{path}: no valid records")
-    return pairs
+    """A reranker data file as graded PairExamples, in record order: ``query/document/rel[/weight]`` pairs or
+    ``query/pos/neg`` groups (each positive rel 1, each negative rel 0), read by the vector trainer's reader."""
+    return load_pairs(path, skip_invalid, split=split, default_splits=default_splits)
 
 
 def split_by_query(pairs, val_ratio, seed):

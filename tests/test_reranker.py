@@ -305,7 +305,7 @@ def test_export_passes_the_parity_gate_and_scores_like_torch(trained, data, tmp_
 
 @pytest.mark.parametrize("records, extra, expected", [
     ([{"query": "q", "document": "d", "rel": 2}], [], "line 1: field 'rel': 2.0 is outside [0.0, 1.0]"),
-    ([{"query": "q", "pos": [], "neg": ["d"]}], [], "line 1: field 'pos': expected a text or a non-empty list"),
+    ([{"query": "q", "pos": [], "neg": ["d"]}], [], "line 1: field 'pos': empty list"),
     ([{"query": "q", "pos": ["d"], "neg": [3]}], [], "line 1: field 'neg[0]': expected a string"),
     ([{"query": "q", "document": "d", "rel": 0.0}] * 4, ["--val-path", "SELF"], "no relevant pair"),
     ([{"query": "q", "document": "d", "rel": 1.0}], ["--labels", "a,b"], "--labels does not apply to --problem-type rerank"),
