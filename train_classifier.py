@@ -726,20 +726,15 @@ def run_training(args, context):
         early_stopping, untuned_row, args.metric_for_best_model, logger)}
     if rerank:
         results = finish_reranker(args, best_dir, splits, context, output_dir, logger, {"untuned": untuned})
-        if context.is_main:
-            headline = results.get("test", results["validation"])
-            logger.info(f"best model: {best_dir} ({args.metric_for_best_model} on validation "
-                        f"{early_stopping.best_metric:.4f}); final " +
-                        ", ".join(f"{name} {headline[name]:.4f}" for name in problem.headline_metrics))
-        return 0
-    train_labels = np.array([f["labels"] for f in datasets["train"].features])
-    results = finish(args, best_dir, datasets, splits, label_set, context, output_dir, logger, train_labels,
-                     {"untuned": untuned})
+    else:
+        train_labels = np.array([f["labels"] for f in datasets["train"].features])
+        results = finish(args, best_dir, datasets, splits, label_set, context, output_dir, logger, train_labels,
+                         {"untuned": untuned})
     if context.is_main:
         headline = results.get("test", results["validation"])
-        logger.info(f"best model: {best_dir} ({args.metric_for_best_model} on validation "
-                    f"{results['validation'][args.metric_for_best_model]:.4f}); final " +
-                    ", ".join(f"{name} {headline[name]:.4f}" for name in problem.headline_metrics))
+        best_value = results["validation"].get(args.metric_for_best_model, early_stopping.best_metric)
+        logger.info(f"best model: {best_dir} ({args.metric_for_best_model} on validation {best_value:.4f}); "
+                    "final " + ", ".join(f"{name} {headline[name]:.4f}" for name in problem.headline_metrics))
     return 0
 
 
