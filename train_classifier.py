@@ -509,6 +509,11 @@ def finish_problem_type(args, model, model_dir, toolkit, problem, datasets, spli
         logits, labels = evaluated[report_split]
         if args.group_field:
             results[f"{report_split}_by_group"] = metrics_by_group(examples, logits, labels, label_set, problem)
+        if "train" in splits and args.baseline != "none":
+            from common.baselines import add_problem_baseline
+            train_targets = [problem.target(e.label, len(label_set.names)) for e in splits["train"]]
+            add_problem_baseline(results, report_split, problem, splits["train"], train_targets, examples,
+                                 labels.numpy(), label_set.names, logger.info)
         problem_types.write_error_rows(output_dir / "errors.jsonl", problem.error_rows(
             examples, logits, labels, label_set.names))
         (output_dir / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")

@@ -463,6 +463,11 @@ def finish(args, model_dir, datasets, splits, label_set, context, output_dir, lo
             toolkit.update(problem.toolkit_settings())
             checkpoints.rewrite_toolkit(model_dir, toolkit)
         if context.is_main:
+            if train_labels is not None and args.baseline != "none":  # whole documents, as for single-label
+                from common.baselines import add_problem_baseline
+                add_problem_baseline(results, split_name, problem, splits["train"], train_labels,
+                                     splits["test" if "test" in datasets else "val"], labels.numpy(), label_set.names,
+                                     logger.info)
             problem_types.write_error_rows(output_dir / "errors.jsonl", problem.error_rows(
                 splits["test" if "test" in datasets else "val"], logits[args.aggregation], labels, label_set.names))
             (output_dir / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False),

@@ -1,7 +1,8 @@
 """Cheap, strong baselines fitted on the same split as the model, to print beside its figures.
 
-Classification: TF-IDF + logistic regression. Retrieval: TF-IDF cosine ranking. A user
-sees at once whether fine-tuning beat the obvious alternative.
+Classification: TF-IDF + logistic regression (one per label for multi-label, 0.5 thresholds);
+scores: TF-IDF + ridge regression. Retrieval: TF-IDF cosine ranking. A user sees at once
+whether fine-tuning beat the obvious alternative.
 
 The analyzer follows the script: character 1-3-grams when the texts are mostly CJK
 (Chinese and Japanese have no spaces between words, so "words" would be whole
@@ -19,7 +20,7 @@ import warnings
 import numpy as np
 
 from common import ranking
-from common.metrics import classification_metrics
+from common.metrics import classification_metrics, multilabel_metrics, regression_metrics, selection_mode
 
 CJK_SHARE_THRESHOLD = 0.3
 MAX_FEATURES = 200_000  # bounds memory and the logistic regression's cost per iteration
@@ -125,12 +126,80 @@ def text_classification_baseline(train_texts, train_labels, eval_texts, eval_lab
     return metrics
 
 
+def example_texts(examples):
+    """The baselines' input of each example: its context (when it has one) before its text."""
+    return [f"{e.context} {e.text}" if getattr(e, "context", None) else e.text for e in examples]
+
+
 def example_baseline(train_examples, eval_examples, eval_labels, label_names):
-    """text_classification_baseline on the trainers' examples (a context is prepended to its text)."""
-    def texts(examples):
-        return [f"{e.context} {e.text}" if getattr(e, "context", None) else e.text for e in examples]
-    return text_classification_baseline(texts(train_examples), [e.label for e in train_examples],
-                                        texts(eval_examples), list(eval_labels), label_names)
+    """text_classification_baseline on the trainers' examples."""
+    return text_classification_baseline(example_texts(train_examples), [e.label for e in train_examples],
+                                        example_texts(eval_examples), list(eval_labels), label_names)
+
+
+def text_multilabel_baseline(train_texts, train_targets, eval_texts, eval_targets, label_names):
+    """TF-IDF + one logistic regression per label (sklearn's OneVsRestClassifier), every threshold 0.5:
+    ``multilabel_metrics`` keys plus ``name`` and ``seconds``; 0/1 targets are (examples, labels)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+
+    def fit(features, targets):
+        classifier = OneVsRestClassifier(LogisticRegression(max_iter=2000, random_state=RANDOM_STATE))
+        with warnings.catch_warnings():  # a label constant in training is predicted as that constant: fine here
+            warnings.simplefilter("ignore")
+            return classifier.fit(features, np.asarray(targets, dtype=int))
+
+    def score(classifier, features, targets):
+        probs = classifier.predict_proba(features)  # (examples, labels)
+        return multilabel_metrics(targets, probs >= 0.5, probs, label_names)
+    return _fitted_text_baseline("logreg-per-label", train_texts, train_targets, eval_texts, eval_targets, fit, score)
+
+
+def text_regression_baseline(train_texts, train_targets, eval_texts, eval_targets):
+    """TF-IDF + ridge regression of the scores: ``regression_metrics`` keys plus ``name`` and ``seconds``."""
+    from sklearn.linear_model import Ridge
+
+    def fit(features, targets):
+        return Ridge(alpha=1.0, random_state=RANDOM_STATE).fit(features, targets)
+
+    def score(regressor, features, targets):
+        return regression_metrics(targets, regressor.predict(features))
+    return _fitted_text_baseline("ridge", train_texts, train_targets, eval_texts, eval_targets, fit, score)
+
+
+def _fitted_text_baseline(model_name, train_texts, train_targets, eval_texts, eval_targets, fit, score):
+    """Vectorize, ``fit(features, targets)``, ``score(model, features, targets)``; skipped when it cannot be fitted."""
+    started = time.perf_counter()
+    train_texts, eval_texts = _clean_texts(train_texts), _clean_texts(eval_texts)
+    vectorizer, stem, share = build_vectorizer(train_texts)
+    name = f"{stem}+{model_name}"
+    if len(eval_texts) == 0:
+        return {"name": name, "skipped": "no evaluation examples"}
+    try:
+        train_features = vectorizer.fit_transform(train_texts)  # (train, features), sparse
+    except ValueError as error:  # sklearn's "empty vocabulary"
+        return {"name": name, "skipped": f"no usable text in the training set ({error})"}
+    fitted = fit(train_features, np.asarray(train_targets))
+    metrics = score(fitted, vectorizer.transform(eval_texts), np.asarray(eval_targets))
+    metrics.update(name=name, cjk_share=round(share, 4), train_examples=len(train_texts),
+                   features=len(vectorizer.vocabulary_), seconds=round(time.perf_counter() - started, 2))
+    return metrics
+
+
+def add_problem_baseline(results, split_name, problem, train_examples, train_targets, eval_examples, eval_targets,
+                         label_names, log=print):
+    """``add_text_baseline`` for multi-label and regression models: ``results["baseline"]`` and the table."""
+    train_texts, eval_texts = example_texts(train_examples), example_texts(eval_examples)
+    if problem.name == "multi_label":
+        results["baseline"] = text_multilabel_baseline(train_texts, train_targets, eval_texts, eval_targets,
+                                                       label_names)
+        keys = ["micro_f1", "macro_f1", "samples_f1"]
+    else:
+        results["baseline"] = text_regression_baseline(train_texts, train_targets, eval_texts, eval_targets)
+        keys = ["mae", "rmse", "pearson", "spearman"]
+    log(f"{split_name}: the model against a TF-IDF baseline on the same data\n" +
+        format_comparison(results[split_name], results["baseline"], keys))
+
 
 
 def add_text_baseline(results, split_name, train_examples, eval_examples, eval_labels, label_names, log=print):
@@ -198,8 +267,8 @@ def retrieval_baseline(queries, documents, relevances, ks=ranking.DEFAULT_KS, th
 def format_comparison(model_metrics, baseline_metrics, keys):
     """A short printable table: one row per key with the model's value, the baseline's and the difference.
 
-    Higher is better for every key shown (accuracy, F1, NDCG, MRR, recall); a last line
-    names the keys where the baseline is ahead. A skipped (or None) baseline gives one line.
+    Higher is better except for the error metrics (MAE, RMSE, loss: metrics.selection_mode); a last
+    line names the keys where the baseline is ahead. A skipped (or None) baseline gives one line.
     """
     if not baseline_metrics or "skipped" in baseline_metrics:
         reason = (baseline_metrics or {}).get("skipped", "not computed")
@@ -213,7 +282,7 @@ def format_comparison(model_metrics, baseline_metrics, keys):
         cells = [f"{value:.4f}" if isinstance(value, (int, float)) else "-" for value in (model_value, baseline_value)]
         numeric = isinstance(model_value, (int, float)) and isinstance(baseline_value, (int, float))
         difference = f"{model_value - baseline_value:+.4f}" if numeric else "-"
-        if numeric and baseline_value > model_value:
+        if numeric and (baseline_value < model_value if selection_mode(key) == "min" else baseline_value > model_value):
             behind.append(key)
         lines.append(f"{key:<{width}}  {cells[0]:>8}  {cells[1]:>8}  {difference:>8}")
     if behind:

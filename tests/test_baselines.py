@@ -115,3 +115,45 @@ def test_format_comparison():
     skipped = baselines.format_comparison(model, {"name": "x", "skipped": "one class"}, ["accuracy"])
     assert skipped == "baseline x: skipped (one class)"
     assert "skipped" in baselines.format_comparison(model, None, ["accuracy"])
+
+
+def topic_texts(count, seed):
+    """(texts, multi-hot targets): each text names a random subset of three topics by one word each."""
+    generator, topics = random.Random(seed), ["music", "sports", "market"]
+    texts, targets = [], []
+    for _ in range(count):
+        row = [generator.random() < 0.5 for _ in topics]
+        words = [topic for topic, on in zip(topics, row) if on] + generator.sample(FILLER, 2)
+        generator.shuffle(words)
+        texts.append(" ".join(words))
+        targets.append([float(on) for on in row])
+    return texts, targets
+
+
+def test_multilabel_baseline_finds_separable_labels():
+    train_texts, train_targets = topic_texts(200, seed=1)
+    eval_texts, eval_targets = topic_texts(60, seed=2)
+    result = baselines.text_multilabel_baseline(train_texts, train_targets, eval_texts, eval_targets,
+                                                ["music", "sports", "market"])
+    assert result["name"] == "tfidf-word-1-2+logreg-per-label"
+    assert result["micro_f1"] > 0.9 and set(result["per_label"]) == {"music", "sports", "market"}
+    shuffled = random.Random(3).sample(train_targets, len(train_targets))  # labels unrelated to the words
+    assert baselines.text_multilabel_baseline(train_texts, shuffled, eval_texts, eval_targets,
+                                              ["music", "sports", "market"])["micro_f1"] < result["micro_f1"]
+
+
+def test_regression_baseline_learns_scores_from_words():
+    words = {"awful": 1, "poor": 2, "fine": 3, "good": 4, "superb": 5}
+    generator = random.Random(4)
+    picks = [generator.choice(list(words)) for _ in range(120)]
+    texts = [f"{word} {' '.join(generator.sample(FILLER, 2))}" for word in picks]
+    scores = [40.0 + 10 * words[word] for word in picks]
+    result = baselines.text_regression_baseline(texts[:80], scores[:80], texts[80:], scores[80:])
+    assert result["name"] == "tfidf-word-1-2+ridge"
+    assert result["spearman"] > 0.9 and result["mae"] < 10
+
+
+def test_format_comparison_knows_lower_errors_are_better():
+    table = baselines.format_comparison({"mae": 2.0, "spearman": 0.9}, {"name": "b", "mae": 1.0, "spearman": 0.5},
+                                        ["mae", "spearman"])
+    assert table.splitlines()[-1] == "the baseline beats the model on: mae"

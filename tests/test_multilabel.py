@@ -88,6 +88,8 @@ def test_learns_and_stores_tuned_thresholds(multilabel_run):
     assert metrics["test"]["per_label"]["music"]["support"] == 8
     assert metrics["test"]["per_label"]["music"]["roc_auc"] is not None
     assert "test_at_threshold_0.5" in metrics and "constant_baseline" in metrics
+    assert metrics["baseline"]["name"] == "tfidf-word-1-2+logreg-per-label"  # fitted on the same split
+    assert set(metrics["baseline"]["per_label"]) == set(TOPICS)
     toolkit = json.loads((output_dir / "checkpoint-best" / "config.json").read_text())["toolkit"]
     assert toolkit["threshold_strategy"] == "per_label"
     # tuned on validation: no worse there than 0.5 for any label (per-label F1 is what was maximised)
@@ -231,7 +233,7 @@ def test_long_documents_multi_label_end_to_end(tmp_path, tiny_model_dir):
     assert set(toolkit["thresholds"]) == set(TOPICS)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert set(metrics["test"]["by_aggregation"]) == {"mean", "max", "logsumexp"}
-    assert "test_at_threshold_0.5" in metrics
+    assert "test_at_threshold_0.5" in metrics and "micro_f1" in metrics["baseline"]
     results = inference.predict_long_documents(inference.load_model(model_dir), [records[3]["text"]])
     probabilities, thresholds = results[0]["probabilities"], results[0]["thresholds"]
     assert results[0]["labels"] == [name for name in sorted(TOPICS) if probabilities[name] >= thresholds[name]]

@@ -75,6 +75,7 @@ def test_learns_scores_and_reports_metrics_in_the_original_scale(regression_run)
     for key in ("mae", "rmse", "pearson", "spearman", "r2"):
         assert key in test
     assert test["mae"] < metrics["constant_baseline"]["mae"]  # better than always the training mean (13.75)
+    assert metrics["baseline"]["name"] == "tfidf-word-1-2+ridge" and "spearman" in metrics["baseline"]
     assert test["spearman"] > 0.8
     errors = [json.loads(line) for line in (output_dir / "errors.jsonl").read_text().splitlines()]
     assert [row["absolute_error"] for row in errors] == sorted((row["absolute_error"] for row in errors), reverse=True)
