@@ -7,7 +7,7 @@ beside the constant baseline (the most frequent training label set) and a TF-IDF
 (character 1-3-grams, one logistic regression per label, scikit-learn) scored both ways too.
 Prints mean ± spread and writes the figures as JSON.
 
-    flock /work/heavy.lock python bench/multilabel_thresholds.py --data-dir data/kaomoji \
+    python bench/multilabel_thresholds.py --data-dir data/kaomoji \
         --model-name ../shared/models/all-MiniLM-L6-v2 --output bench/results/multilabel_thresholds.json
 """
 import argparse
