@@ -105,10 +105,7 @@ def build_parser():
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     parser.add_argument("--extend-vocab", type=int, default=3, help="min count of an [UNK] piece to be added")
     parser.add_argument("--rerun", action="store_true", help="retrain runs that already have a run.json")
-    # a single run, in its own process (internal)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--seed", type=int, default=13, help=argparse.SUPPRESS)
-    parser.add_argument("--run-dir", help=argparse.SUPPRESS)
+    add_worker_args(parser)
     return parser
 
 
@@ -354,6 +351,13 @@ def launch(args, name, seed):
     print(f"[quality] {name} seed {seed}: test accuracy {result['reported']['accuracy']:.4f}, "
           f"macro-F1 {result['reported']['macro_f1']:.4f} ({result['wall_seconds']:.0f} s)", flush=True)
     return result
+
+
+def add_worker_args(parser):
+    """The hidden options of one run in its own process (internal): what a worker command passes."""
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=13, help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", help=argparse.SUPPRESS)
 
 
 def run_in_process(run_dir, command, label, rerun=False, env=None):

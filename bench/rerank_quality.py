@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import count_lines, describe_machine, mean_std, run_in_process, toolkit_commit  # noqa: E402
+from quality import (add_worker_args, count_lines, describe_machine, mean_std, run_in_process,  # noqa: E402
+                     toolkit_commit)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 METRICS = ("ndcg@10", "mrr@10", "recall@10")
@@ -56,10 +57,7 @@ def build_parser():
     parser.add_argument("--rerank-top", type=int, default=50, help="retrieved documents the reranker reorders")
     parser.add_argument("--rerun", action="store_true", help="retrain runs that already have a run.json")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
-    # a single run, in its own process (internal)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--seed", type=int, default=13, help=argparse.SUPPRESS)
-    parser.add_argument("--run-dir", help=argparse.SUPPRESS)
+    add_worker_args(parser)
     return parser
 
 

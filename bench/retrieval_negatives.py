@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import describe_machine, mean_std, parse_configs, run_in_process, toolkit_commit  # noqa: E402
+from quality import (add_worker_args, describe_machine, mean_std, parse_configs, run_in_process,  # noqa: E402
+                     toolkit_commit)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["--pooling", "mean", "--learning-rate", "5e-5", "--batch-size", "16", "--relevance-threshold", "0.5"]
@@ -73,9 +74,7 @@ def build_parser():
     parser.add_argument("--rerun", action="store_true", help="redo runs that already have a run.json")
     parser.add_argument("--rescore", action="store_true",
                         help="score finished runs' models again (no training), e.g. after a change to the scoring")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--seed", type=int, default=13, help=argparse.SUPPRESS)
-    parser.add_argument("--run-dir", help=argparse.SUPPRESS)
+    add_worker_args(parser)
     return parser
 
 

@@ -27,8 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import (count_lines, describe_machine, mean_std, parse_configs, run_in_process,  # noqa: E402
-                     toolkit_commit)
+from quality import (add_worker_args, count_lines, describe_machine, mean_std, parse_configs,  # noqa: E402
+                     run_in_process, toolkit_commit)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIGS = "tfidf,untuned-cls,untuned-mean,default"
@@ -89,10 +89,7 @@ def build_parser():
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per run (0: torch's default); on a busy machine 1 thread per run "
                              "wastes less time waiting for the other thread")
-    # a single run, in its own process (internal)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--seed", type=int, default=13, help=argparse.SUPPRESS)
-    parser.add_argument("--run-dir", help=argparse.SUPPRESS)
+    add_worker_args(parser)
     return parser
 
 
