@@ -331,7 +331,8 @@ class MultiLabel(SingleLabel):
     # ---- inference
     def comparable_outputs(self, outputs):
         """The ONNX parity gate compares the probabilities users see."""
-        return 1.0 / (1.0 + np.exp(-np.asarray(outputs, dtype=np.float64)))
+        from common.inference import sigmoid  # inference imports this module
+        return sigmoid(outputs)
 
     def decisions(self, outputs, threshold=None, label_names=None):
         probs = self.comparable_outputs(outputs)

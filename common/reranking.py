@@ -76,7 +76,8 @@ class Rerank:
 
     def comparable_outputs(self, outputs):
         """What the ONNX parity gate compares: the scores users see, sigmoid(logit)."""
-        return 1.0 / (1.0 + np.exp(-np.asarray(outputs, dtype=np.float64)))
+        from common.inference import sigmoid  # inference imports this module
+        return sigmoid(outputs)
 
     def decisions(self, outputs, threshold=None, label_names=None):
         return None  # a score, no label: the gate compares the scores themselves
