@@ -29,6 +29,10 @@ Configurations (--configs, comma-separated):
   toolkit-new-token-lr-30x         --new-token-lr 1.5e-3 (30x the learning rate for the added rows)
   toolkit-mlm                      --mlm-adapt-steps 250 (two passes of masked-LM over the training texts)
   toolkit-mlm-new-token-lr         both of the above
+  toolkit-5-epochs                 --epochs 5 --patience 2, --precision auto (bf16 on a CPU with native bf16)
+  toolkit-mlm-unlabeled            toolkit-5-epochs after --mlm-adapt-steps 1000 on the training texts and
+                                   --unlabeled-path (the reviews in no split: prepare_reviews.py --unlabeled),
+                                   whose [UNK] characters --extend-vocab also adds
   (the *-random-rows and *-matched-rows patches measured snapshots from before --new-token-init existed)
   trainer-cls                      the Trainer's model with its pooler bypassed (CLS state -> dropout -> linear)
   trainer-group-by-length          train_sampling_strategy="group_by_length"
@@ -52,7 +56,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIGS = "majority,tfidf,untuned,toolkit,trainer"
 TOOLKIT, TRAINER = "toolkit", "trainer"
 
-# name -> system, --extend-vocab on/off, extra toolkit flags, monkeypatches, Trainer arguments, validation file
+# name -> system, --extend-vocab on/off, extra toolkit flags, monkeypatches, Trainer arguments, validation file,
+# epochs and precision when not the bench's (--epochs, fp32), unlabeled text (data_dir/unlabeled.txt)
 CONFIGS = {
     "toolkit": {"system": TOOLKIT},
     "trainer": {"system": TRAINER},
@@ -72,6 +77,9 @@ CONFIGS = {
     "toolkit-new-token-lr-30x": {"system": TOOLKIT, "flags": ["--new-token-lr", "1.5e-3"]},
     "toolkit-mlm": {"system": TOOLKIT, "flags": ["--mlm-adapt-steps", "250"]},
     "toolkit-mlm-new-token-lr": {"system": TOOLKIT, "flags": ["--mlm-adapt-steps", "250", "--new-token-lr", "5e-4"]},
+    "toolkit-5-epochs": {"system": TOOLKIT, "epochs": 5, "precision": "auto", "flags": ["--patience", "2"]},
+    "toolkit-mlm-unlabeled": {"system": TOOLKIT, "epochs": 5, "precision": "auto", "unlabeled": True,
+                              "flags": ["--patience", "2", "--mlm-adapt-steps", "1000"]},
     "trainer-cls": {"system": TRAINER, "patches": ["cls_head"]},
     "trainer-group-by-length": {"system": TRAINER, "trainer_args": {"train_sampling_strategy": "group_by_length"}},
     "untuned": {"system": "untuned"},
@@ -93,6 +101,8 @@ def build_parser():
     parser.add_argument("--val", type=int, default=500, help="validation records when the data is built")
     parser.add_argument("--test", type=int, default=2000, help="test records when the data is built")
     parser.add_argument("--data-seed", type=int, default=13, help="sampling seed of prepare_reviews.py")
+    parser.add_argument("--unlabeled", type=int, default=30000,
+                        help="most reviews in no split written to unlabeled.txt when the data is built")
     parser.add_argument("--work-dir", default="runs/quality", help="one directory per configuration and seed")
     parser.add_argument("--output", default="bench/results/quality.json", help="summary JSON")
     parser.add_argument("--toolkit-dir", default=str(REPO_ROOT),
@@ -115,11 +125,11 @@ def ensure_data(args):
     data_dir = Path(args.data_dir)
     expected = {"train": args.train, "val": args.val, "test": args.test}
     if all((data_dir / f"{name}.jsonl").is_file() and count_lines(data_dir / f"{name}.jsonl") == size
-           for name, size in expected.items()):
+           for name, size in expected.items()) and (data_dir / "unlabeled.txt").is_file():
         return data_dir
     subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "prepare_reviews.py"), "--output-dir", str(data_dir),
                     "--train", str(args.train), "--val", str(args.val), "--test", str(args.test),
-                    "--seed", str(args.data_seed)], check=True)
+                    "--seed", str(args.data_seed), "--unlabeled", str(args.unlabeled)], check=True)
     return data_dir
 
 
@@ -183,15 +193,18 @@ def run_toolkit(args, spec, run_dir):
     else:
         val_flags = []
         train_count -= round(0.1 * train_count)
+    if spec.get("unlabeled"):
+        val_flags += ["--unlabeled-path", str(data_dir / "unlabeled.txt")]
     steps_per_epoch = -(-train_count // args.batch_size)
+    epoch_count, precision = spec.get("epochs", args.epochs), spec.get("precision", "fp32")
     output_dir = run_dir / "toolkit_output"
     argv = ["--data-path", str(data_dir / "train.jsonl"), *val_flags, "--test-path", str(data_dir / "test.jsonl"),
-            "--model-name", args.model, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+            "--model-name", args.model, "--epochs", str(epoch_count), "--batch-size", str(args.batch_size),
             "--learning-rate", str(args.learning_rate), "--max-length", str(args.max_length),
             "--warmup-ratio", str(args.warmup_ratio), "--weight-decay", str(args.weight_decay),
             "--extend-vocab", str(args.extend_vocab if spec.get("extend", True) else 0),
-            "--precision", "fp32", "--device", "cpu", "--seed", str(args.seed), "--output-dir", str(output_dir),
-            "--save-steps", str(steps_per_epoch), "--save-total-limit", str(args.epochs + 1),
+            "--precision", precision, "--device", "cpu", "--seed", str(args.seed), "--output-dir", str(output_dir),
+            "--save-steps", str(steps_per_epoch), "--save-total-limit", str(epoch_count + 1),
             "--logging-steps", "25", *spec.get("flags", [])]
     started = time.perf_counter()
     status = train_classifier.main(argv)
@@ -206,7 +219,7 @@ def run_toolkit(args, spec, run_dir):
         step = int(checkpoint.name.rsplit("-", 1)[1])
         eval_dir = run_dir / f"eval_step_{step}"
         train_classifier.main(["--eval-only", "--model-path", str(checkpoint), "--test-path",
-                               str(data_dir / "test.jsonl"), "--output-dir", str(eval_dir), "--precision", "fp32",
+                               str(data_dir / "test.jsonl"), "--output-dir", str(eval_dir), "--precision", precision,
                                "--device", "cpu"])
         test = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))["test"]
         val = val_by_step.get(step, {})
