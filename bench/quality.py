@@ -30,9 +30,9 @@ Configurations (--configs, comma-separated):
   toolkit-mlm                      --mlm-adapt-steps 250 (two passes of masked-LM over the training texts)
   toolkit-mlm-new-token-lr         both of the above
   toolkit-5-epochs                 --epochs 5 --patience 2, --precision auto (bf16 on a CPU with native bf16)
-  toolkit-mlm-unlabeled            toolkit-5-epochs after --mlm-adapt-steps 1000 on the training texts and
-                                   --unlabeled-path (the reviews in no split: prepare_reviews.py --unlabeled),
-                                   whose [UNK] characters --extend-vocab also adds
+  toolkit-mlm-unlabeled            --epochs 3 --patience 2, --precision auto, after --mlm-adapt-steps 500 (one
+                                   pass) on the training texts and --unlabeled-path (the reviews in no split:
+                                   prepare_reviews.py --unlabeled), whose [UNK] characters --extend-vocab also adds
   (the *-random-rows and *-matched-rows patches measured snapshots from before --new-token-init existed)
   trainer-cls                      the Trainer's model with its pooler bypassed (CLS state -> dropout -> linear)
   trainer-group-by-length          train_sampling_strategy="group_by_length"
@@ -78,8 +78,8 @@ CONFIGS = {
     "toolkit-mlm": {"system": TOOLKIT, "flags": ["--mlm-adapt-steps", "250"]},
     "toolkit-mlm-new-token-lr": {"system": TOOLKIT, "flags": ["--mlm-adapt-steps", "250", "--new-token-lr", "5e-4"]},
     "toolkit-5-epochs": {"system": TOOLKIT, "epochs": 5, "precision": "auto", "flags": ["--patience", "2"]},
-    "toolkit-mlm-unlabeled": {"system": TOOLKIT, "epochs": 5, "precision": "auto", "unlabeled": True,
-                              "flags": ["--patience", "2", "--mlm-adapt-steps", "1000"]},
+    "toolkit-mlm-unlabeled": {"system": TOOLKIT, "epochs": 3, "precision": "auto", "unlabeled": True,
+                              "flags": ["--patience", "2", "--mlm-adapt-steps", "500"]},
     "trainer-cls": {"system": TRAINER, "patches": ["cls_head"]},
     "trainer-group-by-length": {"system": TRAINER, "trainer_args": {"train_sampling_strategy": "group_by_length"}},
     "untuned": {"system": "untuned"},
