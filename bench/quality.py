@@ -33,6 +33,8 @@ Configurations (--configs, comma-separated):
   toolkit-mlm-unlabeled            --epochs 3 --patience 2, --precision auto, after --mlm-adapt-steps 500 (one
                                    pass) on the training texts and --unlabeled-path (the reviews in no split:
                                    prepare_reviews.py --unlabeled), whose [UNK] characters --extend-vocab also adds
+  toolkit-mean-pooling             --pooling mean (all-MiniLM-L6-v2 was trained with mean pooling), --precision auto
+  toolkit-max-length-256           --max-length 256 (19% of the training reviews pass 128 tokens), --precision auto
   (the *-random-rows and *-matched-rows patches measured snapshots from before --new-token-init existed)
   trainer-cls                      the Trainer's model with its pooler bypassed (CLS state -> dropout -> linear)
   trainer-group-by-length          train_sampling_strategy="group_by_length"
@@ -80,6 +82,8 @@ CONFIGS = {
     "toolkit-5-epochs": {"system": TOOLKIT, "epochs": 5, "precision": "auto", "flags": ["--patience", "2"]},
     "toolkit-mlm-unlabeled": {"system": TOOLKIT, "epochs": 3, "precision": "auto", "unlabeled": True,
                               "flags": ["--patience", "2", "--mlm-adapt-steps", "500"]},
+    "toolkit-mean-pooling": {"system": TOOLKIT, "precision": "auto", "flags": ["--pooling", "mean"]},
+    "toolkit-max-length-256": {"system": TOOLKIT, "precision": "auto", "flags": ["--max-length", "256"]},
     "trainer-cls": {"system": TRAINER, "patches": ["cls_head"]},
     "trainer-group-by-length": {"system": TRAINER, "trainer_args": {"train_sampling_strategy": "group_by_length"}},
     "untuned": {"system": "untuned"},
