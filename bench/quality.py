@@ -35,6 +35,7 @@ Configurations (--configs, comma-separated):
                                    prepare_reviews.py --unlabeled), whose [UNK] characters --extend-vocab also adds
   toolkit-mean-pooling             --pooling mean (all-MiniLM-L6-v2 was trained with mean pooling), --precision auto
   toolkit-max-length-256           --max-length 256 (19% of the training reviews pass 128 tokens), --precision auto
+  toolkit-max-length-256-mean-pooling   both of the above
   (the *-random-rows and *-matched-rows patches measured snapshots from before --new-token-init existed)
   trainer-cls                      the Trainer's model with its pooler bypassed (CLS state -> dropout -> linear)
   trainer-group-by-length          train_sampling_strategy="group_by_length"
@@ -84,6 +85,8 @@ CONFIGS = {
                               "flags": ["--patience", "2", "--mlm-adapt-steps", "500"]},
     "toolkit-mean-pooling": {"system": TOOLKIT, "precision": "auto", "flags": ["--pooling", "mean"]},
     "toolkit-max-length-256": {"system": TOOLKIT, "precision": "auto", "flags": ["--max-length", "256"]},
+    "toolkit-max-length-256-mean-pooling": {"system": TOOLKIT, "precision": "auto",
+                                            "flags": ["--max-length", "256", "--pooling", "mean"]},
     "trainer-cls": {"system": TRAINER, "patches": ["cls_head"]},
     "trainer-group-by-length": {"system": TRAINER, "trainer_args": {"train_sampling_strategy": "group_by_length"}},
     "untuned": {"system": "untuned"},
