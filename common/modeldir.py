@@ -148,13 +148,13 @@ def _integer(minimum):
         f"an integer >= {minimum}"
 
 
-def _number(above=None, minimum=None, below=None):
+def _number(above=None, minimum=None, below=None, maximum=None):
     def check(value):
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
             (above is None or value > above) and (minimum is None or value >= minimum) and \
-            (below is None or value < below)
-    limits = [text for text, bound in ((f"> {above}", above), (f">= {minimum}", minimum), (f"< {below}", below))
-              if bound is not None]
+            (below is None or value < below) and (maximum is None or value <= maximum)
+    limits = [text for text, bound in ((f"> {above}", above), (f">= {minimum}", minimum), (f"< {below}", below),
+                                       (f"<= {maximum}", maximum)) if bound is not None]
     return check, "a finite number " + " and ".join(limits)
 
 
@@ -215,6 +215,9 @@ def toolkit_rules():
         ("regression_loss", _choice(*REGRESSION_LOSSES), True, False),
         ("huber_delta", _number(above=0), True, False),
         ("temperature", _number(above=0), True, False),
+        ("fusion", _of_type(dict, "an object"), True, False),
+        ("fusion.retriever_weight", _number(minimum=0, maximum=1), False, True),
+        ("fusion.rerank_top", _integer(1), True, False),
         ("preprocessing", _of_type(dict, "an object"), False, False),
         ("preprocessing.max_length", length, True, False),
         ("preprocessing.truncation_side", _choice("right", "left"), True, False),
