@@ -553,6 +553,9 @@ def finish_reranker(args, model_dir, splits, context, output_dir, logger, result
                                                 args.eval_batch_size, retriever_weight=weight)
         report["split"] = report_name
         report["lowered_ndcg"] = reranking.report_rerank_change(report, logger.info)
+        if "fusion_tuning" in results and report_name == "validation":
+            report["fused_on_tuning_queries"] = True
+            logger.info("(no --test-path: the fused figure is on the validation queries its share was tuned on)")
         results["retrieve_then_rerank"] = report
     (output_dir / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
     write_curves(output_dir)
