@@ -23,7 +23,8 @@ sentence embedder) unless --retriever names a train_vector.py model directory. E
 trains ``train_classifier.py --problem-type rerank`` from --model in its own process (cached under
 --work-dir, --rerun forces) and reads its metrics.json: NDCG@10 before and after reranking, and the
 reranker alone on every listed candidate beside TF-IDF, and the reranker's score fused with the
-retriever's (the retriever's share tuned on the validation queries and stored with the reranker). The table goes to stdout and to --output
+retriever's (the retriever's share tuned on the validation queries and stored with the reranker).
+The table goes to stdout and to --output
 (JSON, with machine, command and commit).
 """
 import argparse
@@ -67,6 +68,7 @@ def build_parser():
                         help="pairs per step (pointwise); listwise: groups of --group-size pairs, batch / group size")
     parser.add_argument("--group-size", type=int, default=8, help="listwise: pairs per group")
     parser.add_argument("--max-length", type=int, default=48, help="tokens per query/document pair (reranker)")
+    parser.add_argument("--pooling", default="cls", help="the reranker head's --pooling (cls, mean, max, pooler)")
     parser.add_argument("--rerank-top", type=int, default=50, help="retrieved documents the reranker reorders")
     parser.add_argument("--rerun", action="store_true", help="retrain runs that already have a run.json")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
@@ -115,11 +117,13 @@ def train_reranker(args, loss, run_dir):
     output_dir = run_dir / "output"
     batch_size = args.batch_size if loss == "pointwise" else max(1, args.batch_size // args.group_size)
     argv = ["--problem-type", "rerank", "--rerank-loss", loss, "--rerank-group-size", str(args.group_size),
-            "--data-path", args.train_path or str(data_dir / "train.jsonl"), "--val-path", str(data_dir / "valid.jsonl"),
+            "--data-path", args.train_path or str(data_dir / "train.jsonl"),
+            "--val-path", str(data_dir / "valid.jsonl"),
             "--test-path", str(data_dir / "test.jsonl"), "--retriever", args.retriever,
             "--rerank-top", str(args.rerank_top), "--model-name", args.model, "--epochs", str(args.epochs),
             "--learning-rate", str(args.learning_rate), "--batch-size", str(batch_size),
-            "--max-length", str(args.max_length), "--save-strategy", "no", "--precision", "fp32",
+            "--max-length", str(args.max_length), "--pooling", args.pooling, "--save-strategy", "no",
+            "--precision", "fp32",
             "--device", "cpu", "--seed", str(args.seed), "--output-dir", str(output_dir)]
     started = time.perf_counter()
     if train_classifier.main(argv):
@@ -160,11 +164,12 @@ def launch(args, worker, seed, run_name):
     run_dir = Path(args.work_dir).resolve() / run_name
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--seed", str(seed),
                "--run-dir", str(run_dir)]
-    for name in ("model", "retriever", "data_dir", "train_path", "epochs", "learning_rate", "batch_size",
-                 "group_size", "max_length", "rerank_top", "retriever_max_length", "mine_range", "mine_negatives"):
+    paths = ("model", "retriever", "data_dir", "train_path")
+    for name in (*paths, "epochs", "learning_rate", "batch_size", "group_size", "max_length", "pooling",
+                 "rerank_top", "retriever_max_length", "mine_range", "mine_negatives"):
         value = getattr(args, name)
         if value is not None:
-            value = str(Path(value).resolve()) if name in ("model", "retriever", "data_dir", "train_path") else str(value)
+            value = str(Path(value).resolve()) if name in paths else str(value)
             command += ["--" + name.replace("_", "-"), value]
     threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}
     return run_in_process(run_dir, command, f"[rerank] {run_name}", args.rerun, threads)
@@ -205,11 +210,11 @@ def format_table(rows):
         lines.append(f"| bi-encoder top {row['rerank_top']} + {row['loss']} reranker | {len(row['seeds'])} | "
                      f"{format_cell(row['after_ndcg@10'])} ({format_cell(row['ndcg@10_gain'], points=True)} points) | "
                      f"{format_cell(row['after_mrr@10'])} | {format_cell(row['after_recall@10'])} |")
-        lines.append(f"| bi-encoder top {row['rerank_top']} + {row['loss']} reranker fused with the retriever's score "
-                     f"(its share {', '.join(f'{w:g}' for w in row['fusion_retriever_weights'])}, tuned on validation) | "
-                     f"{len(row['seeds'])} | {format_cell(row['fused_ndcg@10'])} "
-                     f"({format_cell(row['fused_ndcg@10_gain'], points=True)} points) | {format_cell(row['fused_mrr@10'])} | "
-                     f"{format_cell(row['fused_recall@10'])} |")
+        shares = ", ".join(f"{weight:g}" for weight in row["fusion_retriever_weights"])
+        lines.append(f"| bi-encoder top {row['rerank_top']} + {row['loss']} reranker fused with the retriever's "
+                     f"score (its share {shares}, tuned on validation) | {len(row['seeds'])} | "
+                     f"{format_cell(row['fused_ndcg@10'])} ({format_cell(row['fused_ndcg@10_gain'], points=True)} "
+                     f"points) | {format_cell(row['fused_mrr@10'])} | {format_cell(row['fused_recall@10'])} |")
         lines.append(f"| {row['loss']} reranker alone (all candidates) | {len(row['seeds'])} | "
                      f"{format_cell(row['reranker_alone_ndcg@10'])} | {format_cell(row['reranker_alone_mrr@10'])} | "
                      f"{format_cell(row['reranker_alone_recall@10'])} |")
@@ -232,7 +237,7 @@ def main(argv=None):
         negatives = f"mined-{retriever_name}-{args.mine_range}-{args.mine_negatives}"
         args.train_path = launch(args, "mine", 0, negatives)["train_path"]
     settings = (f"{negatives}-len{args.max_length}-ep{args.epochs}-lr{args.learning_rate:g}-group{args.group_size}"
-                f"-top{args.rerank_top}-{retriever_name}")
+                f"{'' if args.pooling == 'cls' else '-' + args.pooling}-top{args.rerank_top}-{retriever_name}")
     rows = []
     for loss in losses:
         results = []
@@ -252,7 +257,8 @@ def main(argv=None):
                                       if args.negatives_from == "retriever" else {"from": "file"}),
                "settings": {"model": Path(args.model).name, "epochs": args.epochs, "learning_rate": args.learning_rate,
                             "batch_size": args.batch_size, "group_size": args.group_size,
-                            "max_length": args.max_length, "retriever_max_length": args.retriever_max_length,
+                            "max_length": args.max_length, "pooling": args.pooling,
+                            "retriever_max_length": args.retriever_max_length,
                             "rerank_top": args.rerank_top, "precision": "fp32",
                             "device": "cpu"},
                "command": "python bench/rerank_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -267,7 +267,8 @@ def test_a_stored_fusion_weight_out_of_range_is_one_error_line(trained, tmp_path
     toolkit = json.loads((copy / "config.json").read_text())["toolkit"]
     checkpoints.rewrite_toolkit(copy, dict(toolkit, fusion={"retriever_weight": 1.5}))
     assert infer.main(["--model-path", str(copy), "--text", "movie news", "--text-pair", "good movie"]) == 2
-    assert_one_error_line(capsys.readouterr().err, "field 'toolkit.fusion.retriever_weight': expected a finite number >= 0 and <= 1")
+    assert_one_error_line(capsys.readouterr().err,
+                          "field 'toolkit.fusion.retriever_weight': expected a finite number >= 0 and <= 1")
 
 
 # ---------------------------------------------------------------- resume, eval-only
