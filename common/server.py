@@ -379,8 +379,8 @@ def release_freed_memory():
 
     Batches of varying shape (texts x tokens) leave their freed activations as holes in the model
     thread's arena, and glibc keeps those pages resident: under sustained load resident memory crept up
-    batch after batch. ``malloc_trim(0)`` after each batch keeps it flat for about 6 ms of page faults
-    per batch on a 2-core CPU, a fixed mmap threshold cost 40 ms (bench/README.md, "Backpressure and memory").
+    batch after batch. ``malloc_trim(0)`` after each batch keeps it flat for 6-10 ms of page faults
+    per batch on a 2-core CPU; a fixed mmap threshold cost 40 ms (bench/README.md, "Backpressure and memory").
     """
     malloc_trim = load_malloc_trim()
     if malloc_trim is not None:
