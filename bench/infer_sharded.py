@@ -11,6 +11,7 @@ Every sharded output must equal the one-process output byte for byte; the bench 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -87,6 +88,7 @@ def main(argv=None):
                "date": time.strftime("%Y-%m-%d"), "file_lines": len(lines), "identical_outputs": True, "rows": rows}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=2), encoding="utf-8")
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
