@@ -261,6 +261,15 @@ def test_the_tuned_fusion_weight_is_stored_and_reused_by_eval_only(trained, data
     assert json.loads((copy / "config.json").read_text())["toolkit"]["fusion"]["retriever_weight"] == 1.0
 
 
+def test_without_a_test_split_the_fused_figure_says_it_is_on_its_tuning_queries(tiny_model_dir, data, retriever_dir,
+                                                                                 tmp_path):
+    output_dir = tmp_path / "run"
+    assert train_classifier.main(rerank_argv(tiny_model_dir, data, output_dir, "--epochs", "1", "--retriever",
+                                             retriever_dir, "--rerank-top", "3")) == 0
+    report = read_metrics(output_dir)["retrieve_then_rerank"]
+    assert report["split"] == "validation" and report["fused_on_tuning_queries"] is True
+
+
 def test_a_stored_fusion_weight_out_of_range_is_one_error_line(trained, tmp_path, capsys):
     copy = tmp_path / "model"
     shutil.copytree(trained("pointwise") / "checkpoint-best", copy)
