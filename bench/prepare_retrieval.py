@@ -152,6 +152,20 @@ def sampled_positions(count, generator, chosen):
     return positions_of
 
 
+def remaining_positions(paragraphs, splits, chosen):
+    """positions_of for make_pairs: the training sentences not yet a query. pydoc repeats some paragraphs
+    under several topics, so a sentence also in a validation or test paragraph, or already a query
+    elsewhere, is left out (train.jsonl's draws did not check; kept as they are, for comparability)."""
+    taken = {sentence for split in ("valid", "test") for index in splits[split] for sentence in paragraphs[index][1]}
+    taken |= {paragraphs[index][1][position] for index in splits["train"] for position in chosen[index]}
+
+    def positions_of(index, sentences):
+        positions = [position for position, sentence in enumerate(sentences) if sentence not in taken]
+        taken.update(sentences[position] for position in positions)
+        return positions
+    return positions_of
+
+
 def make_pairs(paragraphs, indices, positions_of, same_topic, negatives, generator, separator=" "):
     """Pairs of one split (its paragraph indices): per query (the sentences ``positions_of(index,
     sentences)`` names) its document (1.0), same-topic paragraphs (0.2), others (0.0). ``separator``
@@ -210,14 +224,8 @@ def main(argv=None):
         write_split(output_dir, split, written[split], paragraphs, splits[split])
     if args.all_train_sentences:
         # a generator of its own: the files above are the same with and without this flag
-        # pydoc repeats some paragraphs under several topics: a sentence also in a validation or test
-        # paragraph is left out (train.jsonl's draws did not check; kept as they are, for comparability)
-        held_out = {sentence for split in ("valid", "test") for index in splits[split] for sentence in
-                    paragraphs[index][1]}
-        others = make_pairs(paragraphs, splits["train"], lambda index, sentences: [
-            position for position, sentence in enumerate(sentences)
-            if position not in chosen[index] and sentence not in held_out],
-            1, args.train_negatives, random.Random(f"{args.seed}-all-sentences"), separator)
+        others = make_pairs(paragraphs, splits["train"], remaining_positions(paragraphs, splits, chosen),
+                            1, args.train_negatives, random.Random(f"{args.seed}-all-sentences"), separator)
         write_split(output_dir, "train_all", written["train"] + others, paragraphs, splits["train"])
     corpus = [{"id": f"{topic}-{index}", "text": separator.join(sentences)} for index, (topic, sentences) in
               enumerate(paragraphs)]
