@@ -231,8 +231,11 @@ def run_training(args, name, run_dir):
     model = BertVectorModel.from_pretrained(output_dir)  # the published (lowest validation loss) model
     result.update(full_corpus_metrics(model, read_test_set(data_dir)))
     steps = sorted(output_dir.glob("checkpoint-step-*"), key=lambda path: int(path.name.rsplit("-", 1)[1]))
-    last = BertVectorModel.from_pretrained(steps[-1])  # the trained weights, even when the untuned model won
-    result["last_step"] = {"checkpoint": steps[-1].name, **full_corpus_metrics(last, read_test_set(data_dir))}
+    if best["checkpoint"] == steps[-1].name:  # the published model is the last step: scored above
+        result["last_step"] = {"checkpoint": steps[-1].name, "full": result["full"], "dim128": result["dim128"]}
+    else:
+        last = BertVectorModel.from_pretrained(steps[-1])  # the trained weights, even when the untuned model won
+        result["last_step"] = {"checkpoint": steps[-1].name, **full_corpus_metrics(last, read_test_set(data_dir))}
     for directory in output_dir.glob("checkpoint-*"):
         shutil.rmtree(directory)  # optimizer state
     return result
