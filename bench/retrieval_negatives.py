@@ -60,10 +60,12 @@ CONFIGS.update({
 # mining settings of a configuration, beside the bench's --range-for-sampling and --negative-margin:
 # FlagEmbedding's hn_mine samples ranks 10-210 and has no margin (-2: no cosine is that far above a positive)
 MINING_VARIANTS = {"mined-10-210": ("10-210", None), "mined-10-210-nomargin": ("10-210", "-2")}
-# every 5e-5 configuration again on train_all.jsonl (prepare_retrieval.py --all-train-sentences)
-ALL_SENTENCES = "-all"
-CONFIGS.update({f"{name}{ALL_SENTENCES}": flags for name, flags in list(CONFIGS.items())
-                if flags is not None and not name.endswith("-1e-5")})
+# every 5e-5 configuration again on train_all.jsonl (prepare_retrieval.py --all-train-sentences: every
+# sentence of a training paragraph a query), and on train_one.jsonl (one query per paragraph, so no
+# training query has another's document, which holds it verbatim, as an in-batch negative)
+TRAIN_FILES = {"-all": "train_all.jsonl", "-one": "train_one.jsonl"}
+CONFIGS.update({f"{name}{suffix}": flags for suffix in TRAIN_FILES for name, flags in list(CONFIGS.items())
+                if flags is not None and not name.endswith(("-1e-5", *TRAIN_FILES))})
 MINED = tuple(name for name in CONFIGS if name.startswith("mined"))
 METRICS = ("ndcg@10", "mrr@10", "recall@100")
 SHORT_DIM = 128
@@ -104,21 +106,43 @@ def ensure_data(args, names):
         extra = ["--negatives", "46", "--paragraphs", "750,60,300"] if args.source == "reviews" else []
         subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "prepare_retrieval.py"), "--source", args.source,
                         "--output-dir", str(data_dir), "--all-train-sentences", *extra], check=True)
-    if any(train_file(name) != "train.jsonl" for name in names) and not (data_dir / "train_all.jsonl").is_file():
+    files = {train_file(name) for name in names}
+    if "train_all.jsonl" in files and not (data_dir / "train_all.jsonl").is_file():
         raise SystemExit(f"{data_dir} has no train_all.jsonl: rebuild it with bench/prepare_retrieval.py "
                          f"--all-train-sentences (train, valid and test come out the same)")
+    if "train_one.jsonl" in files and not (data_dir / "train_one.jsonl").is_file():
+        write_one_query_per_paragraph(data_dir / "train.jsonl", data_dir / "train_one.jsonl")
     return data_dir
 
 
 def train_file(name):
-    """The training file of a configuration: *-all ones train on every sentence of the training paragraphs."""
-    return "train_all.jsonl" if name.endswith(ALL_SENTENCES) else "train.jsonl"
+    """The training file of a configuration (see TRAIN_FILES)."""
+    return next((file for suffix, file in TRAIN_FILES.items() if name.endswith(suffix)), "train.jsonl")
+
+
+def base_config(name):
+    return next((name.removesuffix(suffix) for suffix in TRAIN_FILES if name.endswith(suffix)), name)
 
 
 def mining_settings(args, name):
     """(--range-for-sampling, --negative-margin) of a mined configuration."""
-    window, margin = MINING_VARIANTS.get(name.removesuffix(ALL_SENTENCES), (None, None))
+    window, margin = MINING_VARIANTS.get(base_config(name), (None, None))
     return window or args.range_for_sampling, margin or args.negative_margin
+
+
+def write_one_query_per_paragraph(train_path, output_path):
+    """train.jsonl's pairs of the queries whose paragraph no earlier query came from (a query's
+    document is its paragraph without it, so it holds every other query of that paragraph)."""
+    records = read_jsonl(train_path)
+    documents = {r["query"]: r["document"] for r in records if r["rel"] > 0.5}
+    kept = []
+    for query, document in documents.items():
+        if not any(query in documents[other] or other in document for other in kept):
+            kept.append(query)
+    kept = set(kept)
+    Path(output_path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records
+                                         if r["query"] in kept), encoding="utf-8")
+    print(f"{output_path}: {len(kept)} of {len(documents)} training queries (one per paragraph)")
 
 
 # ---------------------------------------------------------------- scoring over the whole test corpus
