@@ -20,6 +20,10 @@ Configurations (--configs): every run trains all-MiniLM-L6-v2 for --epochs (defa
                      (the CPU budget; the trainer's default is 7)
   mined-matryoshka   mined, trained with --matryoshka-dims 384,128
   *-1e-5             inbatch, labelled, mined, mined-matryoshka at --learning-rate 1e-5
+  mined-matryoshka-4 mined, --matryoshka-dims 384,256,128,64 (-weighted: --matryoshka-weights 1,1,2,2)
+  mined-10-210       mined at ranks 10-210 (FlagEmbedding's hn_mine default; -nomargin: and no margin)
+  *-all, *-one       the 5e-5 ones trained on train_all.jsonl (prepare_retrieval.py --all-train-sentences)
+                     or on train_one.jsonl (train.jsonl's first query of each paragraph, written here)
 Each trained model is scored at its full size and cut to 128 values (a model trained without
 --matryoshka-dims is cut by hand: encode refuses the size). The mined file's negatives are checked
 against the training labels: the share that are labelled relevant (rel > 0.5) to their query, and
