@@ -57,7 +57,8 @@ def build_parser():
     add_flag(group, "dropout", type=float, default=0.1, help="dropout before the classification layer")
     add_flag(group, "head-layernorm", action="store_true", help="LayerNorm before the classification layer")
     add_flag(group, "freeze-backbone", action="store_true", help="train only the head (frozen feature extractor)")
-    add_flag(group, "compile", action="store_true", help="torch.compile the model")
+    add_flag(group, "compile", action="store_true",
+             help="torch.compile the model (on CPU: minutes of compiling, no faster; see docs)")
     add_problem_type_args(parser)
     group = parser.add_argument_group("reranker (--problem-type rerank, see docs/train_classifier.md)")
     add_flag(group, "rerank-loss", choices=RERANK_LOSSES, default="pointwise",
