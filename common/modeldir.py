@@ -172,6 +172,12 @@ def _integer_list():
         "a non-empty list of positive integers"
 
 
+def _positive_number_list():
+    return lambda value: isinstance(value, list) and bool(value) and all(
+        isinstance(item, (int, float)) and not isinstance(item, bool) and math.isfinite(item) and item > 0
+        for item in value), "a non-empty list of positive numbers"
+
+
 def _threshold_map():
     """{label name: threshold in [0, 1]} (a multi-label model's decision thresholds)."""
     def check(value):
@@ -239,6 +245,7 @@ def toolkit_rules():
         ("vector.query_max_length", length, True, False),
         ("vector.doc_max_length", length, True, False),
         ("vector.matryoshka_dims", _integer_list(), True, False),
+        ("vector.matryoshka_weights", _positive_number_list(), True, False),
         ("longdoc", _of_type(dict, "an object"), False, False),
         ("longdoc.stride", _integer(0), True, False),
         ("longdoc.max_chunks", _integer(0), True, False),
@@ -273,6 +280,16 @@ def check_toolkit_block(toolkit, config_path):
             shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
             raise UserError(f"{config_path}: field 'toolkit.{name}': expected {expected}, got {shown}")
     _check_stored_normalizer(toolkit, config_path)
+    _check_matryoshka_weights(toolkit, config_path)
+
+
+def _check_matryoshka_weights(toolkit, config_path):
+    """Stored Matryoshka weights need one entry per stored size."""
+    vector = toolkit.get("vector") or {}
+    weights, dims = vector.get("matryoshka_weights"), vector.get("matryoshka_dims") or []
+    if weights is not None and len(weights) != len(dims):
+        raise UserError(f"{config_path}: field 'toolkit.vector.matryoshka_weights': {len(weights)} weights for the "
+                        f"{len(dims)} sizes of 'toolkit.vector.matryoshka_dims'; expected one per size")
 
 
 def _check_stored_normalizer(toolkit, config_path):
