@@ -57,7 +57,8 @@ def build_parser():
     add_flag(group, "dropout", type=float, default=0.1, help="dropout before the classification layer")
     add_flag(group, "head-layernorm", action="store_true", help="LayerNorm before the classification layer")
     add_flag(group, "freeze-backbone", action="store_true", help="train only the head (frozen feature extractor)")
-    add_flag(group, "compile", action="store_true", help="torch.compile the model")
+    add_flag(group, "compile", action="store_true",
+             help="torch.compile the model (on CPU: minutes of compiling, no faster; see docs)")
     add_problem_type_args(parser)
     group = parser.add_argument_group("reranker (--problem-type rerank, see docs/train_classifier.md)")
     add_flag(group, "rerank-loss", choices=RERANK_LOSSES, default="pointwise",
@@ -521,9 +522,11 @@ def finish_problem_type(args, model, model_dir, toolkit, problem, datasets, spli
     return results
 
 
-def finish_reranker(args, model_dir, splits, context, output_dir, logger, results=None):
+def finish_reranker(args, model_dir, splits, context, output_dir, logger, results=None, tune=True):
     """Reload the best reranker; ranking metrics on validation and test beside TF-IDF; with --retriever,
-    the retriever's top --rerank-top reordered by the reranker, before and after; metrics.json."""
+    the retriever's top --rerank-top reordered by the reranker, and by the reranker's score fused with the
+    retriever's (its share tuned on validation and stored with the model when ``tune``, else the stored
+    one), before and after; metrics.json."""
     results = dict(results or {})
     if not context.is_main:
         return results
@@ -543,14 +546,34 @@ def finish_reranker(args, model_dir, splits, context, output_dir, logger, result
             results[report_name], results["baseline"], ["ndcg@10", "mrr@10", "map@10", "recall@10"]))
     if args.retriever:
         retriever = inference.load_model(args.retriever, device=args.device_obj)
+        weight = (reranker.toolkit.get("fusion") or {}).get("retriever_weight")
+        if tune and "val" in splits:
+            weight, results["fusion_tuning"] = tune_fusion(args, retriever, reranker, model_dir, splits["val"],
+                                                           scores["val"], logger)
         report = reranking.retrieve_then_rerank(retriever, pairs, scores[report_split], args.rerank_top,
-                                                args.eval_batch_size)
+                                                args.eval_batch_size, retriever_weight=weight)
         report["split"] = report_name
         report["lowered_ndcg"] = reranking.report_rerank_change(report, logger.info)
+        if "fusion_tuning" in results and report_name == "validation":
+            report["fused_on_tuning_queries"] = True
+            logger.info("(no --test-path: the fused figure is on the validation queries its share was tuned on)")
         results["retrieve_then_rerank"] = report
     (output_dir / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
     write_curves(output_dir)
     return results
+
+
+def tune_fusion(args, retriever, reranker, model_dir, val_pairs, val_scores, logger):
+    """The retriever's share in the fused score with the best validation NDCG@10, stored in the reranker's
+    toolkit block ("fusion") so --eval-only with a --retriever reuses it. Returns (share, tuning table)."""
+    candidates = reranking.retrieve(retriever, val_pairs, val_scores, args.eval_batch_size)
+    weight, table = reranking.tune_fusion_weight(candidates, args.rerank_top)
+    checkpoints.rewrite_toolkit(model_dir, dict(reranker.toolkit, fusion={"retriever_weight": weight,
+                                                                          "rerank_top": args.rerank_top}))
+    logger.info("validation NDCG@10 by the retriever's share of the fused score: " +
+                ", ".join(f"{share:g}: {value:.4f}" for share, value in table.items()) + f"; stored {weight:g}")
+    return weight, {"retriever_weight": weight, "validation_ndcg@10": {f"{share:g}": value
+                                                                       for share, value in table.items()}}
 
 
 def write_curves(output_dir):
@@ -656,7 +679,7 @@ def run_rerank_eval_only(args, context, output_dir):
         check_retriever(args.retriever)
     splits, _ = load_rerank_splits(args)
     results = finish_reranker(args, args.model_path, splits, context, output_dir,
-                              training.RunLogger(output_dir, context.is_main, describe_evaluation))
+                              training.RunLogger(output_dir, context.is_main, describe_evaluation), tune=False)
     print(json.dumps({key: results["test"][key] for key in reranking.Rerank.headline_metrics}))
     return 0
 

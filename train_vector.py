@@ -74,6 +74,10 @@ def build_parser():
     add_flag(group, "matryoshka-dims", type=parse_dims, default=None,
              help="comma-separated embedding sizes (e.g. 384,256,128,64): the loss is summed over the "
                   "embeddings cut to each; the sizes are stored and encode/infer/the server accept them")
+    add_flag(group, "matryoshka-weights", type=parse_weights, default=None,
+             help="one weight per --matryoshka-dims size, in the same order (e.g. 1,1,2,2; default 1 each): "
+                  "the loss is the weighted sum over the sizes, as sentence-transformers' MatryoshkaLoss; "
+                  "stored with the sizes")
 
     group = add_optimization_args(parser, epochs=3, batch_size=16, eval_batch_size=64)
     add_flag(group, "loss", choices=PAIR_LOSSES, default=None,
@@ -141,14 +145,41 @@ def build_parser():
 
 
 def parse_dims(text):
-    """--matryoshka-dims "384,256,128" -> [384, 256, 128] (distinct positive sizes, largest first)."""
+    """--matryoshka-dims "384,256,128" -> [384, 256, 128] (distinct positive sizes, in the order given:
+    --matryoshka-weights pairs with it; parse_args sorts both, largest first)."""
     try:
         dims = [int(part) for part in str(text).split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
     if not dims or min(dims) < 1 or len(set(dims)) != len(dims):
         raise argparse.ArgumentTypeError(f"expected distinct positive integers, got {text!r}")
-    return sorted(dims, reverse=True)
+    return dims
+
+
+def parse_weights(text):
+    """--matryoshka-weights "1,1,2" -> [1.0, 1.0, 2.0] (positive finite numbers)."""
+    try:
+        weights = [float(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}") from None
+    if not weights or not all(math.isfinite(weight) and weight > 0 for weight in weights):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return weights
+
+
+def resolve_matryoshka(args):
+    """Pair --matryoshka-weights with --matryoshka-dims in the order given, then sort both by size,
+    largest first (the order the model stores)."""
+    dims, weights = args.matryoshka_dims, args.matryoshka_weights
+    if weights is not None and not dims:
+        raise UserError("--matryoshka-weights needs --matryoshka-dims (one weight per size)")
+    if weights is not None and len(weights) != len(dims):
+        raise UserError(f"--matryoshka-weights: {len(weights)} weights for the {len(dims)} --matryoshka-dims sizes "
+                        f"{','.join(map(str, dims))}; give one per size")
+    if dims:
+        pairs = sorted(zip(dims, weights or [None] * len(dims)), reverse=True)
+        args.matryoshka_dims = [dim for dim, _ in pairs]
+        args.matryoshka_weights = None if weights is None else [weight for _, weight in pairs]
 
 
 def parse_rank_range(text):
@@ -170,6 +201,7 @@ def parse_args(argv=None):
             raise UserError(f"--{name.replace('_', '-')} does not apply to train_vector.py "
                             "(records are {query, document, rel, weight})")
     resolve_default_warmup(args, warmup_steps=100)
+    resolve_matryoshka(args)
     if args.mode == "train":
         args.loss = args.loss or "infonce"  # when evaluating, no --loss means the loss the model was trained with
         checkpoints.check_resume_argument(args.resume)
@@ -317,7 +349,8 @@ def build_model(args, tokenizer, normalize_spec):
     fit_embeddings_to_tokenizer(backbone, tokenizer, args.new_token_init)  # after --extend-vocab
     model = BertVectorModel(backbone, args.pooling, args.projection_dim or None, True, args.query_max_length,
                             args.doc_max_length, args.max_length, args.truncation_side, normalize_spec,
-                            args.query_instruction, args.passage_instruction, args.matryoshka_dims)
+                            args.query_instruction, args.passage_instruction, args.matryoshka_dims,
+                            args.matryoshka_weights)
     if args.matryoshka_dims and max(args.matryoshka_dims) > model.dim:
         raise UserError(f"--matryoshka-dims {max(args.matryoshka_dims)}: larger than the {model.dim}-dimensional "
                         "embeddings of this model")
@@ -387,7 +420,7 @@ def evaluate_loss(pair_encoder, loader, args, context):
             query_embeddings, doc_embeddings = pair_encoder(modeldir.to_device(batch["query"], args.device_obj),
                                                             modeldir.to_device(batch["document"], args.device_obj))
         loss = compute_pair_loss(args.loss, query_embeddings, doc_embeddings, batch, args.temperature,
-                                 args.matryoshka_dims)
+                                 args.matryoshka_dims, args.matryoshka_weights)
         loss_sum += float(loss) * len(batch["rel"])
         count += len(batch["rel"])
     pair_encoder.train(was_training)
@@ -409,7 +442,7 @@ def forward_backward(model, batch, args, context, scaler, sync):
 
     def batch_loss(query_embeddings, doc_embeddings):
         return compute_pair_loss(args.loss, query_embeddings, doc_embeddings, batch, args.temperature,
-                                 args.matryoshka_dims, gather=context.enabled)
+                                 args.matryoshka_dims, args.matryoshka_weights, gather=context.enabled)
 
     def backward(loss):
         scaler.scale(loss * rank_scale / args.gradient_accumulation_steps).backward()

@@ -16,6 +16,7 @@ al., 2019): the query is one sentence, its relevant document is the rest of the 
 Each test/validation query gets a candidate list of 1 + --same-topic + --negatives documents.
 
     python bench/prepare_retrieval.py --output-dir data/retrieval
+    python bench/prepare_retrieval.py --output-dir data/retrieval --all-train-sentences  # + train_all.jsonl
     python bench/prepare_retrieval.py --source reviews --negatives 46 --paragraphs 750,150,300 \
         --output-dir data/review_retrieval    # ~6k training pairs; 300 test queries x 50 candidates
 writes train.jsonl, valid.jsonl, test.jsonl ({"query", "document", "rel", "weight"}) and
@@ -54,6 +55,9 @@ def build_parser():
                         help="paragraphs with fewer sentences are skipped")
     parser.add_argument("--train-queries-per-paragraph", "--train_queries_per_paragraph", type=int, default=2,
                         help="sentences used as queries per training paragraph")
+    parser.add_argument("--all-train-sentences", "--all_train_sentences", action="store_true",
+                        help="also write train_all.jsonl: train.jsonl, then every other sentence of each training "
+                             "paragraph as a query too (its own draws: train, valid and test stay the same files)")
     parser.add_argument("--train-negatives", "--train_negatives", type=int, default=2,
                         help="rel-0 documents per training query")
     parser.add_argument("--same-topic", "--same_topic", type=int, default=3,
@@ -140,9 +144,32 @@ def query_and_document(sentences, index, separator=" "):
     return sentences[index], separator.join(sentences[:index] + sentences[index + 1:])
 
 
-def make_pairs(paragraphs, indices, queries_per_paragraph, same_topic, negatives, generator, separator=" "):
-    """Pairs of one split (its paragraph indices): per query its document (1.0), same-topic paragraphs
-    (0.2), others (0.0). ``separator`` joins sentences ("" for Chinese)."""
+def sampled_positions(count, generator, chosen):
+    """positions_of for make_pairs: ``count`` sentences of a paragraph drawn at random (recorded in ``chosen``)."""
+    def positions_of(index, sentences):
+        chosen[index] = generator.sample(range(len(sentences)), min(count, len(sentences)))
+        return chosen[index]
+    return positions_of
+
+
+def remaining_positions(paragraphs, splits, chosen):
+    """positions_of for make_pairs: the training sentences not yet a query. pydoc repeats some paragraphs
+    under several topics, so a sentence also in a validation or test paragraph, or already a query
+    elsewhere, is left out (train.jsonl's draws did not check; kept as they are, for comparability)."""
+    taken = {sentence for split in ("valid", "test") for index in splits[split] for sentence in paragraphs[index][1]}
+    taken |= {paragraphs[index][1][position] for index in splits["train"] for position in chosen[index]}
+
+    def positions_of(index, sentences):
+        positions = [position for position, sentence in enumerate(sentences) if sentence not in taken]
+        taken.update(sentences[position] for position in positions)
+        return positions
+    return positions_of
+
+
+def make_pairs(paragraphs, indices, positions_of, same_topic, negatives, generator, separator=" "):
+    """Pairs of one split (its paragraph indices): per query (the sentences ``positions_of(index,
+    sentences)`` names) its document (1.0), same-topic paragraphs (0.2), others (0.0). ``separator``
+    joins sentences ("" for Chinese)."""
     by_topic = {}
     for index in indices:
         by_topic.setdefault(paragraphs[index][0], []).append(index)
@@ -150,7 +177,7 @@ def make_pairs(paragraphs, indices, queries_per_paragraph, same_topic, negatives
     pairs = []
     for index in indices:
         topic, sentences = paragraphs[index]
-        for position in generator.sample(range(len(sentences)), min(queries_per_paragraph, len(sentences))):
+        for position in positions_of(index, sentences):
             query, document = query_and_document(sentences, position, separator)
             pairs.append({"query": query, "document": document, "rel": 1.0, "weight": 1.0})
             related = [other for other in by_topic[topic] if other != index]
@@ -161,6 +188,13 @@ def make_pairs(paragraphs, indices, queries_per_paragraph, same_topic, negatives
                 pairs.append({"query": query, "document": full_text[other], "rel": 0.0, "weight": 1.0})
     return pairs
 
+
+
+def write_split(output_dir, split, pairs, paragraphs, indices):
+    write_jsonl(Path(output_dir) / f"{split}.jsonl", pairs)
+    topics = {paragraphs[index][0] for index in indices}
+    print(f"{split}: {len(indices)} paragraphs of {len(topics)} topics, "
+          f"{len({p['query'] for p in pairs})} queries, {len(pairs)} pairs")
 
 
 def write_jsonl(path, rows):
@@ -182,12 +216,17 @@ def main(argv=None):
     output_dir.mkdir(parents=True, exist_ok=True)
     settings = {"train": (args.train_queries_per_paragraph, 1, args.train_negatives),
                 "valid": (1, args.same_topic, args.negatives), "test": (1, args.same_topic, args.negatives)}
+    written, chosen = {}, {}
     for split, (queries, same_topic, negatives) in settings.items():
-        pairs = make_pairs(paragraphs, splits[split], queries, same_topic, negatives, generator, separator)
-        write_jsonl(output_dir / f"{split}.jsonl", pairs)
-        topics = {paragraphs[index][0] for index in splits[split]}
-        print(f"{split}: {len(splits[split])} paragraphs of {len(topics)} topics, "
-              f"{len({p['query'] for p in pairs})} queries, {len(pairs)} pairs")
+        positions_of = sampled_positions(queries, generator, chosen)
+        written[split] = make_pairs(paragraphs, splits[split], positions_of, same_topic, negatives, generator,
+                                    separator)
+        write_split(output_dir, split, written[split], paragraphs, splits[split])
+    if args.all_train_sentences:
+        # a generator of its own: the files above are the same with and without this flag
+        others = make_pairs(paragraphs, splits["train"], remaining_positions(paragraphs, splits, chosen),
+                            1, args.train_negatives, random.Random(f"{args.seed}-all-sentences"), separator)
+        write_split(output_dir, "train_all", written["train"] + others, paragraphs, splits["train"])
     corpus = [{"id": f"{topic}-{index}", "text": separator.join(sentences)} for index, (topic, sentences) in
               enumerate(paragraphs)]
     write_jsonl(output_dir / "corpus.jsonl", corpus)

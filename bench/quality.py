@@ -27,6 +27,7 @@ Configurations (--configs, comma-separated):
   toolkit-unk-rows, toolkit-mean-rows   --new-token-init unk / mean (the default is random rows)
   toolkit-new-token-lr             --new-token-lr 5e-4 (10x the learning rate for the added rows)
   toolkit-new-token-lr-30x         --new-token-lr 1.5e-3 (30x the learning rate for the added rows)
+  toolkit-bf16                     --precision bf16 (what --precision auto picks on a CPU with native bf16)
   toolkit-mlm                      --mlm-adapt-steps 250 (two passes of masked-LM over the training texts)
   toolkit-mlm-new-token-lr         both of the above
   toolkit-5-epochs                 --epochs 5 --patience 2, --precision auto (bf16 on a CPU with native bf16)
@@ -78,6 +79,7 @@ CONFIGS = {
     "toolkit-mean-rows": {"system": TOOLKIT, "flags": ["--new-token-init", "mean"]},
     "toolkit-new-token-lr": {"system": TOOLKIT, "flags": ["--new-token-lr", "5e-4"]},
     "toolkit-new-token-lr-30x": {"system": TOOLKIT, "flags": ["--new-token-lr", "1.5e-3"]},
+    "toolkit-bf16": {"system": TOOLKIT, "flags": ["--precision", "bf16"]},  # what --precision auto picks on AVX512-BF16
     "toolkit-mlm": {"system": TOOLKIT, "flags": ["--mlm-adapt-steps", "250"]},
     "toolkit-mlm-new-token-lr": {"system": TOOLKIT, "flags": ["--mlm-adapt-steps", "250", "--new-token-lr", "5e-4"]},
     "toolkit-5-epochs": {"system": TOOLKIT, "epochs": 5, "precision": "auto", "flags": ["--patience", "2"]},

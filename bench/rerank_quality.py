@@ -1,8 +1,9 @@
 """Retrieve-then-rerank: a bi-encoder's top 50 reordered by a trained cross-encoder, against the
 bi-encoder alone (issue 16's judgement: at least +5 NDCG@10 points).
 
-    python bench/rerank_quality.py                                  # pointwise and listwise, one seed
-    python bench/rerank_quality.py --losses pointwise --seeds 13,14,15
+    python bench/rerank_quality.py                                  # listwise on the retriever's negatives
+    python bench/rerank_quality.py --losses pointwise,listwise --seeds 13,14,15
+    python bench/rerank_quality.py --negatives-from file            # the file's random negatives instead
     python bench/rerank_quality.py --retriever output/vector-best   # a tuned bi-encoder instead
 
 Data: the English inverse-cloze set of ``bench/prepare_retrieval.py --source pydoc`` (Python's own
@@ -11,11 +12,19 @@ query lists its paragraph (rel 1.0), 3 same-topic paragraphs (0.2) and up to 76 
 retriever's top 50 is a real cut. Training: 2 queries per paragraph, each with its document, one
 same-topic and --train-negatives others.
 
+Training negatives (--negatives-from): ``retriever`` (default) mines them as the reranker meets them
+at test time, among the retriever's own top ranks: ``train_vector.py --mode mine`` with the retriever
+writes each training query with its paragraph and --mine-negatives documents drawn from ranks
+--mine-range of the training documents (FlagEmbedding's recipe for a reranker); ``file`` trains on
+the file's own pairs (one same-topic paragraph and random others).
+
 The retriever is the untuned encoder (--model, mean pooling: how all-MiniLM-L6-v2 was trained as a
 sentence embedder) unless --retriever names a train_vector.py model directory. Each reranker run
 trains ``train_classifier.py --problem-type rerank`` from --model in its own process (cached under
 --work-dir, --rerun forces) and reads its metrics.json: NDCG@10 before and after reranking, and the
-reranker alone on every listed candidate beside TF-IDF. The table goes to stdout and to --output
+reranker alone on every listed candidate beside TF-IDF, and the reranker's score fused with the
+retriever's (the retriever's share tuned on the validation queries and stored with the reranker).
+The table goes to stdout and to --output
 (JSON, with machine, command and commit).
 """
 import argparse
@@ -37,7 +46,7 @@ METRICS = ("ndcg@10", "mrr@10", "recall@10")
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--losses", default="pointwise,listwise", help="comma-separated --rerank-loss values")
+    parser.add_argument("--losses", default="listwise", help="comma-separated --rerank-loss values")
     parser.add_argument("--seeds", default="13", help="comma-separated training seeds")
     parser.add_argument("--model", default="../shared/models/all-MiniLM-L6-v2", help="pretrained encoder (path)")
     parser.add_argument("--retriever", help="bi-encoder model directory (default: the untuned --model, mean pooling)")
@@ -46,17 +55,24 @@ def build_parser():
     parser.add_argument("--data-dir", default="data/pydoc_rerank", help="train/valid/test.jsonl (built when missing)")
     parser.add_argument("--negatives", type=int, default=76, help="rel-0 candidates per test query (data build)")
     parser.add_argument("--train-negatives", type=int, default=7, help="rel-0 documents per training query")
+    parser.add_argument("--negatives-from", choices=["retriever", "file"], default="retriever",
+                        help="training negatives: mined from the retriever's top ranks, or the file's random ones")
+    parser.add_argument("--mine-range", default="2-50",
+                        help="--negatives-from retriever: the retriever's ranks negatives are drawn from")
+    parser.add_argument("--mine-negatives", type=int, default=15, help="--negatives-from retriever: per query")
     parser.add_argument("--work-dir", default="runs/rerank_quality", help="one directory per run")
     parser.add_argument("--output", default="bench/results/rerank_quality.json", help="summary JSON")
-    parser.add_argument("--epochs", type=int, default=2, help="training epochs")
-    parser.add_argument("--learning-rate", type=float, default=5e-5, help="peak learning rate")
+    parser.add_argument("--epochs", type=int, default=4, help="training epochs")
+    parser.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="pairs per step (pointwise); listwise: groups of --group-size pairs, batch / group size")
     parser.add_argument("--group-size", type=int, default=8, help="listwise: pairs per group")
-    parser.add_argument("--max-length", type=int, default=64, help="tokens per query/document pair (reranker)")
+    parser.add_argument("--max-length", type=int, default=48, help="tokens per query/document pair (reranker)")
+    parser.add_argument("--pooling", default="cls", help="the reranker head's --pooling (cls, mean, max, pooler)")
     parser.add_argument("--rerank-top", type=int, default=50, help="retrieved documents the reranker reorders")
     parser.add_argument("--rerun", action="store_true", help="retrain runs that already have a run.json")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    parser.add_argument("--train-path", help=argparse.SUPPRESS)  # internal: the mined training file
     add_worker_args(parser)
     return parser
 
@@ -80,17 +96,34 @@ def save_untuned_retriever(args, run_dir):
     return {"retriever": str(run_dir / "retriever")}
 
 
+def mine_negatives(args, run_dir):
+    """The training queries with negatives from the retriever's ranks --mine-range of the training
+    documents. Positives are the rel-1 paragraphs only (threshold 0.5): the same-topic paragraphs (0.2)
+    rank below them at test time, so they may be drawn as negatives."""
+    import train_vector
+    output = run_dir / "train_mined.jsonl"
+    argv = ["--mode", "mine", "--model-path", args.retriever, "--data-path", str(Path(args.data_dir) / "train.jsonl"),
+            "--relevance-threshold", "0.5", "--range-for-sampling", args.mine_range,
+            "--negative-number", str(args.mine_negatives), "--seed", "13", "--device", "cpu",
+            "--output-path", str(output)]
+    if train_vector.main(argv):
+        raise SystemExit("train_vector.py --mode mine failed")
+    return {"train_path": str(output), "argv": argv}
+
+
 def train_reranker(args, loss, run_dir):
     import train_classifier
     data_dir = Path(args.data_dir)
     output_dir = run_dir / "output"
     batch_size = args.batch_size if loss == "pointwise" else max(1, args.batch_size // args.group_size)
     argv = ["--problem-type", "rerank", "--rerank-loss", loss, "--rerank-group-size", str(args.group_size),
-            "--data-path", str(data_dir / "train.jsonl"), "--val-path", str(data_dir / "valid.jsonl"),
+            "--data-path", args.train_path or str(data_dir / "train.jsonl"),
+            "--val-path", str(data_dir / "valid.jsonl"),
             "--test-path", str(data_dir / "test.jsonl"), "--retriever", args.retriever,
             "--rerank-top", str(args.rerank_top), "--model-name", args.model, "--epochs", str(args.epochs),
             "--learning-rate", str(args.learning_rate), "--batch-size", str(batch_size),
-            "--max-length", str(args.max_length), "--save-strategy", "no", "--precision", "fp32",
+            "--max-length", str(args.max_length), "--pooling", args.pooling, "--save-strategy", "no",
+            "--precision", "fp32",
             "--device", "cpu", "--seed", str(args.seed), "--output-dir", str(output_dir)]
     started = time.perf_counter()
     if train_classifier.main(argv):
@@ -99,7 +132,8 @@ def train_reranker(args, loss, run_dir):
     metrics = json.loads((output_dir / "metrics.json").read_text(encoding="utf-8"))
     shutil.rmtree(output_dir / "checkpoint-best")  # the weights: ~90 MB per run
     report = metrics["retrieve_then_rerank"]
-    return {"before": pick(report["before"]), "after": pick(report["after"]),
+    return {"before": pick(report["before"]), "after": pick(report["after"]), "fused": pick(report["fused"]),
+            "fusion_retriever_weight": report["fusion_retriever_weight"],
             "reranker_alone": pick(metrics["test"]), "tfidf_alone": pick(metrics["baseline"]),
             "untuned_validation_ndcg@10": (metrics["untuned"]["validation"] or {}).get("eval_ndcg@10"),
             "validation": pick(metrics["validation"]), "lowered_ndcg": report["lowered_ndcg"],
@@ -115,6 +149,8 @@ def run_worker(args):
     run_dir = Path(args.run_dir).resolve()
     if args.worker == "retriever":
         result = save_untuned_retriever(args, run_dir)
+    elif args.worker == "mine":
+        result = mine_negatives(args, run_dir)
     else:
         result = train_reranker(args, args.worker, run_dir)
     result.update({"loss": args.worker, "seed": args.seed})
@@ -128,11 +164,12 @@ def launch(args, worker, seed, run_name):
     run_dir = Path(args.work_dir).resolve() / run_name
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--seed", str(seed),
                "--run-dir", str(run_dir)]
-    for name in ("model", "retriever", "data_dir", "epochs", "learning_rate", "batch_size", "group_size",
-                 "max_length", "rerank_top", "retriever_max_length"):
+    paths = ("model", "retriever", "data_dir", "train_path")
+    for name in (*paths, "epochs", "learning_rate", "batch_size", "group_size", "max_length", "pooling",
+                 "rerank_top", "retriever_max_length", "mine_range", "mine_negatives"):
         value = getattr(args, name)
         if value is not None:
-            value = str(Path(value).resolve()) if name in ("model", "retriever", "data_dir") else str(value)
+            value = str(Path(value).resolve()) if name in paths else str(value)
             command += ["--" + name.replace("_", "-"), value]
     threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}
     return run_in_process(run_dir, command, f"[rerank] {run_name}", args.rerun, threads)
@@ -141,7 +178,7 @@ def launch(args, worker, seed, run_name):
 def summarize(loss, results):
     row = {"loss": loss, "seeds": [r["seed"] for r in results],
            "seconds": [round(r["wall_seconds"]) for r in results]}
-    for view in ("before", "after", "reranker_alone", "tfidf_alone"):
+    for view in ("before", "after", "fused", "reranker_alone", "tfidf_alone"):
         for metric in METRICS:
             values = [r[view][metric] for r in results]
             mean, std = mean_std(values)
@@ -149,6 +186,10 @@ def summarize(loss, results):
     gains = [r["after"]["ndcg@10"] - r["before"]["ndcg@10"] for r in results]
     mean, std = mean_std(gains)
     row["ndcg@10_gain"] = {"mean": mean, "std": std, "values": gains}
+    gains = [r["fused"]["ndcg@10"] - r["before"]["ndcg@10"] for r in results]
+    mean, std = mean_std(gains)
+    row["fused_ndcg@10_gain"] = {"mean": mean, "std": std, "values": gains}
+    row["fusion_retriever_weights"] = [r["fusion_retriever_weight"] for r in results]
     return row
 
 
@@ -169,6 +210,11 @@ def format_table(rows):
         lines.append(f"| bi-encoder top {row['rerank_top']} + {row['loss']} reranker | {len(row['seeds'])} | "
                      f"{format_cell(row['after_ndcg@10'])} ({format_cell(row['ndcg@10_gain'], points=True)} points) | "
                      f"{format_cell(row['after_mrr@10'])} | {format_cell(row['after_recall@10'])} |")
+        shares = ", ".join(f"{weight:g}" for weight in row["fusion_retriever_weights"])
+        lines.append(f"| bi-encoder top {row['rerank_top']} + {row['loss']} reranker fused with the retriever's "
+                     f"score (its share {shares}, tuned on validation) | {len(row['seeds'])} | "
+                     f"{format_cell(row['fused_ndcg@10'])} ({format_cell(row['fused_ndcg@10_gain'], points=True)} "
+                     f"points) | {format_cell(row['fused_mrr@10'])} | {format_cell(row['fused_recall@10'])} |")
         lines.append(f"| {row['loss']} reranker alone (all candidates) | {len(row['seeds'])} | "
                      f"{format_cell(row['reranker_alone_ndcg@10'])} | {format_cell(row['reranker_alone_mrr@10'])} | "
                      f"{format_cell(row['reranker_alone_recall@10'])} |")
@@ -185,13 +231,21 @@ def main(argv=None):
     retriever_given = args.retriever is not None
     if not retriever_given:
         args.retriever = launch(args, "retriever", 0, "untuned-retriever")["retriever"]
+    retriever_name = Path(args.retriever).name if retriever_given else "untuned"
+    negatives = "file"
+    if args.negatives_from == "retriever":
+        negatives = f"mined-{retriever_name}-{args.mine_range}-{args.mine_negatives}"
+        args.train_path = launch(args, "mine", 0, negatives)["train_path"]
+    settings = (f"{negatives}-len{args.max_length}-ep{args.epochs}-lr{args.learning_rate:g}-group{args.group_size}"
+                f"{'' if args.pooling == 'cls' else '-' + args.pooling}-top{args.rerank_top}-{retriever_name}")
     rows = []
     for loss in losses:
         results = []
         for seed in seeds:
-            result = launch(args, loss, seed, f"{loss}-seed{seed}")
+            result = launch(args, loss, seed, f"{loss}-{settings}-seed{seed}")
             print(f"[rerank] {loss} seed {seed}: NDCG@10 {result['before']['ndcg@10']:.4f} -> "
-                  f"{result['after']['ndcg@10']:.4f} ({result['wall_seconds']:.0f} s)", flush=True)
+                  f"{result['after']['ndcg@10']:.4f}, fused {result['fused']['ndcg@10']:.4f} "
+                  f"({result['wall_seconds']:.0f} s)", flush=True)
             results.append(result)
         rows.append(dict(summarize(loss, results), rerank_top=args.rerank_top))
     print(format_table(rows))
@@ -199,9 +253,12 @@ def main(argv=None):
                "data": {"source": "pydoc", "negatives": args.negatives, "train_negatives": args.train_negatives,
                         **{name: count_lines(data_dir / f"{name}.jsonl") for name in ("train", "valid", "test")}},
                "retriever": "given" if retriever_given else "untuned --model, mean pooling",
+               "training_negatives": ({"from": "retriever", "ranks": args.mine_range, "per_query": args.mine_negatives}
+                                      if args.negatives_from == "retriever" else {"from": "file"}),
                "settings": {"model": Path(args.model).name, "epochs": args.epochs, "learning_rate": args.learning_rate,
                             "batch_size": args.batch_size, "group_size": args.group_size,
-                            "max_length": args.max_length, "retriever_max_length": args.retriever_max_length,
+                            "max_length": args.max_length, "pooling": args.pooling,
+                            "retriever_max_length": args.retriever_max_length,
                             "rerank_top": args.rerank_top, "precision": "fp32",
                             "device": "cpu"},
                "command": "python bench/rerank_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),

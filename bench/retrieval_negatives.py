@@ -20,6 +20,10 @@ Configurations (--configs): every run trains all-MiniLM-L6-v2 for --epochs (defa
                      (the CPU budget; the trainer's default is 7)
   mined-matryoshka   mined, trained with --matryoshka-dims 384,128
   *-1e-5             inbatch, labelled, mined, mined-matryoshka at --learning-rate 1e-5
+  mined-matryoshka-4 mined, --matryoshka-dims 384,256,128,64 (-weighted: --matryoshka-weights 1,1,2,2)
+  mined-10-210       mined at ranks 10-210 (FlagEmbedding's hn_mine default; -nomargin: and no margin)
+  *-all, *-one       the 5e-5 ones trained on train_all.jsonl (prepare_retrieval.py --all-train-sentences)
+                     or on train_one.jsonl (train.jsonl's first query of each paragraph, written here)
 Each trained model is scored at its full size and cut to 128 values (a model trained without
 --matryoshka-dims is cut by hand: encode refuses the size). The mined file's negatives are checked
 against the training labels: the share that are labelled relevant (rel > 0.5) to their query, and
@@ -50,7 +54,23 @@ CONFIGS = {
 # the same at a lower rate: all-MiniLM is a trained retriever, and a few hundred queries move it far
 CONFIGS.update({f"{name}-1e-5": CONFIGS[name] + ["--learning-rate", "1e-5"]
                 for name in ("inbatch", "labelled", "mined", "mined-matryoshka")})
-MINED = ("mined", "mined-matryoshka", "mined-1e-5", "mined-matryoshka-1e-5")
+MATRYOSHKA_4 = ["--matryoshka-dims", "384,256,128,64"]
+CONFIGS.update({
+    "mined-matryoshka-4": CONFIGS["mined"] + MATRYOSHKA_4,
+    "mined-matryoshka-4-weighted": CONFIGS["mined"] + MATRYOSHKA_4 + ["--matryoshka-weights", "1,1,2,2"],
+    "mined-10-210": CONFIGS["mined"],
+    "mined-10-210-nomargin": CONFIGS["mined"],
+})
+# mining settings of a configuration, beside the bench's --range-for-sampling and --negative-margin:
+# FlagEmbedding's hn_mine samples ranks 10-210 and has no margin (-2: no cosine is that far above a positive)
+MINING_VARIANTS = {"mined-10-210": ("10-210", None), "mined-10-210-nomargin": ("10-210", "-2")}
+# every 5e-5 configuration again on train_all.jsonl (prepare_retrieval.py --all-train-sentences: every
+# sentence of a training paragraph a query), and on train_one.jsonl (one query per paragraph, so no
+# training query has another's document, which holds it verbatim, as an in-batch negative)
+TRAIN_FILES = {"-all": "train_all.jsonl", "-one": "train_one.jsonl"}
+CONFIGS.update({f"{name}{suffix}": flags for suffix in TRAIN_FILES for name, flags in list(CONFIGS.items())
+                if flags is not None and not name.endswith(("-1e-5", *TRAIN_FILES))})
+MINED = tuple(name for name in CONFIGS if name.startswith("mined"))
 METRICS = ("ndcg@10", "mrr@10", "recall@100")
 SHORT_DIM = 128
 
@@ -84,13 +104,49 @@ def resolve_paths(args):
     args.output = args.output or f"bench/results/retrieval_negatives_{args.source}.json"
 
 
-def ensure_data(args):
+def ensure_data(args, names):
     data_dir = Path(args.data_dir)
     if not all((data_dir / f"{name}.jsonl").is_file() for name in ("train", "valid", "test")):
         extra = ["--negatives", "46", "--paragraphs", "750,60,300"] if args.source == "reviews" else []
         subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "prepare_retrieval.py"), "--source", args.source,
-                        "--output-dir", str(data_dir), *extra], check=True)
+                        "--output-dir", str(data_dir), "--all-train-sentences", *extra], check=True)
+    files = {train_file(name) for name in names}
+    if "train_all.jsonl" in files and not (data_dir / "train_all.jsonl").is_file():
+        raise SystemExit(f"{data_dir} has no train_all.jsonl: rebuild it with bench/prepare_retrieval.py "
+                         f"--all-train-sentences (train, valid and test come out the same)")
+    if "train_one.jsonl" in files and not (data_dir / "train_one.jsonl").is_file():
+        write_one_query_per_paragraph(data_dir / "train.jsonl", data_dir / "train_one.jsonl")
     return data_dir
+
+
+def train_file(name):
+    """The training file of a configuration (see TRAIN_FILES)."""
+    return next((file for suffix, file in TRAIN_FILES.items() if name.endswith(suffix)), "train.jsonl")
+
+
+def base_config(name):
+    return next((name.removesuffix(suffix) for suffix in TRAIN_FILES if name.endswith(suffix)), name)
+
+
+def mining_settings(args, name):
+    """(--range-for-sampling, --negative-margin) of a mined configuration."""
+    window, margin = MINING_VARIANTS.get(base_config(name), (None, None))
+    return window or args.range_for_sampling, margin or args.negative_margin
+
+
+def write_one_query_per_paragraph(train_path, output_path):
+    """train.jsonl's pairs of the queries whose paragraph no earlier query came from (a query's
+    document is its paragraph without it, so it holds every other query of that paragraph)."""
+    records = read_jsonl(train_path)
+    documents = {r["query"]: r["document"] for r in records if r["rel"] > 0.5}
+    kept = []
+    for query, document in documents.items():
+        if not any(query in documents[other] or other in document for other in kept):
+            kept.append(query)
+    kept = set(kept)
+    Path(output_path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records
+                                         if r["query"] in kept), encoding="utf-8")
+    print(f"{output_path}: {len(kept)} of {len(documents)} training queries (one per paragraph)")
 
 
 # ---------------------------------------------------------------- scoring over the whole test corpus
@@ -144,33 +200,32 @@ def ranked_metrics(query_vectors, doc_vectors, candidates, relevances, corpus_si
 
 # ---------------------------------------------------------------- workers
 
-def mine(args, run_dir):
+def mine(args, run_dir, train_path):
     """train_vector.py --mode mine with the untuned encoder; the mined negatives checked against the labels."""
     import train_vector
-    data_dir = Path(args.data_dir)
     mined_path = run_dir / "mined.jsonl"
     mined_path.unlink(missing_ok=True)
-    argv = ["--mode", "mine", "--data-path", str(data_dir / "train.jsonl"), "--model-name", args.model,
+    window, margin = mining_settings(args, args.worker)
+    argv = ["--mode", "mine", "--data-path", str(train_path), "--model-name", args.model,
             "--pooling", "mean", "--max-length", str(args.max_length), "--relevance-threshold", "0.5",
-            "--range-for-sampling", args.range_for_sampling, "--negative-number", "15",
-            "--negative-margin", args.negative_margin, "--seed", str(args.seed), "--device", "cpu",
+            "--range-for-sampling", window, "--negative-number", "15",
+            "--negative-margin", margin, "--seed", str(args.seed), "--device", "cpu",
             "--output-path", str(mined_path)]
     started = time.perf_counter()
     if train_vector.main(argv):
         raise SystemExit("train_vector.py --mode mine failed")
     seconds = time.perf_counter() - started
-    labels = {}
-    for record in read_jsonl(data_dir / "train.jsonl"):
-        labels.setdefault(record["query"], {})[record["document"]] = float(record["rel"])
-    return mined_path, {"argv": argv, "seconds": seconds, **check_mined(data_dir, mined_path)}
+    return mined_path, {"argv": argv, "seconds": seconds, "range_for_sampling": window, "negative_margin": margin,
+                        **check_mined(train_path, mined_path)}
 
 
-def check_mined(data_dir, mined_path):
+def check_mined(train_path, mined_path):
     """Shares of the mined negatives that are labelled relevant to their query (rel > 0.5), that
-    contain the query sentence verbatim (its own paragraph whole, unlabelled for it: a real
-    positive), and that are labelled same-topic (rel 0.2)."""
+    contain the query sentence verbatim (its own paragraph whole, or, on train_all.jsonl, the
+    document of another sentence of its paragraph: unlabelled for it, a real positive), and that
+    are labelled same-topic (rel 0.2)."""
     labels = {}
-    for record in read_jsonl(Path(data_dir) / "train.jsonl"):
+    for record in read_jsonl(train_path):
         labels.setdefault(record["query"], {})[record["document"]] = float(record["rel"])
     negatives = [(group["query"], text) for group in read_jsonl(mined_path) for text in group["neg"]]
     labelled = sum(labels[query].get(text, 0.0) > 0.5 for query, text in negatives)
@@ -187,9 +242,9 @@ def run_training(args, name, run_dir):
     from common.vector import BertVectorModel
     data_dir = Path(args.data_dir)
     result = {}
-    train_path = data_dir / "train.jsonl"
+    train_path = data_dir / train_file(name)
     if name in MINED:
-        train_path, result["mining"] = mine(args, run_dir)
+        train_path, result["mining"] = mine(args, run_dir, train_path)
     output_dir = run_dir / "output"
     argv = ["--mode", "train", "--data-path", str(train_path), "--val-path", str(data_dir / "valid.jsonl"),
             "--model-name", args.model, "--epochs", str(args.epochs), "--max-length", str(args.max_length),
@@ -204,8 +259,11 @@ def run_training(args, name, run_dir):
     model = BertVectorModel.from_pretrained(output_dir)  # the published (lowest validation loss) model
     result.update(full_corpus_metrics(model, read_test_set(data_dir)))
     steps = sorted(output_dir.glob("checkpoint-step-*"), key=lambda path: int(path.name.rsplit("-", 1)[1]))
-    last = BertVectorModel.from_pretrained(steps[-1])  # the trained weights, even when the untuned model won
-    result["last_step"] = {"checkpoint": steps[-1].name, **full_corpus_metrics(last, read_test_set(data_dir))}
+    if best["checkpoint"] == steps[-1].name:  # the published model is the last step: scored above
+        result["last_step"] = {"checkpoint": steps[-1].name, "full": result["full"], "dim128": result["dim128"]}
+    else:
+        last = BertVectorModel.from_pretrained(steps[-1])  # the trained weights, even when the untuned model won
+        result["last_step"] = {"checkpoint": steps[-1].name, **full_corpus_metrics(last, read_test_set(data_dir))}
     for directory in output_dir.glob("checkpoint-*"):
         shutil.rmtree(directory)  # optimizer state
     return result
@@ -227,7 +285,7 @@ def rescore(args, run_dir):
         model = BertVectorModel.from_pretrained(run_dir / "output")
         result.update(full_corpus_metrics(model, read_test_set(args.data_dir)))
     if args.worker in MINED:
-        result["mining"].update(check_mined(args.data_dir, run_dir / "mined.jsonl"))
+        result["mining"].update(check_mined(Path(args.data_dir) / train_file(args.worker), run_dir / "mined.jsonl"))
     return result
 
 
@@ -263,7 +321,10 @@ def launch(args, name, seed):
 
 
 def summarize(name, results):
-    row = {"config": name, "flags": CONFIGS[name], "seeds": [r["seed"] for r in results]}
+    row = {"config": name, "flags": CONFIGS[name], "train_file": train_file(name),
+           "seeds": [r["seed"] for r in results]}
+    if name in MINED:
+        row["mining"] = {key: results[0]["mining"].get(key) for key in ("range_for_sampling", "negative_margin")}
     for view in ("full", "dim128"):
         for metric in METRICS:
             values = [r[view][metric] for r in results]
@@ -304,7 +365,7 @@ def main(argv=None):
         return run_worker(args)
     names = parse_configs(args.configs, CONFIGS)
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    data_dir = ensure_data(args)
+    data_dir = ensure_data(args, names)
     runs = [(name, seed) for name in names for seed in ([seeds[0]] if CONFIGS[name] is None else seeds)]
     results = {run: launch(args, *run) for run in runs}
     rows = [summarize(name, [results[run] for run in runs if run[0] == name]) for name in names]

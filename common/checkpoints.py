@@ -37,7 +37,7 @@ RESUME_SENSITIVE_OPTIONS = (
     "query_max_length", "doc_max_length", "seed", "epochs", "num_epochs", "max_steps", "learning_rate",
     "extend_vocab", "truncation_side", "normalize", "text_field", "label_field", "loss", "pooling",
     "projection_dim", "stride", "max_chunks", "chunk_selection", "aggregation", "data_split", "new_token_lr",
-    "negatives_per_query", "matryoshka_dims", "query_instruction", "passage_instruction",
+    "negatives_per_query", "matryoshka_dims", "matryoshka_weights", "query_instruction", "passage_instruction",
     "problem_type", "rerank_loss", "rerank_group_size",
 )
 INPUT_OPTIONS = ("data_path", "train_path", "val_path", "unlabeled_path")  # files whose content must not change under a resume

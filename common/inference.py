@@ -188,13 +188,20 @@ def read_preprocessing_file(preprocessing_file, onnx_path):
 
 
 def create_onnx_session(onnx_path, device="cpu"):
-    """An onnxruntime session on CUDA when asked for and available, else on CPU."""
+    """An onnxruntime session on CUDA when asked for and available, else on CPU.
+
+    Its CPU threads are torch's: onnxruntime's own default counts every core of the machine, so a process
+    limited to fewer (taskset or a container's cpuset, OMP_NUM_THREADS=1 under torchrun, a --workers server
+    process) ran two threads per core and took twice as long at batch 1.
+    """
     import onnxruntime as ort
     providers = ["CPUExecutionProvider"]
     if str(device).startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
     try:
-        return ort.InferenceSession(str(onnx_path), providers=providers)
+        return ort.InferenceSession(str(onnx_path), options, providers=providers)
     except Exception as error:  # onnxruntime raises its own exception types for unreadable graphs
         raise UserError(f"{onnx_path}: onnxruntime cannot load it ({str(error).splitlines()[0]})") from None
 

@@ -148,13 +148,13 @@ def _integer(minimum):
         f"an integer >= {minimum}"
 
 
-def _number(above=None, minimum=None, below=None):
+def _number(above=None, minimum=None, below=None, maximum=None):
     def check(value):
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
             (above is None or value > above) and (minimum is None or value >= minimum) and \
-            (below is None or value < below)
-    limits = [text for text, bound in ((f"> {above}", above), (f">= {minimum}", minimum), (f"< {below}", below))
-              if bound is not None]
+            (below is None or value < below) and (maximum is None or value <= maximum)
+    limits = [text for text, bound in ((f"> {above}", above), (f">= {minimum}", minimum), (f"< {below}", below),
+                                       (f"<= {maximum}", maximum)) if bound is not None]
     return check, "a finite number " + " and ".join(limits)
 
 
@@ -170,6 +170,12 @@ def _integer_list():
     return lambda value: isinstance(value, list) and bool(value) and all(
         isinstance(item, int) and not isinstance(item, bool) and item >= 1 for item in value), \
         "a non-empty list of positive integers"
+
+
+def _positive_number_list():
+    return lambda value: isinstance(value, list) and bool(value) and all(
+        isinstance(item, (int, float)) and not isinstance(item, bool) and math.isfinite(item) and item > 0
+        for item in value), "a non-empty list of positive numbers"
 
 
 def _threshold_map():
@@ -215,6 +221,9 @@ def toolkit_rules():
         ("regression_loss", _choice(*REGRESSION_LOSSES), True, False),
         ("huber_delta", _number(above=0), True, False),
         ("temperature", _number(above=0), True, False),
+        ("fusion", _of_type(dict, "an object"), True, False),
+        ("fusion.retriever_weight", _number(minimum=0, maximum=1), False, True),
+        ("fusion.rerank_top", _integer(1), True, False),
         ("preprocessing", _of_type(dict, "an object"), False, False),
         ("preprocessing.max_length", length, True, False),
         ("preprocessing.truncation_side", _choice("right", "left"), True, False),
@@ -236,6 +245,7 @@ def toolkit_rules():
         ("vector.query_max_length", length, True, False),
         ("vector.doc_max_length", length, True, False),
         ("vector.matryoshka_dims", _integer_list(), True, False),
+        ("vector.matryoshka_weights", _positive_number_list(), True, False),
         ("longdoc", _of_type(dict, "an object"), False, False),
         ("longdoc.stride", _integer(0), True, False),
         ("longdoc.max_chunks", _integer(0), True, False),
@@ -270,6 +280,16 @@ def check_toolkit_block(toolkit, config_path):
             shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
             raise UserError(f"{config_path}: field 'toolkit.{name}': expected {expected}, got {shown}")
     _check_stored_normalizer(toolkit, config_path)
+    _check_matryoshka_weights(toolkit, config_path)
+
+
+def _check_matryoshka_weights(toolkit, config_path):
+    """Stored Matryoshka weights need one entry per stored size."""
+    vector = toolkit.get("vector") or {}
+    weights, dims = vector.get("matryoshka_weights"), vector.get("matryoshka_dims") or []
+    if weights is not None and len(weights) != len(dims):
+        raise UserError(f"{config_path}: field 'toolkit.vector.matryoshka_weights': {len(weights)} weights for the "
+                        f"{len(dims)} sizes of 'toolkit.vector.matryoshka_dims'; expected one per size")
 
 
 def _check_stored_normalizer(toolkit, config_path):

@@ -49,30 +49,37 @@ def infonce_loss(query_embeddings, doc_embeddings, weight, doc_ids, temperature=
 
 
 def compute_pair_loss(loss_name, query_embeddings, doc_embeddings, batch, temperature, matryoshka_dims=None,
-                      gather=False):
+                      matryoshka_weights=None, gather=False):
     """The training objective chosen by ``--loss`` on one batch of embeddings.
 
     ``matryoshka_dims``: the loss summed over the embeddings cut to each of these sizes (every loss
-    normalises, so a prefix is compared by its own cosine). ``gather`` (InfoNCE under torchrun):
-    the loss over every rank's queries and documents, see ``gather_keeping_local_gradients``.
+    normalises, so a prefix is compared by its own cosine), each term times its
+    ``matryoshka_weights`` entry (default 1; as sentence-transformers' MatryoshkaLoss). ``gather``
+    (InfoNCE under torchrun): the loss over every rank's queries and documents, see
+    ``gather_keeping_local_gradients``.
     """
     device = query_embeddings.device
     rel, weight, doc_ids = (batch[key].to(device) for key in ("rel", "weight", "doc_id"))
     if loss_name not in ("mse", "cosent", "infonce"):
         raise ValueError(f"unknown loss {loss_name!r}")
+    sizes = matryoshka_dims or [None]
+    size_weights = matryoshka_weights or [1.0] * len(sizes)
+    if len(size_weights) != len(sizes):
+        raise ValueError(f"{len(size_weights)} Matryoshka weights for {len(sizes)} sizes")
     if loss_name == "infonce" and gather:
         positives = batch.get("positives", len(query_embeddings))  # documents before the hard negatives
         query_embeddings, weight = gather_batch_part(query_embeddings, weight, len(query_embeddings))
         doc_embeddings, doc_ids = gather_batch_part(doc_embeddings, doc_ids, positives)
     total = 0.0
-    for dim in matryoshka_dims or [None]:
+    for dim, size_weight in zip(sizes, size_weights):
         queries, documents = query_embeddings[:, :dim], doc_embeddings[:, :dim]
         if loss_name == "mse":
-            total = total + weighted_mse_loss(queries, documents, rel, weight)
+            loss = weighted_mse_loss(queries, documents, rel, weight)
         elif loss_name == "cosent":
-            total = total + cosent_loss(queries, documents, rel, weight)
+            loss = cosent_loss(queries, documents, rel, weight)
         else:
-            total = total + infonce_loss(queries, documents, weight, doc_ids, temperature)
+            loss = infonce_loss(queries, documents, weight, doc_ids, temperature)
+        total = total + size_weight * loss
     return total
 
 

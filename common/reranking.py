@@ -303,60 +303,123 @@ def score_pairs(loaded, queries, documents, batch_size=32, progress=False):
 
 
 def score_groups(loaded, pairs, batch_size=32, ks=EVALUATION_KS):
-    """(ranking metrics, scores) of a loaded reranker on a pair file's per-query candidate lists."""
-    scores = score_pairs(loaded, [p.query for p in pairs], [p.document for p in pairs], batch_size)
-    return ranking.ranking_metrics(group_scores([p.rel for p in pairs], scores, [p.query for p in pairs]), ks), scores
+    """(ranking metrics, logits) of a loaded reranker on a pair file's per-query candidate lists.
 
-
-def retrieve_then_rerank(retriever, pairs, pair_scores, top_n, batch_size=32, ks=EVALUATION_KS):
-    """Each query's listed documents ranked by the bi-encoder ``retriever``; the reranker's
-    ``pair_scores`` (one per pair, from ``score_groups``) reorder its top ``top_n``. Returns the metrics
-    before and after, and NDCG@10 and MRR@10 per query.
-
-    The candidates are the documents the file lists for the query, every one labelled (a document
-    listed for another query is not assumed irrelevant: inverse-cloze paragraphs contain their own
-    queries). Below the reranked ones the rest keep the retriever's order, so Recall counts what
-    the retriever's cut lost.
-    """
+    Ranked by the logit: the order of the score sigmoid(logit), without the ties float rounding
+    makes among saturated sigmoids; fusion with the retriever mixes logits for the same reason."""
     from common import inference
-    by_query, scores_by_query = {}, {}
+    logits = inference.rerank_logits(loaded, [p.query for p in pairs], [p.document for p in pairs], batch_size)
+    return ranking.ranking_metrics(group_scores([p.rel for p in pairs], logits, [p.query for p in pairs]), ks), logits
+
+
+# ---------------------------------------------------------------- retrieve-then-rerank and score fusion
+
+FUSION_WEIGHTS = tuple(step / 10 for step in range(11))  # the retriever's shares tried on validation
+
+
+def retrieve(retriever, pairs, pair_scores, batch_size=32):
+    """Per query (in order of first appearance): ``{"query", "relevances", "similarities", "reranker"}``,
+    arrays over the documents the file lists for it: their labels, the bi-encoder ``retriever``'s cosine
+    to the query and the reranker's ``pair_scores`` (one per pair, from ``score_groups``).
+
+    The candidates are the listed documents, every one labelled (a document listed for another query is
+    not assumed irrelevant: inverse-cloze paragraphs contain their own queries)."""
+    from common import inference
+    by_query = {}
     for pair, score in zip(pairs, pair_scores):
-        by_query.setdefault(pair.query, []).append(pair)
-        scores_by_query.setdefault(pair.query, []).append(float(score))
+        by_query.setdefault(pair.query, []).append((pair, float(score)))
     queries = list(by_query)
     documents = list(dict.fromkeys(pair.document for pair in pairs))
     document_row = {document: row for row, document in enumerate(documents)}
     query_vectors = inference.normalize_rows(inference.embed(retriever, queries, batch_size, side="query"))
     document_vectors = inference.normalize_rows(inference.embed(retriever, documents, batch_size, side="doc"))
-    retrieved = []  # per query: candidate indices, most similar first
+    candidates = []
     for row, query in enumerate(queries):
-        similarities = document_vectors[[document_row[p.document] for p in by_query[query]]] @ query_vectors[row]
-        retrieved.append(np.argsort(-similarities, kind="stable"))
-    before, after, per_query = [], [], []
-    for query, order in zip(queries, retrieved):
-        count, top = len(order), min(top_n, len(order))
-        relevances = np.array([pair.rel for pair in by_query[query]])
-        retrieval_scores = np.empty(count)
-        retrieval_scores[order] = np.arange(count, 0, -1)  # rank order as scores
-        reranked_scores = retrieval_scores.copy()
-        shortlist_scores = np.array(scores_by_query[query])[order[:top]]
-        reranked = order[:top][np.argsort(-shortlist_scores, kind="stable")]
-        reranked_scores[reranked] = count + np.arange(top, 0, -1)  # above the rest, in the reranker's order
-        before.append((relevances, retrieval_scores))
-        after.append((relevances, reranked_scores))
-        per_query.append({"query": query, "candidates": count, **{
-            f"{name}_{when}": function(relevances, scores, 10)
-            for when, scores in (("before", retrieval_scores), ("after", reranked_scores))
-            for name, function in (("ndcg@10", ranking.ndcg_at_k), ("mrr@10", ranking.reciprocal_rank_at_k))}})
+        listed = by_query[query]
+        similarities = document_vectors[[document_row[pair.document] for pair, _ in listed]] @ query_vectors[row]
+        candidates.append({"query": query, "relevances": np.array([pair.rel for pair, _ in listed]),
+                           "similarities": similarities.astype(np.float64),
+                           "reranker": np.array([score for _, score in listed], dtype=np.float64)})
+    return candidates
+
+
+def min_max(values):
+    """``values`` scaled to [0, 1] (all equal: all 0), so scores of two models can be mixed."""
+    span = values.max() - values.min()
+    return (values - values.min()) / span if span > 0 else np.zeros_like(values)
+
+
+def fused_scores(similarities, reranker_scores, retriever_weight):
+    """``w * min-max(cosine) + (1 - w) * min-max(reranker score)`` over one query's shortlist
+    (linear interpolation of normalized scores, as BM25 or dense retrieval is mixed with a cross-encoder
+    in the literature). Weight 0 is the reranker's order alone."""
+    if retriever_weight == 0:
+        return reranker_scores
+    return retriever_weight * min_max(similarities) + (1 - retriever_weight) * min_max(reranker_scores)
+
+
+def ranking_scores(candidate, top_n, retriever_weight=None):
+    """Scores that rank one query's candidates: the retriever's order (``retriever_weight`` None), or its
+    top ``top_n`` reordered by ``fused_scores`` above the rest, which keep the retriever's order (so
+    Recall counts what the retriever's cut lost)."""
+    similarities = candidate["similarities"]
+    count = len(similarities)
+    order = np.argsort(-similarities, kind="stable")
+    scores = np.empty(count)
+    scores[order] = np.arange(count, 0, -1)  # rank order as scores
+    if retriever_weight is None:
+        return scores
+    shortlist = order[:min(top_n, count)]
+    combined = fused_scores(similarities[shortlist], candidate["reranker"][shortlist], retriever_weight)
+    reranked = shortlist[np.argsort(-combined, kind="stable")]
+    scores[reranked] = count + np.arange(len(shortlist), 0, -1)  # above the rest, in the new order
+    return scores
+
+
+def rerank_report(candidates, top_n, ks=EVALUATION_KS, retriever_weight=None):
+    """Metrics of the retriever's ranking ("before"), of its top ``top_n`` reordered by the reranker
+    ("after") and, with ``retriever_weight``, by the fused score ("fused"); NDCG@10 and MRR@10 per query."""
+    views = {"before": None, "after": 0.0, **({"fused": retriever_weight} if retriever_weight is not None else {})}
+    ranked = {view: [(c["relevances"], ranking_scores(c, top_n, weight)) for c in candidates]
+              for view, weight in views.items()}
+    per_query = []
+    for index, candidate in enumerate(candidates):
+        row = {"query": candidate["query"], "candidates": len(candidate["relevances"])}
+        for view in views:
+            relevances, scores = ranked[view][index]
+            row[f"ndcg@10_{view}"] = ranking.ndcg_at_k(relevances, scores, 10)
+            row[f"mrr@10_{view}"] = ranking.reciprocal_rank_at_k(relevances, scores, 10)
+        per_query.append(row)
     counts = [row["candidates"] for row in per_query]
-    return {"rerank_top": top_n, "candidates_per_query": float(np.mean(counts)),
-            "queries_cut_by_retriever": sum(count > top_n for count in counts),
-            "before": ranking.ranking_metrics(before, ks), "after": ranking.ranking_metrics(after, ks),
-            "per_query": per_query}
+    report = {"rerank_top": top_n, "candidates_per_query": float(np.mean(counts)),
+              "queries_cut_by_retriever": sum(count > top_n for count in counts),
+              **{view: ranking.ranking_metrics(ranked[view], ks) for view in views}, "per_query": per_query}
+    if retriever_weight is not None:
+        report["fusion_retriever_weight"] = retriever_weight
+    return report
+
+
+def retrieve_then_rerank(retriever, pairs, pair_scores, top_n, batch_size=32, ks=EVALUATION_KS,
+                         retriever_weight=None):
+    """``rerank_report`` of each query's listed documents ranked by the bi-encoder ``retriever``, its top
+    ``top_n`` reordered by the reranker's ``pair_scores`` (and fused with ``retriever_weight``)."""
+    return rerank_report(retrieve(retriever, pairs, pair_scores, batch_size), top_n, ks, retriever_weight)
+
+
+def tune_fusion_weight(candidates, top_n, weights=FUSION_WEIGHTS):
+    """(the retriever's share with the best mean NDCG@10 over ``candidates``, {share: NDCG@10}); on a tie
+    the smallest share (the most reranker) wins. Meant for validation queries, never the test ones."""
+    table = {}
+    for weight in weights:
+        ranked = [(c["relevances"], ranking_scores(c, top_n, weight)) for c in candidates]
+        table[weight] = ranking.ranking_metrics(ranked, ks=(10,))["ndcg@10"]
+    best = max(table.values())
+    return min(weight for weight, value in table.items() if value == best), table
 
 
 def report_rerank_change(report, log=print, stream=None):
-    """A line on the NDCG@10 change; a loud warning when reranking made the ranking worse."""
+    """A line on the NDCG@10 change (and one on the fused score's); a loud warning when the reranker's own
+    order made the ranking worse."""
     before, after = report["before"]["ndcg@10"], report["after"]["ndcg@10"]
     worse = sum(1 for row in report["per_query"]
                 if row["ndcg@10_before"] is not None and row["ndcg@10_after"] < row["ndcg@10_before"])
@@ -366,6 +429,11 @@ def report_rerank_change(report, log=print, stream=None):
             f"MRR@10 {report['before']['mrr@10']:.4f} -> {report['after']['mrr@10']:.4f}; "
             f"worse on {worse} of {len(report['per_query'])} queries")
     log(line)
+    if "fused" in report:
+        fused = report["fused"]["ndcg@10"]
+        log(f"fused with the retriever's score (its share {report['fusion_retriever_weight']:g}, tuned on the "
+            f"validation queries): NDCG@10 {before:.4f} -> {fused:.4f} ({100 * (fused - before):+.1f} points); "
+            f"MRR@10 {report['before']['mrr@10']:.4f} -> {report['fused']['mrr@10']:.4f}")
     if after < before:
         banner = "!" * 78
         print(f"{banner}\nWARNING: RERANKING LOWERED NDCG@10 from {before:.4f} to {after:.4f}: the retriever "

@@ -34,7 +34,7 @@ class BertVectorModel(nn.Module):
     def __init__(self, backbone, pooling="cls", projection_dim=None, normalize=True,
                  query_max_length=None, doc_max_length=None, max_length=512,
                  truncation_side="right", text_normalize=None, query_instruction=None, passage_instruction=None,
-                 matryoshka_dims=None):
+                 matryoshka_dims=None, matryoshka_weights=None):
         super().__init__()
         if pooling not in VECTOR_POOLINGS:
             raise ValueError(f"pooling must be one of {VECTOR_POOLINGS}")
@@ -48,6 +48,11 @@ class BertVectorModel(nn.Module):
                                 "doc_max_length": doc_max_length or max_length, "max_length": max_length}
         if matryoshka_dims:
             self.vector_settings["matryoshka_dims"] = sorted(matryoshka_dims, reverse=True)
+        if matryoshka_weights:  # how the sizes were weighted in the loss, in matryoshka_dims' order
+            if len(matryoshka_weights) != len(matryoshka_dims or []):
+                raise ValueError(f"{len(matryoshka_weights)} Matryoshka weights for sizes {matryoshka_dims}")
+            self.vector_settings["matryoshka_weights"] = [
+                weight for _, weight in sorted(zip(matryoshka_dims, matryoshka_weights), reverse=True)]
         self.preprocessing = {"max_length": max_length, "truncation_side": truncation_side,
                               "normalize": text_normalize}
         # instructions are text preprocessing: encode, the server and the ONNX path put them before the text
@@ -101,7 +106,7 @@ class BertVectorModel(nn.Module):
                     settings.get("max_length") or preprocessing.get("max_length", 512),
                     preprocessing.get("truncation_side", "right"), preprocessing.get("normalize"),
                     preprocessing.get("query_instruction"), preprocessing.get("passage_instruction"),
-                    settings.get("matryoshka_dims"))
+                    settings.get("matryoshka_dims"), settings.get("matryoshka_weights"))
         modeldir.load_weights(model, directory)
         model.tokenizer = modeldir.load_tokenizer(str(directory))
         return model.to(device).eval()

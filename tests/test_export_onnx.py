@@ -96,6 +96,19 @@ def test_classifier_export_is_dynamic_self_contained_and_matches_torch(classifie
     assert_torch_and_onnx_agree(classifier_dir, exported)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_onnx_sessions_run_on_torchs_threads(exported, threads):
+    """A process limited to fewer cores (taskset, OMP_NUM_THREADS=1 under torchrun, a --workers server process)
+    must not get onnxruntime's default of one thread per core of the whole machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        session = inference.create_onnx_session(exported)
+    finally:
+        torch.set_num_threads(previous)
+    assert session.get_session_options().intra_op_num_threads == threads
+
+
 def test_unoptimized_export_and_validate_existing(classifier_dir, tmp_path, capsys):
     output = tmp_path / "models" / "model.onnx"
     assert export_onnx.main(["--model-path", str(classifier_dir), "--output-path", str(output),

@@ -5,6 +5,7 @@ one error line with exit 2."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -212,6 +213,71 @@ def test_a_reranker_that_lowers_ndcg_is_reported_loudly(capsys):
     assert "-10.0 points" in captured.out and "worse on 1 of 1 queries" in captured.out
     report["after"]["ndcg@10"] = 0.7
     assert reranking.report_rerank_change(report) is False and "WARNING" not in capsys.readouterr().err
+
+
+def fusion_candidate():
+    """One query: d0 is relevant; the retriever ranks d1 first, the reranker d2. Scaled to [0, 1], the fused
+    scores are d0 0.75, d1 w, d2 1 - w: d0 comes first exactly when 0.25 < w < 0.75."""
+    return {"query": "q", "relevances": np.array([1.0, 0.0, 0.0]), "similarities": np.array([0.55, 0.7, 0.1]),
+            "reranker": np.array([1.75, -2.0, 3.0])}
+
+
+def test_fusion_tuning_picks_the_smallest_best_retriever_share():
+    weight, table = reranking.tune_fusion_weight([fusion_candidate()], top_n=3)
+    assert weight == pytest.approx(0.3)  # 0.3 .. 0.7 all put d0 first; the most reranker wins the tie
+    assert [share for share, value in table.items() if value == 1.0] == pytest.approx([0.3, 0.4, 0.5, 0.6, 0.7])
+
+
+def test_fused_order_at_the_ends_is_the_reranker_or_the_retriever():
+    candidate = fusion_candidate()
+    report = reranking.rerank_report([candidate], top_n=3, retriever_weight=1.0)
+    assert report["fused"] == report["before"] and report["after"]["mrr@10"] == pytest.approx(1 / 2)
+    assert reranking.rerank_report([candidate], top_n=3, retriever_weight=0.0)["fused"] == report["after"]
+    fused = reranking.rerank_report([candidate], top_n=3, retriever_weight=0.5)
+    assert fused["fused"]["mrr@10"] == 1.0 and fused["per_query"][0]["ndcg@10_fused"] == 1.0
+    assert fused["fusion_retriever_weight"] == 0.5
+
+
+def test_the_tuned_fusion_weight_is_stored_and_reused_by_eval_only(trained, data, retriever_dir, tmp_path):
+    output_dir = trained("pointwise")
+    toolkit = json.loads((output_dir / "checkpoint-best" / "config.json").read_text())["toolkit"]
+    metrics = read_metrics(output_dir)
+    stored = toolkit["fusion"]["retriever_weight"]
+    assert stored in reranking.FUSION_WEIGHTS and toolkit["fusion"]["rerank_top"] == 3
+    assert metrics["fusion_tuning"]["retriever_weight"] == stored
+    assert metrics["fusion_tuning"]["validation_ndcg@10"][f"{stored:g}"] == max(
+        metrics["fusion_tuning"]["validation_ndcg@10"].values())
+    report = metrics["retrieve_then_rerank"]
+    assert report["fusion_retriever_weight"] == stored and {"before", "after", "fused"} <= set(report)
+    # eval-only fuses with the stored share (set here to 1: the retriever's own order), never re-tuned
+    copy = tmp_path / "model"
+    shutil.copytree(output_dir / "checkpoint-best", copy)
+    checkpoints.rewrite_toolkit(copy, dict(toolkit, fusion={"retriever_weight": 1.0, "rerank_top": 3}))
+    assert train_classifier.main(["--eval-only", "--model-path", str(copy), "--test-path", str(data["test"]),
+                                  "--retriever", str(retriever_dir), "--rerank-top", "3",
+                                  "--output-dir", str(tmp_path / "eval")]) == 0
+    report = read_metrics(tmp_path / "eval")["retrieve_then_rerank"]
+    assert report["fusion_retriever_weight"] == 1.0 and report["fused"] == report["before"]
+    assert json.loads((copy / "config.json").read_text())["toolkit"]["fusion"]["retriever_weight"] == 1.0
+
+
+def test_without_a_test_split_the_fused_figure_says_it_is_on_its_tuning_queries(tiny_model_dir, data, retriever_dir,
+                                                                                 tmp_path):
+    output_dir = tmp_path / "run"
+    assert train_classifier.main(rerank_argv(tiny_model_dir, data, output_dir, "--epochs", "1", "--retriever",
+                                             retriever_dir, "--rerank-top", "3")) == 0
+    report = read_metrics(output_dir)["retrieve_then_rerank"]
+    assert report["split"] == "validation" and report["fused_on_tuning_queries"] is True
+
+
+def test_a_stored_fusion_weight_out_of_range_is_one_error_line(trained, tmp_path, capsys):
+    copy = tmp_path / "model"
+    shutil.copytree(trained("pointwise") / "checkpoint-best", copy)
+    toolkit = json.loads((copy / "config.json").read_text())["toolkit"]
+    checkpoints.rewrite_toolkit(copy, dict(toolkit, fusion={"retriever_weight": 1.5}))
+    assert infer.main(["--model-path", str(copy), "--text", "movie news", "--text-pair", "good movie"]) == 2
+    assert_one_error_line(capsys.readouterr().err,
+                          "field 'toolkit.fusion.retriever_weight': expected a finite number >= 0 and <= 1")
 
 
 # ---------------------------------------------------------------- resume, eval-only

@@ -1,7 +1,9 @@
 """common/server.py with fake services: routes, limits, auth, micro-batching, a fuzz run, SIGTERM draining."""
 import asyncio
+import ctypes
 import json
 import os
+import platform
 import random
 import signal
 import socket
@@ -213,6 +215,45 @@ def test_a_failing_request_does_not_fail_the_requests_batched_with_it():
                                              client.post("/predict", json={"texts": ["good"]}))
             assert bad.status_code == 422 and good.status_code == 200
     run(calls())
+
+
+def test_every_batch_releases_freed_memory_on_the_model_thread_failed_ones_too(monkeypatch):
+    releases = []
+    monkeypatch.setattr(server, "release_freed_memory", lambda: releases.append(threading.current_thread().name))
+    service = FakeClassifier()
+    app = server.create_app(service, batch_wait_ms=0)
+
+    async def calls():
+        async with client_for(app) as client:
+            assert (await client.post("/predict", json={"texts": ["good"]})).status_code == 200
+            assert (await client.post("/predict", json={"texts": ["boom"]})).status_code == 422
+    run(calls())
+    assert len(releases) == len(service.calls) == 2
+    assert all(name.startswith("model") for name in releases)
+
+
+@pytest.fixture
+def fresh_malloc_trim():
+    """load_malloc_trim looks the symbol up once per process: forget it before and after the test."""
+    server.load_malloc_trim.cache_clear()
+    yield
+    server.load_malloc_trim.cache_clear()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_release_freed_memory_finds_malloc_trim_on_glibc(fresh_malloc_trim):
+    assert server.load_malloc_trim()(0) in (0, 1)  # 1: some memory went back to the system
+    server.release_freed_memory()
+
+
+@pytest.mark.parametrize("platform_name, c_library", [("darwin", None), ("win32", None), ("linux", object())])
+def test_release_freed_memory_is_a_no_op_without_malloc_trim(monkeypatch, fresh_malloc_trim, platform_name,
+                                                              c_library):
+    """macOS and Windows are not asked; a Linux C library without the symbol (musl) is not an error."""
+    monkeypatch.setattr(sys, "platform", platform_name)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: c_library)
+    assert server.load_malloc_trim() is None
+    server.release_freed_memory()
 
 
 # ---------------------------------------------------------------- bounded work: queue limit and token budget

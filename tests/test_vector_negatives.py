@@ -157,6 +157,18 @@ def test_matryoshka_loss_is_the_sum_over_prefixes():
     assert not torch.allclose(summed, parts[0])
 
 
+def test_matryoshka_weights_multiply_each_size_term():
+    generator = torch.Generator().manual_seed(0)
+    queries, documents = torch.randn(4, 8, generator=generator), torch.randn(6, 8, generator=generator)
+    batch = {"rel": torch.ones(4), "weight": torch.ones(4), "doc_id": torch.arange(6), "positives": 4}
+    weighted = compute_pair_loss("infonce", queries, documents, batch, 0.05, [8, 4, 2], [1.0, 2.0, 0.5])
+    parts = [compute_pair_loss("infonce", queries[:, :dim], documents[:, :dim], batch, 0.05) for dim in (8, 4, 2)]
+    assert torch.allclose(weighted, parts[0] + 2.0 * parts[1] + 0.5 * parts[2])
+    assert not torch.allclose(weighted, sum(parts))
+    with pytest.raises(ValueError, match="2 Matryoshka weights for 3 sizes"):
+        compute_pair_loss("infonce", queries, documents, batch, 0.05, [8, 4, 2], [1.0, 2.0])
+
+
 def test_gathered_loss_across_two_processes_equals_one_process_with_the_whole_batch(tmp_path):
     result = tmp_path / "gathered.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -296,18 +308,28 @@ def test_mine_mode_with_the_model(tiny_model_dir, tmp_path):
 
 # ---------------------------------------------------------------- training on query groups; Matryoshka; instructions
 
-def test_training_on_query_groups_with_grad_cache_matryoshka_and_instructions(tiny_model_dir, tmp_path):
+def test_training_on_query_groups_with_grad_cache_matryoshka_and_instructions(tiny_model_dir, tmp_path,
+                                                                              monkeypatch):
     train = write_jsonl(tmp_path / "train.jsonl", group_records())
     output_dir = tmp_path / "out"
     argv = ["--mode", "train", "--train-path", str(train), "--val-path", str(train), "--model-name",
             str(tiny_model_dir), "--max-length", "16", "--batch-size", "4", "--epochs", "1", "--precision", "fp32",
             "--device", "cpu", "--output-dir", str(output_dir), "--negatives-per-query", "2",
-            "--grad-cache-chunk", "3", "--matryoshka-dims", "16,8", "--query-instruction", "query: ",
-            "--passage-instruction", "passage: ", "--learning-rate", "1e-3", "--warmup-steps", "0",
-            "--logging-steps", "1"]
+            "--grad-cache-chunk", "3", "--matryoshka-dims", "8,16", "--matryoshka-weights", "3,1",
+            "--query-instruction", "query: ", "--passage-instruction", "passage: ", "--learning-rate", "1e-3",
+            "--warmup-steps", "0", "--logging-steps", "1"]
+    size_weights = []  # what every training and validation loss was computed with
+
+    def recording_loss(*arguments, **options):
+        size_weights.append((arguments[5], arguments[6]))
+        return compute_pair_loss(*arguments, **options)
+    monkeypatch.setattr(train_vector, "compute_pair_loss", recording_loss)
     assert train_vector.main(argv) == 0
+    # the weights pair with the sizes in the order given, then both are sorted largest first
+    assert size_weights and all(dims == [16, 8] and weights == [1.0, 3.0] for dims, weights in size_weights)
     model = BertVectorModel.from_pretrained(output_dir / "checkpoint-step-2")
     assert model.vector_settings["matryoshka_dims"] == [16, 8]
+    assert model.vector_settings["matryoshka_weights"] == [1.0, 3.0]
     assert model.preprocessing["query_instruction"] == "query: "
     full, short = model.encode(["good movie"]), model.encode(["good movie"], dim=8)
     assert full.shape == (1, 32) and short.shape == (1, 8)
@@ -332,9 +354,59 @@ def test_matryoshka_dims_larger_than_the_model_are_refused(tiny_model_dir, tmp_p
 
 
 def test_an_unparseable_dims_or_range_flag_is_one_line(capsys):
-    for flag, value in (("--matryoshka-dims", "128,x"), ("--range-for-sampling", "100-10")):
+    for flag, value in (("--matryoshka-dims", "128,x"), ("--range-for-sampling", "100-10"),
+                        ("--matryoshka-weights", "1,x"), ("--matryoshka-weights", "1,0")):
         assert train_vector.main(["--mode", "mine", "--train-path", "t.jsonl", "--output-path", "o", flag, value]) == 2
         assert_one_error_line(capsys.readouterr().err, flag, value)
+
+
+@pytest.mark.parametrize("flags, fragment", [(["--matryoshka-dims", "16,8", "--matryoshka-weights", "1,2,3"],
+                                              "3 weights for the 2 --matryoshka-dims sizes 16,8"),
+                                             (["--matryoshka-weights", "1,2"], "needs --matryoshka-dims")],
+                         ids=["count", "without-dims"])
+def test_matryoshka_weights_that_do_not_match_the_dims_are_refused(flags, fragment, tmp_path, capsys):
+    argv = ["--train-path", "t.jsonl", "--val-path", "t.jsonl", "--output-dir", str(tmp_path / "out"), *flags]
+    assert train_vector.main(argv) == 2
+    assert_one_error_line(capsys.readouterr().err, "--matryoshka-weights", fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_stored_matryoshka_weights_are_read_back_and_a_mismatch_is_refused(tiny_model_dir, tmp_path):
+    model = tiny_vector_model(tiny_model_dir, matryoshka_dims=[4, 8], matryoshka_weights=[2.0, 1.0])
+    directory = model.save_pretrained(tmp_path / "model")
+    loaded = BertVectorModel.from_pretrained(directory)
+    assert loaded.vector_settings["matryoshka_dims"] == [8, 4]
+    assert loaded.vector_settings["matryoshka_weights"] == [1.0, 2.0]  # each weight stays with its size
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["toolkit"]["vector"]["matryoshka_weights"] = [1.0]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"toolkit\.vector\.matryoshka_weights': 1 weights for the 2 sizes"):
+        BertVectorModel.from_pretrained(directory)
+    config["toolkit"]["vector"]["matryoshka_weights"] = [1.0, "heavy"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(UserError, match="a non-empty list of positive numbers"):
+        BertVectorModel.from_pretrained(directory)
+
+
+def test_all_train_sentences_adds_training_queries_and_leaves_the_other_files_alone(tmp_path):
+    pytest.importorskip("pydoc_data.topics")
+    from bench import prepare_retrieval
+    assert prepare_retrieval.main(["--output-dir", str(tmp_path / "plain")]) == 0
+    assert prepare_retrieval.main(["--output-dir", str(tmp_path / "all"), "--all-train-sentences"]) == 0
+    for name in ("train", "valid", "test", "corpus"):
+        assert (tmp_path / "plain" / f"{name}.jsonl").read_bytes() == (tmp_path / "all" / f"{name}.jsonl").read_bytes()
+    assert not (tmp_path / "plain" / "train_all.jsonl").exists()
+    read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]  # noqa: E731
+    train, train_all = read(tmp_path / "all" / "train.jsonl"), read(tmp_path / "all" / "train_all.jsonl")
+    assert train_all[:len(train)] == train
+    added = {record["query"] for record in train_all[len(train):]}
+    assert added and not added & {record["query"] for record in train}
+    held_out = [record["document"] for name in ("valid", "test") for record in read(tmp_path / "all" / f"{name}.jsonl")]
+    assert not any(query in document for query in added for document in held_out)
+    for record in train_all[len(train):]:
+        if record["rel"] == 1.0:  # inverse cloze: the query sentence is not in its own document
+            assert record["query"] not in record["document"]
 
 
 # ---------------------------------------------------------------- instructions and sizes reach every inference path
