@@ -19,11 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+from infer_overhead import read_texts
+from quality import describe_machine, toolkit_commit
 
-from bench.infer_overhead import read_texts  # noqa: E402
-from bench.quality import describe_machine, toolkit_commit  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def build_parser():

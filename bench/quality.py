@@ -79,7 +79,7 @@ CONFIGS = {
     "toolkit-mean-rows": {"system": TOOLKIT, "flags": ["--new-token-init", "mean"]},
     "toolkit-new-token-lr": {"system": TOOLKIT, "flags": ["--new-token-lr", "5e-4"]},
     "toolkit-new-token-lr-30x": {"system": TOOLKIT, "flags": ["--new-token-lr", "1.5e-3"]},
-    "toolkit-bf16": {"system": TOOLKIT, "flags": ["--precision", "bf16"]},  # what --precision auto picks on AVX512-BF16
+    "toolkit-bf16": {"system": TOOLKIT, "precision": "bf16"},  # what --precision auto picks on AVX512-BF16
     "toolkit-mlm": {"system": TOOLKIT, "flags": ["--mlm-adapt-steps", "250"]},
     "toolkit-mlm-new-token-lr": {"system": TOOLKIT, "flags": ["--mlm-adapt-steps", "250", "--new-token-lr", "5e-4"]},
     "toolkit-5-epochs": {"system": TOOLKIT, "epochs": 5, "precision": "auto", "flags": ["--patience", "2"]},
