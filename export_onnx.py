@@ -47,6 +47,7 @@ DEFAULT_OPSETS = {"torchscript": 17, "dynamo": 18}
 # (batch size, sequence length); None means the export's max length
 PARITY_CASES = ((1, 8), (2, 24), (4, None), (8, 40))
 TIMING_TEXTS = 32  # validation records timed at batch 1 per candidate graph
+SENSITIVITY_RECORDS = 128  # validation records on which each MatMul's int8 error is measured (fp32-sensitive)
 CALIBRATION_RECORDS = 128  # validation records that calibrate static int8 activations
 CALIBRATION_BATCH = 8
 
@@ -58,6 +59,7 @@ INT8_VARIANTS = {
     "per-channel-reduce-range": "dynamic, per-channel, 7-bit weights (no saturation on CPUs without VNNI)",
     "fp32-ends": "dynamic, per-channel, embeddings and the classification head kept in fp32",
     "ffn-only": "dynamic, per-channel, only the feed-forward MatMuls (attention, embeddings and head in fp32)",
+    "fp32-sensitive": "fp32-ends, plus the fewest encoder MatMuls that pass the gate kept in fp32, most harmful first",
     "static": "static QDQ, per-channel, activations calibrated on --validation-file, ends kept in fp32",
 }
 
@@ -207,17 +209,20 @@ def optimize_graph(source, target, config, use_gpu=False):
     return target, optimized.get_fused_operator_statistics()
 
 
-def build_int8_variant(name, source, target, calibration=None):
+def build_int8_variant(name, source, target, calibration=None, also_fp32=(), only=None):
     """One INT8_VARIANTS recipe applied to the fp32 graph ``source``; ``calibration`` makes the
-    CalibrationDataReader for static quantization (None without --validation-file)."""
+    CalibrationDataReader for static quantization (None without --validation-file); ``also_fp32``: node
+    names fp32-sensitive keeps in fp32 besides the ends; ``only``: quantize these nodes and no other."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     # fused contrib ops (Attention, SkipLayerNormalization) have no ONNX shape inference: say tensors are float
     options = {"DefaultTensorType": onnx.TensorProto.FLOAT}
-    kept_fp32 = fp32_end_nodes(source) if name in ("fp32-ends", "static") else []
+    kept_fp32 = fp32_end_nodes(source) if name in ("fp32-ends", "fp32-sensitive", "static") else []
+    kept_fp32 += list(also_fp32)
     if name == "static" and calibration is None:
         raise UserError("static int8 needs --validation-file to calibrate its activations")
-    only = feed_forward_nodes(source) if name == "ffn-only" else None
+    if name == "ffn-only":
+        only = feed_forward_nodes(source)
     if only == []:
         raise UserError("ffn-only: no feed-forward MatMul (BERT's intermediate/output dense) in the graph")
     logging.disable(logging.WARNING)  # the quantizer warns per tensor it leaves in fp32; the gate judges the result
@@ -254,6 +259,46 @@ def feed_forward_nodes(path):
     nodes = onnx.load(str(path), load_external_data=False).graph.node
     return [node.name for node in nodes if node.op_type == "MatMul" and (
         "/intermediate/" in node.name or ("/output/dense" in node.name and "/attention/" not in node.name))]
+
+
+def encoder_weight_nodes(path):
+    """Names of the nodes int8 can quantize between the fp32 ends: the encoder's MatMuls with a weight
+    (not attention's activation-by-activation products) and fused Attention ops."""
+    import onnx
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {tensor.name for tensor in graph.initializer}
+    ends = set(fp32_end_nodes(path))
+    return [node.name for node in graph.node if node.name not in ends and (
+        node.op_type == "Attention" or (node.op_type == "MatMul" and node.input[1] in weights))]
+
+
+def sensitivity_ranking(fp32_graph, torch_loaded, max_length, validation_file, device, work_dir):
+    """The encoder's weight nodes, most harmful first: each quantized alone (per-channel), how far it moves
+    the fp32 graph's outputs (mean absolute difference) on the first validation records. One node at a
+    time is the cheap, local measure; the gate then judges the combination."""
+    batches = validation_batches(torch_loaded, max_length, validation_file, SENSITIVITY_RECORDS, 32)
+    expected = [load_candidate(fp32_graph, torch_loaded, max_length, device).run(batch) for batch in batches]
+    probe = work_dir / "int8-probe.onnx"
+    error = {}
+    for node in encoder_weight_nodes(fp32_graph):
+        build_int8_variant("per-channel", fp32_graph, probe, only=[node])
+        quantized = load_candidate(probe, torch_loaded, max_length, device)
+        error[node] = float(np.mean([np.abs(quantized.run(batch) - reference).mean()
+                                     for batch, reference in zip(batches, expected)]))
+    return sorted(error, key=error.get, reverse=True)
+
+
+def search_fp32_sensitive(fp32_graph, target, ranking, gate):
+    """fp32-sensitive: keep the 1, 2, 4, ... most harmful nodes of ``ranking`` in fp32 (at most half of
+    them: beyond that int8 buys little) until ``gate(graph)`` passes; the row of the last one tried."""
+    count = 1
+    while True:
+        build_int8_variant("fp32-sensitive", fp32_graph, target, also_fp32=ranking[:count])
+        row = gate(target)
+        row["kept_fp32_nodes"] = ranking[:count]
+        if row["passed"] or count >= len(ranking) // 2:
+            return row
+        count = min(count * 2, len(ranking) // 2)
 
 
 class ValidationCalibration(CalibrationDataReader):
@@ -560,23 +605,43 @@ def build_and_gate_int8_variants(fp32_graph, torch_loaded, max_length, args, wor
     if args.validation_file:
         reference = reference_predictions(torch_loaded, args.validation_file, args.batch_size)
     calibration = calibration_reader(torch_loaded, max_length, args.validation_file)
-    table = []
-    for name in names:
-        target = work_dir / f"int8-{name}.onnx"
-        try:
-            build_int8_variant(name, fp32_graph, target, calibration)
-            candidates[name] = load_candidate(target, torch_loaded, max_length, args.device)
-        except Exception as error:  # a recipe onnxruntime cannot apply to this graph is reported, not fatal
-            table.append({"variant": name, "graph": None, "error": str(error).splitlines()[0], "passed": False})
-            continue
+
+    def gate(name, target):
+        candidates[name] = load_candidate(target, torch_loaded, max_length, args.device)
         row = {"variant": name, "graph": target}
         if reference is not None:
             row["validation"] = validation_metrics(candidates[name], reference, args.validation_file, args.batch_size)
         row["reasons"] = validation_gate_reasons(row.get("validation", {}), args.max_metric_drop,
                                                  args.min_label_agreement)
         row["passed"] = not row["reasons"]
+        return row
+
+    table = []
+    for name in names:
+        target = work_dir / f"int8-{name}.onnx"
+        try:
+            if name == "fp32-sensitive":
+                table.append(gate_fp32_sensitive(fp32_graph, target, torch_loaded, max_length, args, work_dir,
+                                                 lambda graph: gate(name, graph)))
+                continue
+            build_int8_variant(name, fp32_graph, target, calibration)
+            row = gate(name, target)
+        except Exception as error:  # a recipe onnxruntime cannot apply to this graph is reported, not fatal
+            table.append({"variant": name, "graph": None, "error": str(error).splitlines()[0], "passed": False})
+            continue
         table.append(row)
     return table
+
+
+def gate_fp32_sensitive(fp32_graph, target, torch_loaded, max_length, args, work_dir, gate):
+    """fp32-sensitive's row: the encoder's nodes ranked on the validation file, then the fewest of them
+    kept in fp32 that pass ``gate``."""
+    if not args.validation_file:
+        raise UserError("fp32-sensitive needs --validation-file to find the MatMuls int8 hurts most")
+    ranking = sensitivity_ranking(fp32_graph, torch_loaded, max_length, args.validation_file, args.device, work_dir)
+    if len(ranking) < 2:
+        raise UserError("fp32-sensitive: fewer than two encoder MatMuls to choose from")
+    return search_fp32_sensitive(fp32_graph, target, ranking, gate)
 
 
 def closeness_to_gate(row):
@@ -589,11 +654,15 @@ def calibration_reader(torch_loaded, max_length, validation_file):
     """A factory of CalibrationDataReaders over the first validation records (None without a file)."""
     if not validation_file:
         return None
-    features = validation_features(torch_loaded, validation_file, max_length, CALIBRATION_RECORDS)
-    collator = data.PaddingCollator(torch_loaded.tokenizer.pad_token_id)
-    batches = [collator(features[start:start + CALIBRATION_BATCH])
-               for start in range(0, len(features), CALIBRATION_BATCH)]
+    batches = validation_batches(torch_loaded, max_length, validation_file, CALIBRATION_RECORDS, CALIBRATION_BATCH)
     return lambda: ValidationCalibration(batches)
+
+
+def validation_batches(torch_loaded, max_length, validation_file, records, batch_size):
+    """The first ``records`` validation records, encoded and padded in batches of ``batch_size``."""
+    features = validation_features(torch_loaded, validation_file, max_length, records)
+    collator = data.PaddingCollator(torch_loaded.tokenizer.pad_token_id)
+    return [collator(features[start:start + batch_size]) for start in range(0, len(features), batch_size)]
 
 
 def format_int8_table(table, fp32_latency, args):
@@ -605,13 +674,14 @@ def format_int8_table(table, fp32_latency, args):
         if row["graph"] is None:
             lines.append(f"  {row['variant']:<26} {'':>7} {'':>8} {'':>9} {'':>8}  not built: {row['error']}")
             continue
+        name = row["variant"] + (f" ({len(row['kept_fp32_nodes'])} in fp32)" if "kept_fp32_nodes" in row else "")
         validation = row.get("validation", {})
         agreement = f"{validation['label_agreement']:.4f}" if "label_agreement" in validation else "n/a"
         drop = f"{validation['drop']:+.4f}" if "drop" in validation else "n/a"
         verdict = "passes" if row["passed"] else "fails: " + "; ".join(row["reasons"])
         if row["chosen"] and row["passed"]:
             verdict += " <- kept"
-        lines.append(f"  {row['variant']:<26} {row['latency_ms']:>7.2f} {row['speedup']:>7.2f}x {agreement:>9} "
+        lines.append(f"  {name:<26} {row['latency_ms']:>7.2f} {row['speedup']:>7.2f}x {agreement:>9} "
                      f"{drop:>8}  {verdict}")
     return "\n".join(lines)
 

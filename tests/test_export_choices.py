@@ -161,3 +161,47 @@ def test_unknown_int8_variant_is_a_usage_error(classifier_dir, tmp_path, capsys)
     assert export_onnx.main(["--model-path", str(classifier_dir), "--output-path", str(tmp_path / "m.onnx"),
                              "--int8-variants", "dynamic,fast"]) == 2
     assert "unknown int8 variant fast; choose from dynamic" in capsys.readouterr().err
+
+
+def test_fp32_sensitive_keeps_the_fewest_harmful_nodes_that_pass(tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(export_onnx, "build_int8_variant",
+                        lambda name, source, target, also_fp32=(): built.append(list(also_fp32)) or target)
+    ranking = [f"node{index}" for index in range(12)]
+
+    def gate_passing_from(count):
+        return lambda graph: {"passed": len(built[-1]) >= count}
+
+    row = export_onnx.search_fp32_sensitive(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", ranking,
+                                            gate_passing_from(3))
+    assert [len(kept) for kept in built] == [1, 2, 4] and row["passed"]
+    assert row["kept_fp32_nodes"] == ranking[:4]  # the most harmful first
+    built.clear()
+    row = export_onnx.search_fp32_sensitive(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", ranking,
+                                            gate_passing_from(99))
+    assert [len(kept) for kept in built] == [1, 2, 4, 6] and not row["passed"]  # never more than half in fp32
+
+
+def test_sensitivity_ranking_puts_the_node_int8_hurts_most_first(classifier_dir, tmp_path, monkeypatch):
+    graph = tmp_path / "model.onnx"
+    assert export_onnx.main(["--model-path", str(classifier_dir), "--output-path", str(graph),
+                             "--optimize", "false"]) == 0
+    nodes = export_onnx.encoder_weight_nodes(graph)
+    assert len(nodes) == 12 and not set(nodes) & set(export_onnx.fp32_end_nodes(graph))  # 2 layers x 6 MatMuls
+    victim, probed = nodes[7], []
+
+    def quantize_alone(name, source, target, only):  # "quantizing" the victim scales its weights; others are exact
+        probed.extend(only)
+        model = onnx.load(str(source))
+        if only == [victim]:
+            node = next(node for node in model.graph.node if node.name == victim)
+            weight = next(tensor for tensor in model.graph.initializer if tensor.name == node.input[1])
+            weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight) * 1.5, weight.name))
+        onnx.save(model, str(target))
+        return target
+
+    monkeypatch.setattr(export_onnx, "build_int8_variant", quantize_alone)
+    validation = write_jsonl(tmp_path / "val.jsonl", make_text_records(20, names=("negative", "positive")))
+    torch_loaded = export_onnx.inference.load_torch_model(classifier_dir, "cpu")
+    ranking = export_onnx.sensitivity_ranking(graph, torch_loaded, 64, str(validation), "cpu", tmp_path)
+    assert probed == nodes and sorted(ranking) == sorted(nodes) and ranking[0] == victim
