@@ -69,6 +69,9 @@ def build_parser():
     parser.add_argument("--group-size", type=int, default=8, help="listwise: pairs per group")
     parser.add_argument("--max-length", type=int, default=48, help="tokens per query/document pair (reranker)")
     parser.add_argument("--pooling", default="cls", help="the reranker head's --pooling (cls, mean, max, pooler)")
+    parser.add_argument("--extend-vocab", type=int, default=0,
+                        help="the reranker's --extend-vocab (0: none; 3 for the Chinese reviews)")
+    parser.add_argument("--precision", default="fp32", help="the reranker's --precision (fp32, bf16, auto)")
     parser.add_argument("--rerank-top", type=int, default=50, help="retrieved documents the reranker reorders")
     parser.add_argument("--rerun", action="store_true", help="retrain runs that already have a run.json")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
@@ -123,7 +126,8 @@ def train_reranker(args, loss, run_dir):
             "--rerank-top", str(args.rerank_top), "--model-name", args.model, "--epochs", str(args.epochs),
             "--learning-rate", str(args.learning_rate), "--batch-size", str(batch_size),
             "--max-length", str(args.max_length), "--pooling", args.pooling, "--save-strategy", "no",
-            "--precision", "fp32",
+            "--precision", args.precision,
+            *(["--extend-vocab", str(args.extend_vocab)] if args.extend_vocab else []),
             "--device", "cpu", "--seed", str(args.seed), "--output-dir", str(output_dir)]
     started = time.perf_counter()
     if train_classifier.main(argv):
@@ -166,7 +170,7 @@ def launch(args, worker, seed, run_name):
                "--run-dir", str(run_dir)]
     paths = ("model", "retriever", "data_dir", "train_path")
     for name in (*paths, "epochs", "learning_rate", "batch_size", "group_size", "max_length", "pooling",
-                 "rerank_top", "retriever_max_length", "mine_range", "mine_negatives"):
+                 "rerank_top", "retriever_max_length", "mine_range", "mine_negatives", "extend_vocab", "precision"):
         value = getattr(args, name)
         if value is not None:
             value = str(Path(value).resolve()) if name in paths else str(value)
@@ -237,7 +241,9 @@ def main(argv=None):
         negatives = f"mined-{retriever_name}-{args.mine_range}-{args.mine_negatives}"
         args.train_path = launch(args, "mine", 0, negatives)["train_path"]
     settings = (f"{negatives}-len{args.max_length}-ep{args.epochs}-lr{args.learning_rate:g}-group{args.group_size}"
-                f"{'' if args.pooling == 'cls' else '-' + args.pooling}-top{args.rerank_top}-{retriever_name}")
+                f"{'' if args.pooling == 'cls' else '-' + args.pooling}-top{args.rerank_top}-{retriever_name}"
+                f"{f'-extend{args.extend_vocab}' if args.extend_vocab else ''}"
+                f"{'' if args.precision == 'fp32' else '-' + args.precision}")
     rows = []
     for loss in losses:
         results = []
@@ -250,7 +256,7 @@ def main(argv=None):
         rows.append(dict(summarize(loss, results), rerank_top=args.rerank_top))
     print(format_table(rows))
     summary = {"machine": describe_machine(), "toolkit_commit": toolkit_commit(str(REPO_ROOT)),
-               "data": {"source": "pydoc", "negatives": args.negatives, "train_negatives": args.train_negatives,
+               "data": {"dir": args.data_dir, "negatives": args.negatives, "train_negatives": args.train_negatives,
                         **{name: count_lines(data_dir / f"{name}.jsonl") for name in ("train", "valid", "test")}},
                "retriever": "given" if retriever_given else "untuned --model, mean pooling",
                "training_negatives": ({"from": "retriever", "ranks": args.mine_range, "per_query": args.mine_negatives}
@@ -259,7 +265,8 @@ def main(argv=None):
                             "batch_size": args.batch_size, "group_size": args.group_size,
                             "max_length": args.max_length, "pooling": args.pooling,
                             "retriever_max_length": args.retriever_max_length,
-                            "rerank_top": args.rerank_top, "precision": "fp32",
+                            "rerank_top": args.rerank_top, "precision": args.precision,
+                            "extend_vocab": args.extend_vocab,
                             "device": "cpu"},
                "command": "python bench/rerank_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "rows": rows}
