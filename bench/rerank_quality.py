@@ -5,12 +5,16 @@ bi-encoder alone (issue 16's judgement: at least +5 NDCG@10 points).
     python bench/rerank_quality.py --losses pointwise,listwise --seeds 13,14,15
     python bench/rerank_quality.py --negatives-from file            # the file's random negatives instead
     python bench/rerank_quality.py --retriever output/vector-best   # a tuned bi-encoder instead
+    python bench/rerank_quality.py --data-dir data/review_retrieval --retriever runs/rr/retriever \
+        --extend-vocab 3 --max-length 128 --epochs 1   # the Chinese reviews (bench/retrieval_quality.py's data)
 
-Data: the English inverse-cloze set of ``bench/prepare_retrieval.py --source pydoc`` (Python's own
+Data: by default the English inverse-cloze set of ``bench/prepare_retrieval.py --source pydoc`` (Python's own
 documentation, split by topic; built under --data-dir when missing) with --negatives 76: each test
 query lists its paragraph (rel 1.0), 3 same-topic paragraphs (0.2) and up to 76 others (0), so the
 retriever's top 50 is a real cut. Training: 2 queries per paragraph, each with its document, one
-same-topic and --train-negatives others.
+same-topic and --train-negatives others. Any --data-dir holding train/valid/test.jsonl of the graded
+pair format works as it is (nothing is built then), e.g. the Chinese review set of
+``bench/retrieval_quality.py`` (50 listed candidates per test query: its top 50 is the whole list).
 
 Training negatives (--negatives-from): ``retriever`` (default) mines them as the reranker meets them
 at test time, among the retriever's own top ranks: ``train_vector.py --mode mine`` with the retriever
@@ -60,6 +64,9 @@ def build_parser():
     parser.add_argument("--mine-range", default="2-50",
                         help="--negatives-from retriever: the retriever's ranks negatives are drawn from")
     parser.add_argument("--mine-negatives", type=int, default=15, help="--negatives-from retriever: per query")
+    parser.add_argument("--mine-margin", type=float, default=0.05,
+                        help="--negatives-from retriever: --negative-margin (-2: none, FlagEmbedding's default; for "
+                             "a retriever that ranks the training positives low, the margin removes every candidate)")
     parser.add_argument("--work-dir", default="runs/rerank_quality", help="one directory per run")
     parser.add_argument("--output", default="bench/results/rerank_quality.json", help="summary JSON")
     parser.add_argument("--epochs", type=int, default=4, help="training epochs")
@@ -107,7 +114,7 @@ def mine_negatives(args, run_dir):
     output = run_dir / "train_mined.jsonl"
     argv = ["--mode", "mine", "--model-path", args.retriever, "--data-path", str(Path(args.data_dir) / "train.jsonl"),
             "--relevance-threshold", "0.5", "--range-for-sampling", args.mine_range,
-            "--negative-number", str(args.mine_negatives), "--seed", "13", "--device", "cpu",
+            "--negative-number", str(args.mine_negatives), "--negative-margin", str(args.mine_margin), "--seed", "13", "--device", "cpu",
             "--output-path", str(output)]
     if train_vector.main(argv):
         raise SystemExit("train_vector.py --mode mine failed")
@@ -170,7 +177,8 @@ def launch(args, worker, seed, run_name):
                "--run-dir", str(run_dir)]
     paths = ("model", "retriever", "data_dir", "train_path")
     for name in (*paths, "epochs", "learning_rate", "batch_size", "group_size", "max_length", "pooling",
-                 "rerank_top", "retriever_max_length", "mine_range", "mine_negatives", "extend_vocab", "precision"):
+                 "rerank_top", "retriever_max_length", "mine_range", "mine_negatives", "mine_margin", "extend_vocab",
+                 "precision"):
         value = getattr(args, name)
         if value is not None:
             value = str(Path(value).resolve()) if name in paths else str(value)
@@ -238,7 +246,8 @@ def main(argv=None):
     retriever_name = Path(args.retriever).name if retriever_given else "untuned"
     negatives = "file"
     if args.negatives_from == "retriever":
-        negatives = f"mined-{retriever_name}-{args.mine_range}-{args.mine_negatives}"
+        negatives = (f"mined-{retriever_name}-{args.mine_range}-{args.mine_negatives}"
+                     f"{'' if args.mine_margin == 0.05 else f'-margin{args.mine_margin:g}'}")
         args.train_path = launch(args, "mine", 0, negatives)["train_path"]
     settings = (f"{negatives}-len{args.max_length}-ep{args.epochs}-lr{args.learning_rate:g}-group{args.group_size}"
                 f"{'' if args.pooling == 'cls' else '-' + args.pooling}-top{args.rerank_top}-{retriever_name}"
@@ -259,7 +268,8 @@ def main(argv=None):
                "data": {"dir": args.data_dir, "negatives": args.negatives, "train_negatives": args.train_negatives,
                         **{name: count_lines(data_dir / f"{name}.jsonl") for name in ("train", "valid", "test")}},
                "retriever": "given" if retriever_given else "untuned --model, mean pooling",
-               "training_negatives": ({"from": "retriever", "ranks": args.mine_range, "per_query": args.mine_negatives}
+               "training_negatives": ({"from": "retriever", "ranks": args.mine_range, "per_query": args.mine_negatives,
+                                       "margin": args.mine_margin}
                                       if args.negatives_from == "retriever" else {"from": "file"}),
                "settings": {"model": Path(args.model).name, "epochs": args.epochs, "learning_rate": args.learning_rate,
                             "batch_size": args.batch_size, "group_size": args.group_size,

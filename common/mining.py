@@ -18,6 +18,10 @@ from common.pairs import QueryGroup
 
 # a word of letters/digits, or one CJK character (Chinese text has no spaces between words)
 BM25_TOKEN = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_]+", re.UNICODE)
+# a passage that quotes a query this long word for word is its source or a copy of it (inverse-cloze
+# data: another query's document holds this query's sentence), never a negative; shorter queries
+# ("好", "python") occur in unrelated passages, so only an identical text is left out for them
+QUOTED_QUERY_CHARACTERS = 10
 
 
 @dataclass
@@ -33,7 +37,8 @@ class MiningReport:
     def lines(self, first, last, margin, negative_number, queries):
         return [f"candidates at ranks {first}-{last}: {self.candidates} for {queries} queries",
                 f"  removed {self.known_positive} known positives",
-                f"  removed {self.query_text} identical to their query",
+                f"  removed {self.query_text} identical to their query or quoting it "
+                f"({QUOTED_QUERY_CHARACTERS}+ characters)",
                 f"  removed {self.likely_false_negative} likely false negatives (score above the query's lowest "
                 f"positive score - {margin})",
                 f"wrote {self.written} negatives ({self.short_queries} queries have fewer than {negative_number})"]
@@ -70,7 +75,8 @@ def mine_hard_negatives(groups, corpus, score, rank_range, negative_number, marg
     """(mined QueryGroups, MiningReport): each group's positives and prompt kept, its negatives drawn
     from its candidates at ranks ``rank_range`` (1-based, inclusive) of ``corpus``.
 
-    A candidate is left out when it is one of the query's positives, the query's own text, or
+    A candidate is left out when it is one of the query's positives, the query's own text (or quotes
+    it, see QUOTED_QUERY_CHARACTERS), or
     scores above (the query's lowest positive score - ``margin``): a passage the retriever ranks
     with the known answers is more likely unlabelled relevant than negative. ``corpus`` must hold
     the positives (their scores set the margin). The draw depends on ``seed`` and the query's
@@ -105,7 +111,7 @@ def filter_candidates(group, ranked, row_scores, row_of, corpus, margin, report)
         report.candidates += 1
         if text in positives:
             report.known_positive += 1
-        elif text == group.query:
+        elif quotes_query(text, group.query):
             report.query_text += 1
         elif float(row_scores[row]) > lowest_positive - margin:
             report.likely_false_negative += 1
@@ -130,3 +136,8 @@ def format_query_groups(groups):
             record["prompt"] = group.prompt
         lines.append(json.dumps(record, ensure_ascii=False))
     return "\n".join(lines) + "\n"
+
+
+def quotes_query(text, query):
+    """Whether ``text`` is the query itself, or holds a query of QUOTED_QUERY_CHARACTERS or more verbatim."""
+    return text == query or (len(query.strip()) >= QUOTED_QUERY_CHARACTERS and query.strip() in text)

@@ -268,6 +268,20 @@ def test_mining_filters_positives_the_query_and_likely_false_negatives():
     assert report.written == 4 and report.short_queries == 1
 
 
+def test_mining_leaves_out_passages_that_quote_a_long_query():
+    query = "the sorted function returns a new list"  # an inverse-cloze query: a sentence of its paragraph
+    sibling = "Lists have methods. " + query + " and sort() sorts in place."  # another query's document
+    corpus = ["pos", sibling, "a list of words", "n1"]
+    scores = {query: [0.9, 0.8, 0.7, 0.6], "list": [0.9, 0.8, 0.7, 0.6]}
+    mined, report = mining.mine_hard_negatives([QueryGroup(query, ["pos"], [], "line 1")], corpus,
+                                               fixed_scorer(scores), (1, 4), 10, -2.0, seed=0)
+    assert mined[0].negatives == ["a list of words", "n1"] and report.query_text == 1
+    # a short query is found inside unrelated passages: only its identical text would be left out
+    mined, report = mining.mine_hard_negatives([QueryGroup("list", ["pos"], [], "line 1")], corpus,
+                                               fixed_scorer(scores), (1, 4), 10, -2.0, seed=0)
+    assert mined[0].negatives == [sibling, "a list of words", "n1"] and report.query_text == 0
+
+
 def test_mining_is_deterministic_under_the_seed():
     corpus = ["pos"] + [f"n{index}" for index in range(30)]
     scores = {"q": [1.0] + [0.5 - index / 100 for index in range(30)]}
