@@ -12,7 +12,8 @@ import pytest
 
 import export_onnx
 from conftest import make_text_records, write_jsonl
-from test_export_onnx import break_optimized_graphs, corrupt_classifier_weights, make_model_directory
+from test_export_onnx import (break_optimized_graphs, corrupt_classifier_weights, make_model_directory,
+                              make_vector_directory)
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +206,14 @@ def test_sensitivity_ranking_puts_the_node_int8_hurts_most_first(classifier_dir,
     torch_loaded = export_onnx.inference.load_torch_model(classifier_dir, "cpu")
     ranking = export_onnx.sensitivity_ranking(graph, torch_loaded, 64, str(validation), "cpu", tmp_path)
     assert probed == nodes and sorted(ranking) == sorted(nodes) and ranking[0] == victim
+
+
+def test_fp32_sensitive_works_on_a_vector_model(tiny_model_dir, tmp_path, capsys):
+    model_dir = make_vector_directory(tiny_model_dir, tmp_path / "vector")
+    validation = write_jsonl(tmp_path / "val.jsonl", make_text_records(12, names=("negative", "positive")))
+    output = tmp_path / "vector-int8.onnx"
+    assert export_onnx.main(["--model-path", str(model_dir), "--output-path", str(output), "--optimize", "false",
+                             "--quantize", "int8", "--int8-variants", "fp32-sensitive", "--validation-file",
+                             str(validation), "--max-metric-drop", "1", "--timing-runs", "1"]) == 0
+    [row] = json.loads(output.with_name("vector-int8.report.json").read_text())["int8_variants"]
+    assert row["validation"]["metric"] == "mean_cosine_to_torch" and row["kept_fp32_nodes"]

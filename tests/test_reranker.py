@@ -367,6 +367,17 @@ def test_export_passes_the_parity_gate_and_scores_like_torch(trained, data, tmp_
     assert infer_score(onnx_path, *pair, capsys) == pytest.approx(infer_score(model_dir, *pair, capsys), abs=1e-4)
 
 
+def test_int8_fp32_sensitive_ranks_a_rerankers_matmuls_on_its_pair_file(trained, data, tmp_path, capsys):
+    onnx_path = tmp_path / "reranker-int8.onnx"
+    assert export_onnx.main(["--model-path", str(trained("pointwise") / "checkpoint-best"), "--output-path",
+                             str(onnx_path), "--optimize", "false", "--quantize", "int8", "--int8-variants",
+                             "fp32-sensitive", "--validation-file", str(data["val"]), "--max-metric-drop", "1",
+                             "--timing-runs", "1"]) == 0
+    assert "fp32-sensitive (1 in fp32)" in capsys.readouterr().out  # the gate passes at once: one node kept
+    [row] = json.loads(onnx_path.with_name("reranker-int8.report.json").read_text())["int8_variants"]
+    assert row["passed"] and len(row["kept_fp32_nodes"]) == 1 and "/encoder/" in row["kept_fp32_nodes"][0]
+
+
 # ---------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("records, extra, expected", [
