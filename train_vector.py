@@ -39,7 +39,7 @@ __all__ = ["BertVectorModel", "main"]
 SECTION_ALIASES = {
     ("model", "name"): "model_name", ("output", "dir"): "output_dir",
     ("scheduler", "type"): "scheduler", ("scheduler", "num_warmup_steps"): "warmup_steps",
-    ("logging", "steps"): "logging_steps",
+    ("logging", "steps"): "logging_steps", ("early_stopping", "metric"): "metric_for_best_model",
 }
 BEST_FILE = "best_checkpoint.json"
 DEFAULT_NEGATIVES_PER_QUERY = 7  # FlagEmbedding's train_group_size 8: one positive, seven negatives
