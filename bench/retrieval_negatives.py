@@ -270,7 +270,7 @@ def run_training(args, name, run_dir):
     result.update(argv=argv, train_seconds=time.perf_counter() - started)
     best = json.loads((output_dir / "best_checkpoint.json").read_text(encoding="utf-8"))
     result["published"] = best["checkpoint"]
-    model = BertVectorModel.from_pretrained(output_dir)  # the published (lowest validation loss) model
+    model = BertVectorModel.from_pretrained(output_dir)  # the published model (best by --metric-for-best-model)
     result.update(full_corpus_metrics(model, read_test_set(data_dir)))
     steps = sorted(output_dir.glob("checkpoint-step-*"), key=lambda path: int(path.name.rsplit("-", 1)[1]))
     if best["checkpoint"] == steps[-1].name:  # the published model is the last step: scored above
