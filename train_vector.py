@@ -39,12 +39,13 @@ __all__ = ["BertVectorModel", "main"]
 SECTION_ALIASES = {
     ("model", "name"): "model_name", ("output", "dir"): "output_dir",
     ("scheduler", "type"): "scheduler", ("scheduler", "num_warmup_steps"): "warmup_steps",
-    ("logging", "steps"): "logging_steps",
+    ("logging", "steps"): "logging_steps", ("early_stopping", "metric"): "metric_for_best_model",
 }
 BEST_FILE = "best_checkpoint.json"
 DEFAULT_NEGATIVES_PER_QUERY = 7  # FlagEmbedding's train_group_size 8: one positive, seven negatives
 VALIDATION_SPLITS = ("validation", "val", "dev")
 NOT_APPLICABLE = ("labels", "text_field", "label_field")  # shared data flags that mean nothing for pairs
+SELECTION_RANKING_METRICS = ("ndcg", "mrr")  # --metric-for-best-model ndcg@K, mrr@K (common/ranking.py)
 
 
 # ---------------------------------------------------------------- arguments
@@ -88,6 +89,11 @@ def build_parser():
     add_flag(group, "negatives-per-query", type=bounded(int, minimum=0), default=None,
              help="InfoNCE hard negatives per query per step, drawn from the record's 'neg' (default 7 for "
                   "query groups; 0 for graded pairs, whose rel <= --relevance-threshold pairs are the negatives)")
+    add_flag(group, "false-negative-margin", type=bounded(float, minimum=0.0), default=None,
+             help="InfoNCE: leave out of each query's softmax every negative (in-batch or hard) whose cosine "
+                  "exceeds the query's cosine to its positive minus this margin, a likely unlabelled positive "
+                  "(sentence-transformers' GISTEmbedLoss margin, with the model being trained as its own guide: "
+                  "a frozen guide would double the forward cost; e.g. 0.1; default: off)")
     add_flag(group, "grad-cache-chunk", type=bounded(int, minimum=0), default=0,
              help="GradCache: embed the batch in chunks of this many texts and backpropagate chunk by chunk "
                   "(a large contrastive batch in about one chunk's memory, the same gradients; 0: off)")
@@ -108,8 +114,13 @@ def build_parser():
     add_flag(group, "k", type=ranking.parse_ks, default=ranking.DEFAULT_KS, help="cut-offs for ranking metrics")
     add_flag(group, "relevance-threshold", type=float, default=0.0,
              help="rel above this counts as relevant for binary NDCG, MRR, MAP and Recall")
+    add_flag(group, "metric-for-best-model", type=parse_selection_metric, default=None,
+             help="validation figure that picks checkpoint-best, early-stops and --select_best: loss (lowest "
+                  "validation loss), or ndcg@K or mrr@K (highest, ranking each validation query's candidate "
+                  "documents; the loss is still logged). Default: loss; on --resume, the run's own")
     add_flag(group, "select-best", action="store_true",
-             help="evaluate every checkpoint under --output-dir and record the lowest validation loss one")
+             help="evaluate every checkpoint under --output-dir and record the best one by the run's "
+                  "--metric-for-best-model (validation figures recorded during training)")
     add_flag(group, "model-path", aliases=("checkpoint-dir", "model-dir"),
              help="model directory to evaluate or serve (default: the best checkpoint under --output-dir)")
     add_flag(group, "metrics-path", help="where --mode evaluate writes its JSON (default: in --output-dir)")
@@ -182,6 +193,15 @@ def resolve_matryoshka(args):
         args.matryoshka_weights = None if weights is None else [weight for _, weight in pairs]
 
 
+def parse_selection_metric(text):
+    """--metric-for-best-model "ndcg@10" -> "ndcg@10": loss, or ndcg@K / mrr@K with K a positive integer."""
+    text = str(text).strip().lower()
+    name, _, k = text.partition("@")
+    if text == "loss" or (name in SELECTION_RANKING_METRICS and k.isdigit() and int(k) >= 1):
+        return text if text == "loss" else f"{name}@{int(k)}"
+    raise argparse.ArgumentTypeError(f"expected loss, ndcg@K or mrr@K (K a positive integer), got {text!r}")
+
+
 def parse_rank_range(text):
     """--range-for-sampling "10-100" -> (10, 100): 1-based ranks, first <= last."""
     first, _, last = str(text).partition("-")
@@ -204,6 +224,8 @@ def parse_args(argv=None):
     resolve_matryoshka(args)
     if args.mode == "train":
         args.loss = args.loss or "infonce"  # when evaluating, no --loss means the loss the model was trained with
+        if args.false_negative_margin is not None and args.loss != "infonce":
+            raise UserError(f"--false-negative-margin applies to --loss infonce only (not {args.loss})")
         checkpoints.check_resume_argument(args.resume)
         adaptation.resolve_vocabulary_options(args)
     required = {"train": ("data_path", "val_path"), "evaluate": ("test_path",), "deploy": (),
@@ -224,12 +246,13 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from common import (adaptation, checkpoints, data, distributed, files, modeldir, optimization,  # noqa: E402
                     rundir, training)
+from common.metrics import selection_mode  # noqa: E402
 from common.pair_losses import compute_pair_loss  # noqa: E402
 from common.gradcache import grad_cache_backward  # noqa: E402
 from common.pairs import (GroupCollator, PairCollator, QueryGroup, QueryGroupDataset, build_group_dataset,  # noqa: E402
                           build_pair_dataset, load_pairs, pairs_to_groups)
 from common.text import build_normalizer  # noqa: E402
-from common.vector import BertVectorModel, PairEncoder, evaluate_pairs, read_json_if_exists  # noqa: E402
+from common.vector import BertVectorModel, PairEncoder, evaluate_pairs, read_json_if_exists, score_pairs  # noqa: E402
 from common.vocab import fit_embeddings_to_tokenizer  # noqa: E402
 
 
@@ -249,10 +272,29 @@ def load_splits(args, names):
         path, split, default_splits = paths[name]
         splits[name] = load_pairs(path, args.skip_invalid, rel_default, split, default_splits)
     data.report_skipped(*splits.values())
+    if "val" in splits and uses_ranking_selection(args):
+        splits["val_candidates"] = validation_candidates(splits["val"], args)
     if args.loss == "infonce":
         for name in set(splits) & {"train", "val"}:
             splits[name] = training_examples(splits[name], name, args)
     return splits
+
+
+def uses_ranking_selection(args):
+    return (args.metric_for_best_model or "loss") != "loss"
+
+
+def validation_candidates(pairs, args):
+    """The validation pairs as ranked for --metric-for-best-model ndcg@K / mrr@K: each query's labelled
+    documents (graded pairs, or a query group's positives and negatives)."""
+    candidates = {}
+    for pair in pairs:
+        candidates.setdefault(pair.query, []).append(pair.rel)
+    if not any(len(rels) > 1 and max(rels) > args.relevance_threshold for rels in candidates.values()):
+        raise UserError(f"--metric-for-best-model {args.metric_for_best_model}: no validation query has a relevant "
+                        f"document (rel > {args.relevance_threshold}) among two or more candidates to rank; give "
+                        "graded pairs or query groups with negatives, or select by loss")
+    return list(pairs)
 
 
 def training_examples(pairs, name, args):
@@ -420,7 +462,8 @@ def evaluate_loss(pair_encoder, loader, args, context):
             query_embeddings, doc_embeddings = pair_encoder(modeldir.to_device(batch["query"], args.device_obj),
                                                             modeldir.to_device(batch["document"], args.device_obj))
         loss = compute_pair_loss(args.loss, query_embeddings, doc_embeddings, batch, args.temperature,
-                                 args.matryoshka_dims, args.matryoshka_weights)
+                                 args.matryoshka_dims, args.matryoshka_weights,
+                                 false_negative_margin=args.false_negative_margin)
         loss_sum += float(loss) * len(batch["rel"])
         count += len(batch["rel"])
     pair_encoder.train(was_training)
@@ -428,12 +471,35 @@ def evaluate_loss(pair_encoder, loader, args, context):
     return sum(total for total, _ in totals) / max(1, sum(n for _, n in totals))
 
 
+@torch.no_grad()
+def evaluate_ranking(pair_encoder, pairs, args, context):
+    """--metric-for-best-model's ranking figure over the validation queries' candidate documents; each rank
+    scores its share of the queries, every rank gets the whole set's figure."""
+    queries = list(dict.fromkeys(pair.query for pair in pairs))
+    mine = {queries[index] for index in data.shard_indices(len(queries), context.rank, context.world_size)}
+    shard = [pair for pair in pairs if pair.query in mine]
+    scored = score_pairs(pair_encoder.encoder, shard, args.eval_batch_size) if shard else []
+    scored = [query for part in distributed.gather_objects(context, scored) for query in part]
+    k = int(args.metric_for_best_model.partition("@")[2])
+    return ranking.ranking_metrics(scored, (k,), args.relevance_threshold)[args.metric_for_best_model]
+
+
+def evaluate_validation(pair_encoder, val_loader, candidates, args, context):
+    """{"loss": validation loss, and the --metric-for-best-model figure when it is a ranking metric}."""
+    figures = {"loss": evaluate_loss(pair_encoder, val_loader, args, context)}
+    if candidates is not None:
+        figures[args.metric_for_best_model] = evaluate_ranking(pair_encoder, candidates, args, context)
+    return figures
+
+
 # ---------------------------------------------------------------- the training loop
 
-def forward_backward(model, batch, args, context, scaler, sync):
+def forward_backward(model, batch, args, context, scaler, sync, statistics=None):
     """One batch's loss, backpropagated (scaled for fp16 and accumulation); DDP all-reduces when ``sync``.
 
-    Plain: one forward of the whole batch. --grad-cache-chunk: GradCache, chunk by chunk.
+    Plain: one forward of the whole batch. --grad-cache-chunk: GradCache, chunk by chunk. Either way the
+    loss sees the whole batch's embeddings at once (the --false-negative-margin mask included), and
+    ``statistics`` counts the negatives that mask removed.
     """
     device, precision = args.device_obj, args.precision_obj
     query, document = modeldir.to_device(batch["query"], device), modeldir.to_device(batch["document"], device)
@@ -442,7 +508,8 @@ def forward_backward(model, batch, args, context, scaler, sync):
 
     def batch_loss(query_embeddings, doc_embeddings):
         return compute_pair_loss(args.loss, query_embeddings, doc_embeddings, batch, args.temperature,
-                                 args.matryoshka_dims, args.matryoshka_weights, gather=context.enabled)
+                                 args.matryoshka_dims, args.matryoshka_weights, gather=context.enabled,
+                                 false_negative_margin=args.false_negative_margin, statistics=statistics)
 
     def backward(loss):
         scaler.scale(loss * rank_scale / args.gradient_accumulation_steps).backward()
@@ -458,41 +525,46 @@ def forward_backward(model, batch, args, context, scaler, sync):
     return loss
 
 
-def train(args, model, datasets, context, output_dir, logger, resume_from=None):
+def train(args, model, datasets, context, output_dir, logger, resume_from=None, val_candidates=None):
+    """The loop; ``val_candidates``: the validation pairs ranked for --metric-for-best-model ndcg@K / mrr@K."""
     device, precision = args.device_obj, args.precision_obj
+    metric = args.metric_for_best_model
     train_loader = build_train_loader(datasets["train"], args, context)
     val_loader = build_eval_loader(datasets["val"], args, context)
     optimizer, scheduler, scaler, total_steps = optimization.build_optimization(model, args, len(train_loader),
                                                                                device, precision)
-    early_stopping = training.EarlyStopping(args.patience, args.min_delta, mode="min")
+    early_stopping = training.EarlyStopping(args.patience, args.min_delta, selection_mode(metric))
     nonfinite_guard = optimization.NonFiniteLossGuard(args.max_nonfinite_steps, device, not scaler.is_enabled())
     # ---- resume: model weights, optimizer, scheduler, scaler, RNG, position, early stopping
     global_step, start_epoch, skip_batches, evaluated_step, resumed_state = checkpoints.resume_training(
         resume_from, vector_model(model), optimizer, scheduler, scaler, early_stopping, logger)
-    evaluated_loss = resumed_state.get("summary", {}).get("val_loss")  # at evaluated_step
+    evaluated = validation_summary(resumed_state.get("summary", {}))  # at evaluated_step
     training.log_training_start(logger, args, context, output_dir, total_steps,
                                 {"queries" if isinstance(datasets["train"], QueryGroupDataset) else "pairs":
                                  len(datasets["train"]), "validation": len(datasets["val"])},
-                                settings={"loss": args.loss})
+                                settings={"loss": args.loss, "metric_for_best_model": metric,
+                                          "false_negative_margin": args.false_negative_margin})
+
+    def validate():
+        return evaluate_validation(distributed.unwrap(model), val_loader, val_candidates, args, context)
 
     def run_evaluation(epoch):
-        """Validation loss -> early stopping; save checkpoint-best on improvement."""
-        nonlocal evaluated_step, evaluated_loss
+        """Validation loss (and ranking metric) -> early stopping; save checkpoint-best on improvement."""
+        nonlocal evaluated_step, evaluated
         evaluated_step = global_step  # the same weights are never scored twice
-        evaluated_loss = evaluate_loss(distributed.unwrap(model), val_loader, args, context)
-        summary = {"global_step": global_step, "val_loss": evaluated_loss, "run_id": args.run_id}
-        improved = checkpoints.save_if_best(early_stopping, evaluated_loss, global_step, output_dir,
+        evaluated = validate()
+        summary = {"global_step": global_step, **summarize_validation(evaluated), "run_id": args.run_id}
+        improved = checkpoints.save_if_best(early_stopping, evaluated[metric], global_step, output_dir,
                                             vector_writer(model, args, summary), context.is_main)
-        logger.log(training.evaluation_row(global_step, epoch, {"loss": evaluated_loss}, early_stopping, improved))
+        logger.log(training.evaluation_row(global_step, epoch, evaluated, early_stopping, improved))
 
     def run_save(epoch, batches_done):
-        """checkpoint-step-N with the validation loss at step N (measured now if not yet)."""
-        val_loss = evaluated_loss if evaluated_step == global_step else \
-            evaluate_loss(distributed.unwrap(model), val_loader, args, context)
+        """checkpoint-step-N with the validation figures at step N (measured now if not yet)."""
+        figures = evaluated if evaluated_step == global_step and evaluated else validate()
         if context.is_main:
             checkpoints.save_checkpoint(output_dir, vector_writer(model, args), checkpoints.training_state(
                 optimizer, scheduler, scaler, early_stopping, args, epoch=epoch, step_in_epoch=batches_done,
-                global_step=global_step, evaluated_step=evaluated_step, summary={"val_loss": val_loss}),
+                global_step=global_step, evaluated_step=evaluated_step, summary=summarize_validation(figures)),
                 args.save_total_limit)
 
     if training.evaluation_due_at_start(resume_from, global_step, evaluated_step, total_steps, early_stopping):
@@ -501,6 +573,7 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
     meter = training.TrainingMeter(device)  # loss and throughput for the log rows
     progress = tqdm(total=total_steps, initial=global_step, disable=not context.is_main, desc="train")
     epoch, batches_done, saved_step = start_epoch, skip_batches, None
+    masking = {} if args.false_negative_margin is not None else None  # negatives the margin removed, this epoch
     for epoch in range(start_epoch, args.epochs):
         if global_step >= total_steps or early_stopping.should_stop:
             break
@@ -512,7 +585,7 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
             batches_done += 1
             window_ends = batches_done % args.gradient_accumulation_steps == 0 or batches_done == batches_in_epoch
             # ---- forward under autocast, scaled backward (gradient sync only on the window's last pass)
-            loss = forward_backward(model, batch, args, context, scaler, window_ends)
+            loss = forward_backward(model, batch, args, context, scaler, window_ends, masking)
             meter.add(loss, len(batch["rel"]) * context.world_size)
             nonfinite_guard.add(loss)
             if not window_ends:
@@ -526,7 +599,8 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
             progress.update(1)
             # ---- logging, evaluation, checkpoint
             if global_step % args.logging_steps == 0:
-                logger.log(meter.row(global_step, epoch, scheduler.get_last_lr()[0], grad_norm), progress)
+                logger.log(meter.row(global_step, epoch, scheduler.get_last_lr()[0], grad_norm)
+                           | masked_negative_shares(masking), progress)
             if training.is_due(global_step, args.eval_steps):
                 run_evaluation(epoch)
             if training.is_due(global_step, args.save_steps):
@@ -536,10 +610,13 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None):
             if global_step >= total_steps or early_stopping.should_stop:
                 break
         skip_batches = 0
+        if masking:
+            logger.info(describe_masking(epoch, masking, args.false_negative_margin))
+            masking.clear()
         if evaluated_step != global_step:
             run_evaluation(epoch)  # epoch end (also the last evaluation of a --max-steps run)
         if early_stopping.should_stop:
-            logger.info(f"early stopping: validation loss did not improve in {args.patience} evaluations")
+            logger.info(f"early stopping: validation {metric} did not improve in {args.patience} evaluations")
             break
     if saved_step != global_step and global_step > 0 and not (output_dir / checkpoint_name(global_step)).is_dir():
         run_save(epoch, batches_done)  # the final weights are always a checkpoint
@@ -552,25 +629,72 @@ def checkpoint_name(step):
     return f"{checkpoints.CHECKPOINT_PREFIX}{step}"
 
 
+def masked_negative_shares(masking):
+    """Log-row fields: the shares of in-batch and hard negatives --false-negative-margin removed this epoch."""
+    if not masking:
+        return {}
+    return {f"masked_{kind}_share": masking[f"{kind}_masked"] / masking[f"{kind}_negatives"]
+            for kind in ("in_batch", "hard") if masking.get(f"{kind}_negatives")}
+
+
+def describe_masking(epoch, masking, margin):
+    parts = [f"{masking[f'{kind}_masked']} of {masking[f'{kind}_negatives']} {label} negatives "
+             f"({masking[f'{kind}_masked'] / masking[f'{kind}_negatives']:.1%})"
+             for kind, label in (("in_batch", "in-batch"), ("hard", "hard")) if masking.get(f"{kind}_negatives")]
+    return f"epoch {epoch}: --false-negative-margin {margin} left out {' and '.join(parts)}"
+
+
 # ---------------------------------------------------------------- checkpoints: which is best
 
-def checkpoint_val_loss(directory):
-    """The validation loss recorded in a checkpoint's trainer_state.json (None if absent)."""
+def resolve_selection_metric(metric, resume_from):
+    """--metric-for-best-model when given, else the resumed run's (its early-stopping state is in that
+    metric's units), else loss."""
+    if metric:
+        return metric
+    options = (checkpoints.checkpoint_summary(resume_from) or {}).get("options", {}) if resume_from else {}
+    return options.get("metric_for_best_model") or "loss"
+
+
+def run_selection_metric(metric, save_path):
+    """--metric-for-best-model when given, else the one the run under ``save_path`` trained with, else loss."""
+    trained = read_json_if_exists(Path(save_path) / "training_args.json") or {}
+    return metric or trained.get("metric_for_best_model") or "loss"
+
+
+def summarize_validation(figures):
+    """What a checkpoint records of its validation ({"loss": ..., "ndcg@10": ...}): val_loss, val_ndcg@10."""
+    return {f"val_{name}": value for name, value in figures.items()}
+
+
+def validation_summary(summary):
+    """summarize_validation's inverse, from a checkpoint's trainer_state.json summary ({} when none)."""
+    return {name.removeprefix("val_"): value for name, value in summary.items() if name.startswith("val_")}
+
+
+def checkpoint_validation(directory, metric):
+    """The validation ``metric`` (loss, ndcg@10, ...) recorded in a checkpoint's trainer_state.json (None if absent)."""
     summary = read_json_if_exists(Path(directory) / checkpoints.TRAINER_SUMMARY_FILE) or {}
-    value = summary.get("val_loss")
+    value = summary.get(f"val_{metric}")
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def lowest_val_loss_checkpoint(save_path):
-    """(directory, val_loss) of the checkpoint with the lowest recorded validation loss, or (None, None)."""
+def checkpoint_val_loss(directory):
+    """The validation loss recorded in a checkpoint's trainer_state.json (None if absent)."""
+    return checkpoint_validation(directory, "loss")
+
+
+def best_checkpoint(save_path, metric):
+    """(directory, value) of the checkpoint with the best recorded validation ``metric`` (the lowest loss,
+    the highest ranking figure), or (None, None)."""
     # checkpoint-best survives --save_total_limit; listed last, so a tie goes to the step checkpoint
     directories = [*checkpoints.list_checkpoints(save_path, run_id_of(save_path)), Path(save_path) / "checkpoint-best"]
-    candidates = [(checkpoint_val_loss(d), index, d) for index, d in enumerate(directories)]
-    candidates = [item for item in candidates if item[0] is not None]
+    sign = 1 if selection_mode(metric) == "min" else -1
+    candidates = [(checkpoint_validation(d, metric), index, d) for index, d in enumerate(directories)]
+    candidates = [(sign * value, index, d) for value, index, d in candidates if value is not None]
     if not candidates:
         return None, None
-    val_loss, _, directory = min(candidates)
-    return directory, val_loss
+    key, _, directory = min(candidates)
+    return directory, sign * key
 
 
 def run_id_of(save_path):
@@ -578,11 +702,14 @@ def run_id_of(save_path):
     return (rundir.read_run_record(save_path) or {}).get("run_id")
 
 
-def write_best_record(save_path, directory, val_loss, selected_by, extra=None):
+def write_best_record(save_path, directory, metric, value, selected_by, extra=None):
     """best_checkpoint.json; the training run's comparison with the untuned model is kept on a rewrite."""
     earlier = read_json_if_exists(Path(save_path) / BEST_FILE) or {}
     record = {key: earlier[key] for key in ("untuned", "untuned_beaten") if key in earlier}
-    record.update({"checkpoint": Path(directory).name, "val_loss": val_loss, "selected_by": selected_by})
+    record.update({"checkpoint": Path(directory).name, "val_loss": checkpoint_val_loss(directory),
+                   "metric_for_best_model": metric, "value": value,
+                   "selected_by": f"{'lowest' if selection_mode(metric) == 'min' else 'highest'} validation "
+                                  f"{metric} ({selected_by})"})
     record.update(extra or {})
     path = Path(save_path) / BEST_FILE
     path.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -590,12 +717,13 @@ def write_best_record(save_path, directory, val_loss, selected_by, extra=None):
 
 
 def resolve_best_model_dir(save_path):
-    """best_checkpoint.json, else the lowest validation loss checkpoint, else checkpoint-best, else save_path."""
+    """best_checkpoint.json, else the best checkpoint by the run's validation metric, else checkpoint-best,
+    else save_path."""
     save_path = Path(save_path)
     record = read_json_if_exists(save_path / BEST_FILE)
     if record and (save_path / str(record.get("checkpoint"))).is_dir():
         return save_path / record["checkpoint"]
-    directory, _ = lowest_val_loss_checkpoint(save_path)
+    directory, _ = best_checkpoint(save_path, run_selection_metric(None, save_path))
     if directory is not None:
         return directory
     if (save_path / "checkpoint-best").is_dir():
@@ -608,7 +736,9 @@ def resolve_best_model_dir(save_path):
 # ---------------------------------------------------------------- logging
 
 def describe_evaluation(row):
-    return f"step {row['step']}: validation loss {row['eval_loss']:.5f}"
+    figures = [f"{name.removeprefix('eval_')} {value:.5f}" for name, value in row.items()
+               if name.startswith("eval_") and name != "eval_loss"]
+    return f"step {row['step']}: validation loss {row['eval_loss']:.5f}" + "".join(f", {figure}" for figure in figures)
 
 
 # ---------------------------------------------------------------- modes
@@ -621,8 +751,10 @@ def run_training(args, context):
     output_dir, args.run_id = run_dir.path, run_dir.run_id
     args.input_digests = checkpoints.describe_inputs(args)
     resume_from = checkpoints.find_resume_checkpoint(args.resume, output_dir, args.run_id)
+    args.metric_for_best_model = resolve_selection_metric(args.metric_for_best_model, resume_from)
     checkpoints.check_resume(resume_from, args)
     splits = load_splits(args, ("train", "val"))
+    val_candidates = splits.pop("val_candidates", None)
     normalize_spec = None
     if args.normalize:
         from common.text import normalizer_spec
@@ -653,18 +785,19 @@ def run_training(args, context):
     logger.info(f"model: {args.model_name}, {modeldir.describe_parameters(model)}, "
                 f"pooling {args.pooling}, embedding size {vector_model(model).dim}")
 
-    early_stopping = train(args, model, datasets, context, output_dir, logger, resume_from)
+    early_stopping = train(args, model, datasets, context, output_dir, logger, resume_from, val_candidates)
     # the untuned encoder is a usable model: it competes, and stays the best unless training beats it
+    metric = args.metric_for_best_model
     untuned_row = logger.untuned_row()
-    beaten = training.compare_with_untuned(early_stopping, untuned_row, "loss", logger)
+    beaten = training.compare_with_untuned(early_stopping, untuned_row, metric, logger)
     distributed.barrier(context)
     if context.is_main:
-        directory, val_loss = lowest_val_loss_checkpoint(output_dir)
+        directory, value = best_checkpoint(output_dir, metric)
         if directory is not None:
-            write_best_record(output_dir, directory, val_loss, "lowest validation loss (training)",
+            write_best_record(output_dir, directory, metric, value, "training",
                               {"untuned": untuned_row, "untuned_beaten": beaten})
             publish_model(directory, output_dir)
-            logger.info(f"best checkpoint: {directory} (validation loss {val_loss:.5f}); "
+            logger.info(f"best checkpoint: {directory} (validation {metric} {value:.5f}); "
                         f"evaluate with --mode evaluate --select_best")
     return 0
 
@@ -729,7 +862,7 @@ def add_retrieval_baseline(metrics, test_pairs, args):
 
 
 def select_best(args, test_pairs):
-    """Evaluate every checkpoint; record the lowest validation loss one in best_checkpoint.json."""
+    """Evaluate every checkpoint; record the best by validation --metric-for-best-model in best_checkpoint.json."""
     save_path = Path(args.output_dir)
     if not save_path.is_dir():
         raise UserError(f"--output-dir {save_path}: not a directory")
@@ -738,20 +871,20 @@ def select_best(args, test_pairs):
     candidates = checkpoints.list_checkpoints(save_path, run_id_of(save_path))
     if not candidates:
         raise UserError(f"--output-dir {save_path}: no checkpoint-step-N directories to select from")
+    metric = run_selection_metric(args.metric_for_best_model, save_path)
     if checkpoint_val_loss(save_path / "checkpoint-best") is not None:
         candidates.append(save_path / "checkpoint-best")  # it outlives --save_total_limit rotation
     rows = []
     for directory in candidates:
         rows.append((directory.name, checkpoint_val_loss(directory), evaluate_checkpoint(directory, test_pairs, args)))
     print(format_table(rows, args.k))
-    best_dir, best_val_loss = lowest_val_loss_checkpoint(save_path)
+    best_dir, best_value = best_checkpoint(save_path, metric)
     if best_dir is None:
-        raise UserError(f"--output-dir {save_path}: no checkpoint records a validation loss")
+        raise UserError(f"--output-dir {save_path}: no checkpoint records a validation {metric}")
     best_metrics = next(metrics for name, _, metrics in rows if name == best_dir.name)
     add_retrieval_baseline(best_metrics, test_pairs, args)
-    path = write_best_record(save_path, best_dir, best_val_loss, "lowest validation loss (--select_best)",
-                             {"test": best_metrics})
-    print(f"best: {best_dir.name} (validation loss {best_val_loss:.5f}, NDCG@{max(args.k)} "
+    path = write_best_record(save_path, best_dir, metric, best_value, "--select_best", {"test": best_metrics})
+    print(f"best: {best_dir.name} (validation {metric} {best_value:.5f}, test NDCG@{max(args.k)} "
           f"{best_metrics[f'ndcg@{max(args.k)}']:.4f}); recorded in {path}")
     write_metrics(metrics_destination(args, "eval_results.json"),
                   {"checkpoints": {name: dict(metrics, val_loss=val_loss) for name, val_loss, metrics in rows},

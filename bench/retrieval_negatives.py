@@ -22,6 +22,11 @@ Configurations (--configs): every run trains all-MiniLM-L6-v2 for --epochs (defa
   *-1e-5             inbatch, labelled, mined, mined-matryoshka at --learning-rate 1e-5
   mined-matryoshka-4 mined, --matryoshka-dims 384,256,128,64 (-weighted: --matryoshka-weights 1,1,2,2)
   mined-10-210       mined at ranks 10-210 (FlagEmbedding's hn_mine default; -nomargin: and no margin)
+  inbatch-fnm        inbatch with --false-negative-margin 0.1 (GISTEmbed-style: a negative scoring within 0.1
+                     of the query's positive is left out of its softmax; -m0, -m0.2: margins 0 and 0.2)
+  mined-fnm          mined with --false-negative-margin 0.1
+  *-ndcg             inbatch, inbatch-fnm, mined, mined-fnm choosing the published checkpoint (and early
+                     stopping) by validation NDCG@10 over each validation query's candidates, not by loss
   *-all, *-one       the 5e-5 ones trained on train_all.jsonl (prepare_retrieval.py --all-train-sentences)
                      or on train_one.jsonl (train.jsonl's first query of each paragraph, written here)
 Each trained model is scored at its full size and cut to 128 values (a model trained without
@@ -61,6 +66,15 @@ CONFIGS.update({
     "mined-10-210": CONFIGS["mined"],
     "mined-10-210-nomargin": CONFIGS["mined"],
 })
+FALSE_NEGATIVE_MARGIN = ["--false-negative-margin", "0.1"]
+CONFIGS.update({
+    "inbatch-fnm": CONFIGS["inbatch"] + FALSE_NEGATIVE_MARGIN,
+    "inbatch-fnm-m0": CONFIGS["inbatch"] + ["--false-negative-margin", "0"],
+    "inbatch-fnm-m0.2": CONFIGS["inbatch"] + ["--false-negative-margin", "0.2"],
+    "mined-fnm": CONFIGS["mined"] + FALSE_NEGATIVE_MARGIN,
+})
+CONFIGS.update({f"{name}-ndcg": CONFIGS[name] + ["--metric-for-best-model", "ndcg@10"]
+                for name in ("inbatch", "inbatch-fnm", "mined", "mined-fnm")})
 # mining settings of a configuration, beside the bench's --range-for-sampling and --negative-margin:
 # FlagEmbedding's hn_mine samples ranks 10-210 and has no margin (-2: no cosine is that far above a positive)
 MINING_VARIANTS = {"mined-10-210": ("10-210", None), "mined-10-210-nomargin": ("10-210", "-2")}
@@ -256,7 +270,7 @@ def run_training(args, name, run_dir):
     result.update(argv=argv, train_seconds=time.perf_counter() - started)
     best = json.loads((output_dir / "best_checkpoint.json").read_text(encoding="utf-8"))
     result["published"] = best["checkpoint"]
-    model = BertVectorModel.from_pretrained(output_dir)  # the published (lowest validation loss) model
+    model = BertVectorModel.from_pretrained(output_dir)  # the published model (best by --metric-for-best-model)
     result.update(full_corpus_metrics(model, read_test_set(data_dir)))
     steps = sorted(output_dir.glob("checkpoint-step-*"), key=lambda path: int(path.name.rsplit("-", 1)[1]))
     if best["checkpoint"] == steps[-1].name:  # the published model is the last step: scored above

@@ -38,7 +38,9 @@ RESUME_SENSITIVE_OPTIONS = (
     "extend_vocab", "truncation_side", "normalize", "text_field", "label_field", "loss", "pooling",
     "projection_dim", "stride", "max_chunks", "chunk_selection", "aggregation", "data_split", "new_token_lr",
     "negatives_per_query", "matryoshka_dims", "matryoshka_weights", "query_instruction", "passage_instruction",
-    "problem_type", "rerank_loss", "rerank_group_size",
+    "problem_type", "rerank_loss", "rerank_group_size", "false_negative_margin",
+    # early stopping's best value is in this metric's units: another metric cannot continue it
+    "metric_for_best_model",
 )
 INPUT_OPTIONS = ("data_path", "train_path", "val_path", "unlabeled_path")  # files whose content must not change under a resume
 

@@ -1,7 +1,8 @@
 """Losses of the vector trainer: weighted MSE of cosine against the graded relevance, CoSENT (rank
 pairs by relevance) and InfoNCE over in-batch and hard negatives (their --loss names:
 choices.PAIR_LOSSES); under torchrun InfoNCE ranks against every rank's documents; Matryoshka sums
-a loss over embedding prefixes."""
+a loss over embedding prefixes. InfoNCE can leave out likely false negatives (GISTEmbed-style masking,
+the model being trained as its own guide)."""
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -29,34 +30,72 @@ def cosent_loss(query_embeddings, doc_embeddings, rel, weight, scale=20.0):
     return torch.logsumexp(torch.cat([zero, masked.flatten()]), dim=0)
 
 
-def infonce_loss(query_embeddings, doc_embeddings, weight, doc_ids, temperature=0.05):
+def infonce_loss(query_embeddings, doc_embeddings, weight, doc_ids, temperature=0.05, false_negative_margin=None,
+                 statistics=None):
     """InfoNCE: each query's own document against every other document of the batch.
 
     ``doc_embeddings`` (documents, dim) holds the queries' positives first, in query order
     (document i belongs to query i), then any hard negatives; ``doc_ids`` (documents,) names each
     document's text, so a copy of a query's positive elsewhere in the batch is not its negative.
+    ``false_negative_margin``: see ``false_negative_mask``; ``statistics`` (a dict) counts what it removed.
     """
     queries = F.normalize(query_embeddings.float(), dim=-1)  # (batch, dim)
     documents = F.normalize(doc_embeddings.float(), dim=-1)  # (documents, dim)
-    logits = queries @ documents.T / temperature  # (batch, documents)
+    cosines = queries @ documents.T  # (batch, documents)
     batch_size = len(queries)
     duplicate = doc_ids[:batch_size, None] == doc_ids[None, :]  # (batch, documents)
-    duplicate[:, :batch_size] &= ~torch.eye(batch_size, dtype=torch.bool, device=logits.device)
-    logits = logits.masked_fill(duplicate, float("-inf"))
+    duplicate[:, :batch_size] &= ~torch.eye(batch_size, dtype=torch.bool, device=cosines.device)
+    excluded = duplicate
+    if false_negative_margin is not None:
+        masked = false_negative_mask(cosines, false_negative_margin) & ~duplicate
+        excluded = duplicate | masked
+        if statistics is not None:
+            count_masked_negatives(statistics, masked, duplicate)
+    logits = (cosines / temperature).masked_fill(excluded, float("-inf"))
     targets = torch.arange(batch_size, device=logits.device)
     losses = F.cross_entropy(logits, targets, reduction="none")  # (batch,)
     return torch.sum(weight * losses) / weight.sum().clamp(min=1e-12)
 
 
+def false_negative_mask(cosines, margin):
+    """(batch, documents) True where a document other than query i's own (column i) scores above
+    cos(query i, its positive) - ``margin``: a likely unlabelled positive, left out of the softmax.
+
+    sentence-transformers' GISTEmbedLoss (absolute margin) with the model being trained as its own
+    guide: a frozen guide model would double the forward cost. Decided on detached cosines, so the
+    mask carries no gradient; margin 0 leaves out only documents above the positive.
+    """
+    cosines = cosines.detach()
+    batch_size = len(cosines)
+    own = torch.arange(batch_size, device=cosines.device)
+    positive = cosines[own, own]  # (batch,)
+    mask = cosines > (positive - margin)[:, None]
+    mask[own, own] = False  # the positive itself stays
+    return mask
+
+
+def count_masked_negatives(statistics, masked, duplicate):
+    """Add this batch's masked and total negatives, in-batch (the other queries' positives) and hard,
+    to ``statistics``; copies of a query's own positive are not negatives and are not counted."""
+    batch_size = len(masked)
+    negatives = ~duplicate
+    negatives[torch.arange(batch_size), torch.arange(batch_size)] = False
+    for kind, columns in (("in_batch", slice(None, batch_size)), ("hard", slice(batch_size, None))):
+        statistics[f"{kind}_masked"] = statistics.get(f"{kind}_masked", 0) + int(masked[:, columns].sum())
+        statistics[f"{kind}_negatives"] = statistics.get(f"{kind}_negatives", 0) + int(negatives[:, columns].sum())
+
+
 def compute_pair_loss(loss_name, query_embeddings, doc_embeddings, batch, temperature, matryoshka_dims=None,
-                      matryoshka_weights=None, gather=False):
+                      matryoshka_weights=None, gather=False, false_negative_margin=None, statistics=None):
     """The training objective chosen by ``--loss`` on one batch of embeddings.
 
     ``matryoshka_dims``: the loss summed over the embeddings cut to each of these sizes (every loss
     normalises, so a prefix is compared by its own cosine), each term times its
     ``matryoshka_weights`` entry (default 1; as sentence-transformers' MatryoshkaLoss). ``gather``
     (InfoNCE under torchrun): the loss over every rank's queries and documents, see
-    ``gather_keeping_local_gradients``.
+    ``gather_keeping_local_gradients``. ``false_negative_margin`` (InfoNCE): leave out the negatives
+    scoring within this much of the query's positive (``false_negative_mask``), at every size; their
+    counts are added to ``statistics`` (a dict) when given.
     """
     device = query_embeddings.device
     rel, weight, doc_ids = (batch[key].to(device) for key in ("rel", "weight", "doc_id"))
@@ -64,6 +103,8 @@ def compute_pair_loss(loss_name, query_embeddings, doc_embeddings, batch, temper
         raise ValueError(f"unknown loss {loss_name!r}")
     sizes = matryoshka_dims or [None]
     size_weights = matryoshka_weights or [1.0] * len(sizes)
+    if false_negative_margin is not None and loss_name != "infonce":
+        raise ValueError("a false-negative margin applies to the InfoNCE loss only")
     if len(size_weights) != len(sizes):
         raise ValueError(f"{len(size_weights)} Matryoshka weights for {len(sizes)} sizes")
     if loss_name == "infonce" and gather:
@@ -78,7 +119,7 @@ def compute_pair_loss(loss_name, query_embeddings, doc_embeddings, batch, temper
         elif loss_name == "cosent":
             loss = cosent_loss(queries, documents, rel, weight)
         else:
-            loss = infonce_loss(queries, documents, weight, doc_ids, temperature)
+            loss = infonce_loss(queries, documents, weight, doc_ids, temperature, false_negative_margin, statistics)
         total = total + size_weight * loss
     return total
 

@@ -208,12 +208,7 @@ def evaluate_pairs(model, pairs, loss_name="mse", temperature=0.05, batch_size=3
     """
     query_vectors = embed_unique(model, [pair.query for pair in pairs], "query", batch_size, dim)  # (pairs, dim)
     doc_vectors = embed_unique(model, [pair.document for pair in pairs], "document", batch_size, dim)  # (pairs, dim)
-    cosines = F.cosine_similarity(query_vectors, doc_vectors, dim=-1).numpy()
-    groups = {}
-    for pair, cosine in zip(pairs, cosines):
-        relevances, scores = groups.setdefault(pair.query, ([], []))
-        relevances.append(pair.rel)
-        scores.append(float(cosine))
+    groups = group_scores(pairs, F.cosine_similarity(query_vectors, doc_vectors, dim=-1).numpy())
     doc_ids = {document: index for index, document in enumerate(dict.fromkeys(p.document for p in pairs))}
     loss_sum = 0.0
     for start in range(0, len(pairs), batch_size):
@@ -223,7 +218,24 @@ def evaluate_pairs(model, pairs, loss_name="mse", temperature=0.05, batch_size=3
         loss = compute_pair_loss(loss_name, query_vectors[start:start + batch_size],
                                  doc_vectors[start:start + batch_size], batch, temperature)
         loss_sum += float(loss) * len(chunk)
-    return list(groups.values()), loss_sum / len(pairs)
+    return groups, loss_sum / len(pairs)
+
+
+def score_pairs(model, pairs, batch_size=32, dim=None):
+    """Per-query (relevances, scores) of the pairs for ranking metrics, without a loss (validation)."""
+    query_vectors = embed_unique(model, [pair.query for pair in pairs], "query", batch_size, dim)  # (pairs, dim)
+    doc_vectors = embed_unique(model, [pair.document for pair in pairs], "document", batch_size, dim)  # (pairs, dim)
+    return group_scores(pairs, F.cosine_similarity(query_vectors, doc_vectors, dim=-1).numpy())
+
+
+def group_scores(pairs, cosines):
+    """[(relevances, scores)] per query, in first-seen order, from each pair's cosine."""
+    groups = {}
+    for pair, cosine in zip(pairs, cosines):
+        relevances, scores = groups.setdefault(pair.query, ([], []))
+        relevances.append(pair.rel)
+        scores.append(float(cosine))
+    return list(groups.values())
 
 
 def read_json_if_exists(path):

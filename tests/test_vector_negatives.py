@@ -169,16 +169,20 @@ def test_matryoshka_weights_multiply_each_size_term():
         compute_pair_loss("infonce", queries, documents, batch, 0.05, [8, 4, 2], [1.0, 2.0])
 
 
-def test_gathered_loss_across_two_processes_equals_one_process_with_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("margin", [None, "0.3"], ids=["plain", "false-negative-margin"])
+def test_gathered_loss_across_two_processes_equals_one_process_with_the_whole_batch(tmp_path, margin):
     result = tmp_path / "gathered.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "tests" / "vector_gather_worker.py"), str(result)]
+               str(REPO / "tests" / "vector_gather_worker.py"), str(result), *([margin] if margin else [])]
     environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     run = subprocess.run(command, capture_output=True, text=True, timeout=180, env=environment, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     outcome = json.loads(result.read_text())
     gathered, whole = outcome["gathered"], outcome["one_process"]
     assert gathered["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    assert gathered["statistics"] == whole["statistics"]  # the mask saw the whole batch on every rank
+    if margin:  # some negatives, not all, were left out
+        assert 0 < whole["statistics"]["in_batch_masked"] < whole["statistics"]["in_batch_negatives"]
     for mine, reference in zip(gathered["grad"], whole["grad"]):
         assert torch.allclose(torch.tensor(mine), torch.tensor(reference), atol=1e-5, rtol=1e-5)
 

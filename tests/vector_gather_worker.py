@@ -3,7 +3,8 @@ gathered across ranks, against the same loss computed by one process on the whol
 
 Each rank embeds its share of a fixed batch with a small linear encoder, computes the gathered
 loss, backpropagates it scaled by the world size and averages the gradients as DDP does. Rank 0
-writes both losses and both gradients to the JSON file named by argv[1]."""
+writes both losses and both gradients, and the negatives a --false-negative-margin (argv[2], optional)
+removed, to the JSON file named by argv[1]."""
 import json
 import sys
 
@@ -26,11 +27,13 @@ def whole_batch():
     return queries, positives, negatives, doc_ids
 
 
-def loss_and_gradient(encoder, queries, positives, negatives, positive_ids, negative_ids, gather):
+def loss_and_gradient(encoder, queries, positives, negatives, positive_ids, negative_ids, gather, margin=None,
+                      statistics=None):
     documents = torch.cat([positives, negatives.reshape(-1, FEATURES)])
     batch = {"rel": torch.ones(len(queries)), "weight": torch.ones(len(queries)),
              "doc_id": torch.cat([positive_ids, negative_ids]), "positives": len(queries)}
-    loss = compute_pair_loss("infonce", encoder(queries), encoder(documents), batch, 0.05, [4, 2], gather=gather)
+    loss = compute_pair_loss("infonce", encoder(queries), encoder(documents), batch, 0.05, [4, 2], gather=gather,
+                             false_negative_margin=margin, statistics=statistics)
     encoder.zero_grad()
     return loss, batch
 
@@ -38,6 +41,8 @@ def loss_and_gradient(encoder, queries, positives, negatives, positive_ids, nega
 def main():
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    margin = float(sys.argv[2]) if len(sys.argv) > 2 else None
+    statistics = {}
     torch.manual_seed(0)
     encoder = torch.nn.Linear(FEATURES, DIM)
     queries, positives, negatives, doc_ids = whole_batch()
@@ -45,18 +50,22 @@ def main():
     start = sum(RANK_QUERIES[:rank])
     share = slice(start, start + RANK_QUERIES[rank])
     loss, _ = loss_and_gradient(encoder, queries[share], positives[share], negatives[share], positive_ids[share],
-                                negative_ids[share].reshape(-1), gather=True)
+                                negative_ids[share].reshape(-1), gather=True, margin=margin, statistics=statistics)
     (loss * world_size).backward()
     for parameter in encoder.parameters():  # what DDP does after backward
         dist.all_reduce(parameter.grad)
         parameter.grad /= world_size
-    gathered = {"loss": float(loss.detach()), "grad": [p.grad.flatten().tolist() for p in encoder.parameters()]}
+    gathered = {"loss": float(loss.detach()), "grad": [p.grad.flatten().tolist() for p in encoder.parameters()],
+                "statistics": statistics}
     if rank == 0:
+        reference_statistics = {}
         reference_loss, _ = loss_and_gradient(encoder, queries, positives, negatives, positive_ids,
-                                              negative_ids.reshape(-1), gather=False)
+                                              negative_ids.reshape(-1), gather=False, margin=margin,
+                                              statistics=reference_statistics)
         reference_loss.backward()
         reference = {"loss": float(reference_loss.detach()),
-                     "grad": [p.grad.flatten().tolist() for p in encoder.parameters()]}
+                     "grad": [p.grad.flatten().tolist() for p in encoder.parameters()],
+                     "statistics": reference_statistics}
         with open(sys.argv[1], "w") as handle:
             json.dump({"gathered": gathered, "one_process": reference}, handle)
     dist.destroy_process_group()
