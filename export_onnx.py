@@ -290,15 +290,33 @@ def sensitivity_ranking(fp32_graph, torch_loaded, max_length, validation_file, d
 
 def search_fp32_sensitive(fp32_graph, target, ranking, gate):
     """fp32-sensitive: keep the 1, 2, 4, ... most harmful nodes of ``ranking`` in fp32 (at most half of
-    them: beyond that int8 buys little) until ``gate(graph)`` passes; the row of the last one tried."""
-    count = 1
-    while True:
+    them: beyond that int8 buys little) until ``gate(graph)`` passes, then bisect down to the fewest that
+    pass. Returns the row of that count (``target`` holds its graph), or of the last count tried when
+    none passes."""
+    limit = max(1, len(ranking) // 2)
+
+    def attempt(count):
         build_int8_variant("fp32-sensitive", fp32_graph, target, also_fp32=ranking[:count])
         row = gate(target)
         row["kept_fp32_nodes"] = ranking[:count]
-        if row["passed"] or count >= len(ranking) // 2:
+        return row
+
+    failed, count = 0, 1
+    row = attempt(count)
+    while not row["passed"]:
+        if count >= limit:
             return row
-        count = min(count * 2, len(ranking) // 2)
+        failed, count = count, min(count * 2, limit)
+        row = attempt(count)
+    passed, passing_row = count, row
+    while passed - failed > 1:
+        middle = (failed + passed) // 2
+        row = attempt(middle)
+        if row["passed"]:
+            passed, passing_row = middle, row
+        else:
+            failed = middle
+    return passing_row if row is passing_row else attempt(passed)  # the graph of the count kept goes last
 
 
 class ValidationCalibration(CalibrationDataReader):

@@ -164,23 +164,23 @@ def test_unknown_int8_variant_is_a_usage_error(classifier_dir, tmp_path, capsys)
     assert "unknown int8 variant fast; choose from dynamic" in capsys.readouterr().err
 
 
-def test_fp32_sensitive_keeps_the_fewest_harmful_nodes_that_pass(tmp_path, monkeypatch):
+@pytest.mark.parametrize("passing_from, nodes, tried, kept", [
+    (3, 12, [1, 2, 4, 3], 3),
+    (99, 12, [1, 2, 4, 6], 6),  # never more than half in fp32; none passes
+    (5, 20, [1, 2, 4, 8, 6, 5], 5),
+    (7, 20, [1, 2, 4, 8, 6, 7], 7),
+    (6, 20, [1, 2, 4, 8, 6, 5, 6], 6),  # the last try failed: the passing count is built again, to be kept
+])
+def test_fp32_sensitive_keeps_the_fewest_harmful_nodes_that_pass(tmp_path, monkeypatch, passing_from, nodes, tried,
+                                                                  kept):
     built = []
     monkeypatch.setattr(export_onnx, "build_int8_variant",
                         lambda name, source, target, also_fp32=(): built.append(list(also_fp32)) or target)
-    ranking = [f"node{index}" for index in range(12)]
-
-    def gate_passing_from(count):
-        return lambda graph: {"passed": len(built[-1]) >= count}
-
+    ranking = [f"node{index}" for index in range(nodes)]
     row = export_onnx.search_fp32_sensitive(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", ranking,
-                                            gate_passing_from(3))
-    assert [len(kept) for kept in built] == [1, 2, 4] and row["passed"]
-    assert row["kept_fp32_nodes"] == ranking[:4]  # the most harmful first
-    built.clear()
-    row = export_onnx.search_fp32_sensitive(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", ranking,
-                                            gate_passing_from(99))
-    assert [len(kept) for kept in built] == [1, 2, 4, 6] and not row["passed"]  # never more than half in fp32
+                                            lambda graph: {"passed": len(built[-1]) >= passing_from})
+    assert [len(nodes_kept) for nodes_kept in built] == tried
+    assert row["kept_fp32_nodes"] == ranking[:kept] and row["passed"] is (passing_from <= kept)  # most harmful first
 
 
 def test_sensitivity_ranking_puts_the_node_int8_hurts_most_first(classifier_dir, tmp_path, monkeypatch):
