@@ -228,6 +228,11 @@ def test_grad_cache_gives_the_plain_batch_gradients(tiny_model_dir, chunk):
 
     def loss_of(query_embeddings, doc_embeddings):
         return compute_pair_loss("infonce", query_embeddings, doc_embeddings, batch, 0.05, [32, 8])
+    assert_grad_cache_matches_the_plain_batch(model, batch, chunk, loss_of)
+
+
+def assert_grad_cache_matches_the_plain_batch(model, batch, chunk, loss_of):
+    """GradCache over ``chunk``-sized pieces gives the plain batch's loss and gradients under ``loss_of``."""
     plain = loss_of(*model(batch["query"], batch["document"]))
     plain.backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters()}

@@ -1,7 +1,6 @@
 """Issue 15, trainer side, on a tiny BERT: --false-negative-margin (GISTEmbed-style masking of InfoNCE
 negatives that score near the positive) and --metric-for-best-model (checkpoint-best, early stopping,
 the best record, --select_best and --resume by validation NDCG or MRR instead of the loss)."""
-import contextlib
 import json
 
 import pytest
@@ -9,12 +8,11 @@ import torch
 import torch.nn.functional as F
 
 import train_vector
-from common.gradcache import grad_cache_backward
 from common.pair_losses import compute_pair_loss, false_negative_mask, infonce_loss
 from common.vector import PairEncoder
 from conftest import assert_one_error_line, write_jsonl
 from test_vector import pair_records
-from test_vector_negatives import group_batch, tiny_vector_model
+from test_vector_negatives import assert_grad_cache_matches_the_plain_batch, group_batch, tiny_vector_model
 
 
 def unit(*rows):
@@ -128,18 +126,10 @@ def test_grad_cache_gives_the_plain_batch_gradients_with_the_mask(tiny_model_dir
         counted.append({})
         return compute_pair_loss("infonce", query_embeddings, doc_embeddings, batch, 0.05, [32, 8],
                                  false_negative_margin=margin, statistics=counted[-1])
-    plain = loss_of(*model(batch["query"], batch["document"]))
-    plain.backward()
-    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad()
-    cached = grad_cache_backward(model, batch["query"], batch["document"], chunk, loss_of, lambda loss: loss.backward(),
-                                 contextlib.nullcontext, lambda last: contextlib.nullcontext(), torch.device("cpu"))
-    assert cached == pytest.approx(float(plain.detach()), rel=1e-6)
+    assert_grad_cache_matches_the_plain_batch(model, batch, chunk, loss_of)
     assert counted[0] == counted[1]  # the mask saw the whole batch both ways
     masked = counted[0]["in_batch_masked"] + counted[0]["hard_masked"]
     assert 0 < masked < counted[0]["in_batch_negatives"] + counted[0]["hard_negatives"]
-    for name, parameter in model.named_parameters():
-        assert torch.allclose(parameter.grad, expected[name], atol=1e-5, rtol=1e-4), name
 
 
 # ---------------------------------------------------------------- the flags
