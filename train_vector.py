@@ -629,18 +629,22 @@ def checkpoint_name(step):
     return f"{checkpoints.CHECKPOINT_PREFIX}{step}"
 
 
+def masking_counts(masking):
+    """(kind, masked, negatives) as ints for each kind of negative (in_batch, hard) the epoch had so far."""
+    for kind in ("in_batch", "hard"):
+        negatives = int((masking or {}).get(f"{kind}_negatives", 0))
+        if negatives:
+            yield kind, int(masking[f"{kind}_masked"]), negatives
+
+
 def masked_negative_shares(masking):
     """Log-row fields: the shares of in-batch and hard negatives --false-negative-margin removed this epoch."""
-    if not masking:
-        return {}
-    return {f"masked_{kind}_share": masking[f"{kind}_masked"] / masking[f"{kind}_negatives"]
-            for kind in ("in_batch", "hard") if masking.get(f"{kind}_negatives")}
+    return {f"masked_{kind}_share": masked / negatives for kind, masked, negatives in masking_counts(masking)}
 
 
 def describe_masking(epoch, masking, margin):
-    parts = [f"{masking[f'{kind}_masked']} of {masking[f'{kind}_negatives']} {label} negatives "
-             f"({masking[f'{kind}_masked'] / masking[f'{kind}_negatives']:.1%})"
-             for kind, label in (("in_batch", "in-batch"), ("hard", "hard")) if masking.get(f"{kind}_negatives")]
+    parts = [f"{masked} of {negatives} {kind.replace('_', '-')} negatives ({masked / negatives:.1%})"
+             for kind, masked, negatives in masking_counts(masking)]
     return f"epoch {epoch}: --false-negative-margin {margin} left out {' and '.join(parts)}"
 
 

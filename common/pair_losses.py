@@ -76,13 +76,14 @@ def false_negative_mask(cosines, margin):
 
 def count_masked_negatives(statistics, masked, duplicate):
     """Add this batch's masked and total negatives, in-batch (the other queries' positives) and hard,
-    to ``statistics``; copies of a query's own positive are not negatives and are not counted."""
+    to ``statistics``; copies of a query's own positive are not negatives and are not counted. The counts
+    stay tensors (no host sync in the training step): int() them when reporting."""
     batch_size = len(masked)
     negatives = ~duplicate
     negatives[torch.arange(batch_size), torch.arange(batch_size)] = False
     for kind, columns in (("in_batch", slice(None, batch_size)), ("hard", slice(batch_size, None))):
-        statistics[f"{kind}_masked"] = statistics.get(f"{kind}_masked", 0) + int(masked[:, columns].sum())
-        statistics[f"{kind}_negatives"] = statistics.get(f"{kind}_negatives", 0) + int(negatives[:, columns].sum())
+        statistics[f"{kind}_masked"] = statistics.get(f"{kind}_masked", 0) + masked[:, columns].sum()
+        statistics[f"{kind}_negatives"] = statistics.get(f"{kind}_negatives", 0) + negatives[:, columns].sum()
 
 
 def compute_pair_loss(loss_name, query_embeddings, doc_embeddings, batch, temperature, matryoshka_dims=None,

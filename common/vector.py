@@ -206,8 +206,7 @@ def evaluate_pairs(model, pairs, loss_name="mse", temperature=0.05, batch_size=3
     validation loop does, so CoSENT and InfoNCE see the same in-batch groups. ``dim``: the
     embeddings cut to that many values (a --matryoshka-dims size).
     """
-    query_vectors = embed_unique(model, [pair.query for pair in pairs], "query", batch_size, dim)  # (pairs, dim)
-    doc_vectors = embed_unique(model, [pair.document for pair in pairs], "document", batch_size, dim)  # (pairs, dim)
+    query_vectors, doc_vectors = embed_pairs(model, pairs, batch_size, dim)
     groups = group_scores(pairs, F.cosine_similarity(query_vectors, doc_vectors, dim=-1).numpy())
     doc_ids = {document: index for index, document in enumerate(dict.fromkeys(p.document for p in pairs))}
     loss_sum = 0.0
@@ -223,9 +222,14 @@ def evaluate_pairs(model, pairs, loss_name="mse", temperature=0.05, batch_size=3
 
 def score_pairs(model, pairs, batch_size=32, dim=None):
     """Per-query (relevances, scores) of the pairs for ranking metrics, without a loss (validation)."""
-    query_vectors = embed_unique(model, [pair.query for pair in pairs], "query", batch_size, dim)  # (pairs, dim)
-    doc_vectors = embed_unique(model, [pair.document for pair in pairs], "document", batch_size, dim)  # (pairs, dim)
+    query_vectors, doc_vectors = embed_pairs(model, pairs, batch_size, dim)
     return group_scores(pairs, F.cosine_similarity(query_vectors, doc_vectors, dim=-1).numpy())
+
+
+def embed_pairs(model, pairs, batch_size, dim):
+    """(query vectors, document vectors), one row per pair, each distinct text embedded once."""
+    return (embed_unique(model, [pair.query for pair in pairs], "query", batch_size, dim),
+            embed_unique(model, [pair.document for pair in pairs], "document", batch_size, dim))
 
 
 def group_scores(pairs, cosines):

@@ -38,6 +38,11 @@ def loss_and_gradient(encoder, queries, positives, negatives, positive_ids, nega
     return loss, batch
 
 
+def as_ints(statistics):
+    """The mask's counts (tensors) as JSON numbers."""
+    return {name: int(count) for name, count in statistics.items()}
+
+
 def main():
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -56,7 +61,7 @@ def main():
         dist.all_reduce(parameter.grad)
         parameter.grad /= world_size
     gathered = {"loss": float(loss.detach()), "grad": [p.grad.flatten().tolist() for p in encoder.parameters()],
-                "statistics": statistics}
+                "statistics": as_ints(statistics)}
     if rank == 0:
         reference_statistics = {}
         reference_loss, _ = loss_and_gradient(encoder, queries, positives, negatives, positive_ids,
@@ -65,7 +70,7 @@ def main():
         reference_loss.backward()
         reference = {"loss": float(reference_loss.detach()),
                      "grad": [p.grad.flatten().tolist() for p in encoder.parameters()],
-                     "statistics": reference_statistics}
+                     "statistics": as_ints(reference_statistics)}
         with open(sys.argv[1], "w") as handle:
             json.dump({"gathered": gathered, "one_process": reference}, handle)
     dist.destroy_process_group()
