@@ -417,7 +417,8 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
             # ---- logging, evaluation, checkpoint
             if global_step % args.logging_steps == 0:
                 logger.log(meter.row(global_step, epoch, scheduler.get_last_lr()[0], grad_norm), progress)
-            if training.is_due(global_step, args.eval_steps):
+            epoch_ends = batches_done == batches_in_epoch
+            if training.evaluation_due(global_step, args.eval_steps, epoch_ends, total_steps):
                 run_evaluation(epoch)
             if args.save_strategy == "steps" and training.is_due(global_step, args.save_steps) and context.is_main:
                 checkpoints.save_checkpoint(output_dir, write_model, checkpoints.training_state(
@@ -428,7 +429,7 @@ def train(args, model, tokenizer, datasets, label_set, toolkit, context, output_
                 break
         skip_batches = 0
         if evaluated_step != global_step:
-            run_evaluation(epoch)  # epoch end (also the last evaluation of a --max-steps run)
+            run_evaluation(epoch)  # its last step was skipped (non-finite loss)
         if early_stopping.should_stop:
             logger.info(f"early stopping: no improvement in {args.patience} evaluations")
             break

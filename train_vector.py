@@ -601,7 +601,8 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None, 
             if global_step % args.logging_steps == 0:
                 logger.log(meter.row(global_step, epoch, scheduler.get_last_lr()[0], grad_norm)
                            | masked_negative_shares(masking), progress)
-            if training.is_due(global_step, args.eval_steps):
+            epoch_ends = batches_done == batches_in_epoch
+            if training.evaluation_due(global_step, args.eval_steps, epoch_ends, total_steps):
                 run_evaluation(epoch)
             if training.is_due(global_step, args.save_steps):
                 run_save(epoch, batches_done)
@@ -614,7 +615,7 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None, 
             logger.info(describe_masking(epoch, masking, args.false_negative_margin))
             masking.clear()
         if evaluated_step != global_step:
-            run_evaluation(epoch)  # epoch end (also the last evaluation of a --max-steps run)
+            run_evaluation(epoch)  # its last step was skipped (non-finite loss)
         if early_stopping.should_stop:
             logger.info(f"early stopping: validation {metric} did not improve in {args.patience} evaluations")
             break

@@ -150,10 +150,18 @@ def is_due(global_step, every):
     return every > 0 and global_step % every == 0
 
 
+def evaluation_due(global_step, eval_steps, epoch_ends, total_steps):
+    """Whether the step just taken is evaluated: every ``eval_steps``, and at the end of each epoch and of
+    the run. Evaluating the epoch's last step here, before the step's checkpoint is written, keeps the
+    checkpoint's early-stopping state current and scores those weights once, not once for the checkpoint
+    and again at the epoch end."""
+    return is_due(global_step, eval_steps) or epoch_ends or global_step >= total_steps
+
+
 def evaluation_due_at_start(resume_from, global_step, evaluated_step, total_steps, early_stopping):
     """Whether to evaluate before the first step: on a fresh run the untuned model (the reference
     fine-tuning has to beat); on a resume, final weights whose checkpoint was saved before their
-    evaluation ran (a kill in between)."""
+    evaluation ran (a kill in between; checkpoints of versions before ``evaluation_due`` came first)."""
     if resume_from is None:
         return True
     return global_step >= total_steps and evaluated_step != global_step and not early_stopping.should_stop

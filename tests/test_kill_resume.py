@@ -240,9 +240,9 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_weights(script, wo
 @pytest.mark.slow
 @pytest.mark.parametrize("script", list(TRAINERS))
 def test_kill_between_the_last_checkpoint_and_the_final_evaluation(script, worker, run_setup, tmp_path):
-    """The last step checkpoint is written before the epoch-end evaluation (with --eval-steps 5 the last step
-    is not an evaluation step): a resume from it must still run that evaluation, which can change
-    checkpoint-best, instead of going straight to the end."""
+    """A kill right after the last step's checkpoint (with --eval-steps 5 the last step is evaluated only
+    because it ends the run: before the checkpoint, so the checkpoint records it): the resume goes straight
+    to the end and gives the same results, checkpoint-best included."""
     argv_for, reference_dir = run_setup(script)
     killed_dir, logs = tmp_path / "killed", tmp_path / "logs"
     logs.mkdir()

@@ -154,6 +154,30 @@ def test_resume_after_a_crash_is_bit_exact(script, uninterrupted, tiny_model_dir
     assert by_step[0] == by_step[1]
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_an_epoch_end_checkpoint_is_saved_after_its_evaluation(script, tiny_model_dir, tmp_path, monkeypatch):
+    """With checkpoints every 3 steps (the epoch ends) and no step evaluations, each checkpoint's stored
+    early-stopping state already counts the evaluation of its own step, and those weights are validated once."""
+    data = write_data(script, tmp_path)
+    module = importlib.import_module(script)
+    validations = []
+    if script == "train_vector":  # its checkpoints carry validation figures: measured once per step, not twice
+        original_validation = module.evaluate_validation
+        monkeypatch.setattr(module, "evaluate_validation",
+                            lambda *args: validations.append(args) or original_validation(*args))
+    output_dir = tmp_path / "run"
+    argv = contract_argv(script, tiny_model_dir, data, output_dir, "--save-steps", "3", "--eval-steps", "0")
+    assert main_of(script)(argv) == 0
+    assert [step for step, _ in step_checkpoints(output_dir)] == [3, 6]
+    for step, directory in step_checkpoints(output_dir):
+        state = torch.load(directory / checkpoints.TRAINER_STATE_FILE, map_location="cpu", weights_only=True)
+        assert state["evaluated_step"] == step
+    evaluations = [row["step"] for row in read_rows(output_dir) if "eval_loss" in row]
+    assert evaluations[-2:] == [3, 6] and len(set(evaluations)) == len(evaluations)
+    if script == "train_vector":
+        assert len(validations) == len(evaluations)
+
+
 # ---------------------------------------------------------------- torchrun
 
 @pytest.mark.parametrize("script", SCRIPTS)
