@@ -252,7 +252,8 @@ from common.gradcache import grad_cache_backward  # noqa: E402
 from common.pairs import (GroupCollator, PairCollator, QueryGroup, QueryGroupDataset, build_group_dataset,  # noqa: E402
                           build_pair_dataset, load_pairs, pairs_to_groups)
 from common.text import build_normalizer  # noqa: E402
-from common.vector import BertVectorModel, PairEncoder, evaluate_pairs, read_json_if_exists, score_pairs  # noqa: E402
+from common.modeldir import read_json_if_exists  # noqa: E402
+from common.vector import BertVectorModel, PairEncoder, evaluate_pairs, score_pairs  # noqa: E402
 from common.vocab import fit_embeddings_to_tokenizer  # noqa: E402
 
 
@@ -990,8 +991,7 @@ def server_corpus_texts(args):
 def load_mining_model(args):
     """--model-path (a trained vector model), else --model-name as an untuned encoder with --pooling."""
     source = args.model_path or args.model_name
-    if (Path(source) / modeldir.CONFIG_FILE).is_file() and \
-            "toolkit" in (read_json_if_exists(Path(source) / modeldir.CONFIG_FILE) or {}):
+    if modeldir.is_toolkit_model_directory(source):
         return BertVectorModel.from_pretrained(source, args.device_obj)
     return BertVectorModel.from_backbone(
         source, args.trust_remote_code, pooling=args.pooling, projection_dim=None,

@@ -105,6 +105,12 @@ def build_parser():
     parser.add_argument("--max-length", type=int, default=128, help="tokens per query and per document")
     parser.add_argument("--range-for-sampling", default="10-100", help="mining rank window")
     parser.add_argument("--negative-margin", default="0.05", help="mining false-negative margin")
+    parser.add_argument("--miner", choices=["model", "bm25"], default="model",
+                        help="train_vector.py --mode mine --miner: the untuned encoder, or BM25 (with --extend-vocab "
+                             "the untuned encoder's added rows are untrained)")
+    parser.add_argument("--extend-vocab", type=int, default=0,
+                        help="train_vector.py --extend-vocab for every trained configuration (the untuned row keeps "
+                             "the base vocabulary)")
     parser.add_argument("--rerun", action="store_true", help="redo runs that already have a run.json")
     parser.add_argument("--rescore", action="store_true",
                         help="score finished runs' models again (no training), e.g. after a change to the scoring")
@@ -215,7 +221,8 @@ def ranked_metrics(query_vectors, doc_vectors, candidates, relevances, corpus_si
 # ---------------------------------------------------------------- workers
 
 def mine(args, run_dir, train_path):
-    """train_vector.py --mode mine with the untuned encoder; the mined negatives checked against the labels."""
+    """train_vector.py --mode mine with the untuned encoder (or BM25: --miner); the mined negatives checked
+    against the labels."""
     import train_vector
     mined_path = run_dir / "mined.jsonl"
     mined_path.unlink(missing_ok=True)
@@ -223,7 +230,7 @@ def mine(args, run_dir, train_path):
     argv = ["--mode", "mine", "--data-path", str(train_path), "--model-name", args.model,
             "--pooling", "mean", "--max-length", str(args.max_length), "--relevance-threshold", "0.5",
             "--range-for-sampling", window, "--negative-number", "15",
-            "--negative-margin", margin, "--seed", str(args.seed), "--device", "cpu",
+            "--negative-margin", margin, "--miner", args.miner, "--seed", str(args.seed), "--device", "cpu",
             "--output-path", str(mined_path)]
     started = time.perf_counter()
     if train_vector.main(argv):
@@ -263,7 +270,8 @@ def run_training(args, name, run_dir):
     argv = ["--mode", "train", "--data-path", str(train_path), "--val-path", str(data_dir / "valid.jsonl"),
             "--model-name", args.model, "--epochs", str(args.epochs), "--max-length", str(args.max_length),
             "--precision", "fp32", "--device", "cpu", "--seed", str(args.seed), "--output-dir", str(output_dir),
-            "--overwrite-output-dir", "--save-steps", "0", "--warmup-ratio", "0.1", *CONFIGS[name]]
+            "--overwrite-output-dir", "--save-steps", "0", "--warmup-ratio", "0.1",
+            "--extend-vocab", str(args.extend_vocab), *CONFIGS[name]]
     started = time.perf_counter()
     if train_vector.main(argv):
         raise SystemExit("train_vector.py --mode train failed")
@@ -325,7 +333,8 @@ def launch(args, name, seed):
                "--run-dir", str(run_dir), "--model", str(Path(args.model).resolve()), "--source", args.source,
                "--data-dir", str(Path(args.data_dir).resolve()), "--epochs", str(args.epochs),
                "--max-length", str(args.max_length), "--range-for-sampling", args.range_for_sampling,
-               "--negative-margin", args.negative_margin] + (["--rescore"] if args.rescore else [])
+               "--negative-margin", args.negative_margin, "--miner", args.miner,
+               "--extend-vocab", str(args.extend_vocab)] + (["--rescore"] if args.rescore else [])
     if args.rescore:
         subprocess.run(command, check=True, cwd=REPO_ROOT)
     result = run_in_process(run_dir, command, f"[negatives] {name} seed {seed}", args.rerun)
@@ -393,7 +402,8 @@ def main(argv=None):
                "data": {"source": args.source, "dir": Path(args.data_dir).name,
                         **{name: len(read_jsonl(data_dir / f"{name}.jsonl")) for name in ("train", "valid", "test")}},
                "settings": {"model": Path(args.model).name, "epochs": args.epochs, "max_length": args.max_length,
-                            "range_for_sampling": args.range_for_sampling, "negative_margin": args.negative_margin},
+                            "range_for_sampling": args.range_for_sampling, "negative_margin": args.negative_margin,
+                            "miner": args.miner, "extend_vocab": args.extend_vocab},
                "command": "python bench/retrieval_negatives.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "rows": rows}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from common.errors import UserError
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
+BACKBONE_PREFIX = "backbone."  # where a toolkit model directory keeps its encoder's weights
 TASKS = ("classification", "vector", "longdoc")
 # what from_pretrained raises for unreadable, truncated or refused weights and configs
 # (torch.load's weights_only refusal of a pickle that would run code is an UnpicklingError)
@@ -30,20 +31,72 @@ LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, EOFError,
 
 
 def load_pretrained_backbone(name_or_path, trust_remote_code=False, keep_pooler=False):
-    """AutoModel from a hub name or local path; the BERT pooler is dropped unless used.
+    """AutoModel from a hub name or local path, or the encoder of a model directory this toolkit wrote
+    (a classifier, vector or long-document model: fine-tuning goes on from it); the BERT pooler is
+    dropped unless used.
 
-    An unused pooler would leave parameters without gradients (DDP then fails) and
-    wastes a matmul per step.
+    An unused pooler would leave parameters without gradients (DDP then fails) and wastes a matmul
+    per step. Encoder weights the checkpoint lacks are refused: transformers would draw them at random
+    and print a warning table, and the run would fine-tune a random encoder.
     """
     import transformers  # imported where used: ~2 s that --help and flag errors should not wait for
-    try:
-        backbone = transformers.AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except LOAD_ERRORS as error:
-        raise UserError(f"--model-name {name_or_path}: cannot load a model there ({describe_load_error(error)})") \
-            from None
+    if is_toolkit_model_directory(name_or_path):
+        backbone, missing = toolkit_backbone(name_or_path)
+    else:
+        try:
+            backbone, loading = transformers.AutoModel.from_pretrained(
+                name_or_path, trust_remote_code=trust_remote_code, output_loading_info=True)
+        except LOAD_ERRORS as error:
+            raise UserError(f"--model-name {name_or_path}: cannot load a model there "
+                            f"({describe_load_error(error)})") from None
+        missing = sorted(loading["missing_keys"])
+    check_missing_weights(name_or_path, missing, keep_pooler)
     if not keep_pooler and getattr(backbone, "pooler", None) is not None:
         backbone.pooler = None
     return backbone
+
+
+def is_toolkit_model_directory(path):
+    """Whether ``path`` is a model directory this toolkit wrote (config.json with a 'toolkit' block)."""
+    config = read_json_if_exists(Path(path) / CONFIG_FILE)
+    return isinstance(config, dict) and isinstance(config.get("toolkit"), dict)
+
+
+def read_json_if_exists(path):
+    """Parsed JSON of a file, or None when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return None
+
+
+def toolkit_backbone(directory):
+    """(encoder, names of encoder weights it lacks) of a toolkit model directory: its weights are saved
+    under ``backbone.``, beside the head's, which a new task does not reuse."""
+    config, _ = read_model_config(directory)
+    backbone = build_backbone_from_config(config, keep_pooler=True)
+    path = Path(directory) / WEIGHTS_FILE
+    try:
+        saved = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(f"{path}: unreadable or truncated weights ({_first_line(error)})") from None
+    state = {name[len(BACKBONE_PREFIX):]: tensor for name, tensor in saved.items() if name.startswith(BACKBONE_PREFIX)}
+    try:
+        missing, _ = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # a tensor of another shape than config.json describes
+        raise UserError(f"{path}: weights do not match the model in config.json ({_first_line(error)})") from None
+    return backbone, sorted(missing)
+
+
+def check_missing_weights(name_or_path, missing, keep_pooler):
+    """Refuse an encoder whose checkpoint lacks weights it needs (the pooler only matters when used)."""
+    needed = [name for name in missing if keep_pooler or not name.startswith("pooler.")]
+    if needed:
+        raise UserError(f"--model-name {name_or_path}: {len(needed)} encoder weights are not in the checkpoint "
+                        f"(e.g. {', '.join(needed[:3])}); training would start them at random")
 
 
 def load_tokenizer(name_or_path, trust_remote_code=False):

@@ -5,7 +5,6 @@ A vector model maps a text to one embedding: backbone -> pooling (CLS or mean) -
 optional linear projection -> L2 normalisation. Queries and documents share the encoder
 but are tokenized at their own maximum lengths (queries are short).
 """
-import json
 from pathlib import Path
 
 import numpy as np
@@ -240,15 +239,3 @@ def group_scores(pairs, cosines):
         relevances.append(pair.rel)
         scores.append(float(cosine))
     return list(groups.values())
-
-
-def read_json_if_exists(path):
-    """Parsed JSON of a file, or None when it is missing or unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
