@@ -89,6 +89,13 @@ CONFIGS = {
     "toolkit-max-length-256": {"system": TOOLKIT, "precision": "auto", "flags": ["--max-length", "256"]},
     "toolkit-max-length-256-mean-pooling": {"system": TOOLKIT, "precision": "auto",
                                             "flags": ["--max-length", "256", "--pooling", "mean"]},
+    # the 256-token recipe with one regularizer each (issue 14: still below TF-IDF without them)
+    "toolkit-max-length-256-fgm": {"system": TOOLKIT, "precision": "auto",
+                                   "flags": ["--max-length", "256", "--adversarial", "fgm"]},
+    "toolkit-max-length-256-rdrop": {"system": TOOLKIT, "precision": "auto",
+                                     "flags": ["--max-length", "256", "--rdrop-alpha", "1.0"]},
+    "toolkit-max-length-256-ema": {"system": TOOLKIT, "precision": "auto",
+                                   "flags": ["--max-length", "256", "--ema-decay", "0.99"]},
     "trainer-cls": {"system": TRAINER, "patches": ["cls_head"]},
     "trainer-group-by-length": {"system": TRAINER, "trainer_args": {"train_sampling_strategy": "group_by_length"}},
     "untuned": {"system": "untuned"},
