@@ -76,7 +76,7 @@ def read_json_if_exists(path):
 def toolkit_backbone(directory):
     """(encoder, names of encoder weights it lacks) of a toolkit model directory: its weights are saved
     under ``backbone.``, beside the head's, which a new task does not reuse."""
-    config, _ = read_model_config(directory)
+    config, _ = read_model_config(directory, "--model-name")
     backbone = build_backbone_from_config(config, keep_pooler=True)
     path = Path(directory) / WEIGHTS_FILE
     try:
@@ -165,15 +165,15 @@ def classifier_writer(model, tokenizer, toolkit, args, id2label):
     return write
 
 
-def read_model_config(directory):
-    """(backbone config, toolkit block) of a model directory, or a clear UserError."""
+def read_model_config(directory, option="--model-path"):
+    """(backbone config, toolkit block) of a model directory, or a clear UserError naming ``option``."""
     import transformers  # imported where used: ~2 s that --help and flag errors should not wait for
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     if not directory.is_dir():
-        raise UserError(f"--model-path {directory}: not a directory")
+        raise UserError(f"{option} {directory}: not a directory")
     if not config_path.is_file():
-        raise UserError(f"--model-path {directory}: no config.json (not a model directory)")
+        raise UserError(f"{option} {directory}: no config.json (not a model directory)")
     try:
         raw = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
@@ -185,7 +185,7 @@ def read_model_config(directory):
         raise UserError(f"{config_path}: field 'toolkit': missing (not written by this toolkit's trainers)")
     check_toolkit_block(toolkit, config_path)
     if not (directory / WEIGHTS_FILE).is_file():
-        raise UserError(f"--model-path {directory}: no {WEIGHTS_FILE}")
+        raise UserError(f"{option} {directory}: no {WEIGHTS_FILE}")
     try:
         config = transformers.AutoConfig.for_model(**raw) if "model_type" in raw else \
             transformers.AutoConfig.from_pretrained(str(directory))

@@ -62,3 +62,15 @@ def test_a_checkpoint_without_encoder_weights_exits_2(tiny_model_dir, tmp_path, 
     assert train_classifier.main(argv) == 2
     assert_one_error_line(capsys.readouterr().err, f"--model-name {broken}", "not in the checkpoint")
     assert not (tmp_path / "out" / "checkpoint-best").exists()
+
+
+def test_a_toolkit_model_directory_without_weights_exits_2_naming_model_name(trained_vector_dir, tmp_path, capsys):
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    for path in trained_vector_dir.iterdir():
+        if path.is_file() and path.name != "model.safetensors":
+            (incomplete / path.name).write_bytes(path.read_bytes())
+    data = write_jsonl(tmp_path / "train.jsonl", make_text_records(4))
+    argv = trainer_argv("train_classifier", incomplete, tmp_path / "out", "--data-path", data, "--val-path", data)
+    assert train_classifier.main(argv) == 2
+    assert_one_error_line(capsys.readouterr().err, f"--model-name {incomplete}: no model.safetensors")
