@@ -92,6 +92,8 @@ CONFIGS = {
     # the 256-token recipe with one regularizer each (issue 14: still below TF-IDF without them)
     "toolkit-max-length-256-fgm": {"system": TOOLKIT, "precision": "auto",
                                    "flags": ["--max-length", "256", "--adversarial", "fgm"]},
+    "toolkit-max-length-256-fgm-0.1": {"system": TOOLKIT, "precision": "auto",
+                                       "flags": ["--max-length", "256", "--adversarial", "fgm", "--adv-epsilon", "0.1"]},
     "toolkit-max-length-256-rdrop": {"system": TOOLKIT, "precision": "auto",
                                      "flags": ["--max-length", "256", "--rdrop-alpha", "1.0"]},
     "toolkit-max-length-256-ema": {"system": TOOLKIT, "precision": "auto",
