@@ -45,6 +45,7 @@ from quality import (add_worker_args, count_lines, describe_machine, mean_std, r
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 METRICS = ("ndcg@10", "mrr@10", "recall@10")
+DEFAULT_MODEL = "../shared/models/all-MiniLM-L6-v2"
 
 
 def build_parser():
@@ -52,7 +53,8 @@ def build_parser():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--losses", default="listwise", help="comma-separated --rerank-loss values")
     parser.add_argument("--seeds", default="13", help="comma-separated training seeds")
-    parser.add_argument("--model", default="../shared/models/all-MiniLM-L6-v2", help="pretrained encoder (path)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="pretrained encoder (path), or a model directory of this toolkit (its encoder)")
     parser.add_argument("--retriever", help="bi-encoder model directory (default: the untuned --model, mean pooling)")
     parser.add_argument("--retriever-max-length", type=int, default=256,
                         help="tokens per text of the untuned retriever (all-MiniLM-L6-v2 was trained at 256)")
@@ -251,6 +253,7 @@ def main(argv=None):
         args.train_path = launch(args, "mine", 0, negatives)["train_path"]
     settings = (f"{negatives}-len{args.max_length}-ep{args.epochs}-lr{args.learning_rate:g}-group{args.group_size}"
                 f"{'' if args.pooling == 'cls' else '-' + args.pooling}-top{args.rerank_top}-{retriever_name}"
+                f"{'' if args.model == DEFAULT_MODEL else '-from-' + Path(args.model).name}"
                 f"{f'-extend{args.extend_vocab}' if args.extend_vocab else ''}"
                 f"{'' if args.precision == 'fp32' else '-' + args.precision}")
     rows = []
