@@ -76,7 +76,8 @@ def read_json_if_exists(path):
 def toolkit_backbone(directory):
     """(encoder, names of encoder weights it lacks) of a toolkit model directory: its weights are saved
     under ``backbone.``, beside the head's, which a new task does not reuse."""
-    config, _ = read_model_config(directory, "--model-name")
+    config, toolkit = read_model_config(directory, "--model-name")
+    print(describe_starting_model(directory, toolkit))
     backbone = build_backbone_from_config(config, keep_pooler=True)
     path = Path(directory) / WEIGHTS_FILE
     try:
@@ -89,6 +90,19 @@ def toolkit_backbone(directory):
     except RuntimeError as error:  # a tensor of another shape than config.json describes
         raise UserError(f"{path}: weights do not match the model in config.json ({_first_line(error)})") from None
     return backbone, sorted(missing)
+
+
+def describe_starting_model(directory, toolkit):
+    """One line on what a run started from a toolkit model directory takes from it, and the text option
+    it was trained with that this run does not inherit."""
+    line = (f"--model-name {directory}: a {toolkit['task']} model of this toolkit; training starts from its "
+            "encoder and tokenizer (not its head or settings)")
+    from common import text
+    normalize = toolkit.get("preprocessing", {}).get("normalize")
+    if normalize:
+        line += (f"; it was trained on text normalized with --normalize {text.describe(normalize)}: pass it again "
+                 "to keep that")
+    return line
 
 
 def check_missing_weights(name_or_path, missing, keep_pooler):

@@ -35,13 +35,16 @@ def test_the_encoder_of_a_toolkit_model_directory_is_loaded(trained_vector_dir, 
     assert not torch.equal(untuned["embeddings.word_embeddings.weight"], expected["embeddings.word_embeddings.weight"])
 
 
-def test_a_classifier_trains_on_from_a_vector_model(trained_vector_dir, tmp_path):
+def test_a_classifier_trains_on_from_a_vector_model(trained_vector_dir, tmp_path, capsys):
     """With the encoder frozen, the classifier's encoder is exactly the vector model's."""
     data = write_jsonl(tmp_path / "train.jsonl", make_text_records(8))
     output_dir = tmp_path / "classifier"
     argv = trainer_argv("train_classifier", trained_vector_dir, output_dir, "--data-path", data, "--val-path", data,
                         "--freeze-backbone", "--baseline", "none")
     assert train_classifier.main(argv) == 0
+    said = capsys.readouterr().out
+    assert f"--model-name {trained_vector_dir}: a vector model of this toolkit" in said
+    assert "--normalize" not in said  # trained without it
     expected, trained = backbone_weights(trained_vector_dir), backbone_weights(output_dir / "checkpoint-best")
     assert expected.keys() == trained.keys()
     assert all(torch.equal(expected[name], trained[name]) for name in expected)
@@ -74,3 +77,17 @@ def test_a_toolkit_model_directory_without_weights_exits_2_naming_model_name(tra
     argv = trainer_argv("train_classifier", incomplete, tmp_path / "out", "--data-path", data, "--val-path", data)
     assert train_classifier.main(argv) == 2
     assert_one_error_line(capsys.readouterr().err, f"--model-name {incomplete}: no model.safetensors")
+
+
+def test_starting_from_a_normalized_model_names_its_normalize_spec(tiny_model_dir, tmp_path, capsys):
+    """The text option the model was trained with is not inherited, and the run says so."""
+    data = write_jsonl(tmp_path / "train.jsonl", make_text_records(4))
+    first = tmp_path / "first"
+    argv = trainer_argv("train_classifier", tiny_model_dir, first, "--data-path", data, "--val-path", data,
+                        "--normalize", "social,emoji=drop", "--baseline", "none")
+    assert train_classifier.main(argv) == 0
+    capsys.readouterr()
+    argv = trainer_argv("train_classifier", first / "checkpoint-best", tmp_path / "second", "--data-path", data,
+                        "--val-path", data, "--baseline", "none")
+    assert train_classifier.main(argv) == 0
+    assert "it was trained on text normalized with --normalize social,emoji=drop" in capsys.readouterr().out
