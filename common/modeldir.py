@@ -17,6 +17,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from common import text
 from common.errors import UserError
 
 WEIGHTS_FILE = "model.safetensors"
@@ -97,7 +98,6 @@ def describe_starting_model(directory, toolkit):
     it was trained with that this run does not inherit."""
     line = (f"--model-name {directory}: a {toolkit['task']} model of this toolkit; training starts from its "
             "encoder and tokenizer (not its head or settings)")
-    from common import text
     normalize = toolkit.get("preprocessing", {}).get("normalize")
     if normalize:
         line += (f"; it was trained on text normalized with --normalize {text.describe(normalize)}: pass it again "
