@@ -316,7 +316,9 @@ def search_fp32_sensitive(fp32_graph, target, ranking, gate):
             passed, passing_row = middle, row
         else:
             failed = middle
-    return passing_row if row is passing_row else attempt(passed)  # the graph of the count kept goes last
+    if row is not passing_row:  # ``target`` holds the last graph tried: rebuild the one kept (gated above)
+        build_int8_variant("fp32-sensitive", fp32_graph, target, also_fp32=ranking[:passed])
+    return passing_row
 
 
 class ValidationCalibration(CalibrationDataReader):

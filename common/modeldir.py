@@ -80,16 +80,7 @@ def toolkit_backbone(directory):
     config, toolkit = read_model_config(directory, "--model-name")
     print(describe_starting_model(directory, toolkit))
     backbone = build_backbone_from_config(config, keep_pooler=True)
-    path = Path(directory) / WEIGHTS_FILE
-    try:
-        saved = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise UserError(f"{path}: unreadable or truncated weights ({_first_line(error)})") from None
-    state = {name[len(BACKBONE_PREFIX):]: tensor for name, tensor in saved.items() if name.startswith(BACKBONE_PREFIX)}
-    try:
-        missing, _ = backbone.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # a tensor of another shape than config.json describes
-        raise UserError(f"{path}: weights do not match the model in config.json ({_first_line(error)})") from None
+    missing, _ = load_state(backbone, directory, BACKBONE_PREFIX)
     return backbone, sorted(missing)
 
 
@@ -379,19 +370,26 @@ def build_backbone_from_config(config, keep_pooler=False):
 
 def load_weights(model, directory):
     """Load model.safetensors into ``model`` strictly; a truncated file is a UserError."""
-    path = Path(directory) / WEIGHTS_FILE
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise UserError(f"{path}: unreadable or truncated weights ({_first_line(error)})") from None
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # a tensor of another shape than config.json describes
-        raise UserError(f"{path}: weights do not match the model in config.json ({_first_line(error)})") from None
+    missing, unexpected = load_state(model, directory)
     if missing or unexpected:
-        raise UserError(f"{path}: weights do not match the model in config.json "
+        raise UserError(f"{Path(directory) / WEIGHTS_FILE}: weights do not match the model in config.json "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model
+
+
+def load_state(model, directory, prefix=""):
+    """Load the weights of ``directory`` named under ``prefix`` (without it) into ``model``, not strictly:
+    (missing, unexpected) names. An unreadable file or a tensor of another shape is a UserError."""
+    path = Path(directory) / WEIGHTS_FILE
+    try:
+        saved = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(f"{path}: unreadable or truncated weights ({_first_line(error)})") from None
+    state = {name[len(prefix):]: tensor for name, tensor in saved.items() if name.startswith(prefix)}
+    try:
+        return model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # a tensor of another shape than config.json describes
+        raise UserError(f"{path}: weights do not match the model in config.json ({_first_line(error)})") from None
 
 
 def describe_parameters(model):
