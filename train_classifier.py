@@ -255,8 +255,8 @@ def build_eval_loader(dataset, args, context):
 
 # ---------------------------------------------------------------- model
 
-def build_model(args, num_labels, tokenizer):
-    return SequenceClassifier.from_pretrained_encoder(args, num_labels, tokenizer)
+def build_model(args, num_labels, tokenizer, domain_texts=()):
+    return SequenceClassifier.from_pretrained_encoder(args, num_labels, tokenizer, domain_texts)
 
 
 def build_toolkit_block(args, model, normalize_spec, record_format, problem, temperature=1.0):
@@ -727,7 +727,7 @@ def run_training(args, context):
 
     # ---- model
     record_format = getattr(splits["train"], "record_format", "text")  # a reranker's is query_document
-    model = build_model(args, problem.num_outputs(label_set), tokenizer).to(args.device_obj)
+    model = build_model(args, problem.num_outputs(label_set), tokenizer, domain_texts).to(args.device_obj)
     if context.is_main:  # data and model are checked: only now may an earlier run's outputs go
         run_dir.begin()
         write_effective_config(args, output_dir)

@@ -216,8 +216,8 @@ def build_train_loader(dataset, args, context):
 
 # ---------------------------------------------------------------- model and saving
 
-def build_model(args, num_labels, tokenizer):
-    return SequenceClassifier.from_pretrained_encoder(args, num_labels, tokenizer)
+def build_model(args, num_labels, tokenizer, domain_texts=()):
+    return SequenceClassifier.from_pretrained_encoder(args, num_labels, tokenizer, domain_texts)
 
 
 def build_toolkit_block(args, model, normalize_spec, settings, problem):
@@ -585,7 +585,7 @@ def run_training(args, context):
         print(format_summary(summaries))
 
     # ---- model
-    model = build_model(args, problem.num_outputs(label_set), tokenizer).to(args.device_obj)
+    model = build_model(args, problem.num_outputs(label_set), tokenizer, domain_texts).to(args.device_obj)
     if context.is_main:  # data and model are checked: only now may an earlier run's outputs go
         run_dir.begin()
         write_effective_config(args, output_dir)

@@ -387,9 +387,9 @@ def build_eval_loader(dataset, args, context):
 
 # ---------------------------------------------------------------- model
 
-def build_model(args, tokenizer, normalize_spec):
+def build_model(args, tokenizer, normalize_spec, domain_texts=()):
     backbone = modeldir.load_pretrained_backbone(args.model_name, args.trust_remote_code)
-    fit_embeddings_to_tokenizer(backbone, tokenizer, args.new_token_init)  # after --extend-vocab
+    fit_embeddings_to_tokenizer(backbone, tokenizer, args.new_token_init, domain_texts)  # after --extend-vocab
     model = BertVectorModel(backbone, args.pooling, args.projection_dim or None, True, args.query_max_length,
                             args.doc_max_length, args.max_length, args.truncation_side, normalize_spec,
                             args.query_instruction, args.passage_instruction, args.matryoshka_dims,
@@ -772,7 +772,7 @@ def run_training(args, context):
     args.pad_token_id = tokenizer.pad_token_id
 
     # ---- model, then tokenize every split once at the model's query/document lengths
-    model = build_model(args, tokenizer, normalize_spec)
+    model = build_model(args, tokenizer, normalize_spec, domain_texts)
     if context.is_main:
         print("dataset summary:")
     datasets, summaries = encode_splits(splits, tokenizer, model, args)

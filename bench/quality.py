@@ -37,6 +37,9 @@ Configurations (--configs, comma-separated):
   toolkit-mean-pooling             --pooling mean (all-MiniLM-L6-v2 was trained with mean pooling), --precision auto
   toolkit-max-length-256           --max-length 256 (19% of the training reviews pass 128 tokens), --precision auto
   toolkit-max-length-256-mean-pooling   both of the above
+  toolkit-cooccurrence             --new-token-init cooccurrence (added rows placed from their neighbours), --precision auto
+  toolkit-max-length-256-cooccurrence   both of the 256-token recipe and the above
+  toolkit-max-length-256-cooccurrence-unlabeled   the same, the co-occurrence counted over --unlabeled-path too
   (the *-random-rows and *-matched-rows patches measured snapshots from before --new-token-init existed)
   trainer-cls                      the Trainer's model with its pooler bypassed (CLS state -> dropout -> linear)
   trainer-group-by-length          train_sampling_strategy="group_by_length"
@@ -98,6 +101,13 @@ CONFIGS = {
                                      "flags": ["--max-length", "256", "--rdrop-alpha", "1.0"]},
     "toolkit-max-length-256-ema": {"system": TOOLKIT, "precision": "auto",
                                    "flags": ["--max-length", "256", "--ema-decay", "0.99"]},
+    # added rows placed from the tokens they appear beside (issue 14: a start with meaning, no MLM steps)
+    "toolkit-cooccurrence": {"system": TOOLKIT, "precision": "auto", "flags": ["--new-token-init", "cooccurrence"]},
+    "toolkit-max-length-256-cooccurrence": {"system": TOOLKIT, "precision": "auto",
+                                            "flags": ["--max-length", "256", "--new-token-init", "cooccurrence"]},
+    "toolkit-max-length-256-cooccurrence-unlabeled": {"system": TOOLKIT, "precision": "auto", "unlabeled": True,
+                                                      "flags": ["--max-length", "256", "--new-token-init",
+                                                                "cooccurrence"]},
     "trainer-cls": {"system": TRAINER, "patches": ["cls_head"]},
     "trainer-group-by-length": {"system": TRAINER, "trainer_args": {"train_sampling_strategy": "group_by_length"}},
     "untuned": {"system": "untuned"},

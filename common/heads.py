@@ -76,13 +76,14 @@ class SequenceClassifier(nn.Module):
         return self.head(self.encode(input_ids, attention_mask, token_type_ids))
 
     @classmethod
-    def from_pretrained_encoder(cls, args, num_labels, tokenizer):
+    def from_pretrained_encoder(cls, args, num_labels, tokenizer, domain_texts=()):
         """A new classifier on ``args.model_name`` with the head options of ``args`` (embeddings grown
-        for tokens --extend-vocab added to ``tokenizer``)."""
+        for tokens --extend-vocab added to ``tokenizer``, placed from ``domain_texts`` where
+        --new-token-init says so)."""
         from common.vocab import fit_embeddings_to_tokenizer
         backbone = modeldir.load_pretrained_backbone(args.model_name, args.trust_remote_code,
                                                      keep_pooler=args.pooling == "pooler")
-        fit_embeddings_to_tokenizer(backbone, tokenizer, args.new_token_init)
+        fit_embeddings_to_tokenizer(backbone, tokenizer, args.new_token_init, domain_texts)
         return cls(backbone, num_labels, args.pooling, args.dropout, args.head_layernorm, args.freeze_backbone)
 
     @classmethod
