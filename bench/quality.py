@@ -40,6 +40,7 @@ Configurations (--configs, comma-separated):
   toolkit-cooccurrence             --new-token-init cooccurrence (added rows placed from their neighbours), --precision auto
   toolkit-max-length-256-cooccurrence   both of the 256-token recipe and the above
   toolkit-max-length-256-cooccurrence-unlabeled   the same, the co-occurrence counted over --unlabeled-path too
+  toolkit-max-length-256-unlabeled      its control: --extend-vocab over --unlabeled-path too, random rows
   (the *-random-rows and *-matched-rows patches measured snapshots from before --new-token-init existed)
   trainer-cls                      the Trainer's model with its pooler bypassed (CLS state -> dropout -> linear)
   trainer-group-by-length          train_sampling_strategy="group_by_length"
@@ -108,6 +109,8 @@ CONFIGS = {
     "toolkit-max-length-256-cooccurrence-unlabeled": {"system": TOOLKIT, "precision": "auto", "unlabeled": True,
                                                       "flags": ["--max-length", "256", "--new-token-init",
                                                                 "cooccurrence"]},
+    "toolkit-max-length-256-unlabeled": {"system": TOOLKIT, "precision": "auto", "unlabeled": True,
+                                         "flags": ["--max-length", "256"]},
     "trainer-cls": {"system": TRAINER, "patches": ["cls_head"]},
     "trainer-group-by-length": {"system": TRAINER, "trainer_args": {"train_sampling_strategy": "group_by_length"}},
     "untuned": {"system": "untuned"},

@@ -52,6 +52,7 @@ CONFIGS = {
     "lr-1e-4": ["--learning-rate", "1e-4"],
     "extend-mean": EXTEND + ["--new-token-init", "mean"],
     "extend-random": EXTEND + ["--new-token-init", "random"],
+    "extend-cooccurrence": EXTEND + ["--new-token-init", "cooccurrence"],
     "extend-same-lr": EXTEND + ["--new-token-lr", "5e-5"],
     # the search from the seed's defaults to today's (all at 2e-5 unless named)
     "cosent-mean-2e-5": ["--loss", "cosent", "--pooling", "mean", "--learning-rate", "2e-5"],

@@ -136,6 +136,9 @@ def fit_embeddings_to_tokenizer(backbone, tokenizer, init="random", texts=()):
 COOCCURRENCE_WINDOW = 4  # tokens on each side that count as a token's context
 COOCCURRENCE_DIMENSIONS = 64  # size of the SVD of the PPMI matrix (capped by the tokens seen)
 MIN_TOKEN_COUNT = 3  # a token seen fewer times has too little context for a vector
+# Counting stops after this many tokens of text (in the given order): the pairs cost 16 bytes each,
+# 2 x COOCCURRENCE_WINDOW per token, and a few million tokens already give every frequent token its context
+MAX_COOCCURRENCE_TOKENS = 5_000_000
 
 
 def cooccurrence_rows(weight, first_new_row, tokenizer, texts):
@@ -149,8 +152,7 @@ def cooccurrence_rows(weight, first_new_row, tokenizer, texts):
     the same contexts), with a count-based space fitted on the run's own texts instead of a downloaded one.
     """
     from sklearn.linear_model import Ridge
-    sequences = [np.asarray(encoding.ids, dtype=np.int64)
-                 for encoding in backend_tokenizer(tokenizer).encode_batch(list(texts), add_special_tokens=False)]
+    sequences = token_sequences(tokenizer, texts, MAX_COOCCURRENCE_TOKENS)
     counts = np.bincount(np.concatenate(sequences + [np.zeros(0, np.int64)]), minlength=weight.shape[0])
     special = set(tokenizer.all_special_ids)
     frequent = np.array([token for token in np.flatnonzero(counts >= MIN_TOKEN_COUNT) if token not in special])
@@ -166,6 +168,18 @@ def cooccurrence_rows(weight, first_new_row, tokenizer, texts):
     predicted *= median_norm / np.maximum(np.linalg.norm(predicted, axis=1, keepdims=True), 1e-12)
     weight[targets] = torch.as_tensor(predicted, dtype=weight.dtype, device=weight.device)
     return len(targets)
+
+
+def token_sequences(tokenizer, texts, max_tokens):
+    """The token ids of ``texts`` (no special tokens), in order, until ``max_tokens`` tokens are collected."""
+    backend, texts, sequences, collected = backend_tokenizer(tokenizer), list(texts), [], 0
+    for start in range(0, len(texts), 1000):
+        for encoding in backend.encode_batch(list(texts[start:start + 1000]), add_special_tokens=False):
+            if collected >= max_tokens:
+                return sequences
+            sequences.append(np.asarray(encoding.ids, dtype=np.int64))
+            collected += len(encoding.ids)
+    return sequences
 
 
 def context_vectors(sequences, tokens, vocabulary_size):

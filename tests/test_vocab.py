@@ -134,3 +134,59 @@ def test_new_token_init_decides_where_the_added_rows_start(tiny_model_dir, init)
         assert torch.allclose(new_rows, old.mean(0).expand_as(new_rows), atol=1e-3)
     else:
         assert torch.equal(new_rows, old[tokenizer.unk_token_id].expand_as(new_rows))
+
+
+def contexts_texts(seed=0):
+    """Texts where 猫 always stands where "good" stands (letters a-l around it) and 狗 where "bad" stands
+    (letters m-x): tokens used alike."""
+    import random
+    draw = random.Random(seed)
+    texts = []
+    for _ in range(200):
+        for words, letters in ((("good", "猫"), "abcdefghijkl"), (("bad", "狗"), "mnopqrstuvwx")):
+            for word in words:
+                texts.append(" ".join(draw.sample(letters, 3) + [word] + draw.sample(letters, 3)))
+    return texts
+
+
+def test_cooccurrence_rows_start_beside_the_pretrained_tokens_used_alike(tiny_model_dir):
+    from common import modeldir
+    from common.vocab import fit_embeddings_to_tokenizer
+    tokenizer = modeldir.load_tokenizer(str(tiny_model_dir))
+    backbone = modeldir.load_pretrained_backbone(str(tiny_model_dir))
+    old = backbone.get_input_embeddings().weight.detach().clone()
+    texts = contexts_texts()
+    assert sorted(extend_vocabulary(tokenizer, texts + ["鱼 鱼"], 1)) == sorted(["猫", "狗", "鱼"])
+    fit_embeddings_to_tokenizer(backbone, tokenizer, "cooccurrence", texts + ["鱼 鱼"])
+    rows = backbone.get_input_embeddings().weight.detach()
+    assert torch.equal(rows[:len(old)], old)
+    cat, dog, fish = (rows[tokenizer.convert_tokens_to_ids(token)] for token in ("猫", "狗", "鱼"))
+    good, bad = (old[tokenizer.convert_tokens_to_ids(word)] for word in ("good", "bad"))
+    similarity = torch.nn.functional.cosine_similarity
+    assert similarity(cat, good, dim=0) > similarity(cat, bad, dim=0) + 0.3
+    assert similarity(dog, bad, dim=0) > similarity(dog, good, dim=0) + 0.3
+    median_norm = old.norm(dim=1).quantile(0.5)  # numpy's median: the mean of the middle two
+    assert torch.allclose(cat.norm(), median_norm, rtol=1e-4) and torch.allclose(dog.norm(), median_norm, rtol=1e-4)
+    assert abs(fish.std().item() - backbone.config.initializer_range) < 0.01  # seen twice: too little context
+
+
+def test_cooccurrence_rows_are_the_same_run_to_run(tiny_model_dir):
+    from common import modeldir
+    from common.vocab import fit_embeddings_to_tokenizer
+    rows = []
+    for _ in range(2):
+        tokenizer = modeldir.load_tokenizer(str(tiny_model_dir))
+        backbone = modeldir.load_pretrained_backbone(str(tiny_model_dir))
+        extend_vocabulary(tokenizer, contexts_texts(), 1)
+        fit_embeddings_to_tokenizer(backbone, tokenizer, "cooccurrence", contexts_texts())
+        rows.append(backbone.get_input_embeddings().weight.detach()[-2:].clone())
+    assert torch.equal(rows[0], rows[1])
+
+
+def test_cooccurrence_counts_stop_after_the_token_budget(tiny_model_dir):
+    from common import modeldir
+    from common.vocab import token_sequences
+    tokenizer = modeldir.load_tokenizer(str(tiny_model_dir))
+    sequences = token_sequences(tokenizer, ["good movie"] * 5000, max_tokens=7)
+    assert [len(sequence) for sequence in sequences] == [2, 2, 2, 2]  # stops once 7 are collected
+    assert len(token_sequences(tokenizer, ["good movie"] * 2500, max_tokens=10**6)) == 2500  # past one batch
