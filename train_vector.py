@@ -144,8 +144,6 @@ def build_parser():
     add_flag(group, "workers", type=int, default=1,
              help="server processes on the one port, each with its own copy of the model and its share of the "
                   "CPU cores (docs/infer.md: replicas behind a load balancer)")
-    # the untuned encoder competes for checkpoint-best: [UNK]-row starts keep it the base model
-    parser.set_defaults(new_token_init="unk")
     # one epoch at 2e-5 barely moves the encoder (bench/README.md, retrieval quality)
     parser.set_defaults(learning_rate=5e-5)
     add_runtime_args(parser)

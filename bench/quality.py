@@ -37,10 +37,14 @@ Configurations (--configs, comma-separated):
   toolkit-mean-pooling             --pooling mean (all-MiniLM-L6-v2 was trained with mean pooling), --precision auto
   toolkit-max-length-256           --max-length 256 (19% of the training reviews pass 128 tokens), --precision auto
   toolkit-max-length-256-mean-pooling   both of the above
-  toolkit-cooccurrence             --new-token-init cooccurrence (added rows placed from their neighbours), --precision auto
+  toolkit-cooccurrence             --new-token-init cooccurrence (the default since 2026-12-03), --precision auto
   toolkit-max-length-256-cooccurrence   both of the 256-token recipe and the above
   toolkit-max-length-256-cooccurrence-unlabeled   the same, the co-occurrence counted over --unlabeled-path too
-  toolkit-max-length-256-unlabeled      its control: --extend-vocab over --unlabeled-path too, random rows
+  toolkit-max-length-256-unlabeled      its control: --extend-vocab over --unlabeled-path too, --new-token-init random
+  (rows measured before 2026-12-03 ran with random added rows, the default then; --toolkit-dir with the
+  commit bench/README.md names reruns them as measured)
+  toolkit-max-length-256-cooccurrence-mlm-unlabeled   the co-occurrence recipe after --mlm-adapt-steps 500 on the
+                                   training texts and --unlabeled-path (masked-LM from placed rows, not random ones)
   (the *-random-rows and *-matched-rows patches measured snapshots from before --new-token-init existed)
   trainer-cls                      the Trainer's model with its pooler bypassed (CLS state -> dropout -> linear)
   trainer-group-by-length          train_sampling_strategy="group_by_length"
@@ -110,7 +114,10 @@ CONFIGS = {
                                                       "flags": ["--max-length", "256", "--new-token-init",
                                                                 "cooccurrence"]},
     "toolkit-max-length-256-unlabeled": {"system": TOOLKIT, "precision": "auto", "unlabeled": True,
-                                         "flags": ["--max-length", "256"]},
+                                         "flags": ["--max-length", "256", "--new-token-init", "random"]},
+    "toolkit-max-length-256-cooccurrence-mlm-unlabeled": {
+        "system": TOOLKIT, "precision": "auto", "unlabeled": True,
+        "flags": ["--max-length", "256", "--new-token-init", "cooccurrence", "--mlm-adapt-steps", "500"]},
     "trainer-cls": {"system": TRAINER, "patches": ["cls_head"]},
     "trainer-group-by-length": {"system": TRAINER, "trainer_args": {"train_sampling_strategy": "group_by_length"}},
     "untuned": {"system": "untuned"},

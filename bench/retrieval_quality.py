@@ -40,7 +40,7 @@ SEED_DEFAULTS = ["--loss", "mse", "--pooling", "cls", "--learning-rate", "2e-5"]
 CONFIGS = {
     "untuned-cls": None, "untuned-mean": None, "tfidf": None,
     "default": [],
-    "extend": EXTEND,
+    "extend": EXTEND + ["--new-token-init", "unk"],  # the default until 2026-12-03: rows start at [UNK]
     "seed-defaults": SEED_DEFAULTS,
     # issue 14's headline run: the seed's defaults with --extend-vocab 3, the added rows at the shared rate
     "seed-defaults-extend": SEED_DEFAULTS + EXTEND + ["--new-token-init", "unk", "--new-token-lr", "2e-5"],

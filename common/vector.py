@@ -117,7 +117,7 @@ class BertVectorModel(nn.Module):
         model = cls(backbone, **settings)
         model.tokenizer = modeldir.load_tokenizer(name_or_path, trust_remote_code)
         from common.vocab import fit_embeddings_to_tokenizer
-        fit_embeddings_to_tokenizer(backbone, model.tokenizer)  # after --extend-vocab
+        fit_embeddings_to_tokenizer(backbone, model.tokenizer, "random")  # a tokenizer longer than its embeddings
         return model
 
     # ---- inference
