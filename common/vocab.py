@@ -132,7 +132,7 @@ def fit_embeddings_to_tokenizer(backbone, tokenizer, init, texts=()):
         new_rows.copy_(embeddings.weight.data[tokenizer.unk_token_id])
     if init == "cooccurrence":
         placed = cooccurrence_rows(embeddings.weight.data, old_rows, tokenizer, texts)
-        left = f"; {added - placed} seen fewer than {MIN_TOKEN_COUNT} times stay random" if placed < added else ""
+        left = f"; the other {added - placed} start random (too little context)" if placed < added else ""
         print(f"--new-token-init cooccurrence: {placed} of {added} added rows placed from their neighbours "
               f"in {len(texts)} texts{left}")
     embeddings.first_added_row = old_rows
