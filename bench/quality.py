@@ -45,6 +45,11 @@ Configurations (--configs, comma-separated):
   commit bench/README.md names reruns them as measured)
   toolkit-max-length-256-cooccurrence-mlm-unlabeled   the co-occurrence recipe after --mlm-adapt-steps 500 on the
                                    training texts and --unlabeled-path (masked-LM from placed rows, not random ones)
+  toolkit-max-length-256-cooccurrence-unlabeled-3-epochs   the co-occurrence recipe with --epochs 3
+  toolkit-max-length-256-cooccurrence-unlabeled-lr-1e-4    the co-occurrence recipe with --learning-rate 1e-4
+  toolkit-max-length-256-cooccurrence-pseudo-labels   self-training: the co-occurrence recipe's model (same seed,
+                                   run first) labels unlabeled.txt with infer.py; the reviews it gives a calibrated
+                                   probability >= 0.9 join train.jsonl, and the same recipe trains on both
   (the *-random-rows and *-matched-rows patches measured snapshots from before --new-token-init existed)
   trainer-cls                      the Trainer's model with its pooler bypassed (CLS state -> dropout -> linear)
   trainer-group-by-length          train_sampling_strategy="group_by_length"
@@ -118,6 +123,18 @@ CONFIGS = {
     "toolkit-max-length-256-cooccurrence-mlm-unlabeled": {
         "system": TOOLKIT, "precision": "auto", "unlabeled": True,
         "flags": ["--max-length", "256", "--new-token-init", "cooccurrence", "--mlm-adapt-steps", "500"]},
+    # the closest recipe with more training: a third epoch, or twice the learning rate (issue 14)
+    "toolkit-max-length-256-cooccurrence-unlabeled-3-epochs": {
+        "system": TOOLKIT, "precision": "auto", "unlabeled": True, "epochs": 3,
+        "flags": ["--max-length", "256", "--new-token-init", "cooccurrence"]},
+    "toolkit-max-length-256-cooccurrence-unlabeled-lr-1e-4": {
+        "system": TOOLKIT, "precision": "auto", "unlabeled": True,
+        "flags": ["--max-length", "256", "--new-token-init", "cooccurrence", "--learning-rate", "1e-4"]},
+    # self-training: the recipe's model labels the unlabeled reviews; those it is sure of join the training file
+    "toolkit-max-length-256-cooccurrence-pseudo-labels": {
+        "system": TOOLKIT, "precision": "auto", "unlabeled": True,
+        "teacher": "toolkit-max-length-256-cooccurrence-unlabeled", "min_probability": 0.9,
+        "flags": ["--max-length", "256", "--new-token-init", "cooccurrence"]},
     "trainer-cls": {"system": TRAINER, "patches": ["cls_head"]},
     "trainer-group-by-length": {"system": TRAINER, "trainer_args": {"train_sampling_strategy": "group_by_length"}},
     "untuned": {"system": "untuned"},
@@ -225,7 +242,10 @@ def run_toolkit(args, spec, run_dir):
     import train_classifier
     apply_patches(spec.get("patches", []))
     data_dir = Path(args.data_dir).resolve()
-    train_count = count_lines(data_dir / "train.jsonl")
+    train_path = data_dir / "train.jsonl"
+    if spec.get("teacher"):
+        train_path = add_pseudo_labels(args, spec, run_dir, train_path)
+    train_count = count_lines(train_path)
     if spec.get("val_file", True):
         val_flags = ["--val-path", str(data_dir / "val.jsonl")]
     else:
@@ -236,7 +256,7 @@ def run_toolkit(args, spec, run_dir):
     steps_per_epoch = -(-train_count // args.batch_size)
     epoch_count, precision = spec.get("epochs", args.epochs), spec.get("precision", "fp32")
     output_dir = run_dir / "toolkit_output"
-    argv = ["--data-path", str(data_dir / "train.jsonl"), *val_flags, "--test-path", str(data_dir / "test.jsonl"),
+    argv = ["--data-path", str(train_path), *val_flags, "--test-path", str(data_dir / "test.jsonl"),
             "--model-name", args.model, "--epochs", str(epoch_count), "--batch-size", str(args.batch_size),
             "--learning-rate", str(args.learning_rate), "--max-length", str(args.max_length),
             "--warmup-ratio", str(args.warmup_ratio), "--weight-decay", str(args.weight_decay),
@@ -267,6 +287,27 @@ def run_toolkit(args, spec, run_dir):
     return {"reported": {"accuracy": metrics["test"]["accuracy"], "macro_f1": metrics["test"]["macro_f1"]},
             "epochs": epochs, "temperature": metrics.get("calibration", {}).get("temperature"),
             "train_seconds": train_seconds, "argv": argv}
+
+
+def add_pseudo_labels(args, spec, run_dir, train_path):
+    """Label unlabeled.txt with the teacher run's published model (infer.py, calibrated probabilities) and
+    write train_path's records followed by every review labelled with probability >= min_probability."""
+    teacher_model = Path(args.teacher_dir) / "toolkit_output" / "checkpoint-best"
+    predictions_path = run_dir / "teacher_predictions.jsonl"
+    subprocess.run([sys.executable, str(Path(args.toolkit_dir) / "infer.py"), "--model-path", str(teacher_model),
+                    "--file", str(Path(args.data_dir) / "unlabeled.txt"), "--output", str(predictions_path),
+                    "--device", "cpu"], check=True)
+    predictions = [json.loads(line) for line in predictions_path.read_text(encoding="utf-8").splitlines() if line]
+    kept = [{"text": p["input"], "label": p["label"]} for p in predictions
+            if p["probability"] >= spec["min_probability"]]
+    counts = {label: sum(r["label"] == label for r in kept) for label in sorted({r["label"] for r in kept})}
+    print(f"pseudo-labels: kept {len(kept)} of {len(predictions)} unlabeled reviews at probability >= "
+          f"{spec['min_probability']} ({counts})", flush=True)
+    combined_path = run_dir / "train_with_pseudo_labels.jsonl"
+    with open(combined_path, "w", encoding="utf-8") as out:
+        out.write(train_path.read_text(encoding="utf-8"))
+        out.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in kept)
+    return combined_path
 
 
 def extend_tokenizer(args, tokenizer, train_texts, extend):
@@ -398,6 +439,10 @@ def launch(args, name, seed):
     run_dir = Path(args.work_dir).resolve() / (name if CONFIGS[name].get("seedless") else f"{name}-seed{seed}")
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--seed", str(seed),
                "--run-dir", str(run_dir)] + forwarded_flags(args)
+    teacher = CONFIGS[name].get("teacher")
+    if teacher:
+        launch(args, teacher, seed)  # its published model labels the unlabeled text
+        command += ["--teacher-dir", str(Path(args.work_dir).resolve() / f"{teacher}-seed{seed}")]
     result = run_in_process(run_dir, command, f"[quality] {name} seed {seed}", args.rerun)
     print(f"[quality] {name} seed {seed}: test accuracy {result['reported']['accuracy']:.4f}, "
           f"macro-F1 {result['reported']['macro_f1']:.4f} ({result['wall_seconds']:.0f} s)", flush=True)
@@ -409,6 +454,7 @@ def add_worker_args(parser):
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=13, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--teacher-dir", help=argparse.SUPPRESS)
 
 
 def run_in_process(run_dir, command, label, rerun=False, env=None):

@@ -14,6 +14,9 @@ CHUNK_SELECTIONS = ("spread", "head-tail", "head")
 # generation.py: every sequence is a row of one generate() batch: a million of them exhausts memory,
 # not the model
 MAX_RETURN_SEQUENCES = 64
+# vocab.py: --new-token-init cooccurrence places an added token seen at least this often in the texts; a token
+# seen fewer times has too little context for a vector and starts random
+MIN_COOCCURRENCE_COUNT = 3
 # problem_types.py: what the classification head predicts (stored as toolkit["problem_type"];
 # a model directory without it is single_label); rerank: a query/document pair scored by one logit
 # (common/reranking.py)

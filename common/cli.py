@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from common.choices import PROBLEM_TYPES, REGRESSION_LOSSES, THRESHOLD_STRATEGIES
+from common.choices import MIN_COOCCURRENCE_COUNT, PROBLEM_TYPES, REGRESSION_LOSSES, THRESHOLD_STRATEGIES
 from common.errors import UserError
 
 
@@ -262,9 +262,9 @@ def add_vocabulary_args(parser):
              help="add tokens the tokenizer maps to [UNK] that occur at least MIN_COUNT times")
     add_flag(group, "new-token-init", choices=["cooccurrence", "random", "mean", "unk"], default="cooccurrence",
              help="where the added tokens' embeddings start: predicted from the tokens each one appears beside "
-                  "in the training texts and --unlabeled-path (the default; tokens seen under 3 times start "
-                  "random), random N(0, initializer_range), the mean of the existing rows, or the [UNK] row "
-                  "(the untuned model unchanged; see docs/train_classifier.md)")
+                  "in the training texts and --unlabeled-path (the default; tokens seen under "
+                  f"{MIN_COOCCURRENCE_COUNT} times start random), random N(0, initializer_range), the mean of the "
+                  "existing rows, or the [UNK] row (the untuned model unchanged; see docs/train_classifier.md)")
     add_flag(group, "new-token-lr", type=bounded(float, above=0), default=None, metavar="LR",
              help="learning rate of the added tokens' embeddings (default: 10 x --learning-rate)")
     add_flag(group, "mlm-adapt-steps", type=bounded(int, minimum=0), default=0, metavar="N",

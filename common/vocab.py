@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tokenizers import AddedToken
 
+from common.choices import MIN_COOCCURRENCE_COUNT
 from common.data import backend_tokenizer
 from common.text import EMOJI_PATTERN
 
@@ -106,7 +107,7 @@ def fit_embeddings_to_tokenizer(backbone, tokenizer, init, texts=()):
     ``init`` (--new-token-init) is where the added rows start:
       cooccurrence predicted from which tokens each new one appears beside in ``texts`` (see
                    ``cooccurrence_rows``), so tokens used alike start alike; rows of tokens seen under
-                   MIN_TOKEN_COUNT times start random (the trainers' default)
+                   MIN_COOCCURRENCE_COUNT times start random (the trainers' default)
       random       N(0, initializer_range), as the pretrained rows once started
       mean         the mean of the existing rows (transformers' resize_token_embeddings default)
       unk          a copy of the [UNK] row, so that at step 0 the model computes what the base model did
@@ -141,7 +142,6 @@ def fit_embeddings_to_tokenizer(backbone, tokenizer, init, texts=()):
 
 COOCCURRENCE_WINDOW = 4  # tokens on each side that count as a token's context
 COOCCURRENCE_DIMENSIONS = 64  # size of the SVD of the PPMI matrix (capped by the tokens seen)
-MIN_TOKEN_COUNT = 3  # a token seen fewer times has too little context for a vector
 # Counting stops after this many tokens of text (in the given order): the pairs cost 16 bytes each,
 # 2 x COOCCURRENCE_WINDOW per token, and a few million tokens already give every frequent token its context
 MAX_COOCCURRENCE_TOKENS = 5_000_000
@@ -161,7 +161,7 @@ def cooccurrence_rows(weight, first_new_row, tokenizer, texts):
     sequences = token_sequences(tokenizer, texts, MAX_COOCCURRENCE_TOKENS)
     counts = np.bincount(np.concatenate(sequences + [np.zeros(0, np.int64)]), minlength=weight.shape[0])
     special = set(tokenizer.all_special_ids)
-    frequent = np.array([token for token in np.flatnonzero(counts >= MIN_TOKEN_COUNT) if token not in special])
+    frequent = np.array([token for token in np.flatnonzero(counts >= MIN_COOCCURRENCE_COUNT) if token not in special])
     anchors = frequent[frequent < first_new_row]
     targets = frequent[frequent >= first_new_row]
     if len(anchors) < 2 or len(targets) == 0:
