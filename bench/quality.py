@@ -161,7 +161,8 @@ def build_parser():
     parser.add_argument("--work-dir", default="runs/quality", help="one directory per configuration and seed")
     parser.add_argument("--output", default="bench/results/quality.json", help="summary JSON")
     parser.add_argument("--toolkit-dir", default=str(REPO_ROOT),
-                        help="checkout whose train_classifier.py and common/ are measured")
+                        help="checkout whose train_classifier.py and common/ are measured; a `git archive` copy "
+                             "names its commit in a COMMIT file, which the summary records")
     parser.add_argument("--epochs", type=int, default=2, help="training epochs")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size")
     parser.add_argument("--learning-rate", type=float, default=5e-5, help="peak AdamW learning rate")
@@ -568,6 +569,22 @@ def toolkit_commit(toolkit_dir):
     return marker.read_text().strip() if marker.is_file() else None
 
 
+def recorded_command(argv, toolkit_dir):
+    """The bench command as results/*.json records it, naming no path of this machine: a path inside the
+    repository relative to it, a --toolkit-dir snapshot elsewhere by the commit it holds."""
+    words = []
+    for word in argv:
+        path = Path(word)
+        if path.is_absolute() and path.resolve().is_relative_to(REPO_ROOT):
+            word = str(path.resolve().relative_to(REPO_ROOT))
+        elif path.is_absolute() and path.resolve() == Path(toolkit_dir).resolve():
+            word = f"<snapshot of {toolkit_commit(toolkit_dir) or 'an unknown commit'}>"
+        elif path.is_absolute():
+            word = "<path outside the repository>"
+        words.append(word)
+    return "python bench/quality.py " + " ".join(words)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.worker:
@@ -592,7 +609,7 @@ def main(argv=None):
                "settings": {key: getattr(args, key) for key in ("model", "epochs", "batch_size", "learning_rate",
                                                                   "max_length", "warmup_ratio", "weight_decay",
                                                                   "extend_vocab")},
-               "command": "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "command": recorded_command(argv if argv is not None else sys.argv[1:], args.toolkit_dir),
                "rows": list(merged.values())}
     output.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print(f"wrote {output}")
