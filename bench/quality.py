@@ -47,6 +47,8 @@ Configurations (--configs, comma-separated):
                                    training texts and --unlabeled-path (masked-LM from placed rows, not random ones)
   toolkit-max-length-256-cooccurrence-unlabeled-3-epochs   the co-occurrence recipe with --epochs 3
   toolkit-max-length-256-cooccurrence-unlabeled-lr-1e-4    the co-occurrence recipe with --learning-rate 1e-4
+  toolkit-max-length-256-cooccurrence-unlabeled-10-epochs  the co-occurrence recipe with the trainer's --epochs 10 and
+                                   its early stopping (--patience 3)
   toolkit-max-length-256-cooccurrence-pseudo-labels   self-training: the co-occurrence recipe's model (same seed,
                                    run first) labels unlabeled.txt with infer.py; the reviews it gives a calibrated
                                    probability >= 0.9 join train.jsonl, and the same recipe trains on both
@@ -126,6 +128,9 @@ CONFIGS = {
     # the closest recipe with more training: a third epoch, or twice the learning rate (issue 14)
     "toolkit-max-length-256-cooccurrence-unlabeled-3-epochs": {
         "system": TOOLKIT, "precision": "auto", "unlabeled": True, "epochs": 3,
+        "flags": ["--max-length", "256", "--new-token-init", "cooccurrence"]},
+    "toolkit-max-length-256-cooccurrence-unlabeled-10-epochs": {  # train_classifier.py's own --epochs default
+        "system": TOOLKIT, "precision": "auto", "unlabeled": True, "epochs": 10,
         "flags": ["--max-length", "256", "--new-token-init", "cooccurrence"]},
     "toolkit-max-length-256-cooccurrence-unlabeled-lr-1e-4": {
         "system": TOOLKIT, "precision": "auto", "unlabeled": True,
