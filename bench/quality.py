@@ -77,6 +77,8 @@ TOOLKIT, TRAINER = "toolkit", "trainer"
 
 # name -> system, --extend-vocab on/off, extra toolkit flags, monkeypatches, Trainer arguments, validation file,
 # epochs and precision when not the bench's (--epochs, fp32), unlabeled text (data_dir/unlabeled.txt)
+# the closest recipe to TF-IDF (issue 14): whole reviews, added rows placed from their neighbours
+PLACED_256 = ["--max-length", "256", "--new-token-init", "cooccurrence"]
 CONFIGS = {
     "toolkit": {"system": TOOLKIT},
     "trainer": {"system": TRAINER},
@@ -115,31 +117,25 @@ CONFIGS = {
                                    "flags": ["--max-length", "256", "--ema-decay", "0.99"]},
     # added rows placed from the tokens they appear beside (issue 14: a start with meaning, no MLM steps)
     "toolkit-cooccurrence": {"system": TOOLKIT, "precision": "auto", "flags": ["--new-token-init", "cooccurrence"]},
-    "toolkit-max-length-256-cooccurrence": {"system": TOOLKIT, "precision": "auto",
-                                            "flags": ["--max-length", "256", "--new-token-init", "cooccurrence"]},
+    "toolkit-max-length-256-cooccurrence": {"system": TOOLKIT, "precision": "auto", "flags": PLACED_256},
     "toolkit-max-length-256-cooccurrence-unlabeled": {"system": TOOLKIT, "precision": "auto", "unlabeled": True,
-                                                      "flags": ["--max-length", "256", "--new-token-init",
-                                                                "cooccurrence"]},
+                                                      "flags": PLACED_256},
     "toolkit-max-length-256-unlabeled": {"system": TOOLKIT, "precision": "auto", "unlabeled": True,
                                          "flags": ["--max-length", "256", "--new-token-init", "random"]},
-    "toolkit-max-length-256-cooccurrence-mlm-unlabeled": {
-        "system": TOOLKIT, "precision": "auto", "unlabeled": True,
-        "flags": ["--max-length", "256", "--new-token-init", "cooccurrence", "--mlm-adapt-steps", "500"]},
+    "toolkit-max-length-256-cooccurrence-mlm-unlabeled": {"system": TOOLKIT, "precision": "auto", "unlabeled": True,
+                                                          "flags": [*PLACED_256, "--mlm-adapt-steps", "500"]},
     # the closest recipe with more training: a third epoch, or twice the learning rate (issue 14)
     "toolkit-max-length-256-cooccurrence-unlabeled-3-epochs": {
-        "system": TOOLKIT, "precision": "auto", "unlabeled": True, "epochs": 3,
-        "flags": ["--max-length", "256", "--new-token-init", "cooccurrence"]},
+        "system": TOOLKIT, "precision": "auto", "unlabeled": True, "epochs": 3, "flags": PLACED_256},
     "toolkit-max-length-256-cooccurrence-unlabeled-10-epochs": {  # train_classifier.py's own --epochs default
-        "system": TOOLKIT, "precision": "auto", "unlabeled": True, "epochs": 10,
-        "flags": ["--max-length", "256", "--new-token-init", "cooccurrence"]},
+        "system": TOOLKIT, "precision": "auto", "unlabeled": True, "epochs": 10, "flags": PLACED_256},
     "toolkit-max-length-256-cooccurrence-unlabeled-lr-1e-4": {
-        "system": TOOLKIT, "precision": "auto", "unlabeled": True,
-        "flags": ["--max-length", "256", "--new-token-init", "cooccurrence", "--learning-rate", "1e-4"]},
+        "system": TOOLKIT, "precision": "auto", "unlabeled": True, "flags": [*PLACED_256, "--learning-rate", "1e-4"]},
     # self-training: the recipe's model labels the unlabeled reviews; those it is sure of join the training file
     "toolkit-max-length-256-cooccurrence-pseudo-labels": {
         "system": TOOLKIT, "precision": "auto", "unlabeled": True,
         "teacher": "toolkit-max-length-256-cooccurrence-unlabeled", "min_probability": 0.9,
-        "flags": ["--max-length", "256", "--new-token-init", "cooccurrence"]},
+        "flags": PLACED_256},
     "trainer-cls": {"system": TRAINER, "patches": ["cls_head"]},
     "trainer-group-by-length": {"system": TRAINER, "trainer_args": {"train_sampling_strategy": "group_by_length"}},
     "untuned": {"system": "untuned"},

@@ -113,11 +113,9 @@ def fit_embeddings_to_tokenizer(backbone, tokenizer, init, texts=()):
       unk          a copy of the [UNK] row, so that at step 0 the model computes what the base model did
     "mean" and "unk" start every new token as the same vector, and training has to break the tie.
     On 4k Chinese reviews with all-MiniLM-L6-v2 and ~2,000 added characters (bench/quality.py,
-    3 seeds) random rows reached 77.9% +- 1.1 test accuracy, mean rows 73.0% +- 4.8. With 256 tokens and
-    the co-occurrence counted over 10,868 unlabeled reviews too, cooccurrence rows reached 82.25% +- 0.56
-    against random rows' 81.75% +- 0.30 (same 3,040 tokens, 3 seeds; TF-IDF 82.75%). In train_vector.py on
-    Chinese review retrieval they lifted NDCG@10 by about 0.12 over [UNK]-row starts (bench/README.md,
-    "Added rows placed from their neighbours").
+    3 seeds) random rows reached 77.9% +- 1.1 test accuracy, mean rows 73.0% +- 4.8. What cooccurrence rows
+    gain over those (little for the classifier, about 0.12 NDCG@10 for train_vector.py) is measured in
+    bench/README.md, "Added rows placed from their neighbours".
     The embedding module remembers where the added rows begin (``first_added_row``) for --new-token-lr.
     """
     old_rows = backbone.get_input_embeddings().num_embeddings
@@ -161,7 +159,8 @@ def cooccurrence_rows(weight, first_new_row, tokenizer, texts):
     sequences = token_sequences(tokenizer, texts, MAX_COOCCURRENCE_TOKENS)
     counts = np.bincount(np.concatenate(sequences + [np.zeros(0, np.int64)]), minlength=weight.shape[0])
     special = set(tokenizer.all_special_ids)
-    frequent = np.array([token for token in np.flatnonzero(counts >= MIN_COOCCURRENCE_COUNT) if token not in special])
+    frequent = np.array([token for token in np.flatnonzero(counts >= MIN_COOCCURRENCE_COUNT)
+                         if token not in special])
     anchors = frequent[frequent < first_new_row]
     targets = frequent[frequent >= first_new_row]
     if len(anchors) < 2 or len(targets) == 0:
