@@ -46,6 +46,7 @@ Configurations (--configs, comma-separated):
   toolkit-max-length-256-cooccurrence-mlm-unlabeled   the co-occurrence recipe after --mlm-adapt-steps 500 on the
                                    training texts and --unlabeled-path (masked-LM from placed rows, not random ones)
   toolkit-max-length-256-cooccurrence-unlabeled-3-epochs   the co-occurrence recipe with --epochs 3
+  toolkit-max-length-256-cooccurrence-unlabeled-4-epochs   the co-occurrence recipe with --epochs 4
   toolkit-max-length-256-cooccurrence-unlabeled-lr-1e-4    the co-occurrence recipe with --learning-rate 1e-4
   toolkit-max-length-256-cooccurrence-unlabeled-10-epochs  the co-occurrence recipe with the trainer's --epochs 10 and
                                    its early stopping (--patience 3)
@@ -124,9 +125,11 @@ CONFIGS = {
                                          "flags": ["--max-length", "256", "--new-token-init", "random"]},
     "toolkit-max-length-256-cooccurrence-mlm-unlabeled": {"system": TOOLKIT, "precision": "auto", "unlabeled": True,
                                                           "flags": [*PLACED_256, "--mlm-adapt-steps", "500"]},
-    # the closest recipe with more training: a third epoch, or twice the learning rate (issue 14)
+    # the closest recipe with more training: a third or fourth epoch, or twice the learning rate (issue 14)
     "toolkit-max-length-256-cooccurrence-unlabeled-3-epochs": {
         "system": TOOLKIT, "precision": "auto", "unlabeled": True, "epochs": 3, "flags": PLACED_256},
+    "toolkit-max-length-256-cooccurrence-unlabeled-4-epochs": {
+        "system": TOOLKIT, "precision": "auto", "unlabeled": True, "epochs": 4, "flags": PLACED_256},
     "toolkit-max-length-256-cooccurrence-unlabeled-10-epochs": {  # train_classifier.py's own --epochs default
         "system": TOOLKIT, "precision": "auto", "unlabeled": True, "epochs": 10, "flags": PLACED_256},
     "toolkit-max-length-256-cooccurrence-unlabeled-lr-1e-4": {
