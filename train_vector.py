@@ -749,12 +749,8 @@ def describe_evaluation(row):
 
 def run_training(args, context):
     # ---- validate everything cheap before loading the model or tokenizing
-    run_dir = distributed.run_on_main(context, lambda: rundir.prepare_run_dir(
-        args.output_dir, "--output-dir", "train_vector.py", rundir.input_options(args), args.overwrite_output_dir,
-        args.resume))
-    output_dir, args.run_id = run_dir.path, run_dir.run_id
-    args.input_digests = checkpoints.describe_inputs(args)
-    resume_from = checkpoints.find_resume_checkpoint(args.resume, output_dir, args.run_id)
+    run_dir, resume_from = training.claim_run_dir(args, context, "train_vector.py")
+    output_dir = run_dir.path
     args.metric_for_best_model = resolve_selection_metric(args.metric_for_best_model, resume_from)
     checkpoints.check_resume(resume_from, args)
     splits = load_splits(args, ("train", "val"))

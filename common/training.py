@@ -194,6 +194,19 @@ def run_in_context(args, run, use_distributed=True):
         distributed.cleanup_distributed(context)
 
 
+def claim_run_dir(args, context, script):
+    """Claim ``--output-dir`` for this run on the main process (common/rundir.py's rules: nothing the
+    run did not create is touched), record the run id and the inputs' digests in ``args``, and return
+    ``(run_dir, resume_from)``: the checkpoint ``--resume`` continues from, or None."""
+    from common import checkpoints, rundir
+    run_dir = distributed.run_on_main(context, lambda: rundir.prepare_run_dir(
+        args.output_dir, "--output-dir", script, rundir.input_options(args), args.overwrite_output_dir,
+        args.resume))
+    args.run_id = run_dir.run_id
+    args.input_digests = checkpoints.describe_inputs(args)
+    return run_dir, checkpoints.find_resume_checkpoint(args.resume, run_dir.path, args.run_id)
+
+
 # ---------------------------------------------------------------- run log
 
 class TrainingMeter:
