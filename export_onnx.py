@@ -82,7 +82,10 @@ def build_parser():
     parser = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flag(parser, "model-path", required=True,
              help="model directory to export, or with --validate the .onnx file to check")
-    add_flag(parser, "output-path", default="model.onnx", help="where to write the .onnx file")
+    add_flag(parser, "output-path", default="model.onnx",
+             help="where to write the .onnx file; an earlier export of the same --model-path there is replaced")
+    add_flag(parser, "overwrite-output", action="store_true",
+             help="replace an --output-path that holds another model's export or a file this toolkit did not export")
     add_flag(parser, "max-length", type=bounded(int, minimum=2), default=None,
              help="max sequence length stored with the export and used by the parity checks "
                   "(default: the model directory's max_length; a different value changes truncation "
@@ -846,6 +849,26 @@ def check_export_paths(args):
     return model_dir, resolved
 
 
+def check_replaceable_export(existing, model_dir, shown_path):
+    """Re-exporting a model replaces its own earlier export; another model's export, or an .onnx this
+    toolkit did not write, is someone's result and needs --overwrite-output."""
+    source = recorded_source(existing)
+    if source == str(model_dir.resolve()):
+        return
+    held = f"an export of {source}" if source else "an .onnx file this toolkit did not export (no preprocessing record)"
+    raise UserError(f"--output-path {shown_path}: holds {held}; choose another path, "
+                    "or add --overwrite-output to replace it")
+
+
+def recorded_source(onnx_path):
+    """The source model the export at ``onnx_path`` records, or None."""
+    try:
+        meta = json.loads(inference.onnx_companions(onnx_path)[0].read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta.get("source_model") if isinstance(meta, dict) else None
+
+
 def model_files(model_dir):
     """The files of a model directory that loading reads (not exports written into it earlier)."""
     if not model_dir.is_dir():
@@ -916,12 +939,9 @@ def tokenizer_fingerprint(tokenizer):
 
 def recorded_sources(folder):
     """The source models that the exports already in ``folder`` record."""
-    sources = set()
-    for path in Path(folder).glob("*" + inference.PREPROCESSING_SUFFIX):
-        try:
-            sources.add(json.loads(path.read_text(encoding="utf-8")).get("source_model"))
-        except (OSError, ValueError, AttributeError):
-            continue
+    suffix = inference.PREPROCESSING_SUFFIX
+    sources = {recorded_source(path.with_name(path.name[:-len(suffix)] + ".onnx"))
+               for path in Path(folder).glob("*" + suffix)}
     return sorted(source for source in sources if source)
 
 
@@ -1017,6 +1037,8 @@ def run_export(args):
     check_int8_options(args.quantize, args)
     torch_loaded = inference.load_torch_model(model_dir, args.device)
     lengths = resolve_max_length(args.max_length, torch_loaded)
+    if output_path.exists() and not args.overwrite_output:  # after the model's own checks, which name it first
+        check_replaceable_export(output_path, model_dir, args.output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     check_shared_tokenizer(output_path, torch_loaded)
     # same folder, so same filesystem: moving the checked files into place is a rename

@@ -141,10 +141,12 @@ from common.text import build_normalizer  # noqa: E402
 
 def load_splits(args, problem, label_names=None):
     """Read and validate every split before anything expensive; returns (splits, label_set, format)."""
+    grouped_path = args.test_path or args.val_path or args.data_path  # the file whose groups are reported
+
     def read(path, split=None, default_splits=("train",)):
         return data.load_text_examples(path, args.text_field, args.label_field, args.group_field,
                                        args.skip_invalid, split=split, default_splits=default_splits,
-                                       parse_label=problem.parse_label)
+                                       parse_label=problem.parse_label, require_group_field=path == grouped_path)
     label_field = args.label_field or "label"
     train_examples = read(args.data_path, args.data_split) if args.data_path else []
     label_set = data.LabelSet(label_names) if label_names else problem.build_label_set(
@@ -161,7 +163,7 @@ def load_splits(args, problem, label_names=None):
     data.report_skipped(*splits.values())
     if not args.val_path and splits["train"]:
         record_format = splits["train"].record_format
-        splits["train"], splits["val"] = problem.split_validation(splits["train"], args.val_ratio, args.seed)
+        splits["train"], splits["val"] = problem.split_validation(splits["train"], args.val_ratio, args.seed, label_set)
         splits["train"] = data.ExampleList(splits["train"])
         splits["train"].record_format = record_format
     if splits["train"]:
@@ -579,10 +581,9 @@ def tune_fusion(args, retriever, reranker, model_dir, val_pairs, val_scores, log
 
 def write_curves(output_dir):
     from common.plots import write_training_curves_png
-    log_path = output_dir / "train_log.jsonl"
+    log_path = output_dir / training.RUN_LOG_FILE
     if log_path.is_file():
-        rows = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        write_training_curves_png(output_dir / "training_curves.png", rows)
+        write_training_curves_png(output_dir / "training_curves.png", training.read_run_log(log_path))
 
 
 def write_reports(output_dir, results, split_name, examples, logits, labels, label_set, args, logger):

@@ -155,7 +155,7 @@ def load_splits(args, problem, label_names=None):
                                          args.skip_invalid, label_field)
     data.report_skipped(*splits.values())
     if not args.val_path and splits["train"]:
-        splits["train"], splits["val"] = problem.split_validation(splits["train"], args.val_ratio, args.seed)
+        splits["train"], splits["val"] = problem.split_validation(splits["train"], args.val_ratio, args.seed, label_set)
     if splits["train"]:
         problem.check_coverage(splits["train"], splits["val"], label_set)
     return splits, label_set

@@ -162,6 +162,10 @@ def verify_checksums(directory):
         sums = json.loads(manifest.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
         raise UserError(f"--resume {manifest}: unreadable checksum list") from None
+    # write_checksums always lists the checkpoint's files: an empty list would verify nothing
+    if not isinstance(sums, dict) or not sums or not all(isinstance(value, str) for value in sums.values()):
+        raise UserError(f"--resume {manifest}: damaged checksum list (expected a JSON object of file name to "
+                        "sha256, one entry per file); --resume-force loads the checkpoint unverified")
     for name, expected in sums.items():
         path = directory / name
         if not path.is_file():

@@ -3,7 +3,9 @@ import argparse
 import difflib
 import json
 import math
+import os
 import re
+import stat
 import sys
 from pathlib import Path
 
@@ -99,7 +101,8 @@ OPTION_RANGES = {
     "adam_epsilon": bounded(float, above=0.0), "warmup_ratio": probability(strict_upper=False),
     "warmup_steps": bounded(int, minimum=0), "max_grad_norm": bounded(float, minimum=0.0),
     "val_ratio": bounded(float, above=0.0, below=1.0), "dropout": probability(),
-    "focal_gamma": bounded(float, minimum=0.0), "class_weights_beta": bounded(float, above=0.0, below=1.0),
+    "focal_gamma": bounded(float, minimum=0.0), "huber_delta": bounded(float, above=0.0),
+    "class_weights_beta": bounded(float, above=0.0, below=1.0),
     "label_smoothing": probability(), "rdrop_alpha": bounded(float, minimum=0.0),
     "adv_epsilon": bounded(float, above=0.0), "adv_steps": bounded(int, minimum=1, maximum=100),
     "ema_decay": probability(strict_upper=False),
@@ -307,11 +310,8 @@ def load_yaml_config(path, section_aliases):
     differs from the flag (``("model", "name") -> "model_name"``); other keys map to
     themselves. A key that no flag takes is an error naming the file and key.
     """
-    config_path = Path(path)
-    if not config_path.is_file():
-        raise UserError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(read_config_text(path)) or {}
     except yaml.YAMLError as error:
         raise UserError(f"{path}: invalid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(raw, dict):
@@ -324,6 +324,29 @@ def load_yaml_config(path, section_aliases):
         else:
             flat[section_aliases.get((None, section), section)] = (section, body)
     return flat
+
+
+def read_config_text(path):
+    """The text of the config file at ``path``: a regular file in UTF-8 (a byte-order mark is dropped).
+
+    Anything else is one line naming the file; a FIFO or device is refused before it is opened,
+    since reading one could block or never end.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except OSError as error:
+        raise UserError(f"{path}: cannot read the config file ({error.strerror or error})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, device or socket"
+        raise UserError(f"{path}: the config file is not a regular file ({kind})")
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as error:
+        raise UserError(f"{path}: cannot read the config file ({error.strerror or error})") from None
+    from common.data import decode_utf8  # imported here: common.data loads torch, and --help must not
+    return decode_utf8(raw, path)
 
 
 def parse_with_config(parser, argv, section_aliases, value_converters=None):
@@ -365,6 +388,8 @@ def convert_config_value(action, value, where):
         if not isinstance(value, bool):
             raise UserError(f"{where}: expected true or false, got {value!r}")
         return action.const if value else action.default
+    if isinstance(value, bool) and action.type in (None, str):
+        return _text_option_from_boolean(action, value, where)
     if isinstance(value, (dict, list)):
         raise UserError(f"{where}: expected a single value, got a {type(value).__name__}")
     try:
@@ -374,6 +399,19 @@ def convert_config_value(action, value, where):
     if action.choices is not None and converted not in action.choices:
         raise UserError(f"{where}: expected one of {', '.join(map(str, action.choices))}, got {value!r}")
     return converted
+
+
+def _text_option_from_boolean(action, value, where):
+    """A YAML boolean for an option that takes a path or word (str() would make it the path "True").
+
+    An option whose value may be left out (``--resume`` alone means "latest") takes ``true`` as that
+    bare flag and ``false`` as not given; any other is refused: YAML reads yes/no/on/off as booleans.
+    """
+    if action.nargs == "?":
+        return action.const if value else action.default
+    takes = f"one of {', '.join(map(str, action.choices))}" if action.choices else "a path or text"
+    raise UserError(f"{where}: expected {takes}, got the YAML boolean {str(value).lower()} "
+                    "(quote a word YAML reads as a boolean, like 'no')")
 
 
 def write_effective_config(args, output_dir):

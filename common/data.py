@@ -25,6 +25,10 @@ from common.errors import UserError
 
 MAX_ERRORS_SHOWN = 5
 MAX_NAMES_SHOWN = 20  # label names listed in an "unknown label" error
+# Numbers read from data files are trained on in float32, and the losses square them (a regression
+# target in MSE, a pair weight times another in CoSENT): past sqrt(float32 max), about 1.8e19, that
+# overflows to inf, every step is skipped and the metrics end in NaN. Finite in float64 is not enough.
+MAX_TRAINABLE_MAGNITUDE = math.sqrt(float(np.finfo(np.float32).max))
 
 
 @dataclass
@@ -388,7 +392,9 @@ def require_number(record, name, default=None, low=None, high=None):
 
 
 def parse_number(where, value):
-    """A finite float from a JSON number or a numeric string (CSV); a RecordError naming ``where`` otherwise."""
+    """A finite float from a JSON number or a numeric string (CSV), at most ``MAX_TRAINABLE_MAGNITUDE``
+    in size; a RecordError naming ``where`` otherwise. Every number read from a data file (regression
+    targets, pair rel and weight, query-group scores) comes through here."""
     if isinstance(value, bool):
         raise RecordError(f"{where}: expected a number, got a boolean")
     try:
@@ -399,6 +405,9 @@ def parse_number(where, value):
         number = math.inf
     if not math.isfinite(number):
         raise RecordError(f"{where}: must be a finite number, got {_short(value)}")
+    if abs(number) > MAX_TRAINABLE_MAGNITUDE:
+        raise RecordError(f"{where}: {_short(value)} is too large for float32 training (its square overflows); "
+                          f"keep it within +-{MAX_TRAINABLE_MAGNITUDE:.3g} (rescale the values)")
     return number
 
 
@@ -497,7 +506,13 @@ MAX_LABEL_DIGITS = 18  # a longer integer label is no class id (and int() refuse
 
 
 def _check_raw_label(record, label_field, raw_label):
-    """The label as an int (JSON 2 or 2.0, CSV "2") or a name; anything else is a RecordError."""
+    """The label as an int (JSON 2 or 2.0, CSV "2") or a name; anything else is a RecordError.
+
+    A name is stripped, as --labels strips its names: "positive " would otherwise be a class of
+    its own beside "positive". A name that is only whitespace is missing, like an empty one.
+    """
+    if isinstance(raw_label, str):
+        raw_label = check_string(record, label_field, raw_label).strip()
     if raw_label is None or raw_label == "":
         raise RecordError(f"{record.where(label_field)}: missing")
     if isinstance(raw_label, float) and raw_label.is_integer():
@@ -505,27 +520,28 @@ def _check_raw_label(record, label_field, raw_label):
     if isinstance(raw_label, bool) or not isinstance(raw_label, (int, str)):
         raise RecordError(f"{record.where(label_field)}: expected an integer or a string, "
                           f"got {type(raw_label).__name__}")
-    if isinstance(raw_label, str):
-        check_string(record, label_field, raw_label)
-        digits = raw_label.strip()
-        if INTEGER_LABEL.fullmatch(digits):  # CSV cells are strings: "2" means label 2
-            if len(digits.lstrip("-")) > MAX_LABEL_DIGITS:
-                raise RecordError(f"{record.where(label_field)}: integer label {_short(digits)} is too large "
-                                  f"(a class id has at most {MAX_LABEL_DIGITS} digits)")
-            return int(digits)
+    if isinstance(raw_label, str) and INTEGER_LABEL.fullmatch(raw_label):  # CSV cells are strings: "2" is label 2
+        if len(raw_label.lstrip("-")) > MAX_LABEL_DIGITS:
+            raise RecordError(f"{record.where(label_field)}: integer label {_short(raw_label)} is too large "
+                              f"(a class id has at most {MAX_LABEL_DIGITS} digits)")
+        return int(raw_label)
     return raw_label
 
 
 def load_text_examples(path, text_field=None, label_field=None, group_field=None,
                        skip_invalid=False, require_label=True, split=None, default_splits=("train",),
-                       parse_label=None):
+                       parse_label=None, require_group_field=False):
     """Read a classification file into TextExamples (format detected per file).
 
     ``parse_label(where, raw_label)``, when given, checks and converts each raw label instead of the
     single-label rules (a list of names for multi-label, a number for regression); ``where`` names
-    the record and the field for its errors.
+    the record and the field for its errors. With ``require_group_field`` (the file whose groups are
+    reported), a ``group_field`` that no record has is refused as a misspelt field; records without
+    it among records with it form the "(none)" group.
     """
     records = read_records(path, split=split, skip_invalid=skip_invalid, default_splits=default_splits)
+    if require_group_field and group_field and not any(group_field in record.fields for record in records):
+        raise UserError(f"{path}: field '{group_field}' (--group-field): missing from every record")
     record_format = detect_format(records[0], text_field)
     parse = lambda record: parse_labelled_example(  # noqa: E731
         record, record_format, text_field, label_field, group_field, require_label, parse_label)
@@ -643,15 +659,21 @@ def resolve_labels(label_set, examples, skip_invalid, label_field="label"):
     return parse_each(examples, resolve, skip_invalid)
 
 
-def stratified_split(examples, val_ratio, seed):
-    """Split off a validation set with the class shares of the whole (scikit-learn)."""
+def stratified_split(examples, val_ratio, seed, label_set):
+    """Split off a validation set with the class shares of the whole (scikit-learn).
+
+    A class with a single record cannot be on both sides: refused, naming the label and its record.
+    """
     from sklearn.model_selection import train_test_split
     labels = [example.label for example in examples]
     counts = np.bincount(labels)
     too_small = [index for index, count in enumerate(counts) if count == 1]
     if too_small:
-        raise UserError(f"the validation split would leave class id(s) {too_small} empty "
-                        "(only one record each): add data or pass --val-path")
+        lone = [f"{_short(label_set.names[index])} ({next(e.locator for e in examples if e.label == index)})"
+                for index in too_small[:MAX_ERRORS_SHOWN]]
+        more = f", ... ({len(too_small)} in all)" if len(too_small) > MAX_ERRORS_SHOWN else ""
+        raise UserError(f"the validation split would leave class(es) {', '.join(lone)}{more} empty: each has only "
+                        "one training record; add data or pass --val-path")
     # at least one record of every class, so a small data set still gets a usable validation split
     requested = math.ceil(val_ratio * len(examples))  # what scikit-learn takes for a float test_size
     val_size = max(requested, int(np.count_nonzero(counts)))

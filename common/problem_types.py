@@ -55,8 +55,9 @@ class SingleLabel:
     def resolve(self, label_set, examples, skip_invalid, label_field):
         return data.resolve_labels(label_set, examples, skip_invalid, label_field)
 
-    def split_validation(self, examples, val_ratio, seed):
-        return data.stratified_split(examples, val_ratio, seed)
+    def split_validation(self, examples, val_ratio, seed, label_set):
+        """(train, validation) with the class shares of the whole; ``label_set`` names a class it cannot split."""
+        return data.stratified_split(examples, val_ratio, seed, label_set)
 
     def check_coverage(self, train_examples, val_examples, label_set):
         data.check_label_coverage(train_examples, val_examples, label_set)
@@ -154,7 +155,8 @@ class MultiLabel(SingleLabel):
     # ---- data
     def parse_label(self, where, raw_label):
         """A list of label names (JSON), or one string of names joined by the label separator (CSV,
-        chat); an empty list or string means "none of them"."""
+        chat); an empty list or string means "none of them". Names are stripped, and a name given
+        twice (["a", "a"], "a, a ") is kept once: a label is either on a record or not."""
         if raw_label is None:
             raise data.RecordError(f"{where}: missing (an empty list [] means none of the labels)")
         if isinstance(raw_label, str):
@@ -186,7 +188,7 @@ class MultiLabel(SingleLabel):
             return example
         return data.parse_each(examples, resolve, skip_invalid)
 
-    def split_validation(self, examples, val_ratio, seed):
+    def split_validation(self, examples, val_ratio, seed, label_set):
         """A random split: per-class stratification has no single class to follow here."""
         return random_split(examples, val_ratio, seed)
 
@@ -441,7 +443,7 @@ class Regression(SingleLabel):
             example.label = float(example.raw_label)
         return examples
 
-    def split_validation(self, examples, val_ratio, seed):
+    def split_validation(self, examples, val_ratio, seed, label_set):
         return random_split(examples, val_ratio, seed)
 
     def check_coverage(self, train_examples, val_examples, label_set):

@@ -16,6 +16,8 @@ MRR, MAP and Recall use binary relevance (rel > threshold). A query with no rele
 document has no defined NDCG, MRR, AP or Recall: ``ranking_metrics`` leaves it out and
 counts it.
 """
+import argparse
+
 import numpy as np
 
 DEFAULT_KS = (1, 3, 5, 10)
@@ -107,11 +109,16 @@ def ranking_metrics(queries, ks=DEFAULT_KS, threshold=0.0):
 
 
 def parse_ks(value):
-    """``--k 1,3,5,10`` -> (1, 3, 5, 10); each a positive integer."""
+    """``--k 1,3,5,10`` -> (1, 3, 5, 10); each a positive integer.
+
+    An ArgumentTypeError, not a ValueError: argparse shows its message, where for a ValueError it
+    says only "invalid parse_ks value".
+    """
+    expected = f"expected comma-separated positive integers (like 1,3,10), got {value!r}"
     try:
         ks = tuple(int(part) for part in str(value).split(",") if part.strip())
     except ValueError:
-        raise ValueError(f"--k expects comma-separated positive integers, got {value!r}") from None
+        raise argparse.ArgumentTypeError(expected) from None
     if not ks or min(ks) < 1:
-        raise ValueError(f"--k expects comma-separated positive integers, got {value!r}")
+        raise argparse.ArgumentTypeError(expected)
     return ks

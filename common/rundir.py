@@ -41,12 +41,24 @@ def matches(name, patterns):
 
 
 def read_run_record(directory):
-    """run.json of a directory this toolkit wrote, or None."""
+    """run.json of a directory this toolkit wrote, or None when there is none.
+
+    A run.json that cannot be read is an error naming it, not a foreign directory: calling it
+    foreign would hide the cause, and nothing in the directory is deleted either way.
+    """
+    path = Path(directory) / RUN_FILE
     try:
-        record = json.loads((Path(directory) / RUN_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        record = json.loads(path.read_bytes())
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    return record if isinstance(record, dict) and "run_id" in record else None
+    except OSError as error:
+        raise UserError(f"{path}: cannot read run.json ({error.strerror or error})") from None
+    except ValueError:  # also a UnicodeDecodeError
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("run_id"), str):
+        raise UserError(f"{path}: damaged run.json (expected a JSON object with a run_id); restore it or "
+                        "choose a new output directory (nothing was changed)")
+    return record
 
 
 @dataclass

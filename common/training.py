@@ -5,6 +5,7 @@ have modules of their own.
 The loops themselves stay in the scripts; these functions only build and save objects.
 """
 import json
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -199,15 +200,60 @@ def claim_run_dir(args, context, script):
     run did not create is touched), record the run id and the inputs' digests in ``args``, and return
     ``(run_dir, resume_from)``: the checkpoint ``--resume`` continues from, or None."""
     from common import checkpoints, rundir
-    run_dir = distributed.run_on_main(context, lambda: rundir.prepare_run_dir(
-        args.output_dir, "--output-dir", script, rundir.input_options(args), args.overwrite_output_dir,
-        args.resume))
+
+    def claim():
+        run_dir = rundir.prepare_run_dir(args.output_dir, "--output-dir", script, rundir.input_options(args),
+                                         args.overwrite_output_dir, args.resume)
+        if args.resume is not None:  # a damaged log is refused now, not after training; a torn last row
+            read_run_log(run_dir.path / RUN_LOG_FILE, drop_torn_tail=True)  # is cut before rows are appended
+        return run_dir
+
+    run_dir = distributed.run_on_main(context, claim)
     args.run_id = run_dir.run_id
     args.input_digests = checkpoints.describe_inputs(args)
     return run_dir, checkpoints.find_resume_checkpoint(args.resume, run_dir.path, args.run_id)
 
 
 # ---------------------------------------------------------------- run log
+
+RUN_LOG_FILE = "train_log.jsonl"
+
+
+def read_run_log(path, drop_torn_tail=False):
+    """The rows of a run log (train_log.jsonl); [] when there is none.
+
+    A last line that is not a JSON object is what a kill or a full disk mid-append leaves: it is
+    ignored, and with ``drop_torn_tail`` cut from the file, so the next row starts a line of its
+    own. A bad line before the last means the file is damaged: one error line naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    rows, offset = [], 0
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            row = _log_row(line)
+            if row is None:
+                if any(later.strip() for later in lines[number:]):
+                    raise UserError(f"{path} line {number}: damaged run log (not a JSON object); "
+                                    "repair or delete that line")
+                if drop_torn_tail:
+                    os.truncate(path, offset)
+                break
+            rows.append(row)
+        offset += len(line) + 1
+    return rows
+
+
+def _log_row(line):
+    """One line of the run log as a dict, or None when it is not a JSON object."""
+    try:
+        row = json.loads(line)
+    except ValueError:  # also a UnicodeDecodeError: a kill can cut a character in half
+        return None
+    return row if isinstance(row, dict) else None
+
 
 class TrainingMeter:
     """Loss and throughput since the last log row. The one place a training row is built, so every
@@ -254,7 +300,7 @@ class RunLogger:
     """
 
     def __init__(self, output_dir, is_main, describe_evaluation, wandb_run=None):
-        self.path = Path(output_dir) / "train_log.jsonl"
+        self.path = Path(output_dir) / RUN_LOG_FILE
         self.is_main = is_main
         self.describe_evaluation = describe_evaluation
         self.wandb_run = wandb_run
@@ -265,10 +311,7 @@ class RunLogger:
 
     def untuned_row(self):
         """The evaluation of the starting model (step 0) from train_log.jsonl (also after a resume), or None."""
-        if not self.path.is_file():
-            return None
-        rows = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return next((row for row in rows if row.get("untuned")), None)
+        return next((row for row in read_run_log(self.path) if row.get("untuned")), None)
 
     def log(self, row, progress=None):
         """Write ``row``; a training row also shows its loss and learning rate on ``progress`` (a tqdm bar)."""

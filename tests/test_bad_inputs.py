@@ -95,6 +95,9 @@ FIFO = Special("fifo")
 INT_GOOD = [{"text": record["text"], "label": int(record["label"] == "positive")} for record in GOOD]
 
 
+SCORES = [{"text": "good movie", "label": 0.9}, {"text": "bad", "label": 0.1}, {"text": "ok", "label": 0.8}]
+
+
 def with_int_label(index, label):
     """The good records with integer labels, record ``index`` (line index+1) labelled ``label``."""
     return jsonl(INT_GOOD[:index] + [dict(INT_GOOD[index], label=label)] + INT_GOOD[index + 1:])
@@ -302,6 +305,25 @@ HOSTILE_DATA_CASES = [
          train("d.jsonl", "--val-path", "{v.jsonl}"), ["{v.jsonl} line 1", "unknown label 'xxx"]),
     Case("group-field-is-a-list", "classifier", {"d.jsonl": jsonl([dict(r, topic=["a"]) for r in GOOD])},
          train("d.jsonl", "--group-field", "topic"), ["{d.jsonl} line 1", "field 'topic'", "expected a string"]),
+    # a misspelt --group-field used to be accepted, every record then in one "(none)" group
+    Case("group-field-in-no-record", "classifier", {"d.jsonl": GOOD_JSONL},
+         train("d.jsonl", "--group-field", "topic"), ["{d.jsonl}: field 'topic'", "missing from every record"]),
+    Case("group-field-in-no-record-of-the-test-path", "classifier",
+         {"d.jsonl": jsonl([dict(r, topic="a") for r in GOOD]), "t.jsonl": GOOD_JSONL},
+         train("d.jsonl", "--test-path", "{t.jsonl}", "--val-ratio", "0.5", "--group-field", "topic"),
+         ["{t.jsonl}: field 'topic'", "missing from every record"]),
+    # label names are stripped: "neutral " is "neutral", and a lone record of it names the label and the record
+    Case("label-whitespace-only", "classifier", {"d.jsonl": with_record(5, {"text": "good", "label": " \t "})},
+         train("d.jsonl"), ["{d.jsonl} line 6", "field 'label'", "missing"]),
+    Case("validation-split-names-the-lone-label-and-its-record", "classifier",
+         {"d.jsonl": GOOD_JSONL + jsonl([{"text": "so so", "label": "neutral "}])},
+         train("d.jsonl"), ["validation split", "class(es) 'neutral' ({d.jsonl} line 13) empty"]),
+    # finite in float64 but not trainable in float32: used to crash after training (Ridge, metrics)
+    Case("regression-label-1e308", "classifier", {"d.jsonl": jsonl(SCORES + [{"text": "x", "label": 1e308}])},
+         train("d.jsonl", "--problem-type", "regression"), ["{d.jsonl} line 4", "field 'label'", "too large"]),
+    Case("regression-label-minus-3e38-in-csv", "classifier",
+         {"d.csv": csv_text([(r["text"], r["label"]) for r in SCORES] + [("x", "-3e38")])},
+         train("d.csv", "--problem-type", "regression"), ["{d.csv} line 5", "field 'label'", "too large"]),
 ]
 
 # ---------------------------------------------------------------- infer.py and export_onnx.py
@@ -409,6 +431,20 @@ VECTOR_CASES = [
     Case("vector-weight-infinite", "vector", {"t.jsonl": with_pair(1, dict(PAIRS[1], weight=float("inf"))),
                                               "v.jsonl": PAIRS_JSONL},
          pairs("t.jsonl"), ["{t.jsonl} line 2", "field 'weight'", "finite"]),
+    # 1e300 is finite, but cosent multiplies two weights: every step used to be skipped as non-finite
+    Case("vector-weight-1e300", "vector", {"t.jsonl": with_pair(1, dict(PAIRS[1], weight=1e300)),
+                                           "v.jsonl": PAIRS_JSONL},
+         pairs("t.jsonl"), ["{t.jsonl} line 2", "field 'weight'", "too large for float32"]),
+    Case("vector-pos-scores-1e300", "vector",
+         {"t.jsonl": jsonl([{"query": "q", "pos": ["a"], "neg": ["b"]},
+                            {"query": "r", "pos": ["c"], "pos_scores": [1e300]}]), "v.jsonl": PAIRS_JSONL},
+         pairs("t.jsonl"), ["{t.jsonl} line 2", "field 'pos_scores[0]'", "too large"]),
+    Case("vector-neg-scores-minus-3e38", "vector",
+         {"t.jsonl": jsonl([{"query": "q", "pos": ["a"], "neg": ["b", "c"], "neg_scores": [0.1, -3e38]}]),
+          "v.jsonl": PAIRS_JSONL},
+         pairs("t.jsonl"), ["{t.jsonl} line 1", "field 'neg_scores[1]'", "too large"]),
+    Case("rerank-weight-1e300", "classifier", {"d.jsonl": with_pair(2, dict(PAIRS[2], weight=1e300))},
+         train("d.jsonl", "--problem-type", "rerank"), ["{d.jsonl} line 3", "field 'weight'", "too large"]),
     Case("vector-query-missing", "vector", {"t.jsonl": with_pair(0, {"document": "b", "rel": 1}),
                                             "v.jsonl": PAIRS_JSONL},
          pairs("t.jsonl"), ["{t.jsonl} line 1", "field 'query'", "missing"]),
@@ -473,6 +509,8 @@ LONGDOC_CASES = [
          train("d.jsonl"), ["{d.jsonl} line 5", "field 'text'", "surrogate"]),
     Case("longdoc-integer-label-a-billion", "longdoc", {"d.jsonl": with_int_label(1, 10 ** 9)},
          train("d.jsonl"), ["{d.jsonl} line 2", "field 'label'", "too large"]),
+    Case("longdoc-regression-label-1e308", "longdoc", {"d.jsonl": jsonl(SCORES + [{"text": "x", "label": 1e308}])},
+         train("d.jsonl", "--problem-type", "regression"), ["{d.jsonl} line 4", "field 'label'", "too large"]),
     Case("longdoc-fifo-as-data-path", "longdoc", {"d.jsonl": FIFO}, train("d.jsonl"), ["not a regular file"]),
     Case("longdoc-eval-only-truncated-weights", "longdoc", {"t.jsonl": GOOD_JSONL},
          ["--eval-only", "--model-path", "{truncated}", "--test-path", "{t.jsonl}"],

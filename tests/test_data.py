@@ -205,6 +205,32 @@ def test_only_ascii_integers_are_integer_labels(tmp_path, raw, expected):
     assert example.raw_label == expected and type(example.raw_label) is type(expected)
 
 
+def test_label_names_are_stripped_as_labels_flag_strips_them(tmp_path):
+    """"positive " used to be a third class beside "positive"."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": "positive"}, {"text": "b", "label": "positive "},
+                                              {"text": "c", "label": "\tnegative"}, {"text": "d", "label": " 1 "}])
+    examples = data.load_text_examples(path)
+    assert [example.raw_label for example in examples] == ["positive", "positive", "negative", 1]
+    assert data.LabelSet.from_examples(examples[:3]).names == ["negative", "positive"]
+
+
+def test_a_group_field_only_some_records_have_is_accepted(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": "x", "g": "news"}, {"text": "b", "label": "y"}])
+    examples = data.load_text_examples(path, group_field="g", require_group_field=True)
+    assert [example.group for example in examples] == ["news", "(none)"]
+
+
+@pytest.mark.parametrize("value", [1.8e19, -1.8e19, "1e19", 0.5])
+def test_numbers_float32_training_can_square_are_accepted(value):
+    assert data.parse_number("f line 1: field 'label'", value) == float(value)
+
+
+@pytest.mark.parametrize("value", [1.9e19, -3e38, 1e308, "1e300"])
+def test_numbers_whose_square_overflows_float32_are_refused(value):
+    with pytest.raises(data.RecordError, match="f line 1: field 'label': .* is too large for float32 training"):
+        data.parse_number("f line 1: field 'label'", value)
+
+
 def test_integer_labels_are_capped_relative_to_the_data(tmp_path):
     assert data.label_id_limit(24) == 100_000 and data.label_id_limit(50_000) == 500_000
     examples = [data.TextExample("t", None, label, f"f line {n}") for n, label in enumerate((0, 1, 99_999), 1)]

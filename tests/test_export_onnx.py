@@ -263,6 +263,33 @@ def test_a_different_models_tokenizer_is_not_swapped_in(classifier_dir, tiny_mod
     assert folder_contents(output.parent / "tokenizer") == tokenizer_files
 
 
+def test_another_models_export_is_replaced_only_with_overwrite_output(classifier_dir, tiny_model_dir, tmp_path,
+                                                                      capsys):
+    output = tmp_path / "models" / "model.onnx"
+    assert export_onnx.main(["--model-path", str(classifier_dir), "--output-path", str(output)]) == 0
+    before = folder_contents(output.parent)
+    other = make_model_directory(tiny_model_dir, tmp_path / "other", seed=1)  # same tokenizer, other weights
+    capsys.readouterr()
+    assert export_onnx.main(["--model-path", str(other), "--output-path", str(output)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"holds an export of {classifier_dir.resolve()}" in error
+    assert "--overwrite-output" in error
+    assert folder_contents(output.parent) == before
+    # the same model again replaces its own earlier export; another one needs the flag
+    assert export_onnx.main(["--model-path", str(classifier_dir), "--output-path", str(output)]) == 0
+    assert export_onnx.main(["--model-path", str(other), "--output-path", str(output), "--overwrite-output"]) == 0
+    source = json.loads(output.with_name("model.preprocessing.json").read_text(encoding="utf-8"))["source_model"]
+    assert source == str(other.resolve())
+
+
+def test_an_onnx_file_this_toolkit_did_not_export_is_not_replaced(classifier_dir, tmp_path, capsys):
+    output = tmp_path / "theirs.onnx"
+    output.write_bytes(b"someone else's graph")
+    assert export_onnx.main(["--model-path", str(classifier_dir), "--output-path", str(output)]) == 2
+    assert "this toolkit did not export" in capsys.readouterr().err
+    assert output.read_bytes() == b"someone else's graph"
+
+
 def test_validate_detects_an_export_tampered_with_later(classifier_dir, exported, tmp_path):
     copy_dir = tmp_path / "copy"
     copy_dir.mkdir()

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_text_records, write_jsonl
+from conftest import assert_one_error_line, make_text_records, tiny_run_argv, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 KILL_SEED = 20261122
@@ -312,3 +313,53 @@ def test_nan_losses_in_a_row_abort_with_a_clear_message(script, tmp_path, tiny_m
     assert len(errors) == 1 and "3 optimizer steps in a row had a NaN/inf loss" in errors[0]
     for checkpoint in (tmp_path / "out").glob("checkpoint-*"):  # nothing non-finite was ever saved
         assert all(torch.isfinite(tensor).all() for tensor in tensors(checkpoint).values())
+
+
+# ---------------------------------------------------------------- a run log cut short
+
+@pytest.fixture(scope="module")
+def finished_classifier_run(tiny_model_dir, tmp_path_factory):
+    import train_classifier
+    tmp_path = tmp_path_factory.mktemp("log")
+    argv = tiny_run_argv("train_classifier", tmp_path, tiny_model_dir, tmp_path / "out")
+    assert train_classifier.main(argv) == 0
+    return argv, tmp_path / "out"
+
+
+@pytest.fixture
+def interrupted_classifier_run(finished_classifier_run, tmp_path):
+    """A copy of a 2-step run without its last checkpoint: --resume continues from step 1 and appends to the log.
+    Returns (argv, the copy's train_log.jsonl)."""
+    argv, output_dir = finished_classifier_run
+    shutil.copytree(output_dir, tmp_path / "out")
+    shutil.rmtree(tmp_path / "out" / "checkpoint-step-2")
+    argv = list(argv)
+    argv[argv.index("--output-dir") + 1] = str(tmp_path / "out")
+    return argv, tmp_path / "out" / "train_log.jsonl"
+
+
+@pytest.mark.parametrize("torn", [b'{"step": 1, "loss": 0.5\n', b'{"step": 1, "loss": 0.5',
+                                  b'{"step": 1, "note": "caf\xc3'],
+                         ids=["with-newline", "no-newline", "cut-character"])
+def test_a_torn_last_log_line_is_dropped_on_resume(torn, interrupted_classifier_run, capsys):
+    """What a SIGKILL or a full disk mid-append leaves; the resumed run's rows must not join it."""
+    import train_classifier
+    argv, log = interrupted_classifier_run
+    with open(log, "ab") as handle:
+        handle.write(torn)
+    assert train_classifier.main(argv + ["--resume"]) == 0, capsys.readouterr().err
+    raw = log.read_bytes()
+    assert torn.rstrip(b"\n") not in raw
+    assert all(isinstance(json.loads(line), dict) for line in raw.splitlines() if line.strip())
+
+
+def test_a_damaged_line_inside_the_log_is_one_line(interrupted_classifier_run, capsys):
+    import train_classifier
+    argv, log = interrupted_classifier_run
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text(lines[0] + '{"step": 1, "lo\n' + "".join(lines[1:]))
+    before = log.read_bytes()
+    capsys.readouterr()
+    assert train_classifier.main(argv + ["--resume"]) == 2
+    assert_one_error_line(capsys.readouterr().err, f"{log} line 2", "damaged run log")
+    assert log.read_bytes() == before

@@ -187,6 +187,12 @@ def test_a_bad_label_in_a_list_is_one_error_line(tmp_path, tiny_model_dir, capsy
     assert_one_error_line(capsys.readouterr().err, f"{val_path} line 4: field 'label'", fragment)
 
 
+def test_a_label_named_twice_in_one_record_counts_once():
+    parse = problem_types.MultiLabel().parse_label
+    assert parse("f line 1: field 'label'", ["a", "a", " b", "b "]) == ["a", "b"]
+    assert parse("f line 1: field 'label'", "a, a,b") == ["a", "b"]
+
+
 @pytest.mark.parametrize("flags, fragment", [
     (["--loss", "focal"], "--loss focal does not apply"),
     (["--class-weights", "effective"], "--class-weights effective does not apply"),

@@ -1,11 +1,15 @@
 """Every bad option value gets one line and exit code 2 before any model loads, on the command
 line and in a YAML config alike, in every trainer that has the option (common/cli.py's
 OPTION_RANGES is the one table they share)."""
+import os
+import re
+
 import pytest
 import torch
 
 from common import cli, modeldir
-from conftest import assert_one_error_line, tiny_run_argv
+from common.errors import UserError
+from conftest import assert_one_error_line, tiny_run_argv, write_jsonl
 
 TRAINERS = ("train_classifier", "train_vector", "train_longdoc")
 ANY = TRAINERS
@@ -26,7 +30,7 @@ BAD_VALUES = [
     ("--adv-epsilon", "nan", ("train_classifier",)), ("--label-smoothing", "1", ("train_classifier",)),
     ("--ema-decay", "1.5", ("train_classifier",)), ("--temperature", "nan", ("train_vector",)),
     ("--temperature", "0", ("train_vector",)), ("--port", "70000", ("train_vector",)),
-    ("--chunk-batch-size", "0", ("train_longdoc",)),
+    ("--chunk-batch-size", "0", ("train_longdoc",)), ("--k", "0", ("train_vector",)),
 ]
 CASES = [(script, flag, value) for flag, value, scripts in BAD_VALUES for script in scripts]
 
@@ -127,3 +131,73 @@ def test_a_max_length_past_the_models_positions_is_one_line_before_tokenizing(sc
     capsys.readouterr()
     assert __import__(script).main(argv) == 2
     assert_one_error_line(capsys.readouterr().err, "--max-length 600", "512 positions")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
+@pytest.mark.parametrize("script", LABELLED)
+def test_a_bad_huber_delta_is_one_line_before_loading(script, value, tiny_model_dir, tmp_path, capsys,
+                                                     no_model_loading):
+    """It used to reach torch's huber_loss at the first evaluation: a RuntimeError traceback."""
+    scores = write_jsonl(tmp_path / "scores.jsonl", [{"text": f"text {i}", "label": i / 4} for i in range(8)])
+    argv = tiny_run_argv(script, tmp_path, tiny_model_dir, tmp_path / "out")
+    argv = set_flag(set_flag(argv, "--data-path", str(scores)), "--val-path", str(scores))
+    argv += ["--problem-type", "regression", "--regression-loss", "huber", "--huber-delta", value]
+    capsys.readouterr()
+    assert __import__(script).main(argv) == 2
+    assert_one_error_line(capsys.readouterr().err, "--huber-delta", "expected a number > 0.0")
+
+
+def test_k_says_which_values_it_takes(tiny_model_dir, tmp_path, capsys, no_model_loading):
+    import train_vector
+    argv = tiny_run_argv("train_vector", tmp_path, tiny_model_dir, tmp_path / "out") + ["--k", "3,0"]
+    capsys.readouterr()
+    assert train_vector.main(argv) == 2
+    assert_one_error_line(capsys.readouterr().err, "--k", "expected comma-separated positive integers", "'3,0'")
+
+
+# ---------------------------------------------------------------- the config file itself
+
+def parse_classifier_config(tmp_path, text):
+    """train_classifier's args with ``text`` as its --config."""
+    import train_classifier
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    return train_classifier.parse_args(["--config", str(config), "--data-path", "x.jsonl"])
+
+
+@pytest.mark.parametrize("raw", [b"training:\n  epochs: 1\n# caf\xe9\n", "training:\n  epochs: 1\n".encode("utf-16")],
+                         ids=["latin-1", "utf-16"])
+def test_a_config_that_is_not_utf8_is_one_line(raw, tiny_model_dir, tmp_path, capsys, no_model_loading):
+    import train_classifier
+    config = tmp_path / "config.yaml"
+    config.write_bytes(raw)
+    argv = tiny_run_argv("train_classifier", tmp_path, tiny_model_dir, tmp_path / "out") + ["--config", str(config)]
+    capsys.readouterr()
+    assert train_classifier.main(argv) == 2
+    assert_one_error_line(capsys.readouterr().err, str(config), "not valid UTF-8", "byte offset")
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_config_that_is_not_a_regular_file_is_one_line(kind, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.mkdir() if kind == "directory" else os.mkfifo(config)  # a FIFO with no writer: opening it would block
+    with pytest.raises(UserError, match=re.escape(f"{config}: the config file is not a regular file")):
+        cli.load_yaml_config(config, {})
+
+
+@pytest.mark.parametrize("text,resume", [("resume: true", "latest"), ("resume: false", None),
+                                         ("resume: yes", "latest")])
+def test_a_yaml_boolean_for_resume_means_the_bare_flag_or_none(text, resume, tmp_path):
+    assert parse_classifier_config(tmp_path, text + "\n").resume == resume
+
+
+def test_a_yaml_boolean_for_an_optional_value_flag_is_its_bare_form(tmp_path):
+    assert parse_classifier_config(tmp_path, "data:\n  normalize: true\n").normalize == "social"
+
+
+@pytest.mark.parametrize("text,key", [("output:\n  dir: true\n", "output.dir"),
+                                      ("data:\n  val_path: no\n", "data.val_path"),
+                                      ("checkpoint:\n  save_strategy: no\n", "checkpoint.save_strategy")])
+def test_a_yaml_boolean_for_a_path_or_word_is_refused(text, key, tmp_path):
+    with pytest.raises(UserError, match=f"key '{key}': expected .*, got the YAML boolean"):
+        parse_classifier_config(tmp_path, text)

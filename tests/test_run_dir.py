@@ -180,6 +180,40 @@ def test_resume_with_another_label_set_is_one_line(interrupted_run, capsys):
     assert_one_error_line(err, "--labels")
 
 
+def copy_of_finished_run(finished_runs, tmp_path, script="train_classifier"):
+    """A copy of a finished run, to damage: (its argv, the copy)."""
+    argv, output_dir = finished_runs[script]
+    shutil.copytree(output_dir, tmp_path / "copy")
+    return with_flag(argv, "--output-dir", tmp_path / "copy"), tmp_path / "copy"
+
+
+@pytest.mark.parametrize("raw", [b'{"run_id": "x"', b"[]", b'{"script": "train_classifier.py"}', b"\xff\xfe{"],
+                         ids=["truncated", "list", "no-run-id", "not-utf8"])
+def test_a_damaged_run_json_is_named_and_nothing_is_deleted(raw, finished_runs, tmp_path, capsys):
+    """It used to be called 'not written by this toolkit', which hid the cause."""
+    argv, output_dir = copy_of_finished_run(finished_runs, tmp_path)
+    (output_dir / rundir.RUN_FILE).write_bytes(raw)
+    before = snapshot_files(output_dir)
+    for extra in (["--resume"], ["--overwrite-output-dir"], []):
+        code, err = run("train_classifier", argv + extra, capsys)
+        assert code == 2
+        assert_one_error_line(err, str(output_dir / rundir.RUN_FILE), "damaged run.json")
+    assert snapshot_files(output_dir) == before
+
+
+@pytest.mark.parametrize("text", ["[]", "{}", '{"config.json": 5}', '"sums"'])
+def test_a_checksum_list_that_lists_no_files_is_refused(text, finished_runs, tmp_path, capsys):
+    """Every checkpoint this toolkit writes has files to check: an empty or malformed list verifies nothing."""
+    argv, output_dir = copy_of_finished_run(finished_runs, tmp_path)
+    manifest = output_dir / "checkpoint-step-2" / checkpoints.CHECKSUM_FILE
+    manifest.write_text(text)
+    before = snapshot_files(output_dir)
+    code, err = run("train_classifier", argv + ["--resume"], capsys)
+    assert code == 2
+    assert_one_error_line(err, str(manifest), "damaged checksum list")
+    assert snapshot_files(output_dir) == before
+
+
 # ---------------------------------------------------------------- atomic directory writes
 
 def write_marker(text):

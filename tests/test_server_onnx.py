@@ -1,7 +1,6 @@
 """The server on the onnxruntime backend: every task's export answers every route as its torch model does."""
 import asyncio
 
-import numpy as np
 import pytest
 
 import export_onnx
