@@ -227,11 +227,19 @@ def check_record_encodable(record, example, record_format, text_field=None):
             raise data.RecordError(f"{record.where(name)}: {inference.describe_unencodable(position)}")
 
 
+# Piped inputs are read whole before the first answer, and short lines take about 25x their size in
+# memory: the cap keeps an endless stream (`< /dev/zero`, `yes |`) from taking the machine down.
+MAX_STDIN_BYTES = 256 * 2**20
+
+
 def read_standard_input():
     """All of standard input as text (UTF-8; a byte-order mark is dropped)."""
     if sys.stdin is None:  # started with standard input closed (`<&-`)
         raise UserError("no input: standard input is closed (give --text, --prompt or --file)")
-    raw = getattr(sys.stdin, "buffer", sys.stdin).read()
+    raw = getattr(sys.stdin, "buffer", sys.stdin).read(MAX_STDIN_BYTES + 1)
+    if len(raw) > MAX_STDIN_BYTES:
+        raise UserError(f"{STDIN_NAME}: more than {MAX_STDIN_BYTES // 2**20} MiB without an end (an endless stream, "
+                        "such as `yes |`?); write the inputs to a file and give --file")
     if isinstance(raw, str):  # a text stream without a byte buffer underneath
         return raw.removeprefix("\ufeff")
     return data.decode_utf8(raw, STDIN_NAME)

@@ -689,6 +689,9 @@ def create_app(service, *, api_key=None, max_texts=64, max_chars=10000, max_batc
     async def prometheus_metrics():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    for path, endpoint in (("/health", health), ("/metrics", prometheus_metrics)):  # load balancers may check with HEAD
+        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
+
     if service.kind == "vector":
         add_vector_routes(app, service, batcher, check_limits, corpus)
     elif service.kind == "rerank":
@@ -990,7 +993,8 @@ def serve(app, host=DEFAULT_HOST, port=8000, graceful_seconds=GRACEFUL_SHUTDOWN_
               + ("" if has_key else " without an API key (consider --api-key)"), file=sys.stderr)
     if workers > 1:
         return serve_workers(app, workers, host, port, graceful_seconds, log_level, **limits)
-    build_server(app, host, port, graceful_seconds, log_level, **limits).run()
+    sock = bind_port(host, port, shared=False)  # bound here: a busy port is one line, not uvicorn's log
+    build_server(app, host, port, graceful_seconds, log_level, **limits).run(sockets=[sock])
     return 0
 
 
@@ -1000,13 +1004,17 @@ WORKER_STARTUP_FAILED = 2  # a worker's app could not be built (a UserError): ev
 WORKER_POLL_SECONDS = 0.5
 
 
-def bind_shared_port(host, port):
-    """A TCP socket bound to (host, port) with SO_REUSEPORT: every worker binds one and the kernel spreads new
-    connections across them by their address hash (a shared accept queue would wake them all for each one)."""
+def bind_port(host, port, shared=True):
+    """A TCP socket bound to (host, port), or one line when the port is taken or the host unknown.
+
+    ``shared``: SO_REUSEPORT, so every worker binds one and the kernel spreads new connections across
+    them by their address hash (a shared accept queue would wake them all for each one).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as error:
@@ -1028,7 +1036,7 @@ def serve_workers(build_app, workers, host=DEFAULT_HOST, port=8000, graceful_sec
     if not hasattr(socket, "SO_REUSEPORT"):
         raise UserError("--workers: this platform has no SO_REUSEPORT; run one server per port behind a "
                         "load balancer instead")
-    bind_shared_port(host, port).close()  # the port is free (or this fails with one line) before any model loads
+    bind_port(host, port).close()  # the port is free (or this fails with one line) before any model loads
     context = multiprocessing.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // workers)
     settings = (build_app, host, port, graceful_seconds, log_level, limits, threads, os.getpid())
@@ -1081,7 +1089,7 @@ def run_worker(build_app, host, port, graceful_seconds, log_level, limits, threa
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(WORKER_STARTUP_FAILED) from None
     ready.set()
-    build_server(app, host, port, graceful_seconds, log_level, **limits).run(sockets=[bind_shared_port(host, port)])
+    build_server(app, host, port, graceful_seconds, log_level, **limits).run(sockets=[bind_port(host, port)])
 
 
 def exit_with_parent(parent_pid):

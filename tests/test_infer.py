@@ -97,6 +97,20 @@ def test_empty_text_gets_a_clear_message(classifier_dir, capsys, monkeypatch):
     assert_one_error_line(capsys.readouterr().err, "no input: stdin is empty")
 
 
+def test_an_endless_standard_input_is_one_line_not_all_memory(classifier_dir, capsys, monkeypatch):
+    class Endless(io.RawIOBase):  # `< /dev/zero` or `yes |`: a stream that never ends
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            buffer[:] = b"y\n" * (len(buffer) // 2) + b"y" * (len(buffer) % 2)
+            return len(buffer)
+    monkeypatch.setattr(infer, "MAX_STDIN_BYTES", 1000)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BufferedReader(Endless())))
+    assert infer.main(["--model-path", str(classifier_dir)]) == 2
+    assert_one_error_line(capsys.readouterr().err, "stdin", "without an end", "--file")
+
+
 def test_json_output_shape_and_default_temperature(classifier_dir, capsys):
     assert infer.main(["--model-path", str(classifier_dir), "--text", "good movie", "--text", "sad", "--json",
                        "--top-k", "2"]) == 0

@@ -562,3 +562,26 @@ def test_a_skipped_corpus_record_leaves_every_later_id_with_its_own_text(tmp_pat
     records.append({"id": "c", "text": "cherry again"})  # the duplicate is named by its own line, not an earlier one
     with pytest.raises(UserError, match="line 7: field 'id': duplicate id 'c'"):
         server.load_corpus_records(write_jsonl(tmp_path / "corpus.jsonl", records), skip_invalid=True)
+
+
+def test_health_and_metrics_answer_head_for_load_balancer_checks():
+    app, _ = vector_app()
+
+    async def calls():
+        async with client_for(app) as client:
+            for path in ("/health", "/metrics"):
+                assert (await client.head(path)).status_code == 200, path
+            assert (await client.head("/encode")).status_code == 405  # a POST route stays POST only
+    run(calls())
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "999.1.1.1"], ids=["port-in-use", "unknown-host"])
+def test_one_worker_that_cannot_listen_is_one_line(host):
+    from common.errors import UserError
+    app, _ = vector_app()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"--port {port}: cannot listen on {host}"):
+            server.serve(app, host=host, port=port, log_level="warning")

@@ -350,13 +350,21 @@ def test_the_read_deadline_does_not_bound_the_model_or_kept_alive_requests():
 
 def test_serve_applies_the_documented_limits(monkeypatch):
     import uvicorn
-    configs = []
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self: configs.append(self.config))
-    assert server.serve(server.create_app(FakeClassifier()), "127.0.0.1", 8123) == 0
+    configs, bound = [], []
+
+    def record(self, sockets=None):
+        configs.append(self.config)
+        bound.extend(sockets or ())
+    monkeypatch.setattr(uvicorn.Server, "run", record)
+    port = free_port()
+    assert server.serve(server.create_app(FakeClassifier()), "127.0.0.1", port) == 0
+    assert [sock.getsockname()[1] for sock in bound] == [port]  # bound before uvicorn starts
+    for sock in bound:
+        sock.close()
     config = configs[0]
     assert issubclass(config.http, server.BoundedH11Protocol)
     assert (config.http.header_timeout, config.http.body_timeout, config.http.max_connections) == (
         server.HEADER_TIMEOUT_SECONDS, server.BODY_TIMEOUT_SECONDS, server.MAX_CONNECTIONS)
     assert config.timeout_keep_alive == server.KEEP_ALIVE_SECONDS
     assert config.h11_max_incomplete_event_size == server.MAX_HEADER_BYTES
-    assert config.ws == "none" and config.port == 8123
+    assert config.ws == "none" and config.port == port
