@@ -852,7 +852,7 @@ def check_export_paths(args):
 def check_replaceable_export(existing, model_dir, shown_path):
     """Re-exporting a model replaces its own earlier export; another model's export, or an .onnx this
     toolkit did not write, is someone's result and needs --overwrite-output."""
-    source = recorded_source(existing)
+    source = recorded_source(inference.onnx_companions(existing)[0])
     if source == str(model_dir.resolve()):
         return
     held = f"an export of {source}" if source else "an .onnx file this toolkit did not export (no preprocessing record)"
@@ -860,10 +860,10 @@ def check_replaceable_export(existing, model_dir, shown_path):
                     "or add --overwrite-output to replace it")
 
 
-def recorded_source(onnx_path):
-    """The source model the export at ``onnx_path`` records, or None."""
+def recorded_source(preprocessing_file):
+    """The source model an export's preprocessing record names, or None."""
     try:
-        meta = json.loads(inference.onnx_companions(onnx_path)[0].read_text(encoding="utf-8"))
+        meta = json.loads(Path(preprocessing_file).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return meta.get("source_model") if isinstance(meta, dict) else None
@@ -939,9 +939,7 @@ def tokenizer_fingerprint(tokenizer):
 
 def recorded_sources(folder):
     """The source models that the exports already in ``folder`` record."""
-    suffix = inference.PREPROCESSING_SUFFIX
-    sources = {recorded_source(path.with_name(path.name[:-len(suffix)] + ".onnx"))
-               for path in Path(folder).glob("*" + suffix)}
+    sources = {recorded_source(path) for path in Path(folder).glob("*" + inference.PREPROCESSING_SUFFIX)}
     return sorted(source for source in sources if source)
 
 

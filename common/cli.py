@@ -3,7 +3,6 @@ import argparse
 import difflib
 import json
 import math
-import os
 import re
 import stat
 import sys
@@ -332,20 +331,15 @@ def read_config_text(path):
     Anything else is one line naming the file; a FIFO or device is refused before it is opened,
     since reading one could block or never end.
     """
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise UserError(f"{path}: config file not found") from None
-    except OSError as error:
-        raise UserError(f"{path}: cannot read the config file ({error.strerror or error})") from None
+    from common.data import decode_utf8, input_path_mode, special_file_kind  # here: common.data loads torch
+    mode = input_path_mode(path, "config file")
     if not stat.S_ISREG(mode):
-        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, device or socket"
+        kind = "a directory" if stat.S_ISDIR(mode) else f"a {special_file_kind(mode)}"
         raise UserError(f"{path}: the config file is not a regular file ({kind})")
     try:
         raw = Path(path).read_bytes()
     except OSError as error:
         raise UserError(f"{path}: cannot read the config file ({error.strerror or error})") from None
-    from common.data import decode_utf8  # imported here: common.data loads torch, and --help must not
     return decode_utf8(raw, path)
 
 

@@ -107,28 +107,35 @@ def _is_directory(path):
     """True for a directory, False for a regular file; anything else is refused before it is opened.
 
     A FIFO with no writer blocks ``open`` forever and /dev/zero never ends, so only regular
-    files are read. ``os.stat`` rather than ``Path.exists``, which calls a symlink loop missing.
+    files are read.
     """
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise UserError(f"{path}: file not found (a symbolic link to "
-                            f"{_clip(os.readlink(path))!r}, which does not exist)") from None
-        raise UserError(f"{path}: file not found") from None
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise UserError(f"{path}: symbolic link loop (too many levels of symbolic links)") from None
-        raise UserError(f"{path}: {error.strerror or error}") from None
+    mode = input_path_mode(path)
     if stat.S_ISDIR(mode):
         return True
     if not stat.S_ISREG(mode):
-        raise UserError(f"{path}: not a regular file (a {_special_file_kind(mode)}); "
+        raise UserError(f"{path}: not a regular file (a {special_file_kind(mode)}); "
                         "pass a .json, .jsonl, .csv or .tsv file")
     return False
 
 
-def _special_file_kind(mode):
+def input_path_mode(path, what="file"):
+    """``os.stat``'s mode of an input path, found without opening it; one error line naming ``what``
+    is missing (a dangling symbolic link said as one), a link loop or unreadable. ``os.stat`` rather
+    than ``Path.exists``, which calls a symlink loop missing."""
+    try:
+        return os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise UserError(f"{path}: {what} not found (a symbolic link to "
+                            f"{_clip(os.readlink(path))!r}, which does not exist)") from None
+        raise UserError(f"{path}: {what} not found") from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise UserError(f"{path}: symbolic link loop (too many levels of symbolic links)") from None
+        raise UserError(f"{path}: {error.strerror or error}") from None
+
+
+def special_file_kind(mode):
     for is_kind, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
                           (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
         if is_kind(mode):
