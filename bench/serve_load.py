@@ -17,6 +17,8 @@ depend on training), so no fine-tuning run is needed.
     python bench/serve_load.py --model-dir ... --concurrency 64 --batch-sizes 64 --max-queue 16  # 4x the queue
     python bench/serve_load.py --base-model ../shared/models/all-MiniLM-L6-v2 --texts-file data/test.jsonl \
         --concurrency 32 --batch-sizes 64 --max-batch-tokens none,2048
+    python bench/serve_load.py --base-model ... --texts-file data/test.jsonl --text-chars 10000 \
+        --texts-per-request 64 --concurrency 150 --requests 150 --batch-sizes 64 --max-queue 2  # a flood
 """
 import argparse
 import asyncio
@@ -47,6 +49,9 @@ def build_parser():
                         help="with --base-model: the query and document max length in tokens")
     parser.add_argument("--texts-file", "--texts_file", default=str(REPO / "examples" / "corpus.jsonl"),
                         help="JSONL whose 'text' or 'query' fields are sent")
+    parser.add_argument("--text-chars", "--text_chars", type=int, default=None,
+                        help="send --texts-per-request texts of this many characters, each the texts file's texts "
+                             "joined in order and cut (10000 with 64 per request: the largest request served)")
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated concurrency levels")
     parser.add_argument("--requests", type=int, default=256, help="requests per level")
     parser.add_argument("--texts-per-request", "--texts_per_request", type=int, default=1, help="texts per request")
@@ -70,6 +75,18 @@ def read_texts(path):
             record = json.loads(line)
             texts.append(record.get("text") or record.get("query"))
     return [text for text in texts if text]
+
+
+def joined_texts(texts, chars, count):
+    """``count`` texts of ``chars`` characters: the texts in order (cycling), joined and cut."""
+    joined, position = [], 0
+    while len(joined) < count:
+        text = ""
+        while len(text) < chars:
+            text += texts[position % len(texts)]
+            position += 1
+        joined.append(text[:chars])
+    return joined
 
 
 def build_untuned_model(base_model, directory, max_length):
@@ -222,6 +239,8 @@ def label_of(max_batch_size, max_batch_tokens):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     texts = read_texts(args.texts_file)
+    if args.text_chars:
+        texts = joined_texts(texts, args.text_chars, args.texts_per_request)
     with tempfile.TemporaryDirectory(prefix="serve-load-") as scratch:
         if args.base_model:
             args.model_dir = build_untuned_model(args.base_model, Path(scratch) / "untuned-vector", args.max_length)
@@ -231,7 +250,7 @@ def main(argv=None):
         model = Path(args.base_model or args.model_dir).name + (" (untuned)" if args.base_model else "")
         # names only: a result file carries no machine paths
         Path(args.output).write_text(json.dumps({"model": model, "texts_file": Path(args.texts_file).name,
-                                                 "results": results}, indent=2))
+                                                 "text_chars": args.text_chars, "results": results}, indent=2))
     return 0
 
 

@@ -17,15 +17,19 @@ Bad input never gets a 5xx: malformed JSON, wrong types and text that is not val
 lone surrogate such as JSON's "\\ud800") answer 422, too many texts, too-long texts or an oversize
 body 413, a missing or wrong key 401, a ``dimensions`` the model lacks 400, always as a JSON body
 (on /v1/ routes with OpenAI's error object beside ``detail``). ``serve()`` bounds how long a client
-may take to send a request (408 after HEADER_TIMEOUT_SECONDS / BODY_TIMEOUT_SECONDS) and how many
-connections may be open (503 past MAX_CONNECTIONS); an unparseable request gets a JSON 400.
+may take to send a request (408 after HEADER_TIMEOUT_SECONDS / BODY_TIMEOUT_SECONDS), to read its
+answer (dropped after WRITE_TIMEOUT_SECONDS) and how many connections may be open (503 past
+MAX_CONNECTIONS); an unparseable request gets a JSON 400, and one with both Content-Length and
+Transfer-Encoding a 400 that closes the connection.
 Concurrent requests are micro-batched: their texts are queued and run as one service call
 in a worker thread, so the event loop keeps answering while the model runs. A batch holds at most
-``max_batch_size`` texts and ``max_batch_tokens`` tokens; past ``max_queue`` waiting requests a new
-one gets 429 at once instead of holding memory until the model gets to it.
+``max_batch_size`` texts and ``max_batch_tokens`` tokens. A request to a model route waits from its
+headers on (body, parsing, tokenizing, queue); past ``max_queue`` waiting requests a new one gets 429
+at once, before its body is read, instead of holding memory until the model gets to it.
 """
 import asyncio
 import base64
+import contextvars
 import ctypes
 import functools
 import http
@@ -52,7 +56,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
                                generate_latest)
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt,
-                      StrictStr)
+                      StrictStr, WithJsonSchema)
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -79,10 +83,14 @@ MAX_BATCH_TOKENS = 16384
 HEADER_TIMEOUT_SECONDS = 10
 BODY_TIMEOUT_SECONDS = 60
 KEEP_ALIVE_SECONDS = 5  # an idle connection after a response (uvicorn's timeout_keep_alive)
+# A client that stops reading its answers: once the socket's buffers are full uvicorn waits for it to
+# drain, without a limit. A response that cannot move for WRITE_TIMEOUT_SECONDS drops the connection.
+WRITE_TIMEOUT_SECONDS = 60
 # Connections beyond this are answered 503 and closed at once, so sockets held by clients that never
 # finish a request cannot exhaust the process's file descriptors (often 1024); well above what
 # micro-batching needs (64 texts per forward pass). Behind a public address, put a reverse proxy in front.
 MAX_CONNECTIONS = 500
+READ_TIMEOUT_SCOPE_KEY = "toolkit.read_timeout"  # set in a request's ASGI scope when its body deadline passed
 MAX_HEADER_BYTES = 16 * 1024  # request line + headers; h11's default, stated so it is a decision
 
 
@@ -140,17 +148,25 @@ class RerankRequest(StrictRequest):
         default=True, description="cut pairs longer than the model's max length (false: such a pair answers 413)")
 
 
-def refuse_token_ids(value):
-    """OpenAI also takes token ids (a list of ints, or of lists): our tokenizer is not theirs, so refuse them."""
-    if isinstance(value, list) and any(isinstance(item, (int, list)) and not isinstance(item, bool) for item in value):
+def texts_from_input(value):
+    """OpenAI's ``input``: a string becomes a list of one (so a bad string is reported once, as ``input.0``,
+    not once per union branch). Token ids (a list of ints, or of lists) are refused: our tokenizer is not theirs."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise ValueError("send a string or a list of strings")
+    if any(isinstance(item, (int, list)) and not isinstance(item, bool) for item in value):
         raise ValueError("token-id arrays are not supported: send text (a string or a list of strings)")
     return value
 
 
+TEXT_OR_TEXTS_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]}
+
+
 class EmbeddingsRequest(StrictRequest):
     """OpenAI's embeddings request (https://platform.openai.com/docs/api-reference/embeddings/create)."""
-    input: Annotated[Text | Annotated[list[Text], Field(min_length=1)], BeforeValidator(refuse_token_ids)] = Field(
-        description="a text or a list of texts")
+    input: Annotated[list[Text], Field(min_length=1), BeforeValidator(texts_from_input),
+                     WithJsonSchema(TEXT_OR_TEXTS_SCHEMA)] = Field(description="a text or a list of texts")
     model: StrictStr | None = Field(default=None, description="accepted and not checked: the server has one model")
     encoding_format: Literal["float", "base64"] = Field(
         default="float", description="'base64': each embedding as its little-endian float32 bytes")
@@ -214,6 +230,29 @@ class ServerBusy(Exception):
     """The queue is full: the request is answered 429 without being queued."""
 
 
+def busy_response(error):
+    """The 429 for a full queue (from a route, or from QueueAdmission before the body is read)."""
+    return ErrorResponse({"detail": str(error)}, status_code=429, headers={"Retry-After": "1"})
+
+
+class Admission:
+    """One request counted against ``max_queue`` from its headers until its job is queued (or it ends)."""
+
+    def __init__(self, batcher):
+        self.batcher = batcher
+        self.held = True
+        batcher.admitting += 1
+
+    def release(self):
+        if self.held:
+            self.held = False
+            self.batcher.admitting -= 1
+
+
+# the Admission of the request this task serves (set by QueueAdmission, released by MicroBatcher.submit)
+CURRENT_ADMISSION = contextvars.ContextVar("current_admission", default=None)
+
+
 @dataclass
 class Job:
     """One request's items for one service method, their token count, and the future its answer goes to."""
@@ -234,7 +273,9 @@ class MicroBatcher:
     form the next batch, so a lone request is never delayed; when others are already waiting,
     the worker lingers ``wait_seconds`` for the batch to fill. If a merged call fails, each job
     is retried alone so one bad request cannot fail the others. ``max_batch_size=1`` gives one
-    service call per request. With ``max_queue`` requests waiting, ``submit`` raises ServerBusy.
+    service call per request. With ``max_queue`` requests waiting, ``admit`` and ``submit`` raise
+    ServerBusy. A request admitted (by QueueAdmission, before its body is read) waits too: while its body
+    arrives, is parsed and tokenized, it holds memory the queue limit must bound.
     """
 
     def __init__(self, functions, max_batch_size=64, wait_seconds=0.005, max_batch_tokens=None, max_queue=None,
@@ -249,6 +290,7 @@ class MicroBatcher:
         self.queue = None
         self.worker = None
         self.backlog = deque()  # jobs taken off the queue but not yet run (another method, or no room)
+        self.admitting = 0  # requests admitted whose job is not queued yet (body, parsing, tokenizing)
         # batches run one at a time, so one thread runs them all: the model's allocations then stay in one
         # malloc arena (spread over the default pool's threads, resident memory crept up batch after batch);
         # each batch then hands back what it freed (run_and_release)
@@ -264,8 +306,9 @@ class MicroBatcher:
             self.worker = loop.create_task(self._run())
 
     def pending(self):
-        """Requests waiting for the model (not counting the batch it is running)."""
-        return (self.queue.qsize() if self.queue is not None else 0) + len(self.backlog)
+        """Requests waiting for the model (not counting the batch it is running): admitted or queued."""
+        queued = self.queue.qsize() if self.queue is not None else 0
+        return self.admitting + queued + len(self.backlog)
 
     def check_room(self):
         """Raise ServerBusy when ``max_queue`` requests are already waiting."""
@@ -273,12 +316,20 @@ class MicroBatcher:
             raise ServerBusy(f"server busy: {self.pending()} requests waiting (limit {self.max_queue}); "
                              "retry later")
 
+    def admit(self):
+        """Count a new request as waiting (an Admission to release), or raise ServerBusy if the queue is full."""
+        self.check_room()
+        return Admission(self)
+
     async def submit(self, method, items, tokens=None):
         """Queue ``items`` for ``method`` and wait for their results (or the service's exception).
 
         ``tokens``: the items' token counts (for the batch budget and metrics), or None if unknown.
         """
         self._ensure_worker()
+        admission = CURRENT_ADMISSION.get()
+        if admission is not None:
+            admission.release()  # from here on the queued job counts instead
         self.check_room()
         future = self.loop.create_future()
         self.queue.put_nowait(Job(method, list(items), sum(tokens or ()), future))
@@ -473,6 +524,8 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
+            if scope.get(READ_TIMEOUT_SCOPE_KEY):  # the app's answer was dropped: the client got the deadline's 408
+                status = 408
             self.metrics.observe_request(scope["path"], status, time.perf_counter() - started)
 
 
@@ -518,6 +571,55 @@ class BodySizeLimit:
             return message
 
         return await self.app(scope, limited_receive, send)
+
+
+class QueueAdmission:
+    """ASGI middleware: a POST to a model route counts against ``max_queue`` from its headers on, and is
+    answered 429 before its body is read when the queue is full.
+
+    Checking only when the job is queued let a flood of large requests all be read, parsed and
+    tokenized first: memory grew with the connection cap, not the queue limit.
+    """
+
+    def __init__(self, app, batcher, paths):
+        self.app = app
+        self.batcher = batcher
+        self.paths = paths  # the model routes this app serves (filled once they are added)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+            return await self.app(scope, receive, send)
+        try:
+            admission = self.batcher.admit()
+        except ServerBusy as busy:
+            return await busy_response(busy)(scope, receive, send)
+        token = CURRENT_ADMISSION.set(admission)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            admission.release()
+            CURRENT_ADMISSION.reset(token)
+
+
+class AmbiguousFraming:
+    """ASGI middleware: a request with both Content-Length and Transfer-Encoding gets 400 and its connection
+    is closed, unread.
+
+    A proxy in front may take the body's end from the other header than h11 does (it goes by
+    Transfer-Encoding), and the bytes left over would be read here as a second request (request
+    smuggling). RFC 9112, 6.3, lets a server refuse such a request and requires it to close the connection.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        names = {name.lower() for name, _ in scope.get("headers") or ()}
+        if scope["type"] == "http" and {b"content-length", b"transfer-encoding"} <= names:
+            response = ErrorResponse({"detail": "request has both Content-Length and Transfer-Encoding: send one"},
+                                     status_code=400, headers={"Connection": "close"})
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class OpenAIErrorBodies:
@@ -647,6 +749,8 @@ def create_app(service, *, api_key=None, max_texts=64, max_chars=10000, max_batc
     app.state.metrics = metrics
     app.state.corpus = corpus
     app.state.has_key = bool(api_key)
+    model_paths = set()  # the model routes, once added below
+    app.add_middleware(QueueAdmission, batcher=batcher, paths=model_paths)  # innermost: after auth and size
     app.add_middleware(BodySizeLimit, max_bytes=max_texts * max_chars * BYTES_PER_CHAR + 65536)
     install_error_handlers(app)
 
@@ -659,6 +763,7 @@ def create_app(service, *, api_key=None, max_texts=64, max_chars=10000, max_batc
                                     status_code=401, headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
 
+    app.add_middleware(AmbiguousFraming)  # before the key: any request so framed closes its connection
     app.add_middleware(OpenAIErrorBodies)
     app.add_middleware(RequestMetrics, metrics=metrics)  # added last: outermost, so it sees 401 and 413 too
 
@@ -698,17 +803,17 @@ def create_app(service, *, api_key=None, max_texts=64, max_chars=10000, max_batc
         add_rerank_route(app, service, batcher, check_limits)
     else:
         add_predict_route(app, service, batcher, check_limits, max_chars)
+    model_paths.update(route.path for route in app.routes if route.path in ROUTE_KINDS)
     add_unserved_routes(app, service.kind)
     metrics.routes.update(route.path for route in app.routes)
     return app
 
 
-async def count_tokens(service, batcher, *arguments):
+async def count_tokens(service, *arguments):
     """The service's token counts for these texts (in a thread: tokenizing 64 long texts takes a while), or None.
 
-    A full queue answers 429 before any tokenizing; a text the service refuses is its 422, before queueing.
+    A text the service refuses is its 422, before queueing (a full queue answered 429 before the body was read).
     """
-    batcher.check_room()
     counter = getattr(service, "count_tokens", None)
     return None if counter is None else await asyncio.to_thread(counter, *arguments)
 
@@ -718,7 +823,7 @@ def add_vector_routes(app, service, batcher, check_limits, corpus):
     async def embed(texts, side, field):
         """(embeddings, tokens per text or None) of ``texts`` on ``side`` ("query" | "document")."""
         check_limits(texts, field)
-        tokens = await count_tokens(service, batcher, texts, "doc" if side == "document" else "query")
+        tokens = await count_tokens(service, texts, "doc" if side == "document" else "query")
         embeddings = await batcher.submit("encode_documents" if side == "document" else "encode", texts, tokens)
         return embeddings, tokens
 
@@ -756,8 +861,7 @@ def add_vector_routes(app, service, batcher, check_limits, corpus):
             offered = f"{dim}-dimensional embeddings only; leave dimensions out or send {dim}" if len(sizes) == 1 \
                 else f"embeddings of {', '.join(map(str, sizes))} values (--matryoshka-dims); send one of them"
             raise HTTPException(400, f"dimensions: {request.dimensions} requested, but this model gives {offered}")
-        texts = [request.input] if isinstance(request.input, str) else request.input
-        embeddings, tokens = await embed(texts, request.side, "input")
+        embeddings, tokens = await embed(request.input, request.side, "input")
         if request.dimensions is not None and request.dimensions != dim:  # a Matryoshka prefix, renormalised
             embeddings = inference.normalize_rows(np.asarray(embeddings)[:, :request.dimensions]).tolist()
         token_count = sum(tokens or ())
@@ -785,7 +889,7 @@ def add_predict_route(app, service, batcher, check_limits, max_chars):
         for index, context in enumerate(contexts):
             if context is not None and len(context) > max_chars:
                 raise HTTPException(413, f"contexts[{index}]: {len(context)} characters, at most {max_chars}")
-        tokens = await count_tokens(service, batcher, request.texts, contexts)
+        tokens = await count_tokens(service, request.texts, contexts)
         results = await batcher.submit("predict", list(zip(request.texts, contexts)), tokens)
         return {"predictions": results}
 
@@ -797,7 +901,7 @@ def add_rerank_route(app, service, batcher, check_limits):
         check_limits([request.query], "query")
         check_limits(request.texts)
         queries = [request.query] * len(request.texts)
-        tokens = await count_tokens(service, batcher, queries, request.texts, request.truncate)
+        tokens = await count_tokens(service, queries, request.texts, request.truncate)
         if not request.truncate:
             refuse_long_pairs(tokens, service.max_length)
         logits = np.asarray(await batcher.submit("rerank", list(zip(queries, request.texts)), tokens))
@@ -858,7 +962,7 @@ def install_error_handlers(app):
 
     @app.exception_handler(ServerBusy)
     async def server_busy(request, error):
-        return ErrorResponse({"detail": str(error)}, status_code=429, headers={"Retry-After": "1"})
+        return busy_response(error)
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request, error):
@@ -879,16 +983,21 @@ class BoundedH11Protocol(H11Protocol):
     The deadline runs while the client owes us bytes: from the connection opening (or the previous
     response) until the headers are parsed, then until the body is complete. It is off while the app
     runs. On expiry a client that sent part of a request gets 408; the connection is closed either way.
-    ``bounded_protocol()`` makes a subclass with other limits (tests use a 1 s deadline).
+    A response the client does not read for ``write_timeout`` seconds drops the connection.
+    ``bounded_protocol()`` makes a subclass with other limits (tests use a 1 s deadline). The answers
+    written here, outside the app (400, 408, 503), are counted in ``metrics`` (the app's ServerMetrics).
     """
     header_timeout = HEADER_TIMEOUT_SECONDS
     body_timeout = BODY_TIMEOUT_SECONDS
+    write_timeout = WRITE_TIMEOUT_SECONDS
     max_connections = MAX_CONNECTIONS
+    metrics = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.read_phase = None  # "headers" | "body" | None (nothing owed by the client)
         self.read_timer = None
+        self.write_timer = None
 
     def connection_made(self, transport):
         """Refuse a connection past the cap; otherwise start the clock on the first request's headers."""
@@ -910,9 +1019,31 @@ class BoundedH11Protocol(H11Protocol):
         self.update_read_deadline()
 
     def connection_lost(self, exc):
-        """Stop the clock (the timer must not fire on a closed connection)."""
+        """Stop the clocks (a timer must not fire on a closed connection)."""
         self.set_read_phase(None)
+        self.stop_write_timer()
         super().connection_lost(exc)
+
+    def pause_writing(self):
+        """The client is not reading what we send: start the clock on it."""
+        super().pause_writing()
+        if self.write_timer is None:
+            self.write_timer = self.loop.call_later(self.write_timeout, self.on_write_timeout)
+
+    def resume_writing(self):
+        super().resume_writing()
+        self.stop_write_timer()
+
+    def stop_write_timer(self):
+        if self.write_timer is not None:
+            self.write_timer.cancel()
+            self.write_timer = None
+
+    def on_write_timeout(self):
+        """The client read nothing for ``write_timeout`` s: drop the connection and the unsent bytes (the
+        waiting response then returns, as for a client that left)."""
+        self.write_timer = None
+        self.transport.abort()
 
     def send_400_response(self, msg):
         """A request h11 cannot parse: 400, as JSON like every other error (uvicorn writes plain text)."""
@@ -943,15 +1074,20 @@ class BoundedH11Protocol(H11Protocol):
         cycle = self.cycle if phase == "body" else None
         if cycle is not None:
             cycle.disconnected = True  # the app reading the body sees a disconnect; its answer is dropped
+            cycle.scope[READ_TIMEOUT_SCOPE_KEY] = True  # ... and RequestMetrics counts it as this 408
         started = phase == "body" or bool(self.conn.trailing_data[0])
         if started and not (cycle is not None and cycle.response_started):
             timeout = self.header_timeout if phase == "headers" else self.body_timeout
-            self.reply_and_close(408, f"request {phase} not received within {timeout:g} s")
+            self.reply_and_close(408, f"request {phase} not received within {timeout:g} s",
+                                 counted_by_app=cycle is not None)
         else:
             self.transport.close()  # an idle connection that never started a request: just close it
 
-    def reply_and_close(self, status, detail):
-        """Write a whole JSON error response outside h11's state machine (the connection ends here)."""
+    def reply_and_close(self, status, detail, counted_by_app=False):
+        """Write a whole JSON error response outside h11's state machine (the connection ends here), and
+        count it unless the app counts it (a body cut off by the deadline is answered in the app's route)."""
+        if self.metrics is not None and not counted_by_app:
+            self.metrics.observe_request(None, status, 0.0)
         body = json.dumps({"detail": detail}).encode()
         head = (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
@@ -960,21 +1096,25 @@ class BoundedH11Protocol(H11Protocol):
 
 
 def bounded_protocol(header_timeout=HEADER_TIMEOUT_SECONDS, body_timeout=BODY_TIMEOUT_SECONDS,
-                     max_connections=MAX_CONNECTIONS):
+                     max_connections=MAX_CONNECTIONS, write_timeout=WRITE_TIMEOUT_SECONDS, metrics=None):
     """A ``BoundedH11Protocol`` subclass with these limits (uvicorn builds one instance per connection)."""
-    limits = {"header_timeout": header_timeout, "body_timeout": body_timeout, "max_connections": max_connections}
+    limits = {"header_timeout": header_timeout, "body_timeout": body_timeout, "max_connections": max_connections,
+              "write_timeout": write_timeout, "metrics": metrics}
     return type("BoundedH11Protocol", (BoundedH11Protocol,), limits)
 
 
 def build_server(app, host=DEFAULT_HOST, port=8000, graceful_seconds=GRACEFUL_SHUTDOWN_SECONDS, log_level="info",
                  header_timeout=HEADER_TIMEOUT_SECONDS, body_timeout=BODY_TIMEOUT_SECONDS,
-                 max_connections=MAX_CONNECTIONS):
-    """The ``uvicorn.Server`` that ``serve()`` runs, with the read deadlines and connection cap applied."""
+                 max_connections=MAX_CONNECTIONS, write_timeout=WRITE_TIMEOUT_SECONDS):
+    """The ``uvicorn.Server`` that ``serve()`` runs, with the read and write deadlines and connection cap
+    applied (and their answers counted in the app's metrics)."""
+    metrics = getattr(getattr(app, "state", None), "metrics", None)
+    protocol = bounded_protocol(header_timeout, body_timeout, max_connections, write_timeout, metrics)
     # ws="none": there are no websocket routes, and an upgrade would hand the socket to a protocol
     # without these deadlines
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=graceful_seconds, timeout_keep_alive=KEEP_ALIVE_SECONDS,
-                            http=bounded_protocol(header_timeout, body_timeout, max_connections),
+                            http=protocol,
                             h11_max_incomplete_event_size=MAX_HEADER_BYTES, ws="none")
     return uvicorn.Server(config)
 
@@ -985,7 +1125,7 @@ def serve(app, host=DEFAULT_HOST, port=8000, graceful_seconds=GRACEFUL_SHUTDOWN_
 
     ``workers`` > 1: ``app`` is a picklable zero-argument callable that builds the app, called in
     each of ``workers`` processes (see ``serve_workers``); ``has_key`` says whether it needs an API key.
-    ``limits`` (header_timeout, body_timeout, max_connections) default to the module's constants.
+    ``limits`` (header_timeout, body_timeout, max_connections, write_timeout) default to the module's constants.
     """
     has_key = getattr(getattr(app, "state", None), "has_key", False) if has_key is None else has_key
     if host not in ("127.0.0.1", "localhost", "::1"):

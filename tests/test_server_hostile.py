@@ -9,12 +9,14 @@ import time
 import types
 
 import httpx
+import numpy as np
 import pytest
 
 from common import server
 from common.errors import UserError
 from conftest import assert_one_error_line
-from test_server import FakeClassifier, FakeVectorService, client_for, free_port, vector_app
+from test_server import (FakeClassifier, FakeVectorService, GatedCountingService, client_for, free_port, run,
+                         vector_app)
 
 SURROGATE = "\ud800"  # legal in JSON ("\ud800"), not encodable as UTF-8: the tokenizer raises TypeError
 
@@ -41,6 +43,8 @@ SURROGATE_CASES = [
     ("vector", "/search", {"query": f"ab{SURROGATE}", "top_k": 2}, ["body", "query"], 2),
     ("classifier", "/predict", {"texts": [f"x{SURROGATE}"]}, ["body", "texts", 0], 1),
     ("classifier", "/predict", {"texts": ["a", "b"], "contexts": [None, SURROGATE]}, ["body", "contexts", 1], 0),
+    ("vector", "/v1/embeddings", {"input": f"x{SURROGATE}", "model": "m"}, ["body", "input", 0], 1),
+    ("vector", "/v1/embeddings", {"input": ["a", SURROGATE], "model": "m"}, ["body", "input", 1], 0),
 ]
 
 
@@ -52,7 +56,7 @@ def test_lone_surrogate_is_a_422_naming_the_field_and_index(kind, path, body, lo
     calls_before = len(service.calls)
     response = post_raw(app, path, body)
     assert response.status_code == 422, response.text
-    error = response.json()["detail"][0]
+    error, = response.json()["detail"]  # one error, not one per branch of a union ("a valid list")
     assert error["loc"] == loc
     assert f"character {position} is a lone surrogate" in error["msg"] and "U+D" in error["msg"]
     assert len(service.calls) == calls_before  # refused before the model saw it
@@ -265,6 +269,15 @@ def wait_for_connections(uvicorn_server, count):
         time.sleep(0.02)
 
 
+def request_count(base_url, route, status):
+    """``toolkit_requests_total`` for this route and status, from GET /metrics (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "toolkit_requests_total"
+               and sample.labels == {"route": route, "status": str(status)})
+
+
 def test_stalled_headers_are_cut_off_while_health_keeps_answering():
     app, _ = vector_app()
     with running_server(app, header_timeout=1) as (uvicorn_server, base_url):
@@ -279,6 +292,7 @@ def test_stalled_headers_are_cut_off_while_health_keeps_answering():
         assert waited < 10  # bounded by the 1 s deadline, not by the client's patience
         wait_for_connections(uvicorn_server, 0)
         assert httpx.get(f"{base_url}/health", timeout=10).status_code == 200
+        assert request_count(base_url, "other", 408) == 1  # written by the protocol, counted all the same
 
 
 def test_a_connection_that_never_sends_a_byte_is_closed_silently():
@@ -300,6 +314,8 @@ def test_a_trickled_body_is_cut_off_before_the_model_sees_it():
         wait_for_connections(uvicorn_server, 0)
         assert service.calls == [3]  # the corpus only
         assert httpx.post(f"{base_url}/encode", json={"texts": ["a"]}, timeout=10).status_code == 200
+        # counted once, as the route's 408 (not as the 400 of the disconnect the app saw)
+        assert (request_count(base_url, "/encode", 408), request_count(base_url, "/encode", 400)) == (1, 0)
 
 
 def test_connections_beyond_the_cap_get_503_and_the_server_recovers():
@@ -315,6 +331,7 @@ def test_connections_beyond_the_cap_get_503_and_the_server_recovers():
             connection.close()
         wait_for_connections(uvicorn_server, 0)
         assert httpx.get(f"{base_url}/health", timeout=10).status_code == 200
+        assert request_count(base_url, "other", 503) == 1
 
 
 @pytest.mark.parametrize("request_bytes", [
@@ -330,6 +347,7 @@ def test_unparseable_requests_get_a_400_json_body(request_bytes):
         connection = open_raw(base_url, request_bytes)
         answer = read_until_closed(connection)
         connection.close()
+        assert request_count(base_url, "other", 400) == 1
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head
     assert json.loads(body)["detail"] == "Invalid HTTP request received."
@@ -365,6 +383,129 @@ def test_serve_applies_the_documented_limits(monkeypatch):
     assert issubclass(config.http, server.BoundedH11Protocol)
     assert (config.http.header_timeout, config.http.body_timeout, config.http.max_connections) == (
         server.HEADER_TIMEOUT_SECONDS, server.BODY_TIMEOUT_SECONDS, server.MAX_CONNECTIONS)
+    assert config.http.write_timeout == server.WRITE_TIMEOUT_SECONDS
+    assert isinstance(config.http.metrics, server.ServerMetrics)  # the app's: protocol-level answers are counted
     assert config.timeout_keep_alive == server.KEEP_ALIVE_SECONDS
     assert config.h11_max_incomplete_event_size == server.MAX_HEADER_BYTES
     assert config.ws == "none" and config.port == port
+
+
+def test_a_full_queue_answers_429_before_reading_the_body():
+    """Admission is at the headers: a refused request's body (here never sent) is not waited for or read."""
+    service = GatedCountingService()
+    service.gate = threading.Event()
+    app = server.create_app(service, max_queue=1, batch_wait_ms=0)
+    with running_server(app) as (_, base_url):
+        with httpx.Client(base_url=base_url, timeout=30) as blocked, httpx.Client(base_url=base_url,
+                                                                                  timeout=30) as queued:
+            first = threading.Thread(target=blocked.post, args=("/encode",), kwargs={"json": {"texts": ["x"]}})
+            first.start()
+            wait_until(lambda: service.calls)
+            second = threading.Thread(target=queued.post, args=("/encode",), kwargs={"json": {"texts": ["y"]}})
+            second.start()
+            wait_until(lambda: app.state.batcher.pending() == 1)
+            head = (b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 1000000\r\n\r\n")
+            connection = open_raw(base_url, head)  # the body never follows: waiting for it would time out
+            answer = read_one_response(connection)
+            connection.close()
+            service.gate.set()
+            first.join(30)
+            second.join(30)
+    assert answer.startswith(b"HTTP/1.1 429 ") and b"retry-after: 1" in answer.lower()
+    assert b"server busy: 1 requests waiting (limit 1)" in answer
+    assert service.calls == [1, 1]
+
+
+def test_requests_being_tokenized_count_against_the_queue_limit():
+    """Two requests stuck in tokenizing fill --max-queue 2: a third is refused before it is read or tokenized."""
+    tokenizing = threading.Event()
+
+    class SlowTokenizer(GatedCountingService):
+        def __init__(self):
+            super().__init__()
+            self.counted = 0
+            self.release = threading.Event()
+
+        def count_tokens(self, texts, side="query"):
+            self.counted += 1
+            tokenizing.set()
+            self.release.wait(30)
+            return super().count_tokens(texts, side)
+
+    service = SlowTokenizer()
+    app = server.create_app(service, max_queue=2, batch_wait_ms=0)
+
+    async def calls():
+        async with client_for(app) as client:
+            admitted = [asyncio.create_task(client.post("/encode", json={"texts": [f"t{i}"]})) for i in range(2)]
+            while service.counted < 2:
+                await asyncio.sleep(0.01)
+            refused = await client.post("/encode", json={"texts": ["third"]})
+            queue_size = [line for line in (await client.get("/metrics")).text.splitlines()
+                          if line.startswith("toolkit_queue_size ")]
+            service.release.set()
+            return refused, queue_size, [response.status_code for response in await asyncio.gather(*admitted)]
+    refused, queue_size, statuses = run(calls())
+    assert refused.status_code == 429 and "2 requests waiting (limit 2)" in refused.json()["detail"]
+    assert queue_size == ["toolkit_queue_size 2.0"]  # the gauge counts them too
+    assert statuses == [200, 200] and service.counted == 2
+    assert app.state.batcher.pending() == 0  # every admission released
+
+
+def test_a_request_with_both_content_length_and_transfer_encoding_is_refused_and_closed():
+    """Request smuggling: what follows the ambiguous request must not be read as a request of its own."""
+    app, service = vector_app()
+    smuggled = (b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /info HTTP/1.1\r\nHost: x\r\n\r\n")
+    with running_server(app) as (_, base_url):
+        connection = open_raw(base_url, smuggled)
+        answer = read_until_closed(connection)
+        connection.close()
+        assert request_count(base_url, "/encode", 400) == 1 and request_count(base_url, "/info", 200) == 0
+    assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 400 ")
+    assert b"both Content-Length and Transfer-Encoding" in answer and b"connection: close" in answer.lower()
+    assert service.calls == [3]  # the corpus only
+
+
+def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout():
+    """A response that cannot be written (the client reads nothing) no longer holds its connection forever."""
+    class WideService(FakeVectorService):
+        def info(self):
+            return {"kind": self.kind, "dim": 2_000_000}
+
+        def encode(self, texts):
+            return [np.full(2_000_000, 0.5, dtype=np.float32) for _ in texts]  # ~10 MB of base64 per text
+
+    app = server.create_app(WideService())
+    body = json.dumps({"input": "x", "encoding_format": "base64"}).encode()
+    request = (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    with running_server(app, write_timeout=1) as (uvicorn_server, base_url):
+        reader = socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+        reader.connect(("127.0.0.1", uvicorn_server.config.port))
+        reader.sendall(request)
+        wait_for_connections(uvicorn_server, 1)
+        wait_for_connections(uvicorn_server, 0)  # dropped while our socket is still open, unread
+        reader.close()
+        assert httpx.get(f"{base_url}/health", timeout=10).status_code == 200
+
+
+def read_one_response(connection):
+    """The head and body of the next response (by its Content-Length) on a connection that stays open."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += connection.recv(65536)
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += connection.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def wait_until(condition, seconds=20):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)

@@ -68,6 +68,7 @@ def test_base64_is_little_endian_float32_and_dimensions_must_be_the_models():
     ({"input": "a", "dimensions": "4"}, 422, "valid integer"),
     ({"input": "a", "temperature": 1}, 422, "Extra inputs are not permitted"),
     ({"model": "m"}, 422, "Field required"),
+    ({"input": 5, "model": "m"}, 422, "send a string or a list of strings"),
 ])
 def test_bad_embedding_requests_are_one_json_4xx(body, status, fragment):
     response, = post_all(server.create_app(CountingVectorService(), max_texts=4, max_chars=50),
