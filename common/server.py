@@ -8,7 +8,8 @@
   service.predict(texts, contexts) -> list of result dicts          (classification, longdoc)
   service.rerank(queries, documents) -> list of relevance logits    (rerank)
   service.count_tokens(texts, side) / (texts, contexts) -> tokens per text, optional (usage, metrics, budget)
-Routes: GET /health (never needs a key), GET /info, GET /metrics (Prometheus); vector: POST /encode,
+Routes: GET /health (never needs a key), GET /info, GET /metrics (Prometheus), GET /v1/models (OpenAI's
+list of the one model); vector: POST /encode,
 /similarity, /search (with a corpus), /v1/embeddings (OpenAI's shape); classification/longdoc:
 POST /predict; rerank: POST /rerank (TEI's shape). A route for another kind of model answers 404
 with a one-line detail naming the kind it needs. OpenAPI docs at /docs.
@@ -796,6 +797,7 @@ def create_app(service, *, api_key=None, max_texts=64, max_chars=10000, max_batc
 
     for path, endpoint in (("/health", health), ("/metrics", prometheus_metrics)):  # load balancers may check with HEAD
         app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
+    add_model_list_routes(app, service)
 
     if service.kind == "vector":
         add_vector_routes(app, service, batcher, check_limits, corpus)
@@ -807,6 +809,23 @@ def create_app(service, *, api_key=None, max_texts=64, max_chars=10000, max_batc
     add_unserved_routes(app, service.kind)
     metrics.routes.update(route.path for route in app.routes)
     return app
+
+
+def add_model_list_routes(app, service):
+    """GET /v1/models and /v1/models/{id} in OpenAI's shape: the one model served (``client.models.list()``,
+    which RAG front-ends call to check a connection)."""
+    model = {"id": service.info().get("model") or service.kind, "object": "model", "created": int(time.time()),
+             "owned_by": "bert-toolkit", "kind": service.kind}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str):
+        if model_id != model["id"]:
+            raise HTTPException(404, f"no such model: this server runs {model['id']!r} only")
+        return model
 
 
 async def count_tokens(service, *arguments):

@@ -79,10 +79,18 @@ def test_bad_embedding_requests_are_one_json_4xx(body, status, fragment):
     assert len(response.text.splitlines()) == 1
 
 
-def test_a_classifier_has_no_embeddings_route():
+def test_a_classifier_has_no_embeddings_route_but_lists_its_model():
     from test_server import FakeClassifier
-    response, = post_all(server.create_app(FakeClassifier()), [("/v1/embeddings", {"input": "a", "model": "m"})])
+    app = server.create_app(FakeClassifier())
+    response, = post_all(app, [("/v1/embeddings", {"input": "a", "model": "m"})])
     assert response.status_code == 404 and "detail" in response.json()
+
+    async def get(path):
+        async with client_for(app) as client:
+            return await client.get(path)
+    listed, missing = asyncio.run(get("/v1/models")), asyncio.run(get("/v1/models/other"))
+    assert listed.json()["data"][0]["id"] == "classification" and listed.json()["data"][0]["object"] == "model"
+    assert missing.status_code == 404 and "this server runs 'classification' only" in missing.json()["error"]["message"]
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +136,11 @@ def test_the_unmodified_openai_client_gets_encodes_embeddings(vector_service):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong", max_retries=0).embeddings.create(
                 model="tiny", input="a")
+        listed = list(client.models.list())  # what RAG front-ends call to check a connection
+        served = client.models.retrieve(vector_service.info()["model"])
+        with pytest.raises(openai.NotFoundError, match="this server runs"):
+            client.models.retrieve("gpt-4")
+    assert [model.id for model in listed] == [served.id] == [vector_service.info()["model"]]
     assert [row.index for row in default.data] == [0, 1, 2]
     assert np.abs(np.asarray([row.embedding for row in default.data]) - np.asarray(expected)).max() <= 1e-6
     assert np.abs(np.asarray(floats.data[0].embedding) - np.asarray(expected[0])).max() <= 1e-6
