@@ -9,9 +9,9 @@
   service.rerank(queries, documents) -> list of relevance logits    (rerank)
   service.count_tokens(texts, side) / (texts, contexts) -> tokens per text, optional (usage, metrics, budget)
 Routes: GET /health (never needs a key), GET /info, GET /metrics (Prometheus), GET /v1/models (OpenAI's
-list of the one model); vector: POST /encode,
-/similarity, /search (with a corpus), /v1/embeddings (OpenAI's shape); classification/longdoc:
-POST /predict; rerank: POST /rerank (TEI's shape). A route for another kind of model answers 404
+list of the one model); vector: POST /encode, /similarity, /search (with a corpus), /v1/embeddings
+(OpenAI's shape), /embed and / (TEI's shape); classification/longdoc: POST /predict; rerank: POST
+/rerank (TEI's shape). A route for another kind of model answers 404
 with a one-line detail naming the kind it needs. OpenAPI docs at /docs.
 
 Bad input never gets a 5xx: malformed JSON, wrong types and text that is not valid Unicode (a
@@ -176,6 +176,20 @@ class EmbeddingsRequest(StrictRequest):
     user: StrictStr | None = Field(default=None, description="accepted and ignored")
     side: Literal["query", "document"] = Field(
         default="document", description="not OpenAI's: 'query' cuts texts at the query max length as /encode does")
+
+
+class EmbedRequest(StrictRequest):
+    """text-embeddings-inference's embed request (POST /embed, and POST / on a vector server). Its
+    ``truncation_direction`` is left out: the model's stored truncation side applies."""
+    inputs: Annotated[list[Text], Field(min_length=1), BeforeValidator(texts_from_input),
+                      WithJsonSchema(TEXT_OR_TEXTS_SCHEMA)] = Field(description="a text or a list of texts")
+    normalize: StrictBool = Field(default=True, description="L2-normalise each embedding")
+    truncate: StrictBool = Field(default=True, description="texts are always cut at the model's max length "
+                                                           "(TEI's --auto-truncate); false is refused")
+    dimensions: StrictInt | None = Field(default=None, description="the model's embedding size, or one of the "
+                                         "sizes it was trained for with --matryoshka-dims")
+    prompt_name: Literal["query", "document", "passage"] | None = Field(
+        default=None, description="'query': the query side (its instruction and max length); else the document side")
 
 
 # ---------------------------------------------------------------- corpus for /search
@@ -838,7 +852,8 @@ async def count_tokens(service, *arguments):
 
 
 def add_vector_routes(app, service, batcher, check_limits, corpus):
-    """POST /encode, /similarity, /search (the last needs a corpus) and the OpenAI-style /v1/embeddings."""
+    """POST /encode, /similarity, /search (the last needs a corpus), the OpenAI-style /v1/embeddings and
+    TEI's /embed (and /)."""
     async def embed(texts, side, field):
         """(embeddings, tokens per text or None) of ``texts`` on ``side`` ("query" | "document")."""
         check_limits(texts, field)
@@ -876,10 +891,7 @@ def add_vector_routes(app, service, batcher, check_limits, corpus):
 
     @app.post("/v1/embeddings")
     async def openai_embeddings(request: EmbeddingsRequest):
-        if request.dimensions is not None and request.dimensions not in sizes:
-            offered = f"{dim}-dimensional embeddings only; leave dimensions out or send {dim}" if len(sizes) == 1 \
-                else f"embeddings of {', '.join(map(str, sizes))} values (--matryoshka-dims); send one of them"
-            raise HTTPException(400, f"dimensions: {request.dimensions} requested, but this model gives {offered}")
+        check_dimensions(request.dimensions, sizes)
         embeddings, tokens = await embed(request.input, request.side, "input")
         if request.dimensions is not None and request.dimensions != dim:  # a Matryoshka prefix, renormalised
             embeddings = inference.normalize_rows(np.asarray(embeddings)[:, :request.dimensions]).tolist()
@@ -888,6 +900,31 @@ def add_vector_routes(app, service, batcher, check_limits, corpus):
                 for index, row in enumerate(embeddings)]
         return {"object": "list", "data": data, "model": model_name,
                 "usage": {"prompt_tokens": token_count, "total_tokens": token_count}}
+
+
+    async def tei_embed(request: EmbedRequest):
+        if not request.truncate:
+            raise HTTPException(422, "truncate: false is not supported: texts are cut at the model's max length "
+                                     "(leave truncate out, or send true)")
+        check_dimensions(request.dimensions, sizes)
+        side = "query" if request.prompt_name == "query" else "document"
+        embeddings, _ = await embed(request.inputs, side, "inputs")
+        embeddings = np.asarray(embeddings, dtype=np.float32)[:, :request.dimensions or dim]
+        return (inference.normalize_rows(embeddings) if request.normalize else embeddings).tolist()
+
+    # TEI serves its embed route at / too: what huggingface_hub's InferenceClient(model=URL) posts to
+    for path in ("/embed", "/"):
+        app.add_api_route(path, tei_embed, methods=["POST"], summary="Embed (text-embeddings-inference's shape)")
+
+
+def check_dimensions(requested, sizes):
+    """Refuse a ``dimensions`` the model does not give (400); ``sizes``: the full size first, then the
+    --matryoshka-dims prefixes."""
+    if requested is None or requested in sizes:
+        return
+    offered = f"{sizes[0]}-dimensional embeddings only; leave dimensions out or send {sizes[0]}" if len(sizes) == 1 \
+        else f"embeddings of {', '.join(map(str, sizes))} values (--matryoshka-dims); send one of them"
+    raise HTTPException(400, f"dimensions: {requested} requested, but this model gives {offered}")
 
 
 def encode_embedding(row, encoding_format):
@@ -940,7 +977,7 @@ def refuse_long_pairs(tokens, max_length):
 
 # the model kinds each route is for: on a server for another kind it answers 404 saying so
 ROUTE_KINDS = {"/encode": ("vector",), "/similarity": ("vector",), "/search": ("vector",),
-               "/v1/embeddings": ("vector",), "/predict": ("classification", "longdoc"), "/rerank": ("rerank",)}
+               "/v1/embeddings": ("vector",), "/embed": ("vector",), "/": ("vector",), "/predict": ("classification", "longdoc"), "/rerank": ("rerank",)}
 
 
 def add_unserved_routes(app, kind):
