@@ -160,11 +160,13 @@ from common import data, files, generation, inference, problem_types, sharding  
 
 @dataclass
 class InputItem:
-    """One input and where it came from; ``error`` is set when it cannot be processed."""
+    """One input and where it came from; ``pair`` is its --text-pair; ``error`` is set when it cannot be
+    processed."""
     locator: str
     text: str | None = None
     context: str | None = None
     error: str | None = None
+    pair: str | None = None
 
 
 def collect_inputs(args, task=None):
@@ -178,7 +180,23 @@ def collect_inputs(args, task=None):
     for item in items:
         if item.error is None and (not isinstance(item.text, str) or not item.text.strip()):
             item.error = "empty or whitespace-only text"
+    attach_text_pairs(args, items)
     return items
+
+
+def attach_text_pairs(args, items):
+    """Give each input its --text-pair (one for all, or one each), counted over every input: pairing them
+    with the valid inputs only, after a bad one is dropped, would name the wrong count or mispair them."""
+    if not args.text_pair:
+        return
+    if len(args.text_pair) not in (1, len(items)):
+        raise UserError(f"--text-pair: give one, or one per input ({len(items)}), not {len(args.text_pair)}")
+    pairs = args.text_pair if len(args.text_pair) == len(items) else args.text_pair * len(items)
+    for index, (item, pair) in enumerate(zip(items, pairs)):
+        item.pair = pair
+        if item.error is None and not pair.strip():
+            number = index + 1 if len(args.text_pair) > 1 else 1
+            item.error = f"--text-pair {number}: empty or whitespace-only text"
 
 
 def read_file_inputs(path, text_field=None, task=None):
@@ -316,17 +334,10 @@ def run_classification(loaded, items, args, progress=False):
                               args.sort_by_length, progress, args.threshold)
 
 
-def paired_texts(args, items):
-    """--text-pair values lined up with ``items``: one for all, or one each."""
-    if len(args.text_pair) not in (1, len(items)):
-        raise UserError(f"--text-pair: give one, or one per input ({len(items)}), not {len(args.text_pair)}")
-    return args.text_pair if len(args.text_pair) == len(items) else args.text_pair * len(items)
-
-
 def run_reranker(loaded, items, args, progress=False):
     """Each input is a query, scored against its --text-pair document: sigmoid of the reranker's logit."""
     from common import reranking
-    documents = paired_texts(args, items)
+    documents = [item.pair for item in items]
     scores = reranking.score_pairs(loaded, [item.text for item in items], documents, args.batch_size, progress)
     return [{"query": item.text, "document": document, "score": round(float(score), 6)}
             for item, document, score in zip(items, documents, scores)]
@@ -338,7 +349,7 @@ def run_vectors(loaded, items, args, corpus=None, progress=False):
     results = [{"input": item.text, "dim": int(vector.shape[0]), "norm": round(float(np.linalg.norm(vector)), 6),
                 "embedding": [round(float(value), 6) for value in vector]} for item, vector in zip(items, embeddings)]
     if args.text_pair:
-        pairs = paired_texts(args, items)
+        pairs = [item.pair for item in items]
         pair_embeddings = inference.embed(loaded, pairs, args.batch_size, side="doc", dim=args.dim)
         for result, pair, vector, pair_vector in zip(results, pairs, embeddings, pair_embeddings):
             result.update(text_pair=pair, cosine_similarity=round(inference.cosine_similarity(vector, pair_vector), 6))
@@ -421,6 +432,9 @@ def answer_line(runner, args, text):
     if position is not None:
         raise UserError(inference.describe_unencodable(position))
     item = InputItem("input", text, args.context)
+    attach_text_pairs(args, [item])
+    if item.error:
+        raise UserError(item.error)
     results = runner.run([item], args)
     if item.error:
         raise UserError(item.error)

@@ -167,11 +167,22 @@ def chunk_splits(splits, tokenizer, args, settings, clean, label_set, problem):
     for name, documents in splits.items():
         stats = longdoc.ChunkingStats()
         texts = [clean(document.text) for document in documents]
+        check_cleaned_texts(documents, texts, args.text_field or "text")
         targets = [problem.target(d.label, len(label_set.names)) for d in documents]
         chunked = longdoc.chunk_documents(tokenizer, texts, targets, args.max_length, settings, stats)
         datasets[name] = longdoc.DocumentDataset(chunked)
         summaries.append(summarize_split(name, documents, label_set, stats, args, settings, problem))
     return datasets, summaries
+
+
+def check_cleaned_texts(documents, texts, text_field):
+    """Refuse documents that the strip patterns or the normalization emptied: each would be read as a
+    bare [CLS] [SEP] chunk and trained (or scored) under its label, with nothing said."""
+    emptied = [document for document, text in zip(documents, texts) if not text.strip()]
+    if emptied:
+        more = f" (and {len(emptied) - 1} more documents)" if len(emptied) > 1 else ""
+        raise UserError(f"{emptied[0].locator}: field '{text_field}': nothing left after the strip patterns and "
+                        f"normalization{more}; loosen --strip-patterns or --normalize, or drop these documents")
 
 
 def summarize_split(name, documents, label_set, stats, args, settings, problem):

@@ -965,7 +965,7 @@ def run_mining(args):
     print(f"mining {len(groups)} queries against {len(corpus)} texts with "
           f"{'BM25' if args.miner == 'bm25' else args.model_path or args.model_name}; ranks {first}-{last}")
     if args.miner == "bm25":
-        score = mining.bm25_scorer(corpus)
+        score = mining.bm25_scorer(corpus, args.data_path + (f" and {args.corpus}" if args.corpus else ""))
     else:
         model = load_mining_model(args)
         score = mining.embedding_scorer(model, corpus, args.eval_batch_size)

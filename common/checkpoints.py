@@ -39,6 +39,13 @@ RESUME_SENSITIVE_OPTIONS = (
     "projection_dim", "stride", "max_chunks", "chunk_selection", "aggregation", "data_split", "new_token_lr",
     "negatives_per_query", "matryoshka_dims", "matryoshka_weights", "query_instruction", "passage_instruction",
     "problem_type", "rerank_loss", "rerank_group_size", "false_negative_margin",
+    # which records train and in what order: the split without --val-path, the sampler, the batching,
+    # the positives of graded pairs, the names a multi-label string splits into
+    "val_ratio", "sampler", "group_by_length", "relevance_threshold", "label_separator",
+    # the parameters the optimizer holds and the head's layers (another value fails to load the state)
+    "freeze_backbone", "head_layernorm",
+    # the scale of regression targets
+    "standardize_targets",
     # early stopping's best value is in this metric's units: another metric cannot continue it
     "metric_for_best_model",
 )
@@ -285,7 +292,11 @@ def resume_training(checkpoint_dir, model, optimizer, scheduler, scaler, early_s
         return ResumePosition(state={})
     state = load_training_state(checkpoint_dir)
     modeldir.load_weights(model, checkpoint_dir)
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as error:  # --resume-force past a changed --freeze-backbone: other trainable parameters
+        raise UserError(f"--resume {checkpoint_dir}: its optimizer state does not fit this run's trainable "
+                        f"parameters ({error}); resume with the checkpoint's --freeze-backbone") from None
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     early_stopping.load_state_dict(state["early_stopping"])

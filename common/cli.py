@@ -310,19 +310,58 @@ def load_yaml_config(path, section_aliases):
     themselves. A key that no flag takes is an error naming the file and key.
     """
     try:
-        raw = yaml.safe_load(read_config_text(path)) or {}
+        raw = yaml.load(read_config_text(path), Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
-        raise UserError(f"{path}: invalid YAML: {str(error).splitlines()[0]}") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}{where}: invalid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections at the top level")
     flat = {}
     for section, body in raw.items():
-        if isinstance(body, dict):
-            for key, value in body.items():
-                flat[section_aliases.get((section, key), key)] = (f"{section}.{key}", value)
-        else:
-            flat[section_aliases.get((None, section), section)] = (section, body)
+        for dest, key, value in config_entries(section, body, section_aliases):
+            # two sections (or a section and a top-level key) setting one option: the later would win unseen
+            if dest in flat and flat[dest][1] != value:
+                raise UserError(f"{path}: keys '{flat[dest][0]}' and '{key}' set the same option to "
+                                f"{_clip_value(flat[dest][1])} and {_clip_value(value)}; keep one")
+            flat[dest] = (key, value)
     return flat
+
+
+def config_entries(section, body, section_aliases):
+    """(option, key as written, value) for one top-level entry of a config: each key of a section, or
+    the top-level key itself."""
+    if isinstance(body, dict):
+        return [(section_aliases.get((section, key), key), f"{section}.{key}", value) for key, value in body.items()]
+    return [(section_aliases.get((None, section), section), section, body)]
+
+
+def _clip_value(value, limit=40):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key repeated in one mapping: PyYAML keeps the last value without a
+    word (data files refuse repeated JSON keys for the same reason). Keys brought in by a ``<<`` merge may
+    be overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                repeated = key in seen
+            except TypeError:  # an unhashable key: SafeLoader itself reports it
+                continue
+            if repeated:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {_clip_value(key)} repeats a key of the same mapping (YAML would keep "
+                    "only the last value)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def read_config_text(path):

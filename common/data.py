@@ -362,11 +362,16 @@ def check_string(record, name, value):
     """
     if not isinstance(value, str):
         raise RecordError(f"{record.where(name)}: expected a string, got {type(value).__name__}")
+    return check_encodable(record.where(name), value)
+
+
+def check_encodable(where, value):
+    """``value`` (a str) if UTF-8 can encode it, else a RecordError at ``where`` naming the lone surrogate."""
     if not value.isascii():
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as error:
-            raise RecordError(f"{record.where(name)}: lone UTF-16 surrogate {value[error.start]!r} at character "
+            raise RecordError(f"{where}: lone UTF-16 surrogate {value[error.start]!r} at character "
                               f"{error.start} (not a character; the text cannot be encoded as UTF-8)") from None
     return value
 

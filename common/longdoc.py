@@ -71,7 +71,7 @@ def load_strip_patterns(path):
     if not file_path.is_file():
         raise UserError(f"--strip-patterns {path}: file not found")
     patterns = []
-    for line_number, line in enumerate(file_path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_number, line in enumerate(data.read_text_file(file_path).splitlines(), start=1):
         pattern = line.rstrip("\r\n")
         if not pattern.strip() or pattern.lstrip().startswith("#"):
             continue

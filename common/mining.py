@@ -48,26 +48,33 @@ def bm25_tokens(text):
     return BM25_TOKEN.findall(text.lower())
 
 
-def bm25_scorer(corpus):
-    """score(queries) -> (queries, corpus) BM25 scores, each row divided by its highest score."""
+def bm25_scorer(corpus, source="the corpus"):
+    """score(queries, prompts) -> (queries, corpus) BM25 scores, each row divided by its highest score
+    (an instruction is no evidence of relevance: prompts are left out). ``source`` names the corpus's
+    files for an error."""
     try:
         from rank_bm25 import BM25Okapi
     except ImportError:
         raise UserError("--miner bm25 needs the rank-bm25 package (pip install rank-bm25)") from None
-    index = BM25Okapi([bm25_tokens(text) for text in corpus])
+    documents = [bm25_tokens(text) for text in corpus]
+    if not any(documents):  # rank_bm25 divides by the number of distinct words
+        raise UserError(f"--miner bm25: no passage of {source} has a word or CJK character to index (only "
+                        "punctuation or symbols); use --miner model")
+    index = BM25Okapi(documents)
 
-    def score(queries):
+    def score(queries, prompts=None):
         rows = np.stack([index.get_scores(bm25_tokens(query)) for query in queries]).astype(np.float32)
         return rows / np.maximum(rows.max(axis=1, keepdims=True), 1e-12)
     return score
 
 
 def embedding_scorer(model, corpus, batch_size=64):
-    """score(queries) -> (queries, corpus) cosine similarities of the model's query and document embeddings."""
+    """score(queries, prompts) -> (queries, corpus) cosine similarities of the model's query and document
+    embeddings; a query's own prompt replaces the stored query instruction, as in training."""
     documents = model.encode(corpus, batch_size=batch_size, side="document").numpy()  # (corpus, dim)
 
-    def score(queries):
-        return model.encode(queries, batch_size=batch_size, side="query").numpy() @ documents.T
+    def score(queries, prompts=None):
+        return model.encode(queries, batch_size=batch_size, side="query", prompts=prompts).numpy() @ documents.T
     return score
 
 
@@ -80,14 +87,16 @@ def mine_hard_negatives(groups, corpus, score, rank_range, negative_number, marg
     scores above (the query's lowest positive score - ``margin``): a passage the retriever ranks
     with the known answers is more likely unlabelled relevant than negative. ``corpus`` must hold
     the positives (their scores set the margin). The draw depends on ``seed`` and the query's
-    position only. ``score(queries)`` returns (queries, len(corpus)) scores.
+    position only. ``score(queries, prompts)`` returns (queries, len(corpus)) scores (``prompts``: each
+    group's own instruction, or None).
     """
     first, last = rank_range
     row_of = {text: row for row, text in enumerate(corpus)}
     report, mined = MiningReport(), []
     for start in range(0, len(groups), queries_per_block):
         block = groups[start:start + queries_per_block]
-        scores = score([group.query for group in block])  # (block, corpus); the model adds its own instruction
+        # (block, corpus); the model adds its stored instruction where a group has no prompt of its own
+        scores = score([group.query for group in block], [group.prompt for group in block])
         for offset, (group, row_scores) in enumerate(zip(block, scores)):
             ranked = np.argsort(-row_scores, kind="stable")[first - 1:last]  # ties: corpus order
             kept = filter_candidates(group, ranked, row_scores, row_of, corpus, margin, report)

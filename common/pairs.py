@@ -21,12 +21,14 @@ from common.text import build_normalizer
 
 @dataclass
 class PairExample:
-    """One labelled (query, document) pair and where it came from."""
+    """One labelled (query, document) pair and where it came from (``prompt``: its query group's own
+    instruction, which replaces the stored --query-instruction)."""
     query: str
     document: str
     rel: float
     weight: float
     locator: str
+    prompt: str = None
 
 
 def parse_pair(record, rel_default=None):
@@ -51,8 +53,8 @@ def load_pairs(path, skip_invalid=False, rel_default=None, split=None, default_s
     else:
         pairs = data.ExampleList(skipped=parsed.skipped)
         for group in parsed:
-            pairs.extend(PairExample(group.query, document, rel, 1.0, group.locator) for document, rel in
-                         [*((p, 1.0) for p in group.positives), *((n, 0.0) for n in group.negatives)])
+            pairs.extend(PairExample(group.query, document, rel, 1.0, group.locator, group.prompt) for document, rel
+                         in [*((p, 1.0) for p in group.positives), *((n, 0.0) for n in group.negatives)])
         pairs.groups = parsed
     pairs.record_format = record_format
     if not pairs:

@@ -171,15 +171,17 @@ class MultiLabel(SingleLabel):
         for item in items:
             if isinstance(item, bool) or not isinstance(item, (str, int)) or (isinstance(item, str) and not item.strip()):
                 raise data.RecordError(f"{where}: expected label names (strings), got {data._short(item)} in the list")
-            names.append(str(item).strip())
+            names.append(data.check_encodable(where, str(item).strip()))
         return list(dict.fromkeys(names))  # a repeated name is one label
 
     def build_label_set(self, examples, fixed_names, label_field):
-        if fixed_names:
-            return data.LabelSet(fixed_names)
-        names = sorted({name for example in examples for name in example.raw_label})
+        names = fixed_names or sorted({name for example in examples for name in example.raw_label})
         if not names:
             raise UserError(f"field '{label_field}': no training record carries any label")
+        if len(names) < 2:  # one sigmoid is a yes/no classifier, and the multi-label metrics need two columns
+            raise UserError(f"field '{label_field}': every training record's labels are {names[0]!r} or none; "
+                            "multi_label needs two or more label names (for one yes/no label train "
+                            "--problem-type single_label)")
         return data.LabelSet(names)
 
     def resolve(self, label_set, examples, skip_invalid, label_field):

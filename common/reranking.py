@@ -135,6 +135,7 @@ def listwise_groups(pairs, group_size, seed, threshold=0.0):
     by_query = {}
     for index, pair in enumerate(pairs):
         by_query.setdefault(pair.query, []).append(index)
+    document_count = len({pair.document for pair in pairs})
     groups = []
     for query, indices in by_query.items():
         best = max(pairs[i].rel for i in indices)
@@ -142,6 +143,11 @@ def listwise_groups(pairs, group_size, seed, threshold=0.0):
             continue
         negatives = [i for i in indices if pairs[i].rel < best]
         own_documents = {pairs[i].document for i in indices}
+        if len(negatives) < group_size - 1 and len(own_documents) == document_count:
+            # the filling loop below would draw forever: every document of the file is this query's own
+            raise UserError(f"{pairs[indices[0]].locator}: query {query[:60]!r} has {len(negatives)} negatives "
+                            f"for a --rerank-group-size {group_size} group and no other query's document to fill "
+                            "it; add queries or negatives, or lower --rerank-group-size")
         for positive in (i for i in indices if pairs[i].rel == best):
             chosen = generator.sample(negatives, min(len(negatives), group_size - 1))
             while len(chosen) < group_size - 1:

@@ -977,7 +977,8 @@ def refuse_long_pairs(tokens, max_length):
 
 # the model kinds each route is for: on a server for another kind it answers 404 saying so
 ROUTE_KINDS = {"/encode": ("vector",), "/similarity": ("vector",), "/search": ("vector",),
-               "/v1/embeddings": ("vector",), "/embed": ("vector",), "/": ("vector",), "/predict": ("classification", "longdoc"), "/rerank": ("rerank",)}
+               "/v1/embeddings": ("vector",), "/embed": ("vector",), "/": ("vector",),
+               "/predict": ("classification", "longdoc"), "/rerank": ("rerank",)}
 
 
 def add_unserved_routes(app, kind):

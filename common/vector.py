@@ -128,10 +128,11 @@ class BertVectorModel(nn.Module):
         return self.vector_settings.get(key) or self.preprocessing["max_length"]
 
     @torch.no_grad()
-    def encode(self, texts, batch_size=32, normalize=True, max_length=None, side="query", dim=None):
+    def encode(self, texts, batch_size=32, normalize=True, max_length=None, side="query", dim=None, prompts=None):
         """Embed a text or a list of texts with the stored preprocessing -> CPU float tensor (n, dim).
 
-        ``side`` ("query" or "document") picks the max length and the stored instruction.
+        ``side`` ("query" or "document") picks the max length and the stored instruction; ``prompts``
+        (one per text, None for none) are records' own instructions, used instead of it.
         ``dim``: the first ``dim`` values of each embedding, one of the sizes the model was trained
         for with --matryoshka-dims (or its full size). ``normalize=True`` L2-normalises (after
         cutting) even when the model's own setting is off. Texts are run longest first (less
@@ -142,7 +143,8 @@ class BertVectorModel(nn.Module):
         dim = check_dimension(dim, self.dim, self.vector_settings.get("matryoshka_dims"))
         texts = [texts] if isinstance(texts, str) else list(texts)
         features = encode_text_features(self.tokenizer, texts, max_length or self.max_length_for(side),
-                                        self.preprocessing, side="document" if side in ("doc", "document") else side)
+                                        self.preprocessing, side="document" if side in ("doc", "document") else side,
+                                        prompts=prompts)
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
@@ -190,12 +192,15 @@ def check_dimension(dim, full_dim, matryoshka_dims):
 
 # ---------------------------------------------------------------- ranking evaluation
 
-def embed_unique(model, texts, side, batch_size=32, dim=None):
-    """Embeddings (len(texts), dim) computing each distinct text once."""
-    unique = list(dict.fromkeys(texts))
-    vectors = model.encode(unique, batch_size=batch_size, side=side, dim=dim)
-    row = {text: index for index, text in enumerate(unique)}
-    return vectors[torch.tensor([row[text] for text in texts], dtype=torch.long)]
+def embed_unique(model, texts, side, batch_size=32, dim=None, prompts=None):
+    """Embeddings (len(texts), dim) computing each distinct (prompt, text) once (``prompts``: one
+    instruction per text, None for the stored one)."""
+    keys = list(zip(prompts or [None] * len(texts), texts))
+    unique = list(dict.fromkeys(keys))
+    vectors = model.encode([text for _, text in unique], batch_size=batch_size, side=side, dim=dim,
+                           prompts=[prompt for prompt, _ in unique] if prompts else None)
+    row = {key: index for index, key in enumerate(unique)}
+    return vectors[torch.tensor([row[key] for key in keys], dtype=torch.long)]
 
 
 def evaluate_pairs(model, pairs, loss_name="mse", temperature=0.05, batch_size=32, dim=None):
@@ -227,7 +232,9 @@ def score_pairs(model, pairs, batch_size=32, dim=None):
 
 def embed_pairs(model, pairs, batch_size, dim):
     """(query vectors, document vectors), one row per pair, each distinct text embedded once."""
-    return (embed_unique(model, [pair.query for pair in pairs], "query", batch_size, dim),
+    # a query group's own prompt replaces the stored instruction, as in training
+    return (embed_unique(model, [pair.query for pair in pairs], "query", batch_size, dim,
+                         [pair.prompt for pair in pairs]),
             embed_unique(model, [pair.document for pair in pairs], "document", batch_size, dim))
 
 

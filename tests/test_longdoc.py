@@ -12,7 +12,7 @@ import torch
 import train_longdoc
 from common import longdoc, modeldir
 from common.heads import SequenceClassifier
-from conftest import run_trainer, write_jsonl
+from conftest import assert_one_error_line, run_trainer, write_jsonl
 
 FILLER = ["the", "a", "is", "was", "it", "this", "and", "what", "very", "not"]
 TOPICS = {"sports": ["sports", "game", "team"], "market": ["market", "stock", "price"]}
@@ -318,13 +318,30 @@ def test_eval_only_uses_the_stored_settings(tmp_path, tiny_model_dir, documents,
      "line 2: invalid regular expression"),
     ([{"text": "good", "label": "a"}, {"text": "bad", "label": "b"}], ["--chunk-batch-size", "0"],
      "--chunk-batch-size/--chunk_batch_size: expected an integer >= 1"),
+    # a Latin-1 pattern file was a UnicodeDecodeError traceback
+    ([{"text": "good", "label": "a"}, {"text": "bad", "label": "b"}], ["--strip-patterns", "LATIN1"],
+     "latin1.txt line 2: not valid UTF-8"),
 ])
 def test_bad_input_exits_2_before_loading_the_model(tmp_path, capsys, records, extra, expected):
     path = write_jsonl(tmp_path / "d.jsonl", records)
     (tmp_path / "bad.txt").write_text("fine\n(unclosed\n", encoding="utf-8")
-    extra = [str(tmp_path / "bad.txt") if value == "BAD_REGEX" else value for value in extra]
+    (tmp_path / "latin1.txt").write_bytes("fine\ncaf\u00e9\n".encode("latin-1"))
+    files = {"BAD_REGEX": "bad.txt", "LATIN1": "latin1.txt"}
+    extra = [str(tmp_path / files[value]) if value in files else value for value in extra]
     assert train_longdoc.main(["--data-path", str(path), "--model-name", str(tmp_path / "no-model"),
                                "--output-dir", str(tmp_path / "out"), "--max-length", "16", "--stride", "4",
                                *extra]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and expected in error[0] and "Traceback" not in error[0]
+
+
+def test_documents_the_strip_patterns_empty_are_refused(tmp_path, tiny_model_dir, documents, capsys):
+    """A pattern that deletes whole documents left each one a bare [CLS] [SEP] chunk, trained under its
+    label without a word."""
+    patterns = tmp_path / "everything.txt"
+    patterns.write_text("(?s).*\n", encoding="utf-8")
+    assert run(tiny_model_dir, tmp_path / "out", "--data-path", str(documents["train"]), "--val-path",
+               str(documents["val"]), "--strip-patterns", str(patterns)) == 2
+    assert_one_error_line(capsys.readouterr().err, f"{documents['train']} line 1: field 'text'",
+                          "nothing left after the strip patterns", "more documents")
+    assert not (tmp_path / "out" / "train_log.jsonl").exists()

@@ -178,13 +178,25 @@ def test_per_label_thresholds_find_the_known_best():
     (["music", "jazz"], "unknown label 'jazz'"),
     ({"music": 1}, "expected a list of labels"),
     ([["music"]], "expected label names"),
+    (["music", "\ud800"], "lone UTF-16 surrogate"),  # was a UnicodeEncodeError traceback writing the summary
 ])
 def test_a_bad_label_in_a_list_is_one_error_line(tmp_path, tiny_model_dir, capsys, labels, fragment):
     records = topic_records(8)
     path = write_jsonl(tmp_path / "train.jsonl", records)
-    val_path = write_jsonl(tmp_path / "val.jsonl", records[:3] + [{"text": "music", "label": labels}])
+    val_path = tmp_path / "val.jsonl"  # ASCII-escaped JSON: "\ud800" cannot be written as UTF-8
+    val_path.write_text("".join(json.dumps(r) + "\n" for r in records[:3] + [{"text": "music", "label": labels}]))
     assert train(tiny_model_dir, tmp_path / "out", path, val_path) == 2
     assert_one_error_line(capsys.readouterr().err, f"{val_path} line 4: field 'label'", fragment)
+
+
+def test_a_single_label_name_is_one_error_line(tmp_path, tiny_model_dir, capsys):
+    """One label name gives one sigmoid column, which the multi-label metrics refused after the first
+    epoch with a scikit-learn traceback."""
+    records = [{"text": "music song", "label": ["music"]}, {"text": "the film", "label": []}] * 4
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    assert train(tiny_model_dir, tmp_path / "out", path, path) == 2
+    assert_one_error_line(capsys.readouterr().err, "field 'label'", "'music' or none", "two or more label names")
+    assert not (tmp_path / "out" / "train_log.jsonl").exists()
 
 
 def test_a_label_named_twice_in_one_record_counts_once():

@@ -201,3 +201,27 @@ def test_a_yaml_boolean_for_an_optional_value_flag_is_its_bare_form(tmp_path):
 def test_a_yaml_boolean_for_a_path_or_word_is_refused(text, key, tmp_path):
     with pytest.raises(UserError, match=f"key '{key}': expected .*, got the YAML boolean"):
         parse_classifier_config(tmp_path, text)
+
+
+@pytest.mark.parametrize("text,fragments", [
+    # PyYAML kept the last of a repeated key, or of a repeated section, without a word
+    ("training:\n  epochs: 1\n  batch_size: 8\n  epochs: 5\n", ["line 4", "key 'epochs' repeats"]),
+    ("training:\n  epochs: 2\ntraining:\n  batch_size: 4\n", ["line 3", "key 'training' repeats"]),
+    # two keys reaching one option: the later one won
+    ("training:\n  batch_size: 8\neval:\n  batch_size: 64\n", ["'training.batch_size' and 'eval.batch_size'"]),
+    ("training:\n  epochs: 2\nepochs: 7\n", ["'training.epochs' and 'epochs'"]),
+    ("model:\n  name: a\nmodel_name: b\n", ["'model.name' and 'model_name'"]),
+    ("base: &b\n  epochs: 2\ntraining:\n  <<: *b\n  epochs: 3\n", ["'base.epochs' and 'training.epochs'"]),
+], ids=["key-twice", "section-twice", "two-sections", "section-and-top-level", "alias-and-key", "anchor-section"])
+def test_a_yaml_option_set_twice_is_one_line(text, fragments, tmp_path):
+    with pytest.raises(UserError) as raised:
+        parse_classifier_config(tmp_path, text)
+    assert str(tmp_path / "config.yaml") in str(raised.value)
+    for fragment in fragments:
+        assert fragment in str(raised.value)
+
+
+def test_a_yaml_merge_may_override_and_a_repeated_equal_value_is_fine(tmp_path):
+    args = parse_classifier_config(tmp_path, "training: &t\n  epochs: 2\n  batch_size: 4\nsame: *t\n"
+                                             "other:\n  <<: *t\n  batch_size: 4\n")
+    assert (args.epochs, args.batch_size) == (2, 4)

@@ -418,3 +418,46 @@ def test_infer_asks_for_the_document(trained, capsys):
     assert_one_error_line(capsys.readouterr().err, "is a reranker", "--text-pair")
     assert infer.main(["--model-path", str(model_dir), "--text", "q", "--text-pair", "d", "--context", "c"]) == 2
     assert_one_error_line(capsys.readouterr().err, "--context")
+
+
+def test_a_listwise_group_nothing_can_fill_is_one_error_line(tmp_path, tiny_model_dir, capsys):
+    """Every document of the file is the one query's own: filling its group from other queries used to
+    draw forever (a hang)."""
+    import signal
+    records = [{"query": "movie news", "pos": ["good movie"], "neg": ["bad movie"]}]
+    path = write_jsonl(tmp_path / "one.jsonl", records)
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("listwise grouping hangs"))
+    signal.alarm(120)
+    try:
+        code = train_classifier.main(trainer_argv("train_classifier", tiny_model_dir, tmp_path / "out", "--problem-type",
+                                                  "rerank", "--rerank-loss", "listwise", "--data-path", path,
+                                                  "--val-path", path, "--max-length", "32"))
+    finally:
+        signal.alarm(0)
+    assert code == 2
+    assert_one_error_line(capsys.readouterr().err, f"{path} line 1", "'movie news' has 1 negatives",
+                          "--rerank-group-size 8")
+    assert not (tmp_path / "out" / "train_log.jsonl").exists()
+
+
+def test_each_text_pair_stays_with_its_query_when_an_input_is_bad(trained, capsys):
+    """--text-pair values were lined up with the valid inputs only: a blank --text before them made two
+    pairs for two queries 'not one per input'."""
+    model_dir = str(trained("pointwise") / "checkpoint-best")
+    capsys.readouterr()  # the fixture's training output
+    assert infer.main(["--model-path", model_dir, "--text", " ", "--text", "movie news", "--text-pair", "bad",
+                       "--text-pair", "good movie this is good", "--json"]) == 1
+    captured = capsys.readouterr()
+    blank, scored = [json.loads(line) for line in captured.out.splitlines()]
+    assert blank["source"] == "--text 1" and "empty" in blank["error"]
+    assert (scored["query"], scored["document"]) == ("movie news", "good movie this is good")
+
+
+def test_a_blank_text_pair_is_named_not_scored(trained, capsys):
+    model_dir = str(trained("pointwise") / "checkpoint-best")
+    capsys.readouterr()  # the fixture's training output
+    assert infer.main(["--model-path", model_dir, "--text", "movie news", "--text", "music news", "--text-pair",
+                       "good movie", "--text-pair", "  ", "--json"]) == 1
+    first, second = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert first["document"] == "good movie"
+    assert second == {"source": "--text 2", "error": "--text-pair 2: empty or whitespace-only text"}

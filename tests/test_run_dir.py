@@ -164,6 +164,20 @@ def test_resume_with_other_data_shaping_options_lists_them(interrupted_run, caps
     assert run("train_classifier", changed + ["--resume-force"], capsys)[0] == 0
 
 
+def test_resume_with_another_freeze_backbone_is_one_line_even_when_forced(interrupted_run, capsys):
+    """--freeze-backbone changes the optimizer's parameters: resuming across it was a ValueError traceback
+    from torch; --val-ratio (another training split) resumed without a word."""
+    argv, output_dir = interrupted_run
+    before = snapshot_files(output_dir)
+    code, err = run("train_classifier", argv + ["--freeze-backbone", "--val-ratio", "0.3", "--resume"], capsys)
+    assert code == 2
+    assert_one_error_line(err, "--freeze-backbone False -> True", "--val-ratio 0.1 -> 0.3")
+    assert snapshot_files(output_dir) == before
+    code, err = run("train_classifier", argv + ["--freeze-backbone", "--resume", "--resume-force"], capsys)
+    assert code == 2
+    assert_one_error_line(err, "optimizer state does not fit", "--freeze-backbone")
+
+
 def test_resume_after_the_data_changed_is_refused(interrupted_run, capsys):
     argv, _ = interrupted_run
     data_path = Path(argv[argv.index("--data-path") + 1])

@@ -261,9 +261,9 @@ def test_grad_cache_replays_each_chunks_dropout(tiny_model_dir):
 # ---------------------------------------------------------------- mining
 
 def fixed_scorer(table):
-    """score(queries) from a {query: [score per corpus text]} table."""
+    """score(queries, prompts) from a {query: [score per corpus text]} table (prompts ignored)."""
     import numpy as np
-    return lambda queries: np.array([table[query] for query in queries], dtype=np.float32)
+    return lambda queries, prompts=None: np.array([table[query] for query in queries], dtype=np.float32)
 
 
 def test_mining_filters_positives_the_query_and_likely_false_negatives():
@@ -327,6 +327,40 @@ def test_mine_mode_with_the_model(tiny_model_dir, tmp_path):
             "--output-path", str(output)]
     assert train_vector.main(argv) == 0
     assert all(len(group.negatives) == 2 for group in read_query_groups(output))
+
+
+def test_bm25_mining_of_passages_without_a_word_is_one_line(tmp_path, capsys):
+    """rank_bm25 divided by zero (a ZeroDivisionError traceback) when no passage had a word to index."""
+    train = write_jsonl(tmp_path / "train.jsonl", [{"query": "???", "pos": ["!!!"], "neg": ["..."]}])
+    assert train_vector.main(["--mode", "mine", "--train-path", str(train), "--miner", "bm25",
+                              "--output-path", str(tmp_path / "mined.jsonl")]) == 2
+    assert_one_error_line(capsys.readouterr().err, "--miner bm25", f"no passage of {train}", "--miner model")
+    assert not (tmp_path / "mined.jsonl").exists()
+
+
+def test_a_query_groups_prompt_is_used_by_evaluation_and_mining_as_in_training(tiny_model_dir, tmp_path):
+    """A record's prompt replaces the stored query instruction in training; --mode evaluate, ranking
+    validation and --mode mine used to embed the query with the stored instruction instead."""
+    import numpy as np
+    from common.vector import embed_pairs
+    model = tiny_vector_model(tiny_model_dir, query_instruction="query: ").eval()
+    path = write_jsonl(tmp_path / "groups.jsonl", group_records())
+    prompted = next(pair for pair in load_pairs(path) if pair.prompt == "find: ")
+    query_vectors, _ = embed_pairs(model, [prompted], 8, None)
+    group = QueryGroup(prompted.query, ["a passage"], [], "line 2", prompt="find: ")
+    trained_on = build_group_dataset(model.tokenizer, [group], 16, 16, model.preprocessing, 0).queries[0]
+    with torch.no_grad():
+        expected = model(torch.tensor([trained_on["input_ids"]]),
+                         torch.ones(1, len(trained_on["input_ids"]), dtype=torch.long))
+    assert torch.allclose(query_vectors, expected, atol=1e-6)
+    groups, seen = read_query_groups(path), []
+    corpus = mining.build_corpus(groups)
+
+    def scorer(queries, prompts=None):
+        seen.extend(prompts)
+        return np.zeros((len(queries), len(corpus)), dtype=np.float32)
+    mining.mine_hard_negatives(groups, corpus, scorer, (1, 3), 1, 0.0, seed=0)
+    assert seen == [group.prompt for group in groups] and "find: " in seen
 
 
 # ---------------------------------------------------------------- training on query groups; Matryoshka; instructions
