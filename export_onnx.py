@@ -96,8 +96,8 @@ def build_parser():
     add_flag(parser, "quantize", choices=["none", "int8"], default="none",
              help="int8: try each --int8-variants recipe (onnxruntime.quantization), keep the fastest that "
                   "passes the gate on --validation-file")
-    add_flag(parser, "int8-variants", type=parse_int8_variants, default=",".join(INT8_VARIANTS),
-             metavar="NAME,...", help="int8 recipes to try, in order (default: all): " + ", ".join(INT8_VARIANTS))
+    add_flag(parser, "int8-variants", type=parse_int8_variants, default=None, metavar="NAME,...",
+             help="with --quantize int8: the recipes to try, in order (default: all): " + ", ".join(INT8_VARIANTS))
     add_flag(parser, "opset", type=bounded(int, minimum=min(low for low, _ in OPSETS.values()),
                                            maximum=max(high for _, high in OPSETS.values())), default=None,
              help="ONNX opset version (default 17, dynamo 18); supported: "
@@ -893,6 +893,14 @@ def check_opset(args):
         raise UserError(f"--opset {args.opset}: the {args.exporter} exporter supports opsets {low} to {high}")
 
 
+def resolve_int8_variants(args):
+    """--int8-variants means something only to an int8 export: given with anything else it would be ignored."""
+    if args.int8_variants is not None and (args.validate or args.quantize != "int8"):
+        raise UserError("--int8-variants: applies only to an export with --quantize int8"
+                        + (" (--validate re-checks the recipe already chosen)" if args.validate else ""))
+    args.int8_variants = args.int8_variants or list(INT8_VARIANTS)
+
+
 def check_int8_options(quantization, args, subject="--quantize int8"):
     """int8 legitimately moves outputs, so only the validation metric can vouch for it: ask for it up front."""
     if args.skip_int8_check and args.validation_file:
@@ -1108,6 +1116,7 @@ def main(argv=None):
             raise UserError(f"--{flag.replace('_', '-')}: a path cannot contain a NUL byte")
     args.device = inference.resolve_device(args.device)
     check_opset(args)
+    resolve_int8_variants(args)
     if args.validate:
         return run_validate(args)
     return run_export(args)

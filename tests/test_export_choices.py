@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 import export_onnx
-from conftest import make_text_records, write_jsonl
+from conftest import assert_one_error_line, make_text_records, write_jsonl
 from test_export_onnx import (break_optimized_graphs, corrupt_classifier_weights, make_model_directory,
                               make_vector_directory)
 
@@ -162,6 +162,14 @@ def test_unknown_int8_variant_is_a_usage_error(classifier_dir, tmp_path, capsys)
     assert export_onnx.main(["--model-path", str(classifier_dir), "--output-path", str(tmp_path / "m.onnx"),
                              "--int8-variants", "dynamic,fast"]) == 2
     assert "unknown int8 variant fast; choose from dynamic" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [[], ["--quantize", "none"], ["--validate"]])
+def test_int8_variants_without_an_int8_export_is_refused_not_ignored(classifier_dir, tmp_path, capsys, extra):
+    assert export_onnx.main(["--model-path", str(classifier_dir), "--output-path", str(tmp_path / "m.onnx"),
+                             "--int8-variants", "dynamic", *extra]) == 2
+    assert_one_error_line(capsys.readouterr().err, "--int8-variants: applies only to an export with --quantize int8")
+    assert not (tmp_path / "m.onnx").exists()
 
 
 @pytest.mark.parametrize("passing_from, nodes, tried, kept", [
