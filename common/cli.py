@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from common.choices import MIN_COOCCURRENCE_COUNT, PROBLEM_TYPES, REGRESSION_LOSSES, THRESHOLD_STRATEGIES
-from common.errors import UserError
+from common.errors import UserError, short_repr
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -321,11 +321,20 @@ def load_yaml_config(path, section_aliases):
     for section, body in raw.items():
         for dest, key, value in config_entries(section, body, section_aliases):
             # two sections (or a section and a top-level key) setting one option: the later would win unseen
-            if dest in flat and flat[dest][1] != value:
+            if dest in flat and not same_config_value(flat[dest][1], value):
                 raise UserError(f"{path}: keys '{flat[dest][0]}' and '{key}' set the same option to "
-                                f"{_clip_value(flat[dest][1])} and {_clip_value(value)}; keep one")
+                                f"{short_repr(flat[dest][1])} and {short_repr(value)}; keep one")
             flat[dest] = (key, value)
     return flat
+
+
+def same_config_value(first, second):
+    """Whether two config values are one: the same object (one anchor's aliases), or equal scalars. Lists
+    and maps are not compared element by element: an alias-bomb list would take minutes."""
+    if first is second:
+        return True
+    scalars = (str, int, float, bool, type(None))
+    return isinstance(first, scalars) and type(first) is type(second) and first == second
 
 
 def config_entries(section, body, section_aliases):
@@ -336,32 +345,38 @@ def config_entries(section, body, section_aliases):
     return [(section_aliases.get((None, section), section), section, body)]
 
 
-def _clip_value(value, limit=40):
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 class UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.safe_load`` that refuses a key repeated in one mapping: PyYAML keeps the last value without a
     word (data files refuse repeated JSON keys for the same reason). Keys brought in by a ``<<`` merge may
     be overridden, as YAML intends."""
 
-    def construct_mapping(self, node, deep=False):
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.checked_mappings = set()  # ids of the nodes whose own keys were checked
+
+    def flatten_mapping(self, node):
+        """Check a mapping's own keys before its merges are spliced in (which rewrites the node: checked
+        after that, an override of a merged key would look repeated), once per node."""
+        if id(node) not in self.checked_mappings:
+            self.checked_mappings.add(id(node))
+            self.refuse_repeated_keys(node)
+        super().flatten_mapping(node)
+
+    def refuse_repeated_keys(self, node):
         seen = set()
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
-            key = self.construct_object(key_node, deep=deep)
+            key = self.construct_object(key_node)
             try:
                 repeated = key in seen
             except TypeError:  # an unhashable key: SafeLoader itself reports it
                 continue
             if repeated:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {_clip_value(key)} repeats a key of the same mapping (YAML would keep "
+                    None, None, f"key {short_repr(key)} repeats a key of the same mapping (YAML would keep "
                     "only the last value)", key_node.start_mark)
             seen.add(key)
-        return super().construct_mapping(node, deep)
 
 
 def read_config_text(path):

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import reprlib
 import stat
 import sys
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.errors import UserError
+from common.errors import UserError, short_repr
 
 MAX_ERRORS_SHOWN = 5
 MAX_NAMES_SHOWN = 20  # label names listed in an "unknown label" error
@@ -381,13 +380,7 @@ def _clip(text, limit=60):
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-_SHORT_REPR = reprlib.Repr()
-_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 60  # its depth limit also spares a deeply nested value
-
-
-def _short(value):
-    """A short repr of any value for an error line."""
-    return _SHORT_REPR.repr(value)
+_short = short_repr  # the name the messages here use
 
 
 def require_number(record, name, default=None, low=None, high=None):

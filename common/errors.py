@@ -1,6 +1,7 @@
 """User-facing errors: one clear line and exit code 2, never a traceback."""
 import errno
 import functools
+import reprlib
 import sys
 
 
@@ -13,6 +14,15 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 60
+_SHORT_REPR.maxlevel = 2  # a nested value is cut at two levels: an alias-bomb list is not walked
+
+
+def short_repr(value):
+    """A short repr of any value for an error line: a megabyte string or an alias-bomb list stays short
+    (and is not walked whole)."""
+    return _SHORT_REPR.repr(value)
 # A full disk, a file-size limit or a quota: the user's to fix even when the OS names no file.
 DISK_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 

@@ -179,8 +179,9 @@ class MultiLabel(SingleLabel):
         if not names:
             raise UserError(f"field '{label_field}': no training record carries any label")
         if len(names) < 2:  # one sigmoid is a yes/no classifier, and the multi-label metrics need two columns
-            raise UserError(f"field '{label_field}': every training record's labels are {names[0]!r} or none; "
-                            "multi_label needs two or more label names (for one yes/no label train "
+            found = (f"--labels {names[0]!r}: one name" if fixed_names
+                     else f"field '{label_field}': every training record's labels are {names[0]!r} or none")
+            raise UserError(f"{found}; multi_label needs two or more label names (for one yes/no label train "
                             "--problem-type single_label)")
         return data.LabelSet(names)
 

@@ -85,7 +85,7 @@ HEADER_TIMEOUT_SECONDS = 10
 BODY_TIMEOUT_SECONDS = 60
 KEEP_ALIVE_SECONDS = 5  # an idle connection after a response (uvicorn's timeout_keep_alive)
 # A client that stops reading its answers: once the socket's buffers are full uvicorn waits for it to
-# drain, without a limit. A response that cannot move for WRITE_TIMEOUT_SECONDS drops the connection.
+# drain, without a limit. A response of which no byte leaves for WRITE_TIMEOUT_SECONDS drops the connection.
 WRITE_TIMEOUT_SECONDS = 60
 # Connections beyond this are answered 503 and closed at once, so sockets held by clients that never
 # finish a request cannot exhaust the process's file descriptors (often 1024); well above what
@@ -259,6 +259,7 @@ class Admission:
         batcher.admitting += 1
 
     def release(self):
+        """Stop counting the request (once: its job is queued, or the request ended)."""
         if self.held:
             self.held = False
             self.batcher.admitting -= 1
@@ -343,9 +344,10 @@ class MicroBatcher:
         """
         self._ensure_worker()
         admission = CURRENT_ADMISSION.get()
-        if admission is not None:
-            admission.release()  # from here on the queued job counts instead
-        self.check_room()
+        if admission is None:
+            self.check_room()
+        else:  # admitted already: from here on its queued job counts instead (a second job of the same
+            admission.release()  # request, as /similarity's documents, is not refused after its first ran)
         future = self.loop.create_future()
         self.queue.put_nowait(Job(method, list(items), sum(tokens or ()), future))
         return await future
@@ -541,7 +543,8 @@ class RequestMetrics:
         finally:
             if scope.get(READ_TIMEOUT_SCOPE_KEY):  # the app's answer was dropped: the client got the deadline's 408
                 status = 408
-            self.metrics.observe_request(scope["path"], status, time.perf_counter() - started)
+            route = getattr(scope.get("route"), "path", scope["path"])  # the template: /v1/models/{model_id:path}
+            self.metrics.observe_request(route, status, time.perf_counter() - started)
 
 
 # ---------------------------------------------------------------- middleware: body size and auth
@@ -893,14 +896,13 @@ def add_vector_routes(app, service, batcher, check_limits, corpus):
     async def openai_embeddings(request: EmbeddingsRequest):
         check_dimensions(request.dimensions, sizes)
         embeddings, tokens = await embed(request.input, request.side, "input")
-        if request.dimensions is not None and request.dimensions != dim:  # a Matryoshka prefix, renormalised
-            embeddings = inference.normalize_rows(np.asarray(embeddings)[:, :request.dimensions]).tolist()
+        if request.dimensions not in (None, dim):  # a Matryoshka prefix, renormalised
+            embeddings = cut_embeddings(embeddings, request.dimensions).tolist()
         token_count = sum(tokens or ())
         data = [{"object": "embedding", "index": index, "embedding": encode_embedding(row, request.encoding_format)}
                 for index, row in enumerate(embeddings)]
         return {"object": "list", "data": data, "model": model_name,
                 "usage": {"prompt_tokens": token_count, "total_tokens": token_count}}
-
 
     async def tei_embed(request: EmbedRequest):
         if not request.truncate:
@@ -909,12 +911,17 @@ def add_vector_routes(app, service, batcher, check_limits, corpus):
         check_dimensions(request.dimensions, sizes)
         side = "query" if request.prompt_name == "query" else "document"
         embeddings, _ = await embed(request.inputs, side, "inputs")
-        embeddings = np.asarray(embeddings, dtype=np.float32)[:, :request.dimensions or dim]
-        return (inference.normalize_rows(embeddings) if request.normalize else embeddings).tolist()
+        return cut_embeddings(embeddings, request.dimensions, request.normalize).tolist()
 
     # TEI serves its embed route at / too: what huggingface_hub's InferenceClient(model=URL) posts to
     for path in ("/embed", "/"):
         app.add_api_route(path, tei_embed, methods=["POST"], summary="Embed (text-embeddings-inference's shape)")
+
+
+def cut_embeddings(embeddings, dimensions=None, normalize=True):
+    """The first ``dimensions`` values of each embedding (all with None), L2-normalised when ``normalize``."""
+    rows = np.asarray(embeddings, dtype=np.float32)[:, :dimensions]
+    return inference.normalize_rows(rows) if normalize else rows
 
 
 def check_dimensions(requested, sizes):
@@ -1040,7 +1047,7 @@ class BoundedH11Protocol(H11Protocol):
     The deadline runs while the client owes us bytes: from the connection opening (or the previous
     response) until the headers are parsed, then until the body is complete. It is off while the app
     runs. On expiry a client that sent part of a request gets 408; the connection is closed either way.
-    A response the client does not read for ``write_timeout`` seconds drops the connection.
+    A response of which the client takes no byte for ``write_timeout`` seconds drops the connection.
     ``bounded_protocol()`` makes a subclass with other limits (tests use a 1 s deadline). The answers
     written here, outside the app (400, 408, 503), are counted in ``metrics`` (the app's ServerMetrics).
     """
@@ -1055,6 +1062,7 @@ class BoundedH11Protocol(H11Protocol):
         self.read_phase = None  # "headers" | "body" | None (nothing owed by the client)
         self.read_timer = None
         self.write_timer = None
+        self.unsent_at_timer = 0  # unsent_bytes() when the write clock started
 
     def connection_made(self, transport):
         """Refuse a connection past the cap; otherwise start the clock on the first request's headers."""
@@ -1082,24 +1090,34 @@ class BoundedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def pause_writing(self):
-        """The client is not reading what we send: start the clock on it."""
+        """The transport's buffer is full (the client reads slower than we write): start the clock."""
         super().pause_writing()
         if self.write_timer is None:
-            self.write_timer = self.loop.call_later(self.write_timeout, self.on_write_timeout)
+            self.start_write_timer()
 
     def resume_writing(self):
+        """The buffer drained: the client is reading."""
         super().resume_writing()
         self.stop_write_timer()
 
+    def start_write_timer(self):
+        self.unsent_at_timer = unsent_bytes(self.transport)
+        self.write_timer = self.loop.call_later(self.write_timeout, self.on_write_timeout)
+
     def stop_write_timer(self):
+        """Cancel the write clock, if it runs."""
         if self.write_timer is not None:
             self.write_timer.cancel()
             self.write_timer = None
 
     def on_write_timeout(self):
-        """The client read nothing for ``write_timeout`` s: drop the connection and the unsent bytes (the
-        waiting response then returns, as for a client that left)."""
+        """No byte left the buffer for ``write_timeout`` s: drop the connection and the unsent bytes (the
+        waiting response then returns, as for a client that left). A client still reading, however
+        slowly, gets another period: one large answer may take longer than one period to send."""
         self.write_timer = None
+        if unsent_bytes(self.transport) < self.unsent_at_timer:
+            self.start_write_timer()
+            return
         self.transport.abort()
 
     def send_400_response(self, msg):
@@ -1150,6 +1168,21 @@ class BoundedH11Protocol(H11Protocol):
                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
         self.transport.write(head + body)
         self.transport.close()
+
+
+def unsent_bytes(transport):
+    """Bytes written and not yet taken by the client: the transport's buffer, plus the socket's send queue
+    where the system says (Linux's TIOCOUTQ). The buffer alone refills only once the kernel's queue is half
+    empty, which for a slow reader can take longer than the write timeout."""
+    unsent = transport.get_write_buffer_size()
+    try:
+        import fcntl
+        import termios
+        queue = fcntl.ioctl(transport.get_extra_info("socket").fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        unsent += int.from_bytes(queue, sys.byteorder)
+    except (ImportError, AttributeError, OSError):  # no such call here (Windows), or the socket is gone
+        pass
+    return unsent
 
 
 def bounded_protocol(header_timeout=HEADER_TIMEOUT_SECONDS, body_timeout=BODY_TIMEOUT_SECONDS,

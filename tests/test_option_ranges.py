@@ -225,3 +225,19 @@ def test_a_yaml_merge_may_override_and_a_repeated_equal_value_is_fine(tmp_path):
     args = parse_classifier_config(tmp_path, "training: &t\n  epochs: 2\n  batch_size: 4\nsame: *t\n"
                                              "other:\n  <<: *t\n  batch_size: 4\n")
     assert (args.epochs, args.batch_size) == (2, 4)
+    # a mapping overriding its own merge, itself merged later from a shallower place: valid YAML
+    import yaml
+    from common import cli
+    loaded = yaml.load("a: &a {y: 1}\nx: {b: &b {<<: *a, y: 2}}\nc: {<<: *b, z: 3}\n", Loader=cli.UniqueKeyLoader)
+    assert loaded == {"a": {"y": 1}, "x": {"b": {"y": 2}}, "c": {"y": 2, "z": 3}}
+
+
+def test_an_alias_bomb_set_twice_is_one_short_line(tmp_path):
+    """Two keys for one option, one an alias bomb (9 levels of 9): compared and quoted without expanding it."""
+    levels = ["l0: &l0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    text = "\n".join(levels) + "\nmodel:\n  labels: *l8\nlabels: *l7\n"
+    with pytest.raises(UserError) as raised:
+        parse_classifier_config(tmp_path, text)
+    message = str(raised.value)
+    assert "'model.labels' and 'labels' set the same option" in message and len(message) < 1000

@@ -304,6 +304,26 @@ def test_a_full_queue_answers_429_at_once_and_recovers():
     assert sum(service.calls) == 5  # the refused requests never reached the model
 
 
+def test_an_admitted_similarity_request_is_not_refused_for_its_second_half():
+    """/similarity queues its query and its documents as two jobs: the second must not get the 429 the
+    first one's place in the queue would give it (--max-queue 1, the model busy with another request)."""
+    service = GatedCountingService()
+    service.gate = threading.Event()
+    app = server.create_app(service, max_queue=1, batch_wait_ms=0)
+
+    async def calls():
+        async with client_for(app) as client:
+            blocked = await block_then_queue(app, service, client, [])
+            similarity = asyncio.create_task(client.post("/similarity", json={"query": "q", "documents": ["a", "b"]}))
+            while app.state.batcher.pending() < 2 and not similarity.done():  # both halves queued behind it
+                await asyncio.sleep(0.01)
+            service.gate.set()
+            return await similarity, await asyncio.gather(*blocked)
+    similarity, blocked = run(calls())
+    assert similarity.status_code == 200 and len(similarity.json()["scores"]) == 2
+    assert [response.status_code for response in blocked] == [200]
+
+
 @pytest.mark.parametrize("max_batch_tokens, expected_calls", [(None, [1, 5]), (14, [1, 2, 2, 1]),
                                                                (1, [1, 1, 1, 1, 1, 1])])
 def test_the_token_budget_splits_batches(max_batch_tokens, expected_calls):

@@ -468,19 +468,25 @@ def test_a_request_with_both_content_length_and_transfer_encoding_is_refused_and
     assert service.calls == [3]  # the corpus only
 
 
+class WideService(FakeVectorService):
+    """Embeddings of 2,000,000 values: ~10 MB of base64 per text, more than the sockets buffer."""
+
+    def info(self):
+        return {"kind": self.kind, "dim": 2_000_000}
+
+    def encode(self, texts):
+        return [np.full(2_000_000, 0.5, dtype=np.float32) for _ in texts]
+
+
+WIDE_REQUEST_BODY = json.dumps({"input": "x", "encoding_format": "base64"}).encode()
+WIDE_REQUEST = (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(WIDE_REQUEST_BODY), WIDE_REQUEST_BODY))
+
+
 def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout():
     """A response that cannot be written (the client reads nothing) no longer holds its connection forever."""
-    class WideService(FakeVectorService):
-        def info(self):
-            return {"kind": self.kind, "dim": 2_000_000}
-
-        def encode(self, texts):
-            return [np.full(2_000_000, 0.5, dtype=np.float32) for _ in texts]  # ~10 MB of base64 per text
-
     app = server.create_app(WideService())
-    body = json.dumps({"input": "x", "encoding_format": "base64"}).encode()
-    request = (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    request = WIDE_REQUEST
     with running_server(app, write_timeout=1) as (uvicorn_server, base_url):
         reader = socket.socket()
         reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
@@ -492,16 +498,38 @@ def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout():
         assert httpx.get(f"{base_url}/health", timeout=10).status_code == 200
 
 
-def read_one_response(connection):
-    """The head and body of the next response (by its Content-Length) on a connection that stays open."""
+def read_one_response(connection, pause=0.0):
+    """The head and body of the next response (by its Content-Length) on a connection that stays open,
+    waiting ``pause`` seconds before each read (a slow reader); AssertionError if the server closes first."""
     received = b""
     while b"\r\n\r\n" not in received:
-        received += connection.recv(65536)
+        received += receive_chunk(connection, pause, len(received))
     head, _, body = received.partition(b"\r\n\r\n")
     length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
     while len(body) < length:
-        body += connection.recv(65536)
+        body += receive_chunk(connection, pause, len(head) + len(body))
     return head + b"\r\n\r\n" + body
+
+
+def receive_chunk(connection, pause, received):
+    time.sleep(pause)
+    chunk = connection.recv(1 << 20)
+    assert chunk, f"connection closed after {received} bytes"
+    return chunk
+
+
+def test_a_slow_reader_gets_its_whole_answer_past_the_write_timeout():
+    """The write clock restarts while bytes keep leaving: an answer longer to send than one period is whole."""
+    app = server.create_app(WideService())
+    with running_server(app, write_timeout=1) as (uvicorn_server, base_url):
+        reader = socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 262144)
+        reader.settimeout(10)
+        reader.connect(("127.0.0.1", uvicorn_server.config.port))
+        reader.sendall(WIDE_REQUEST)
+        answer = read_one_response(reader, pause=0.1)  # about 11 MB: a few seconds at this pace
+        reader.close()
+    assert answer.startswith(b"HTTP/1.1 200 ") and len(answer) > 10_000_000
 
 
 def wait_until(condition, seconds=20):

@@ -91,6 +91,8 @@ def test_a_classifier_has_no_embeddings_route_but_lists_its_model():
     listed, missing = asyncio.run(get("/v1/models")), asyncio.run(get("/v1/models/other"))
     assert listed.json()["data"][0]["id"] == "classification" and listed.json()["data"][0]["object"] == "model"
     assert missing.status_code == 404 and "this server runs 'classification' only" in missing.json()["error"]["message"]
+    metrics = asyncio.run(get("/metrics")).text  # counted under the route's template, not as "other"
+    assert 'toolkit_requests_total{route="/v1/models/{model_id:path}",status="404"} 1.0' in metrics
 
 
 @pytest.fixture(scope="module")
