@@ -46,6 +46,9 @@ RESUME_SENSITIVE_OPTIONS = (
     "freeze_backbone", "head_layernorm",
     # the scale of regression targets
     "standardize_targets",
+    # what each step does: the saved optimizer state would overwrite another weight decay or epsilon
+    # without a word, and the others change the loss or the update from the resumed step on
+    "weight_decay", "adam_epsilon", "max_grad_norm", "dropout", "label_smoothing", "temperature",
     # early stopping's best value is in this metric's units: another metric cannot continue it
     "metric_for_best_model",
 )

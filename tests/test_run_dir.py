@@ -178,6 +178,18 @@ def test_resume_with_another_freeze_backbone_is_one_line_even_when_forced(interr
     assert_one_error_line(err, "optimizer state does not fit", "--freeze-backbone")
 
 
+def test_resume_with_another_weight_decay_or_dropout_is_refused(interrupted_run, capsys):
+    """The saved optimizer state would overwrite another --weight-decay without a word; --dropout and
+    --label-smoothing change every step from the resumed one on."""
+    argv, output_dir = interrupted_run
+    changed = argv + ["--weight-decay", "0.2", "--dropout", "0.3", "--label-smoothing", "0.1", "--resume"]
+    before = snapshot_files(output_dir)
+    code, err = run("train_classifier", changed, capsys)
+    assert code == 2
+    assert_one_error_line(err, "--weight-decay 0.01 -> 0.2", "--dropout 0.1 -> 0.3", "--label-smoothing 0.0 -> 0.1")
+    assert snapshot_files(output_dir) == before
+
+
 def test_resume_after_the_data_changed_is_refused(interrupted_run, capsys):
     argv, _ = interrupted_run
     data_path = Path(argv[argv.index("--data-path") + 1])
