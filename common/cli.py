@@ -363,6 +363,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
         super().flatten_mapping(node)
 
     def refuse_repeated_keys(self, node):
+        """A ConstructorError at the second of two equal keys of ``node`` (its own, not merged ones)."""
         seen = set()
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":

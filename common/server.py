@@ -1101,6 +1101,7 @@ class BoundedH11Protocol(H11Protocol):
         self.stop_write_timer()
 
     def start_write_timer(self):
+        """Give the client ``write_timeout`` seconds to take some of what is unsent now."""
         self.unsent_at_timer = unsent_bytes(self.transport)
         self.write_timer = self.loop.call_later(self.write_timeout, self.on_write_timeout)
 
