@@ -380,9 +380,6 @@ def _clip(text, limit=60):
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-_short = short_repr  # the name the messages here use
-
-
 def require_number(record, name, default=None, low=None, high=None):
     """A finite number within [low, high]; CSV strings are converted."""
     value = record.fields.get(name, default)
@@ -405,13 +402,13 @@ def parse_number(where, value):
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise RecordError(f"{where}: expected a number, got {_short(value)}") from None
+        raise RecordError(f"{where}: expected a number, got {short_repr(value)}") from None
     except OverflowError:  # an integer too large for a float
         number = math.inf
     if not math.isfinite(number):
-        raise RecordError(f"{where}: must be a finite number, got {_short(value)}")
+        raise RecordError(f"{where}: must be a finite number, got {short_repr(value)}")
     if abs(number) > MAX_TRAINABLE_MAGNITUDE:
-        raise RecordError(f"{where}: {_short(value)} is too large for float32 training (its square overflows); "
+        raise RecordError(f"{where}: {short_repr(value)} is too large for float32 training (its square overflows); "
                           f"keep it within +-{MAX_TRAINABLE_MAGNITUDE:.3g} (rescale the values)")
     return number
 
@@ -527,7 +524,7 @@ def _check_raw_label(record, label_field, raw_label):
                           f"got {type(raw_label).__name__}")
     if isinstance(raw_label, str) and INTEGER_LABEL.fullmatch(raw_label):  # CSV cells are strings: "2" is label 2
         if len(raw_label.lstrip("-")) > MAX_LABEL_DIGITS:
-            raise RecordError(f"{record.where(label_field)}: integer label {_short(raw_label)} is too large "
+            raise RecordError(f"{record.where(label_field)}: integer label {short_repr(raw_label)} is too large "
                               f"(a class id has at most {MAX_LABEL_DIGITS} digits)")
         return int(raw_label)
     return raw_label
@@ -610,8 +607,8 @@ class LabelSet:
         if any(isinstance(label, int) for label in raw):
             first_kind = isinstance(examples[0].raw_label, int)
             bad = next(e for e in examples if isinstance(e.raw_label, int) != first_kind)
-            raise UserError(f"{bad.locator}: field '{label_field}': {_short(bad.raw_label)} mixes integer labels "
-                            f"and names (record 1 has {_short(examples[0].raw_label)}); use one kind, or give --labels")
+            raise UserError(f"{bad.locator}: field '{label_field}': {short_repr(bad.raw_label)} mixes integer labels "
+                            f"and names (record 1 has {short_repr(examples[0].raw_label)}); use one kind, or give --labels")
         return cls(sorted(raw))
 
     def resolve(self, examples, label_field="label"):
@@ -625,13 +622,13 @@ class LabelSet:
         if isinstance(raw_label, int):
             if 0 <= raw_label < len(self.names):
                 return raw_label
-            raise RecordError(f"{locator}: field '{label_field}': label {_short(raw_label)} is out of range "
+            raise RecordError(f"{locator}: field '{label_field}': label {short_repr(raw_label)} is out of range "
                               f"0..{len(self.names) - 1}")
         if raw_label in self.ids:
             return self.ids[raw_label]
         known = ", ".join(_clip(name) for name in self.names[:MAX_NAMES_SHOWN])
         more = f", ... ({len(self.names)} in all)" if len(self.names) > MAX_NAMES_SHOWN else ""
-        raise RecordError(f"{locator}: field '{label_field}': unknown label {_short(raw_label)} "
+        raise RecordError(f"{locator}: field '{label_field}': unknown label {short_repr(raw_label)} "
                           f"(known: {known}{more})")
 
     @property
@@ -651,7 +648,7 @@ def _check_label_ids(examples, lowest, highest, label_field):
     bad = next(e for e in examples if e.raw_label == (lowest if lowest < 0 else highest))
     if lowest < 0:
         raise UserError(f"{bad.locator}: field '{label_field}': negative label {lowest}")
-    raise UserError(f"{bad.locator}: field '{label_field}': integer label {_short(highest)} is too large: integer "
+    raise UserError(f"{bad.locator}: field '{label_field}': integer label {short_repr(highest)} is too large: integer "
                     f"labels are class ids, below max({MIN_LABEL_ID_LIMIT:,}, 10 x {len(examples)} records) = "
                     f"{limit:,} here; use label names, or give --labels")
 
@@ -674,7 +671,7 @@ def stratified_split(examples, val_ratio, seed, label_set):
     counts = np.bincount(labels)
     too_small = [index for index, count in enumerate(counts) if count == 1]
     if too_small:
-        lone = [f"{_short(label_set.names[index])} ({next(e.locator for e in examples if e.label == index)})"
+        lone = [f"{short_repr(label_set.names[index])} ({next(e.locator for e in examples if e.label == index)})"
                 for index in too_small[:MAX_ERRORS_SHOWN]]
         more = f", ... ({len(too_small)} in all)" if len(too_small) > MAX_ERRORS_SHOWN else ""
         raise UserError(f"the validation split would leave class(es) {', '.join(lone)}{more} empty: each has only "

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from common import data, techniques
 from common.choices import METRICS_BY_PROBLEM_TYPE
-from common.errors import UserError
+from common.errors import UserError, short_repr
 from common.metrics import classification_metrics, multilabel_metrics, regression_metrics
 from common.reranking import Rerank
 
@@ -170,7 +170,7 @@ class MultiLabel(SingleLabel):
         names = []
         for item in items:
             if isinstance(item, bool) or not isinstance(item, (str, int)) or (isinstance(item, str) and not item.strip()):
-                raise data.RecordError(f"{where}: expected label names (strings), got {data._short(item)} in the list")
+                raise data.RecordError(f"{where}: expected label names (strings), got {short_repr(item)} in the list")
             names.append(data.check_encodable(where, str(item).strip()))
         return list(dict.fromkeys(names))  # a repeated name is one label
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from common import data, ranking
-from common.errors import UserError
+from common.errors import UserError, short_repr
 from common.pairs import load_pairs
 from common.text import build_normalizer
 
@@ -145,7 +145,7 @@ def listwise_groups(pairs, group_size, seed, threshold=0.0):
         own_documents = {pairs[i].document for i in indices}
         if len(negatives) < group_size - 1 and len(own_documents) == document_count:
             # the filling loop below would draw forever: every document of the file is this query's own
-            raise UserError(f"{pairs[indices[0]].locator}: query {query[:60]!r} has {len(negatives)} negatives "
+            raise UserError(f"{pairs[indices[0]].locator}: query {short_repr(query)} has {len(negatives)} negatives "
                             f"for a --rerank-group-size {group_size} group and no other query's document to fill "
                             "it; add queries or negatives, or lower --rerank-group-size")
         for positive in (i for i in indices if pairs[i].rel == best):
