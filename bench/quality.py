@@ -561,6 +561,7 @@ def describe_machine():
     import transformers
     return {"cpu": model_name or platform.processor(), "cores": os.cpu_count(),
             "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch": torch.__version__, "transformers": transformers.__version__, "date": date.today().isoformat()}
 
 

@@ -61,6 +61,9 @@ def build_parser():
     parser.add_argument("--data-dir", default="data/pydoc_rerank", help="train/valid/test.jsonl (built when missing)")
     parser.add_argument("--negatives", type=int, default=76, help="rel-0 candidates per test query (data build)")
     parser.add_argument("--train-negatives", type=int, default=7, help="rel-0 documents per training query")
+    parser.add_argument("--train-file", default="train.jsonl",
+                        help="training queries in --data-dir: train.jsonl, or train_all.jsonl (every other sentence "
+                             "of each training paragraph as a query too)")
     parser.add_argument("--negatives-from", choices=["retriever", "file"], default="retriever",
                         help="training negatives: mined from the retriever's top ranks, or the file's random ones")
     parser.add_argument("--mine-range", default="2-50",
@@ -84,6 +87,7 @@ def build_parser():
     parser.add_argument("--rerank-top", type=int, default=50, help="retrieved documents the reranker reorders")
     parser.add_argument("--rerun", action="store_true", help="retrain runs that already have a run.json")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="mining and training device (cpu, cuda)")
     parser.add_argument("--train-path", help=argparse.SUPPRESS)  # internal: the mined training file
     add_worker_args(parser)
     return parser
@@ -91,10 +95,10 @@ def build_parser():
 
 def ensure_data(args):
     data_dir = Path(args.data_dir)
-    if not all((data_dir / f"{name}.jsonl").is_file() for name in ("train", "valid", "test")):
+    if not all((data_dir / name).is_file() for name in (args.train_file, "valid.jsonl", "test.jsonl")):
         subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "prepare_retrieval.py"), "--source", "pydoc",
                         "--negatives", str(args.negatives), "--train-negatives", str(args.train_negatives),
-                        "--output-dir", str(data_dir)], check=True)
+                        "--all-train-sentences", "--output-dir", str(data_dir)], check=True)
     return data_dir
 
 
@@ -114,9 +118,9 @@ def mine_negatives(args, run_dir):
     rank below them at test time, so they may be drawn as negatives."""
     import train_vector
     output = run_dir / "train_mined.jsonl"
-    argv = ["--mode", "mine", "--model-path", args.retriever, "--data-path", str(Path(args.data_dir) / "train.jsonl"),
+    argv = ["--mode", "mine", "--model-path", args.retriever, "--data-path", str(Path(args.data_dir) / args.train_file),
             "--relevance-threshold", "0.5", "--range-for-sampling", args.mine_range,
-            "--negative-number", str(args.mine_negatives), "--negative-margin", str(args.mine_margin), "--seed", "13", "--device", "cpu",
+            "--negative-number", str(args.mine_negatives), "--negative-margin", str(args.mine_margin), "--seed", "13", "--device", args.device,
             "--output-path", str(output)]
     if train_vector.main(argv):
         raise SystemExit("train_vector.py --mode mine failed")
@@ -129,7 +133,7 @@ def train_reranker(args, loss, run_dir):
     output_dir = run_dir / "output"
     batch_size = args.batch_size if loss == "pointwise" else max(1, args.batch_size // args.group_size)
     argv = ["--problem-type", "rerank", "--rerank-loss", loss, "--rerank-group-size", str(args.group_size),
-            "--data-path", args.train_path or str(data_dir / "train.jsonl"),
+            "--data-path", args.train_path or str(data_dir / args.train_file),
             "--val-path", str(data_dir / "valid.jsonl"),
             "--test-path", str(data_dir / "test.jsonl"), "--retriever", args.retriever,
             "--rerank-top", str(args.rerank_top), "--model-name", args.model, "--epochs", str(args.epochs),
@@ -137,7 +141,7 @@ def train_reranker(args, loss, run_dir):
             "--max-length", str(args.max_length), "--pooling", args.pooling, "--save-strategy", "no",
             "--precision", args.precision,
             *(["--extend-vocab", str(args.extend_vocab)] if args.extend_vocab else []),
-            "--device", "cpu", "--seed", str(args.seed), "--output-dir", str(output_dir)]
+            "--device", args.device, "--seed", str(args.seed), "--output-dir", str(output_dir)]
     started = time.perf_counter()
     if train_classifier.main(argv):
         raise SystemExit("train_classifier.py --problem-type rerank failed")
@@ -180,7 +184,7 @@ def launch(args, worker, seed, run_name):
     paths = ("model", "retriever", "data_dir", "train_path")
     for name in (*paths, "epochs", "learning_rate", "batch_size", "group_size", "max_length", "pooling",
                  "rerank_top", "retriever_max_length", "mine_range", "mine_negatives", "mine_margin", "extend_vocab",
-                 "precision"):
+                 "precision", "device", "train_file"):
         value = getattr(args, name)
         if value is not None:
             value = str(Path(value).resolve()) if name in paths else str(value)
@@ -246,10 +250,11 @@ def main(argv=None):
     if not retriever_given:
         args.retriever = launch(args, "retriever", 0, "untuned-retriever")["retriever"]
     retriever_name = Path(args.retriever).name if retriever_given else "untuned"
-    negatives = "file"
+    queries = "" if args.train_file == "train.jsonl" else "-" + Path(args.train_file).stem  # run names differ by file
+    negatives = "file" + queries
     if args.negatives_from == "retriever":
         negatives = (f"mined-{retriever_name}-{args.mine_range}-{args.mine_negatives}"
-                     f"{'' if args.mine_margin == 0.05 else f'-margin{args.mine_margin:g}'}")
+                     f"{'' if args.mine_margin == 0.05 else f'-margin{args.mine_margin:g}'}{queries}")
         args.train_path = launch(args, "mine", 0, negatives)["train_path"]
     settings = (f"{negatives}-len{args.max_length}-ep{args.epochs}-lr{args.learning_rate:g}-group{args.group_size}"
                 f"{'' if args.pooling == 'cls' else '-' + args.pooling}-top{args.rerank_top}-{retriever_name}"
@@ -269,7 +274,8 @@ def main(argv=None):
     print(format_table(rows))
     summary = {"machine": describe_machine(), "toolkit_commit": toolkit_commit(str(REPO_ROOT)),
                "data": {"dir": args.data_dir, "negatives": args.negatives, "train_negatives": args.train_negatives,
-                        **{name: count_lines(data_dir / f"{name}.jsonl") for name in ("train", "valid", "test")}},
+                        "train_file": args.train_file, "train": count_lines(data_dir / args.train_file),
+                        **{name: count_lines(data_dir / f"{name}.jsonl") for name in ("valid", "test")}},
                "retriever": "given" if retriever_given else "untuned --model, mean pooling",
                "training_negatives": ({"from": "retriever", "ranks": args.mine_range, "per_query": args.mine_negatives,
                                        "margin": args.mine_margin}
@@ -280,7 +286,7 @@ def main(argv=None):
                             "retriever_max_length": args.retriever_max_length,
                             "rerank_top": args.rerank_top, "precision": args.precision,
                             "extend_vocab": args.extend_vocab,
-                            "device": "cpu"},
+                            "device": args.device},
                "command": "python bench/rerank_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "rows": rows}
     output = Path(args.output)
