@@ -406,7 +406,7 @@ def load_vector_model(directory, args):
         print(f"{directory}: a pretrained encoder, not a trained vector model: evaluating it with "
               f"--pooling {args.pooling} (untuned baseline)")
         return BertVectorModel.from_backbone(
-            str(directory), args.trust_remote_code, pooling=args.pooling, projection_dim=None,
+            str(directory), args.trust_remote_code, flag="--model-path", pooling=args.pooling, projection_dim=None,
             query_max_length=args.query_max_length, doc_max_length=args.doc_max_length,
             max_length=args.max_length, truncation_side=args.truncation_side).to(args.device_obj).eval()
     return BertVectorModel.from_pretrained(directory, args.device_obj)
@@ -988,7 +988,8 @@ def load_mining_model(args):
     if modeldir.is_toolkit_model_directory(source):
         return BertVectorModel.from_pretrained(source, args.device_obj)
     return BertVectorModel.from_backbone(
-        source, args.trust_remote_code, pooling=args.pooling, projection_dim=None,
+        source, args.trust_remote_code, flag="--model-path" if args.model_path else "--model-name",
+        pooling=args.pooling, projection_dim=None,
         query_max_length=args.query_max_length, doc_max_length=args.doc_max_length, max_length=args.max_length,
         truncation_side=args.truncation_side, query_instruction=args.query_instruction,
         passage_instruction=args.passage_instruction).to(args.device_obj).eval()

@@ -31,10 +31,10 @@ LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, EOFError,
                SafetensorError)
 
 
-def load_pretrained_backbone(name_or_path, trust_remote_code=False, keep_pooler=False):
+def load_pretrained_backbone(name_or_path, trust_remote_code=False, keep_pooler=False, flag="--model-name"):
     """AutoModel from a hub name or local path, or the encoder of a model directory this toolkit wrote
     (a classifier, vector or long-document model: fine-tuning goes on from it); the BERT pooler is
-    dropped unless used.
+    dropped unless used. ``flag`` is the option that named the model, for the error messages.
 
     An unused pooler would leave parameters without gradients (DDP then fails) and wastes a matmul
     per step. Encoder weights the checkpoint lacks are refused: transformers would draw them at random
@@ -42,16 +42,16 @@ def load_pretrained_backbone(name_or_path, trust_remote_code=False, keep_pooler=
     """
     import transformers  # imported where used: ~2 s that --help and flag errors should not wait for
     if is_toolkit_model_directory(name_or_path):
-        backbone, missing = toolkit_backbone(name_or_path)
+        backbone, missing = toolkit_backbone(name_or_path, flag)
     else:
         try:
             backbone, loading = transformers.AutoModel.from_pretrained(
                 name_or_path, trust_remote_code=trust_remote_code, output_loading_info=True)
         except LOAD_ERRORS as error:
-            raise UserError(f"--model-name {name_or_path}: cannot load a model there "
+            raise UserError(f"{flag} {name_or_path}: cannot load a model there "
                             f"({describe_load_error(error)})") from None
         missing = sorted(loading["missing_keys"])
-    check_missing_weights(name_or_path, missing, keep_pooler)
+    check_missing_weights(name_or_path, missing, keep_pooler, flag)
     if not keep_pooler and getattr(backbone, "pooler", None) is not None:
         backbone.pooler = None
     return backbone
@@ -74,20 +74,20 @@ def read_json_if_exists(path):
         return None
 
 
-def toolkit_backbone(directory):
+def toolkit_backbone(directory, flag="--model-name"):
     """(encoder, names of encoder weights it lacks) of a toolkit model directory: its weights are saved
     under ``backbone.``, beside the head's, which a new task does not reuse."""
-    config, toolkit = read_model_config(directory, "--model-name")
-    print(describe_starting_model(directory, toolkit))
+    config, toolkit = read_model_config(directory, flag)
+    print(describe_starting_model(directory, toolkit, flag))
     backbone = build_backbone_from_config(config, keep_pooler=True)
     missing, _ = load_state(backbone, directory, BACKBONE_PREFIX)
     return backbone, sorted(missing)
 
 
-def describe_starting_model(directory, toolkit):
+def describe_starting_model(directory, toolkit, flag="--model-name"):
     """One line on what a run started from a toolkit model directory takes from it, and the text option
     it was trained with that this run does not inherit."""
-    line = (f"--model-name {directory}: a {toolkit['task']} model of this toolkit; training starts from its "
+    line = (f"{flag} {directory}: a {toolkit['task']} model of this toolkit; training starts from its "
             "encoder and tokenizer (not its head or settings)")
     normalize = toolkit.get("preprocessing", {}).get("normalize")
     if normalize:
@@ -96,12 +96,12 @@ def describe_starting_model(directory, toolkit):
     return line
 
 
-def check_missing_weights(name_or_path, missing, keep_pooler):
+def check_missing_weights(name_or_path, missing, keep_pooler, flag="--model-name"):
     """Refuse an encoder whose checkpoint lacks weights it needs (the pooler only matters when used)."""
     needed = [name for name in missing if keep_pooler or not name.startswith("pooler.")]
     if needed:
-        raise UserError(f"--model-name {name_or_path}: {len(needed)} encoder weights are not in the checkpoint "
-                        f"(e.g. {', '.join(needed[:3])}); training would start them at random")
+        raise UserError(f"{flag} {name_or_path}: {len(needed)} encoder weights are not in the checkpoint "
+                        f"(e.g. {', '.join(needed[:3])}); they would start at random")
 
 
 def load_tokenizer(name_or_path, trust_remote_code=False):

@@ -111,9 +111,10 @@ class BertVectorModel(nn.Module):
         return model.to(device).eval()
 
     @classmethod
-    def from_backbone(cls, name_or_path, trust_remote_code=False, **settings):
-        """A new vector model on a pretrained encoder (hub name or local path); ``settings`` go to __init__."""
-        backbone = modeldir.load_pretrained_backbone(name_or_path, trust_remote_code)
+    def from_backbone(cls, name_or_path, trust_remote_code=False, flag="--model-name", **settings):
+        """A new vector model on a pretrained encoder (hub name or local path, given by the option ``flag``);
+        ``settings`` go to __init__."""
+        backbone = modeldir.load_pretrained_backbone(name_or_path, trust_remote_code, flag=flag)
         model = cls(backbone, **settings)
         model.tokenizer = modeldir.load_tokenizer(name_or_path, trust_remote_code)
         from common.vocab import fit_embeddings_to_tokenizer

@@ -91,3 +91,19 @@ def test_starting_from_a_normalized_model_names_its_normalize_spec(tiny_model_di
                         "--val-path", data, "--baseline", "none")
     assert train_classifier.main(argv) == 0
     assert "it was trained on text normalized with --normalize social,emoji=drop" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["evaluate", "mine"])
+def test_a_broken_encoder_given_by_model_path_is_named_by_that_flag(mode, tiny_model_dir, tmp_path, capsys):
+    """train_vector.py --mode evaluate|mine --model-path ENCODER: the error names --model-path, the flag
+    the user typed (it said --model-name, a flag this command line did not have)."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in tiny_model_dir.iterdir():
+        (broken / path.name).write_bytes(b"not weights" if path.name == "model.safetensors" else path.read_bytes())
+    pairs = str(write_jsonl(tmp_path / "pairs.jsonl", [{"query": "good movie", "document": "great film", "rel": 1.0},
+                                                        {"query": "good movie", "document": "bad movie", "rel": 0.0}]))
+    extra = (["--test-path", pairs, "--metrics-path", str(tmp_path / "m.json")] if mode == "evaluate"
+             else ["--data-path", pairs, "--output-path", str(tmp_path / "mined.jsonl")])
+    assert train_vector.main(["--mode", mode, "--model-path", str(broken), *extra]) == 2
+    assert_one_error_line(capsys.readouterr().err, f"--model-path {broken}: cannot load a model there")
