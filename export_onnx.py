@@ -978,6 +978,8 @@ def write_companions(output_path, torch_loaded, lengths, args, choice):
     meta = {"task": torch_loaded.task, "toolkit": toolkit,
             "id2label": {str(index): name for index, name in torch_loaded.id2label.items()},
             "source_model": str(Path(torch_loaded.source).resolve()), "max_length": lengths,
+            # the graph's positions: loading checks the stored max lengths against them (inference.py)
+            "max_position_embeddings": getattr(torch_loaded.config, "max_position_embeddings", None),
             "exporter": args.exporter, "opset": args.opset, "optimized": choice["optimized"],
             "fused_operators": choice["fused"], "quantization": args.quantize, "int8_variant": choice["int8_variant"],
             "inputs": INPUT_NAMES, "output": output_name(torch_loaded.task)}

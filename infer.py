@@ -329,7 +329,8 @@ def run_classification(loaded, items, args, progress=False):
     contexts = [item.context for item in items] if any(item.context for item in items) else None
     if loaded.task == "longdoc":
         return inference.predict_long_documents(loaded, texts, args.temperature, args.batch_size, args.explain,
-                                                args.top_k, progress, args.threshold)
+                                                args.top_k, progress, args.threshold,
+                                                input_name=lambda index: items[index].locator)
     return inference.classify(loaded, texts, contexts, args.temperature, args.batch_size, args.top_k,
                               args.sort_by_length, progress, args.threshold)
 

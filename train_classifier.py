@@ -171,9 +171,12 @@ def load_splits(args, problem, label_names=None):
     return splits, label_set
 
 
-def load_rerank_splits(args):
+def load_rerank_splits(args, normalize=None):
     """A reranker's splits: graded query/document pairs (or query/pos/neg records); without --val-path,
-    whole queries are held out for validation. Returns (splits, label_set of the one score)."""
+    whole queries are held out for validation. Returns (splits, label_set of the one score).
+
+    With ``normalize``, a text it empties is refused (normalize_splits), checked before the held-out
+    split so a query-group file's passages are named by their own fields (``pos[0]``, ``neg[1]``)."""
     def read(path, split=None, default_splits=("train",)):
         return reranking.load_rerank_pairs(path, args.skip_invalid, split, default_splits)
     splits = {"train": read(args.data_path, args.data_split)} if args.data_path else {}
@@ -182,6 +185,8 @@ def load_rerank_splits(args):
     if args.test_path:
         splits["test"] = read(args.test_path, default_splits=("test",))
     data.report_skipped(*splits.values())
+    if normalize is not None:
+        normalize_splits(splits, normalize)
     if not args.val_path and "train" in splits:
         splits["train"], splits["val"] = reranking.split_by_query(splits["train"], args.val_ratio, args.seed)
     for name, pairs in splits.items():
@@ -191,15 +196,22 @@ def load_rerank_splits(args):
 
 def encode_rerank_splits(splits, tokenizer, args, normalize):
     """Tokenize a reranker's splits once (listwise training: groups of one positive and its negatives).
-    Returns ({split: RerankDataset}, summary lines)."""
-    rel_scale = max(pair.rel for pair in splits["train" if "train" in splits else "test"])
+    Returns ({split: RerankDataset}, summary lines).
+
+    The pointwise targets are rel / the highest rel of the training and validation pairs, so the top grade
+    is 1 and no binary cross-entropy target is above 1, even when only a validation pair has the top
+    grade; a test split (ranked, never trained on) is scaled by its own top grade where that is higher.
+    """
+    trained_on = [pair.rel for name in ("train", "val") for pair in splits.get(name, ())]
+    rel_scale = max(trained_on or [pair.rel for pair in splits["test"]])
     datasets, summaries = {}, []
     for name, pairs in splits.items():
         groups = None
         if name == "train" and args.rerank_loss == "listwise":
             groups = reranking.listwise_groups(pairs, args.rerank_group_size, args.seed)
+        scale = max([rel_scale, *(pair.rel for pair in pairs)])
         datasets[name] = reranking.build_rerank_dataset(tokenizer, pairs, args.max_length, args.truncation_side,
-                                                        normalize, rel_scale, groups)
+                                                        normalize, scale, groups)
         summaries.append(reranking.summarize(name, pairs, datasets[name], args.max_length))
     return datasets, summaries
 
@@ -213,12 +225,22 @@ def check_retriever(path):
         raise UserError(f"--retriever {path}: a {toolkit.get('task')} model, not a bi-encoder (vector) model")
 
 
-def encode_splits(splits, tokenizer, args, normalize, label_set, problem):
-    """Tokenize every split once; print the dataset summary. Returns {split: EncodedDataset}."""
+def normalize_splits(splits, normalize):
+    """{split: [[normalized texts] per example]} (see data.text_fields), before the model loads.
+
+    A text that --normalize empties (one of only emoji, links or mentions that it drops) would train as a
+    bare [CLS] [SEP] under its label: refused in one line naming its record and field (data.clean_texts).
+    """
+    return data.normalize_texts(splits, normalize)
+
+
+def encode_splits(splits, normalized, tokenizer, args, normalize, label_set, problem):
+    """Tokenize every split once (its texts already ``normalized`` by normalize_splits); print the dataset
+    summary. Returns {split: EncodedDataset}."""
     datasets, summaries = {}, []
     for name, examples in splits.items():
-        for example in examples:
-            example.text = normalize(example.text)
+        for example, (text,) in zip(examples, normalized[name]):
+            example.text = text
             example.context = normalize(example.context) if example.context else example.context
         stats = data.EncodedBatchStats()
         datasets[name] = data.build_classification_dataset(tokenizer, examples, args.max_length,
@@ -664,8 +686,9 @@ def run_eval_only(args, context):
     preprocessing = toolkit["preprocessing"]
     args.max_length, args.truncation_side = preprocessing["max_length"], preprocessing["truncation_side"]
     args.pad_token_id = tokenizer.pad_token_id
-    datasets, summaries = encode_splits({"test": splits["test"]}, tokenizer, args,
-                                        build_normalizer(preprocessing.get("normalize")), label_set, problem)
+    normalize, test_split = build_normalizer(preprocessing.get("normalize")), {"test": splits["test"]}
+    datasets, summaries = encode_splits(test_split, normalize_splits(test_split, normalize), tokenizer, args,
+                                        normalize, label_set, problem)
     print(data.format_summary(summaries))
     datasets["val"], splits["val"] = datasets["test"], splits["test"]
     args.calibrate = False
@@ -699,25 +722,27 @@ def run_training(args, context):
     checkpoints.check_resume(resume_from, args)
     problem = problem_types.from_args(args)
     rerank = problem.name == "rerank"
-    splits, label_set = load_rerank_splits(args) if rerank else load_splits(args, problem)
-    if rerank and args.retriever:
-        check_retriever(args.retriever)
     normalize_spec = None
     if args.normalize:
         from common.text import describe, normalizer_spec
         normalize_spec = normalizer_spec(args.normalize)
         print(f"text normalization: {describe(normalize_spec)} (stored with the model, applied at inference)")
+    normalize = build_normalizer(normalize_spec)
+    # texts --normalize empties are refused here, before the model loads
+    splits, label_set = load_rerank_splits(args, normalize) if rerank else load_splits(args, problem)
+    normalized = None if rerank else normalize_splits(splits, normalize)
+    if rerank and args.retriever:
+        check_retriever(args.retriever)
     modeldir.check_max_lengths(args.model_name, args, args.trust_remote_code)
     tokenizer = modeldir.load_tokenizer(args.model_name, args.trust_remote_code)
     training_texts = ([text for pair in splits["train"] for text in (pair.query, pair.document)] if rerank
                       else [e.text for e in splits["train"]])
-    domain_texts = adaptation.prepare_domain(args, tokenizer, training_texts, build_normalizer(normalize_spec))
+    domain_texts = adaptation.prepare_domain(args, tokenizer, training_texts, normalize)
     args.pad_token_id = tokenizer.pad_token_id
     if rerank:
-        datasets, summaries = encode_rerank_splits(splits, tokenizer, args, build_normalizer(normalize_spec))
+        datasets, summaries = encode_rerank_splits(splits, tokenizer, args, normalize)
     else:
-        datasets, summaries = encode_splits(splits, tokenizer, args, build_normalizer(normalize_spec), label_set,
-                                            problem)
+        datasets, summaries = encode_splits(splits, normalized, tokenizer, args, normalize, label_set, problem)
     problem.fit_training_data(splits["train"], args)  # regression: --standardize-targets' mean and std
     if context.is_main:
         print("dataset summary:\n" + "\n".join(summaries) if rerank else data.format_summary(summaries))

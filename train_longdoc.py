@@ -94,7 +94,8 @@ def parse_args(argv=None):
     checkpoints.check_resume_argument(args.resume)
     if not args.eval_only:
         problem_types.resolve_problem_type(args)
-    args.strip_pattern_list = longdoc.load_strip_patterns(args.strip_patterns) if args.strip_patterns else []
+    args.strip_pattern_list, args.strip_pattern_names = (longdoc.load_strip_patterns(args.strip_patterns)
+                                                         if args.strip_patterns else ([], []))
     longdoc.check_settings(build_settings(args), args.max_length)
     return args
 
@@ -161,28 +162,26 @@ def load_splits(args, problem, label_names=None):
     return splits, label_set
 
 
-def chunk_splits(splits, tokenizer, args, settings, clean, label_set, problem):
-    """Clean and chunk every split once; returns ({split: DocumentDataset}, summaries)."""
+def clean_documents(splits, clean):
+    """{split: cleaned texts}. A document that the strip patterns or the normalization empty would be read
+    as a bare [CLS] [SEP] chunk and trained (or scored) under its label, with nothing said: refused, as is
+    one a strip pattern cannot process in its time, in one line naming it (common.data.clean_texts)."""
+    cleaned = data.clean_texts(splits, clean, "the strip patterns and normalization",
+                               "loosen --strip-patterns or --normalize, or drop these documents", unit="documents")
+    return {name: [texts[0] for texts in split] for name, split in cleaned.items()}
+
+
+def chunk_splits(splits, cleaned, tokenizer, args, settings, label_set, problem):
+    """Chunk every split's cleaned texts once; returns ({split: DocumentDataset}, summaries)."""
     datasets, summaries = {}, []
     for name, documents in splits.items():
         stats = longdoc.ChunkingStats()
-        texts = [clean(document.text) for document in documents]
-        check_cleaned_texts(documents, texts, args.text_field or "text")
+        texts = cleaned[name]
         targets = [problem.target(d.label, len(label_set.names)) for d in documents]
         chunked = longdoc.chunk_documents(tokenizer, texts, targets, args.max_length, settings, stats)
         datasets[name] = longdoc.DocumentDataset(chunked)
         summaries.append(summarize_split(name, documents, label_set, stats, args, settings, problem))
     return datasets, summaries
-
-
-def check_cleaned_texts(documents, texts, text_field):
-    """Refuse documents that the strip patterns or the normalization emptied: each would be read as a
-    bare [CLS] [SEP] chunk and trained (or scored) under its label, with nothing said."""
-    emptied = [document for document, text in zip(documents, texts) if not text.strip()]
-    if emptied:
-        more = f" (and {len(emptied) - 1} more documents)" if len(emptied) > 1 else ""
-        raise UserError(f"{emptied[0].locator}: field '{text_field}': nothing left after the strip patterns and "
-                        f"normalization{more}; loosen --strip-patterns or --normalize, or drop these documents")
 
 
 def summarize_split(name, documents, label_set, stats, args, settings, problem):
@@ -555,8 +554,12 @@ def run_eval_only(args, context):
     args.max_length = toolkit["preprocessing"]["max_length"]
     args.aggregation, args.stride = settings.aggregation, settings.stride
     args.pad_token_id = tokenizer.pad_token_id
-    clean = longdoc.build_text_cleaner(settings.strip_patterns, toolkit["preprocessing"].get("normalize"))
-    datasets, summaries = chunk_splits({"test": splits["test"]}, tokenizer, args, settings, clean, label_set, problem)
+    clean = longdoc.build_text_cleaner(settings.strip_patterns, toolkit["preprocessing"].get("normalize"),
+                                       [f"toolkit.longdoc.strip_patterns[{index}] of {args.model_path}"
+                                        for index in range(len(settings.strip_patterns))])
+    test_split = {"test": splits["test"]}
+    datasets, summaries = chunk_splits(test_split, clean_documents(test_split, clean), tokenizer, args, settings,
+                                       label_set, problem)
     print(format_summary(summaries))
     datasets["val"], splits["val"] = datasets["test"], splits["test"]
     results = finish(args, args.model_path, datasets, splits, label_set, context, output_dir,
@@ -580,13 +583,14 @@ def run_training(args, context):
     splits, label_set = load_splits(args, problem)
     normalize_spec = normalizer_spec_of(args)
     settings = build_settings(args)
-    clean = longdoc.build_text_cleaner(settings.strip_patterns, normalize_spec)
+    clean = longdoc.build_text_cleaner(settings.strip_patterns, normalize_spec, args.strip_pattern_names)
+    cleaned = clean_documents(splits, clean)  # before the model: a bad pattern or an emptied document costs nothing
     modeldir.check_max_lengths(args.model_name, args, args.trust_remote_code)
     tokenizer = modeldir.load_tokenizer(args.model_name, args.trust_remote_code)
     longdoc.check_settings(settings, args.max_length, tokenizer.num_special_tokens_to_add(pair=False))
     domain_texts = adaptation.prepare_domain(args, tokenizer, [d.text for d in splits["train"]], clean)
     args.pad_token_id = tokenizer.pad_token_id
-    datasets, summaries = chunk_splits(splits, tokenizer, args, settings, clean, label_set, problem)
+    datasets, summaries = chunk_splits(splits, cleaned, tokenizer, args, settings, label_set, problem)
     problem.fit_training_data(splits["train"], args)  # regression: --standardize-targets' mean and std
     if context.is_main:
         print(format_summary(summaries))

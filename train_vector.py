@@ -759,6 +759,7 @@ def run_training(args, context):
     if args.normalize:
         from common.text import normalizer_spec
         normalize_spec = normalizer_spec(args.normalize)
+        data.normalize_texts(splits, build_normalizer(normalize_spec))  # refuses a text it empties
     modeldir.check_max_lengths(args.model_name, args, args.trust_remote_code)
     tokenizer = modeldir.load_tokenizer(args.model_name, args.trust_remote_code)
     train_texts = dict.fromkeys(text for example in splits["train"] for text in example_texts(example))

@@ -46,6 +46,14 @@ class RecordError(UserError):
     """A record that cannot be used; ``--skip-invalid`` drops these."""
 
 
+class TextCleaningError(UserError):
+    """A text that a cleaning step (a ``--strip-patterns`` pattern) could not process in its time.
+
+    The message says what failed; whoever knows where the text came from puts that in front
+    (``clean_texts``: the record and field; the inference code: the input).
+    """
+
+
 # ---------------------------------------------------------------- reading files
 
 def read_records(path, split=None, skip_invalid=False, default_splits=("train",)):
@@ -389,7 +397,8 @@ def require_number(record, name, default=None, low=None, high=None):
         raise RecordError(f"{record.where(name)}: missing")
     number = parse_number(record.where(name), value)
     if (low is not None and number < low) or (high is not None and number > high):
-        raise RecordError(f"{record.where(name)}: {number} is outside [{low}, {high}]")
+        advice = f"; rescale the field's values into [{low:g}, {high:g}]" if None not in (low, high) else ""
+        raise RecordError(f"{record.where(name)}: {number} is outside [{low}, {high}]{advice}")
     return number
 
 
@@ -430,6 +439,55 @@ def parse_each(records, parse, skip_invalid):
     return parsed
 
 
+def text_fields(example):
+    """(field name, text) of each text an example is trained on, named as in its record: a classifier
+    example's text (its context is optional, so an emptied one is no context), a pair's query and
+    document, a query group's query and ``pos[i]``/``neg[i]`` passages."""
+    if hasattr(example, "positives"):  # common.pairs.QueryGroup (pairs imports this module)
+        return [("query", example.query), *((f"pos[{index}]", text) for index, text in enumerate(example.positives)),
+                *((f"neg[{index}]", text) for index, text in enumerate(example.negatives))]
+    if hasattr(example, "document"):  # common.pairs.PairExample
+        return [("query", example.query), ("document", example.document)]
+    return [(getattr(example, "text_field", "text"), example.text)]
+
+
+def clean_texts(examples, clean, cleaning, advice, unit="texts"):
+    """Every text of ``examples`` (see ``text_fields``) through ``clean``; one list of cleaned texts per example.
+
+    A text that ``clean`` empties (--normalize dropping the emoji or links that were all of it, or a strip
+    pattern deleting a whole document) would train as a bare [CLS] [SEP] under its label, without a word:
+    it is refused in one line naming its file, record and field (and how many more there are).
+    ``cleaning`` says what emptied it, ``advice`` how to fix it. A ``TextCleaningError`` from ``clean``
+    gets the record and field put in front. ``examples`` may be {split: examples} (the result is then
+    {split: cleaned}); a pair list read from a query-group file is checked as its groups.
+    """
+    if isinstance(examples, dict):
+        return {name: clean_texts(split, clean, cleaning, advice, unit) for name, split in examples.items()}
+    examples = getattr(examples, "groups", None) or examples
+    cleaned, emptied = [], []
+    for example in examples:
+        texts = []
+        for field_name, text in text_fields(example):
+            try:
+                texts.append(clean(text))
+            except TextCleaningError as error:
+                raise UserError(f"{example.locator}: field '{field_name}': {error}") from None
+            if not texts[-1].strip():
+                emptied.append((example.locator, field_name))
+        cleaned.append(texts)
+    if emptied:
+        more = f" (and {len(emptied) - 1} more {unit})" if len(emptied) > 1 else ""
+        where, field_name = emptied[0]
+        raise UserError(f"{where}: field '{field_name}': nothing left after {cleaning}{more}; {advice}")
+    return cleaned
+
+
+def normalize_texts(examples, normalize):
+    """``clean_texts`` for --normalize: every text normalized, one emptied by it refused in one line."""
+    return clean_texts(examples, normalize, "--normalize", "keep those parts as placeholders (emoji=placeholder, "
+                       "urls=placeholder, mentions=placeholder) or drop these records")
+
+
 # ---------------------------------------------------------------- classification examples
 
 @dataclass
@@ -441,6 +499,7 @@ class TextExample:
     locator: str
     group: str | None = None
     label: int | None = None  # resolved id, filled by LabelSet.resolve
+    text_field: str = "text"  # the field the text was read from, for error messages
 
 
 def detect_format(record, text_field=None):
@@ -457,6 +516,7 @@ def detect_format(record, text_field=None):
 def parse_text_example(record, record_format, text_field="text", label_field="label",
                        group_field=None, require_label=True):
     """Turn a Record into a TextExample in the given format, checking every field."""
+    text_name = {"chat": "messages[1].content", "message": "message"}.get(record_format, text_field)
     if record_format == "chat":
         text, raw_label = _parse_chat(record)
         context = None
@@ -474,7 +534,7 @@ def parse_text_example(record, record_format, text_field="text", label_field="la
         raw_label = _check_raw_label(record, label_field if record_format != "chat" else "messages[-1].content",
                                      raw_label)
     group = _parse_group(record, group_field) if group_field else None
-    return TextExample(text, context, raw_label, record.where(), group)
+    return TextExample(text, context, raw_label, record.where(), group, text_field=text_name)
 
 
 def _parse_group(record, group_field):

@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from common import data, modeldir, problem_types
-from common.errors import UserError
+from common.errors import UserError, short_repr
 from common.text import build_normalizer
 
 TASKS = modeldir.TASKS
@@ -184,7 +185,37 @@ def read_preprocessing_file(preprocessing_file, onnx_path):
     modeldir.check_toolkit_block(meta["toolkit"], preprocessing_file)
     if meta.get("task") != meta["toolkit"]["task"]:
         raise UserError(f"{preprocessing_file}: field 'task': {meta.get('task')!r} differs from toolkit.task")
+    limit = export_position_limit(meta, preprocessing_file, onnx_path)
+    check_stored_lengths(meta["toolkit"], types.SimpleNamespace(max_position_embeddings=limit), preprocessing_file)
     return meta
+
+
+def export_position_limit(meta, preprocessing_file, onnx_path):
+    """The positions an export's graph has: recorded by export_onnx.py as ``max_position_embeddings``, or,
+    in an export from before it was recorded, the rows of the graph's position-embedding table (None when
+    the graph has none by that name). A stored max length past it (a hand-edited or damaged record)
+    failed inside onnxruntime at the first text that long."""
+    limit = meta.get("max_position_embeddings")
+    if limit is not None:
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 2:
+            raise UserError(f"{preprocessing_file}: field 'max_position_embeddings': expected a whole number >= 2, "
+                            f"got {short_repr(limit)}")
+        return limit
+    return graph_position_limit(onnx_path)
+
+
+def graph_position_limit(onnx_path):
+    """Rows of the position-embedding initializer of an .onnx graph, or None (read only for older exports:
+    it parses the whole graph)."""
+    import onnx
+    try:
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - onnxruntime loaded it; without a readable table there is nothing to check
+        return None
+    for initializer in graph.initializer:
+        if "position_embeddings" in initializer.name and len(initializer.dims) == 2:
+            return int(initializer.dims[0])
+    return None
 
 
 def create_onnx_session(onnx_path, device="cpu"):
@@ -457,18 +488,20 @@ def nearest_rows(matrix, query_vectors, top_k):
 # ---------------------------------------------------------------- long documents
 
 def predict_long_documents(loaded, texts, temperature=None, batch_size=32, explain=0, top_k=None, progress=False,
-                           threshold=None):
+                           threshold=None, input_name=None):
     """Chunk, run every chunk, aggregate (common.longdoc, with the model's stored settings).
 
     Returns one dict per document in the classifier's shape (input, temperature, label,
     label_id, probabilities, top_k with ``top_k``) plus num_chunks, num_windows and, with
     ``explain``, top_chunks. ``progress``: a bar over the documents (on a terminal only).
+    A text that a stored strip pattern cannot process in its time is a UserError naming the
+    input (``input_name(index)``, by default "input N") and the pattern.
     """
     from common import longdoc
     temperature = resolve_temperature(loaded, temperature)
     documents = progress_bar(texts, "inference", enabled=progress, unit="document")
     results = longdoc.predict_documents(loaded.run, loaded.tokenizer, loaded.toolkit, documents, batch_size, explain,
-                                        loaded.id2label or None)
+                                        loaded.id2label or None, input_name, loaded.source)
     return [_document_result(loaded, text, result, temperature, top_k, threshold) for text, result in zip(texts, results)]
 
 
@@ -530,8 +563,9 @@ class LongDocumentService(ClassificationService):
         for index, context in enumerate(contexts or ()):
             if context is not None:
                 raise UserError(f"contexts[{index}]: a long-document model takes no context; send only texts")
+        # a retried request runs alone (common.server.MicroBatcher), so the index is the request's own
         return predict_long_documents(self.loaded, list(texts), self.temperature, self.batch_size,
-                                      threshold=self.threshold)
+                                      threshold=self.threshold, input_name=lambda index: f"texts[{index}]")
 
     def count_tokens(self, texts, contexts=None):
         """Tokens per whole document (no truncation: every chunk is run), without special tokens."""
@@ -571,12 +605,20 @@ class VectorService:
         check_texts(texts)
         return embed(self.loaded, list(texts), self.batch_size, side="doc").tolist()
 
-    def count_tokens(self, texts, side="query"):
-        """Tokens per text as the model sees them on ``side`` ("query" or "doc"): special tokens, truncation."""
+    def count_tokens(self, texts, side="query", truncate=True):
+        """Tokens per text as the model sees them on ``side`` ("query" or "doc"): instruction, special tokens,
+        truncation; with ``truncate`` False, before truncation (to refuse texts longer than the side's max
+        length; a text that fits is encoded whole, so the counts agree)."""
         check_texts(texts)
-        features = encode_inputs(self.loaded, instructed(self.loaded, list(texts), side), None,
-                                 vector_max_length(self.loaded, side))
-        return [len(feature["input_ids"]) for feature in features]
+        texts = instructed(self.loaded, list(texts), side)
+        if truncate:
+            features = encode_inputs(self.loaded, texts, None, vector_max_length(self.loaded, side))
+            return [len(feature["input_ids"]) for feature in features]
+        normalize = build_normalizer(self.loaded.preprocessing.get("normalize"))
+        special = self.loaded.tokenizer.num_special_tokens_to_add(pair=False)
+        encodings = data.backend_tokenizer(self.loaded.tokenizer).encode_batch(
+            [normalize(text) for text in texts], add_special_tokens=False)
+        return [len(encoding.ids) + special for encoding in encodings]
 
 
 class RerankService:

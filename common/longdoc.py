@@ -16,11 +16,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import regex
 import torch
 
 from common import data
 from common.choices import AGGREGATIONS, CHUNK_SELECTIONS
-from common.errors import UserError
+from common.errors import UserError, short_repr
 
 
 @dataclass
@@ -62,42 +63,87 @@ def check_settings(settings, max_length, num_special_tokens=2):
 
 # ---------------------------------------------------------------- boilerplate stripping
 
+# A strip pattern gets this long on one text (plus the same again per million characters, so an
+# ordinary pattern over a 30 MB document is not cut short): a pattern that backtracks without end,
+# such as (a+)+$ on a run of "a"s, would otherwise block training, or a server worker, for good.
+STRIP_SECONDS = 1.0
+STRIP_SECONDS_PER_MILLION_CHARACTERS = 1.0
+
+
 def load_strip_patterns(path):
-    """Regular expressions from a file, one per line; blank lines and lines starting with '#' are skipped.
+    """(patterns, names) of a file of regular expressions, one per line; blank lines and lines starting
+    with '#' are skipped. A name says where its pattern is written ("FILE line 3").
 
     Each pattern is compiled here so a bad one is reported with its line, not at first use.
     """
     file_path = Path(path)
     if not file_path.is_file():
         raise UserError(f"--strip-patterns {path}: file not found")
-    patterns = []
+    patterns, names = [], []
     for line_number, line in enumerate(data.read_text_file(file_path).splitlines(), start=1):
         pattern = line.rstrip("\r\n")
         if not pattern.strip() or pattern.lstrip().startswith("#"):
             continue
         try:
-            re.compile(pattern, re.MULTILINE)
-        except re.error as error:
+            compile_strip_pattern(pattern)
+        except (re.error, regex.error) as error:
             raise UserError(f"{path} line {line_number}: invalid regular expression ({error})") from None
         patterns.append(pattern)
-    return patterns
+        names.append(f"{path} line {line_number}")
+    return patterns, names
 
 
-def build_text_cleaner(strip_patterns=(), normalize_spec=None):
+def compile_strip_pattern(pattern):
+    """``pattern`` for ``strip_matches``: compiled by the ``regex`` module (whose matching can be given a
+    time limit) in its re-compatible VERSION0 mode, with MULTILINE so ``^``/``$`` anchor to lines.
+
+    ``re`` must accept it too: the patterns are re's syntax (a model directory's check reads them with
+    ``re``), so a ``regex``-only construct such as ``\\p{L}`` is refused here, not at loading.
+    """
+    re.compile(pattern, re.MULTILINE)
+    return regex.compile(pattern, regex.MULTILINE | regex.VERSION0)
+
+
+def strip_matches(compiled, text, name):
+    """``text`` without the matches of a compiled strip pattern; a pattern that takes more than its time
+    on ``text`` (``STRIP_SECONDS`` plus ``STRIP_SECONDS_PER_MILLION_CHARACTERS``) is a TextCleaningError
+    naming it, so catastrophic backtracking is one line, not a hang. Every strip pattern runs here, in
+    training, evaluation, inference, serving and behind ONNX exports alike.
+    """
+    limit = STRIP_SECONDS + STRIP_SECONDS_PER_MILLION_CHARACTERS * len(text) / 1e6
+    try:
+        # concurrent: the GIL is released while it matches, so a server still answers /health meanwhile
+        return compiled.sub("", text, timeout=limit, concurrent=True)
+    except TimeoutError:
+        raise data.TextCleaningError(
+            f"strip pattern {short_repr(compiled.pattern)} ({name}) took more than {limit:.3g} s on this text of "
+            f"{len(text):,} characters (catastrophic backtracking, as in (a+)+$?); rewrite the pattern without "
+            "nested repetition") from None
+
+
+def build_text_cleaner(strip_patterns=(), normalize_spec=None, pattern_names=None):
     """``str -> str``: delete every match of the strip patterns, then apply the stored normalization.
 
     Patterns run on the raw text (before normalization), so they can be written against the
-    text as it appears in the data files; ``re.MULTILINE`` lets ``^``/``$`` anchor to lines.
+    text as it appears in the data files; ``^``/``$`` anchor to lines. ``pattern_names`` say where
+    each pattern is written, for the error of one that runs out of time (``strip_matches``); by
+    default its place in the stored ``toolkit.longdoc.strip_patterns``.
     """
-    compiled = [re.compile(pattern, re.MULTILINE) for pattern in strip_patterns]
+    names = pattern_names or [f"toolkit.longdoc.strip_patterns[{index}]" for index in range(len(strip_patterns))]
+    compiled = []
+    for pattern, name in zip(strip_patterns, names):
+        try:
+            compiled.append((compile_strip_pattern(pattern), name))
+        except (re.error, regex.error) as error:
+            raise UserError(f"{name}: invalid regular expression ({error})") from None
     normalize = None
     if normalize_spec is not None:
         from common.text import build_normalizer
         normalize = build_normalizer(normalize_spec)
 
     def clean(text):
-        for pattern in compiled:
-            text = pattern.sub("", text)
+        for pattern, name in compiled:
+            text = strip_matches(pattern, text, name)
         return normalize(text) if normalize is not None else text
     return clean
 
@@ -271,7 +317,8 @@ def aggregate_logits(chunk_logits, doc_index, num_docs, method="mean"):
 
 # ---------------------------------------------------------------- inference
 
-def predict_documents(chunk_logits_fn, tokenizer, toolkit, texts, chunk_batch_size=16, explain=0, id2label=None):
+def predict_documents(chunk_logits_fn, tokenizer, toolkit, texts, chunk_batch_size=16, explain=0, id2label=None,
+                      input_name=None, pattern_source=None):
     """Classify long documents with a saved model's chunking, cleaning and aggregation.
 
     ``chunk_logits_fn(batch)`` maps a padded batch (``input_ids``, ``attention_mask``,
@@ -283,11 +330,17 @@ def predict_documents(chunk_logits_fn, tokenizer, toolkit, texts, chunk_batch_si
     ``num_chunks``, ``num_windows`` (before ``max_chunks``) and, with ``explain > 0``,
     ``top_chunks``: the chunks whose own probability of the predicted class is highest
     (``score``), with their logit for it and their character span in the cleaned text.
+
+    A text a strip pattern cannot process in its time is a TextCleaningError naming the input
+    (``input_name(index)``, by default "input N") and the pattern (in ``pattern_source``, the model).
     """
     settings = LongdocSettings.from_toolkit(toolkit)
     preprocessing = toolkit.get("preprocessing", {})
     max_length = preprocessing.get("max_length", 512)
-    clean = build_text_cleaner(settings.strip_patterns, preprocessing.get("normalize"))
+    names = [f"toolkit.longdoc.strip_patterns[{index}]" + (f" of {pattern_source}" if pattern_source else "")
+             for index in range(len(settings.strip_patterns))]
+    clean = build_text_cleaner(settings.strip_patterns, preprocessing.get("normalize"), names)
+    input_name = input_name or (lambda index: f"input {index + 1}")
     collator = data.PaddingCollator(tokenizer.pad_token_id)
     documents, pending = [], []  # pending: (document, chunk feature) not yet run
 
@@ -300,7 +353,10 @@ def predict_documents(chunk_logits_fn, tokenizer, toolkit, texts, chunk_batch_si
         pending.clear()
 
     for doc_id, text in enumerate(texts):
-        cleaned = clean(text)
+        try:
+            cleaned = clean(text)
+        except data.TextCleaningError as error:
+            raise data.TextCleaningError(f"{input_name(doc_id)}: {error}") from None
         features, num_windows = chunk_document(tokenizer, cleaned, max_length, settings, doc_id)
         document = {"text": cleaned if explain > 0 else None, "num_windows": num_windows, "logits": [],
                     "spans": [(feature["char_start"], feature["char_end"]) for feature in features]}

@@ -7,17 +7,20 @@
   service.encode_documents(texts) -> embeddings, optional            (vector; else encode)
   service.predict(texts, contexts) -> list of result dicts          (classification, longdoc)
   service.rerank(queries, documents) -> list of relevance logits    (rerank)
-  service.count_tokens(texts, side) / (texts, contexts) -> tokens per text, optional (usage, metrics, budget)
+  service.count_tokens(texts, side[, truncate]) / (texts, contexts) -> tokens per text, optional (usage,
+                       metrics, budget; a vector model's untruncated counts for TEI's truncate: false)
 Routes: GET /health (never needs a key), GET /info, GET /metrics (Prometheus), GET /v1/models (OpenAI's
-list of the one model); vector: POST /encode, /similarity, /search (with a corpus), /v1/embeddings
-(OpenAI's shape), /embed and / (TEI's shape); classification/longdoc: POST /predict; rerank: POST
-/rerank (TEI's shape). A route for another kind of model answers 404
-with a one-line detail naming the kind it needs. OpenAPI docs at /docs.
+list of the one model); vector: POST /encode, /similarity (ours or TEI's shape), /search (with a corpus),
+/v1/embeddings (OpenAI's shape), /embed and / (TEI's shape; / with an ``inputs`` object is TEI's
+similarity); classification/longdoc: POST /predict and / (ours or TEI's shape); rerank: POST /rerank and /
+(TEI's shape). Where a route takes both shapes, a body with ``inputs`` is TEI's. A route for another kind
+of model answers 404 with a one-line detail naming the kind it needs. OpenAPI docs at /docs.
 
 Bad input never gets a 5xx: malformed JSON, wrong types and text that is not valid Unicode (a
-lone surrogate such as JSON's "\\ud800") answer 422, too many texts, too-long texts or an oversize
-body 413, a missing or wrong key 401, a ``dimensions`` the model lacks 400, always as a JSON body
-(on /v1/ routes with OpenAI's error object beside ``detail``). ``serve()`` bounds how long a client
+lone surrogate such as JSON's "\\ud800") and, with TEI's ``truncate: false``, a text over the model's max
+length answer 422, too many texts, texts of too many characters or an oversize body 413, a missing or wrong key 401, a ``dimensions`` the model lacks 400, always as a JSON body
+(on /v1/ routes with OpenAI's error object beside ``detail``, on TEI's routes with its ``error`` and
+``error_type``). ``serve()`` bounds how long a client
 may take to send a request (408 after HEADER_TIMEOUT_SECONDS / BODY_TIMEOUT_SECONDS), to read its
 answer (dropped after WRITE_TIMEOUT_SECONDS) and how many connections may be open (503 past
 MAX_CONNECTIONS); an unparseable request gets a JSON 400, and one with both Content-Length and
@@ -51,13 +54,13 @@ from typing import Annotated, Literal
 import h11
 import numpy as np
 import uvicorn
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Body, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
                                generate_latest)
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt,
-                      StrictStr, WithJsonSchema)
+                      StrictStr, ValidationError, WithJsonSchema)
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -146,7 +149,7 @@ class RerankRequest(StrictRequest):
     return_text: StrictBool = Field(default=False, description="echo each document's text in its result")
     raw_scores: StrictBool = Field(default=False, description="the logit instead of its sigmoid")
     truncate: StrictBool = Field(
-        default=True, description="cut pairs longer than the model's max length (false: such a pair answers 413)")
+        default=True, description="cut pairs longer than the model's max length (false: such a pair answers 422)")
 
 
 def texts_from_input(value):
@@ -184,12 +187,99 @@ class EmbedRequest(StrictRequest):
     inputs: Annotated[list[Text], Field(min_length=1), BeforeValidator(texts_from_input),
                       WithJsonSchema(TEXT_OR_TEXTS_SCHEMA)] = Field(description="a text or a list of texts")
     normalize: StrictBool = Field(default=True, description="L2-normalise each embedding")
-    truncate: StrictBool = Field(default=True, description="texts are always cut at the model's max length "
-                                                           "(TEI's --auto-truncate); false is refused")
+    truncate: StrictBool = Field(default=True, description="cut texts longer than the model's max length (TEI's "
+                                 "--auto-truncate); false: such a text answers 422")
     dimensions: StrictInt | None = Field(default=None, description="the model's embedding size, or one of the "
                                          "sizes it was trained for with --matryoshka-dims")
     prompt_name: Literal["query", "document", "passage"] | None = Field(
         default=None, description="'query': the query side (its instruction and max length); else the document side")
+
+
+def predict_inputs(value):
+    """TEI's predict ``inputs`` as a list of sequences, each [text] or [text, text_pair]: a string is one
+    sequence, a list of strings one sequence (a pair when it holds two), a list of lists a batch."""
+    if isinstance(value, str):
+        return [[value]]
+    if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+        if len(value) > 2:
+            raise ValueError(f"a list of strings is one input, a text or a [text, text_pair]; {len(value)} given "
+                             "(send a batch as [[text], [text, text_pair], ...])")
+        return [value]
+    return value
+
+
+SEQUENCE_SCHEMA = {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 2}
+PREDICT_INPUTS_SCHEMA = {"anyOf": [{"type": "string"}, SEQUENCE_SCHEMA,
+                                   {"type": "array", "items": SEQUENCE_SCHEMA, "minItems": 1}]}
+
+
+class ClassificationParameters(StrictRequest):
+    """The ``parameters`` huggingface_hub's ``text_classification`` sends (TEI ignores them)."""
+    top_k: int | None = Field(default=None, ge=1, strict=True, description="return only the k best labels")
+
+
+class TEIPredictRequest(StrictRequest):
+    """text-embeddings-inference's predict request (its ``truncation_direction`` is left out: the model's stored
+    truncation side applies)."""
+    inputs: Annotated[list[Annotated[list[Text], Field(min_length=1, max_length=2)]], Field(min_length=1),
+                      BeforeValidator(predict_inputs), WithJsonSchema(PREDICT_INPUTS_SCHEMA)] = Field(
+        description="a text, a [text, text_pair], or a batch of them: [[text], [text, text_pair], ...]")
+    raw_scores: StrictBool = Field(default=False, description="true is refused: the scores are the model's "
+                                                              "probabilities")
+    truncate: StrictBool | None = Field(default=None, description="texts are cut at the model's max length; "
+                                        "false is refused for a classifier (a long-document model reads it all)")
+    parameters: ClassificationParameters | None = Field(default=None, description="huggingface_hub's: top_k")
+
+
+class SimilarityInputs(StrictRequest):
+    source_sentence: Text = Field(description="the text the others are compared with")
+    sentences: list[Text] = Field(min_length=1, description="texts to compare with source_sentence")
+
+
+class SimilarityParameters(StrictRequest):
+    truncate: StrictBool | None = Field(default=None, description="as /embed's truncate")
+    prompt_name: Literal["query", "document", "passage"] | None = Field(
+        default=None, description="as /embed's prompt_name: every text on the side it names")
+
+
+class TEISimilarityRequest(StrictRequest):
+    """text-embeddings-inference's sentence-similarity request (what huggingface_hub's ``sentence_similarity``
+    sends); its ``truncation_direction`` is left out."""
+    inputs: SimilarityInputs
+    parameters: SimilarityParameters | None = None
+
+
+def parse_request(body, ours, theirs):
+    """``body`` (a JSON object) as TEI's request ``theirs`` when it has TEI's ``inputs``, else as our ``ours``."""
+    return validate_body(theirs if "inputs" in body else ours, body)
+
+
+def validate_body(model, body):
+    """``body`` as a ``model``; an invalid one is the usual 422, its errors located as FastAPI locates them."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as error:
+        raise RequestValidationError([{**item, "loc": ("body", *item["loc"])} for item in error.errors()]) from None
+
+
+def either_body(ours, theirs):
+    """A route's body type for ``parse_request``: any JSON object, documented as either request."""
+    return Annotated[dict, Body(), WithJsonSchema({"anyOf": [inlined_schema(ours), inlined_schema(theirs)]})]
+
+
+def inlined_schema(model):
+    """``model``'s JSON schema with its nested models written in place (its "#/$defs/..." references would
+    not resolve inside the OpenAPI document)."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        return [inline(item) for item in node] if isinstance(node, list) else node
+    return inline(schema)
 
 
 # ---------------------------------------------------------------- corpus for /search
@@ -649,8 +739,18 @@ class OpenAIErrorBodies:
     def __init__(self, app):
         self.app = app
 
+    @staticmethod
+    def applies(path):
+        """Whether errors on ``path`` are rewritten."""
+        return path.startswith("/v1/")
+
+    @staticmethod
+    def rewrite(body, status):
+        """The error body to send instead of ``body``."""
+        return with_openai_error(body, status)
+
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not self.applies(scope["path"]):
             return await self.app(scope, receive, send)
         start, chunks = None, []
 
@@ -664,15 +764,45 @@ class OpenAIErrorBodies:
             chunks.append(message.get("body", b""))
             if message.get("more_body"):
                 return
-            body = with_openai_error(b"".join(chunks), start["status"])
+            body = self.rewrite(b"".join(chunks), start["status"])
             headers = [(name, value) for name, value in start.get("headers", ()) if name.lower() != b"content-length"]
             await send(dict(start, headers=headers + [(b"content-length", str(len(body)).encode())]))
             await send({"type": "http.response.body", "body": body})
         await self.app(scope, receive, send_rewritten)
 
 
+# the paths where text-embeddings-inference answers errors as {"error", "error_type"}
+TEI_PATHS = ("/", "/embed", "/rerank", "/predict", "/similarity")
+
+
+class TEIErrorBodies(OpenAIErrorBodies):
+    """ASGI middleware: an error answered on one of TEI's routes also carries TEI's ``"error"`` and
+    ``"error_type"`` beside ``detail`` (huggingface_hub's InferenceClient shows only ``error`` in its exception)."""
+
+    @staticmethod
+    def applies(path):
+        return path in TEI_PATHS
+
+    @staticmethod
+    def rewrite(body, status):
+        return with_error_fields(body, lambda message: {"error": message, "error_type": tei_error_type(status)})
+
+
+def tei_error_type(status):
+    """TEI's ``error_type`` for a status (router/src/http/server.rs maps them the other way)."""
+    return "Overloaded" if status == 429 else "Backend" if status >= 500 else "Validation"
+
+
 def with_openai_error(body, status):
     """An error body ``{"detail": ...}`` with OpenAI's error object added (a body that is not ours is kept)."""
+    return with_error_fields(body, lambda message: {"error": {
+        "message": message, "type": "invalid_request_error" if status < 500 else "server_error", "param": None,
+        "code": status}})
+
+
+def with_error_fields(body, fields):
+    """An error body ``{"detail": ...}`` with ``fields(message)`` added, the message being ``detail`` as one line
+    (a body that is not ours is kept)."""
     try:
         content = json.loads(body)
     except ValueError:
@@ -683,8 +813,7 @@ def with_openai_error(body, status):
     if isinstance(detail, list):  # validation errors: "body.input: message; ..."
         detail = "; ".join(f"{'.'.join(map(str, item.get('loc', ())))}: {item.get('msg')}" for item in detail
                            if isinstance(item, dict))
-    content["error"] = {"message": str(detail), "type": "invalid_request_error" if status < 500 else "server_error",
-                        "param": None, "code": status}
+    content.update(fields(str(detail)))
     return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
@@ -783,6 +912,7 @@ def create_app(service, *, api_key=None, max_texts=64, max_chars=10000, max_batc
 
     app.add_middleware(AmbiguousFraming)  # before the key: any request so framed closes its connection
     app.add_middleware(OpenAIErrorBodies)
+    app.add_middleware(TEIErrorBodies)
     app.add_middleware(RequestMetrics, metrics=metrics)  # added last: outermost, so it sees 401 and 413 too
 
     def check_limits(texts, field="texts"):
@@ -806,6 +936,7 @@ def create_app(service, *, api_key=None, max_texts=64, max_chars=10000, max_batc
                         "pid": os.getpid()})  # which worker answered, with --workers
         if service.kind == "vector":
             details["corpus_size"] = len(corpus.ids) if corpus is not None else 0
+        details.update(tei_info_fields(details, max_texts, max_queue, max_batch_size))
         return details
 
     @app.get("/metrics")
@@ -826,6 +957,25 @@ def create_app(service, *, api_key=None, max_texts=64, max_chars=10000, max_batc
     add_unserved_routes(app, service.kind)
     metrics.routes.update(route.path for route in app.routes)
     return app
+
+
+def tei_info_fields(details, max_texts, max_queue, max_batch_size):
+    """The fields of text-embeddings-inference's GET /info (router/src/lib.rs, ``Info``) that this server can
+    fill, from its own ``details``: the model, its type and the request limits."""
+    kind = details["kind"]
+    if kind == "vector":
+        model_type = {"embedding": {"pooling": details.get("pooling") or "unknown"}}
+        max_input_length = max(filter(None, (details.get("query_max_length"), details.get("doc_max_length"),
+                                             details.get("max_length"))), default=None)
+    else:
+        labels = details.get("labels") or []
+        model_type = {"reranker" if kind == "rerank" else "classifier": {
+            "id2label": {str(index): label for index, label in enumerate(labels)},
+            "label2id": {label: index for index, label in enumerate(labels)}}}
+        max_input_length = None if kind == "longdoc" else details.get("max_length")  # longdoc: every chunk is read
+    return {"model_id": details.get("model") or kind, "model_type": model_type, "max_input_length": max_input_length,
+            "max_client_batch_size": max_texts, "max_concurrent_requests": max_queue,
+            "max_batch_requests": max_batch_size, "auto_truncate": True}
 
 
 def add_model_list_routes(app, service):
@@ -855,12 +1005,25 @@ async def count_tokens(service, *arguments):
 
 
 def add_vector_routes(app, service, batcher, check_limits, corpus):
-    """POST /encode, /similarity, /search (the last needs a corpus), the OpenAI-style /v1/embeddings and
-    TEI's /embed (and /)."""
-    async def embed(texts, side, field):
-        """(embeddings, tokens per text or None) of ``texts`` on ``side`` ("query" | "document")."""
+    """POST /encode, /similarity (ours or TEI's shape), /search (the last needs a corpus), the OpenAI-style
+    /v1/embeddings and TEI's /embed (and /, TEI's embed or, for its ``inputs`` object, its similarity)."""
+    details = service.info()
+    max_lengths = {"query": details.get("query_max_length"), "document": details.get("doc_max_length")}
+
+    async def embed(texts, side, field, truncate=True):
+        """(embeddings, tokens per text or None) of ``texts`` on ``side`` ("query" | "document"); with
+        ``truncate`` False a text longer than the side's max length is the client's 422, as in TEI."""
         check_limits(texts, field)
-        tokens = await count_tokens(service, texts, "doc" if side == "document" else "query")
+        side_name = "doc" if side == "document" else "query"
+        if truncate:
+            tokens = await count_tokens(service, texts, side_name)
+        else:
+            if getattr(service, "count_tokens", None) is None or max_lengths[side] is None:
+                raise HTTPException(422, "truncate: false is not supported: this model cannot count its tokens "
+                                         "(leave truncate out, or send true)")
+            tokens = await count_tokens(service, texts, side_name, False)
+            refuse_long_inputs(tokens, max_lengths[side], lambda index, count: f"{field}[{index}]: {count} tokens, "
+                               f"the model takes {max_lengths[side]} on the {side} side")
         embeddings = await batcher.submit("encode_documents" if side == "document" else "encode", texts, tokens)
         return embeddings, tokens
 
@@ -869,8 +1032,23 @@ def add_vector_routes(app, service, batcher, check_limits, corpus):
         embeddings, _ = await embed(request.texts, request.side, "texts")
         return {"embeddings": embeddings, "dim": len(embeddings[0]) if embeddings else 0}
 
+    async def tei_similarity(request: TEISimilarityRequest):
+        """TEI's answer: the cosine of each sentence with the source sentence, all embedded as /embed would."""
+        parameters = request.parameters or SimilarityParameters()
+        side = "query" if parameters.prompt_name == "query" else "document"
+        truncate = parameters.truncate is not False
+        check_limits([request.inputs.source_sentence], "inputs.source_sentence")
+        check_limits(request.inputs.sentences, "inputs.sentences")
+        (source, _), (sentences, _) = await asyncio.gather(
+            embed([request.inputs.source_sentence], side, "inputs.source_sentence", truncate),
+            embed(request.inputs.sentences, side, "inputs.sentences", truncate))
+        return (inference.normalize_rows(sentences) @ inference.normalize_rows(source)[0]).tolist()
+
     @app.post("/similarity")
-    async def similarity(request: SimilarityRequest):
+    async def similarity(body: either_body(SimilarityRequest, TEISimilarityRequest)):
+        request = parse_request(body, SimilarityRequest, TEISimilarityRequest)
+        if isinstance(request, TEISimilarityRequest):
+            return await tei_similarity(request)
         check_limits([request.query], "query")
         check_limits(request.documents, "documents")
         (query_vector, _), (doc_vectors, _) = await asyncio.gather(embed([request.query], "query", "query"),
@@ -904,18 +1082,28 @@ def add_vector_routes(app, service, batcher, check_limits, corpus):
         return {"object": "list", "data": data, "model": model_name,
                 "usage": {"prompt_tokens": token_count, "total_tokens": token_count}}
 
+    @app.post("/embed", summary="Embed (text-embeddings-inference's shape)")
     async def tei_embed(request: EmbedRequest):
-        if not request.truncate:
-            raise HTTPException(422, "truncate: false is not supported: texts are cut at the model's max length "
-                                     "(leave truncate out, or send true)")
         check_dimensions(request.dimensions, sizes)
         side = "query" if request.prompt_name == "query" else "document"
-        embeddings, _ = await embed(request.inputs, side, "inputs")
+        embeddings, _ = await embed(request.inputs, side, "inputs", request.truncate)
         return cut_embeddings(embeddings, request.dimensions, request.normalize).tolist()
 
-    # TEI serves its embed route at / too: what huggingface_hub's InferenceClient(model=URL) posts to
-    for path in ("/embed", "/"):
-        app.add_api_route(path, tei_embed, methods=["POST"], summary="Embed (text-embeddings-inference's shape)")
+    # TEI serves its embed route at / too: what huggingface_hub's InferenceClient(model=URL) posts to, for
+    # feature_extraction and for sentence_similarity (whose ``inputs`` is an object)
+    @app.post("/", summary="Embed, or sentence similarity for an ``inputs`` object (text-embeddings-inference's)")
+    async def tei_root(body: either_body(EmbedRequest, TEISimilarityRequest)):
+        if isinstance(body.get("inputs"), dict):
+            return await tei_similarity(validate_body(TEISimilarityRequest, body))
+        return await tei_embed(validate_body(EmbedRequest, body))
+
+
+def refuse_long_inputs(tokens, max_length, describe):
+    """With ``truncate: false`` an input over the model's max length is the client's 422, as in TEI (since v1.9;
+    it answered 413 before). ``describe(index, count)`` says which input and how long it is."""
+    for index, count in enumerate(tokens or ()):
+        if count > max_length:
+            raise HTTPException(422, f"{describe(index, count)}; send truncate: true to cut it")
 
 
 def cut_embeddings(embeddings, dimensions=None, normalize=True):
@@ -942,31 +1130,70 @@ def encode_embedding(row, encoding_format):
 
 
 def add_predict_route(app, service, batcher, check_limits, max_chars):
-    """POST /predict for classification and long-document services."""
+    """POST /predict for classification and long-document services, in our shape or TEI's (and POST /, where
+    TEI serves its predict for a classifier)."""
+    labels = service.info().get("labels") or []
+
+    async def run_predict(texts, contexts, field, context_field):
+        """The service's results for ``texts`` and their ``contexts`` (None where a text has none)."""
+        check_limits(texts, field)
+        for index, context in enumerate(contexts):
+            if context is not None and len(context) > max_chars:
+                raise HTTPException(413, f"{context_field(index)}: {len(context)} characters, at most {max_chars}")
+        tokens = await count_tokens(service, texts, contexts)
+        return await batcher.submit("predict", list(zip(texts, contexts)), tokens)
+
+    async def tei_predict(request: TEIPredictRequest, batch):
+        """TEI's answer: each input's labels with their scores, best first; a list of them for a batch."""
+        if request.raw_scores:
+            raise HTTPException(422, "raw_scores: true is not supported: the scores are the model's probabilities "
+                                     "(leave raw_scores out, or send false)")
+        if request.truncate is False and service.kind != "longdoc":  # a long-document model reads every chunk
+            raise HTTPException(422, "truncate: false is not supported: texts are cut at the model's max length "
+                                     "(leave truncate out, or send true)")
+        top_k = request.parameters.top_k if request.parameters is not None else None
+        results = await run_predict([sequence[0] for sequence in request.inputs],
+                                    [sequence[1] if len(sequence) == 2 else None for sequence in request.inputs],
+                                    "inputs", lambda index: f"inputs[{index}][1]")
+        answers = [tei_predictions(result, labels, top_k) for result in results]
+        return answers if batch else answers[0]
+
     @app.post("/predict")
-    async def predict(request: PredictRequest):
-        check_limits(request.texts)
+    async def predict(body: either_body(PredictRequest, TEIPredictRequest)):
+        request = parse_request(body, PredictRequest, TEIPredictRequest)
+        if isinstance(request, TEIPredictRequest):  # TEI answers a list per input when inputs is a list of lists
+            inputs = body["inputs"]
+            return await tei_predict(request, isinstance(inputs, list) and isinstance(inputs[0], list))
         contexts = request.contexts if request.contexts is not None else [None] * len(request.texts)
         if len(contexts) != len(request.texts):
             raise HTTPException(422, f"contexts: {len(contexts)} given for {len(request.texts)} texts")
-        for index, context in enumerate(contexts):
-            if context is not None and len(context) > max_chars:
-                raise HTTPException(413, f"contexts[{index}]: {len(context)} characters, at most {max_chars}")
-        tokens = await count_tokens(service, request.texts, contexts)
-        results = await batcher.submit("predict", list(zip(request.texts, contexts)), tokens)
+        results = await run_predict(request.texts, contexts, "texts", lambda index: f"contexts[{index}]")
         return {"predictions": results}
+
+    app.add_api_route("/", predict, methods=["POST"], summary="Predict (as /predict; TEI serves it at / too)")
+
+
+def tei_predictions(result, labels, top_k=None):
+    """One of our prediction results as TEI's ``[{"score", "label"}]``, best first (the model's label order among
+    equal scores): every label's probability, or a regression model's one score."""
+    scores = result.get("probabilities") or {labels[0] if labels else "score": result["score"]}
+    ranked = sorted(scores.items(), key=lambda item: -item[1])[:top_k]
+    return [{"score": score, "label": label} for label, score in ranked]
 
 
 def add_rerank_route(app, service, batcher, check_limits):
-    """POST /rerank in text-embeddings-inference's shape, for a reranker: the texts' indices, best first."""
+    """POST /rerank (and /, as TEI serves it for a reranker) in text-embeddings-inference's shape: the texts'
+    indices, best first."""
     @app.post("/rerank")
+    @app.post("/", summary="Rerank (as /rerank; TEI serves it at / too)")
     async def rerank(request: RerankRequest):
         check_limits([request.query], "query")
         check_limits(request.texts)
         queries = [request.query] * len(request.texts)
         tokens = await count_tokens(service, queries, request.texts, request.truncate)
         if not request.truncate:
-            refuse_long_pairs(tokens, service.max_length)
+            refuse_long_inputs(tokens, service.max_length, lambda index, count: f"texts[{index}]: the query and "
+                               f"this text are {count} tokens, the model takes {service.max_length}")
         logits = np.asarray(await batcher.submit("rerank", list(zip(queries, request.texts)), tokens))
         scores = logits if request.raw_scores else inference.sigmoid(logits)
         ranking = np.argsort(-scores, kind="stable")[:request.top_n]
@@ -974,17 +1201,10 @@ def add_rerank_route(app, service, batcher, check_limits):
                  **({"text": request.texts[index]} if request.return_text else {})} for index in ranking]
 
 
-def refuse_long_pairs(tokens, max_length):
-    """With ``truncate: false`` a pair over the model's max length is the client's 413, as in TEI."""
-    for index, count in enumerate(tokens or ()):
-        if count > max_length:
-            raise HTTPException(413, f"texts[{index}]: the query and this text are {count} tokens, the model takes "
-                                     f"{max_length}; send truncate: true to cut it")
-
-
 # the model kinds each route is for: on a server for another kind it answers 404 saying so
 ROUTE_KINDS = {"/encode": ("vector",), "/similarity": ("vector",), "/search": ("vector",),
-               "/v1/embeddings": ("vector",), "/embed": ("vector",), "/": ("vector",),
+               "/v1/embeddings": ("vector",), "/embed": ("vector",),
+               "/": ("vector", "classification", "longdoc", "rerank"),
                "/predict": ("classification", "longdoc"), "/rerank": ("rerank",)}
 
 

@@ -100,7 +100,7 @@ def test_rerank_ranks_the_texts_with_teis_fields():
     ({"query": QUERY, "texts": ["a"], "top_n": 0}, 422, "greater than or equal to 1"),
     ({"query": QUERY, "texts": ["a"], "truncate": "yes"}, 422, "valid boolean"),
     ({"query": QUERY, "texts": ["a"], "inputs": "x"}, 422, "Extra inputs"),
-    ({"query": QUERY, "texts": ["short", "x" * 40], "truncate": False}, 413,
+    ({"query": QUERY, "texts": ["short", "x" * 40], "truncate": False}, 422,
      "texts[1]: the query and this text are 53 tokens, the model takes 40"),
 ])
 def test_bad_rerank_requests_are_one_json_4xx(body, status, fragment):
