@@ -49,6 +49,17 @@ def tiny_model_dir(tmp_path_factory):
     return directory
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): a 32-wide
+    model is all thread synchronisation on a shared 2-core machine (10x slower with 2 threads)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def real_model_dir():
     if not (REAL_MODEL_DIR / "model.safetensors").is_file():

@@ -8,7 +8,6 @@ import json
 import signal
 
 import pytest
-import torch
 
 import export_onnx
 import infer
@@ -25,12 +24,7 @@ HOSTILE_PATTERN = "(a+)+$"
 HOSTILE_TEXT = "a" * 5000 + "b"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -30,13 +30,7 @@ def make_documents(count_per_class, seed=0, words=40):
     return records
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A 32-wide model is all thread synchronisation on a shared 2-core machine (10x slower with 2 threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

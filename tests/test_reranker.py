@@ -47,12 +47,7 @@ def triplet_records(topics):
              "neg": [f"bad {topic} was bad", f"terrible {topic}", "sad song was sad"]} for topic in topics]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

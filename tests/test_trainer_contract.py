@@ -80,13 +80,7 @@ def step_checkpoints(output_dir):
     return sorted((int(path.name.rsplit("-", 1)[1]), path) for path in Path(output_dir).glob("checkpoint-step-*"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A 32-wide model is all thread synchronisation on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
