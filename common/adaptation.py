@@ -48,24 +48,40 @@ def prepare_domain(args, tokenizer, train_texts, clean):
         return []
     texts = [clean(text) for text in train_texts]
     if args.unlabeled_path:
-        texts += [clean(text) for text in read_unlabeled_texts(args.unlabeled_path, args.text_field or "text")]
+        texts += [clean_located(clean, where, text)
+                  for where, text in read_unlabeled_records(args.unlabeled_path, args.text_field or "text")]
     if args.extend_vocab > 0:
         from common.vocab import extend_for_training
         extend_for_training(tokenizer, texts, args.extend_vocab)
     return texts
 
 
+def clean_located(clean, where, text):
+    """``clean(text)``; a text a strip pattern cannot process in its time is named by ``where``."""
+    try:
+        return clean(text)
+    except data.TextCleaningError as error:
+        raise UserError(f"{where}: {error}") from None
+
+
 def read_unlabeled_texts(path, text_field="text"):
     """The texts of --unlabeled-path: one per line in a .txt file, else the ``text_field`` of every record."""
+    return [text for _, text in read_unlabeled_records(path, text_field)]
+
+
+def read_unlabeled_records(path, text_field="text"):
+    """(where, text) of each text of --unlabeled-path; ``where`` names its file line or record and field."""
     if not Path(path).is_file():
         raise UserError(f"--unlabeled-path {path}: no such file")
     if Path(path).suffix.lower() == ".txt":
-        texts = [line.strip() for line in data.read_text_file(path).splitlines() if line.strip()]
+        records = [(f"{path} line {number}", line.strip())
+                   for number, line in enumerate(data.read_text_file(path).splitlines(), start=1) if line.strip()]
     else:
-        texts = [data.require_text(record, text_field) for record in data.read_records(path)]
-    if not texts:
+        records = [(record.where(text_field), data.require_text(record, text_field))
+                   for record in data.read_records(path)]
+    if not records:
         raise UserError(f"--unlabeled-path {path}: no texts found")
-    return texts
+    return records
 
 
 def adapt_before_training(backbone, tokenizer, texts, args, resume_from, show=True):

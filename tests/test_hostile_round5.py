@@ -72,6 +72,22 @@ def test_a_backtracking_strip_pattern_is_one_line_at_training_naming_its_line_an
     assert not (tmp_path / "out" / "train_log.jsonl").exists()
 
 
+def test_a_backtracking_strip_pattern_on_an_unlabeled_text_names_its_line(tiny_model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", longdoc_records())
+    unlabeled = tmp_path / "unlabeled.txt"
+    unlabeled.write_text(f"the game was good\n\n{HOSTILE_TEXT}\n", encoding="utf-8")
+    patterns = tmp_path / "patterns.txt"
+    patterns.write_text(HOSTILE_PATTERN + "\n", encoding="utf-8")
+    with deadline(60):
+        code = train_longdoc.main(["--data-path", str(data), "--model-name", str(tiny_model_dir),
+                                   "--output-dir", str(tmp_path / "out"), "--max-length", "16", "--stride", "4",
+                                   "--strip-patterns", str(patterns), "--extend-vocab", "1",
+                                   "--unlabeled-path", str(unlabeled)])
+    assert code == 2
+    assert_one_error_line(capsys.readouterr().err, f"{unlabeled} line 3: strip pattern '{HOSTILE_PATTERN}'",
+                          f"{patterns} line 1", "took more than")
+
+
 @pytest.fixture(scope="module")
 def hostile_longdoc_dir(tiny_model_dir, tmp_path_factory):
     """A long-document model whose stored strip patterns are an ordinary byline pattern and a hostile one."""
