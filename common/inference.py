@@ -382,17 +382,24 @@ def classification_result(text, context, probabilities, label_names, temperature
 
 
 def classify(loaded, texts, contexts=None, temperature=None, batch_size=32, top_k=None, sort_by_length=True,
-             progress=False, threshold=None):
+             progress=False, threshold=None, with_logits=False):
     """Classify texts (with optional contexts) -> list of result dicts in input order, in the shape of the
     model's problem type (common/problem_types.py): one label, the labels above their thresholds
-    (``threshold`` overrides the stored ones), or a score."""
+    (``threshold`` overrides the stored ones), or a score. ``with_logits``: each result also holds
+    ``logits``, the head's outputs in label order (before temperature, softmax, sigmoid or target unscaling)."""
     temperature = resolve_temperature(loaded, temperature)
     features = encode_inputs(loaded, texts, contexts)
     logits = check_finite_outputs(run_batched(loaded, features, batch_size, sort_by_length, progress), loaded)
     problem = problem_types.from_toolkit(loaded.toolkit)
     contexts = contexts or [None] * len(texts)
-    return [problem.result(text, context, row, loaded.label_names, temperature, top_k, threshold)
-            for text, context, row in zip(texts, contexts, logits)]
+    results = [problem.result(text, context, row, loaded.label_names, temperature, top_k, threshold)
+               for text, context, row in zip(texts, contexts, logits)]
+    return [with_logits_field(result, row) if with_logits else result for result, row in zip(results, logits)]
+
+
+def with_logits_field(result, logits):
+    """``result`` with ``logits`` (a row of the head's outputs) as a list of floats."""
+    return {**result, "logits": [float(value) for value in logits]}
 
 
 # ---------------------------------------------------------------- rerankers
@@ -488,24 +495,26 @@ def nearest_rows(matrix, query_vectors, top_k):
 # ---------------------------------------------------------------- long documents
 
 def predict_long_documents(loaded, texts, temperature=None, batch_size=32, explain=0, top_k=None, progress=False,
-                           threshold=None, input_name=None):
+                           threshold=None, input_name=None, with_logits=False):
     """Chunk, run every chunk, aggregate (common.longdoc, with the model's stored settings).
 
     Returns one dict per document in the classifier's shape (input, temperature, label,
     label_id, probabilities, top_k with ``top_k``) plus num_chunks, num_windows and, with
     ``explain``, top_chunks. ``progress``: a bar over the documents (on a terminal only).
     A text that a stored strip pattern cannot process in its time is a UserError naming the
-    input (``input_name(index)``, by default "input N") and the pattern.
+    input (``input_name(index)``, by default "input N") and the pattern. ``with_logits``: each result also
+    holds ``logits``, the aggregated document logits (as ``classify``'s).
     """
     from common import longdoc
     temperature = resolve_temperature(loaded, temperature)
     documents = progress_bar(texts, "inference", enabled=progress, unit="document")
     results = longdoc.predict_documents(loaded.run, loaded.tokenizer, loaded.toolkit, documents, batch_size, explain,
                                         loaded.id2label or None, input_name, loaded.source)
-    return [_document_result(loaded, text, result, temperature, top_k, threshold) for text, result in zip(texts, results)]
+    return [_document_result(loaded, text, result, temperature, top_k, threshold, with_logits)
+            for text, result in zip(texts, results)]
 
 
-def _document_result(loaded, text, result, temperature, top_k=None, threshold=None):
+def _document_result(loaded, text, result, temperature, top_k=None, threshold=None, with_logits=False):
     """Aggregated document logits -> the classifier's output shape for the model's problem type."""
     result = dict(result)
     logits = check_finite_outputs(np.asarray(result.pop("logits")), loaded)
@@ -513,13 +522,63 @@ def _document_result(loaded, text, result, temperature, top_k=None, threshold=No
     names = loaded.label_names or [str(index) for index in range(len(logits))]
     output = problem_types.from_toolkit(loaded.toolkit).result(text, None, logits, names, temperature, top_k, threshold)
     output.update({key: value for key, value in result.items() if key not in ("label", "label_id")})
-    return output
+    return with_logits_field(output, logits) if with_logits else output
 
 
 # ---------------------------------------------------------------- services for common.server
 
-class ClassificationService:
-    """What ``common.server.create_app`` serves for a classifier: info() and predict()."""
+class TokenizingService:
+    """tokenize() and decode() for the server's /tokenize and /decode (text-embeddings-inference's): the model's
+    tokenizer on the text as the model reads it (its stored preprocessing, ``seen_texts``)."""
+
+    @property
+    def vocabulary_size(self):
+        """Token ids run from 0 to this, exclusive (added tokens included)."""
+        return len(self.loaded.tokenizer)
+
+    def seen_texts(self, texts, prompt_name=None):
+        """``texts`` as the tokenizer gets them: after the stored normalization."""
+        self.check_prompt_name(prompt_name)
+        normalize = build_normalizer(self.loaded.preprocessing.get("normalize"))
+        return [normalize(text) for text in texts]
+
+    def check_prompt_name(self, prompt_name):
+        """Only a vector model has prompts (its instructions): refuse one for another model."""
+        if prompt_name is not None:
+            raise UserError(f"prompt_name: {prompt_name!r}: this {self.kind} model has no prompts; leave it out")
+
+    def tokenize(self, texts, add_special_tokens=True, prompt_name=None):
+        """Per text, its tokens as TEI lists them (``token_records``), untruncated, as TEI's /tokenize."""
+        check_texts(texts)
+        seen = self.seen_texts(list(texts), prompt_name)
+        encodings = data.backend_tokenizer(self.loaded.tokenizer).encode_batch(seen, add_special_tokens=add_special_tokens)
+        return [token_records(text, encoding) for text, encoding in zip(seen, encodings)]
+
+    def decode(self, sequences, skip_special_tokens=True):
+        """Each list of token ids as text, as TEI's /decode (the tokenizer's decoder). The tokenizer skips ids
+        outside the vocabulary silently: check them against ``vocabulary_size`` first."""
+        return data.backend_tokenizer(self.loaded.tokenizer).decode_batch(
+            [list(ids) for ids in sequences], skip_special_tokens=skip_special_tokens)
+
+
+def token_records(text, encoding):
+    """An encoding of ``text`` as TEI's tokens: ``{"id", "text", "special", "start", "stop"}``, where a special
+    token's text is the token and its offsets null, another's text is its slice of ``text`` and its offsets are
+    UTF-8 byte offsets into ``text`` (TEI's are: its tokenizer's offsets are bytes)."""
+    byte_offsets = np.concatenate([[0], np.cumsum([len(character.encode("utf-8")) for character in text])])
+    tokens = []
+    for token_id, token, (start, stop), special in zip(encoding.ids, encoding.tokens, encoding.offsets,
+                                                        encoding.special_tokens_mask):
+        if special:
+            tokens.append({"id": token_id, "text": token, "special": True, "start": None, "stop": None})
+        else:
+            tokens.append({"id": token_id, "text": text[start:stop], "special": False,
+                           "start": int(byte_offsets[start]), "stop": int(byte_offsets[stop])})
+    return tokens
+
+
+class ClassificationService(TokenizingService):
+    """What ``common.server.create_app`` serves for a classifier: info(), predict(), tokenize() and decode()."""
     kind = "classification"
 
     def __init__(self, loaded, temperature=None, batch_size=32, threshold=None):
@@ -543,7 +602,7 @@ class ClassificationService:
         check_texts(texts)
         check_contexts(contexts)
         return classify(self.loaded, list(texts), list(contexts) if contexts else None, self.temperature,
-                        self.batch_size, threshold=self.threshold)
+                        self.batch_size, threshold=self.threshold, with_logits=True)  # logits: TEI's raw_scores
 
     def count_tokens(self, texts, contexts=None):
         """Tokens per input as the model sees them (context pair, special tokens, truncation)."""
@@ -565,7 +624,22 @@ class LongDocumentService(ClassificationService):
                 raise UserError(f"contexts[{index}]: a long-document model takes no context; send only texts")
         # a retried request runs alone (common.server.MicroBatcher), so the index is the request's own
         return predict_long_documents(self.loaded, list(texts), self.temperature, self.batch_size,
-                                      threshold=self.threshold, input_name=lambda index: f"texts[{index}]")
+                                      threshold=self.threshold, input_name=lambda index: f"texts[{index}]",
+                                      with_logits=True)
+
+    def seen_texts(self, texts, prompt_name=None):
+        """Texts as the chunker gets them: the stored strip patterns deleted, then the stored normalization."""
+        from common import longdoc
+        self.check_prompt_name(prompt_name)
+        settings = longdoc.LongdocSettings.from_toolkit(self.loaded.toolkit)
+        clean = longdoc.build_text_cleaner(settings.strip_patterns, self.loaded.preprocessing.get("normalize"))
+        seen = []
+        for index, text in enumerate(texts):
+            try:
+                seen.append(clean(text))
+            except data.TextCleaningError as error:
+                raise data.TextCleaningError(f"texts[{index}]: {error}") from None
+        return seen
 
     def count_tokens(self, texts, contexts=None):
         """Tokens per whole document (no truncation: every chunk is run), without special tokens."""
@@ -576,8 +650,8 @@ class LongDocumentService(ClassificationService):
         return [len(encoding.ids) for encoding in encodings]
 
 
-class VectorService:
-    """The server's view of a vector model: info() and encode()."""
+class VectorService(TokenizingService):
+    """The server's view of a vector model: info(), encode(), tokenize() and decode()."""
     kind = "vector"
 
     def __init__(self, loaded, batch_size=32):
@@ -605,24 +679,27 @@ class VectorService:
         check_texts(texts)
         return embed(self.loaded, list(texts), self.batch_size, side="doc").tolist()
 
+    def seen_texts(self, texts, prompt_name=None):
+        """Texts as ``embed`` gives them to the tokenizer: the instruction of the side ``prompt_name`` names
+        ("query": the query side, else the document side, as TEI's /embed), then the stored normalization."""
+        normalize = build_normalizer(self.loaded.preprocessing.get("normalize"))
+        return [normalize(text) for text in instructed(self.loaded, texts, "query" if prompt_name == "query" else "doc")]
+
     def count_tokens(self, texts, side="query", truncate=True):
         """Tokens per text as the model sees them on ``side`` ("query" or "doc"): instruction, special tokens,
         truncation; with ``truncate`` False, before truncation (to refuse texts longer than the side's max
         length; a text that fits is encoded whole, so the counts agree)."""
         check_texts(texts)
-        texts = instructed(self.loaded, list(texts), side)
         if truncate:
-            features = encode_inputs(self.loaded, texts, None, vector_max_length(self.loaded, side))
+            features = encode_inputs(self.loaded, instructed(self.loaded, list(texts), side), None,
+                                     vector_max_length(self.loaded, side))
             return [len(feature["input_ids"]) for feature in features]
-        normalize = build_normalizer(self.loaded.preprocessing.get("normalize"))
-        special = self.loaded.tokenizer.num_special_tokens_to_add(pair=False)
-        encodings = data.backend_tokenizer(self.loaded.tokenizer).encode_batch(
-            [normalize(text) for text in texts], add_special_tokens=False)
-        return [len(encoding.ids) + special for encoding in encodings]
+        return [len(tokens) for tokens in self.tokenize(texts, prompt_name="query" if side == "query" else None)]
 
 
-class RerankService:
-    """The server's view of a reranker: info(), rerank() and count_tokens() over (query, document) pairs."""
+class RerankService(TokenizingService):
+    """The server's view of a reranker: info(), rerank() and count_tokens() over (query, document) pairs;
+    tokenize() and decode() of single texts."""
     kind = "rerank"
 
     def __init__(self, loaded, batch_size=32):

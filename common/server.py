@@ -9,11 +9,15 @@
   service.rerank(queries, documents) -> list of relevance logits    (rerank)
   service.count_tokens(texts, side[, truncate]) / (texts, contexts) -> tokens per text, optional (usage,
                        metrics, budget; a vector model's untruncated counts for TEI's truncate: false)
+  service.tokenize(texts, add_special_tokens, prompt_name) -> per text, TEI's token dicts     (optional)
+  service.decode(sequences, skip_special_tokens) -> texts; service.vocabulary_size          (optional)
+  a predict result's "logits" (the head's outputs in label order), optional: TEI's raw_scores
 Routes: GET /health (never needs a key), GET /info, GET /metrics (Prometheus), GET /v1/models (OpenAI's
 list of the one model); vector: POST /encode, /similarity (ours or TEI's shape), /search (with a corpus),
 /v1/embeddings (OpenAI's shape), /embed and / (TEI's shape; / with an ``inputs`` object is TEI's
 similarity); classification/longdoc: POST /predict and / (ours or TEI's shape); rerank: POST /rerank and /
-(TEI's shape). Where a route takes both shapes, a body with ``inputs`` is TEI's. A route for another kind
+(TEI's shape); every kind: POST /tokenize and /decode (TEI's shape; the tokenizer runs beside the
+micro-batcher, not through it). Where a route takes both shapes, a body with ``inputs`` is TEI's. A route for another kind
 of model answers 404 with a one-line detail naming the kind it needs. OpenAPI docs at /docs.
 
 Bad input never gets a 5xx: malformed JSON, wrong types and text that is not valid Unicode (a
@@ -224,11 +228,49 @@ class TEIPredictRequest(StrictRequest):
     inputs: Annotated[list[Annotated[list[Text], Field(min_length=1, max_length=2)]], Field(min_length=1),
                       BeforeValidator(predict_inputs), WithJsonSchema(PREDICT_INPUTS_SCHEMA)] = Field(
         description="a text, a [text, text_pair], or a batch of them: [[text], [text, text_pair], ...]")
-    raw_scores: StrictBool = Field(default=False, description="true is refused: the scores are the model's "
-                                                              "probabilities")
+    raw_scores: StrictBool = Field(default=False, description="the model's logits instead of its probabilities "
+                                   "(or a regression model's score)")
     truncate: StrictBool | None = Field(default=None, description="texts are cut at the model's max length; "
                                         "false is refused for a classifier (a long-document model reads it all)")
     parameters: ClassificationParameters | None = Field(default=None, description="huggingface_hub's: top_k")
+
+
+def tokenize_inputs(value):
+    """TEI's tokenize ``inputs`` as a list of texts (it takes no pairs, unlike its predict)."""
+    if isinstance(value, list) and any(isinstance(item, list) for item in value):
+        raise ValueError("send a text or a list of texts (tokenize takes no pairs)")
+    return texts_from_input(value)
+
+
+def ids_from_input(value):
+    """TEI's decode ``ids`` as a list of sequences: a list without lists in it is one sequence."""
+    if isinstance(value, list) and value and not any(isinstance(item, list) for item in value):
+        return [value]
+    return value
+
+
+class TokenizeRequest(StrictRequest):
+    """text-embeddings-inference's tokenize request (a text or a list of texts; TEI takes no pairs here)."""
+    inputs: Annotated[list[Text], Field(min_length=1), BeforeValidator(tokenize_inputs),
+                      WithJsonSchema(TEXT_OR_TEXTS_SCHEMA)] = Field(description="a text or a list of texts")
+    add_special_tokens: StrictBool = Field(default=True, description="add the model's special tokens ([CLS], [SEP])")
+    prompt_name: Literal["query", "document", "passage"] | None = Field(
+        default=None, description="a vector model's side, as /embed's: 'query' puts its query instruction before "
+                                  "each text, else its passage instruction; refused by other models")
+
+
+TokenId = Annotated[int, Field(ge=0, strict=True)]
+IDS_SCHEMA = {"anyOf": [{"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                        {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0},
+                                                    "minItems": 1}, "minItems": 1}]}
+
+
+class DecodeRequest(StrictRequest):
+    """text-embeddings-inference's decode request."""
+    ids: Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1),
+                   BeforeValidator(ids_from_input), WithJsonSchema(IDS_SCHEMA)] = Field(
+        description="token ids, or a list of lists of them")
+    skip_special_tokens: StrictBool = Field(default=True, description="leave the special tokens out of the text")
 
 
 class SimilarityInputs(StrictRequest):
@@ -772,7 +814,7 @@ class OpenAIErrorBodies:
 
 
 # the paths where text-embeddings-inference answers errors as {"error", "error_type"}
-TEI_PATHS = ("/", "/embed", "/rerank", "/predict", "/similarity")
+TEI_PATHS = ("/", "/embed", "/rerank", "/predict", "/similarity", "/tokenize", "/decode")
 
 
 class TEIErrorBodies(OpenAIErrorBodies):
@@ -953,6 +995,7 @@ def create_app(service, *, api_key=None, max_texts=64, max_chars=10000, max_batc
         add_rerank_route(app, service, batcher, check_limits)
     else:
         add_predict_route(app, service, batcher, check_limits, max_chars)
+    add_tokenizer_routes(app, service, max_texts, check_limits)
     model_paths.update(route.path for route in app.routes if route.path in ROUTE_KINDS)
     add_unserved_routes(app, service.kind)
     metrics.routes.update(route.path for route in app.routes)
@@ -1145,9 +1188,6 @@ def add_predict_route(app, service, batcher, check_limits, max_chars):
 
     async def tei_predict(request: TEIPredictRequest, batch):
         """TEI's answer: each input's labels with their scores, best first; a list of them for a batch."""
-        if request.raw_scores:
-            raise HTTPException(422, "raw_scores: true is not supported: the scores are the model's probabilities "
-                                     "(leave raw_scores out, or send false)")
         if request.truncate is False and service.kind != "longdoc":  # a long-document model reads every chunk
             raise HTTPException(422, "truncate: false is not supported: texts are cut at the model's max length "
                                      "(leave truncate out, or send true)")
@@ -1155,7 +1195,10 @@ def add_predict_route(app, service, batcher, check_limits, max_chars):
         results = await run_predict([sequence[0] for sequence in request.inputs],
                                     [sequence[1] if len(sequence) == 2 else None for sequence in request.inputs],
                                     "inputs", lambda index: f"inputs[{index}][1]")
-        answers = [tei_predictions(result, labels, top_k) for result in results]
+        if request.raw_scores and not all("logits" in result for result in results):
+            raise HTTPException(422, "raw_scores: true is not supported: this model's service gives no logits "
+                                     "(leave raw_scores out, or send false)")
+        answers = [tei_predictions(result, labels, top_k, request.raw_scores) for result in results]
         return answers if batch else answers[0]
 
     @app.post("/predict")
@@ -1168,15 +1211,24 @@ def add_predict_route(app, service, batcher, check_limits, max_chars):
         if len(contexts) != len(request.texts):
             raise HTTPException(422, f"contexts: {len(contexts)} given for {len(request.texts)} texts")
         results = await run_predict(request.texts, contexts, "texts", lambda index: f"contexts[{index}]")
-        return {"predictions": results}
+        return {"predictions": [without_logits(result) for result in results]}
 
     app.add_api_route("/", predict, methods=["POST"], summary="Predict (as /predict; TEI serves it at / too)")
 
 
-def tei_predictions(result, labels, top_k=None):
+def without_logits(result):
+    """A service's result without the ``logits`` it carries for TEI's raw_scores (our shape answers without them)."""
+    return {key: value for key, value in result.items() if key != "logits"}
+
+
+def tei_predictions(result, labels, top_k=None, raw_scores=False):
     """One of our prediction results as TEI's ``[{"score", "label"}]``, best first (the model's label order among
-    equal scores): every label's probability, or a regression model's one score."""
-    scores = result.get("probabilities") or {labels[0] if labels else "score": result["score"]}
+    equal scores): every label's probability, or a regression model's one score; with ``raw_scores``, every
+    label's logit (the head's outputs, as TEI's: no softmax or sigmoid, and no temperature)."""
+    if raw_scores:
+        scores = dict(zip(labels or [str(index) for index in range(len(result["logits"]))], result["logits"]))
+    else:
+        scores = result.get("probabilities") or {labels[0] if labels else "score": result["score"]}
     ranked = sorted(scores.items(), key=lambda item: -item[1])[:top_k]
     return [{"score": score, "label": label} for label, score in ranked]
 
@@ -1201,11 +1253,45 @@ def add_rerank_route(app, service, batcher, check_limits):
                  **({"text": request.texts[index]} if request.return_text else {})} for index in ranking]
 
 
+def add_tokenizer_routes(app, service, max_texts, check_limits):
+    """POST /tokenize and /decode in text-embeddings-inference's shape, for every kind of model. The tokenizer is
+    cheap: they run in a thread of their own, not through the MicroBatcher (their queue place, taken by
+    QueueAdmission, is given back when the request ends)."""
+    def require(method):
+        if getattr(service, method, None) is None:
+            raise HTTPException(404, f"this server's {service.kind} model has no tokenizer")
+        return getattr(service, method)
+
+    @app.post("/tokenize", summary="Tokenize (text-embeddings-inference's shape)")
+    async def tokenize(request: TokenizeRequest):
+        tokenize_texts = require("tokenize")
+        check_limits(request.inputs, "inputs")
+        return await asyncio.to_thread(tokenize_texts, request.inputs, request.add_special_tokens,
+                                       request.prompt_name)
+
+    @app.post("/decode", summary="Decode token ids (text-embeddings-inference's shape)")
+    async def decode(body: Annotated[dict, Body(), WithJsonSchema(inlined_schema(DecodeRequest))]):
+        request = validate_body(DecodeRequest, body)
+        decode_ids = require("decode")
+        if len(request.ids) > max_texts:
+            raise HTTPException(413, f"ids: {len(request.ids)} sequences, at most {max_texts} per request")
+        single = not isinstance(body["ids"][0], list)  # a list of ints: one sequence, located as ids[position]
+        vocabulary_size = service.vocabulary_size
+        for index, ids in enumerate(request.ids):
+            for position, token_id in enumerate(ids):
+                if token_id >= vocabulary_size:
+                    where = f"ids[{position}]" if single else f"ids[{index}][{position}]"
+                    raise HTTPException(422, f"{where}: {token_id} is not a token id of this model (0 to "
+                                             f"{vocabulary_size - 1})")
+        return await asyncio.to_thread(decode_ids, request.ids, request.skip_special_tokens)
+
+
+ALL_KINDS = ("vector", "classification", "longdoc", "rerank")
 # the model kinds each route is for: on a server for another kind it answers 404 saying so
 ROUTE_KINDS = {"/encode": ("vector",), "/similarity": ("vector",), "/search": ("vector",),
-               "/v1/embeddings": ("vector",), "/embed": ("vector",),
-               "/": ("vector", "classification", "longdoc", "rerank"),
-               "/predict": ("classification", "longdoc"), "/rerank": ("rerank",)}
+               "/v1/embeddings": ("vector",), "/embed": ("vector",), "/": ALL_KINDS,
+               "/predict": ("classification", "longdoc"), "/rerank": ("rerank",),
+               "/tokenize": ALL_KINDS, "/decode": ALL_KINDS}
 
 
 def add_unserved_routes(app, kind):

@@ -132,8 +132,8 @@ def test_a_full_queue_answers_rerank_429_and_the_token_budget_splits_batches():
             for index in range(3):
                 queued.append(asyncio.create_task(client.post("/rerank", json={"query": QUERY,
                                                                                "texts": [f"text{index}"]})))
-                while app.state.batcher.pending() < len(queued):
-                    await asyncio.sleep(0.01)
+                while app.state.batcher.pending() - app.state.batcher.admitting < len(queued):  # queued, not
+                    await asyncio.sleep(0.01)                                                   # only admitted
             refused = await client.post("/rerank", json={"query": QUERY, "texts": ["one too many"]})
             assert refused.status_code == 429 and "server busy" in refused.json()["detail"]
             service.gate.set()

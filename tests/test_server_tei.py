@@ -168,7 +168,6 @@ def test_a_regression_models_one_score_is_labelled_with_its_label():
     ({"inputs": [[]]}, "at least 1 item"),
     ({"inputs": 3}, "valid list"),
     ({"inputs": " "}, "inputs[0]: empty or whitespace-only text"),
-    ({"inputs": "a", "raw_scores": True}, "raw_scores: true is not supported"),
     ({"inputs": "a", "truncate": False}, "truncate: false is not supported"),
     ({"inputs": "a", "texts": ["a"]}, "Extra inputs are not permitted"),
     ({"inputs": "a", "parameters": {"function_to_apply": "none"}}, "Extra inputs are not permitted"),
