@@ -2,7 +2,6 @@
 the tokens are the ones the model reads (after its stored normalization and instruction), decode turns them back
 into text, raw scores are the model's logits (torch and onnxruntime alike), bad bodies are one JSON 4xx and a
 request's queue place is given back."""
-import asyncio
 import json
 
 import numpy as np
@@ -13,7 +12,7 @@ import export_onnx
 from common import data, inference, server
 from common.text import build_normalizer
 from test_export_onnx import make_model_directory, make_vector_directory
-from test_server import client_for
+from test_server_tei import post_all
 from test_server_rerank import make_reranker_directory, needs_reranker_directories
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,15 +72,6 @@ def exports(model_dirs, tmp_path_factory):
             built[kind] = output
         return built[kind]
     return get
-
-
-def post_all(app, requests):
-    """POST each (path, body) in turn as ASCII JSON; the responses."""
-    async def calls():
-        async with client_for(app) as client:
-            return [await client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
-                    for path, body in requests]
-    return asyncio.run(calls())
 
 
 def json_of(response):
