@@ -555,8 +555,7 @@ def run_eval_only(args, context):
     args.aggregation, args.stride = settings.aggregation, settings.stride
     args.pad_token_id = tokenizer.pad_token_id
     clean = longdoc.build_text_cleaner(settings.strip_patterns, toolkit["preprocessing"].get("normalize"),
-                                       [f"toolkit.longdoc.strip_patterns[{index}] of {args.model_path}"
-                                        for index in range(len(settings.strip_patterns))])
+                                       model_source=args.model_path)
     test_split = {"test": splits["test"]}
     datasets, summaries = chunk_splits(test_split, clean_documents(test_split, clean), tokenizer, args, settings,
                                        label_set, problem)

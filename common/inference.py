@@ -632,7 +632,8 @@ class LongDocumentService(ClassificationService):
         from common import longdoc
         self.check_prompt_name(prompt_name)
         settings = longdoc.LongdocSettings.from_toolkit(self.loaded.toolkit)
-        clean = longdoc.build_text_cleaner(settings.strip_patterns, self.loaded.preprocessing.get("normalize"))
+        clean = longdoc.build_text_cleaner(settings.strip_patterns, self.loaded.preprocessing.get("normalize"),
+                                           model_source=self.loaded.source)
         seen = []
         for index, text in enumerate(texts):
             try:

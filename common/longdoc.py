@@ -121,15 +121,17 @@ def strip_matches(compiled, text, name):
             "nested repetition") from None
 
 
-def build_text_cleaner(strip_patterns=(), normalize_spec=None, pattern_names=None):
+def build_text_cleaner(strip_patterns=(), normalize_spec=None, pattern_names=None, model_source=None):
     """``str -> str``: delete every match of the strip patterns, then apply the stored normalization.
 
     Patterns run on the raw text (before normalization), so they can be written against the
     text as it appears in the data files; ``^``/``$`` anchor to lines. ``pattern_names`` say where
     each pattern is written, for the error of one that runs out of time (``strip_matches``); by
-    default its place in the stored ``toolkit.longdoc.strip_patterns``.
+    default its place in the stored ``toolkit.longdoc.strip_patterns`` (of ``model_source``, when given).
     """
-    names = pattern_names or [f"toolkit.longdoc.strip_patterns[{index}]" for index in range(len(strip_patterns))]
+    stored_in = f" of {model_source}" if model_source else ""
+    names = pattern_names or [f"toolkit.longdoc.strip_patterns[{index}]{stored_in}"
+                              for index in range(len(strip_patterns))]
     compiled = []
     for pattern, name in zip(strip_patterns, names):
         try:
@@ -337,9 +339,7 @@ def predict_documents(chunk_logits_fn, tokenizer, toolkit, texts, chunk_batch_si
     settings = LongdocSettings.from_toolkit(toolkit)
     preprocessing = toolkit.get("preprocessing", {})
     max_length = preprocessing.get("max_length", 512)
-    names = [f"toolkit.longdoc.strip_patterns[{index}]" + (f" of {pattern_source}" if pattern_source else "")
-             for index in range(len(settings.strip_patterns))]
-    clean = build_text_cleaner(settings.strip_patterns, preprocessing.get("normalize"), names)
+    clean = build_text_cleaner(settings.strip_patterns, preprocessing.get("normalize"), model_source=pattern_source)
     input_name = input_name or (lambda index: f"input {index + 1}")
     collator = data.PaddingCollator(tokenizer.pad_token_id)
     documents, pending = [], []  # pending: (document, chunk feature) not yet run
