@@ -175,7 +175,7 @@ def load_rerank_splits(args, normalize=None):
     """A reranker's splits: graded query/document pairs (or query/pos/neg records); without --val-path,
     whole queries are held out for validation. Returns (splits, label_set of the one score).
 
-    With ``normalize``, a text it empties is refused (normalize_splits), checked before the held-out
+    With ``normalize``, a text it empties is refused (data.normalize_texts), checked before the held-out
     split so a query-group file's passages are named by their own fields (``pos[0]``, ``neg[1]``)."""
     def read(path, split=None, default_splits=("train",)):
         return reranking.load_rerank_pairs(path, args.skip_invalid, split, default_splits)
@@ -186,7 +186,7 @@ def load_rerank_splits(args, normalize=None):
         splits["test"] = read(args.test_path, default_splits=("test",))
     data.report_skipped(*splits.values())
     if normalize is not None:
-        normalize_splits(splits, normalize)
+        data.normalize_texts(splits, normalize)
     if not args.val_path and "train" in splits:
         splits["train"], splits["val"] = reranking.split_by_query(splits["train"], args.val_ratio, args.seed)
     for name, pairs in splits.items():
@@ -225,18 +225,9 @@ def check_retriever(path):
         raise UserError(f"--retriever {path}: a {toolkit.get('task')} model, not a bi-encoder (vector) model")
 
 
-def normalize_splits(splits, normalize):
-    """{split: [[normalized texts] per example]} (see data.text_fields), before the model loads.
-
-    A text that --normalize empties (one of only emoji, links or mentions that it drops) would train as a
-    bare [CLS] [SEP] under its label: refused in one line naming its record and field (data.clean_texts).
-    """
-    return data.normalize_texts(splits, normalize)
-
-
 def encode_splits(splits, normalized, tokenizer, args, normalize, label_set, problem):
-    """Tokenize every split once (its texts already ``normalized`` by normalize_splits); print the dataset
-    summary. Returns {split: EncodedDataset}."""
+    """Tokenize every split once (its texts already ``normalized`` by data.normalize_texts: [[text] per
+    example]); print the dataset summary. Returns {split: EncodedDataset}."""
     datasets, summaries = {}, []
     for name, examples in splits.items():
         for example, (text,) in zip(examples, normalized[name]):
@@ -687,7 +678,7 @@ def run_eval_only(args, context):
     args.max_length, args.truncation_side = preprocessing["max_length"], preprocessing["truncation_side"]
     args.pad_token_id = tokenizer.pad_token_id
     normalize, test_split = build_normalizer(preprocessing.get("normalize")), {"test": splits["test"]}
-    datasets, summaries = encode_splits(test_split, normalize_splits(test_split, normalize), tokenizer, args,
+    datasets, summaries = encode_splits(test_split, data.normalize_texts(test_split, normalize), tokenizer, args,
                                         normalize, label_set, problem)
     print(data.format_summary(summaries))
     datasets["val"], splits["val"] = datasets["test"], splits["test"]
@@ -730,7 +721,7 @@ def run_training(args, context):
     normalize = build_normalizer(normalize_spec)
     # texts --normalize empties are refused here, before the model loads
     splits, label_set = load_rerank_splits(args, normalize) if rerank else load_splits(args, problem)
-    normalized = None if rerank else normalize_splits(splits, normalize)
+    normalized = None if rerank else data.normalize_texts(splits, normalize)
     if rerank and args.retriever:
         check_retriever(args.retriever)
     modeldir.check_max_lengths(args.model_name, args, args.trust_remote_code)

@@ -48,20 +48,12 @@ def prepare_domain(args, tokenizer, train_texts, clean):
         return []
     texts = [clean(text) for text in train_texts]
     if args.unlabeled_path:
-        texts += [clean_located(clean, where, text)
+        texts += [data.clean_text(clean, text, where)
                   for where, text in read_unlabeled_records(args.unlabeled_path, args.text_field or "text")]
     if args.extend_vocab > 0:
         from common.vocab import extend_for_training
         extend_for_training(tokenizer, texts, args.extend_vocab)
     return texts
-
-
-def clean_located(clean, where, text):
-    """``clean(text)``; a text a strip pattern cannot process in its time is named by ``where``."""
-    try:
-        return clean(text)
-    except data.TextCleaningError as error:
-        raise UserError(f"{where}: {error}") from None
 
 
 def read_unlabeled_texts(path, text_field="text"):

@@ -451,6 +451,15 @@ def text_fields(example):
     return [(getattr(example, "text_field", "text"), example.text)]
 
 
+def clean_text(clean, text, where):
+    """``clean(text)``; a TextCleaningError from it (a strip pattern out of time) gets ``where`` (the text's
+    record and field, or its input) put in front."""
+    try:
+        return clean(text)
+    except TextCleaningError as error:
+        raise TextCleaningError(f"{where}: {error}") from None
+
+
 def clean_texts(examples, clean, cleaning, advice, unit="texts"):
     """Every text of ``examples`` (see ``text_fields``) through ``clean``; one list of cleaned texts per example.
 
@@ -468,10 +477,7 @@ def clean_texts(examples, clean, cleaning, advice, unit="texts"):
     for example in examples:
         texts = []
         for field_name, text in text_fields(example):
-            try:
-                texts.append(clean(text))
-            except TextCleaningError as error:
-                raise UserError(f"{example.locator}: field '{field_name}': {error}") from None
+            texts.append(clean_text(clean, text, f"{example.locator}: field '{field_name}'"))
             if not texts[-1].strip():
                 emptied.append((example.locator, field_name))
         cleaned.append(texts)

@@ -550,9 +550,14 @@ class TokenizingService:
     def tokenize(self, texts, add_special_tokens=True, prompt_name=None):
         """Per text, its tokens as TEI lists them (``token_records``), untruncated, as TEI's /tokenize."""
         check_texts(texts)
-        seen = self.seen_texts(list(texts), prompt_name)
-        encodings = data.backend_tokenizer(self.loaded.tokenizer).encode_batch(seen, add_special_tokens=add_special_tokens)
+        seen, encodings = self.encode_seen(texts, add_special_tokens, prompt_name)
         return [token_records(text, encoding) for text, encoding in zip(seen, encodings)]
+
+    def encode_seen(self, texts, add_special_tokens=True, prompt_name=None):
+        """(``seen_texts``, their untruncated encodings by the model's tokenizer)."""
+        seen = self.seen_texts(list(texts), prompt_name)
+        return seen, data.backend_tokenizer(self.loaded.tokenizer).encode_batch(seen,
+                                                                               add_special_tokens=add_special_tokens)
 
     def decode(self, sequences, skip_special_tokens=True):
         """Each list of token ids as text, as TEI's /decode (the tokenizer's decoder). The tokenizer skips ids
@@ -634,13 +639,7 @@ class LongDocumentService(ClassificationService):
         settings = longdoc.LongdocSettings.from_toolkit(self.loaded.toolkit)
         clean = longdoc.build_text_cleaner(settings.strip_patterns, self.loaded.preprocessing.get("normalize"),
                                            model_source=self.loaded.source)
-        seen = []
-        for index, text in enumerate(texts):
-            try:
-                seen.append(clean(text))
-            except data.TextCleaningError as error:
-                raise data.TextCleaningError(f"texts[{index}]: {error}") from None
-        return seen
+        return [data.clean_text(clean, text, f"texts[{index}]") for index, text in enumerate(texts)]
 
     def count_tokens(self, texts, contexts=None):
         """Tokens per whole document (no truncation: every chunk is run), without special tokens."""
@@ -695,7 +694,8 @@ class VectorService(TokenizingService):
             features = encode_inputs(self.loaded, instructed(self.loaded, list(texts), side), None,
                                      vector_max_length(self.loaded, side))
             return [len(feature["input_ids"]) for feature in features]
-        return [len(tokens) for tokens in self.tokenize(texts, prompt_name="query" if side == "query" else None)]
+        _, encodings = self.encode_seen(texts, prompt_name="query" if side == "query" else None)
+        return [len(encoding.ids) for encoding in encodings]
 
 
 class RerankService(TokenizingService):

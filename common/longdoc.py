@@ -353,10 +353,7 @@ def predict_documents(chunk_logits_fn, tokenizer, toolkit, texts, chunk_batch_si
         pending.clear()
 
     for doc_id, text in enumerate(texts):
-        try:
-            cleaned = clean(text)
-        except data.TextCleaningError as error:
-            raise data.TextCleaningError(f"{input_name(doc_id)}: {error}") from None
+        cleaned = data.clean_text(clean, text, input_name(doc_id))
         features, num_windows = chunk_document(tokenizer, cleaned, max_length, settings, doc_id)
         document = {"text": cleaned if explain > 0 else None, "num_windows": num_windows, "logits": [],
                     "spans": [(feature["char_start"], feature["char_end"]) for feature in features]}
