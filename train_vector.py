@@ -22,12 +22,13 @@ import functools
 import json
 import math
 import os
+import random
 import shutil
 import sys
 from pathlib import Path
 
 from common import ranking
-from common.choices import PAIR_LOSSES, VECTOR_POOLINGS
+from common.choices import MATRYOSHKA_ROTATIONS, PAIR_LOSSES, VECTOR_POOLINGS
 from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args, add_data_text_args, add_flag,
                         add_optimization_args, add_runtime_args, add_vocabulary_args, apply_option_ranges, bounded,
                         exit_on_help, parse_with_config, resolve_default_warmup, write_effective_config)
@@ -79,6 +80,11 @@ def build_parser():
              help="one weight per --matryoshka-dims size, in the same order (e.g. 1,1,2,2; default 1 each): "
                   "the loss is the weighted sum over the sizes, as sentence-transformers' MatryoshkaLoss; "
                   "stored with the sizes")
+    add_flag(group, "matryoshka-rotation", choices=MATRYOSHKA_ROTATIONS, default="pca",
+             help="with --matryoshka-dims: every saved model turns its embeddings (an orthogonal matrix fitted "
+                  "on up to 2,048 training texts' embeddings, stored in the model) so the first values carry the "
+                  "most; full-size similarities are unchanged, cut sizes keep more (none: cut the values as the "
+                  "encoder gives them)")
 
     group = add_optimization_args(parser, epochs=3, batch_size=16, eval_batch_size=64)
     add_flag(group, "loss", choices=PAIR_LOSSES, default=None,
@@ -251,7 +257,8 @@ from common.pairs import (GroupCollator, PairCollator, QueryGroup, QueryGroupDat
                           build_pair_dataset, load_pairs, pairs_to_groups)
 from common.text import build_normalizer  # noqa: E402
 from common.modeldir import read_json_if_exists  # noqa: E402
-from common.vector import BertVectorModel, PairEncoder, evaluate_pairs, score_pairs  # noqa: E402
+from common.vector import (ROTATION_SAMPLE, BertVectorModel, PairEncoder, evaluate_pairs, fit_rotation,  # noqa: E402
+                           score_pairs)
 from common.vocab import fit_embeddings_to_tokenizer  # noqa: E402
 
 
@@ -323,6 +330,20 @@ def example_texts(example):
     if isinstance(example, QueryGroup):
         return [example.query, *example.positives, *example.negatives]
     return [example.query, example.document]
+
+
+def rotation_texts(examples, args):
+    """(queries, documents, the queries' prompts): up to ROTATION_SAMPLE distinct training texts, half of them
+    queries where there are enough, drawn with --seed, that each saved model's rotation is fitted on
+    (see common.vector.fit_rotation); None when the model is not to be turned."""
+    if not args.matryoshka_dims or args.matryoshka_rotation == "none":
+        return None
+    queries = list(dict.fromkeys((example.prompt, example.query) for example in examples))
+    documents = list(dict.fromkeys(text for example in examples for text in example_texts(example)[1:]))
+    draw = random.Random(args.seed)  # its own generator: the training's random state is untouched
+    queries = draw.sample(queries, min(len(queries), max(ROTATION_SAMPLE // 2, ROTATION_SAMPLE - len(documents))))
+    documents = draw.sample(documents, min(len(documents), ROTATION_SAMPLE - len(queries)))
+    return [query for _, query in queries], documents, [prompt for prompt, _ in queries]
 
 
 def keep_positive_pairs(pairs, name, threshold):
@@ -412,12 +433,14 @@ def load_vector_model(directory, args):
     return BertVectorModel.from_pretrained(directory, args.device_obj)
 
 
-def vector_writer(model, args, summary=None):
+def vector_writer(model, args, summary=None, turn_with=None):
     """A function writing the model directory (weights, config with the toolkit block, tokenizer,
     training_args.json) into a folder. ``summary`` (step and validation loss) goes to
-    trainer_state.json, so checkpoint-best competes with the step checkpoints for best model."""
+    trainer_state.json, so checkpoint-best competes with the step checkpoints for best model.
+    ``turn_with``: the texts (``rotation_texts``) the saved model's rotation is fitted on, now."""
     def write(folder):
-        vector_model(model).save_pretrained(folder)
+        encoder = vector_model(model)
+        encoder.save_pretrained(folder, rotation=None if turn_with is None else fit_rotation(encoder, *turn_with))
         write_effective_config(args, folder)
         if summary is not None:
             (Path(folder) / checkpoints.TRAINER_SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
@@ -524,8 +547,10 @@ def forward_backward(model, batch, args, context, scaler, sync, statistics=None)
     return loss
 
 
-def train(args, model, datasets, context, output_dir, logger, resume_from=None, val_candidates=None):
-    """The loop; ``val_candidates``: the validation pairs ranked for --metric-for-best-model ndcg@K / mrr@K."""
+def train(args, model, datasets, context, output_dir, logger, resume_from=None, val_candidates=None,
+          turn_with=None):
+    """The loop; ``val_candidates``: the validation pairs ranked for --metric-for-best-model ndcg@K / mrr@K;
+    ``turn_with``: the texts each saved model's rotation is fitted on (``rotation_texts``)."""
     device, precision = args.device_obj, args.precision_obj
     metric = args.metric_for_best_model
     train_loader = build_train_loader(datasets["train"], args, context)
@@ -554,14 +579,14 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None, 
         evaluated = validate()
         summary = {"global_step": global_step, **summarize_validation(evaluated), "run_id": args.run_id}
         improved = checkpoints.save_if_best(early_stopping, evaluated[metric], global_step, output_dir,
-                                            vector_writer(model, args, summary), context.is_main)
+                                            vector_writer(model, args, summary, turn_with), context.is_main)
         logger.log(training.evaluation_row(global_step, epoch, evaluated, early_stopping, improved))
 
     def run_save(epoch, batches_done):
         """checkpoint-step-N with the validation figures at step N (measured now if not yet)."""
         figures = evaluated if evaluated_step == global_step and evaluated else validate()
         if context.is_main:
-            checkpoints.save_checkpoint(output_dir, vector_writer(model, args), checkpoints.training_state(
+            checkpoints.save_checkpoint(output_dir, vector_writer(model, args, turn_with=turn_with), checkpoints.training_state(
                 optimizer, scheduler, scaler, early_stopping, args, epoch=epoch, step_in_epoch=batches_done,
                 global_step=global_step, evaluated_step=evaluated_step, summary=summarize_validation(figures)),
                 args.save_total_limit)
@@ -786,7 +811,12 @@ def run_training(args, context):
     logger.info(f"model: {args.model_name}, {modeldir.describe_parameters(model)}, "
                 f"pooling {args.pooling}, embedding size {vector_model(model).dim}")
 
-    early_stopping = train(args, model, datasets, context, output_dir, logger, resume_from, val_candidates)
+    turn_with = rotation_texts(splits["train"], args)
+    if turn_with is not None:
+        logger.info(f"--matryoshka-rotation pca: each saved model is turned by the directions of "
+                    f"{len(turn_with[0]) + len(turn_with[1])} training texts' embeddings")
+    early_stopping = train(args, model, datasets, context, output_dir, logger, resume_from, val_candidates,
+                           turn_with)
     # the untuned encoder is a usable model: it competes, and stays the best unless training beats it
     metric = args.metric_for_best_model
     untuned_row = logger.untuned_row()

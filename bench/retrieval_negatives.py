@@ -20,7 +20,8 @@ Configurations (--configs): every run trains all-MiniLM-L6-v2 for --epochs (defa
                      (the CPU budget; the trainer's default is 7)
   mined-matryoshka   mined, trained with --matryoshka-dims 384,128
   *-1e-5             inbatch, labelled, mined, mined-matryoshka at --learning-rate 1e-5
-  mined-matryoshka-4 mined, --matryoshka-dims 384,256,128,64 (-weighted: --matryoshka-weights 1,1,2,2)
+  mined-matryoshka-4 mined, --matryoshka-dims 384,256,128,64 (-weighted: --matryoshka-weights 1,1,2,2;
+                     -unturned: --matryoshka-rotation none, the values cut as the encoder gives them)
   mined-10-210       mined at ranks 10-210 (FlagEmbedding's hn_mine default; -nomargin: and no margin)
   inbatch-fnm        inbatch with --false-negative-margin 0.1 (GISTEmbed-style: a negative scoring within 0.1
                      of the query's positive is left out of its softmax; -m0, -m0.2: margins 0 and 0.2)
@@ -63,6 +64,7 @@ MATRYOSHKA_4 = ["--matryoshka-dims", "384,256,128,64"]
 CONFIGS.update({
     "mined-matryoshka-4": CONFIGS["mined"] + MATRYOSHKA_4,
     "mined-matryoshka-4-weighted": CONFIGS["mined"] + MATRYOSHKA_4 + ["--matryoshka-weights", "1,1,2,2"],
+    "mined-matryoshka-4-unturned": CONFIGS["mined"] + MATRYOSHKA_4 + ["--matryoshka-rotation", "none"],
     "mined-10-210": CONFIGS["mined"],
     "mined-10-210-nomargin": CONFIGS["mined"],
 })

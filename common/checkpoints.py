@@ -37,7 +37,8 @@ RESUME_SENSITIVE_OPTIONS = (
     "query_max_length", "doc_max_length", "seed", "epochs", "num_epochs", "max_steps", "learning_rate",
     "extend_vocab", "truncation_side", "normalize", "text_field", "label_field", "loss", "pooling",
     "projection_dim", "stride", "max_chunks", "chunk_selection", "aggregation", "data_split", "new_token_lr",
-    "negatives_per_query", "matryoshka_dims", "matryoshka_weights", "query_instruction", "passage_instruction",
+    "negatives_per_query", "matryoshka_dims", "matryoshka_weights", "matryoshka_rotation", "query_instruction",
+    "passage_instruction",
     "problem_type", "rerank_loss", "rerank_group_size", "false_negative_margin",
     # which records train and in what order: the split without --val-path, the sampler, the batching,
     # the positives of graded pairs, the names a multi-label string splits into

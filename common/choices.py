@@ -6,6 +6,9 @@ seconds); the modules that implement these choices import them from here, so eac
 
 POOLINGS = ("cls", "mean", "max", "pooler")  # heads.py: classifier and long-document models
 VECTOR_POOLINGS = ("cls", "mean")  # vector.py
+# vector.py: how a model trained with --matryoshka-dims turns its embeddings before they are cut (pca: the
+# strongest directions of the training texts' embeddings first; none: the values as the encoder gives them)
+MATRYOSHKA_ROTATIONS = ("pca", "none")
 PAIR_LOSSES = ("mse", "cosent", "infonce")  # pair_losses.py: the vector trainer's --loss
 AGGREGATIONS = ("mean", "max", "logsumexp")  # longdoc.py: chunk logits -> document logits
 # longdoc.py: spread: evenly spaced windows from first to last (a sample of the whole document);

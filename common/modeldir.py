@@ -304,6 +304,7 @@ def toolkit_rules():
         ("vector.doc_max_length", length, True, False),
         ("vector.matryoshka_dims", _integer_list(), True, False),
         ("vector.matryoshka_weights", _positive_number_list(), True, False),
+        ("vector.rotation", _choice("pca"), True, False),
         ("longdoc", _of_type(dict, "an object"), False, False),
         ("longdoc.stride", _integer(0), True, False),
         ("longdoc.max_chunks", _integer(0), True, False),

@@ -29,8 +29,9 @@ RUN_FILE = "run.json"
 RUN_OUTPUT_PATTERNS = (
     RUN_FILE, "checkpoint-*", ".tmp-*", ".old-*", ".*.publishing", "train_log.jsonl", "training_args.json",
     "dataset_summary.json", "metrics.json", "errors.jsonl", "*.png", "best_checkpoint.json",
-    "eval_metrics.json", "eval_results.json", "config.json", "model.safetensors", "checksums.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "added_tokens.json",
+    "eval_metrics.json", "eval_results.json", "config.json", "model.safetensors", "rotation.safetensors",
+    "checksums.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+    "added_tokens.json",
 )
 # What shows an earlier run produced something worth keeping.
 RESULT_PATTERNS = ("checkpoint-*", "metrics.json", "best_checkpoint.json", "model.safetensors")

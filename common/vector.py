@@ -2,7 +2,8 @@
 common/pairs.py, the losses in common/pair_losses.py).
 
 A vector model maps a text to one embedding: backbone -> pooling (CLS or mean) ->
-optional linear projection -> L2 normalisation. Queries and documents share the encoder
+optional linear projection -> optional rotation (a model trained with --matryoshka-dims: see
+``fit_rotation``) -> L2 normalisation. Queries and documents share the encoder
 but are tokenized at their own maximum lengths (queries are short).
 """
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common import data, modeldir
@@ -18,6 +21,9 @@ from common.errors import UserError
 from common.heads import pool_hidden_states
 from common.pair_losses import compute_pair_loss
 from common.pairs import encode_text_features
+
+ROTATION_FILE = "rotation.safetensors"  # beside model.safetensors, which a resumed run loads strictly
+ROTATION_SAMPLE = 2048  # texts a rotation is fitted on: the leading directions of a 1024-value embedding settle
 
 
 # ---------------------------------------------------------------- the model
@@ -59,6 +65,8 @@ class BertVectorModel(nn.Module):
             if instruction:
                 self.preprocessing[key] = instruction
         self.tokenizer = None
+        # (dim, dim) orthogonal, applied after the projection (see fit_rotation); kept out of model.safetensors
+        self.register_buffer("rotation", None, persistent=False)
 
     @property
     def dim(self):
@@ -74,6 +82,8 @@ class BertVectorModel(nn.Module):
         pooled = pool_hidden_states(hidden_states, attention_mask, self.pooling)  # (batch, hidden)
         if self.projection is not None:
             pooled = self.projection(pooled)  # (batch, dim)
+        if self.rotation is not None:
+            pooled = pooled @ self.rotation.T  # (batch, dim): lengths and angles unchanged
         # normalise in fp32: under bf16 autocast the norm of a 768-d vector loses digits
         return F.normalize(pooled.float(), dim=-1) if self.normalize else pooled
 
@@ -83,12 +93,22 @@ class BertVectorModel(nn.Module):
 
     # ---- model directories
 
-    def save_pretrained(self, directory, tokenizer=None):
-        """Write a model directory (config.json with the toolkit block, model.safetensors, tokenizer)."""
+    def save_pretrained(self, directory, tokenizer=None, rotation=None):
+        """Write a model directory (config.json with the toolkit block, model.safetensors, tokenizer).
+
+        ``rotation`` (from ``fit_rotation``) is stored for the saved model to apply, where this one
+        does not apply it itself: a training run's checkpoints, which the run goes on training unturned."""
         tokenizer = tokenizer or self.tokenizer
         if tokenizer is None:
             raise ValueError("save_pretrained needs a tokenizer (pass one or load with from_pretrained)")
-        modeldir.write_model_directory(directory, self, tokenizer, self.toolkit_block())
+        rotation = self.rotation if rotation is None else rotation
+        toolkit = self.toolkit_block()
+        if rotation is not None:
+            toolkit["vector"]["rotation"] = "pca"
+        modeldir.write_model_directory(directory, self, tokenizer, toolkit)
+        if rotation is not None:
+            save_file({"rotation": rotation.detach().to("cpu", torch.float32).contiguous()},
+                      str(Path(directory) / ROTATION_FILE))
         return Path(directory)
 
     @classmethod
@@ -107,6 +127,8 @@ class BertVectorModel(nn.Module):
                     preprocessing.get("query_instruction"), preprocessing.get("passage_instruction"),
                     settings.get("matryoshka_dims"), settings.get("matryoshka_weights"))
         modeldir.load_weights(model, directory)
+        if settings.get("rotation"):
+            model.rotation = load_rotation(directory, model.dim)
         model.tokenizer = modeldir.load_tokenizer(str(directory))
         return model.to(device).eval()
 
@@ -159,6 +181,37 @@ class BertVectorModel(nn.Module):
         self.train(was_training)
         outputs = outputs[:, :dim]
         return F.normalize(outputs, dim=-1) if normalize else outputs
+
+
+def fit_rotation(model, queries, documents, query_prompts=None):
+    """An orthogonal (dim, dim) matrix that turns the model's embeddings of these texts so that their
+    first values carry the most of them: uncentred PCA, the rows being the eigenvectors of the
+    embeddings' second moment, largest first.
+
+    Turning changes no length and no angle, so full-size similarities are exactly the unturned model's;
+    a Matryoshka cut then keeps the strongest directions instead of whichever values the encoder put
+    first (on the Python docs, 128 of MiniLM's 384 values keep 95-99% of the full NDCG@10 instead of
+    93%). Fewer texts than values leave the weakest directions arbitrary but still orthogonal."""
+    embeddings = torch.cat([model.encode(queries, side="query", prompts=query_prompts),
+                            model.encode(documents, side="document")]).double()  # (texts, dim), unit rows
+    _, directions = torch.linalg.eigh(embeddings.T @ embeddings)  # columns, weakest first
+    return directions.flip(-1).T.float().contiguous()
+
+
+def load_rotation(directory, dim):
+    """The stored rotation of a model directory whose config.json says it has one, checked."""
+    path = Path(directory) / ROTATION_FILE
+    try:
+        rotation = load_file(str(path))["rotation"].float()
+    except (SafetensorError, OSError, KeyError, ValueError) as error:
+        raise UserError(f"{path}: unreadable (config.json's toolkit.vector.rotation needs it): "
+                        f"{modeldir.describe_load_error(error)}") from None
+    if tuple(rotation.shape) != (dim, dim):
+        raise UserError(f"{path}: expected a {dim}x{dim} rotation for the {dim}-value embeddings, "
+                        f"got shape {tuple(rotation.shape)}")
+    if not torch.allclose(rotation @ rotation.T, torch.eye(dim), atol=1e-3):  # also false for NaN
+        raise UserError(f"{path}: not an orthogonal matrix (it would change the model's similarities)")
+    return rotation
 
 
 class PairEncoder(nn.Module):

@@ -34,13 +34,14 @@ def make_model_directory(tiny_model_dir, directory, task="classification", tempe
     return Path(directory)
 
 
-def make_vector_directory(tiny_model_dir, directory, pooling="mean", projection_dim=16):
-    """A vector model (pooling, projection, normalisation) on the tiny backbone, saved as a model directory."""
+def make_vector_directory(tiny_model_dir, directory, pooling="mean", projection_dim=16, rotation=None):
+    """A vector model (pooling, projection, normalisation; ``rotation`` stored for it to apply) on the tiny
+    backbone, saved as a model directory."""
     from common.vector import BertVectorModel
     torch.manual_seed(0)
     model = BertVectorModel.from_backbone(str(tiny_model_dir), pooling=pooling, projection_dim=projection_dim,
                                           query_max_length=16, doc_max_length=32, max_length=32)
-    model.save_pretrained(str(directory))
+    model.save_pretrained(str(directory), rotation=rotation)
     return Path(directory)
 
 
@@ -175,6 +176,20 @@ def test_vector_export_puts_pooling_and_normalisation_in_the_graph(tiny_model_di
     onnx_loaded = inference.load_onnx_model(output)
     vectors = onnx_loaded.run(random_batch(onnx_loaded.tokenizer.vocab_size, 3, 9, seed=1))
     assert vectors.shape == (3, 16) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_a_vector_models_stored_rotation_is_in_the_graph(tiny_model_dir, tmp_path):
+    rotation = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(3)))[0]
+    model_dir = make_vector_directory(tiny_model_dir, tmp_path / "turned", rotation=rotation)
+    output = tmp_path / "turned.onnx"
+    assert export_onnx.main(["--model-path", str(model_dir), "--output-path", str(output)]) == 0
+    assert_torch_and_onnx_agree(model_dir, output)  # torch applies the stored rotation: so does the graph
+    unturned = make_vector_directory(tiny_model_dir, tmp_path / "unturned")
+    batch = random_batch(inference.load_onnx_model(output).tokenizer.vocab_size, 3, 9, seed=1)
+    turned_vectors = inference.load_onnx_model(output).run(batch)
+    plain_vectors = inference.load_torch_model(unturned).run(batch)
+    assert np.allclose(turned_vectors, plain_vectors @ rotation.numpy().T, atol=1e-4)
+    assert not np.allclose(turned_vectors, plain_vectors, atol=1e-2)
 
 
 def corrupt_classifier_weights(path):

@@ -107,7 +107,7 @@ def vector_argv(tmp_path, tiny_model_dir):
     write_jsonl(tmp_path / "pairs.jsonl", pairs)
     return ["--train-path", tmp_path / "pairs.jsonl", "--val-path", tmp_path / "pairs.jsonl", "--epochs", "3",
             "--batch-size", "4", "--learning-rate", "5e-3", "--warmup-steps", "2", "--eval-steps", "5",
-            "--logging-steps", "1"]
+            "--logging-steps", "1", "--matryoshka-dims", "32,8"]  # each checkpoint fits a rotation as it is written
 
 
 def longdoc_argv(tmp_path, tiny_model_dir):
@@ -129,7 +129,10 @@ def trainer_argv(script, tmp_path, tiny_model_dir, output_dir):
 
 
 def tensors(directory):
-    return load_file(str(Path(directory) / "model.safetensors"))
+    """The weights, and a vector model's rotation (fitted as the checkpoint was written) where it has one."""
+    stored = load_file(str(Path(directory) / "model.safetensors"))
+    rotation = Path(directory) / "rotation.safetensors"
+    return stored | ({"rotation": load_file(str(rotation))["rotation"]} if rotation.is_file() else {})
 
 
 def assert_same_weights(expected_dir, actual_dir):

@@ -17,7 +17,7 @@ from common.errors import UserError
 from common.gradcache import grad_cache_backward
 from common.pair_losses import compute_pair_loss, infonce_loss
 from common.pairs import GroupCollator, QueryGroup, build_group_dataset, load_pairs, read_query_groups
-from common.vector import BertVectorModel, PairEncoder
+from common.vector import ROTATION_FILE, BertVectorModel, PairEncoder, fit_rotation
 from conftest import assert_one_error_line, write_json, write_jsonl
 from test_vector import TOPICS
 
@@ -400,6 +400,69 @@ def test_training_on_query_groups_with_grad_cache_matryoshka_and_instructions(ti
     assert torch.allclose(model.encode(["a film"], side="document"), plain.encode(["passage: a film"]), atol=1e-6)
     rows = [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
     assert any("loss" in row for row in rows)
+
+
+# ---------------------------------------------------------------- the rotation before a Matryoshka cut
+
+def cosines(vectors):
+    unit = torch.nn.functional.normalize(vectors, dim=-1)
+    return unit @ unit.T
+
+
+def test_a_rotation_keeps_every_similarity_and_puts_the_strongest_directions_first(tiny_model_dir):
+    model = tiny_vector_model(tiny_model_dir).eval()
+    texts = [text for documents in TOPICS.values() for text in documents]
+    rotation = fit_rotation(model, list(TOPICS), texts)
+    assert torch.allclose(rotation @ rotation.T, torch.eye(model.dim), atol=1e-5)
+    plain = model.encode(texts)
+    model.rotation = rotation
+    turned = model.encode(texts)
+    assert torch.allclose(cosines(turned), cosines(plain), atol=1e-5)
+    assert not torch.allclose(turned, plain, atol=1e-3)
+    # the first 4 values hold the most of the fitted texts' embeddings any 4 orthogonal directions can hold
+    fitted = torch.cat([model.encode(list(TOPICS)), model.encode(texts, side="document")])
+    energy = fitted.pow(2).sum(dim=0)
+    assert energy[:4].sum() > plain.pow(2).sum(dim=0)[:4].sum() * 1.2
+    assert torch.all(energy[:-1] >= energy[1:] - 1e-4)  # strongest first
+
+
+@pytest.mark.parametrize("rotation", ["pca", "none"])
+def test_a_matryoshka_run_saves_turned_models_unless_told_not_to(rotation, tiny_model_dir, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", group_records())
+    output_dir = tmp_path / "out"
+    argv = ["--train-path", str(train), "--val-path", str(train), "--model-name", str(tiny_model_dir),
+            "--max-length", "16", "--batch-size", "4", "--epochs", "1", "--precision", "fp32", "--device", "cpu",
+            "--output-dir", str(output_dir), "--matryoshka-dims", "16,8", "--matryoshka-rotation", rotation,
+            "--learning-rate", "1e-3", "--warmup-steps", "0"]
+    assert train_vector.main(argv) == 0
+    for directory in (output_dir, output_dir / "checkpoint-step-2", output_dir / "checkpoint-best"):
+        stored = json.loads((directory / "config.json").read_text())["toolkit"]["vector"].get("rotation")
+        assert stored == (None if rotation == "none" else "pca")
+        assert (directory / ROTATION_FILE).is_file() == (rotation == "pca")
+    model = BertVectorModel.from_pretrained(output_dir)
+    texts = [text for documents in TOPICS.values() for text in documents]
+    full, short = model.encode(texts), model.encode(texts, dim=8)
+    assert torch.allclose(short, torch.nn.functional.normalize(full[:, :8], dim=-1), atol=1e-6)
+    if rotation == "pca":  # the same similarities as the weights unturned
+        unturned = BertVectorModel.from_pretrained(output_dir)
+        unturned.rotation = None
+        assert torch.allclose(cosines(full), cosines(unturned.encode(texts)), atol=1e-5)
+
+
+@pytest.mark.parametrize("damage, fragment", [("missing", "unreadable"), ("shape", "expected a 32x32 rotation"),
+                                              ("skewed", "not an orthogonal matrix")])
+def test_a_damaged_stored_rotation_is_refused_naming_its_file(damage, fragment, tiny_model_dir, tmp_path):
+    from safetensors.torch import save_file
+    model = tiny_vector_model(tiny_model_dir, matryoshka_dims=[32, 8])
+    directory = model.save_pretrained(tmp_path / "model", rotation=torch.eye(32))
+    path = directory / ROTATION_FILE
+    if damage == "missing":
+        path.unlink()
+    else:
+        save_file({"rotation": torch.eye(16) if damage == "shape" else torch.eye(32) * 2}, str(path))
+    with pytest.raises(UserError, match=fragment) as error:
+        BertVectorModel.from_pretrained(directory)
+    assert str(path) in str(error.value)
 
 
 def test_matryoshka_dims_larger_than_the_model_are_refused(tiny_model_dir, tmp_path, capsys):
