@@ -11,7 +11,8 @@ sentence came from (rel 1.0); every test paragraph is a candidate, so Recall@100
 Configurations (--configs): every run trains all-MiniLM-L6-v2 for --epochs (default 2) with mean pooling,
 --learning-rate 5e-5, --batch-size 16, --warmup-ratio 0.1 (the pydoc set is 13 steps an epoch: the default
 100 warmup steps would never reach the rate), --max-length, fp32, on the train split's rel-1.0 pairs, except:
-  untuned            the pretrained encoder as is
+  untuned            the pretrained encoder as is (untuned-turned-one: turned by the rotation a --matryoshka-dims
+                     run fits, on train_one.jsonl's texts)
   mse                the seed's default: weighted MSE of cosine vs rel on the graded pairs, CLS pooling, 2e-5
   inbatch            InfoNCE over in-batch negatives only (--relevance-threshold 0.5: rel-1.0 pairs)
   labelled           InfoNCE with the data's own rel <= 0.5 documents as hard negatives (--negatives-per-query 3)
@@ -86,6 +87,9 @@ MINING_VARIANTS = {"mined-10-210": ("10-210", None), "mined-10-210-nomargin": ("
 TRAIN_FILES = {"-all": "train_all.jsonl", "-one": "train_one.jsonl"}
 CONFIGS.update({f"{name}{suffix}": flags for suffix in TRAIN_FILES for name, flags in list(CONFIGS.items())
                 if flags is not None and not name.endswith(("-1e-5", *TRAIN_FILES))})
+# the untuned encoder turned by the rotation a --matryoshka-dims run fits, here on train_one.jsonl's texts
+UNTRAINED = ("untuned", "untuned-turned-one")
+CONFIGS["untuned-turned-one"] = None
 MINED = tuple(name for name in CONFIGS if name.startswith("mined"))
 METRICS = ("ndcg@10", "mrr@10", "recall@100")
 SHORT_DIM = 128
@@ -294,8 +298,14 @@ def run_training(args, name, run_dir):
 
 
 def run_untuned(args):
-    from common.vector import BertVectorModel
+    """The pretrained encoder as is; for untuned-turned-one, turned as train_vector.py turns a --matryoshka-dims
+    model (common.vector.fit_rotation), on the training file's queries and documents."""
+    from common.vector import BertVectorModel, fit_rotation
     model = BertVectorModel.from_backbone(args.model, pooling="mean", max_length=args.max_length).eval()
+    if args.worker != "untuned":
+        records = read_jsonl(Path(args.data_dir) / train_file(args.worker))
+        model.rotation = fit_rotation(model, list(dict.fromkeys(r["query"] for r in records)),
+                                      list(dict.fromkeys(r["document"] for r in records)))
     return full_corpus_metrics(model, read_test_set(args.data_dir))
 
 
@@ -303,7 +313,7 @@ def rescore(args, run_dir):
     """Score a finished run's published model again (after a change to the scoring), without training."""
     from common.vector import BertVectorModel
     result = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    if args.worker == "untuned":
+    if args.worker in UNTRAINED:
         result.update(run_untuned(args))
     else:
         model = BertVectorModel.from_pretrained(run_dir / "output")
@@ -320,7 +330,7 @@ def run_worker(args):
     if args.rescore:
         result = rescore(args, run_dir)
     else:
-        result = run_untuned(args) if args.worker == "untuned" else run_training(args, args.worker, run_dir)
+        result = run_untuned(args) if args.worker in UNTRAINED else run_training(args, args.worker, run_dir)
     result.update(config=args.worker, seed=None if CONFIGS[args.worker] is None else args.seed,
                   flags=CONFIGS[args.worker])
     (run_dir / "run.json").write_text(json.dumps(result, indent=2), encoding="utf-8")

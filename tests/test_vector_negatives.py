@@ -449,6 +449,21 @@ def test_a_matryoshka_run_saves_turned_models_unless_told_not_to(rotation, tiny_
         assert torch.allclose(cosines(full), cosines(unturned.encode(texts)), atol=1e-5)
 
 
+def test_the_rotation_sample_is_half_queries_with_their_prompts_and_fixed_by_the_seed(monkeypatch):
+    monkeypatch.setattr(train_vector, "ROTATION_SAMPLE", 6)
+    groups = [QueryGroup(f"q{index}", [f"pos{index}"], [f"neg{index}", "shared"], "here",
+                         prompt="find: " if index % 2 else None) for index in range(5)]
+    args = train_vector.parse_args(["--train-path", "t", "--val-path", "v", "--matryoshka-dims", "8", "--seed", "3"])
+    queries, documents, prompts = train_vector.rotation_texts(groups, args)
+    assert len(queries) == 3 and len(documents) == 3 and len(set(documents)) == 3
+    assert all(prompt == ("find: " if int(query[1:]) % 2 else None) for query, prompt in zip(queries, prompts))
+    assert train_vector.rotation_texts(groups, args) == (queries, documents, prompts)
+    queries, documents, prompts = train_vector.rotation_texts(groups[:1], args)  # fewer texts than the sample
+    assert (queries, sorted(documents), prompts) == (["q0"], ["neg0", "pos0", "shared"], [None])
+    args.matryoshka_rotation = "none"
+    assert train_vector.rotation_texts(groups, args) is None
+
+
 @pytest.mark.parametrize("damage, fragment", [("missing", "unreadable"), ("shape", "expected a 32x32 rotation"),
                                               ("skewed", "not an orthogonal matrix")])
 def test_a_damaged_stored_rotation_is_refused_naming_its_file(damage, fragment, tiny_model_dir, tmp_path):
