@@ -586,10 +586,11 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None, 
         """checkpoint-step-N with the validation figures at step N (measured now if not yet)."""
         figures = evaluated if evaluated_step == global_step and evaluated else validate()
         if context.is_main:
-            checkpoints.save_checkpoint(output_dir, vector_writer(model, args, turn_with=turn_with), checkpoints.training_state(
+            state = checkpoints.training_state(
                 optimizer, scheduler, scaler, early_stopping, args, epoch=epoch, step_in_epoch=batches_done,
-                global_step=global_step, evaluated_step=evaluated_step, summary=summarize_validation(figures)),
-                args.save_total_limit)
+                global_step=global_step, evaluated_step=evaluated_step, summary=summarize_validation(figures))
+            checkpoints.save_checkpoint(output_dir, vector_writer(model, args, turn_with=turn_with), state,
+                                        args.save_total_limit)
 
     if training.evaluation_due_at_start(resume_from, global_step, evaluated_step, total_steps, early_stopping):
         run_evaluation(start_epoch)  # the untuned encoder (it competes), or final weights a kill left unscored

@@ -190,8 +190,8 @@ def fit_rotation(model, queries, documents, query_prompts=None):
 
     Turning changes no length and no angle, so full-size similarities are exactly the unturned model's;
     a Matryoshka cut then keeps the strongest directions instead of whichever values the encoder put
-    first (on the Python docs, 128 of MiniLM's 384 values keep 95-99% of the full NDCG@10 instead of
-    93%). Fewer texts than values leave the weakest directions arbitrary but still orthogonal."""
+    first (measured in bench/README.md). Fewer texts than values leave the weakest directions arbitrary
+    but still orthogonal."""
     embeddings = torch.cat([model.encode(queries, side="query", prompts=query_prompts),
                             model.encode(documents, side="document")]).double()  # (texts, dim), unit rows
     _, directions = torch.linalg.eigh(embeddings.T @ embeddings)  # columns, weakest first
