@@ -258,7 +258,7 @@ from common.pairs import (GroupCollator, PairCollator, QueryGroup, QueryGroupDat
 from common.text import build_normalizer  # noqa: E402
 from common.modeldir import read_json_if_exists  # noqa: E402
 from common.vector import (ROTATION_SAMPLE, BertVectorModel, PairEncoder, evaluate_pairs, fit_rotation,  # noqa: E402
-                           score_pairs)
+                           load_rotation, score_pairs)
 from common.vocab import fit_embeddings_to_tokenizer  # noqa: E402
 
 
@@ -332,15 +332,27 @@ def example_texts(example):
     return [example.query, example.document]
 
 
-def rotation_texts(examples, args):
-    """(queries, documents, the queries' prompts): up to ROTATION_SAMPLE distinct training texts, half of them
-    queries where there are enough, drawn with --seed, that each saved model's rotation is fitted on
-    (see common.vector.fit_rotation); None when the model is not to be turned."""
+def turn_before_training(encoder, examples, args, resume_from):
+    """--matryoshka-rotation pca (with --matryoshka-dims): turn the starting model (after --mlm-adapt-steps)
+    by common.vector.fit_rotation, so the Matryoshka loss trains prefixes that already hold the strongest
+    directions; the rotation stays fixed, and every saved model applies it. A resumed run takes the one
+    its checkpoint stored."""
     if not args.matryoshka_dims or args.matryoshka_rotation == "none":
-        return None
+        return
+    _, stored = modeldir.read_model_config(resume_from, "--resume") if resume_from else (None, {})
+    if stored.get("vector", {}).get("rotation"):
+        rotation = load_rotation(resume_from, encoder.dim)
+    else:
+        rotation = fit_rotation(encoder, *rotation_texts(examples, args.seed))
+    encoder.rotation = rotation.to(next(encoder.parameters()).device)
+
+
+def rotation_texts(examples, seed):
+    """(queries, documents, the queries' prompts): up to ROTATION_SAMPLE distinct training texts, half of them
+    queries where there are enough, drawn with ``seed``, that the rotation is fitted on."""
     queries = list(dict.fromkeys((example.prompt, example.query) for example in examples))
     documents = list(dict.fromkeys(text for example in examples for text in example_texts(example)[1:]))
-    draw = random.Random(args.seed)  # its own generator: the training's random state is untouched
+    draw = random.Random(seed)  # its own generator: the training's random state is untouched
     queries = draw.sample(queries, min(len(queries), max(ROTATION_SAMPLE // 2, ROTATION_SAMPLE - len(documents))))
     documents = draw.sample(documents, min(len(documents), ROTATION_SAMPLE - len(queries)))
     return [query for _, query in queries], documents, [prompt for prompt, _ in queries]
@@ -433,14 +445,12 @@ def load_vector_model(directory, args):
     return BertVectorModel.from_pretrained(directory, args.device_obj)
 
 
-def vector_writer(model, args, summary=None, turn_with=None):
+def vector_writer(model, args, summary=None):
     """A function writing the model directory (weights, config with the toolkit block, tokenizer,
     training_args.json) into a folder. ``summary`` (step and validation loss) goes to
-    trainer_state.json, so checkpoint-best competes with the step checkpoints for best model.
-    ``turn_with``: the texts (``rotation_texts``) the saved model's rotation is fitted on, now."""
+    trainer_state.json, so checkpoint-best competes with the step checkpoints for best model."""
     def write(folder):
-        encoder = vector_model(model)
-        encoder.save_pretrained(folder, rotation=None if turn_with is None else fit_rotation(encoder, *turn_with))
+        vector_model(model).save_pretrained(folder)
         write_effective_config(args, folder)
         if summary is not None:
             (Path(folder) / checkpoints.TRAINER_SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
@@ -547,10 +557,8 @@ def forward_backward(model, batch, args, context, scaler, sync, statistics=None)
     return loss
 
 
-def train(args, model, datasets, context, output_dir, logger, resume_from=None, val_candidates=None,
-          turn_with=None):
-    """The loop; ``val_candidates``: the validation pairs ranked for --metric-for-best-model ndcg@K / mrr@K;
-    ``turn_with``: the texts each saved model's rotation is fitted on (``rotation_texts``)."""
+def train(args, model, datasets, context, output_dir, logger, resume_from=None, val_candidates=None):
+    """The loop; ``val_candidates``: the validation pairs ranked for --metric-for-best-model ndcg@K / mrr@K."""
     device, precision = args.device_obj, args.precision_obj
     metric = args.metric_for_best_model
     train_loader = build_train_loader(datasets["train"], args, context)
@@ -579,7 +587,7 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None, 
         evaluated = validate()
         summary = {"global_step": global_step, **summarize_validation(evaluated), "run_id": args.run_id}
         improved = checkpoints.save_if_best(early_stopping, evaluated[metric], global_step, output_dir,
-                                            vector_writer(model, args, summary, turn_with), context.is_main)
+                                            vector_writer(model, args, summary), context.is_main)
         logger.log(training.evaluation_row(global_step, epoch, evaluated, early_stopping, improved))
 
     def run_save(epoch, batches_done):
@@ -589,8 +597,7 @@ def train(args, model, datasets, context, output_dir, logger, resume_from=None, 
             state = checkpoints.training_state(
                 optimizer, scheduler, scaler, early_stopping, args, epoch=epoch, step_in_epoch=batches_done,
                 global_step=global_step, evaluated_step=evaluated_step, summary=summarize_validation(figures))
-            checkpoints.save_checkpoint(output_dir, vector_writer(model, args, turn_with=turn_with), state,
-                                        args.save_total_limit)
+            checkpoints.save_checkpoint(output_dir, vector_writer(model, args), state, args.save_total_limit)
 
     if training.evaluation_due_at_start(resume_from, global_step, evaluated_step, total_steps, early_stopping):
         run_evaluation(start_epoch)  # the untuned encoder (it competes), or final weights a kill left unscored
@@ -805,19 +812,16 @@ def run_training(args, context):
     model = PairEncoder(model).to(args.device_obj)
     adaptation.adapt_before_training(vector_model(model).backbone, tokenizer, domain_texts, args, resume_from,
                                      context.is_main)
+    turn_before_training(vector_model(model), splits["train"], args, resume_from)  # DDP then shares rank 0's
     if context.enabled:
         model = DistributedDataParallel(model, device_ids=[args.device_obj.index]
                                         if args.device_obj.type == "cuda" else None)
     logger = training.RunLogger(output_dir, context.is_main, describe_evaluation)
     logger.info(f"model: {args.model_name}, {modeldir.describe_parameters(model)}, "
-                f"pooling {args.pooling}, embedding size {vector_model(model).dim}")
+                f"pooling {args.pooling}, embedding size {vector_model(model).dim}"
+                + (", turned (--matryoshka-rotation pca)" if vector_model(model).rotation is not None else ""))
 
-    turn_with = rotation_texts(splits["train"], args)
-    if turn_with is not None:
-        logger.info(f"--matryoshka-rotation pca: each saved model is turned by the directions of "
-                    f"{len(turn_with[0]) + len(turn_with[1])} training texts' embeddings")
-    early_stopping = train(args, model, datasets, context, output_dir, logger, resume_from, val_candidates,
-                           turn_with)
+    early_stopping = train(args, model, datasets, context, output_dir, logger, resume_from, val_candidates)
     # the untuned encoder is a usable model: it competes, and stays the best unless training beats it
     metric = args.metric_for_best_model
     untuned_row = logger.untuned_row()

@@ -89,25 +89,20 @@ class BertVectorModel(nn.Module):
 
     def toolkit_block(self):
         """The ``toolkit`` block of config.json: everything serving and export need."""
-        return {"task": "vector", "vector": dict(self.vector_settings), "preprocessing": dict(self.preprocessing)}
+        vector = dict(self.vector_settings) | ({"rotation": "pca"} if self.rotation is not None else {})
+        return {"task": "vector", "vector": vector, "preprocessing": dict(self.preprocessing)}
 
     # ---- model directories
 
-    def save_pretrained(self, directory, tokenizer=None, rotation=None):
-        """Write a model directory (config.json with the toolkit block, model.safetensors, tokenizer).
-
-        ``rotation`` (from ``fit_rotation``) is stored for the saved model to apply, where this one
-        does not apply it itself: a training run's checkpoints, which the run goes on training unturned."""
+    def save_pretrained(self, directory, tokenizer=None):
+        """Write a model directory (config.json with the toolkit block, model.safetensors, tokenizer, and
+        the rotation when the model has one)."""
         tokenizer = tokenizer or self.tokenizer
         if tokenizer is None:
             raise ValueError("save_pretrained needs a tokenizer (pass one or load with from_pretrained)")
-        rotation = self.rotation if rotation is None else rotation
-        toolkit = self.toolkit_block()
-        if rotation is not None:
-            toolkit["vector"]["rotation"] = "pca"
-        modeldir.write_model_directory(directory, self, tokenizer, toolkit)
-        if rotation is not None:
-            save_file({"rotation": rotation.detach().to("cpu", torch.float32).contiguous()},
+        modeldir.write_model_directory(directory, self, tokenizer, self.toolkit_block())
+        if self.rotation is not None:
+            save_file({"rotation": self.rotation.detach().to("cpu", torch.float32).contiguous()},
                       str(Path(directory) / ROTATION_FILE))
         return Path(directory)
 

@@ -41,7 +41,8 @@ def make_vector_directory(tiny_model_dir, directory, pooling="mean", projection_
     torch.manual_seed(0)
     model = BertVectorModel.from_backbone(str(tiny_model_dir), pooling=pooling, projection_dim=projection_dim,
                                           query_max_length=16, doc_max_length=32, max_length=32)
-    model.save_pretrained(str(directory), rotation=rotation)
+    model.rotation = rotation
+    model.save_pretrained(str(directory))
     return Path(directory)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import train_vector
 from common import mining
@@ -433,12 +434,17 @@ def test_a_matryoshka_run_saves_turned_models_unless_told_not_to(rotation, tiny_
     argv = ["--train-path", str(train), "--val-path", str(train), "--model-name", str(tiny_model_dir),
             "--max-length", "16", "--batch-size", "4", "--epochs", "1", "--precision", "fp32", "--device", "cpu",
             "--output-dir", str(output_dir), "--matryoshka-dims", "16,8", "--matryoshka-rotation", rotation,
-            "--learning-rate", "1e-3", "--warmup-steps", "0"]
+            "--learning-rate", "1e-3", "--warmup-steps", "0", "--save-steps", "1"]
     assert train_vector.main(argv) == 0
-    for directory in (output_dir, output_dir / "checkpoint-step-2", output_dir / "checkpoint-best"):
+    rotations = []
+    for directory in (output_dir, output_dir / "checkpoint-step-1", output_dir / "checkpoint-step-2"):
         stored = json.loads((directory / "config.json").read_text())["toolkit"]["vector"].get("rotation")
         assert stored == (None if rotation == "none" else "pca")
         assert (directory / ROTATION_FILE).is_file() == (rotation == "pca")
+        if rotation == "pca":
+            rotations.append(load_file(str(directory / ROTATION_FILE))["rotation"])
+    # fitted once on the starting model: every checkpoint trained through, and stores, the same one
+    assert all(torch.equal(rotations[0], other) for other in rotations[1:])
     model = BertVectorModel.from_pretrained(output_dir)
     texts = [text for documents in TOPICS.values() for text in documents]
     full, short = model.encode(texts), model.encode(texts, dim=8)
@@ -453,23 +459,20 @@ def test_the_rotation_sample_is_half_queries_with_their_prompts_and_fixed_by_the
     monkeypatch.setattr(train_vector, "ROTATION_SAMPLE", 6)
     groups = [QueryGroup(f"q{index}", [f"pos{index}"], [f"neg{index}", "shared"], "here",
                          prompt="find: " if index % 2 else None) for index in range(5)]
-    args = train_vector.parse_args(["--train-path", "t", "--val-path", "v", "--matryoshka-dims", "8", "--seed", "3"])
-    queries, documents, prompts = train_vector.rotation_texts(groups, args)
+    queries, documents, prompts = train_vector.rotation_texts(groups, 3)
     assert len(queries) == 3 and len(documents) == 3 and len(set(documents)) == 3
     assert all(prompt == ("find: " if int(query[1:]) % 2 else None) for query, prompt in zip(queries, prompts))
-    assert train_vector.rotation_texts(groups, args) == (queries, documents, prompts)
-    queries, documents, prompts = train_vector.rotation_texts(groups[:1], args)  # fewer texts than the sample
+    assert train_vector.rotation_texts(groups, 3) == (queries, documents, prompts)
+    queries, documents, prompts = train_vector.rotation_texts(groups[:1], 3)  # fewer texts than the sample
     assert (queries, sorted(documents), prompts) == (["q0"], ["neg0", "pos0", "shared"], [None])
-    args.matryoshka_rotation = "none"
-    assert train_vector.rotation_texts(groups, args) is None
 
 
 @pytest.mark.parametrize("damage, fragment", [("missing", "unreadable"), ("shape", "expected a 32x32 rotation"),
                                               ("skewed", "not an orthogonal matrix")])
 def test_a_damaged_stored_rotation_is_refused_naming_its_file(damage, fragment, tiny_model_dir, tmp_path):
-    from safetensors.torch import save_file
     model = tiny_vector_model(tiny_model_dir, matryoshka_dims=[32, 8])
-    directory = model.save_pretrained(tmp_path / "model", rotation=torch.eye(32))
+    model.rotation = torch.eye(32)
+    directory = model.save_pretrained(tmp_path / "model")
     path = directory / ROTATION_FILE
     if damage == "missing":
         path.unlink()
