@@ -81,10 +81,10 @@ def build_parser():
                   "the loss is the weighted sum over the sizes, as sentence-transformers' MatryoshkaLoss; "
                   "stored with the sizes")
     add_flag(group, "matryoshka-rotation", choices=MATRYOSHKA_ROTATIONS, default="pca",
-             help="with --matryoshka-dims: every saved model turns its embeddings (an orthogonal matrix fitted "
-                  "on up to 2,048 training texts' embeddings, stored in the model) so the first values carry the "
-                  "most; full-size similarities are unchanged, cut sizes keep more (none: cut the values as the "
-                  "encoder gives them)")
+             help="with --matryoshka-dims: before training, turn the embeddings by an orthogonal matrix fitted "
+                  "on up to 2,048 training texts' embeddings from the starting model, so the first values carry "
+                  "the most; full-size similarities are unchanged, cut sizes keep more; stored in every saved "
+                  "model (none: cut the values as the encoder gives them)")
 
     group = add_optimization_args(parser, epochs=3, batch_size=16, eval_batch_size=64)
     add_flag(group, "loss", choices=PAIR_LOSSES, default=None,

@@ -467,6 +467,24 @@ def test_the_rotation_sample_is_half_queries_with_their_prompts_and_fixed_by_the
     assert (queries, sorted(documents), prompts) == (["q0"], ["neg0", "pos0", "shared"], [None])
 
 
+def test_a_turned_run_under_torchrun_stores_the_rotation_one_process_fits(tiny_model_dir, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", group_records())
+    argv = lambda output_dir: ["--train-path", str(train), "--val-path", str(train),  # noqa: E731
+                               "--model-name", str(tiny_model_dir), "--max-length", "16", "--batch-size", "2",
+                               "--epochs", "1", "--precision", "fp32", "--device", "cpu", "--output-dir",
+                               str(output_dir), "--matryoshka-dims", "32,8", "--warmup-steps", "0"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "train_vector.py"), *argv(tmp_path / "two")]
+    environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "processes: 2" in run.stdout and "turned (--matryoshka-rotation pca)" in run.stdout
+    assert train_vector.main(argv(tmp_path / "one")) == 0
+    stored = [load_file(str(tmp_path / name / ROTATION_FILE))["rotation"] for name in ("two", "one")]
+    assert torch.allclose(*stored, atol=1e-6)  # fitted on the starting model, before the processes split the data
+    BertVectorModel.from_pretrained(tmp_path / "two").encode(["good movie"], dim=8)
+
+
 @pytest.mark.parametrize("damage, fragment", [("missing", "unreadable"), ("shape", "expected a 32x32 rotation"),
                                               ("skewed", "not an orthogonal matrix")])
 def test_a_damaged_stored_rotation_is_refused_naming_its_file(damage, fragment, tiny_model_dir, tmp_path):
