@@ -726,8 +726,10 @@ def run_training(args, context):
         check_retriever(args.retriever)
     modeldir.check_max_lengths(args.model_name, args, args.trust_remote_code)
     tokenizer = modeldir.load_tokenizer(args.model_name, args.trust_remote_code)
-    training_texts = ([text for pair in splits["train"] for text in (pair.query, pair.document)] if rerank
-                      else [e.text for e in splits["train"]])
+    if rerank:
+        training_texts = (normalize(text) for pair in splits["train"] for text in (pair.query, pair.document))
+    else:
+        training_texts = (text for (text,) in normalized["train"])  # normalized above
     domain_texts = adaptation.prepare_domain(args, tokenizer, training_texts, normalize)
     args.pad_token_id = tokenizer.pad_token_id
     if rerank:

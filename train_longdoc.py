@@ -587,7 +587,7 @@ def run_training(args, context):
     modeldir.check_max_lengths(args.model_name, args, args.trust_remote_code)
     tokenizer = modeldir.load_tokenizer(args.model_name, args.trust_remote_code)
     longdoc.check_settings(settings, args.max_length, tokenizer.num_special_tokens_to_add(pair=False))
-    domain_texts = adaptation.prepare_domain(args, tokenizer, [d.text for d in splits["train"]], clean)
+    domain_texts = adaptation.prepare_domain(args, tokenizer, cleaned["train"], clean)
     args.pad_token_id = tokenizer.pad_token_id
     datasets, summaries = chunk_splits(splits, cleaned, tokenizer, args, settings, label_set, problem)
     problem.fit_training_data(splits["train"], args)  # regression: --standardize-targets' mean and std

@@ -796,7 +796,8 @@ def run_training(args, context):
     modeldir.check_max_lengths(args.model_name, args, args.trust_remote_code)
     tokenizer = modeldir.load_tokenizer(args.model_name, args.trust_remote_code)
     train_texts = dict.fromkeys(text for example in splits["train"] for text in example_texts(example))
-    domain_texts = adaptation.prepare_domain(args, tokenizer, train_texts, build_normalizer(normalize_spec))
+    normalize = build_normalizer(normalize_spec)
+    domain_texts = adaptation.prepare_domain(args, tokenizer, map(normalize, train_texts), normalize)
     args.pad_token_id = tokenizer.pad_token_id
 
     # ---- model, then tokenize every split once at the model's query/document lengths

@@ -41,12 +41,13 @@ def resolve_vocabulary_options(args):
         args.new_token_lr = NEW_TOKEN_LR_FACTOR * args.learning_rate
 
 
-def prepare_domain(args, tokenizer, train_texts, clean):
-    """--extend-vocab over the training texts and --unlabeled-path (``clean`` applied, as in training);
-    return the texts --mlm-adapt-steps trains on (none when neither option is on)."""
+def prepare_domain(args, tokenizer, cleaned_train_texts, clean):
+    """--extend-vocab over the training texts, already cleaned as in training (an iterable, read only when an
+    option needs it), and --unlabeled-path (``clean`` applied here); return the texts --mlm-adapt-steps
+    trains on (none when neither option is on)."""
     if args.extend_vocab == 0 and args.mlm_adapt_steps == 0:
         return []
-    texts = [clean(text) for text in train_texts]
+    texts = list(cleaned_train_texts)
     if args.unlabeled_path:
         texts += [data.clean_text(clean, text, where)
                   for where, text in read_unlabeled_records(args.unlabeled_path, args.text_field or "text")]
@@ -56,13 +57,9 @@ def prepare_domain(args, tokenizer, train_texts, clean):
     return texts
 
 
-def read_unlabeled_texts(path, text_field="text"):
-    """The texts of --unlabeled-path: one per line in a .txt file, else the ``text_field`` of every record."""
-    return [text for _, text in read_unlabeled_records(path, text_field)]
-
-
 def read_unlabeled_records(path, text_field="text"):
-    """(where, text) of each text of --unlabeled-path; ``where`` names its file line or record and field."""
+    """(where, text) of each text of --unlabeled-path (one per line in a .txt file, else the ``text_field`` of
+    every record); ``where`` names its file line or record and field."""
     if not Path(path).is_file():
         raise UserError(f"--unlabeled-path {path}: no such file")
     if Path(path).suffix.lower() == ".txt":

@@ -77,8 +77,8 @@ def test_a_resumed_run_is_not_adapted_again(tiny_model_dir):
 def test_unlabeled_texts_come_from_txt_lines_or_data_records(tmp_path):
     (tmp_path / "u.txt").write_text("first text\n\n  second text  \n", encoding="utf-8")
     write_jsonl(tmp_path / "u.jsonl", [{"body": "a"}, {"body": "b"}])
-    assert adaptation.read_unlabeled_texts(tmp_path / "u.txt") == ["first text", "second text"]
-    assert adaptation.read_unlabeled_texts(tmp_path / "u.jsonl", "body") == ["a", "b"]
+    assert [text for _, text in adaptation.read_unlabeled_records(tmp_path / "u.txt")] == ["first text", "second text"]
+    assert [text for _, text in adaptation.read_unlabeled_records(tmp_path / "u.jsonl", "body")] == ["a", "b"]
 
 
 # ---------------------------------------------------------------- in every trainer
