@@ -142,9 +142,10 @@ import torch  # noqa: E402
 from onnxruntime.quantization import CalibrationDataReader  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common import data, files, inference, modeldir, problem_types, reranking  # noqa: E402
+from common import data, files, fusion, inference, modeldir, problem_types, reranking  # noqa: E402
 
-EXPORT_PRODUCT_SUFFIXES = (".onnx", ".rejected", inference.PREPROCESSING_SUFFIX, ".report.json")
+EXPORT_PRODUCT_SUFFIXES = (".onnx", ".rejected", inference.PREPROCESSING_SUFFIX, ".report.json",
+                           fusion.ONNX_BASELINE_SUFFIX)
 INPUT_NAMES = list(inference.MODEL_INPUTS)
 
 
@@ -970,9 +971,12 @@ def check_shared_tokenizer(output_path, torch_loaded):
 # ---------------------------------------------------------------- export and validate
 
 def write_companions(output_path, torch_loaded, lengths, args, choice):
-    """tokenizer/ and <name>.preprocessing.json beside the .onnx."""
+    """tokenizer/, <name>.preprocessing.json and, for a model fused with a baseline, <name>.baseline.safetensors
+    beside the .onnx."""
     preprocessing_file, tokenizer_dir = inference.onnx_companions(output_path)
     torch_loaded.tokenizer.save_pretrained(str(tokenizer_dir))
+    if torch_loaded.baseline is not None:
+        shutil.copyfile(Path(torch_loaded.source) / fusion.BASELINE_FILE, fusion.baseline_path_of_onnx(output_path))
     toolkit = json.loads(json.dumps(torch_loaded.toolkit))
     toolkit.setdefault("preprocessing", {})["max_length"] = lengths["export"]
     meta = {"task": torch_loaded.task, "toolkit": toolkit,
@@ -1036,6 +1040,12 @@ def publish(staged_path, output_path):
     preprocessing_file, tokenizer_dir = inference.onnx_companions(output_path)
     if not tokenizer_dir.exists():
         os.replace(staged_tokenizer, tokenizer_dir)
+    staged_baseline = fusion.baseline_path_of_onnx(staged_path)
+    baseline_file = fusion.baseline_path_of_onnx(output_path)
+    if staged_baseline.exists():
+        os.replace(staged_baseline, baseline_file)
+    elif baseline_file.exists():  # the replaced export's own baseline: this model is not fused
+        baseline_file.unlink()
     os.replace(staged_preprocessing, preprocessing_file)
     os.replace(staged_path, output_path)
 

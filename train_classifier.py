@@ -20,10 +20,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from common.choices import POOLINGS, RERANK_LOSSES
-from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args, add_data_text_args, add_flag,
-                        add_optimization_args, add_problem_type_args, add_runtime_args, add_vocabulary_args, apply_option_ranges,
-                        exit_on_help, parse_bool, parse_with_config, resolve_default_warmup,
-                        write_effective_config)
+from common.cli import (ArgumentParser, add_baseline_fusion_arg, add_checkpoint_args, add_data_path_args,
+                        add_data_text_args, add_flag, add_optimization_args, add_problem_type_args, add_runtime_args,
+                        add_vocabulary_args, apply_option_ranges, check_baseline_fusion, exit_on_help, parse_bool,
+                        parse_with_config, resolve_default_warmup, write_effective_config)
 from common.errors import UserError, report_user_errors
 from common.metrics import ALL_SELECTABLE_METRICS, format_report, majority_baseline, selection_mode
 
@@ -90,6 +90,7 @@ def build_parser():
     add_flag(group, "ema-decay", type=float, default=0.0, help="EMA of weights for evaluation/saving (0: off)")
     add_flag(group, "calibrate", type=parse_bool, default=True,
              help="fit a temperature on the validation set and store it with the model")
+    add_baseline_fusion_arg(group)
 
     group = add_checkpoint_args(parser, logging_steps=100)
     add_flag(group, "metric-for-best-model", default=None, choices=ALL_SELECTABLE_METRICS,
@@ -116,6 +117,7 @@ def parse_args(argv=None):
     checkpoints.check_resume_argument(args.resume)
     if not args.eval_only:
         problem_types.resolve_problem_type(args)
+        check_baseline_fusion(args)
     if args.sampler == "weighted" and args.class_weights != "none":
         print("warning: --sampler weighted together with --class-weights corrects the imbalance twice; "
               "the guide says pick one", file=sys.stderr)
@@ -131,9 +133,10 @@ import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from common import (adaptation, checkpoints, data, distributed, modeldir, optimization,  # noqa: E402
+from common import (adaptation, checkpoints, data, distributed, fusion, modeldir, optimization,  # noqa: E402
                     problem_types, reranking, rundir, training)
 from common.heads import SequenceClassifier  # noqa: E402
+from common.inference import softmax  # noqa: E402
 from common.text import build_normalizer  # noqa: E402
 
 
@@ -500,10 +503,11 @@ def finish(args, model_dir, datasets, splits, label_set, context, output_dir, lo
         examples = splits["test" if "test" in datasets else "val"]
         if train_labels is not None:
             results["majority_baseline"] = majority_baseline(train_labels, test_labels.numpy(), len(label_set.names))
-            if args.baseline != "none":
-                from common.baselines import add_text_baseline
-                add_text_baseline(results, report_split, splits["train"], examples, test_labels.numpy(),
-                                  label_set.names, logger.info)
+            temperature = toolkit.get("temperature") or 1.0
+            fusion.report_baseline(args, model_dir, toolkit, results, report_split, splits["train"],
+                                   (splits["val"], softmax(val_logits.numpy(), temperature), val_labels.numpy()),
+                                   (examples, softmax(test_logits.numpy(), temperature), test_labels.numpy()),
+                                   label_set.names, logger.info)
         write_reports(output_dir, results, report_split, examples, test_logits, test_labels, label_set, args, logger)
     return results
 

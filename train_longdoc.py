@@ -20,9 +20,10 @@ import argparse
 import json
 
 from common.choices import AGGREGATIONS, CHUNK_SELECTIONS, POOLINGS
-from common.cli import (ArgumentParser, add_checkpoint_args, add_data_path_args, add_data_text_args, add_flag,
-                        add_optimization_args, add_problem_type_args, add_runtime_args, add_vocabulary_args, apply_option_ranges,
-                        exit_on_help, parse_with_config, resolve_default_warmup, write_effective_config)
+from common.cli import (ArgumentParser, add_baseline_fusion_arg, add_checkpoint_args, add_data_path_args,
+                        add_data_text_args, add_flag, add_optimization_args, add_problem_type_args, add_runtime_args,
+                        add_vocabulary_args, apply_option_ranges, check_baseline_fusion, exit_on_help, parse_with_config,
+                        resolve_default_warmup, write_effective_config)
 from common.errors import UserError, report_user_errors
 from common.metrics import ALL_SELECTABLE_METRICS, format_report, majority_baseline, selection_mode
 
@@ -78,6 +79,7 @@ def build_parser():
     add_flag(group, "save-strategy", choices=["steps", "no"], default="steps", help="'no' skips step checkpoints")
     add_flag(group, "eval-only", action="store_true", help="evaluate --model-path on --test-path, no training")
     add_flag(group, "model-path", help="model directory for --eval-only")
+    add_baseline_fusion_arg(group)
     add_runtime_args(parser)
     return apply_option_ranges(parser)
 
@@ -94,6 +96,7 @@ def parse_args(argv=None):
     checkpoints.check_resume_argument(args.resume)
     if not args.eval_only:
         problem_types.resolve_problem_type(args)
+        check_baseline_fusion(args)
     args.strip_pattern_list, args.strip_pattern_names = (longdoc.load_strip_patterns(args.strip_patterns)
                                                          if args.strip_patterns else ([], []))
     longdoc.check_settings(build_settings(args), args.max_length)
@@ -114,9 +117,10 @@ import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from common import (adaptation, checkpoints, data, distributed, longdoc, modeldir, optimization,  # noqa: E402
-                    problem_types, rundir, training)
+from common import (adaptation, checkpoints, data, distributed, fusion, longdoc, modeldir,  # noqa: E402
+                    optimization, problem_types, rundir, training)
 from common.heads import SequenceClassifier  # noqa: E402
+from common.inference import softmax  # noqa: E402
 
 
 # ---------------------------------------------------------------- data
@@ -487,10 +491,12 @@ def finish(args, model_dir, datasets, splits, label_set, context, output_dir, lo
     if context.is_main:
         if train_labels is not None:
             results["majority_baseline"] = majority_baseline(train_labels, labels.numpy(), len(label_set.names))
-            if args.baseline != "none":  # the baseline reads whole documents; the model reads windows
-                from common.baselines import add_text_baseline
-                add_text_baseline(results, split_name, splits["train"], splits["test" if "test" in datasets else "val"],
-                                  labels.numpy(), label_set.names, logger.info)
+            # the baseline reads whole documents; the model reads windows
+            fusion.report_baseline(args, model_dir, toolkit, results, split_name, splits["train"],
+                                   (splits["val"], softmax(val_logits[args.aggregation].numpy()), val_labels.numpy()),
+                                   (splits["test" if "test" in datasets else "val"],
+                                    softmax(logits[args.aggregation].numpy()), labels.numpy()),
+                                   label_set.names, logger.info)
         write_reports(output_dir, results, split_name, splits["test" if "test" in datasets else "val"],
                       logits[args.aggregation], labels, label_set, args, logger)
     return results

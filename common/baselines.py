@@ -74,6 +74,80 @@ def _clean_texts(texts):
     return ["" if text is None else str(text) for text in texts]
 
 
+class BaselineSkipped(Exception):
+    """No baseline can be fitted on this data; the message says why."""
+
+
+class TextBaseline:
+    """TF-IDF + logistic regression, kept as the numbers ``probabilities`` needs (common/fusion.py stores
+    them without pickle)."""
+
+    def __init__(self, vectorizer, coefficients, intercepts, classes, num_labels, name, fit_report=None):
+        self.vectorizer = vectorizer
+        self.coefficients = coefficients  # (1 for two classes, else classes, features)
+        self.intercepts = intercepts  # (rows of coefficients,)
+        self.classes = classes  # the label ids the regression was fitted on
+        self.num_labels = num_labels
+        self.name = name
+        self.fit_report = fit_report or {}  # cjk_share, train_examples, features, converged
+
+    @classmethod
+    def fit(cls, train_texts, train_labels, num_labels):
+        """Fitted on training texts and label ids (a set above MAX_TRAIN_EXAMPLES is subsampled); raises
+        BaselineSkipped when the data cannot support a classifier (one class, no usable text)."""
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+        train_texts, train_labels = _clean_texts(train_texts), np.asarray(train_labels, dtype=np.int64)
+        vectorizer, stem, share = build_vectorizer(train_texts)
+        if len(np.unique(train_labels)) < 2:
+            raise BaselineSkipped(f"the training set has {len(np.unique(train_labels))} class(es): "
+                                  "a classifier needs two")
+        if len(train_texts) > MAX_TRAIN_EXAMPLES:
+            keep = np.sort(np.random.default_rng(RANDOM_STATE).choice(len(train_texts), MAX_TRAIN_EXAMPLES,
+                                                                      replace=False))
+            train_texts, train_labels = [train_texts[index] for index in keep], train_labels[keep]
+            if len(np.unique(train_labels)) < 2:
+                raise BaselineSkipped("the subsampled training set has one class")
+        try:
+            train_features = vectorizer.fit_transform(train_texts)  # (train, features), sparse
+        except ValueError as error:  # every text empty, or only stop-characters: sklearn's "empty vocabulary"
+            raise BaselineSkipped(f"no usable text in the training set ({error})") from None
+        classifier = LogisticRegression(max_iter=2000, class_weight=None, random_state=RANDOM_STATE)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            classifier.fit(train_features, train_labels)
+        converged = not any(issubclass(warning.category, ConvergenceWarning) for warning in caught)
+        report = {"cjk_share": round(share, 4), "train_examples": len(train_texts),
+                  "features": len(vectorizer.vocabulary_), "converged": converged}
+        return cls(vectorizer, classifier.coef_.astype(np.float32), classifier.intercept_.astype(np.float32),
+                   classifier.classes_.astype(np.int64), num_labels, stem + "+logreg", report)
+
+    def probabilities(self, texts):
+        """(texts, num_labels) probabilities as sklearn's predict_proba gives them; 0 for a label unseen in
+        training."""
+        features = self.vectorizer.transform(_clean_texts(texts))  # (texts, features), sparse
+        scores = np.asarray(features @ self.coefficients.T, dtype=np.float64) + self.intercepts  # (texts, rows)
+        if scores.shape[1] == 1:  # two classes: one logistic score, for the second
+            positive = 1.0 / (1.0 + np.exp(-scores[:, 0]))
+            fitted = np.stack([1.0 - positive, positive], axis=1)
+        else:  # multinomial
+            shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
+            fitted = shifted / shifted.sum(axis=1, keepdims=True)
+        probabilities = np.zeros((len(texts), self.num_labels))
+        probabilities[:, self.classes] = fitted
+        return probabilities
+
+    def evaluate(self, eval_texts, eval_labels, label_names, started=None):
+        """``classification_metrics`` of its predictions plus name, the fit report and ``seconds`` since
+        ``started`` (a perf_counter value; now when None)."""
+        probabilities = self.probabilities(eval_texts)
+        metrics = classification_metrics(np.asarray(eval_labels, dtype=np.int64), probabilities.argmax(axis=1),
+                                         label_names, probs=probabilities)
+        metrics.update(name=self.name, **self.fit_report,
+                       seconds=round(time.perf_counter() - (started or time.perf_counter()), 2))
+        return metrics
+
+
 def text_classification_baseline(train_texts, train_labels, eval_texts, eval_labels, label_names):
     """TF-IDF + logistic regression fitted on the training texts, scored on the evaluation texts.
 
@@ -84,46 +158,17 @@ def text_classification_baseline(train_texts, train_labels, eval_texts, eval_lab
     ``train_examples``, ``features``, ``converged`` and ``seconds``; or
     ``{"name", "skipped"}`` when no baseline can be fitted.
     """
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
     started = time.perf_counter()
-    train_texts, eval_texts = _clean_texts(train_texts), _clean_texts(eval_texts)
-    train_labels, eval_labels = np.asarray(train_labels, dtype=np.int64), np.asarray(eval_labels, dtype=np.int64)
-    vectorizer, stem, share = build_vectorizer(train_texts)
-    name = stem + "+logreg"
+    name = build_vectorizer(_clean_texts(train_texts))[1] + "+logreg"
     if len(train_texts) != len(train_labels) or len(eval_texts) != len(eval_labels):
         return {"name": name, "skipped": "texts and labels differ in length"}
     if len(eval_texts) == 0:
         return {"name": name, "skipped": "no evaluation examples"}
-    classes = np.unique(train_labels)
-    if len(classes) < 2:
-        return {"name": name, "skipped": f"the training set has {len(classes)} class(es): a classifier needs two"}
-    if len(train_texts) > MAX_TRAIN_EXAMPLES:
-        keep = np.sort(np.random.default_rng(RANDOM_STATE).choice(len(train_texts), MAX_TRAIN_EXAMPLES,
-                                                                  replace=False))
-        train_texts, train_labels = [train_texts[index] for index in keep], train_labels[keep]
-        if len(np.unique(train_labels)) < 2:
-            return {"name": name, "skipped": "the subsampled training set has one class"}
     try:
-        train_features = vectorizer.fit_transform(train_texts)  # (train, features), sparse
-    except ValueError as error:  # every text empty, or only stop-characters: sklearn's "empty vocabulary"
-        return {"name": name, "skipped": f"no usable text in the training set ({error})"}
-    eval_features = vectorizer.transform(eval_texts)
-    classifier = LogisticRegression(max_iter=2000, class_weight=None, random_state=RANDOM_STATE)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        classifier.fit(train_features, train_labels)
-    converged = not any(issubclass(warning.category, ConvergenceWarning) for warning in caught)
-    # probabilities over every label: a class absent from training gets probability 0
-    fitted_probs = classifier.predict_proba(eval_features)  # (eval, training classes)
-    probs = np.zeros((len(eval_texts), len(label_names)))  # (eval, labels)
-    probs[:, classifier.classes_] = fitted_probs
-    predictions = classifier.classes_[fitted_probs.argmax(axis=1)]
-    metrics = classification_metrics(eval_labels, predictions, label_names, probs=probs)
-    metrics.update(name=name, cjk_share=round(share, 4), train_examples=len(train_texts),
-                   features=len(vectorizer.vocabulary_), converged=converged,
-                   seconds=round(time.perf_counter() - started, 2))
-    return metrics
+        baseline = TextBaseline.fit(train_texts, train_labels, len(label_names))
+    except BaselineSkipped as skipped:
+        return {"name": name, "skipped": str(skipped)}
+    return baseline.evaluate(eval_texts, eval_labels, label_names, started)
 
 
 def example_texts(examples):
@@ -200,14 +245,6 @@ def add_problem_baseline(results, split_name, problem, train_examples, train_tar
     log(f"{split_name}: the model against a TF-IDF baseline on the same data\n" +
         format_comparison(results[split_name], results["baseline"], keys))
 
-
-
-def add_text_baseline(results, split_name, train_examples, eval_examples, eval_labels, label_names, log=print):
-    """Fit the baseline on the same split as the model's final evaluation: ``results["baseline"]``, and
-    the two side by side through ``log``, so a user sees at once whether fine-tuning beat it."""
-    results["baseline"] = example_baseline(train_examples, eval_examples, eval_labels, label_names)
-    log(f"{split_name}: the model against a TF-IDF baseline on the same data\n" + format_comparison(
-        results[split_name], results["baseline"], ["accuracy", "macro_f1", "weighted_f1"]))
 
 
 def score_pairs(queries, documents, relevances, fit_texts=()):

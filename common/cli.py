@@ -234,6 +234,24 @@ def add_checkpoint_args(parser, **defaults):
     return group
 
 
+def add_baseline_fusion_arg(group):
+    """--fuse-baseline, for the trainers of single-label classifiers (common/fusion.py)."""
+    add_flag(group, "fuse-baseline", type=parse_bool, default=False,
+             help="single-label: fuse the model with the TF-IDF baseline, its share tuned on validation "
+                  "(0 when that does not help) and stored with the model for inference, serving and export")
+
+
+def check_baseline_fusion(args):
+    """--fuse-baseline needs the baseline and a single-label model: refused before any work otherwise."""
+    if not getattr(args, "fuse_baseline", False):
+        return
+    if args.baseline == "none":
+        raise UserError("--fuse-baseline fits the TF-IDF baseline: drop --baseline none")
+    problem_type = getattr(args, "problem_type", None) or "single_label"
+    if problem_type != "single_label":
+        raise UserError(f"--fuse-baseline: only a single-label classifier is fused, not --problem-type {problem_type}")
+
+
 def add_data_text_args(parser):
     """Options about data, text and vocabulary that every training script shares.
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import data, modeldir, problem_types
+from common import data, fusion, modeldir, problem_types
 from common.errors import UserError, short_repr
 from common.text import build_normalizer
 
@@ -46,6 +46,12 @@ class LoadedModel:
     id2label: dict = field(default_factory=dict)
     torch_model: object = None
     config: object = None
+    baseline: object = None  # --fuse-baseline's TF-IDF baseline (common/fusion.py), when the model has one
+
+    @property
+    def baseline_weight(self):
+        """The baseline's share in the fused probabilities (0 when the model is not fused)."""
+        return (self.toolkit.get("baseline_fusion") or {}).get("weight", 0.0) if self.baseline is not None else 0.0
 
     @property
     def preprocessing(self):
@@ -118,7 +124,9 @@ def load_torch_model(directory, device="cpu"):
     id2label = {} if task == "vector" else check_id2label(config.id2label, toolkit["head"]["num_labels"],
                                                           Path(directory) / modeldir.CONFIG_FILE)
     runner = TorchRunner(model, device)
-    return LoadedModel(task, toolkit, tokenizer, runner, "torch", str(directory), id2label, model, config)
+    baseline = fusion.load_for_model(toolkit, Path(directory) / fusion.BASELINE_FILE, len(id2label),
+                                     Path(directory) / modeldir.CONFIG_FILE)
+    return LoadedModel(task, toolkit, tokenizer, runner, "torch", str(directory), id2label, model, config, baseline)
 
 
 def check_stored_lengths(toolkit, config, where):
@@ -166,8 +174,10 @@ def load_onnx_model(onnx_path, device="cpu", tokenizer_path=None):
         outputs = session.get_outputs()[0].shape[-1]  # the logits' width, when the graph fixes it
         num_labels = outputs if isinstance(outputs, int) else len(meta.get("id2label") or {})
         id2label = check_id2label(meta.get("id2label"), num_labels, preprocessing_file)
+    baseline = fusion.load_for_model(meta["toolkit"], fusion.baseline_path_of_onnx(onnx_path), len(id2label),
+                                     preprocessing_file)
     return LoadedModel(meta["task"], meta["toolkit"], tokenizer, OnnxRunner(session, onnx_path), "onnx",
-                       str(onnx_path), id2label)
+                       str(onnx_path), id2label, baseline=baseline)
 
 
 def read_preprocessing_file(preprocessing_file, onnx_path):
@@ -390,11 +400,25 @@ def classify(loaded, texts, contexts=None, temperature=None, batch_size=32, top_
     temperature = resolve_temperature(loaded, temperature)
     features = encode_inputs(loaded, texts, contexts)
     logits = check_finite_outputs(run_batched(loaded, features, batch_size, sort_by_length, progress), loaded)
-    problem = problem_types.from_toolkit(loaded.toolkit)
-    contexts = contexts or [None] * len(texts)
-    results = [problem.result(text, context, row, loaded.label_names, temperature, top_k, threshold)
-               for text, context, row in zip(texts, contexts, logits)]
+    results = decision_results(loaded, texts, contexts, logits, temperature, top_k, threshold)
     return [with_logits_field(result, row) if with_logits else result for result, row in zip(results, logits)]
+
+
+def decision_results(loaded, texts, contexts, logits, temperature, top_k=None, threshold=None):
+    """One result dict per input from its logits (inputs, labels): the model's problem type decides the
+    shape; a model fused with a baseline (common/fusion.py) gives the fused probabilities and names the
+    baseline's share as ``baseline_weight``."""
+    contexts = contexts or [None] * len(texts)
+    names = loaded.label_names or [str(index) for index in range(np.shape(logits)[-1])]
+    if loaded.baseline is None:
+        problem = problem_types.from_toolkit(loaded.toolkit)
+        return [problem.result(text, context, row, names, temperature, top_k, threshold)
+                for text, context, row in zip(texts, contexts, logits)]
+    weight = loaded.baseline_weight
+    probabilities = fusion.fuse(softmax(logits, temperature),
+                                loaded.baseline.probabilities(fusion.baseline_inputs(texts, contexts)), weight)
+    return [dict(classification_result(text, context, row, names, temperature, top_k), baseline_weight=weight)
+            for text, context, row in zip(texts, contexts, probabilities)]
 
 
 def with_logits_field(result, logits):
@@ -510,18 +534,17 @@ def predict_long_documents(loaded, texts, temperature=None, batch_size=32, expla
     documents = progress_bar(texts, "inference", enabled=progress, unit="document")
     results = longdoc.predict_documents(loaded.run, loaded.tokenizer, loaded.toolkit, documents, batch_size, explain,
                                         loaded.id2label or None, input_name, loaded.source)
-    return [_document_result(loaded, text, result, temperature, top_k, threshold, with_logits)
-            for text, result in zip(texts, results)]
+    if not results:
+        return []
+    logits = check_finite_outputs(np.stack([np.asarray(result["logits"]) for result in results]), loaded)
+    outputs = decision_results(loaded, texts, None, logits, temperature, top_k, threshold)
+    return [_document_result(output, result, row, with_logits) for output, result, row in zip(outputs, results, logits)]
 
 
-def _document_result(loaded, text, result, temperature, top_k=None, threshold=None, with_logits=False):
-    """Aggregated document logits -> the classifier's output shape for the model's problem type."""
-    result = dict(result)
-    logits = check_finite_outputs(np.asarray(result.pop("logits")), loaded)
-    result.pop("probs", None)  # recomputed below with the temperature
-    names = loaded.label_names or [str(index) for index in range(len(logits))]
-    output = problem_types.from_toolkit(loaded.toolkit).result(text, None, logits, names, temperature, top_k, threshold)
-    output.update({key: value for key, value in result.items() if key not in ("label", "label_id")})
+def _document_result(output, result, logits, with_logits=False):
+    """The classifier-shaped ``output`` with the chunker's own fields of ``result`` (num_chunks, ...)."""
+    # label and probabilities were recomputed from the logits with the temperature (and a fused baseline)
+    output.update({key: value for key, value in result.items() if key not in ("label", "label_id", "logits", "probs")})
     return with_logits_field(output, logits) if with_logits else output
 
 
@@ -598,6 +621,8 @@ class ClassificationService(TokenizingService):
                 "model": Path(self.loaded.source).name, "labels": self.loaded.label_names,
                 "temperature": resolve_temperature(self.loaded, self.temperature),
                 "max_length": self.loaded.preprocessing.get("max_length"), "problem_type": problem.name}
+        if self.loaded.baseline is not None:
+            info["baseline_fusion"] = {"baseline": self.loaded.baseline.name, "weight": self.loaded.baseline_weight}
         if problem.name == "multi_label":
             info["thresholds"] = dict(zip(self.loaded.label_names,
                                           problem.threshold_array(self.loaded.label_names, self.threshold).tolist()))

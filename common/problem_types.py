@@ -123,8 +123,10 @@ class SingleLabel:
     @staticmethod
     def decision_lines(result):
         """What infer.py prints for the prediction itself."""
-        return [f"temperature: {result['temperature']}", f"predicted: {result['label']} (id {result['label_id']}, "
-                                                          f"probability {result['probability']:.4f})"]
+        fused = [f"fused with the TF-IDF baseline: its share {result['baseline_weight']:g}"] \
+            if result.get("baseline_weight") else []
+        return [f"temperature: {result['temperature']}", *fused,
+                f"predicted: {result['label']} (id {result['label_id']}, probability {result['probability']:.4f})"]
 
 
 class MultiLabel(SingleLabel):

@@ -1,0 +1,208 @@
+"""The fine-tuned classifier fused with its TF-IDF baseline (``--fuse-baseline``).
+
+Character n-grams and a fine-tuned encoder make different mistakes: on Chinese reviews read by an
+English encoder, a share of the baseline's probabilities lifts accuracy above both. The trainer
+fits the baseline on the training split, picks the baseline's share on validation from
+FUSION_WEIGHTS (0 when fusing does not help there), and stores the baseline beside the weights as
+``baseline.safetensors``: the vocabulary and vectorizer settings in the header, the IDF and the
+logistic regression as tensors. No pickle, so loading a model directory runs no code from it.
+
+The fused probabilities are ``(1 - weight) * model + weight * baseline``; the model's come after
+its temperature. The baseline reads the raw input (context, a space, then text), as it was fitted.
+"""
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import baselines
+from common.errors import UserError
+from common.metrics import classification_metrics, selection_mode
+
+BASELINE_FILE = "baseline.safetensors"  # beside model.safetensors, which loads strictly
+ONNX_BASELINE_SUFFIX = ".baseline.safetensors"  # an export's copy: <name>.baseline.safetensors
+FUSION_WEIGHTS = tuple(step / 10 for step in range(10))  # 0.0 .. 0.9: the fine-tuned model always keeps a share
+FORMAT = "1"
+# the TfidfVectorizer settings that decide its features; the rest are sklearn's defaults in every version
+VECTORIZER_SETTINGS = ("analyzer", "ngram_range", "token_pattern", "lowercase", "sublinear_tf", "norm", "use_idf",
+                       "smooth_idf", "strip_accents", "binary")
+
+
+def baseline_bytes(baseline):
+    """A baselines.TextBaseline as a safetensors file: tensors for the numbers, the header for the
+    vocabulary and the vectorizer's settings."""
+    from safetensors.numpy import save
+    settings = {key: baseline.vectorizer.get_params()[key] for key in VECTORIZER_SETTINGS}
+    vocabulary = {term: int(index) for term, index in baseline.vectorizer.vocabulary_.items()}
+    metadata = {"format": FORMAT, "name": baseline.name, "vectorizer": json.dumps(settings),
+                "vocabulary": json.dumps(vocabulary, ensure_ascii=False)}
+    tensors = {"idf": baseline.vectorizer.idf_.astype(np.float32), "coefficients": baseline.coefficients,
+               "intercepts": baseline.intercepts, "classes": baseline.classes}
+    return save({name: np.ascontiguousarray(value) for name, value in tensors.items()}, metadata)
+
+
+def load_baseline(path, num_labels):
+    """The baseline stored at ``path`` for a model with ``num_labels`` labels; one line naming the file when
+    it is missing, unreadable or does not fit the model."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="numpy") as stored:
+            metadata = stored.metadata() or {}
+            tensors = {name: stored.get_tensor(name) for name in ("idf", "coefficients", "intercepts", "classes")}
+        settings, vocabulary = json.loads(metadata["vectorizer"]), json.loads(metadata["vocabulary"])
+        if not isinstance(settings, dict) or not isinstance(vocabulary, dict):
+            raise ValueError("the header's vectorizer and vocabulary must be JSON objects")
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"{path}: unreadable (config.json's toolkit.baseline_fusion needs it): {reason}") from None
+    check_stored_baseline(path, tensors, vocabulary, num_labels)
+    try:
+        vectorizer = rebuild_vectorizer(settings, vocabulary, tensors["idf"])
+    except (TypeError, ValueError, KeyError) as error:  # settings this sklearn does not take
+        raise UserError(f"{path}: damaged baseline (vectorizer settings: {str(error).splitlines()[0]})") from None
+    return baselines.TextBaseline(vectorizer, tensors["coefficients"], tensors["intercepts"],
+                                  tensors["classes"].astype(np.int64), num_labels, metadata.get("name", ""))
+
+
+def check_stored_baseline(path, tensors, vocabulary, num_labels):
+    """Shapes that agree with each other and with the model's labels, and finite numbers."""
+    features, rows = len(vocabulary), tensors["coefficients"].shape
+    classes = tensors["classes"]
+    problems = []
+    if tensors["idf"].shape != (features,) or len(rows) != 2 or rows[1] != features:
+        problems.append(f"{features} vocabulary terms, idf {tensors['idf'].shape}, coefficients {rows}")
+    elif tensors["intercepts"].shape != (rows[0],) or len(classes) != max(rows[0], 2):
+        problems.append(f"coefficients {rows}, intercepts {tensors['intercepts'].shape}, classes {classes.shape}")
+    elif classes.min() < 0 or classes.max() >= num_labels or len(set(classes.tolist())) != len(classes):
+        problems.append(f"class ids {classes.tolist()} for a model with {num_labels} labels")
+    elif not all(np.isfinite(tensors[name]).all() for name in ("idf", "coefficients", "intercepts")):
+        problems.append("NaN or infinite values")
+    elif sorted(vocabulary.values()) != list(range(features)):
+        problems.append("vocabulary indices are not 0..n-1")
+    if problems:
+        raise UserError(f"{path}: damaged baseline ({problems[0]})")
+
+
+def rebuild_vectorizer(settings, vocabulary, idf):
+    """A fitted TfidfVectorizer from stored settings, vocabulary and IDF, without refitting."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    settings = dict(settings, ngram_range=tuple(settings["ngram_range"]))
+    vectorizer = TfidfVectorizer(vocabulary=vocabulary, dtype=np.float32, **settings)
+    vectorizer.idf_ = idf.astype(np.float64)  # the setter also fixes vocabulary_ from the vocabulary given
+    return vectorizer
+
+
+def baseline_inputs(texts, contexts=None):
+    """What the baseline reads: the context before the text, as ``baselines.example_texts`` fits it."""
+    contexts = contexts or [None] * len(texts)
+    return [f"{context} {text}" if context else text for text, context in zip(texts, contexts)]
+
+
+def fuse(model_probabilities, baseline_probabilities, weight):
+    """(1 - weight) * model + weight * baseline, row by row."""
+    return (1.0 - weight) * np.asarray(model_probabilities) + weight * np.asarray(baseline_probabilities)
+
+
+def tune_weight(model_probabilities, baseline_probabilities, labels, label_names, metric="macro_f1"):
+    """The baseline's share in FUSION_WEIGHTS with the best validation ``metric`` (the smallest share of
+    equals). Returns (weight, {weight: metric value})."""
+    table, key = {}, metric
+    for weight in FUSION_WEIGHTS:
+        fused = fuse(model_probabilities, baseline_probabilities, weight)
+        metrics = classification_metrics(labels, fused.argmax(axis=1), label_names, fused)
+        key = metric if metric in metrics else "macro_f1"  # the loss is the model's alone
+        table[weight] = metrics[key]
+    sign = -1 if selection_mode(key) == "min" else 1
+    best = max(table, key=lambda weight: (sign * table[weight], -weight))
+    return best, table
+
+
+def baseline_path_of_onnx(onnx_path):
+    """Where an export keeps its copy of the baseline: beside the graph, named after it."""
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(onnx_path.stem + ONNX_BASELINE_SUFFIX)
+
+
+def load_for_model(toolkit, path, num_labels, where):
+    """The baseline a model's toolkit block says it is fused with (None when it is not), with its weight."""
+    settings = toolkit.get("baseline_fusion")
+    if not settings:
+        return None
+    if toolkit.get("problem_type", "single_label") != "single_label":
+        raise UserError(f"{where}: field 'toolkit.baseline_fusion': only a single-label classifier is fused "
+                        f"with a baseline, not a {toolkit.get('problem_type')} model")
+    return load_baseline(path, num_labels)
+
+
+def fuse_after_training(model_dir, toolkit, train, validation, evaluation, label_names, metric, log):
+    """``--fuse-baseline`` at the end of a run: fit the baseline on the training split, tune its share on
+    validation, store both with the model in ``model_dir`` (a share of 0 stores nothing) and score the
+    fused model on the evaluation split.
+
+    ``train`` is the training examples (label ids in ``label``); ``validation`` and ``evaluation`` are
+    (examples, the model's probabilities after its temperature, label ids). Returns ``{"baseline": its metrics on the evaluation
+    split, "fusion": {"weight", "baseline", "metric", "validation", "evaluation"}}``, or only a skipped
+    baseline when none can be fitted.
+    """
+    started = time.perf_counter()
+    try:
+        baseline = baselines.TextBaseline.fit(baselines.example_texts(train), [e.label for e in train],
+                                              len(label_names))
+    except baselines.BaselineSkipped as skipped:
+        log(f"--fuse-baseline: no baseline can be fitted ({skipped}); the model is stored alone")
+        return {"baseline": {"name": "tfidf+logreg", "skipped": str(skipped)}}
+    val_examples, val_probabilities, val_labels = validation
+    weight, table = tune_weight(val_probabilities, baseline.probabilities(baselines.example_texts(val_examples)),
+                                val_labels, label_names, metric)
+    eval_examples, eval_probabilities, eval_labels = evaluation
+    eval_texts = baselines.example_texts(eval_examples)
+    baseline_metrics = baseline.evaluate(eval_texts, eval_labels, label_names, started)
+    fused = fuse(eval_probabilities, baseline.probabilities(eval_texts), weight)
+    report = {"weight": weight, "baseline": baseline.name, "metric": metric,
+              "validation": {f"{share:g}": round(value, 6) for share, value in table.items()},
+              "evaluation": classification_metrics(np.asarray(eval_labels), fused.argmax(axis=1), label_names, fused)}
+    store(model_dir, toolkit, baseline, weight)
+    log(f"--fuse-baseline: validation {metric} by the baseline's share: " +
+        ", ".join(f"{share:g}: {value:.4f}" for share, value in table.items()) +
+        (f"; stored {weight:g} with the model" if weight else "; 0 is best, so the model is stored alone"))
+    return {"baseline": baseline_metrics, "fusion": report}
+
+
+def store(model_dir, toolkit, baseline, weight):
+    """Write the baseline beside the weights and its share into config.json (checksums refreshed last)."""
+    from common import checkpoints, files  # checkpoints imports torch: only a trainer calls this
+    toolkit.pop("baseline_fusion", None)
+    if weight > 0:
+        files.write_output_file(Path(model_dir) / BASELINE_FILE, baseline_bytes(baseline), "--output-dir")
+        toolkit["baseline_fusion"] = {"weight": weight, "baseline": baseline.name}
+    checkpoints.rewrite_toolkit(model_dir, toolkit)
+
+
+def format_fused(split_name, fusion_report, model_metrics, baseline_metrics, keys=("accuracy", "macro_f1")):
+    """One line: the fused model's figures beside the model's and the baseline's."""
+    fused = fusion_report["evaluation"]
+    cells = [f"{key} {fused[key]:.4f} (model {model_metrics[key]:.4f}, baseline {baseline_metrics[key]:.4f})"
+             for key in keys if key in fused and key in model_metrics and key in baseline_metrics]
+    return f"{split_name}, fused with {fusion_report['baseline']} at share {fusion_report['weight']:g}: " + \
+        "; ".join(cells)
+
+
+def report_baseline(args, model_dir, toolkit, results, split_name, train, validation, evaluation, label_names, log):
+    """The trainers' last step for a single-label model: the TF-IDF baseline beside the model's figures on
+    ``split_name`` (``--baseline tfidf``), and with ``--fuse-baseline`` the two fused and stored (see
+    ``fuse_after_training`` for the tuples)."""
+    if args.fuse_baseline:
+        results.update(fuse_after_training(model_dir, toolkit, train, validation, evaluation, label_names,
+                                           args.metric_for_best_model, log))
+    elif args.baseline != "none":
+        results["baseline"] = baselines.example_baseline(train, evaluation[0], evaluation[2], label_names)
+    if "baseline" not in results:
+        return
+    log(f"{split_name}: the model against a TF-IDF baseline on the same data\n" + baselines.format_comparison(
+        results[split_name], results["baseline"], ["accuracy", "macro_f1", "weighted_f1"]))
+    if "fusion" in results and "skipped" not in results["baseline"]:
+        if split_name == "validation":
+            results["fusion"]["on_tuning_split"] = True
+        log(format_fused(split_name, results["fusion"], results[split_name], results["baseline"]) +
+            (" (on the validation set its share was tuned on)" if split_name == "validation" else ""))
