@@ -503,11 +503,12 @@ def finish(args, model_dir, datasets, splits, label_set, context, output_dir, lo
         examples = splits["test" if "test" in datasets else "val"]
         if train_labels is not None:
             results["majority_baseline"] = majority_baseline(train_labels, test_labels.numpy(), len(label_set.names))
-            temperature = toolkit.get("temperature") or 1.0
-            fusion.report_baseline(args, model_dir, toolkit, results, report_split, splits["train"],
-                                   (splits["val"], softmax(val_logits.numpy(), temperature), val_labels.numpy()),
-                                   (examples, softmax(test_logits.numpy(), temperature), test_labels.numpy()),
-                                   label_set.names, logger.info)
+        temperature = toolkit.get("temperature") or 1.0
+        fusion.report_baseline(args, model_dir, toolkit, results, report_split,
+                               splits["train"] if train_labels is not None else None,  # None: --eval-only
+                               (splits["val"], softmax(val_logits.numpy(), temperature), val_labels.numpy()),
+                               (examples, softmax(test_logits.numpy(), temperature), test_labels.numpy()),
+                               label_set.names, logger.info)
         write_reports(output_dir, results, report_split, examples, test_logits, test_labels, label_set, args, logger)
     return results
 
@@ -689,7 +690,8 @@ def run_eval_only(args, context):
     args.calibrate = False
     results = finish(args, args.model_path, datasets, splits, label_set, context, output_dir,
                      training.RunLogger(output_dir, context.is_main, describe_evaluation), None, tune=False)
-    print(json.dumps({key: results["test"][key] for key in problem.headline_metrics}))
+    print(json.dumps({key: results["test"][key] for key in problem.headline_metrics} |
+                     fusion.fused_headline(results)))
     return 0
 
 

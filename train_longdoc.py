@@ -491,12 +491,15 @@ def finish(args, model_dir, datasets, splits, label_set, context, output_dir, lo
     if context.is_main:
         if train_labels is not None:
             results["majority_baseline"] = majority_baseline(train_labels, labels.numpy(), len(label_set.names))
-            # the baseline reads whole documents; the model reads windows
-            fusion.report_baseline(args, model_dir, toolkit, results, split_name, splits["train"],
-                                   (splits["val"], softmax(val_logits[args.aggregation].numpy()), val_labels.numpy()),
-                                   (splits["test" if "test" in datasets else "val"],
-                                    softmax(logits[args.aggregation].numpy()), labels.numpy()),
-                                   label_set.names, logger.info)
+        # the baseline reads whole documents; the model reads windows
+        temperature = toolkit.get("temperature") or 1.0  # as inference applies it
+        fusion.report_baseline(args, model_dir, toolkit, results, split_name,
+                               splits["train"] if train_labels is not None else None,  # None: --eval-only
+                               (splits["val"], softmax(val_logits[args.aggregation].numpy(), temperature),
+                                val_labels.numpy()),
+                               (splits["test" if "test" in datasets else "val"],
+                                softmax(logits[args.aggregation].numpy(), temperature), labels.numpy()),
+                               label_set.names, logger.info)
         write_reports(output_dir, results, split_name, splits["test" if "test" in datasets else "val"],
                       logits[args.aggregation], labels, label_set, args, logger)
     return results
@@ -569,7 +572,8 @@ def run_eval_only(args, context):
     datasets["val"], splits["val"] = datasets["test"], splits["test"]
     results = finish(args, args.model_path, datasets, splits, label_set, context, output_dir,
                      training.RunLogger(output_dir, context.is_main, describe_evaluation), None, tune=False)
-    print(json.dumps({key: results["test"][key] for key in (*problem.headline_metrics, "by_aggregation")}))
+    print(json.dumps({key: results["test"][key] for key in (*problem.headline_metrics, "by_aggregation")} |
+                     fusion.fused_headline(results)))
     return 0
 
 

@@ -179,11 +179,26 @@ def store(model_dir, toolkit, baseline, weight):
     checkpoints.rewrite_toolkit(model_dir, toolkit)
 
 
-def format_fused(split_name, fusion_report, model_metrics, baseline_metrics, keys=("accuracy", "macro_f1")):
-    """One line: the fused model's figures beside the model's and the baseline's."""
+def evaluate_stored(model_dir, toolkit, evaluation, label_names):
+    """The stored baseline and share applied to ``evaluation`` (examples, the model's probabilities, label
+    ids): ``{"weight", "baseline", "evaluation"}``, or None for a model that is not fused."""
+    model_dir = Path(model_dir)
+    baseline = load_for_model(toolkit, model_dir / BASELINE_FILE, len(label_names), model_dir / "config.json")
+    if baseline is None:
+        return None
+    examples, probabilities, labels = evaluation
+    weight = toolkit["baseline_fusion"]["weight"]
+    fused = fuse(probabilities, baseline.probabilities(baselines.example_texts(examples)), weight)
+    return {"weight": weight, "baseline": baseline.name,
+            "evaluation": classification_metrics(np.asarray(labels), fused.argmax(axis=1), label_names, fused)}
+
+
+def format_fused(split_name, fusion_report, model_metrics, baseline_metrics=None, keys=("accuracy", "macro_f1")):
+    """One line: the fused model's figures beside the model's (and the baseline's, when given)."""
     fused = fusion_report["evaluation"]
-    cells = [f"{key} {fused[key]:.4f} (model {model_metrics[key]:.4f}, baseline {baseline_metrics[key]:.4f})"
-             for key in keys if key in fused and key in model_metrics and key in baseline_metrics]
+    cells = [f"{key} {fused[key]:.4f} (model {model_metrics[key]:.4f}" +
+             (f", baseline {baseline_metrics[key]:.4f})" if baseline_metrics else ")")
+             for key in keys if key in fused and key in model_metrics and key in (baseline_metrics or fused)]
     return f"{split_name}, fused with {fusion_report['baseline']} at share {fusion_report['weight']:g}: " + \
         "; ".join(cells)
 
@@ -192,6 +207,12 @@ def report_baseline(args, model_dir, toolkit, results, split_name, train, valida
     """The trainers' last step for a single-label model: the TF-IDF baseline beside the model's figures on
     ``split_name`` (``--baseline tfidf``), and with ``--fuse-baseline`` the two fused and stored (see
     ``fuse_after_training`` for the tuples)."""
+    if train is None:  # --eval-only: the fusion stored with the model, if it has one
+        stored = evaluate_stored(model_dir, toolkit, evaluation, label_names)
+        if stored:
+            results["fusion"] = stored
+            log(format_fused(split_name, stored, results[split_name]))
+        return
     if args.fuse_baseline:
         results.update(fuse_after_training(model_dir, toolkit, train, validation, evaluation, label_names,
                                            args.metric_for_best_model, log))
@@ -206,3 +227,9 @@ def report_baseline(args, model_dir, toolkit, results, split_name, train, valida
             results["fusion"]["on_tuning_split"] = True
         log(format_fused(split_name, results["fusion"], results[split_name], results["baseline"]) +
             (" (on the validation set its share was tuned on)" if split_name == "validation" else ""))
+
+
+def fused_headline(results):
+    """--eval-only's printed figures of a model fused with its baseline: fused_accuracy, fused_macro_f1."""
+    fused = results.get("fusion", {}).get("evaluation", {})
+    return {f"fused_{key}": fused[key] for key in ("accuracy", "macro_f1") if key in fused}

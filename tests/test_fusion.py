@@ -163,3 +163,17 @@ def test_a_hand_edited_fusion_on_a_multi_label_model_is_refused(tmp_path):
     toolkit = {"task": "classifier", "problem_type": "multi_label", "baseline_fusion": {"weight": 0.3}}
     with pytest.raises(UserError, match="only a single-label classifier"):
         fusion.load_for_model(toolkit, tmp_path / fusion.BASELINE_FILE, 2, tmp_path / "config.json")
+
+
+def test_eval_only_reports_a_fused_models_figures_with_its_stored_share(tiny_model_dir, separable, tmp_path, capsys):
+    import train_classifier
+    assert train_fused("train_classifier", tiny_model_dir, separable, tmp_path / "out") == 0
+    trained = json.loads((tmp_path / "out" / "metrics.json").read_text())["fusion"]
+    capsys.readouterr()
+    assert train_classifier.main(["--eval-only", "--model-path", str(tmp_path / "out" / "checkpoint-best"),
+                                  "--test-path", str(separable["test"]), "--output-dir", str(tmp_path / "eval"),
+                                  "--device", "cpu", "--precision", "fp32"]) == 0
+    headline = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())["fusion"]
+    assert evaluated["weight"] == trained["weight"]
+    assert headline["fused_accuracy"] == evaluated["evaluation"]["accuracy"] == trained["evaluation"]["accuracy"]
