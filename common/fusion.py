@@ -59,6 +59,7 @@ def load_baseline(path, num_labels):
     check_stored_baseline(path, tensors, vocabulary, num_labels)
     try:
         vectorizer = rebuild_vectorizer(settings, vocabulary, tensors["idf"])
+        vectorizer.transform(["check"])  # sklearn checks the settings' values only here
     except (TypeError, ValueError, KeyError) as error:  # settings this sklearn does not take
         raise UserError(f"{path}: damaged baseline (vectorizer settings: {str(error).splitlines()[0]})") from None
     return baselines.TextBaseline(vectorizer, tensors["coefficients"], tensors["intercepts"],
@@ -66,28 +67,35 @@ def load_baseline(path, num_labels):
 
 
 def check_stored_baseline(path, tensors, vocabulary, num_labels):
-    """Shapes that agree with each other and with the model's labels, and finite numbers."""
+    """Shapes that agree with each other and with the model's labels, whole-number ids, finite numbers."""
     features, rows = len(vocabulary), tensors["coefficients"].shape
     classes = tensors["classes"]
-    problems = []
-    if tensors["idf"].shape != (features,) or len(rows) != 2 or rows[1] != features:
-        problems.append(f"{features} vocabulary terms, idf {tensors['idf'].shape}, coefficients {rows}")
-    elif tensors["intercepts"].shape != (rows[0],) or len(classes) != max(rows[0], 2):
-        problems.append(f"coefficients {rows}, intercepts {tensors['intercepts'].shape}, classes {classes.shape}")
-    elif classes.min() < 0 or classes.max() >= num_labels or len(set(classes.tolist())) != len(classes):
-        problems.append(f"class ids {classes.tolist()} for a model with {num_labels} labels")
-    elif not all(np.isfinite(tensors[name]).all() for name in ("idf", "coefficients", "intercepts")):
-        problems.append("NaN or infinite values")
-    elif sorted(vocabulary.values()) != list(range(features)):
-        problems.append("vocabulary indices are not 0..n-1")
-    if problems:
-        raise UserError(f"{path}: damaged baseline ({problems[0]})")
+    problems = [
+        (tensors["idf"].shape != (features,) or len(rows) != 2 or rows[1] != features,
+         f"{features} vocabulary terms, idf {tensors['idf'].shape}, coefficients {rows}"),
+        # sklearn keeps one row for two classes, one per class for more
+        (len(rows) != 2 or rows[0] == 0 or rows[0] == 2 or tensors["intercepts"].shape != rows[:1]
+         or classes.shape != (max(rows[0], 2),), f"coefficients {rows}, intercepts {tensors['intercepts'].shape}, "
+                                                 f"classes {classes.shape}"),
+        (not np.issubdtype(classes.dtype, np.integer) or classes.size and (classes.min() < 0 or
+                                                                          classes.max() >= num_labels)
+         or len(set(classes.tolist())) != classes.size, f"class ids {classes.tolist()[:10]} for a model with "
+                                                        f"{num_labels} labels"),
+        (not all(np.isfinite(tensors[name]).all() for name in ("idf", "coefficients", "intercepts")),
+         "NaN or infinite values"),
+        (not all(type(index) is int for index in vocabulary.values())
+         or sorted(vocabulary.values()) != list(range(features)), "vocabulary indices are not 0..n-1"),
+    ]
+    for failed, problem in problems:
+        if failed:
+            raise UserError(f"{path}: damaged baseline ({problem})")
 
 
 def rebuild_vectorizer(settings, vocabulary, idf):
     """A fitted TfidfVectorizer from stored settings, vocabulary and IDF, without refitting."""
     from sklearn.feature_extraction.text import TfidfVectorizer
-    settings = dict(settings, ngram_range=tuple(settings["ngram_range"]))
+    settings = {key: settings[key] for key in VECTORIZER_SETTINGS}  # nothing else: no callables by name
+    settings["ngram_range"] = tuple(settings["ngram_range"])
     vectorizer = TfidfVectorizer(vocabulary=vocabulary, dtype=np.float32, **settings)
     vectorizer.idf_ = idf.astype(np.float64)  # the setter also fixes vocabulary_ from the vocabulary given
     return vectorizer

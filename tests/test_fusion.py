@@ -66,6 +66,41 @@ def test_a_damaged_baseline_file_is_one_line_naming_it(tmp_path, how):
         fusion.load_baseline(path, 2)
 
 
+def rewritten(path, change):
+    """The baseline file at ``path`` rewritten with ``change(tensors, metadata)`` applied."""
+    from safetensors import safe_open
+    from safetensors.numpy import save
+    with safe_open(str(path), framework="numpy") as stored:
+        metadata, tensors = dict(stored.metadata()), {name: stored.get_tensor(name) for name in stored.keys()}
+    change(tensors, metadata)
+    path.write_bytes(save(tensors, metadata))
+
+
+def set_vocabulary_index(tensors, metadata):
+    vocabulary = json.loads(metadata["vocabulary"])
+    vocabulary[next(iter(vocabulary))] = "0"
+    metadata["vocabulary"] = json.dumps(vocabulary)
+
+
+@pytest.mark.parametrize("change,fragment", [
+    (set_vocabulary_index, "vocabulary indices"),
+    (lambda t, m: t.update(classes=t["classes"].astype(np.float32)), "class ids"),
+    (lambda t, m: t.update(intercepts=np.array([np.nan], dtype=np.float32)), "NaN"),
+    (lambda t, m: t.update(idf=t["idf"][:-1]), "idf"),
+    (lambda t, m: m.update(vectorizer=json.dumps(dict(json.loads(m["vectorizer"]), analyzer={"x": 1}))),
+     "vectorizer settings"),
+    (lambda t, m: m.update(vectorizer="[1, 2]"), "JSON objects"),
+    (lambda t, m: m.pop("vocabulary"), "vocabulary"),
+])
+def test_a_hand_edited_baseline_is_refused_at_load(tmp_path, change, fragment):
+    path = tmp_path / fusion.BASELINE_FILE
+    path.write_bytes(fusion.baseline_bytes(fitted([0, 1] * 6, 2)))
+    rewritten(path, change)
+    with pytest.raises(UserError, match=fragment) as error:
+        fusion.load_baseline(path, 2)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
 def test_a_baseline_for_other_labels_is_refused(tmp_path):
     path = tmp_path / fusion.BASELINE_FILE
     path.write_bytes(fusion.baseline_bytes(fitted([0, 1, 2] * 4, 3)))
