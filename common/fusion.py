@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from common import baselines
+from common.calibration import calibration_support
 from common.errors import UserError
 from common.metrics import classification_metrics, selection_mode
 
@@ -161,11 +162,16 @@ def fuse_after_training(model_dir, toolkit, train, validation, evaluation, label
         log(f"--fuse-baseline: no baseline can be fitted ({skipped}); the model is stored alone")
         return {"baseline": {"name": "tfidf+logreg", "skipped": str(skipped)}}
     val_examples, val_probabilities, val_labels = validation
-    weight, table = tune_weight(val_probabilities, baseline.probabilities(baselines.example_texts(val_examples)),
-                                val_labels, label_names, metric)
     eval_examples, eval_probabilities, eval_labels = evaluation
     eval_texts = baselines.example_texts(eval_examples)
     baseline_metrics = baseline.evaluate(eval_texts, eval_labels, label_names, started)
+    # the share is a choice among ten made on validation: the same support a temperature fit needs
+    unsupported = calibration_support(val_labels)
+    if unsupported:
+        log(f"--fuse-baseline: not applied, the model is stored alone: {unsupported}")
+        return {"baseline": baseline_metrics, "fusion": {"weight": 0.0, "skipped": unsupported}}
+    weight, table = tune_weight(val_probabilities, baseline.probabilities(baselines.example_texts(val_examples)),
+                                val_labels, label_names, metric)
     fused = fuse(eval_probabilities, baseline.probabilities(eval_texts), weight)
     report = {"weight": weight, "baseline": baseline.name, "metric": metric,
               "validation": {f"{share:g}": round(value, 6) for share, value in table.items()},
@@ -230,7 +236,7 @@ def report_baseline(args, model_dir, toolkit, results, split_name, train, valida
         return
     log(f"{split_name}: the model against a TF-IDF baseline on the same data\n" + baselines.format_comparison(
         results[split_name], results["baseline"], ["accuracy", "macro_f1", "weighted_f1"]))
-    if "fusion" in results and "skipped" not in results["baseline"]:
+    if "evaluation" in results.get("fusion", {}):
         if split_name == "validation":
             results["fusion"]["on_tuning_split"] = True
         log(format_fused(split_name, results["fusion"], results[split_name], results["baseline"]) +

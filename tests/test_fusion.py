@@ -113,8 +113,9 @@ def test_a_baseline_for_other_labels_is_refused(tmp_path):
 @pytest.fixture
 def separable(tmp_path):
     """Training, validation and test files a TF-IDF baseline gets right and a 1-epoch tiny BERT does not."""
+    # 100 validation records, 50 of each class: the least that may tune the share (as for a temperature)
     return {split: write_jsonl(tmp_path / f"{split}.jsonl", make_text_records(count))
-            for split, count in (("train", 24), ("val", 8), ("test", 8))}
+            for split, count in (("train", 24), ("val", 50), ("test", 8))}
 
 
 def train_fused(script, tiny_model_dir, data, output_dir, *extra):
@@ -173,7 +174,7 @@ def test_a_fused_long_document_classifier_fuses_whole_documents(tiny_model_dir, 
 
 def test_when_fusing_does_not_help_on_validation_the_model_is_stored_alone(tiny_model_dir, tmp_path):
     # every label is the same word salad: the baseline can only guess, so a share of 0 ties the best
-    records = [{"text": "same words here", "label": label} for label in ("negative", "positive") * 8]
+    records = [{"text": "same words here", "label": label} for label in ("negative", "positive") * 50]
     data = {split: write_jsonl(tmp_path / f"{split}.jsonl", records) for split in ("train", "val", "test")}
     assert train_fused("train_classifier", tiny_model_dir, data, tmp_path / "out") == 0
     model_dir = tmp_path / "out" / "checkpoint-best"
@@ -212,3 +213,12 @@ def test_eval_only_reports_a_fused_models_figures_with_its_stored_share(tiny_mod
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())["fusion"]
     assert evaluated["weight"] == trained["weight"]
     assert headline["fused_accuracy"] == evaluated["evaluation"]["accuracy"] == trained["evaluation"]["accuracy"]
+
+
+def test_a_validation_set_too_small_to_choose_a_share_stores_the_model_alone(tiny_model_dir, separable, tmp_path):
+    separable["val"] = write_jsonl(tmp_path / "small_val.jsonl", make_text_records(8))
+    assert train_fused("train_classifier", tiny_model_dir, separable, tmp_path / "out") == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["fusion"]["weight"] == 0 and "only 16 validation examples" in metrics["fusion"]["skipped"]
+    assert metrics["baseline"]["accuracy"] >= 0.0  # the baseline is still shown beside the model
+    assert inference.load_model(tmp_path / "out" / "checkpoint-best").baseline is None
