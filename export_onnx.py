@@ -1044,7 +1044,7 @@ def publish(staged_path, output_path):
     baseline_file = fusion.baseline_path_of_onnx(output_path)
     if staged_baseline.exists():
         os.replace(staged_baseline, baseline_file)
-    elif baseline_file.exists():  # the replaced export's own baseline: this model is not fused
+    elif baseline_file.exists() and output_path.exists():  # the replaced export's baseline: this model has none
         baseline_file.unlink()
     os.replace(staged_preprocessing, preprocessing_file)
     os.replace(staged_path, output_path)
