@@ -222,3 +222,26 @@ def test_a_validation_set_too_small_to_choose_a_share_stores_the_model_alone(tin
     assert metrics["fusion"]["weight"] == 0 and "only 16 validation examples" in metrics["fusion"]["skipped"]
     assert metrics["baseline"]["accuracy"] >= 0.0  # the baseline is still shown beside the model
     assert inference.load_model(tmp_path / "out" / "checkpoint-best").baseline is None
+
+
+def test_the_server_answers_with_the_fused_probabilities(tiny_model_dir, separable, tmp_path):
+    import asyncio
+
+    from common import server
+    from test_server import client_for
+    assert train_fused("train_classifier", tiny_model_dir, separable, tmp_path / "out") == 0
+    loaded = inference.load_model(tmp_path / "out" / "checkpoint-best")
+    texts = ["good film good acting", "bad plot"]
+    expected = inference.classify(loaded, texts)
+    app = server.create_app(inference.build_service(loaded), batch_wait_ms=0)
+
+    async def calls():
+        async with client_for(app) as client:
+            return [await client.post("/predict", json=body) for body in
+                    ({"texts": texts}, *({"inputs": text} for text in texts))]  # ours, then TEI's one at a time
+    ours, *tei = asyncio.run(calls())
+    assert all(response.status_code == 200 for response in (ours, *tei)), [r.text for r in (ours, *tei)]
+    for answer, wanted in zip(ours.json()["predictions"], expected):
+        assert answer["probabilities"] == wanted["probabilities"] and answer["baseline_weight"] > 0
+    for answer, wanted in zip(tei, expected):
+        assert {row["label"]: row["score"] for row in answer.json()} == wanted["probabilities"]
