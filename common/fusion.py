@@ -134,7 +134,8 @@ def baseline_path_of_onnx(onnx_path):
 
 
 def load_for_model(toolkit, path, num_labels, where):
-    """The baseline a model's toolkit block says it is fused with (None when it is not), with its weight."""
+    """The baseline a model's toolkit block says it is fused with, checked against its labels; None when the
+    model is not fused (the share stays in the toolkit block: ``LoadedModel.baseline_weight``)."""
     settings = toolkit.get("baseline_fusion")
     if not settings:
         return None
