@@ -245,3 +245,17 @@ def test_the_server_answers_with_the_fused_probabilities(tiny_model_dir, separab
         assert answer["probabilities"] == wanted["probabilities"] and answer["baseline_weight"] > 0
     for answer, wanted in zip(tei, expected):
         assert {row["label"]: row["score"] for row in answer.json()} == wanted["probabilities"]
+
+
+def test_an_unfused_model_exported_over_a_fused_export_leaves_no_baseline_behind(tiny_model_dir, separable,
+                                                                                  tmp_path):
+    import export_onnx
+    assert train_fused("train_classifier", tiny_model_dir, separable, tmp_path / "fused") == 0
+    assert run_trainer("train_classifier", tiny_model_dir, tmp_path / "alone", "--data-path", separable["train"],
+                       "--val-path", separable["val"]) == 0
+    onnx_path = tmp_path / "export" / "model.onnx"
+    for model_dir, extra in ((tmp_path / "fused", []), (tmp_path / "alone", ["--overwrite-output"])):
+        assert export_onnx.main(["--model-path", str(model_dir / "checkpoint-best"), "--output-path",
+                                 str(onnx_path), *extra]) == 0
+    assert not fusion.baseline_path_of_onnx(onnx_path).exists()
+    assert inference.load_model(onnx_path).baseline is None
