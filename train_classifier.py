@@ -136,7 +136,6 @@ from tqdm.auto import tqdm  # noqa: E402
 from common import (adaptation, checkpoints, data, distributed, fusion, modeldir, optimization,  # noqa: E402
                     problem_types, reranking, rundir, training)
 from common.heads import SequenceClassifier  # noqa: E402
-from common.inference import softmax  # noqa: E402
 from common.text import build_normalizer  # noqa: E402
 
 
@@ -503,12 +502,10 @@ def finish(args, model_dir, datasets, splits, label_set, context, output_dir, lo
         examples = splits["test" if "test" in datasets else "val"]
         if train_labels is not None:
             results["majority_baseline"] = majority_baseline(train_labels, test_labels.numpy(), len(label_set.names))
-        temperature = toolkit.get("temperature") or 1.0
         fusion.report_baseline(args, model_dir, toolkit, results, report_split,
                                splits["train"] if train_labels is not None else None,  # None: --eval-only
-                               (splits["val"], softmax(val_logits.numpy(), temperature), val_labels.numpy()),
-                               (examples, softmax(test_logits.numpy(), temperature), test_labels.numpy()),
-                               label_set.names, logger.info)
+                               (splits["val"], val_logits.numpy(), val_labels.numpy()),
+                               (examples, test_logits.numpy(), test_labels.numpy()), label_set.names, logger.info)
         write_reports(output_dir, results, report_split, examples, test_logits, test_labels, label_set, args, logger)
     return results
 

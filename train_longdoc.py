@@ -22,8 +22,8 @@ import json
 from common.choices import AGGREGATIONS, CHUNK_SELECTIONS, POOLINGS
 from common.cli import (ArgumentParser, add_baseline_fusion_arg, add_checkpoint_args, add_data_path_args,
                         add_data_text_args, add_flag, add_optimization_args, add_problem_type_args, add_runtime_args,
-                        add_vocabulary_args, apply_option_ranges, check_baseline_fusion, exit_on_help, parse_with_config,
-                        resolve_default_warmup, write_effective_config)
+                        add_vocabulary_args, apply_option_ranges, check_baseline_fusion, exit_on_help,
+                        parse_with_config, resolve_default_warmup, write_effective_config)
 from common.errors import UserError, report_user_errors
 from common.metrics import ALL_SELECTABLE_METRICS, format_report, majority_baseline, selection_mode
 
@@ -120,7 +120,6 @@ from tqdm.auto import tqdm  # noqa: E402
 from common import (adaptation, checkpoints, data, distributed, fusion, longdoc, modeldir,  # noqa: E402
                     optimization, problem_types, rundir, training)
 from common.heads import SequenceClassifier  # noqa: E402
-from common.inference import softmax  # noqa: E402
 
 
 # ---------------------------------------------------------------- data
@@ -492,14 +491,11 @@ def finish(args, model_dir, datasets, splits, label_set, context, output_dir, lo
         if train_labels is not None:
             results["majority_baseline"] = majority_baseline(train_labels, labels.numpy(), len(label_set.names))
         # the baseline reads whole documents; the model reads windows
-        temperature = toolkit.get("temperature") or 1.0  # as inference applies it
         fusion.report_baseline(args, model_dir, toolkit, results, split_name,
                                splits["train"] if train_labels is not None else None,  # None: --eval-only
-                               (splits["val"], softmax(val_logits[args.aggregation].numpy(), temperature),
-                                val_labels.numpy()),
-                               (splits["test" if "test" in datasets else "val"],
-                                softmax(logits[args.aggregation].numpy(), temperature), labels.numpy()),
-                               label_set.names, logger.info)
+                               (splits["val"], val_logits[args.aggregation].numpy(), val_labels.numpy()),
+                               (splits["test" if "test" in datasets else "val"], logits[args.aggregation].numpy(),
+                                labels.numpy()), label_set.names, logger.info)
         write_reports(output_dir, results, split_name, splits["test" if "test" in datasets else "val"],
                       logits[args.aggregation], labels, label_set, args, logger)
     return results

@@ -99,9 +99,9 @@ class TextBaseline:
         from sklearn.linear_model import LogisticRegression
         train_texts, train_labels = _clean_texts(train_texts), np.asarray(train_labels, dtype=np.int64)
         vectorizer, stem, share = build_vectorizer(train_texts)
-        if len(np.unique(train_labels)) < 2:
-            raise BaselineSkipped(f"the training set has {len(np.unique(train_labels))} class(es): "
-                                  "a classifier needs two")
+        class_count = len(np.unique(train_labels))
+        if class_count < 2:
+            raise BaselineSkipped(f"the training set has {class_count} class(es): a classifier needs two")
         if len(train_texts) > MAX_TRAIN_EXAMPLES:
             keep = np.sort(np.random.default_rng(RANDOM_STATE).choice(len(train_texts), MAX_TRAIN_EXAMPLES,
                                                                       replace=False))
@@ -137,10 +137,9 @@ class TextBaseline:
         probabilities[:, self.classes] = fitted
         return probabilities
 
-    def evaluate(self, eval_texts, eval_labels, label_names, started=None):
-        """``classification_metrics`` of its predictions plus name, the fit report and ``seconds`` since
-        ``started`` (a perf_counter value; now when None)."""
-        probabilities = self.probabilities(eval_texts)
+    def evaluate(self, probabilities, eval_labels, label_names, started=None):
+        """``classification_metrics`` of its ``probabilities`` of the evaluation texts plus name, the fit
+        report and ``seconds`` since ``started`` (a perf_counter value; now when None)."""
         metrics = classification_metrics(np.asarray(eval_labels, dtype=np.int64), probabilities.argmax(axis=1),
                                          label_names, probs=probabilities)
         metrics.update(name=self.name, **self.fit_report,
@@ -159,16 +158,18 @@ def text_classification_baseline(train_texts, train_labels, eval_texts, eval_lab
     ``{"name", "skipped"}`` when no baseline can be fitted.
     """
     started = time.perf_counter()
-    name = build_vectorizer(_clean_texts(train_texts))[1] + "+logreg"
+
+    def skipped(reason):  # named as a fitted baseline would be (fitting builds its own vectorizer)
+        return {"name": build_vectorizer(_clean_texts(train_texts))[1] + "+logreg", "skipped": reason}
     if len(train_texts) != len(train_labels) or len(eval_texts) != len(eval_labels):
-        return {"name": name, "skipped": "texts and labels differ in length"}
+        return skipped("texts and labels differ in length")
     if len(eval_texts) == 0:
-        return {"name": name, "skipped": "no evaluation examples"}
+        return skipped("no evaluation examples")
     try:
         baseline = TextBaseline.fit(train_texts, train_labels, len(label_names))
-    except BaselineSkipped as skipped:
-        return {"name": name, "skipped": str(skipped)}
-    return baseline.evaluate(eval_texts, eval_labels, label_names, started)
+    except BaselineSkipped as error:
+        return skipped(str(error))
+    return baseline.evaluate(baseline.probabilities(eval_texts), eval_labels, label_names, started)
 
 
 def example_texts(examples):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import baselines
+from common import baselines, checkpoints, files
 from common.calibration import calibration_support
 from common.errors import UserError
 from common.metrics import classification_metrics, selection_mode
@@ -113,13 +113,18 @@ def fuse(model_probabilities, baseline_probabilities, weight):
     return (1.0 - weight) * np.asarray(model_probabilities) + weight * np.asarray(baseline_probabilities)
 
 
+def fused_metrics(model_probabilities, baseline_probabilities, weight, labels, label_names):
+    """``classification_metrics`` of the fused probabilities against label ids."""
+    fused = fuse(model_probabilities, baseline_probabilities, weight)
+    return classification_metrics(np.asarray(labels), fused.argmax(axis=1), label_names, fused)
+
+
 def tune_weight(model_probabilities, baseline_probabilities, labels, label_names, metric="macro_f1"):
     """The baseline's share in FUSION_WEIGHTS with the best validation ``metric`` (the smallest share of
     equals). Returns (weight, {weight: metric value})."""
     table, key = {}, metric
     for weight in FUSION_WEIGHTS:
-        fused = fuse(model_probabilities, baseline_probabilities, weight)
-        metrics = classification_metrics(labels, fused.argmax(axis=1), label_names, fused)
+        metrics = fused_metrics(model_probabilities, baseline_probabilities, weight, labels, label_names)
         key = metric if metric in metrics else "macro_f1"  # the loss is the model's alone
         table[weight] = metrics[key]
     sign = -1 if selection_mode(key) == "min" else 1
@@ -151,9 +156,9 @@ def fuse_after_training(model_dir, toolkit, train, validation, evaluation, label
     fused model on the evaluation split.
 
     ``train`` is the training examples (label ids in ``label``); ``validation`` and ``evaluation`` are
-    (examples, the model's probabilities after its temperature, label ids). Returns ``{"baseline": its metrics on the evaluation
-    split, "fusion": {"weight", "baseline", "metric", "validation", "evaluation"}}``, or only a skipped
-    baseline when none can be fitted.
+    (examples, the model's probabilities after its temperature, label ids). Returns ``{"baseline": its
+    metrics on the evaluation split, "fusion": {"weight", "baseline", "metric", "validation",
+    "evaluation"}}``, or only a skipped baseline when none can be fitted.
     """
     started = time.perf_counter()
     try:
@@ -164,8 +169,8 @@ def fuse_after_training(model_dir, toolkit, train, validation, evaluation, label
         return {"baseline": {"name": "tfidf+logreg", "skipped": str(skipped)}}
     val_examples, val_probabilities, val_labels = validation
     eval_examples, eval_probabilities, eval_labels = evaluation
-    eval_texts = baselines.example_texts(eval_examples)
-    baseline_metrics = baseline.evaluate(eval_texts, eval_labels, label_names, started)
+    eval_baseline = baseline.probabilities(baselines.example_texts(eval_examples))
+    baseline_metrics = baseline.evaluate(eval_baseline, eval_labels, label_names, started)
     # the share is a choice among ten made on validation: the same support a temperature fit needs
     unsupported = calibration_support(val_labels)
     if unsupported:
@@ -173,10 +178,9 @@ def fuse_after_training(model_dir, toolkit, train, validation, evaluation, label
         return {"baseline": baseline_metrics, "fusion": {"weight": 0.0, "skipped": unsupported}}
     weight, table = tune_weight(val_probabilities, baseline.probabilities(baselines.example_texts(val_examples)),
                                 val_labels, label_names, metric)
-    fused = fuse(eval_probabilities, baseline.probabilities(eval_texts), weight)
     report = {"weight": weight, "baseline": baseline.name, "metric": metric,
               "validation": {f"{share:g}": round(value, 6) for share, value in table.items()},
-              "evaluation": classification_metrics(np.asarray(eval_labels), fused.argmax(axis=1), label_names, fused)}
+              "evaluation": fused_metrics(eval_probabilities, eval_baseline, weight, eval_labels, label_names)}
     store(model_dir, toolkit, baseline, weight)
     log(f"--fuse-baseline: validation {metric} by the baseline's share: " +
         ", ".join(f"{share:g}: {value:.4f}" for share, value in table.items()) +
@@ -186,7 +190,6 @@ def fuse_after_training(model_dir, toolkit, train, validation, evaluation, label
 
 def store(model_dir, toolkit, baseline, weight):
     """Write the baseline beside the weights and its share into config.json (checksums refreshed last)."""
-    from common import checkpoints, files  # checkpoints imports torch: only a trainer calls this
     toolkit.pop("baseline_fusion", None)
     if weight > 0:
         files.write_output_file(Path(model_dir) / BASELINE_FILE, baseline_bytes(baseline), "--output-dir")
@@ -203,9 +206,8 @@ def evaluate_stored(model_dir, toolkit, evaluation, label_names):
         return None
     examples, probabilities, labels = evaluation
     weight = toolkit["baseline_fusion"]["weight"]
-    fused = fuse(probabilities, baseline.probabilities(baselines.example_texts(examples)), weight)
-    return {"weight": weight, "baseline": baseline.name,
-            "evaluation": classification_metrics(np.asarray(labels), fused.argmax(axis=1), label_names, fused)}
+    return {"weight": weight, "baseline": baseline.name, "evaluation": fused_metrics(
+        probabilities, baseline.probabilities(baselines.example_texts(examples)), weight, labels, label_names)}
 
 
 def format_fused(split_name, fusion_report, model_metrics, baseline_metrics=None, keys=("accuracy", "macro_f1")):
@@ -218,18 +220,29 @@ def format_fused(split_name, fusion_report, model_metrics, baseline_metrics=None
         "; ".join(cells)
 
 
+def with_model_probabilities(split, toolkit):
+    """(examples, logits, label ids) -> (examples, the model's probabilities after its stored temperature, label
+    ids), as inference computes them."""
+    from common.inference import softmax, stored_temperature  # inference imports this module
+    examples, logits, labels = split
+    return examples, softmax(np.asarray(logits), stored_temperature(toolkit)), labels
+
+
 def report_baseline(args, model_dir, toolkit, results, split_name, train, validation, evaluation, label_names, log):
     """The trainers' last step for a single-label model: the TF-IDF baseline beside the model's figures on
-    ``split_name`` (``--baseline tfidf``), and with ``--fuse-baseline`` the two fused and stored (see
-    ``fuse_after_training`` for the tuples)."""
+    ``split_name`` (``--baseline tfidf``), and with ``--fuse-baseline`` the two fused and stored.
+
+    ``train`` is the training examples (None under --eval-only: then a fusion stored with the model is
+    scored); ``validation`` and ``evaluation`` are (examples, the model's logits, label ids)."""
     if train is None:  # --eval-only: the fusion stored with the model, if it has one
-        stored = evaluate_stored(model_dir, toolkit, evaluation, label_names)
+        stored = evaluate_stored(model_dir, toolkit, with_model_probabilities(evaluation, toolkit), label_names)
         if stored:
             results["fusion"] = stored
             log(format_fused(split_name, stored, results[split_name]))
         return
     if args.fuse_baseline:
-        results.update(fuse_after_training(model_dir, toolkit, train, validation, evaluation, label_names,
+        results.update(fuse_after_training(model_dir, toolkit, train, with_model_probabilities(validation, toolkit),
+                                           with_model_probabilities(evaluation, toolkit), label_names,
                                            args.metric_for_best_model, log))
     elif args.baseline != "none":
         results["baseline"] = baselines.example_baseline(train, evaluation[0], evaluation[2], label_names)

@@ -372,7 +372,12 @@ def resolve_temperature(loaded, temperature=None):
     """The flag's temperature, else the calibrated one stored with the model, else 1.0."""
     if temperature is not None:
         return float(temperature)
-    return float(loaded.toolkit.get("temperature") or 1.0)
+    return stored_temperature(loaded.toolkit)
+
+
+def stored_temperature(toolkit):
+    """The calibrated temperature a model's toolkit block stores, else 1.0."""
+    return float(toolkit.get("temperature") or 1.0)
 
 
 def classification_result(text, context, probabilities, label_names, temperature, top_k=None):
