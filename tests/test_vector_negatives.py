@@ -565,6 +565,96 @@ def test_all_train_sentences_adds_training_queries_and_leaves_the_other_files_al
             assert record["query"] not in record["document"]
 
 
+FAKE_DOCSTRING_MODULE = '''
+def mean_of_rows(a):
+    """Compute the arithmetic mean of each row of a matrix number {index}.
+
+    The rows of matrix {index} are averaged one by one, ignoring missing values, and the
+    result keeps one value per row of the input matrix.
+
+    Parameters
+    ----------
+    a : array_like
+        The matrix.
+
+    Returns
+    -------
+    out : ndarray
+        One mean per row.
+
+    Examples
+    --------
+    >>> mean_of_rows([[1, 2]])
+    """
+
+
+def _private(a):
+    """Compute something private that no user should ever search for.
+
+    A private helper is not an API, so it is never a query however well documented it is.
+    """
+
+
+def templated(a):
+    """Return the %(klass)s of the rows of the matrix.
+
+    The template is filled in at import time, so the text read here is not what users see.
+    """
+
+
+def alias_one(a):
+    """Return a shared description under two names.
+
+    Both names carry this docstring word for word, so its summary would have two answers.
+    """
+
+
+def alias_two(a):
+    """Return a shared description under two names.
+
+    Both names carry this docstring word for word, so its summary would have two answers.
+    """
+'''
+
+
+def test_docstrings_pair_each_public_summary_with_its_description(tmp_path, monkeypatch):
+    from bench import prepare_retrieval
+    package = tmp_path / "fakedocs"
+    for index in range(12):  # twelve source files: twelve topics to split
+        (package / f"module{index}").mkdir(parents=True)
+        (package / f"module{index}" / "__init__.py").write_text(FAKE_DOCSTRING_MODULE.replace("{index}", str(index)))
+    (package / "__init__.py").write_text("")
+    (package / "tests").mkdir()
+    (package / "tests" / "test_it.py").write_text(FAKE_DOCSTRING_MODULE.replace("{index}", "in a test"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(prepare_retrieval, "DOCSTRING_PACKAGES", {"fakedocs": "fakedocs", "absentdocs": "absentdocs"})
+    paragraphs = prepare_retrieval.read_docstring_paragraphs()
+    assert len(paragraphs) == 12  # one per file: no private, templated, aliased or test-directory docstring
+    topic, (summary, description) = paragraphs[0]
+    assert topic == "fakedocs.module0.__init__"
+    assert summary == "Compute the arithmetic mean of each row of a matrix number 0."
+    assert description.startswith("The rows of matrix 0 are averaged one by one")
+    assert "Parameters: a : array_like The matrix." in description and "Returns: out : ndarray" in description
+    assert "Examples" not in description and summary not in description
+
+    output = tmp_path / "data"
+    assert prepare_retrieval.main(["--source", "docstrings", "--output-dir", str(output), "--negatives", "2"]) == 0
+    read = lambda name: [json.loads(line) for line in (output / f"{name}.jsonl").read_text().splitlines()]  # noqa: E731
+    texts = {summary: description for _, (summary, description) in paragraphs}
+    splits = {name: read(name) for name in ("train", "valid", "test")}
+    for name, records in splits.items():
+        for record in records:
+            assert record["query"] in texts  # every query is a summary
+            assert record["document"] in texts.values()  # every document is a description, never a summary
+            assert (record["rel"] == 1.0) == (texts[record["query"]] == record["document"])
+    train_queries = {record["query"] for record in splits["train"]}
+    assert train_queries and not train_queries & {record["query"] for record in splits["test"]}
+    assert [row["text"] for row in read("corpus")] == [description for _, (_, description) in paragraphs]
+    with pytest.raises(SystemExit) as refused:
+        prepare_retrieval.main(["--source", "docstrings", "--output-dir", str(output), "--all-train-sentences"])
+    assert refused.value.code == 2
+
+
 # ---------------------------------------------------------------- instructions and sizes reach every inference path
 
 @pytest.fixture(scope="module")
