@@ -7,6 +7,8 @@ bi-encoder alone (issue 16's judgement: at least +5 NDCG@10 points).
     python bench/rerank_quality.py --retriever output/vector-best   # a tuned bi-encoder instead
     python bench/rerank_quality.py --data-dir data/review_retrieval --retriever runs/rr/retriever \
         --extend-vocab 3 --max-length 128 --epochs 1   # the Chinese reviews (bench/retrieval_quality.py's data)
+    python bench/rerank_quality.py --source docstrings --device cuda --precision bf16 --max-length 192
+        # library APIs: 1,200 training queries (bench/prepare_retrieval.py --source docstrings)
 
 Data: by default the English inverse-cloze set of ``bench/prepare_retrieval.py --source pydoc`` (Python's own
 documentation, split by topic; built under --data-dir when missing) with --negatives 76: each test
@@ -58,7 +60,11 @@ def build_parser():
     parser.add_argument("--retriever", help="bi-encoder model directory (default: the untuned --model, mean pooling)")
     parser.add_argument("--retriever-max-length", type=int, default=256,
                         help="tokens per text of the untuned retriever (all-MiniLM-L6-v2 was trained at 256)")
-    parser.add_argument("--data-dir", default="data/pydoc_rerank", help="train/valid/test.jsonl (built when missing)")
+    parser.add_argument("--source", choices=["pydoc", "docstrings"], default="pydoc",
+                        help="prepare_retrieval.py --source when the data is built: Python's documentation, or "
+                             "library docstrings (1,200 training APIs, 150 validation, 600 test)")
+    parser.add_argument("--data-dir", default=None,
+                        help="train/valid/test.jsonl, built when missing (default data/<source>_rerank)")
     parser.add_argument("--negatives", type=int, default=76, help="rel-0 candidates per test query (data build)")
     parser.add_argument("--train-negatives", type=int, default=7, help="rel-0 documents per training query")
     parser.add_argument("--train-file", default="train.jsonl",
@@ -72,8 +78,10 @@ def build_parser():
     parser.add_argument("--mine-margin", type=float, default=0.05,
                         help="--negatives-from retriever: --negative-margin (-2: none, FlagEmbedding's default; for "
                              "a retriever that ranks the training positives low, the margin removes every candidate)")
-    parser.add_argument("--work-dir", default="runs/rerank_quality", help="one directory per run")
-    parser.add_argument("--output", default="bench/results/rerank_quality.json", help="summary JSON")
+    parser.add_argument("--work-dir", default=None,
+                        help="one directory per run (default runs/rerank_quality, runs/rerank_quality_docstrings)")
+    parser.add_argument("--output", default=None,
+                        help="summary JSON (default bench/results/rerank_quality.json, rerank_quality_docstrings.json)")
     parser.add_argument("--epochs", type=int, default=4, help="training epochs")
     parser.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate")
     parser.add_argument("--batch-size", type=int, default=16,
@@ -93,12 +101,22 @@ def build_parser():
     return parser
 
 
+def resolve_paths(args):
+    suffix = "" if args.source == "pydoc" else f"_{args.source}"
+    args.data_dir = args.data_dir or f"data/{args.source}_rerank"
+    args.work_dir = args.work_dir or f"runs/rerank_quality{suffix}"
+    args.output = args.output or f"bench/results/rerank_quality{suffix}.json"
+
+
 def ensure_data(args):
     data_dir = Path(args.data_dir)
     if not all((data_dir / name).is_file() for name in (args.train_file, "valid.jsonl", "test.jsonl")):
-        subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "prepare_retrieval.py"), "--source", "pydoc",
+        # pydoc: every other sentence of a training paragraph as a query too (train_all.jsonl); a docstring has
+        # one query, and the CPU budget takes a sample of the APIs
+        extra = ["--all-train-sentences"] if args.source == "pydoc" else ["--paragraphs", "1200,150,600"]
+        subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "prepare_retrieval.py"), "--source", args.source,
                         "--negatives", str(args.negatives), "--train-negatives", str(args.train_negatives),
-                        "--all-train-sentences", "--output-dir", str(data_dir)], check=True)
+                        "--output-dir", str(data_dir), *extra], check=True)
     return data_dir
 
 
@@ -241,6 +259,7 @@ def format_table(rows):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    resolve_paths(args)
     if args.worker:
         return run_worker(args)
     losses = [loss.strip() for loss in args.losses.split(",") if loss.strip()]
