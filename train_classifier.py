@@ -133,8 +133,8 @@ import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from common import (adaptation, checkpoints, data, distributed, fusion, modeldir, optimization,  # noqa: E402
-                    problem_types, reranking, rundir, training)
+from common import (adaptation, checkpoints, data, distributed, fusion, model_card, modeldir,  # noqa: E402
+                    optimization, problem_types, reranking, rundir, training)
 from common.heads import SequenceClassifier  # noqa: E402
 from common.text import build_normalizer  # noqa: E402
 
@@ -782,6 +782,8 @@ def run_training(args, context):
         best_value = results["validation"].get(args.metric_for_best_model, early_stopping.best_metric)
         logger.info(f"best model: {best_dir} ({args.metric_for_best_model} on validation {best_value:.4f}); "
                     "final " + ", ".join(f"{name} {headline[name]:.4f}" for name in problem.headline_metrics))
+        card = model_card.write_model_card(best_dir, "train_classifier.py", args, results, problem.headline_metrics)
+        logger.info(f"model card: {card}")
     return 0
 
 

@@ -117,8 +117,8 @@ import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from common import (adaptation, checkpoints, data, distributed, fusion, longdoc, modeldir,  # noqa: E402
-                    optimization, problem_types, rundir, training)
+from common import (adaptation, checkpoints, data, distributed, fusion, longdoc, model_card,  # noqa: E402
+                    modeldir, optimization, problem_types, rundir, training)
 from common.heads import SequenceClassifier  # noqa: E402
 
 
@@ -634,6 +634,8 @@ def run_training(args, context):
                     f"{results['validation'][args.metric_for_best_model]:.4f}); final document-level " +
                     ", ".join(f"{name} {headline[name]:.4f}" for name in problem.headline_metrics) +
                     f" ({args.aggregation})")
+        card = model_card.write_model_card(best_dir, "train_longdoc.py", args, results, problem.headline_metrics)
+        logger.info(f"model card: {card}")
     return 0
 
 

@@ -248,8 +248,8 @@ import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from common import (adaptation, checkpoints, data, distributed, files, modeldir, optimization,  # noqa: E402
-                    rundir, training)
+from common import (adaptation, checkpoints, data, distributed, files, model_card, modeldir,  # noqa: E402
+                    optimization, rundir, training)
 from common.metrics import selection_mode  # noqa: E402
 from common.pair_losses import compute_pair_loss  # noqa: E402
 from common.gradcache import grad_cache_backward  # noqa: E402
@@ -836,7 +836,22 @@ def run_training(args, context):
             publish_model(directory, output_dir)
             logger.info(f"best checkpoint: {directory} (validation {metric} {value:.5f}); "
                         f"evaluate with --mode evaluate --select_best")
+            results = {"validation": validation_row(logger, directory, untuned_row),
+                       "untuned": {"validation": untuned_row}}
+            card = model_card.write_model_card(output_dir, "train_vector.py", args, results,
+                                               [name.removeprefix("eval_") for name in untuned_row or {}
+                                                if name.startswith("eval_")])
+            logger.info(f"model card: {card}")
     return 0
+
+
+def validation_row(logger, directory, untuned_row):
+    """The evaluation row of the published checkpoint (checkpoint-best without a step: the untuned encoder)."""
+    step = Path(directory).name.removeprefix(checkpoints.CHECKPOINT_PREFIX)
+    if not step.isdigit():
+        return untuned_row
+    rows = [row for row in training.read_run_log(logger.path) if "eval_loss" in row and row["step"] == int(step)]
+    return rows[-1] if rows else None  # a resumed run may have scored the step twice: the later one stands
 
 
 def resolve_loss_for(directory, args):

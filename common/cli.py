@@ -417,8 +417,11 @@ def read_config_text(path):
 
 
 def parse_with_config(parser, argv, section_aliases, value_converters=None):
-    """Parse argv, with ``--config`` values as defaults that explicit flags override."""
+    """Parse argv, with ``--config`` values as defaults that explicit flags override. The arguments as
+    given are kept in ``args.command_line`` (training_args.json and the model card show them)."""
+    command_line = [str(argument) for argument in (sys.argv[1:] if argv is None else argv)]
     args = parser.parse_args(argv)
+    args.command_line = command_line
     if not getattr(args, "config", None):
         return args
     given = {dest for dest, value in vars(args).items() if value != parser.get_default(dest)}
@@ -442,7 +445,9 @@ def parse_with_config(parser, argv, section_aliases, value_converters=None):
             for dest in members - given:
                 defaults.pop(dest, None)
     parser.set_defaults(**defaults)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.command_line = command_line
+    return args
 
 
 def convert_config_value(action, value, where):

@@ -31,7 +31,7 @@ RUN_OUTPUT_PATTERNS = (
     "dataset_summary.json", "metrics.json", "errors.jsonl", "*.png", "best_checkpoint.json",
     "eval_metrics.json", "eval_results.json", "config.json", "model.safetensors", "rotation.safetensors",
     "checksums.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-    "added_tokens.json",
+    "added_tokens.json", "MODEL_CARD.md",
 )
 # What shows an earlier run produced something worth keeping.
 RESULT_PATTERNS = ("checkpoint-*", "metrics.json", "best_checkpoint.json", "model.safetensors")

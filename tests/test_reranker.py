@@ -182,6 +182,11 @@ def test_retrieve_then_rerank_is_written_with_before_after_and_per_query(trained
     assert report["before"]["ndcg@10"] == pytest.approx(ranking.ranking_metrics(groups)["ndcg@10"], abs=1e-6)
     assert report["after"]["ndcg@10"] > report["before"]["ndcg@10"]
     assert report["lowered_ndcg"] is False
+    card = (trained("pointwise") / "checkpoint-best" / "MODEL_CARD.md").read_text()
+    assert "# Reranker (cross-encoder) fine-tuned from" in card and "- text-ranking" in card
+    for what, view in (("the retriever alone (its top 3)", "before"), ("the retriever's top 3 reranked", "after")):
+        line = next(line for line in card.splitlines() if line.startswith(f"| {what}"))
+        assert f"| test | {report[view]['ndcg@10']:.4f} |" in line
 
 
 def test_only_the_top_n_are_reordered(monkeypatch):
