@@ -134,6 +134,10 @@ def test_a_fused_classifier_is_stored_and_used_by_infer_and_the_server(tiny_mode
     assert toolkit["baseline_fusion"] == {"weight": weight, "baseline": metrics["baseline"]["name"]}
     checksums = json.loads((model_dir / "checksums.json").read_text())
     assert fusion.BASELINE_FILE in checksums  # written before the checksums were refreshed
+    card = (model_dir / "MODEL_CARD.md").read_text()
+    fused_row = f"| this model fused with the TF-IDF baseline (its share {weight:g}) | test | "
+    assert fused_row + f"{metrics['fusion']['evaluation']['accuracy']:.4f} |" in card
+    assert "- `baseline_fusion`: weight" in card
 
     loaded = inference.load_model(model_dir)
     texts = [record["text"] for record in make_text_records(2)]
