@@ -51,7 +51,8 @@ def base_model_name(args):
 
 
 def front_matter(args, toolkit):
-    lines = ["---", "library_name: transformers", "tags:", "- bert-finetune-toolkit", f"- {task_tag(toolkit)}"]
+    # no library_name: the head is this toolkit's, so transformers' pipelines would not load it whole
+    lines = ["---", "tags:", "- bert-finetune-toolkit", f"- {task_tag(toolkit)}"]
     if not Path(str(args.model_name)).exists():  # a Hub id: link the base model; a local path names no repository
         lines.append(f"base_model: {args.model_name}")
     return "\n".join(lines + ["---", ""])

@@ -29,7 +29,7 @@ def test_a_classifier_card_shows_the_model_beside_its_alternatives(tiny_model_di
                        "--val-path", text_data["val"], "--test-path", text_data["test"]) == 0
     model_dir = output_dir / "checkpoint-best"
     card, metrics = card_of(model_dir), json.loads((output_dir / "metrics.json").read_text())
-    assert card.startswith("---\nlibrary_name: transformers\n") and "- text-classification" in card
+    assert card.startswith("---\ntags:\n") and "- text-classification" in card
     assert "base_model:" not in card  # a local base model names no Hub repository
     assert f"fine-tuned from {tiny_model_dir.name}" in card
     for metric in ("accuracy", "macro_f1", "weighted_f1"):
