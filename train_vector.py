@@ -836,8 +836,7 @@ def run_training(args, context):
             publish_model(directory, output_dir)
             logger.info(f"best checkpoint: {directory} (validation {metric} {value:.5f}); "
                         f"evaluate with --mode evaluate --select_best")
-            results = {"validation": validation_row(logger, directory, untuned_row),
-                       "untuned": {"validation": untuned_row}}
+            results = {"validation": validation_row(logger.path, directory), "untuned": {"validation": untuned_row}}
             card = model_card.write_model_card(output_dir, "train_vector.py", args, results,
                                                [name.removeprefix("eval_") for name in untuned_row or {}
                                                 if name.startswith("eval_")])
@@ -845,12 +844,11 @@ def run_training(args, context):
     return 0
 
 
-def validation_row(logger, directory, untuned_row):
-    """The evaluation row of the published checkpoint (checkpoint-best without a step: the untuned encoder)."""
-    step = Path(directory).name.removeprefix(checkpoints.CHECKPOINT_PREFIX)
-    if not step.isdigit():
-        return untuned_row
-    rows = [row for row in training.read_run_log(logger.path) if "eval_loss" in row and row["step"] == int(step)]
+def validation_row(log_path, directory):
+    """The train_log.jsonl evaluation row of a checkpoint, by the step its trainer_state.json records
+    (checkpoint-best holds whichever step was best: step 0 is the untuned encoder)."""
+    step = (read_json_if_exists(Path(directory) / checkpoints.TRAINER_SUMMARY_FILE) or {}).get("global_step")
+    rows = [row for row in training.read_run_log(log_path) if "eval_loss" in row and row.get("step") == step]
     return rows[-1] if rows else None  # a resumed run may have scored the step twice: the later one stands
 
 

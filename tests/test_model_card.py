@@ -4,7 +4,7 @@ import json
 import pytest
 
 from common import checkpoints, model_card
-from conftest import make_text_records, run_trainer, write_jsonl
+from conftest import run_trainer, write_jsonl
 
 # the test's tmp_path is a machine path: the card names data files by name, size and sha256 only
 
@@ -85,6 +85,20 @@ def test_a_vector_card_is_written_beside_the_published_model(tiny_model_dir, tmp
     assert table_row(card, ["this model", "validation"])["loss"] == f"{best['val_loss']:.4f}"
     assert table_row(card, ["the untuned base model", "validation"])["loss"] == f"{best['untuned']['eval_loss']:.4f}"
     assert "train_vector.py --mode deploy --model-path MODEL_DIR" in card
+
+
+@pytest.mark.parametrize("best_step", [0, 4])
+def test_the_vector_card_reads_the_published_checkpoints_own_evaluation(best_step, tmp_path):
+    """checkpoint-best (no step in its name: --save-steps 0) holds the step its trainer_state.json records."""
+    import train_vector
+    rows = [{"step": 0, "eval_loss": 0.9, "untuned": True}, {"step": 2, "loss": 0.5},
+            {"step": 4, "eval_loss": 0.7, "untuned": False}, {"step": 4, "eval_loss": 0.6, "untuned": False}]
+    log_path = write_jsonl(tmp_path / "train_log.jsonl", rows)
+    best = tmp_path / "checkpoint-best"
+    best.mkdir()
+    (best / checkpoints.TRAINER_SUMMARY_FILE).write_text(json.dumps({"global_step": best_step}))
+    expected = rows[0] if best_step == 0 else rows[3]  # a step scored twice (a resume): the later row
+    assert train_vector.validation_row(log_path, best) == expected
 
 
 def test_overwrite_output_dir_replaces_the_runs_card(tiny_model_dir, text_data, tmp_path):
