@@ -44,17 +44,22 @@ def write_model_card(model_dir, script, args, results, metrics):
     return path
 
 
+def hub_id(args):
+    """The base model's Hub id, or None for a local directory (which names no repository)."""
+    name = str(args.model_name)
+    return None if Path(name).exists() else name
+
+
 def base_model_name(args):
     """The base model as the Hub knows it: an id as given, a local directory by its name only."""
-    name = str(args.model_name)
-    return Path(name).name if Path(name).exists() else name
+    return hub_id(args) or Path(str(args.model_name)).name
 
 
 def front_matter(args, toolkit):
     # no library_name: the head is this toolkit's, so transformers' pipelines would not load it whole
     lines = ["---", "tags:", "- bert-finetune-toolkit", f"- {task_tag(toolkit)}"]
-    if not Path(str(args.model_name)).exists():  # a Hub id: link the base model; a local path names no repository
-        lines.append(f"base_model: {args.model_name}")
+    if hub_id(args):
+        lines.append(f"base_model: {hub_id(args)}")
     return "\n".join(lines + ["---", ""])
 
 
@@ -82,14 +87,16 @@ def provenance(script, args):
 
 
 def data_section(args):
-    rows = [(split, Path(getattr(args, option))) for split, option in DATA_OPTIONS
+    rows = [(option, split, Path(getattr(args, option))) for split, option in DATA_OPTIONS
             if getattr(args, option, None)]
     if not rows:
         return []
     lines = ["## Data", "", "| split | file | bytes | sha256 |", "|---|---|---|---|"]
-    for split, path in rows:
+    digests = getattr(args, "input_digests", {})  # the run hashed its training inputs at the start (resume checks)
+    for option, split, path in rows:
         if path.is_file():
-            lines.append(f"| {split} | {path.name} | {path.stat().st_size} | {checkpoints.file_sha256(path)} |")
+            digest = digests.get(option) or checkpoints.file_sha256(path)
+            lines.append(f"| {split} | {path.name} | {path.stat().st_size} | {digest} |")
         else:  # a datasets directory saved to disk, or a split the run carved from the training file
             lines.append(f"| {split} | {path.name} | - | - |")
     return lines + [""]
@@ -111,11 +118,10 @@ def result_rows(results):
                      split, fused))
     reranked = results.get("retrieve_then_rerank")
     if reranked:
-        top = reranked.get("rerank_top", "N")
-        rows += [(f"the retriever alone (its top {top})", reranked.get("split", split), reranked.get("before")),
-                 (f"the retriever's top {top} reranked by this model", reranked.get("split", split),
-                  reranked.get("after")),
-                 ("the same, fused with the retriever's score", reranked.get("split", split), reranked.get("fused"))]
+        top, reranked_split = reranked.get("rerank_top", "N"), reranked.get("split", split)
+        rows += [(f"the retriever alone (its top {top})", reranked_split, reranked.get("before")),
+                 (f"the retriever's top {top} reranked by this model", reranked_split, reranked.get("after")),
+                 ("the same, fused with the retriever's score", reranked_split, reranked.get("fused"))]
     return rows
 
 
