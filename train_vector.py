@@ -6,6 +6,8 @@ Examples:
         --num_epochs 3 --save_steps 200 --output-dir ./output/vector_model
     python train_vector.py --mode evaluate --test_path data/vec_test.json --output-dir ./output/vector_model \
         --select_best
+    python train_vector.py --mode evaluate --test_path data/vec_test.json --model-path ./output/vector_model \
+        --compare-with models/bert-base-uncased --general-path data/general_test.jsonl --max-general-drop 0.01
     python train_vector.py --mode deploy --output-dir ./output/vector_model --host 0.0.0.0 --port 8000
     python train_vector.py --mode mine --train_path data/vec_train.json --model_name bert-base-uncased \
         --range-for-sampling 10-100 --negative-number 15 --output-path data/vec_train_mined.jsonl
@@ -132,6 +134,16 @@ def build_parser():
     add_flag(group, "metrics-path", help="where --mode evaluate writes its JSON (default: in --output-dir)")
     add_flag(group, "dim", type=bounded(int, minimum=1), default=None,
              help="evaluate embeddings cut to this size (one of the model's --matryoshka-dims)")
+    add_flag(group, "compare-with", aliases=("base-model",),
+             help="--mode evaluate: the model before fine-tuning (a pretrained encoder, read with --pooling, or a "
+                  "vector model directory), scored beside the tuned one on --test-path and --general-path, with "
+                  "the mean score of relevant and other pairs (fine-tuning moves the cosines; the ranking is NDCG)")
+    add_flag(group, "general-path",
+             help="with --compare-with: held-out pairs from outside the training domain (any format --test-path "
+                  "takes), to see whether fine-tuning cost general retrieval")
+    add_flag(group, "max-general-drop", type=bounded(float, minimum=0.0), default=None,
+             help="with --general-path: exit 1 when the tuned model's NDCG@K (the largest --k) there is more than "
+                  "this below the base model's (0.01: one point); the figures are written first")
 
     group = parser.add_argument_group("deploy (HTTP server)")
     add_flag(group, "host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -232,12 +244,28 @@ def parse_args(argv=None):
             raise UserError(f"--false-negative-margin applies to --loss infonce only (not {args.loss})")
         checkpoints.check_resume_argument(args.resume)
         adaptation.resolve_vocabulary_options(args)
+    check_comparison_flags(args)
     required = {"train": ("data_path", "val_path"), "evaluate": ("test_path",), "deploy": (),
                 "mine": ("data_path", "output_path")}[args.mode]
     for name in required:
         if not getattr(args, name):
             raise UserError(f"--mode {args.mode} needs --{name.replace('_', '-')}")
     return args
+
+
+def check_comparison_flags(args):
+    """--compare-with, --general-path and --max-general-drop: one evaluation of one model against its base."""
+    given = [f"--{name.replace('_', '-')}" for name in ("compare_with", "general_path", "max_general_drop")
+             if getattr(args, name) is not None]
+    if not given:
+        return
+    if args.mode != "evaluate" or args.select_best:
+        where = "--select-best" if args.mode == "evaluate" else f"--mode {args.mode}"
+        raise UserError(f"{given[0]} applies to --mode evaluate of one model, not {where}")
+    if args.compare_with is None:
+        raise UserError(f"{given[0]} needs --compare-with BASE_MODEL (the model before fine-tuning)")
+    if args.max_general_drop is not None and args.general_path is None:
+        raise UserError("--max-general-drop needs --general-path (held-out pairs from outside the training domain)")
 
 
 # --help answers before the imports below: they load torch, which takes seconds (common/cli.py)
@@ -271,7 +299,8 @@ def load_splits(args, names):
     InfoNCE with hard negatives, a list of QueryGroups (see uses_query_groups).
     """
     paths = {"train": (args.data_path, args.data_split, ("train",)),
-             "val": (args.val_path, None, VALIDATION_SPLITS), "test": (args.test_path, None, ("test",))}
+             "val": (args.val_path, None, VALIDATION_SPLITS), "test": (args.test_path, None, ("test",)),
+             "general": (args.general_path, None, ("test",))}
     rel_default = 1.0 if args.loss == "infonce" else None  # InfoNCE users may have positives only
     splits = {}
     for name in names:
@@ -866,7 +895,7 @@ def evaluate_checkpoint(directory, test_pairs, args):
     loss_name = resolve_loss_for(directory, args)
     scored, test_loss = evaluate_pairs(model, test_pairs, loss_name, args.temperature, args.eval_batch_size, args.dim)
     metrics = ranking.ranking_metrics(scored, args.k, args.relevance_threshold)
-    metrics.update(test_loss=test_loss, loss=loss_name)
+    metrics.update(ranking.mean_scores(scored, args.relevance_threshold), test_loss=test_loss, loss=loss_name)
     return metrics
 
 
@@ -885,20 +914,67 @@ def format_table(rows, ks):
 
 
 def run_evaluation_mode(args):
-    test_pairs = load_splits(args, ("test",))["test"]
+    splits = load_splits(args, ("test", "general") if args.general_path else ("test",))
+    test_pairs = splits["test"]
     if args.select_best:
         return select_best(args, test_pairs)
     destination = metrics_destination(args, "eval_metrics.json")
     directory = args.model_path or resolve_best_model_dir(args.output_dir)
-    if not Path(directory).is_dir():
-        raise UserError(f"--model-path {directory}: not a directory")
+    for flag, path in (("--model-path", directory), ("--compare-with", args.compare_with)):
+        if path is not None and not Path(path).is_dir():
+            raise UserError(f"{flag} {path}: not a directory")
     metrics = evaluate_checkpoint(directory, test_pairs, args)
     metrics["checkpoint"] = str(directory)
     print(format_table([(Path(directory).name, checkpoint_val_loss(directory), metrics)], args.k))
     add_retrieval_baseline(metrics, test_pairs, args)
     print(json.dumps({key: round(value, 4) if isinstance(value, float) else value for key, value in metrics.items()}))
+    if args.compare_with:
+        metrics["comparison"] = compare_with_base(args, directory, metrics, splits)
     write_metrics(destination, metrics)
+    if args.max_general_drop is not None and general_drop_exceeded(metrics["comparison"], args):
+        return 1  # a quality gate that failed, as export_onnx.py's parity gate: not a usage error (2)
     return 0
+
+
+def compare_with_base(args, directory, tuned_test_metrics, splits):
+    """--compare-with: the base model beside the tuned one on the test pairs and on --general-path.
+    ``{set: {"base": metrics, "tuned": metrics}}``."""
+    comparison = {}
+    for name, pairs in (("test", splits["test"]), ("general", splits.get("general"))):
+        if pairs is None:
+            continue
+        tuned = ({key: value for key, value in tuned_test_metrics.items() if key not in ("baseline", "checkpoint")}
+                 if name == "test" else evaluate_checkpoint(directory, pairs, args))
+        comparison[name] = {"base": evaluate_checkpoint(args.compare_with, pairs, args), "tuned": tuned}
+    print(format_comparison(comparison, max(args.k), Path(args.compare_with).name))
+    return comparison
+
+
+def format_comparison(comparison, k, base_name):
+    """Base and tuned model per set: NDCG@k and MRR@k, and the mean cosine of relevant and other pairs."""
+    columns = [f"ndcg@{k}", f"mrr@{k}", "mean_score_relevant", "mean_score_other"]
+    lines = [f"{'set':<8}{'model':<10}" + "".join(f"{column:>21}" for column in columns)]
+    for set_name, models in comparison.items():
+        for model_name in ("base", "tuned"):
+            values = ["-" if models[model_name][column] is None else f"{models[model_name][column]:.4f}"
+                      for column in columns]
+            lines.append(f"{set_name:<8}{model_name:<10}" + "".join(f"{value:>21}" for value in values))
+    lines.append(f"base: {base_name}. The mean scores show where the cosines sit: fine-tuning often moves them "
+                 "all, which changes thresholds but not the ranking NDCG measures")
+    return "\n".join(lines)
+
+
+def general_drop_exceeded(comparison, args):
+    """True (and one line on stderr) when NDCG@K on --general-path fell by more than --max-general-drop."""
+    key = f"ndcg@{max(args.k)}"
+    base, tuned = comparison["general"]["base"][key], comparison["general"]["tuned"][key]
+    if base - tuned <= args.max_general_drop:
+        print(f"general set: {key} {base:.4f} -> {tuned:.4f}, within --max-general-drop {args.max_general_drop:g}")
+        return False
+    print(f"error: --general-path {args.general_path}: {key} fell from {base:.4f} (base) to {tuned:.4f} (tuned), "
+          f"more than --max-general-drop {args.max_general_drop:g}: fine-tuning cost general retrieval",
+          file=sys.stderr)
+    return True
 
 
 def add_retrieval_baseline(metrics, test_pairs, args):
@@ -948,7 +1024,8 @@ def metrics_destination(args, default_name):
     if args.metrics_path:
         files.refuse_overwriting_inputs(args.metrics_path, [
             ("--test-path", args.test_path), ("--model-path", args.model_path), ("--output-dir", args.output_dir),
-            ("--config", args.config)], "--metrics-path")
+            ("--config", args.config), ("--general-path", args.general_path), ("--compare-with", args.compare_with)],
+            "--metrics-path")
         return Path(files.check_output_path(args.metrics_path, "--metrics-path"))
     if rundir.read_run_record(args.output_dir) is None:
         raise UserError(f"--output-dir {args.output_dir}: not a training run of this toolkit (no {rundir.RUN_FILE}); "

@@ -83,6 +83,18 @@ def recall_at_k(relevances, scores, k, threshold=0.0):
     return float(relevant[:k].sum() / total_relevant)
 
 
+def mean_scores(queries, threshold=0.0):
+    """``{"mean_score_relevant", "mean_score_other"}``: where a model's scores sit for pairs with rel above
+    ``threshold`` and for the rest (None for an empty side). A tuned model's cosines often all move, which
+    changes any score threshold a user relies on without changing the ranking."""
+    relevant, other = [], []
+    for relevances, scores in queries:
+        for rel, score in zip(relevances, scores):
+            (relevant if rel > threshold else other).append(score)
+    return {"mean_score_relevant": float(np.mean(relevant)) if relevant else None,
+            "mean_score_other": float(np.mean(other)) if other else None}
+
+
 def ranking_metrics(queries, ks=DEFAULT_KS, threshold=0.0):
     """Mean metrics over queries; ``queries`` is a list of (relevances, scores) pairs.
 

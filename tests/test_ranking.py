@@ -77,3 +77,10 @@ def test_parse_ks():
     for bad in ("0,1", "a", ""):  # argparse shows an ArgumentTypeError's message (a ValueError's it hides)
         with pytest.raises(argparse.ArgumentTypeError, match="expected comma-separated positive integers"):
             ranking.parse_ks(bad)
+
+
+def test_mean_scores_split_relevant_from_other_pairs_at_the_threshold():
+    queries = [([1.0, 0.0, 0.2], [0.9, 0.1, 0.3]), ([0.5, 0.0], [0.7, -0.5])]
+    assert ranking.mean_scores(queries, threshold=0.3) == pytest.approx(
+        {"mean_score_relevant": 0.8, "mean_score_other": -0.1 / 3})
+    assert ranking.mean_scores([([0.0], [0.4])]) == {"mean_score_relevant": None, "mean_score_other": 0.4}

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train_vector
+from common.errors import UserError
 from common.pair_losses import cosent_loss, infonce_loss, weighted_mse_loss
 from common.pairs import load_pairs
 from common.vector import BertVectorModel
@@ -273,6 +274,87 @@ def test_an_untuned_encoder_can_be_evaluated_as_a_baseline(trained, tiny_model_d
                               str(tiny_model_dir), "--pooling", "mean", "--metrics_path",
                               str(tmp_path / "m.json")]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["queries"] == 3
+
+
+def evaluate_against_base(data, model_dir, base_dir, metrics_path, *extra):
+    return train_vector.main(["--mode", "evaluate", "--test_path", str(data["test"]), "--checkpoint_dir",
+                              str(model_dir), "--compare-with", str(base_dir), "--pooling", "mean",
+                              "--metrics_path", str(metrics_path), "--k", "1,3", *extra])
+
+
+def test_compare_with_the_base_model_on_the_test_and_a_general_set(trained, tiny_model_dir, tmp_path, capsys):
+    save_path, data = trained
+    general = write_jsonl(tmp_path / "general.jsonl", pair_records(" today"))
+    assert evaluate_against_base(data, save_path / "checkpoint-best", tiny_model_dir, tmp_path / "m.json",
+                                 "--general-path", str(general), "--max-general-drop", "1") == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    comparison = metrics["comparison"]
+    assert set(comparison) == {"test", "general"}
+    assert comparison["test"]["tuned"]["ndcg@3"] == metrics["ndcg@3"]
+    # the base's figures are what evaluating it alone gives
+    assert train_vector.main(["--mode", "evaluate", "--test_path", str(general), "--checkpoint_dir",
+                              str(tiny_model_dir), "--pooling", "mean", "--metrics_path", str(tmp_path / "b.json"),
+                              "--k", "1,3"]) == 0
+    assert comparison["general"]["base"]["ndcg@3"] == json.loads((tmp_path / "b.json").read_text())["ndcg@3"]
+    for models in comparison.values():
+        for figures in models.values():
+            assert -1 <= figures["mean_score_other"] <= 1 and -1 <= figures["mean_score_relevant"] <= 1
+    output = capsys.readouterr().out
+    assert "mean_score_relevant" in output and "within --max-general-drop 1" in output
+
+
+def test_a_general_set_drop_past_the_limit_exits_1_after_writing_the_figures(trained, tiny_model_dir, tmp_path,
+                                                                             capsys):
+    """The general set is built so the base ranks every query's relevant document first and the tuned
+    model does not: one pair per query that the two models order the other way round."""
+    from common.vector import score_pairs
+    save_path, data = trained
+    tuned_dir = save_path / "checkpoint-best"
+    pairs = load_pairs(data["test"])
+    base = BertVectorModel.from_backbone(str(tiny_model_dir), pooling="mean").eval()
+    base_groups, tuned_groups = (score_pairs(model, pairs) for model in (base, BertVectorModel.from_pretrained(
+        tuned_dir)))
+    documents = {}
+    for pair in pairs:
+        documents.setdefault(pair.query, []).append(pair.document)
+    records = []
+    for (query, texts), (_, base_scores), (_, tuned_scores) in zip(documents.items(), base_groups, tuned_groups):
+        disagreements = [(a, b) for a in range(len(texts)) for b in range(len(texts))
+                         if base_scores[a] > base_scores[b] and tuned_scores[a] < tuned_scores[b]]
+        assert disagreements, "the tuned model orders this query's documents exactly as the base does"
+        first, second = disagreements[0]
+        records += [{"query": query, "document": texts[first], "rel": 1.0},
+                    {"query": query, "document": texts[second], "rel": 0.0}]
+    general = write_jsonl(tmp_path / "general.jsonl", records)
+    assert evaluate_against_base(data, tuned_dir, tiny_model_dir, tmp_path / "m.json", "--general-path",
+                                 str(general), "--max-general-drop", "0.3") == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: --general-path {general}: ndcg@3 fell from 1.0000 (base) to ")
+    general_figures = json.loads((tmp_path / "m.json").read_text())["comparison"]["general"]
+    assert general_figures["base"]["ndcg@1"] == 1.0 and general_figures["tuned"]["ndcg@1"] == 0.0
+    # the same model against itself drops nothing, even with no room at all
+    assert evaluate_against_base(data, tuned_dir, tuned_dir, tmp_path / "self.json", "--general-path",
+                                 str(general), "--max-general-drop", "0") == 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--general-path", "g.jsonl"], "--general-path needs --compare-with BASE_MODEL"),
+    (["--compare-with", "base", "--max-general-drop", "0.01"], "--max-general-drop needs --general-path"),
+    (["--compare-with", "base", "--select-best"], "--compare-with applies to --mode evaluate of one model, "
+                                                  "not --select-best"),
+])
+def test_comparison_flags_are_refused_where_they_mean_nothing(flags, message):
+    with pytest.raises(UserError, match=message):
+        train_vector.parse_args(["--mode", "evaluate", "--test-path", "t.jsonl", *flags])
+    with pytest.raises(UserError, match="applies to --mode evaluate of one model, not --mode train"):
+        train_vector.parse_args(["--train-path", "t.jsonl", "--val-path", "v.jsonl", "--compare-with", "base"])
+
+
+def test_compare_with_a_missing_directory_is_one_line(trained, tmp_path, capsys):
+    save_path, data = trained
+    assert evaluate_against_base(data, save_path / "checkpoint-best", tmp_path / "nowhere", tmp_path / "m.json") == 2
+    assert capsys.readouterr().err.strip() == f"error: --compare-with {tmp_path / 'nowhere'}: not a directory"
+    assert not (tmp_path / "m.json").exists()
 
 
 def test_deploy_serves_every_route_over_http(trained, tmp_path):
