@@ -109,15 +109,18 @@ def resolve_paths(args):
 
 
 def ensure_data(args):
+    """(the data directory, how this run built it); None for a --data-dir that was already there, whose
+    build settings this run does not know."""
     data_dir = Path(args.data_dir)
-    if not all((data_dir / name).is_file() for name in (args.train_file, "valid.jsonl", "test.jsonl")):
-        # pydoc: every other sentence of a training paragraph as a query too (train_all.jsonl); a docstring has
-        # one query, and the CPU budget takes a sample of the APIs
-        extra = ["--all-train-sentences"] if args.source == "pydoc" else ["--paragraphs", "1200,150,600"]
-        subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "prepare_retrieval.py"), "--source", args.source,
-                        "--negatives", str(args.negatives), "--train-negatives", str(args.train_negatives),
-                        "--output-dir", str(data_dir), *extra], check=True)
-    return data_dir
+    if all((data_dir / name).is_file() for name in (args.train_file, "valid.jsonl", "test.jsonl")):
+        return data_dir, None
+    # pydoc: every other sentence of a training paragraph as a query too (train_all.jsonl); a docstring has
+    # one query, and the CPU budget takes a sample of the APIs
+    extra = ["--all-train-sentences"] if args.source == "pydoc" else ["--paragraphs", "1200,150,600"]
+    subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "prepare_retrieval.py"), "--source", args.source,
+                    "--negatives", str(args.negatives), "--train-negatives", str(args.train_negatives),
+                    "--output-dir", str(data_dir), *extra], check=True)
+    return data_dir, {"negatives": args.negatives, "train_negatives": args.train_negatives, "extra": extra}
 
 
 # ---------------------------------------------------------------- workers: one run each, in a fresh process
@@ -264,7 +267,7 @@ def main(argv=None):
         return run_worker(args)
     losses = [loss.strip() for loss in args.losses.split(",") if loss.strip()]
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    data_dir = ensure_data(args)
+    data_dir, built = ensure_data(args)
     retriever_given = args.retriever is not None
     if not retriever_given:
         args.retriever = launch(args, "retriever", 0, "untuned-retriever")["retriever"]
@@ -289,10 +292,12 @@ def main(argv=None):
                   f"{result['after']['ndcg@10']:.4f}, fused {result['fused']['ndcg@10']:.4f} "
                   f"({result['wall_seconds']:.0f} s)", flush=True)
             results.append(result)
-        rows.append(dict(summarize(loss, results), rerank_top=args.rerank_top))
+        rows.append(dict(summarize(loss, results), rerank_top=args.rerank_top,
+                         candidates_per_query=results[0]["candidates_per_query"]))
     print(format_table(rows))
     summary = {"machine": describe_machine(), "toolkit_commit": toolkit_commit(str(REPO_ROOT)),
-               "data": {"dir": args.data_dir, "negatives": args.negatives, "train_negatives": args.train_negatives,
+               "data": {"dir": args.data_dir, "built_here": built,
+                        "candidates_per_test_query": rows[0]["candidates_per_query"],
                         "train_file": args.train_file, "train": count_lines(data_dir / args.train_file),
                         **{name: count_lines(data_dir / f"{name}.jsonl") for name in ("valid", "test")}},
                "retriever": "given" if retriever_given else "untuned --model, mean pooling",
