@@ -946,11 +946,11 @@ def compare_with_base(args, directory, tuned_test_metrics, splits):
         tuned = ({key: value for key, value in tuned_test_metrics.items() if key not in ("baseline", "checkpoint")}
                  if name == "test" else evaluate_checkpoint(directory, pairs, args))
         comparison[name] = {"base": evaluate_checkpoint(args.compare_with, pairs, args), "tuned": tuned}
-    print(format_comparison(comparison, max(args.k), Path(args.compare_with).name))
+    print(format_base_comparison(comparison, max(args.k), Path(args.compare_with).name))
     return comparison
 
 
-def format_comparison(comparison, k, base_name):
+def format_base_comparison(comparison, k, base_name):
     """Base and tuned model per set: NDCG@k and MRR@k, and the mean cosine of relevant and other pairs."""
     columns = [f"ndcg@{k}", f"mrr@{k}", "mean_score_relevant", "mean_score_other"]
     lines = [f"{'set':<8}{'model':<10}" + "".join(f"{column:>21}" for column in columns)]
