@@ -350,6 +350,17 @@ def test_comparison_flags_are_refused_where_they_mean_nothing(flags, message):
         train_vector.parse_args(["--train-path", "t.jsonl", "--val-path", "v.jsonl", "--compare-with", "base"])
 
 
+def test_the_general_set_is_never_the_metrics_destination(trained, tiny_model_dir, tmp_path, capsys):
+    save_path, data = trained
+    general = write_jsonl(tmp_path / "general.jsonl", pair_records(" today"))
+    before = general.read_bytes()
+    assert evaluate_against_base(data, save_path / "checkpoint-best", tiny_model_dir, general,
+                                 "--general-path", str(general)) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --metrics-path") and "--general-path" in error and "\n" not in error
+    assert general.read_bytes() == before
+
+
 def test_compare_with_a_missing_directory_is_one_line(trained, tmp_path, capsys):
     save_path, data = trained
     assert evaluate_against_base(data, save_path / "checkpoint-best", tmp_path / "nowhere", tmp_path / "m.json") == 2
