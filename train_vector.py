@@ -891,12 +891,19 @@ def resolve_loss_for(directory, args):
 
 def evaluate_checkpoint(directory, test_pairs, args):
     """Ranking metrics and test loss of one model directory."""
+    return evaluate_on_sets(directory, {"test": test_pairs}, args)["test"]
+
+
+def evaluate_on_sets(directory, pair_sets, args):
+    """``{name: metrics}`` of one model directory, loaded once, on each of ``pair_sets`` ({name: pairs})."""
     model = load_vector_model(directory, args)
     loss_name = resolve_loss_for(directory, args)
-    scored, test_loss = evaluate_pairs(model, test_pairs, loss_name, args.temperature, args.eval_batch_size, args.dim)
-    metrics = ranking.ranking_metrics(scored, args.k, args.relevance_threshold)
-    metrics.update(ranking.mean_scores(scored, args.relevance_threshold), test_loss=test_loss, loss=loss_name)
-    return metrics
+    figures = {}
+    for name, pairs in pair_sets.items():
+        scored, loss = evaluate_pairs(model, pairs, loss_name, args.temperature, args.eval_batch_size, args.dim)
+        figures[name] = ranking.ranking_metrics(scored, args.k, args.relevance_threshold)
+        figures[name].update(ranking.mean_scores(scored, args.relevance_threshold), test_loss=loss, loss=loss_name)
+    return figures
 
 
 def format_table(rows, ks):
@@ -914,8 +921,8 @@ def format_table(rows, ks):
 
 
 def run_evaluation_mode(args):
-    splits = load_splits(args, ("test", "general") if args.general_path else ("test",))
-    test_pairs = splits["test"]
+    pair_sets = load_splits(args, ("test", "general") if args.general_path else ("test",))
+    test_pairs = pair_sets["test"]
     if args.select_best:
         return select_best(args, test_pairs)
     destination = metrics_destination(args, "eval_metrics.json")
@@ -923,31 +930,25 @@ def run_evaluation_mode(args):
     for flag, path in (("--model-path", directory), ("--compare-with", args.compare_with)):
         if path is not None and not Path(path).is_dir():
             raise UserError(f"{flag} {path}: not a directory")
-    metrics = evaluate_checkpoint(directory, test_pairs, args)
-    metrics["checkpoint"] = str(directory)
+    tuned = evaluate_on_sets(directory, pair_sets, args)
+    comparison = compare_with_base(args, tuned, pair_sets) if args.compare_with else None
+    metrics = dict(tuned["test"], checkpoint=str(directory))
     print(format_table([(Path(directory).name, checkpoint_val_loss(directory), metrics)], args.k))
     add_retrieval_baseline(metrics, test_pairs, args)
     print(json.dumps({key: round(value, 4) if isinstance(value, float) else value for key, value in metrics.items()}))
-    if args.compare_with:
-        metrics["comparison"] = compare_with_base(args, directory, metrics, splits)
+    if comparison:
+        print(format_base_comparison(comparison, max(args.k), Path(args.compare_with).name))
+        metrics["comparison"] = comparison
     write_metrics(destination, metrics)
     if args.max_general_drop is not None and general_drop_exceeded(metrics["comparison"], args):
         return 1  # a quality gate that failed, as export_onnx.py's parity gate: not a usage error (2)
     return 0
 
 
-def compare_with_base(args, directory, tuned_test_metrics, splits):
-    """--compare-with: the base model beside the tuned one on the test pairs and on --general-path.
-    ``{set: {"base": metrics, "tuned": metrics}}``."""
-    comparison = {}
-    for name, pairs in (("test", splits["test"]), ("general", splits.get("general"))):
-        if pairs is None:
-            continue
-        tuned = ({key: value for key, value in tuned_test_metrics.items() if key not in ("baseline", "checkpoint")}
-                 if name == "test" else evaluate_checkpoint(directory, pairs, args))
-        comparison[name] = {"base": evaluate_checkpoint(args.compare_with, pairs, args), "tuned": tuned}
-    print(format_base_comparison(comparison, max(args.k), Path(args.compare_with).name))
-    return comparison
+def compare_with_base(args, tuned, pair_sets):
+    """--compare-with: ``{set: {"base": metrics, "tuned": metrics}}`` on the test pairs and on --general-path."""
+    base = evaluate_on_sets(args.compare_with, pair_sets, args)
+    return {name: {"base": base[name], "tuned": tuned[name]} for name in pair_sets}
 
 
 def format_base_comparison(comparison, k, base_name):
