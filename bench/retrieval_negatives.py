@@ -122,6 +122,10 @@ def build_parser():
     parser.add_argument("--miner", choices=["model", "bm25"], default="model",
                         help="train_vector.py --mode mine --miner: the untuned encoder, or BM25 (with --extend-vocab "
                              "the untuned encoder's added rows are untrained)")
+    parser.add_argument("--miner-model", default=None,
+                        help="the encoder --miner model retrieves with (default --model, untuned); a trained run's "
+                             "output/ gives a second mining round (FlagEmbedding's usual recipe; training still "
+                             "starts from --model)")
     parser.add_argument("--extend-vocab", type=int, default=0,
                         help="train_vector.py --extend-vocab for every trained configuration (the untuned row keeps "
                              "the base vocabulary)")
@@ -235,13 +239,13 @@ def ranked_metrics(query_vectors, doc_vectors, candidates, relevances, corpus_si
 # ---------------------------------------------------------------- workers
 
 def mine(args, run_dir, train_path):
-    """train_vector.py --mode mine with the untuned encoder (or BM25: --miner); the mined negatives checked
-    against the labels."""
+    """train_vector.py --mode mine with the untuned encoder (or --miner-model, or BM25: --miner); the mined
+    negatives checked against the labels."""
     import train_vector
     mined_path = run_dir / "mined.jsonl"
     mined_path.unlink(missing_ok=True)
     window, margin = mining_settings(args, args.worker)
-    argv = ["--mode", "mine", "--data-path", str(train_path), "--model-name", args.model,
+    argv = ["--mode", "mine", "--data-path", str(train_path), "--model-name", args.miner_model or args.model,
             "--pooling", "mean", "--max-length", str(args.max_length), "--relevance-threshold", "0.5",
             "--range-for-sampling", window, "--negative-number", "15",
             "--negative-margin", margin, "--miner", args.miner, "--seed", str(args.seed), "--device", "cpu",
@@ -355,6 +359,8 @@ def launch(args, name, seed):
                "--max-length", str(args.max_length), "--range-for-sampling", args.range_for_sampling,
                "--negative-margin", args.negative_margin, "--miner", args.miner,
                "--extend-vocab", str(args.extend_vocab)] + (["--rescore"] if args.rescore else [])
+    if args.miner_model:
+        command += ["--miner-model", str(Path(args.miner_model).resolve())]
     if args.rescore:
         subprocess.run(command, check=True, cwd=REPO_ROOT)
     result = run_in_process(run_dir, command, f"[negatives] {name} seed {seed}", args.rerun)
@@ -423,7 +429,7 @@ def main(argv=None):
                         **{name: len(read_jsonl(data_dir / f"{name}.jsonl")) for name in ("train", "valid", "test")}},
                "settings": {"model": Path(args.model).name, "epochs": args.epochs, "max_length": args.max_length,
                             "range_for_sampling": args.range_for_sampling, "negative_margin": args.negative_margin,
-                            "miner": args.miner, "extend_vocab": args.extend_vocab},
+                            "miner": args.miner, "miner_model": args.miner_model, "extend_vocab": args.extend_vocab},
                "command": "python bench/retrieval_negatives.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "rows": rows}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
