@@ -13,8 +13,8 @@ description of the API it summarizes); every test paragraph is a candidate, so R
 Configurations (--configs): every run trains all-MiniLM-L6-v2 for --epochs (default 2) with mean pooling,
 --learning-rate 5e-5, --batch-size 16, --warmup-ratio 0.1 (the pydoc set is 13 steps an epoch: the default
 100 warmup steps would never reach the rate), --max-length, fp32, on the train split's rel-1.0 pairs, except:
-  untuned            the pretrained encoder as is (untuned-turned-one: turned by the rotation a --matryoshka-dims
-                     run fits, on train_one.jsonl's texts)
+  untuned            the pretrained encoder as is (untuned-turned-one: train_vector.py --mode rotate's model, the
+                     encoder turned for --matryoshka-dims 384,256,128,64 on train_one.jsonl's texts, untrained)
   mse                the seed's default: weighted MSE of cosine vs rel on the graded pairs, CLS pooling, 2e-5
   inbatch            InfoNCE over in-batch negatives only (--relevance-threshold 0.5: rel-1.0 pairs)
   labelled           InfoNCE with the data's own rel <= 0.5 documents as hard negatives (--negatives-per-query 3)
@@ -309,16 +309,21 @@ def run_training(args, name, run_dir):
     return result
 
 
-def run_untuned(args):
-    """The pretrained encoder as is; for untuned-turned-one, turned as train_vector.py turns a --matryoshka-dims
-    model (common.vector.fit_rotation), on the training file's queries and documents."""
-    from common.vector import BertVectorModel, fit_rotation
-    model = BertVectorModel.from_backbone(args.model, pooling="mean", max_length=args.max_length).eval()
-    if args.worker != "untuned":
-        records = read_jsonl(Path(args.data_dir) / train_file(args.worker))
-        model.rotation = fit_rotation(model, list(dict.fromkeys(r["query"] for r in records)),
-                                      list(dict.fromkeys(r["document"] for r in records)))
-    return full_corpus_metrics(model, read_test_set(args.data_dir))
+def run_untuned(args, run_dir):
+    """The pretrained encoder as is; for untuned-turned-one, what train_vector.py --mode rotate writes: the
+    encoder turned as a --matryoshka-dims run starts, fitted on the training file's texts, with no training."""
+    import train_vector
+    from common.vector import BertVectorModel
+    if args.worker == "untuned":
+        model = BertVectorModel.from_backbone(args.model, pooling="mean", max_length=args.max_length).eval()
+        return full_corpus_metrics(model, read_test_set(args.data_dir))
+    output_dir = run_dir / "output"
+    argv = ["--mode", "rotate", "--data-path", str(Path(args.data_dir) / train_file(args.worker)),
+            "--model-name", args.model, "--pooling", "mean", "--max-length", str(args.max_length), *MATRYOSHKA_4,
+            "--device", "cpu", "--output-dir", str(output_dir), "--overwrite-output-dir"]
+    if train_vector.main(argv):
+        raise SystemExit("train_vector.py --mode rotate failed")
+    return full_corpus_metrics(BertVectorModel.from_pretrained(output_dir), read_test_set(args.data_dir))
 
 
 def rescore(args, run_dir):
@@ -326,7 +331,7 @@ def rescore(args, run_dir):
     from common.vector import BertVectorModel
     result = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     if args.worker in UNTRAINED:
-        result.update(run_untuned(args))
+        result.update(run_untuned(args, run_dir))
     else:
         model = BertVectorModel.from_pretrained(run_dir / "output")
         result.update(full_corpus_metrics(model, read_test_set(args.data_dir)))
@@ -342,7 +347,7 @@ def run_worker(args):
     if args.rescore:
         result = rescore(args, run_dir)
     else:
-        result = run_untuned(args) if args.worker in UNTRAINED else run_training(args, args.worker, run_dir)
+        result = run_untuned(args, run_dir) if args.worker in UNTRAINED else run_training(args, args.worker, run_dir)
     result.update(config=args.worker, seed=None if CONFIGS[args.worker] is None else args.seed,
                   flags=CONFIGS[args.worker])
     (run_dir / "run.json").write_text(json.dumps(result, indent=2), encoding="utf-8")

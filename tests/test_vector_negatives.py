@@ -485,6 +485,67 @@ def test_a_turned_run_under_torchrun_stores_the_rotation_one_process_fits(tiny_m
     BertVectorModel.from_pretrained(tmp_path / "two").encode(["good movie"], dim=8)
 
 
+def rotate_argv(train, tiny_model_dir, output_dir, *extra):
+    return ["--mode", "rotate", "--train-path", str(train), "--model-name", str(tiny_model_dir), "--pooling", "mean",
+            "--max-length", "16", "--device", "cpu", "--output-dir", str(output_dir), "--matryoshka-dims", "32,8",
+            *extra]
+
+
+def test_rotate_writes_the_untrained_encoder_turned_as_a_matryoshka_run_starts(tiny_model_dir, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", group_records())
+    assert train_vector.main(rotate_argv(train, tiny_model_dir, tmp_path / "turned")) == 0
+    turned = BertVectorModel.from_pretrained(tmp_path / "turned")
+    # the rotation a training run with the same data and seed fits before its first step (one code path)
+    assert train_vector.main(["--train-path", str(train), "--val-path", str(train), "--model-name", str(tiny_model_dir),
+                              "--pooling", "mean", "--max-length", "16", "--batch-size", "4", "--epochs", "1",
+                              "--precision", "fp32", "--device", "cpu", "--output-dir", str(tmp_path / "trained"),
+                              "--matryoshka-dims", "32,8", "--warmup-steps", "0"]) == 0
+    trained_rotation = load_file(str(tmp_path / "trained" / ROTATION_FILE))["rotation"]
+    assert torch.allclose(turned.rotation, trained_rotation, atol=1e-6)
+    # no training: the encoder's own weights, and at full size its own similarities
+    untuned = tiny_vector_model(tiny_model_dir).eval()
+    assert all(torch.equal(value, untuned.backbone.state_dict()[name])
+               for name, value in turned.backbone.state_dict().items())
+    texts = [text for documents in TOPICS.values() for text in documents]
+    assert torch.allclose(cosines(turned.encode(texts)), cosines(untuned.encode(texts)), atol=1e-5)
+    assert torch.allclose(turned.encode(texts, dim=8),
+                          torch.nn.functional.normalize(turned.encode(texts)[:, :8], dim=-1), atol=1e-6)
+    with pytest.raises(UserError, match="4"):
+        turned.encode(texts, dim=4)  # only the sizes it was turned for
+    # evaluate finds it at the top of --output-dir and cuts it to a size it was turned for
+    test = write_jsonl(tmp_path / "test.jsonl", [{"query": query, "document": document, "rel": 1.0 if topic == query
+                                                  else 0.0} for query in TOPICS for topic, documents in TOPICS.items()
+                                                 for document in documents])
+    assert train_vector.main(["--mode", "evaluate", "--test-path", str(test), "--output-dir", str(tmp_path / "turned"),
+                              "--dim", "8", "--device", "cpu"]) == 0
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--matryoshka-dims", ""], "needs --matryoshka-dims"),
+    (["--matryoshka-rotation", "none"], "nothing to do"),
+    (["--projection-dim", "8"], "--projection-dim: --mode rotate trains nothing"),
+    (["--extend-vocab", "1"], "--extend-vocab: --mode rotate trains nothing"),
+    (["--model-path", "somewhere"], "--model-path: --mode rotate turns the encoder --model-name names")])
+def test_rotate_refuses_what_needs_training_in_one_line(extra, fragment, tiny_model_dir, tmp_path, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", group_records())
+    argv = rotate_argv(train, tiny_model_dir, tmp_path / "out")
+    if extra[0] == "--matryoshka-dims":
+        argv = argv[:-2]
+    else:
+        argv += extra
+    assert train_vector.main(argv) == 2
+    assert_one_error_line(capsys.readouterr().err, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_rotate_never_writes_into_the_base_model(tiny_model_dir, tmp_path, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", group_records())
+    before = {path.name: path.read_bytes() for path in Path(tiny_model_dir).iterdir() if path.is_file()}
+    assert train_vector.main(rotate_argv(train, tiny_model_dir, tiny_model_dir)) == 2
+    assert_one_error_line(capsys.readouterr().err, "--output-dir")
+    assert {path.name: path.read_bytes() for path in Path(tiny_model_dir).iterdir() if path.is_file()} == before
+
+
 @pytest.mark.parametrize("damage, fragment", [("missing", "unreadable"), ("shape", "expected a 32x32 rotation"),
                                               ("skewed", "not an orthogonal matrix")])
 def test_a_damaged_stored_rotation_is_refused_naming_its_file(damage, fragment, tiny_model_dir, tmp_path):
