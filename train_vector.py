@@ -472,6 +472,17 @@ def build_eval_loader(dataset, args, context):
 
 # ---------------------------------------------------------------- model
 
+def checked_normalize_spec(args, examples):
+    """--normalize's stored spec (None without it), once no text of ``examples`` is emptied by it (one line
+    otherwise); the model applies it to every text it encodes."""
+    if not args.normalize:
+        return None
+    from common.text import normalizer_spec
+    spec = normalizer_spec(args.normalize)
+    data.normalize_texts(examples, build_normalizer(spec))
+    return spec
+
+
 def build_model(args, tokenizer, normalize_spec, domain_texts=()):
     backbone = modeldir.load_pretrained_backbone(args.model_name, args.trust_remote_code)
     fit_embeddings_to_tokenizer(backbone, tokenizer, args.new_token_init, domain_texts)  # after --extend-vocab
@@ -842,11 +853,7 @@ def run_training(args, context):
     checkpoints.check_resume(resume_from, args)
     splits = load_splits(args, ("train", "val"))
     val_candidates = splits.pop("val_candidates", None)
-    normalize_spec = None
-    if args.normalize:
-        from common.text import normalizer_spec
-        normalize_spec = normalizer_spec(args.normalize)
-        data.normalize_texts(splits, build_normalizer(normalize_spec))  # refuses a text it empties
+    normalize_spec = checked_normalize_spec(args, splits)
     modeldir.check_max_lengths(args.model_name, args, args.trust_remote_code)
     tokenizer = modeldir.load_tokenizer(args.model_name, args.trust_remote_code)
     train_texts = dict.fromkeys(text for example in splits["train"] for text in example_texts(example))
@@ -1139,11 +1146,7 @@ def run_rotation(args, context):
     pairs = load_pairs(args.data_path, args.skip_invalid, 1.0, args.data_split, ("train",))
     data.report_skipped(pairs)
     examples = pairs.groups if pairs.record_format == "groups" else list(pairs)
-    normalize_spec = None
-    if args.normalize:
-        from common.text import normalizer_spec
-        normalize_spec = normalizer_spec(args.normalize)
-        data.normalize_texts(pairs, build_normalizer(normalize_spec))  # refuses a text it empties
+    normalize_spec = checked_normalize_spec(args, pairs)
     modeldir.check_max_lengths(args.model_name, args, args.trust_remote_code)
     tokenizer = modeldir.load_tokenizer(args.model_name, args.trust_remote_code)
     model = build_model(args, tokenizer, normalize_spec).to(args.device_obj).eval()

@@ -538,6 +538,14 @@ def test_rotate_refuses_what_needs_training_in_one_line(extra, fragment, tiny_mo
     assert not (tmp_path / "out").exists()
 
 
+def test_rotate_refuses_a_text_normalize_empties_before_the_model_loads(tmp_path, capsys):
+    pairs = [{"query": f"query {i}", "document": "\U0001F600\U0001F600" if i == 1 else f"doc {i}", "rel": 1.0}
+             for i in range(4)]
+    path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    assert train_vector.main(rotate_argv(path, tmp_path / "no-model", tmp_path / "out", "--normalize", "emoji=drop")) == 2
+    assert_one_error_line(capsys.readouterr().err, f"{path} line 2: field 'document'", "nothing left after --normalize")
+
+
 def test_rotate_never_writes_into_the_base_model(tiny_model_dir, tmp_path, capsys):
     train = write_jsonl(tmp_path / "train.jsonl", group_records())
     before = {path.name: path.read_bytes() for path in Path(tiny_model_dir).iterdir() if path.is_file()}
