@@ -542,7 +542,8 @@ def test_rotate_refuses_a_text_normalize_empties_before_the_model_loads(tmp_path
     pairs = [{"query": f"query {i}", "document": "\U0001F600\U0001F600" if i == 1 else f"doc {i}", "rel": 1.0}
              for i in range(4)]
     path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    assert train_vector.main(rotate_argv(path, tmp_path / "no-model", tmp_path / "out", "--normalize", "emoji=drop")) == 2
+    argv = rotate_argv(path, tmp_path / "no-model", tmp_path / "out", "--normalize", "emoji=drop")
+    assert train_vector.main(argv) == 2
     assert_one_error_line(capsys.readouterr().err, f"{path} line 2: field 'document'", "nothing left after --normalize")
 
 
