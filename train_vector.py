@@ -1182,7 +1182,7 @@ def main(argv=None):
     modes = {"train": run_training, "evaluate": lambda args, _: run_evaluation_mode(args),
              "deploy": lambda args, _: run_deploy(args), "mine": lambda args, _: run_mining(args),
              "rotate": run_rotation}
-    # only training runs under torchrun; evaluate, deploy and mine are single-process
+    # only training runs under torchrun; evaluate, deploy, mine and rotate are single-process
     return training.run_in_context(args, modes[args.mode], use_distributed=args.mode == "train")
 
 
