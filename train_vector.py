@@ -1145,7 +1145,7 @@ def run_rotation(args, context):
     run_dir, _ = training.claim_run_dir(args, context, "train_vector.py")
     pairs = load_pairs(args.data_path, args.skip_invalid, 1.0, args.data_split, ("train",))
     data.report_skipped(pairs)
-    examples = pairs.groups if pairs.record_format == "groups" else list(pairs)
+    examples = pairs.groups if pairs.record_format == "groups" else pairs
     normalize_spec = checked_normalize_spec(args, pairs)
     modeldir.check_max_lengths(args.model_name, args, args.trust_remote_code)
     tokenizer = modeldir.load_tokenizer(args.model_name, args.trust_remote_code)
